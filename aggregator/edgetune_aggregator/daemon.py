@@ -1,0 +1,334 @@
+"""The round loop: open a round, collect and validate updates, merge, persist, publish.
+
+Network callbacks only decode and enqueue; one thread (``serve``) makes every decision, so the
+round state needs no locks. Bad input never stops the loop: it is logged with its sender and
+reason, counted, and dropped, and the round completes with the valid updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetune import __version__
+from edgetune.adapters.lora import check_tensors, init_lora, lora_shapes
+from edgetune.transport import Transport, Will
+from edgetune.transport.channel import Channel
+from edgetune.wire import (
+    DEFAULT_MAX_PACKET,
+    ErrorReport,
+    EvalReport,
+    GlobalAdapter,
+    Hello,
+    LoraSpec,
+    Presence,
+    RoundTask,
+    TaskKind,
+    Topics,
+    TrainSettings,
+    Update,
+    encode_message,
+)
+
+from .store import DeviceRecord, FleetState, RoundRecord, StateStore
+from .strategies import FedAvg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    fleet: str
+    state_dir: Path
+    #: train rounds to run, then evaluate and finish; None runs until stopped
+    rounds: int | None = None
+    #: updates needed to close a round early and to aggregate at all
+    min_devices: int = 1
+    round_timeout_s: float = 600.0
+    #: how long to wait for the first ``min_devices`` devices (None: forever)
+    join_timeout_s: float | None = None
+    adapter: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    seed: int = 0
+    max_packet: int = DEFAULT_MAX_PACKET
+    #: after the last round, have every device evaluate the final global adapter
+    evaluate_final: bool = True
+    #: written into the PEFT adapter_config.json so users know which base it belongs to
+    base_model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.min_devices < 1:
+            raise ValueError(f"min_devices must be ≥ 1, got {self.min_devices}")
+        if self.rounds is not None and self.rounds < 0:
+            raise ValueError(f"rounds must be ≥ 0, got {self.rounds}")
+        if self.round_timeout_s <= 0:
+            raise ValueError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
+
+
+class Aggregator:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        transport: Transport,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ):
+        self.config = config
+        self.transport = transport
+        self.topics = Topics(config.fleet)
+        self.channel = Channel(transport, self.topics.sender_of, config.max_packet)
+        self.store = StateStore(config.state_dir)
+        self.on_round = on_round
+        self.devices: dict[str, Hello] = {}
+        self.online: set[str] = set()
+        self.state: FleetState | None = None
+        self.global_adapter: GlobalAdapter | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+
+    # --- public -----------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run rounds until ``config.rounds`` are done (or ``stop()``); blocking."""
+        self._connect()
+        try:
+            if not self._resume() and not self._start_fleet():
+                return
+            while not self._stop.is_set():
+                next_round = self.state.round + 1
+                if self.config.rounds is not None and next_round > self.config.rounds:
+                    break
+                self._run_round(next_round, TaskKind.TRAIN)
+            if self._stop.is_set():
+                return
+            if self.config.evaluate_final:
+                self._run_round(self.state.round + 1, TaskKind.EVALUATE)
+            self._publish_task(self.state.round + 1, TaskKind.FINISHED)
+            log.info("fleet %s finished: global adapter v%d in %s", self.config.fleet,
+                     self.state.global_version, self.store.directory / "adapter")
+        finally:
+            self._publish_presence(False)
+            self.transport.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def drops(self) -> Counter:
+        return self.channel.drops
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        will = Will(self.topics.aggregator_status, encode_message(Presence("aggregator", False)))
+        self.transport.connect(will=will)
+        for kind in ("hello", "presence", "update", "eval", "error"):
+            self.channel.subscribe(self.topics.all_devices(kind), self._enqueue)
+        self._publish_presence(True)
+
+    def _enqueue(self, topic: str, message: object) -> None:
+        self._inbox.put((topic, message))
+
+    def _publish_presence(self, online: bool) -> None:
+        self.transport.publish(
+            self.topics.aggregator_status, encode_message(Presence("aggregator", online)), retain=True
+        )
+
+    def _resume(self) -> bool:
+        state = self.store.load_state()
+        if state is None:
+            return False
+        if state.fleet != self.config.fleet:
+            raise RuntimeError(
+                f"state dir {self.store.directory} belongs to fleet {state.fleet!r}, not "
+                f"{self.config.fleet!r}: use another --state-dir"
+            )
+        self.state = state
+        self.global_adapter = self.store.load_global(state.global_version)
+        log.info("resuming fleet %s after round %d (global v%d)", state.fleet, state.round, state.global_version)
+        self._publish_global()
+        return True
+
+    def _start_fleet(self) -> bool:
+        """Wait for the first devices, take their model as the fleet's, publish global v0."""
+        need = self.config.min_devices
+        log.info("waiting for %d device(s) to join fleet %s", need, self.config.fleet)
+        deadline = None if self.config.join_timeout_s is None else time.monotonic() + self.config.join_timeout_s
+        while len(self.devices) < need:
+            if self._stop.is_set() or (deadline is not None and time.monotonic() > deadline):
+                log.error("only %d of %d devices joined; giving up", len(self.devices), need)
+                return False
+            self._handle_next(None, timeout=0.5)
+        model = next(iter(self.devices.values())).model
+        spec = self.config.adapter
+        tensors = init_lora(spec, model.modules, self.config.seed)
+        self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model)
+        self.global_adapter = GlobalAdapter(0, 0, model.fingerprint, spec, tensors)
+        self.store.save_global(self.global_adapter, self.config.base_model)
+        self._publish_global()
+        n = sum(t.size for t in tensors.values())
+        log.info("fleet model %s (%s); adapter: LoRA r=%d on %s, %d parameters",
+                 model.name, model.fingerprint, spec.rank, ",".join(spec.target_modules), n)
+        return True
+
+    def _publish_global(self) -> None:
+        count = self.channel.send_retained(
+            self.topics.global_adapter, self.global_adapter, self.state.global_chunks
+        )
+        self.state = dataclasses.replace(self.state, global_chunks=count)
+        self.store.save_state(self.state)
+
+    def _publish_task(self, round_number: int, kind: TaskKind) -> RoundTask:
+        train = dataclasses.replace(self.config.train, seed=self.config.train.seed + round_number)
+        task = RoundTask(
+            round=round_number,
+            kind=kind,
+            global_version=self.state.global_version,
+            model_fingerprint=self.state.model.fingerprint,
+            adapter=self.state.adapter,
+            train=train,
+            deadline_s=self.config.round_timeout_s,
+        )
+        self.transport.publish(self.topics.task, encode_message(task), retain=True)
+        self.transport.flush()
+        return task
+
+    # --- one round --------------------------------------------------------------------------
+
+    def _run_round(self, number: int, kind: TaskKind) -> RoundRecord:
+        record = RoundRecord(number, kind.value, self.state.global_version, started_at=time.time())
+        merge = FedAvg(self.global_adapter.tensors) if kind is TaskKind.TRAIN else None
+        drops_before = Counter(self.channel.drops)
+        round_ctx = _Round(number, kind, record, merge)
+        self._publish_task(number, kind)
+        log.info("round %d (%s) open on global v%d; %d device(s) online",
+                 number, kind.value, self.state.global_version, len(self.online))
+        start = time.monotonic()
+        deadline = start + self.config.round_timeout_s
+        while len(record.devices) < self.config.min_devices and not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._handle_next(round_ctx, timeout=min(left, 0.5))
+        record.duration_s = time.monotonic() - start
+        record.dropped = dict(Counter(self.channel.drops) - drops_before)
+        self._close_round(round_ctx)
+        return record
+
+    def _close_round(self, ctx: _Round) -> None:
+        record = ctx.record
+        enough = len(record.devices) >= self.config.min_devices
+        if ctx.kind is TaskKind.TRAIN and enough:
+            version = self.state.global_version + 1
+            tensors = ctx.merge.result()
+            self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint, self.state.adapter, tensors)
+            self.store.save_global(self.global_adapter, self.state.base_model)
+            self.state = dataclasses.replace(self.state, global_version=version)
+            record.new_version, record.status = version, "aggregated"
+        elif ctx.kind is TaskKind.EVALUATE and record.devices:
+            record.status = "evaluated"
+        else:
+            record.status = "failed"
+            record.note = (f"{len(record.devices)} of {self.config.min_devices} required devices "
+                           f"reported within {self.config.round_timeout_s:.0f} s")
+            log.warning("round %d failed: %s; the global adapter stays at v%d",
+                        ctx.number, record.note, self.state.global_version)
+        self.state = dataclasses.replace(self.state, round=ctx.number)
+        self.store.append_round(record)  # the log first: a crash now replays nothing twice
+        if record.status == "aggregated":
+            self._publish_global()
+        else:
+            self.store.save_state(self.state)
+        log.info("round %d %s with %d device(s) in %.1f s%s", ctx.number, record.status,
+                 len(record.devices), record.duration_s,
+                 f"; dropped {record.dropped}" if record.dropped else "")
+        if self.on_round:
+            self.on_round(record)
+
+    # --- inbox ------------------------------------------------------------------------------
+
+    def _handle_next(self, ctx: _Round | None, timeout: float) -> None:
+        try:
+            topic, message = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        sender = self.topics.device_of(topic) or topic
+        if getattr(message, "device_id", sender) != sender:
+            self.channel.drop(sender, topic, "sender_mismatch",
+                              f"message names device {message.device_id!r}")
+            return
+        if isinstance(message, Hello):
+            self._on_hello(topic, message)
+        elif isinstance(message, Presence):
+            (self.online.add if message.online else self.online.discard)(sender)
+            log.info("device %s is %s", sender, "online" if message.online else "offline")
+        elif isinstance(message, ErrorReport):
+            log.warning("device %s reports %s in round %d: %s", sender, message.code, message.round, message.message)
+        elif isinstance(message, (Update, EvalReport)):
+            self._on_result(topic, message, ctx)
+        else:
+            self.channel.drop(sender, topic, "unexpected_kind", type(message).__name__)
+
+    def _on_hello(self, topic: str, hello: Hello) -> None:
+        fleet_model = self.state.model if self.state else None
+        if fleet_model and hello.model.fingerprint != fleet_model.fingerprint:
+            self.channel.drop(hello.device_id, topic, "model_mismatch",
+                              f"model {hello.model.name} ({hello.model.fingerprint}) is not the "
+                              f"fleet's {fleet_model.name} ({fleet_model.fingerprint})")
+            return
+        if not fleet_model and self.devices:
+            first = next(iter(self.devices.values())).model
+            if hello.model.fingerprint != first.fingerprint:
+                self.channel.drop(hello.device_id, topic, "model_mismatch",
+                                  f"model {hello.model.fingerprint} differs from {first.fingerprint}")
+                return
+        if hello.device_id not in self.devices:
+            log.info("device %s joined (sdk %s, %d samples)", hello.device_id, hello.sdk_version, hello.num_samples)
+        self.devices[hello.device_id] = hello
+        self.online.add(hello.device_id)
+
+    def _on_result(self, topic: str, message: Update | EvalReport, ctx: _Round | None) -> None:
+        sender = message.device_id
+        expected_kind = TaskKind.TRAIN if isinstance(message, Update) else TaskKind.EVALUATE
+        if sender not in self.devices:
+            return self.channel.drop(sender, topic, "unknown_device", "no hello received from it")
+        if ctx is None or ctx.kind is not expected_kind or message.round != ctx.number:
+            open_round = f"round {ctx.number} ({ctx.kind.value})" if ctx else "no round"
+            return self.channel.drop(sender, topic, "unknown_round",
+                                     f"{type(message).__name__} for round {message.round}; {open_round} is open")
+        if sender in ctx.seen:
+            return self.channel.drop(sender, topic, "duplicate", f"second result for round {ctx.number}")
+        if isinstance(message, EvalReport):
+            ctx.seen.add(sender)
+            ctx.record.devices.append(DeviceRecord(sender, message.num_samples, global_ppl=message.metrics.global_ppl))
+            return None
+        if message.base_version != self.state.global_version:
+            return self.channel.drop(sender, topic, "stale_base",
+                                     f"delta against v{message.base_version}, global is v{self.state.global_version}")
+        why = check_tensors(message.delta, lora_shapes(self.state.adapter, self.state.model.modules))
+        if why:
+            return self.channel.drop(sender, topic, "bad_tensor", why)
+        ctx.merge.add(message.delta, message.num_samples)
+        ctx.seen.add(sender)
+        m = message.metrics
+        ctx.record.devices.append(DeviceRecord(
+            sender, message.num_samples, m.train_loss, m.local_ppl, m.global_ppl,
+            m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received,
+        ))
+        log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, message.num_samples, m.train_loss)
+        return None
+
+
+@dataclass
+class _Round:
+    number: int
+    kind: TaskKind
+    record: RoundRecord
+    merge: FedAvg | None
+    seen: set[str] = field(default_factory=set)

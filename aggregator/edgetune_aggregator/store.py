@@ -1,0 +1,137 @@
+"""The daemon's state directory: every global adapter version, the round log, and where the
+fleet stands, each written atomically so a crash at any instant leaves a consistent state.
+
+Layout::
+
+    state.json                 fleet, model manifest, adapter spec, last round, current version
+    global/v000003.msgpack     global adapter version 3 (a wire GlobalAdapter message)
+    adapter/                   the current global adapter in PEFT format (load with peft)
+    rounds.json                one record per closed round (see RoundRecord)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgetune.adapters.peft_format import write_peft_adapter
+from edgetune.atomic import atomic_write_bytes, atomic_write_json
+from edgetune.wire import GlobalAdapter, LoraSpec, ModelManifest, decode_message, encode_message
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class DeviceRecord:
+    device_id: str
+    num_samples: int
+    train_loss: float | None = None
+    local_ppl: float | None = None
+    global_ppl: float | None = None
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, for people and for later analysis (``rounds.json``)."""
+
+    round: int
+    kind: str
+    base_version: int
+    new_version: int | None = None
+    status: str = "open"  # open | aggregated | evaluated | failed
+    started_at: float = 0.0
+    duration_s: float = 0.0
+    devices: list[DeviceRecord] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def global_ppl(self) -> float | None:
+        """Sample-weighted perplexity of the base-version global adapter on held-out data."""
+        rows = [d for d in self.devices if d.global_ppl is not None]
+        total = sum(d.num_samples for d in rows)
+        return sum(d.global_ppl * d.num_samples for d in rows) / total if total else None
+
+
+@dataclass
+class FleetState:
+    fleet: str
+    model: ModelManifest
+    adapter: LoraSpec
+    round: int = 0  # last closed round
+    global_version: int = 0
+    global_chunks: int = 0  # retained chunk topics in use (to clear leftovers)
+    base_model: str = ""
+
+
+class StateStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        try:
+            (self.directory / "global").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeError(f"state dir {self.directory} is not writable: {exc}") from None
+
+    # --- fleet state ------------------------------------------------------------------------
+
+    def load_state(self) -> FleetState | None:
+        path = self.directory / "state.json"
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        if raw.get("format") != STATE_FORMAT:
+            raise RuntimeError(f"{path} has format {raw.get('format')}; expected {STATE_FORMAT}")
+        model = raw["model"]
+        return FleetState(
+            fleet=raw["fleet"],
+            model=ModelManifest(model["name"], model["fingerprint"], {k: tuple(v) for k, v in model["modules"].items()}),
+            adapter=LoraSpec(**{**raw["adapter"], "target_modules": tuple(raw["adapter"]["target_modules"])}),
+            round=raw["round"],
+            global_version=raw["global_version"],
+            global_chunks=raw.get("global_chunks", 0),
+            base_model=raw.get("base_model", ""),
+        )
+
+    def save_state(self, state: FleetState) -> None:
+        atomic_write_json(self.directory / "state.json", {"format": STATE_FORMAT, **asdict(state)})
+
+    # --- global adapters --------------------------------------------------------------------
+
+    def _global_path(self, version: int) -> Path:
+        return self.directory / "global" / f"v{version:06d}.msgpack"
+
+    def save_global(self, adapter: GlobalAdapter, base_model: str = "") -> None:
+        """Keep every version (rollback, audit) and refresh the PEFT export of the latest."""
+        atomic_write_bytes(self._global_path(adapter.version), encode_message(adapter))
+        write_peft_adapter(self.directory / "adapter", adapter.adapter, adapter.tensors, base_model)
+
+    def load_global(self, version: int) -> GlobalAdapter:
+        message = decode_message(self._global_path(version).read_bytes())
+        if not isinstance(message, GlobalAdapter):
+            raise RuntimeError(f"{self._global_path(version)} does not hold a global adapter")
+        return message
+
+    # --- round log --------------------------------------------------------------------------
+
+    def rounds(self) -> list[dict]:
+        path = self.directory / "rounds.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def append_round(self, record: RoundRecord) -> None:
+        rounds = [r for r in self.rounds() if (r["round"], r["kind"]) != (record.round, record.kind)]
+        entry = asdict(record)
+        entry["global_ppl"] = record.global_ppl
+        atomic_write_json(self.directory / "rounds.json", rounds + [entry])
+
+
+def replace(state: FleetState, **changes) -> FleetState:
+    return dataclasses.replace(state, **changes)

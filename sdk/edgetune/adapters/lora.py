@@ -1,0 +1,85 @@
+"""LoRA adapters as plain arrays: ``{module}.lora_A`` (rank, in) and ``{module}.lora_B`` (out, rank).
+
+Pure numpy, no torch, so the aggregator can build, validate and merge adapters without a
+framework, and any trainer (PyTorch, ONNX Runtime) gets the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..wire.schema import LoraSpec
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def targets(spec: LoraSpec, modules: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Module names that ``spec.target_modules`` selects, PEFT-style: a target matches a
+    module whose name equals it or ends with ``"." + target``."""
+    chosen = [
+        name
+        for name in modules
+        if any(name == t or name.endswith("." + t) for t in spec.target_modules)
+    ]
+    if not chosen:
+        raise ValueError(
+            f"target modules {list(spec.target_modules)} match no linear layer of the model "
+            f"(it has e.g. {sorted(modules)[:4]})"
+        )
+    return sorted(chosen)
+
+
+def lora_shapes(spec: LoraSpec, modules: Mapping[str, tuple[int, int]]) -> Shapes:
+    """Name -> shape of every adapter tensor for this spec on this model."""
+    shapes: Shapes = {}
+    for name in targets(spec, modules):
+        out_features, in_features = modules[name]
+        shapes[f"{name}.lora_A"] = (spec.rank, in_features)
+        shapes[f"{name}.lora_B"] = (out_features, spec.rank)
+    return shapes
+
+
+def init_lora(spec: LoraSpec, modules: Mapping[str, tuple[int, int]], seed: int) -> dict[str, np.ndarray]:
+    """The starting adapter of a fleet: A ~ U(±1/√in) (PEFT's Kaiming-uniform bound), B = 0,
+    so the adapter starts as a no-op but has gradients. Seeded per tensor name, so it is the
+    same on every platform and independent of dictionary order."""
+    tensors = {}
+    for name, shape in lora_shapes(spec, modules).items():
+        if name.endswith(".lora_B"):
+            tensors[name] = np.zeros(shape, np.float32)
+        else:
+            key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+            bound = 1.0 / np.sqrt(shape[1])
+            rng = np.random.default_rng(key)
+            tensors[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return tensors
+
+
+def check_tensors(tensors: Mapping[str, np.ndarray], shapes: Shapes) -> str | None:
+    """Why ``tensors`` is not an adapter of ``shapes`` (None if it is): same names, same
+    shapes, finite float values."""
+    missing = shapes.keys() - tensors.keys()
+    extra = tensors.keys() - shapes.keys()
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {sorted(missing)[:3]}")
+        if extra:
+            parts.append(f"unexpected {sorted(extra)[:3]}")
+        return "; ".join(parts)
+    for name, array in tensors.items():
+        if tuple(array.shape) != tuple(shapes[name]):
+            return f"{name} has shape {list(array.shape)}, expected {list(shapes[name])}"
+        if array.dtype.kind != "f" and type(array).__name__ != "BFloat16Array":
+            return f"{name} has dtype {array.dtype}, expected a float type"
+        if not np.isfinite(as_float32(array)).all():
+            return f"{name} contains NaN or infinity"
+    return None
+
+
+def as_float32(array: np.ndarray) -> np.ndarray:
+    to_float32 = getattr(array, "to_float32", None)
+    return to_float32() if to_float32 else np.asarray(array, dtype=np.float32)

@@ -1,0 +1,103 @@
+"""``edgetune``: the device-side command line.
+
+    edgetune device run --broker mqtt://HOST:PORT --fleet NAME --device-id ID --data FILE [--model REF]
+    edgetune demo [--devices 3] [--rounds 2] [--out demo-out] [--data DIR]
+
+Anything a user can get wrong (URL, broker, model file, data file) ends in one line saying
+what to do, with exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("edgetune")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-file", type=Path, help="log here instead of stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    device = commands.add_parser("device", help="run this machine as a device of a fleet")
+    device_commands = device.add_subparsers(dest="device_command", required=True)
+    run = device_commands.add_parser("run", help="join a fleet and train when told")
+    run.add_argument("--broker", required=True, help="mqtt://HOST:PORT, mqtts://HOST:PORT or memory://NAME")
+    run.add_argument("--fleet", required=True)
+    run.add_argument("--device-id", required=True)
+    run.add_argument("--data", required=True, type=Path, help=".txt (one record a line) or .jsonl ({'text': ...})")
+    run.add_argument("--model", help="GGUF file, model folder, or tiny-llama/tiny-gpt2 (default: SmolLM2-135M-Instruct GGUF)")
+    run.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    run.add_argument("--heldout", type=float, default=0.1, help="fraction of records held out for evaluation")
+    run.add_argument("--connect-timeout", type=float, default=None, help="give up on the broker after S seconds (default: retry forever)")
+    run.add_argument("--stay", action="store_true", help="keep running after the fleet finishes")
+    _add_common(run)
+
+    demo = commands.add_parser("demo", help="a whole federation on this machine: broker, aggregator, devices")
+    demo.add_argument("--devices", type=int, default=3)
+    demo.add_argument("--rounds", type=int, default=2)
+    demo.add_argument("--steps", type=int, default=8, help="optimizer steps per device per round")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"))
+    demo.add_argument("--data", type=Path, help="folder with one .txt/.jsonl per device (default: generated)")
+    demo.add_argument("--model", help="as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
+    demo.add_argument("--broker", help="use this broker instead of starting the embedded one")
+    _add_common(demo)
+    return parser
+
+
+def setup_logging(level: str, log_file: Path | None = None) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for noisy in ("transformers", "amqtt", "transitions", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _device_run(args: argparse.Namespace) -> int:
+    from .device import Device, DeviceConfig, hash_seed
+    from .transport import open_transport
+    from .workload import Workload
+
+    config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout, exit_when_finished=not args.stay)
+    transport = open_transport(args.broker, client_id=f"edgetune-{args.fleet}-{args.device_id}",
+                               connect_timeout=args.connect_timeout)
+    workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads)
+    device = Device(config, transport, workload)
+    device.connect()
+    try:
+        device.run()
+    except KeyboardInterrupt:
+        log.info("interrupted")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_file)
+    from .data import DataError
+    from .models import ModelError
+    from .transport import TransportError
+
+    try:
+        if args.command == "device":
+            return _device_run(args)
+        from .demo import run_demo
+
+        return run_demo(args)
+    except (TransportError, ModelError, DataError, ValueError) as exc:
+        print(f"edgetune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""``edgetune demo``: a whole federation on one machine, with the real parts.
+
+An embedded MQTT broker (or ``--broker``), the aggregator daemon on a thread of this process,
+and one OS process per device running ``edgetune device run`` — the same command a real
+device runs. Progress bars follow the devices' progress messages over the broker; a table
+per round shows loss, held-out perplexity and bytes; the result is a PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FLEET = "demo"
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
+
+    from .data import discover_device_files, write_demo_data
+    from .models import prepare_model
+    from .transport import open_transport
+    from .transport.channel import Channel
+    from .wire import LoraSpec, Progress, Topics, TrainSettings
+
+    out: Path = args.out.resolve()
+    if (out / "state").exists():
+        raise ValueError(f"{out} holds an earlier demo run: remove it or pass --out elsewhere")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    if args.data:
+        files = discover_device_files(args.data)
+    else:
+        paths = write_demo_data(out / "data", args.devices)
+        files = {f"line-{i + 1}": p for i, p in enumerate(paths)}
+    print(f"edgetune demo: {len(files)} devices, {args.rounds} rounds; output in {out}")
+
+    t0 = time.monotonic()
+    model_dir, model_name = prepare_model(args.model)  # convert a GGUF once, not per device
+    print(f"model {model_name} ready in {time.monotonic() - t0:.1f} s")
+
+    broker = None
+    if args.broker:
+        url = args.broker
+    else:
+        from .transport.embedded_broker import EmbeddedBroker
+
+        broker = EmbeddedBroker().start()
+        url = broker.url
+        print(f"embedded MQTT broker at {url}")
+
+    config = AggregatorConfig(
+        fleet=FLEET,
+        state_dir=out / "state",
+        rounds=args.rounds,
+        min_devices=len(files),
+        round_timeout_s=900,
+        join_timeout_s=600,
+        adapter=LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "v_proj")),
+        train=TrainSettings(local_steps=args.steps, batch_size=4, seq_len=128, learning_rate=2e-3),
+        base_model=model_name,
+    )
+    bars: dict[str, tqdm] = {}
+    bars_lock = threading.Lock()
+
+    def on_round(record) -> None:
+        with bars_lock:
+            tqdm.write(format_round(record))
+
+    aggregator = Aggregator(config, open_transport(url, client_id="edgetune-demo-aggregator"), on_round=on_round)
+    daemon = threading.Thread(target=aggregator.serve, name="aggregator", daemon=True)
+    daemon.start()
+
+    # Progress bars fed by the devices' progress messages, as a dashboard would be.
+    topics = Topics(FLEET)
+    watcher = open_transport(url, client_id="edgetune-demo-watcher")
+    watcher.connect()
+
+    def on_progress(topic: str, progress: Progress) -> None:
+        with bars_lock:
+            key = progress.device_id
+            bar = bars.get(key)
+            if bar is None or bar.desc != f"{key} round {progress.round}":
+                if bar is not None:
+                    bar.close()
+                bar = bars[key] = tqdm(total=progress.total_steps, desc=f"{key} round {progress.round}",
+                                       position=sorted(files).index(key) if key in files else 0,
+                                       leave=False, unit="step")
+            bar.n = progress.step
+            bar.set_postfix(loss=f"{progress.loss:.3f}", refresh=True)
+
+    Channel(watcher, topics.sender_of).subscribe(topics.all_devices("progress"), on_progress, qos=0)
+
+    threads = max(1, (os.cpu_count() or 1) // len(files))
+    procs = {}
+    for device_id, path in files.items():
+        cmd = [sys.executable, "-m", "edgetune", "device", "run", "--broker", url, "--fleet", FLEET,
+               "--device-id", device_id, "--data", str(path), "--model", str(model_dir),
+               "--threads", str(threads), "--log-file", str(out / "logs" / f"{device_id}.log")]
+        procs[device_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    print(f"started {len(procs)} device processes ({threads} torch thread(s) each); logs in {out / 'logs'}")
+
+    failed = None
+    try:
+        while daemon.is_alive():
+            daemon.join(0.5)
+            for device_id, proc in procs.items():
+                if proc.poll() not in (None, 0):
+                    failed = f"device {device_id} exited with status {proc.returncode}; see {out / 'logs' / device_id}.log"
+                    break
+            if failed:
+                aggregator.stop()
+                break
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        with bars_lock:
+            for bar in bars.values():
+                bar.close()
+        watcher.close()
+        if broker:
+            broker.stop()
+    if failed:
+        print(f"edgetune demo: {failed}", file=sys.stderr)
+        return 1
+    adapter_dir = out / "state" / "adapter"
+    print(f"\nglobal adapter (PEFT format): {adapter_dir}")
+    print(f"round log: {out / 'state' / 'rounds.json'}; total {time.monotonic() - t0:.0f} s")
+    print(f"load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{adapter_dir}')")
+    return 0
+
+
+def format_round(record) -> str:
+    """A small table for people: one row per device, then the fleet's figures."""
+    title = f"round {record.round} ({record.kind}) {record.status}"
+    if record.new_version is not None:
+        title += f" -> global adapter v{record.new_version}"
+    lines = [f"\n{title}, {record.duration_s:.0f} s"]
+    if record.kind == "train":
+        lines.append(f"  {'device':<12}{'samples':>8}{'train loss':>12}{'ppl global->local':>20}{'sent':>11}{'received':>11}")
+        for d in sorted(record.devices, key=lambda d: d.device_id):
+            ppl = f"{d.global_ppl:.2f} -> {d.local_ppl:.2f}"
+            lines.append(f"  {d.device_id:<12}{d.num_samples:>8}{d.train_loss:>12.3f}{ppl:>20}"
+                         f"{_size(d.bytes_sent):>11}{_size(d.bytes_received):>11}")
+        if record.global_ppl is not None:
+            lines.append(f"  held-out ppl of global v{record.base_version} (sample-weighted): {record.global_ppl:.2f}")
+    else:
+        for d in sorted(record.devices, key=lambda d: d.device_id):
+            lines.append(f"  {d.device_id:<12} held-out ppl of global v{record.base_version}: {d.global_ppl:.2f}")
+        if record.global_ppl is not None:
+            lines.append(f"  fleet (sample-weighted): {record.global_ppl:.2f}")
+    if record.dropped:
+        lines.append(f"  dropped: {record.dropped}")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)

@@ -1,0 +1,266 @@
+"""The device side of a fleet: what an edge application embeds.
+
+A :class:`Device` announces itself, follows the retained round task and global adapter, trains
+when told, sends only the adapter delta, and keeps the newest global adapter for the
+application to use. Training failures become :class:`ErrorReport` messages, never exceptions
+in the application around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .adapters.lora import as_float32
+from .transport import Transport, Will, open_transport
+from .transport.channel import Channel
+from .wire import (
+    DEFAULT_MAX_PACKET,
+    Capabilities,
+    ErrorReport,
+    EvalMetrics,
+    EvalReport,
+    GlobalAdapter,
+    Hello,
+    Presence,
+    Progress,
+    RoundTask,
+    TaskKind,
+    Topics,
+    TrainMetrics,
+    Update,
+    encode_message,
+)
+from .workload import Workload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    fleet: str
+    device_id: str
+    heldout_fraction: float = 0.1
+    #: cap on held-out blocks evaluated per round (bounds evaluation time on slow devices)
+    max_eval_blocks: int = 16
+    max_packet: int = DEFAULT_MAX_PACKET
+    #: leave the loop when the aggregator says the fleet is finished
+    exit_when_finished: bool = True
+
+
+class Device:
+    """One device in a fleet. ``run()`` blocks; ``start()`` runs it on a background thread."""
+
+    def __init__(self, config: DeviceConfig, transport: Transport, workload: Workload):
+        self.config = config
+        self.transport = transport
+        self.workload = workload
+        self.topics = Topics(config.fleet)
+        self.channel = Channel(transport, self.topics.sender_of, config.max_packet)
+        self.global_adapter: GlobalAdapter | None = None
+        self.task: RoundTask | None = None
+        self.finished = threading.Event()
+        self.rounds_done: list[int] = []
+        self.on_progress: Callable[[Progress], None] | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bytes_reported = (0, 0)
+        self._last_round = 0
+
+    @classmethod
+    def join(
+        cls,
+        broker: str,
+        fleet: str,
+        device_id: str,
+        data: str | Path | list[str],
+        model: str | None = None,
+        **options,
+    ) -> Device:
+        """Load the model and data, and connect: the one call an edge application needs."""
+        config = DeviceConfig(fleet, device_id, **options)
+        workload = Workload.load(data, model, config.heldout_fraction, seed=hash_seed(device_id))
+        transport = open_transport(broker, client_id=f"edgetune-{fleet}-{device_id}")
+        device = cls(config, transport, workload)
+        device.connect()
+        return device
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        me = self.config.device_id
+        will = Will(self.topics.presence(me), encode_message(Presence(me, False)))
+        self.transport.connect(will=will)
+        self.channel.subscribe(self.topics.task, self._enqueue)
+        self.channel.subscribe(self.topics.global_adapter + "/+", self._enqueue)
+        self.transport.publish(self.topics.presence(me), encode_message(Presence(me, True)), retain=True)
+        hello = Hello(
+            device_id=me,
+            sdk_version=__version__,
+            model=self.workload.manifest,
+            capabilities=Capabilities(backends=(self.workload.backend,), max_packet=self.config.max_packet),
+            num_samples=self.workload.num_samples,
+        )
+        self.transport.publish(self.topics.hello(me), encode_message(hello), retain=True)
+        log.info("%s joined fleet %s (%d training samples)", me, self.config.fleet, self.workload.num_samples)
+
+    def run(self) -> None:
+        """Follow the fleet's tasks until it finishes (or ``stop()``)."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    topic, message = self._inbox.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if isinstance(message, GlobalAdapter):
+                    self._on_global(message)
+                elif isinstance(message, RoundTask):
+                    self.task = message
+                else:
+                    self.channel.drop("aggregator", topic, "unexpected_kind", type(message).__name__)
+                    continue
+                if self.task and self._step(self.task):
+                    break
+        finally:
+            self.close()
+
+    def start(self) -> Device:
+        self._thread = threading.Thread(target=self.run, name=f"edgetune-{self.config.device_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def close(self) -> None:
+        """Leave cleanly: mark offline (the will is only for unexpected deaths)."""
+        me = self.config.device_id
+        try:
+            self.transport.publish(self.topics.presence(me), encode_message(Presence(me, False)), retain=True)
+        finally:
+            self.transport.close()
+
+    @property
+    def current_adapter(self) -> GlobalAdapter | None:
+        """The newest global adapter this device has (what the application should use)."""
+        return self.global_adapter
+
+    # --- protocol ---------------------------------------------------------------------------
+
+    def _enqueue(self, topic: str, message: object) -> None:
+        self._inbox.put((topic, message))
+
+    def _on_global(self, adapter: GlobalAdapter) -> None:
+        if adapter.model_fingerprint != self.workload.manifest.fingerprint:
+            self.channel.drop("aggregator", self.topics.global_adapter, "model_mismatch",
+                              f"global adapter for model {adapter.model_fingerprint}")
+            return
+        if self.global_adapter is None or adapter.version > self.global_adapter.version:
+            self.global_adapter = adapter
+            log.info("%s: global adapter v%d", self.config.device_id, adapter.version)
+
+    def _step(self, task: RoundTask) -> bool:
+        """Act on the task if we can; True when the fleet is finished."""
+        if task.kind is TaskKind.FINISHED:
+            self.finished.set()
+            return self.config.exit_when_finished
+        if task.round <= self._last_round:
+            return False  # done already (the retained task is redelivered on reconnect)
+        if task.model_fingerprint != self.workload.manifest.fingerprint:
+            self._report_error(task, "model_mismatch", "this device runs a different base model")
+            self._last_round = task.round
+            return False
+        if self.global_adapter is None or self.global_adapter.version < task.global_version:
+            return False  # its global adapter is still on the way
+        self._last_round = task.round
+        try:
+            if task.kind is TaskKind.TRAIN:
+                self._train(task)
+            elif task.kind is TaskKind.EVALUATE:
+                self._evaluate(task)
+        except Exception as exc:  # the application around us must survive a failed round
+            log.exception("%s: round %d failed", self.config.device_id, task.round)
+            self._report_error(task, type(exc).__name__, str(exc)[:500])
+        return False
+
+    def _train(self, task: RoundTask) -> None:
+        me, adapter = self.config.device_id, self.global_adapter
+        trainer = self.workload.trainer(task.adapter)
+        trainer.set_adapter(adapter.tensors)
+        heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
+        global_ppl = trainer.perplexity(heldout)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress = Progress(me, task.round, step, total, float(loss))
+            self.transport.publish(self.topics.progress(me), encode_message(progress), qos=0)
+            if self.on_progress:
+                self.on_progress(progress)
+
+        batches = self.workload.batches(task.train, seed=task.train.seed + hash_seed(me))
+        result = trainer.train(batches, task.train, on_step)
+        local_ppl = trainer.perplexity(heldout)
+        trained = trainer.get_adapter()
+        delta = {name: trained[name] - as_float32(adapter.tensors[name]) for name in trained}
+        sent, received = self._bytes_since_report()
+        metrics = TrainMetrics(result.mean_loss, result.tokens, result.seconds, local_ppl, global_ppl, sent, received)
+        update = Update(me, task.round, adapter.version, self.workload.num_samples, delta, metrics)
+        size = self.channel.send(self.topics.update(me), update)
+        self.transport.flush()
+        self.rounds_done.append(task.round)
+        log.info("%s: round %d loss %.3f, held-out ppl %.2f -> %.2f, sent %d bytes",
+                 me, task.round, result.mean_loss, global_ppl, local_ppl, size)
+
+    def _evaluate(self, task: RoundTask) -> None:
+        me = self.config.device_id
+        trainer = self.workload.trainer(task.adapter)
+        trainer.set_adapter(self.global_adapter.tensors)
+        heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
+        ppl = trainer.perplexity(heldout)
+        report = EvalReport(me, task.round, self.global_adapter.version, self.workload.num_samples,
+                            EvalMetrics(ppl, int(heldout.size)))
+        self.channel.send(self.topics.eval(me), report)
+        self.transport.flush()
+        log.info("%s: global adapter v%d held-out ppl %.2f", me, self.global_adapter.version, ppl)
+
+    def _report_error(self, task: RoundTask, code: str, message: str) -> None:
+        me = self.config.device_id
+        try:
+            self.channel.send(self.topics.error(me), ErrorReport(me, task.round, code, message))
+        except Exception:
+            log.exception("%s: could not report the error either", me)
+
+    def _bytes_since_report(self) -> tuple[int, int]:
+        sent, received = self.transport.stats.snapshot()
+        last_sent, last_received = self._bytes_reported
+        self._bytes_reported = (sent, received)
+        return sent - last_sent, received - last_received
+
+
+def hash_seed(text: str) -> int:
+    """A stable small integer from a name (Python's ``hash`` is salted per process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+__all__ = ["Device", "DeviceConfig", "np"]

@@ -1,0 +1,143 @@
+"""The transport interface: publish bytes to a topic, subscribe to a filter, last will.
+
+Strategies and device loops talk to this interface only, so every round can run in-memory in
+milliseconds and the same code runs over a real broker.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+Handler = Callable[[str, bytes], None]
+
+
+class TransportError(RuntimeError):
+    """The broker cannot be used (bad URL, unreachable, refused); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Will:
+    """Published by the broker if this client vanishes without saying goodbye."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """``mqtt://host[:port]``, ``mqtts://host[:port]`` (TLS) or ``memory://name`` (in-process)."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerUrl:
+        hint = "expected mqtt://HOST:PORT, mqtts://HOST:PORT or memory://NAME"
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise TransportError(f"broker URL {url!r} is invalid ({exc}); {hint}") from None
+        if parts.scheme not in {"mqtt", "mqtts", "memory"}:
+            raise TransportError(f"broker URL {url!r} has scheme {parts.scheme!r}; {hint}")
+        if not parts.hostname:
+            raise TransportError(f"broker URL {url!r} names no host; {hint}")
+        if parts.path not in {"", "/"} or parts.query or parts.fragment:
+            raise TransportError(f"broker URL {url!r} has a path or query; {hint}")
+        default = {"mqtt": 1883, "mqtts": 8883, "memory": 0}[parts.scheme]
+        return cls(parts.scheme, parts.hostname, port or default, parts.username, parts.password)
+
+    def __str__(self) -> str:
+        if self.scheme == "memory":
+            return f"memory://{self.host}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+class TransportStats:
+    """Payload bytes and messages each way; thread-safe (callbacks run on network threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes_sent = self.bytes_received = 0
+        self.messages_sent = self.messages_received = 0
+
+    def sent(self, n: int) -> None:
+        with self._lock:
+            self.bytes_sent += n
+            self.messages_sent += 1
+
+    def received(self, n: int) -> None:
+        with self._lock:
+            self.bytes_received += n
+            self.messages_received += 1
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.bytes_sent, self.bytes_received
+
+
+class Transport(ABC):
+    """Bytes in, bytes out. Handlers run on the transport's own thread: keep them short
+    (decode and enqueue) and never call back into ``publish`` from them while blocking."""
+
+    stats: TransportStats
+
+    @abstractmethod
+    def connect(self, will: Will | None = None) -> None:
+        """Connect (retrying as configured); raise :class:`TransportError` if it cannot."""
+
+    @abstractmethod
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Queue one message. QoS 1 is delivered at least once."""
+
+    @abstractmethod
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Call ``handler(topic, payload)`` for each message matching the filter (also for
+        retained ones), surviving reconnects."""
+
+    @abstractmethod
+    def flush(self, timeout: float = 30.0) -> None:
+        """Block until what was published at QoS ≥ 1 has left (or raise on timeout)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Disconnect cleanly: the last will is *not* published."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching with ``+`` (one level) and ``#`` (the rest)."""
+    filter_parts = topic_filter.split("/")
+    topic_parts = topic.split("/")
+    for i, part in enumerate(filter_parts):
+        if part == "#":
+            return True
+        if i >= len(topic_parts) or (part != "+" and part != topic_parts[i]):
+            return False
+    return len(filter_parts) == len(topic_parts)
+
+
+def open_transport(url: str | BrokerUrl, client_id: str, **options) -> Transport:
+    """The transport for a broker URL (not yet connected)."""
+    broker = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
+    if broker.scheme == "memory":
+        from .memory import MemoryTransport
+
+        return MemoryTransport.named(broker.host, client_id)
+    from .mqtt import MqttTransport
+
+    return MqttTransport(broker, client_id, **options)

@@ -1,0 +1,85 @@
+"""Messages over a transport: encode, chunk, publish; receive, reassemble, validate, dispatch.
+
+Both the device loop and the aggregator daemon use this, so bad input is handled in one place:
+a payload that does not decode is logged with its sender and reason, counted in
+:attr:`Channel.drops`, and dropped. Nothing raises into the transport's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from ..wire import DEFAULT_MAX_PACKET, Reassembler, WireError, chunk_payload, decode_frame
+from ..wire import encode_message, split_payload
+from .base import Transport
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, Any], None]
+
+
+class Channel:
+    """``sender_of(topic)`` names who sent a message on ``topic`` (for logs, counters and
+    keeping one sender's chunks apart from another's)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        sender_of: Callable[[str], str | None],
+        max_packet: int = DEFAULT_MAX_PACKET,
+    ):
+        self.transport = transport
+        self.sender_of = sender_of
+        self.max_packet = max_packet
+        self.drops: Counter[str] = Counter()
+        self._reassembler = Reassembler()
+        self._lock = threading.Lock()  # the reassembler is fed from the network thread(s)
+
+    def send(self, topic: str, message: Any, qos: int = 1) -> int:
+        """Publish a message, in chunks on the same topic if it is over the packet limit.
+        Returns the bytes published."""
+        frames = split_payload(encode_message(message), self.max_packet)
+        for frame in frames:
+            self.transport.publish(topic, frame, qos=qos)
+        return sum(map(len, frames))
+
+    def send_retained(self, prefix: str, message: Any, previous_count: int = 0) -> int:
+        """Publish retained as chunks on ``{prefix}/0 … {prefix}/{n-1}``; returns n.
+
+        Retained state is per topic, so each chunk needs its own; chunk topics left over from
+        a previous, longer message are cleared so late joiners never see stale pieces.
+        """
+        frames = chunk_payload(encode_message(message), self.max_packet)
+        for index, frame in enumerate(frames):
+            self.transport.publish(f"{prefix}/{index}", frame, qos=1, retain=True)
+        for index in range(len(frames), previous_count):
+            self.transport.publish(f"{prefix}/{index}", b"", qos=1, retain=True)
+        return len(frames)
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """``handler(topic, message)`` for each whole, valid message on the filter."""
+
+        def on_frame(topic: str, payload: bytes) -> None:
+            if not payload:
+                return  # a cleared retained topic
+            sender = self.sender_of(topic) or topic
+            try:
+                with self._lock:
+                    message = decode_frame(self._reassembler, sender, payload)
+            except WireError as exc:
+                self.drop(sender, topic, exc.reason, exc.detail)
+                return
+            if message is not None:
+                handler(topic, message)
+
+        self.transport.subscribe(topic_filter, on_frame, qos=qos)
+
+    def drop(self, sender: str, topic: str, reason: str, detail: str) -> None:
+        """Log and count a message we refuse; used for wire errors and for semantic checks."""
+        with self._lock:
+            self.drops[reason] += 1
+        log.warning("dropped message from %s on %s: %s (%s)", sender, topic, reason, detail)

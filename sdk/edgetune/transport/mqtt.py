@@ -1,0 +1,173 @@
+"""The transport over a real MQTT broker (Mosquitto, EMQX, the embedded amqtt), via paho-mqtt.
+
+paho's network thread owns the socket: it retries the first connection and every later one
+with exponential backoff (1 s doubling to ``max_backoff_s``), so an unreachable broker means a
+log line per attempt, not a crash loop. Subscriptions are remembered and renewed on every
+(re)connect because a clean session forgets them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .base import BrokerUrl, Handler, Transport, TransportError, TransportStats, Will
+
+log = logging.getLogger(__name__)
+
+
+class MqttTransport(Transport):
+    def __init__(
+        self,
+        broker: BrokerUrl,
+        client_id: str,
+        *,
+        connect_timeout: float | None = None,
+        keepalive: int = 30,
+        max_backoff_s: float = 30.0,
+        protocol: str = "3.1.1",
+        ca_certs: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+    ):
+        import paho.mqtt.client as paho
+
+        self._paho = paho
+        self.broker = broker
+        self.client_id = client_id
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self.stats = TransportStats()
+        self._subs: dict[str, tuple[int, Handler]] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._attempts = 0
+        self._unacked: list = []
+        version = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}.get(protocol)
+        if version is None:
+            raise TransportError(f"MQTT protocol {protocol!r} unsupported; use '3.1.1' or '5'")
+        self._client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=int(max_backoff_s))
+        self._client.max_inflight_messages_set(64)
+        if broker.username:
+            self._client.username_pw_set(broker.username, broker.password)
+        if broker.scheme == "mqtts":
+            self._client.tls_set(ca_certs=ca_certs, certfile=certfile, keyfile=keyfile)
+        self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_unmatched
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def connect(self, will: Will | None = None) -> None:
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.connect_async(self.broker.host, self.broker.port, keepalive=self.keepalive)
+        self._client.loop_start()
+        deadline = None if self.connect_timeout is None else time.monotonic() + self.connect_timeout
+        while not self._connected.wait(0.2):
+            if self._refused:
+                self._stop()
+                raise TransportError(self._refused)
+            if deadline is not None and time.monotonic() > deadline:
+                self._stop()
+                raise TransportError(
+                    f"broker {self.broker} unreachable after {self.connect_timeout:.0f} s "
+                    f"({self._attempts} attempts): is the broker running and the URL right?"
+                )
+
+    def close(self) -> None:
+        try:
+            self.flush(timeout=10.0)
+        except TransportError as exc:
+            log.warning("%s: closing with unsent messages: %s", self.client_id, exc)
+        self._client.disconnect()
+        self._stop()
+
+    def _stop(self) -> None:
+        self._client.loop_stop()
+        self._connected.clear()
+
+    # --- paho callbacks (network thread) ----------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._attempts += 1
+            if reason_code.value in (0x04, 0x05, 0x86, 0x87):  # bad credentials / not authorized
+                self._refused = f"broker {self.broker} refused {self.client_id}: {reason_code}"
+                client.disconnect()
+            else:
+                log.warning("broker %s refused connection: %s; retrying", self.broker, reason_code)
+            return
+        if self._attempts:
+            log.info("connected to %s after %d failed attempts", self.broker, self._attempts)
+        self._attempts = 0
+        with self._lock:
+            subs = list(self._subs.items())
+        for topic_filter, (qos, _) in subs:
+            client.subscribe(topic_filter, qos=qos)
+        self._connected.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._attempts += 1
+        delay = min(2 ** (self._attempts - 1), 30)
+        log.warning(
+            "broker %s unreachable (attempt %d); retrying in about %d s",
+            self.broker, self._attempts, delay,
+        )
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._connected.is_set():
+            self._connected.clear()
+            if reason_code.is_failure or reason_code.value != 0:
+                log.warning("lost connection to %s (%s); reconnecting", self.broker, reason_code)
+
+    def _on_unmatched(self, client, userdata, message) -> None:
+        log.debug("message on %s matched no handler", message.topic)
+
+    # --- messaging --------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (self._paho.MQTT_ERR_SUCCESS, self._paho.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {self._paho.error_string(info.rc)}")
+        # MQTT_ERR_NO_CONN: paho keeps QoS ≥ 1 messages and sends them after reconnecting.
+        self.stats.sent(len(payload))
+        if qos > 0:
+            with self._lock:
+                self._unacked = [i for i in self._unacked if not i.is_published()]
+                self._unacked.append(info)
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        def on_message(client, userdata, message) -> None:
+            self.stats.received(len(message.payload))
+            try:
+                handler(message.topic, message.payload)
+            except Exception:  # a handler bug must not kill paho's network thread
+                log.exception("handler for %s failed", message.topic)
+
+        with self._lock:
+            self._subs[topic_filter] = (qos, handler)
+        self._client.message_callback_add(topic_filter, on_message)
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending = list(self._unacked)
+        for info in pending:
+            left = deadline - time.monotonic()
+            try:
+                info.wait_for_publish(timeout=max(left, 0.0))
+            except (ValueError, RuntimeError) as exc:
+                raise TransportError(f"message not delivered: {exc}") from None
+            if not info.is_published():
+                raise TransportError(f"{len(pending)} messages still unacknowledged after {timeout} s")
+        with self._lock:
+            self._unacked = [i for i in self._unacked if not i.is_published()]

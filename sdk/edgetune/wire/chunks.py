@@ -1,0 +1,136 @@
+"""Splitting payloads over the packet limit, and putting them back together.
+
+EMQX's default maximum packet is 1 MiB and a LoRA delta of a small model is already ~2 MB, so
+anything bigger than ``max_packet`` travels as :class:`Chunk` messages. QoS 1 may deliver a chunk
+twice and nothing orders chunks across a reconnect, so the reassembler accepts any order, ignores
+duplicates, bounds the memory held by unfinished transfers, and checks the SHA-256 of the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .codec import decode_message, encode_message
+from .errors import WireError
+from .schema import Chunk
+
+DEFAULT_MAX_PACKET = 1 << 20
+#: Room left in each packet for the MQTT fixed header, topic name and the chunk's own fields.
+CHUNK_OVERHEAD = 1024
+
+
+def split_payload(payload: bytes, max_packet: int = DEFAULT_MAX_PACKET) -> list[bytes]:
+    """``[payload]`` if it fits in one packet, else the encoded chunks that carry it."""
+    if max_packet <= 2 * CHUNK_OVERHEAD:
+        raise ValueError(f"max_packet must be > {2 * CHUNK_OVERHEAD} bytes, got {max_packet}")
+    if len(payload) + CHUNK_OVERHEAD <= max_packet:
+        return [payload]
+    return chunk_payload(payload, max_packet)
+
+
+def chunk_payload(payload: bytes, max_packet: int = DEFAULT_MAX_PACKET) -> list[bytes]:
+    """Always chunk (even a small payload): used for retained per-index topics."""
+    step = max_packet - CHUNK_OVERHEAD
+    view = memoryview(payload)
+    digest = hashlib.sha256(view).hexdigest()
+    count = max(1, -(-len(payload) // step))
+    return [
+        encode_message(Chunk(digest, i, count, len(payload), bytes(view[i * step:(i + 1) * step])))
+        for i in range(count)
+    ]
+
+
+@dataclass
+class _Pending:
+    count: int
+    size: int
+    parts: dict[int, bytes] = field(default_factory=dict)
+    received: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Reassembler:
+    """Collects chunks per (sender, transfer) and yields whole payloads once.
+
+    ``max_pending_bytes`` caps what unfinished transfers may hold; the oldest are evicted
+    first (a sender that vanished mid-transfer must not pin memory forever). Finished
+    transfer ids are remembered so a late duplicate chunk does not start a new one.
+    """
+
+    def __init__(
+        self,
+        max_pending_bytes: int = 256 << 20,
+        max_transfer_bytes: int = 512 << 20,
+        ttl_s: float = 600.0,
+        remember: int = 1024,
+    ):
+        self.max_pending_bytes = max_pending_bytes
+        self.max_transfer_bytes = max_transfer_bytes
+        self.ttl_s = ttl_s
+        self._pending: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
+        self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._remember = remember
+        self.evicted = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(p.received for p in self._pending.values())
+
+    def feed(self, sender: str, chunk: Chunk) -> bytes | None:
+        """Add one chunk; returns the whole payload when this chunk completes it."""
+        key = (sender, chunk.transfer)
+        if key in self._done:
+            return None  # redelivery of an already finished transfer
+        if not (0 <= chunk.index < chunk.count) or chunk.size > self.max_transfer_bytes:
+            raise WireError(
+                "bad_chunk",
+                f"chunk {chunk.index}/{chunk.count} of {chunk.size} bytes is out of range",
+            )
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _Pending(chunk.count, chunk.size)
+        elif (pending.count, pending.size) != (chunk.count, chunk.size):
+            del self._pending[key]
+            raise WireError("bad_chunk", "chunks of one transfer disagree on count or size")
+        if chunk.index in pending.parts:
+            return None  # duplicate (QoS 1 redelivery)
+        pending.parts[chunk.index] = chunk.data
+        pending.received += len(chunk.data)
+        if len(pending.parts) < pending.count:
+            self._evict()
+            return None
+        del self._pending[key]
+        payload = b"".join(pending.parts[i] for i in range(pending.count))
+        if len(payload) != pending.size or hashlib.sha256(payload).hexdigest() != chunk.transfer:
+            raise WireError("digest_mismatch", "reassembled payload does not match its SHA-256")
+        self._done[key] = None
+        while len(self._done) > self._remember:
+            self._done.popitem(last=False)
+        return payload
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        while self._pending:
+            key, oldest = next(iter(self._pending.items()))
+            if now - oldest.started > self.ttl_s or self.pending_bytes > self.max_pending_bytes:
+                del self._pending[key]
+                self.evicted += 1
+            else:
+                break
+
+
+def decode_frame(reassembler: Reassembler, sender: str, frame: bytes):
+    """Decode one MQTT payload: a message, or None while a chunked one is incomplete."""
+    message = decode_message(frame)
+    if not isinstance(message, Chunk):
+        return message
+    payload = reassembler.feed(sender, message)
+    if payload is None:
+        return None
+    inner = decode_message(payload)
+    if isinstance(inner, Chunk):
+        raise WireError("bad_chunk", "a chunked payload may not itself be a chunk")
+    return inner

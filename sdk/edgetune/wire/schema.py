@@ -1,0 +1,352 @@
+"""The edgetune wire schema: every message kind, every topic, and the schema version.
+
+Both sides (devices in ``edgetune``, the daemon in ``edgetune_aggregator``) import this module
+and nothing else to know what goes on the wire; ``docs/protocol.md`` describes it for people.
+Messages are frozen dataclasses; ``edgetune.wire.codec`` turns them into msgpack maps
+``{"v": SCHEMA_VERSION, "kind": KIND, "body": {...}}`` and back, validating every field.
+
+Rules that keep old and new peers talking: a new field gets a default (older senders omit it),
+unknown fields are ignored on receipt, and anything that changes the meaning of an existing
+field bumps ``SCHEMA_VERSION``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+TOPIC_ROOT = "edgetune/v1"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """Fleet and device names become MQTT topic levels: no wildcards, no slashes."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"{what} {value!r} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _positive(value: float, what: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{what} must be {'≥ 0' if allow_zero else '> 0'}, got {value}")
+
+
+# --- configuration carried in tasks ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Which linear layers get LoRA factors, and their rank.
+
+    A module named ``m`` gets ``m.lora_A`` of shape (rank, in) and ``m.lora_B`` of shape
+    (out, rank); the update it makes to the frozen weight is ``(alpha / rank) · B @ A``.
+    ``target_modules`` match the last component(s) of a module name, as in PEFT.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank <= 1024:
+            raise ValueError(f"LoraSpec.rank must be in 1..1024, got {self.rank}")
+        _positive(self.alpha, "LoraSpec.alpha")
+        if not self.target_modules:
+            raise ValueError("LoraSpec.target_modules must name at least one module")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a device trains in one round. ``seed`` makes a device's round reproducible."""
+
+    local_steps: int = 10
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("local_steps", "batch_size", "grad_accum", "seq_len"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"TrainSettings.{name} must be ≥ 1, got {value}")
+        _positive(self.learning_rate, "TrainSettings.learning_rate")
+        _positive(self.weight_decay, "TrainSettings.weight_decay", allow_zero=True)
+        _positive(self.max_grad_norm, "TrainSettings.max_grad_norm", allow_zero=True)
+
+
+# --- device -> aggregator -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """What a device's frozen base looks like, so the daemon can validate adapter shapes
+    without loading the model. ``modules`` maps each linear layer to (out_features, in_features).
+    ``fingerprint`` hashes the architecture: devices of one fleet must agree on it."""
+
+    name: str
+    fingerprint: str
+    modules: dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    backends: tuple[str, ...] = ("torch",)
+    adapters: tuple[str, ...] = ("lora",)
+    max_packet: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Sent (retained) when a device joins, so a daemon that starts later still sees it."""
+
+    device_id: str
+    sdk_version: str
+    model: ModelManifest
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    num_samples: int = 0
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Online/offline state; the offline form is the device's MQTT last will."""
+
+    device_id: str
+    online: bool
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+
+
+@dataclass(frozen=True)
+class TrainMetrics:
+    train_loss: float
+    train_tokens: int
+    train_seconds: float
+    #: perplexity of the adapter this device just trained, on its own held-out split
+    local_ppl: float
+    #: perplexity of the global adapter it started from, on the same split
+    global_ppl: float
+    #: transport bytes since the previous report (whole MQTT payloads)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass(frozen=True)
+class Update:
+    """A device's contribution to one round: ``trained - global`` for every adapter tensor.
+
+    Sending the difference rather than the factors costs the same bytes but lets the daemon
+    rebuild each device's factors exactly (global + delta) and, later, quantize small deltas.
+    """
+
+    device_id: str
+    round: int
+    base_version: int
+    num_samples: int
+    delta: dict[str, np.ndarray]
+    metrics: TrainMetrics
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        if self.num_samples < 1:
+            raise ValueError(f"Update.num_samples must be ≥ 1, got {self.num_samples}")
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    global_ppl: float
+    eval_tokens: int
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    device_id: str
+    round: int
+    global_version: int
+    num_samples: int
+    metrics: EvalMetrics
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Best-effort (QoS 0) training progress for dashboards and the demo's progress bars."""
+
+    device_id: str
+    round: int
+    step: int
+    total_steps: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """A device could not do what the task asked; ``code`` is stable, ``message`` for people."""
+
+    device_id: str
+    round: int
+    code: str
+    message: str
+
+
+# --- aggregator -> devices ------------------------------------------------------------------
+
+
+class TaskKind(str, Enum):
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """What the fleet does now. Published retained: a device that connects late reads it."""
+
+    round: int
+    kind: TaskKind
+    global_version: int
+    model_fingerprint: str
+    adapter: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    deadline_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class GlobalAdapter:
+    """The merged adapter, published retained and chunked (it is usually over one packet)."""
+
+    version: int
+    round: int
+    model_fingerprint: str
+    adapter: LoraSpec
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a payload larger than the packet limit.
+
+    ``transfer`` is the SHA-256 (hex) of the whole payload: it groups the chunks and checks
+    the reassembled bytes. Chunks may arrive twice or out of order (QoS 1 redelivery).
+    """
+
+    transfer: str
+    index: int
+    count: int
+    size: int
+    data: bytes
+
+
+#: kind name on the wire -> message class
+MESSAGE_KINDS: dict[str, type] = {
+    "hello": Hello,
+    "presence": Presence,
+    "update": Update,
+    "eval": EvalReport,
+    "progress": Progress,
+    "error": ErrorReport,
+    "task": RoundTask,
+    "global": GlobalAdapter,
+    "chunk": Chunk,
+}
+KIND_OF: dict[type, str] = {cls: kind for kind, cls in MESSAGE_KINDS.items()}
+
+
+# --- topics ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one fleet: ``edgetune/v1/{fleet}/{kind}[/{device_id}]``.
+
+    Device messages carry the device id as the last topic level, so a broker ACL can pin each
+    client to its own topics (``%c`` patterns) and the daemon can check the sender.
+    """
+
+    fleet: str
+
+    def __post_init__(self) -> None:
+        check_name(self.fleet, "fleet name")
+
+    @property
+    def base(self) -> str:
+        return f"{TOPIC_ROOT}/{self.fleet}"
+
+    # aggregator -> devices (retained)
+    @property
+    def task(self) -> str:
+        return f"{self.base}/task"
+
+    @property
+    def global_adapter(self) -> str:
+        """Prefix of the retained chunks ``global/{index}`` of the current global adapter."""
+        return f"{self.base}/global"
+
+    def global_chunk(self, index: int) -> str:
+        return f"{self.global_adapter}/{index}"
+
+    @property
+    def aggregator_status(self) -> str:
+        return f"{self.base}/aggregator"
+
+    # device -> aggregator
+    def hello(self, device_id: str) -> str:
+        return f"{self.base}/hello/{device_id}"
+
+    def presence(self, device_id: str) -> str:
+        return f"{self.base}/presence/{device_id}"
+
+    def update(self, device_id: str) -> str:
+        return f"{self.base}/update/{device_id}"
+
+    def eval(self, device_id: str) -> str:
+        return f"{self.base}/eval/{device_id}"
+
+    def progress(self, device_id: str) -> str:
+        return f"{self.base}/progress/{device_id}"
+
+    def error(self, device_id: str) -> str:
+        return f"{self.base}/error/{device_id}"
+
+    def all_devices(self, kind: str) -> str:
+        """Subscription filter for one device-message kind from every device."""
+        return f"{self.base}/{kind}/+"
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id a device topic names, or None if ``topic`` is not one."""
+        prefix = self.base + "/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix):].split("/")
+        if len(parts) != 2 or parts[0] not in {"hello", "presence", "update", "eval", "progress", "error"}:
+            return None
+        return parts[1]
+
+    def sender_of(self, topic: str) -> str | None:
+        """Who publishes on ``topic``: a device id, ``"aggregator"``, or None if not ours."""
+        device = self.device_of(topic)
+        if device is not None:
+            return device
+        if topic in (self.task, self.aggregator_status) or topic.startswith(self.global_adapter + "/"):
+            return "aggregator"
+        return None

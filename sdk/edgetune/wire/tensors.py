@@ -1,0 +1,112 @@
+"""Tensors on the wire: ``{"dtype": str, "shape": [int, ...], "data": bytes}``, little-endian.
+
+Why not pickle or ``.npy``: pickle executes code on load, and ``.npy`` carries a text header that
+must be parsed; a three-field map is trivially validated and decoded with ``numpy.frombuffer``
+without copying. numpy has no bfloat16, so bfloat16 tensors decode zero-copy into
+:class:`BFloat16Array`, a uint16 view of the raw bits that converts to float32 on request.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from math import prod
+from typing import Any
+
+import numpy as np
+
+from .errors import WireError
+
+#: Wire dtype name -> numpy dtype (little-endian).
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+}
+
+MAX_DIMS = 8
+
+
+class BFloat16Array(np.ndarray):
+    """Raw bfloat16 bits held as uint16 (numpy has no bfloat16 type)."""
+
+    def to_float32(self) -> np.ndarray:
+        # bfloat16 is the top half of a float32: shift the bits back into place.
+        return (np.asarray(self, dtype=np.uint32) << 16).view(np.float32)
+
+
+def to_bfloat16(values: np.ndarray) -> BFloat16Array:
+    """Round float32 values to bfloat16 (round to nearest, ties to even)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    out = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out.view(BFloat16Array)
+
+
+def _wire_dtype(array: np.ndarray) -> str:
+    if isinstance(array, BFloat16Array):
+        return "bfloat16"
+    for name, dtype in DTYPES.items():
+        if name != "bfloat16" and array.dtype.newbyteorder("<") == dtype:
+            return name
+    raise TypeError(
+        f"dtype {array.dtype} cannot go on the wire; use one of {', '.join(DTYPES)}"
+    )
+
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    """Map for one tensor. ``data`` is a memoryview, so msgpack copies it once, straight
+    into its output buffer."""
+    name = _wire_dtype(array)
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    # (np.ascontiguousarray would turn a 0-d array into a 1-d one)
+    contiguous = array if array.flags.c_contiguous else array.copy(order="C")
+    return {
+        "dtype": name,
+        "shape": list(array.shape),
+        "data": memoryview(contiguous.reshape(-1).view(np.uint8)),
+    }
+
+
+def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
+    """Validate and decode a tensor map without copying its data.
+
+    The result is read-only (it views the message's bytes); copy it to modify it.
+    """
+    if not isinstance(obj, Mapping):
+        raise WireError("bad_tensor", f"{what}: expected a map, got {type(obj).__name__}")
+    missing = {"dtype", "shape", "data"} - set(obj)
+    if missing:
+        raise WireError("bad_tensor", f"{what}: missing {', '.join(sorted(missing))}")
+    name, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if name not in DTYPES:
+        raise WireError("bad_tensor", f"{what}: dtype {name!r} not one of {', '.join(DTYPES)}")
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise WireError("bad_tensor", f"{what}: shape must be a list of ≤{MAX_DIMS} ints ≥ 0")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("bad_tensor", f"{what}: data must be bytes")
+    dtype = DTYPES[name]
+    expected = prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise WireError(
+            "bad_tensor",
+            f"{what}: {len(data)} bytes of data for shape {list(shape)} {name} (needs {expected})",
+        )
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if name == "bfloat16":
+        array = array.view(BFloat16Array)
+    if dtype.byteorder == "<" and sys.byteorder == "big":
+        array = array.astype(dtype.newbyteorder("="))
+    return array

@@ -1,0 +1,85 @@
+"""A device's model, data and trainer, bound together.
+
+The device loop only asks for "a trainer for this adapter spec", "held-out blocks of this
+length" and "training batches"; how text becomes token blocks and which framework trains is
+decided here, once, so the protocol code stays framework-free.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import BlockSampler, load_texts, pack_blocks, split_heldout
+from .wire import LoraSpec, ModelManifest, TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+class Workload:
+    backend = "torch"
+
+    def __init__(self, loaded: Any, train_texts: list[str], heldout_texts: list[str], threads: int | None = None):
+        self.loaded = loaded
+        self.threads = threads
+        tokenizer = loaded.tokenizer
+        self._eos = getattr(tokenizer, "eos_token_id", None)
+        # Tokenize once; packing into blocks of the task's length is cheap and done on demand.
+        self._train_ids = [tokenizer.encode(t) for t in train_texts]
+        self._heldout_ids = [tokenizer.encode(t) for t in heldout_texts]
+        self.num_samples = len(train_texts)
+        self._blocks: dict[tuple[str, int], np.ndarray] = {}
+        self._trainer = None
+        self._trainer_spec: LoraSpec | None = None
+
+    @classmethod
+    def load(
+        cls,
+        data: str | Path | list[str],
+        model: str | None = None,
+        heldout_fraction: float = 0.1,
+        seed: int = 0,
+        threads: int | None = None,
+    ) -> Workload:
+        """``data`` is a ``.txt``/``.jsonl`` file or a list of records; ``model`` a model ref
+        for :func:`edgetune.models.load_model` (default: SmolLM2-135M-Instruct GGUF)."""
+        from .models import load_model
+
+        texts = data if isinstance(data, list) else load_texts(Path(data))
+        train, heldout = split_heldout(texts, heldout_fraction, seed=seed)
+        return cls(load_model(model), train, heldout, threads)
+
+    @property
+    def manifest(self) -> ModelManifest:
+        return self.loaded.manifest
+
+    def trainer(self, spec: LoraSpec):
+        """The trainer for ``spec``; rebuilt only when the spec changes between rounds."""
+        if self._trainer is None or spec != self._trainer_spec:
+            from .trainers.torch_lora import TorchLoraTrainer
+
+            if self._trainer is not None:
+                self._trainer.unload()
+            self._trainer = TorchLoraTrainer(self.loaded, spec, threads=self.threads)
+            self._trainer_spec = spec
+        return self._trainer
+
+    def _packed(self, split: str, seq_len: int) -> np.ndarray:
+        key = (split, seq_len)
+        if key not in self._blocks:
+            ids = self._train_ids if split == "train" else self._heldout_ids
+            self._blocks[key] = pack_blocks(ids, seq_len, self._eos)  # (N, seq_len)
+        return self._blocks[key]
+
+    def heldout_blocks(self, seq_len: int) -> np.ndarray:
+        return self._packed("heldout", seq_len)
+
+    def batches(self, settings: TrainSettings, seed: int) -> Iterator[np.ndarray]:
+        """Endless (batch_size, seq_len) batches, shuffled per epoch with ``seed``."""
+        sampler = BlockSampler(self._packed("train", settings.seq_len), seed=seed)
+        while True:
+            yield sampler.next_batch(settings.batch_size)
