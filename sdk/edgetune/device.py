@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from . import __version__
 from .adapters.lora import as_float32
@@ -181,8 +179,10 @@ class Device:
             self._report_error(task, "model_mismatch", "this device runs a different base model")
             self._last_round = task.round
             return False
-        if self.global_adapter is None or self.global_adapter.version < task.global_version:
-            return False  # its global adapter is still on the way
+        if self.global_adapter is None or self.global_adapter.version != task.global_version:
+            # Older: the task's adapter is still on the way. Newer: the round was closed and
+            # the next task is on the way (global v(n+1) is published just before task n+1).
+            return False
         self._last_round = task.round
         try:
             if task.kind is TaskKind.TRAIN:
@@ -254,13 +254,4 @@ def hash_seed(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-__all__ = ["Device", "DeviceConfig", "np"]
+__all__ = ["Device", "DeviceConfig"]

@@ -34,7 +34,7 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
     return len(head).to_bytes(8, "little") + head + b"".join(blobs)
 
 
-def peft_config(spec: LoraSpec, base_model: str, modules: list[str]) -> dict:
+def peft_config(spec: LoraSpec, base_model: str) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -55,7 +55,6 @@ def peft_config(spec: LoraSpec, base_model: str, modules: list[str]) -> dict:
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": None,
-        "edgetune_modules": modules,
     }
 
 
@@ -69,8 +68,7 @@ def write_peft_adapter(
         _PEFT_PREFIX + name.replace(".lora_A", ".lora_A.weight").replace(".lora_B", ".lora_B.weight"): t
         for name, t in tensors.items()
     }
-    modules = sorted({name.rsplit(".", 1)[0] for name in tensors})
     atomic_write_bytes(directory / "adapter_model.safetensors", safetensors_bytes(renamed, {"format": "pt"}))
-    config = json.dumps(peft_config(spec, base_model, modules), indent=2, sort_keys=True)
+    config = json.dumps(peft_config(spec, base_model), indent=2, sort_keys=True)
     atomic_write_bytes(directory / "adapter_config.json", config.encode())
     return directory

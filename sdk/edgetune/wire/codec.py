@@ -65,10 +65,10 @@ def decode_message(payload: bytes | bytearray | memoryview) -> Any:
 
 
 def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, np.ndarray):
         return encode_tensor(value)
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, dict):
@@ -87,80 +87,121 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _from_wire(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise WireError("bad_field", f"{path}: expected a map, got {type(data).__name__}")
-    hints = _hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        where = f"{path}.{f.name}"
-        if f.name in data:
-            kwargs[f.name] = _convert(hints[f.name], data[f.name], where)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise WireError("bad_field", f"{where}: missing")
-    # Unknown keys come from newer peers: ignored by design (see schema module docstring).
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise WireError("bad_field", f"{path}: {exc}") from None
+    return _converter(cls)(data, path)
 
 
-def _fail(where: str, expected: str, value: Any) -> typing.NoReturn:
-    raise WireError("bad_field", f"{where}: expected {expected}, got {type(value).__name__}")
+def path_text(where: Any) -> str:
+    """Field paths are built lazily, ``(parent, key)`` tuples formatted only for an error:
+    formatting one per tensor costs more than decoding it."""
+    if type(where) is tuple:
+        return f"{path_text(where[0])}[{where[1]!r}]"
+    return where
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def _fail(where: Any, expected: str, value: Any) -> typing.NoReturn:
+    raise WireError("bad_field", f"{path_text(where)}: expected {expected}, got {type(value).__name__}")
+
+
+Converter = typing.Callable[[Any, str], Any]
+
+
+@cache
+def _converter(tp: Any) -> Converter:
+    """Build, once per schema type, the function that checks and converts a wire value.
+
+    Compiling the type walk keeps per-tensor cost down: an adapter has hundreds of tensors.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [t for t in options if t is not type(None)]
-        return _convert(inner, value, where)
+        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        convert_inner = _converter(inner)
+        return lambda v, where: None if v is None else convert_inner(v, where)
     if dataclasses.is_dataclass(tp):
-        return _from_wire(tp, value, where)
+        return _dataclass_converter(tp)
     if tp is np.ndarray:
-        return decode_tensor(value, where)
+        return decode_tensor
     if isinstance(tp, type) and issubclass(tp, Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            allowed = ", ".join(repr(m.value) for m in tp)
-            raise WireError("bad_field", f"{where}: {value!r} is not one of {allowed}") from None
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(where, "a boolean", value)
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            _fail(where, "an integer", value)
-        return value
-    if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            _fail(where, "a number", value)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(where, "a string", value)
-        return value
-    if tp is bytes:
-        if not isinstance(value, (bytes, bytearray)):
-            _fail(where, "bytes", value)
-        return bytes(value)
+        def enum(v: Any, where: str) -> Any:
+            try:
+                return tp(v)
+            except ValueError:
+                allowed = ", ".join(repr(m.value) for m in tp)
+                raise WireError("bad_field", f"{path_text(where)}: {v!r} is not one of {allowed}") from None
+        return enum
+    if tp in _SCALARS:
+        check, expected = _SCALARS[tp]
+
+        def scalar(v: Any, where: str) -> Any:
+            if not check(v):
+                _fail(where, expected, v)
+            return float(v) if tp is float else bytes(v) if tp is bytes else v
+        return scalar
     if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            _fail(where, "a list", value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise WireError("bad_field", f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_convert(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(args, value)))
+        return _tuple_converter(typing.get_args(tp))
     if origin is dict:
         key_type, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            _fail(where, "a map", value)
-        return {
-            _convert(key_type, k, f"{where} key"): _convert(value_type, v, f"{where}[{k!r}]")
-            for k, v in value.items()
-        }
-    raise TypeError(f"schema type {tp!r} at {where} has no wire conversion")  # programming error
+        convert_key, convert_value = _converter(key_type), _converter(value_type)
+
+        def mapping(v: Any, where: str) -> dict:
+            if type(v) is not dict:
+                _fail(where, "a map", v)
+            return {convert_key(k, (where, "key")): convert_value(x, (where, k)) for k, x in v.items()}
+        return mapping
+    raise TypeError(f"schema type {tp!r} has no wire conversion")  # programming error
+
+
+_SCALARS: dict[type, tuple[typing.Callable[[Any], bool], str]] = {
+    bool: (lambda v: type(v) is bool, "a boolean"),
+    int: (lambda v: type(v) is int, "an integer"),
+    float: (lambda v: type(v) in (int, float), "a number"),
+    str: (lambda v: type(v) is str, "a string"),
+    bytes: (lambda v: type(v) in (bytes, bytearray), "bytes"),
+}
+
+
+def _tuple_converter(args: tuple) -> Converter:
+    if len(args) == 2 and args[1] is Ellipsis:
+        item = _converter(args[0])
+
+        def variadic(v: Any, where: str) -> tuple:
+            if type(v) not in (list, tuple):
+                _fail(where, "a list", v)
+            return tuple(item(x, (where, i)) for i, x in enumerate(v))
+        return variadic
+    items = [_converter(t) for t in args]
+
+    def fixed(v: Any, where: str) -> tuple:
+        if type(v) not in (list, tuple):
+            _fail(where, "a list", v)
+        if len(v) != len(items):
+            raise WireError("bad_field", f"{path_text(where)}: expected {len(items)} items, got {len(v)}")
+        return tuple(c(x, (where, i)) for i, (c, x) in enumerate(zip(items, v)))
+    return fixed
+
+
+def _dataclass_converter(cls: type) -> Converter:
+    hints = _hints(cls)
+    fields = [
+        (
+            f.name,
+            _converter(hints[f.name]),
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+    ]
+
+    def build(data: Any, path: str) -> Any:
+        if type(data) is not dict:
+            raise WireError("bad_field", f"{path_text(path)}: expected a map, got {type(data).__name__}")
+        kwargs = {}
+        for name, convert, required in fields:
+            if name in data:
+                kwargs[name] = convert(data[name], f"{path_text(path)}.{name}")
+            elif required:
+                raise WireError("bad_field", f"{path_text(path)}.{name}: missing")
+        # Unknown keys come from newer peers: ignored by design (see the schema docstring).
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise WireError("bad_field", f"{path_text(path)}: {exc}") from None
+    return build

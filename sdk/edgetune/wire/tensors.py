@@ -9,7 +9,6 @@ without copying. numpy has no bfloat16, so bfloat16 tensors decode zero-copy int
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from math import prod
 from typing import Any
 
@@ -29,6 +28,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 
 MAX_DIMS = 8
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 
 class BFloat16Array(np.ndarray):
@@ -50,59 +50,58 @@ def to_bfloat16(values: np.ndarray) -> BFloat16Array:
     return out.view(BFloat16Array)
 
 
-def _wire_dtype(array: np.ndarray) -> str:
-    if isinstance(array, BFloat16Array):
-        return "bfloat16"
-    for name, dtype in DTYPES.items():
-        if name != "bfloat16" and array.dtype.newbyteorder("<") == dtype:
-            return name
-    raise TypeError(
-        f"dtype {array.dtype} cannot go on the wire; use one of {', '.join(DTYPES)}"
-    )
+_NAME_OF = {dtype: name for name, dtype in DTYPES.items() if name != "bfloat16"}
+_NAME_OF.update({dtype.newbyteorder(">"): name for dtype, name in list(_NAME_OF.items())})
 
 
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     """Map for one tensor. ``data`` is a memoryview, so msgpack copies it once, straight
     into its output buffer."""
-    name = _wire_dtype(array)
-    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+    name = _NAME_OF.get(array.dtype)
+    if name is None:
+        if not isinstance(array, BFloat16Array):
+            raise TypeError(f"dtype {array.dtype} cannot go on the wire; use one of {', '.join(DTYPES)}")
+        name = "bfloat16"
+    if array.dtype.byteorder == ">" or (_BIG_ENDIAN_HOST and array.dtype.byteorder == "="):
         array = array.astype(array.dtype.newbyteorder("<"))
-    # (np.ascontiguousarray would turn a 0-d array into a 1-d one)
-    contiguous = array if array.flags.c_contiguous else array.copy(order="C")
-    return {
-        "dtype": name,
-        "shape": list(array.shape),
-        "data": memoryview(contiguous.reshape(-1).view(np.uint8)),
-    }
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")
+    # (reshape before view: a 0-d array cannot change its itemsize)
+    return {"dtype": name, "shape": list(array.shape), "data": memoryview(array.reshape(-1).view(np.uint8))}
 
 
-def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
+def _text(what: Any) -> str:
+    from .codec import path_text  # (tensor errors are rare; keep the import off the hot path)
+
+    return path_text(what)
+
+
+def decode_tensor(obj: Any, what: Any = "tensor") -> np.ndarray:
     """Validate and decode a tensor map without copying its data.
 
     The result is read-only (it views the message's bytes); copy it to modify it.
     """
-    if not isinstance(obj, Mapping):
-        raise WireError("bad_tensor", f"{what}: expected a map, got {type(obj).__name__}")
-    missing = {"dtype", "shape", "data"} - set(obj)
-    if missing:
-        raise WireError("bad_tensor", f"{what}: missing {', '.join(sorted(missing))}")
-    name, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if name not in DTYPES:
-        raise WireError("bad_tensor", f"{what}: dtype {name!r} not one of {', '.join(DTYPES)}")
-    if (
-        not isinstance(shape, (list, tuple))
-        or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    if type(obj) is not dict:
+        raise WireError("bad_tensor", f"{_text(what)}: expected a map, got {type(obj).__name__}")
+    try:
+        name, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    except KeyError:
+        missing = {"dtype", "shape", "data"} - set(obj)
+        raise WireError("bad_tensor", f"{_text(what)}: missing {', '.join(sorted(missing))}") from None
+    dtype = DTYPES.get(name) if type(name) is str else None
+    if dtype is None:
+        raise WireError("bad_tensor", f"{_text(what)}: dtype {name!r} not one of {', '.join(DTYPES)}")
+    if type(shape) not in (list, tuple) or len(shape) > MAX_DIMS or not all(
+        type(d) is int and d >= 0 for d in shape
     ):
-        raise WireError("bad_tensor", f"{what}: shape must be a list of ≤{MAX_DIMS} ints ≥ 0")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireError("bad_tensor", f"{what}: data must be bytes")
-    dtype = DTYPES[name]
+        raise WireError("bad_tensor", f"{_text(what)}: shape must be a list of ≤{MAX_DIMS} ints ≥ 0")
+    if type(data) not in (bytes, bytearray, memoryview):
+        raise WireError("bad_tensor", f"{_text(what)}: data must be bytes")
     expected = prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise WireError(
             "bad_tensor",
-            f"{what}: {len(data)} bytes of data for shape {list(shape)} {name} (needs {expected})",
+            f"{_text(what)}: {len(data)} bytes of data for shape {list(shape)} {name} (needs {expected})",
         )
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     if name == "bfloat16":

@@ -1,0 +1,195 @@
+"""LoRA training of a frozen base with PyTorch and PEFT, exchanging adapters as numpy arrays.
+
+The fleet speaks in ``{module}.lora_A`` (rank, in) / ``{module}.lora_B`` (out, rank) arrays
+(``edgetune.adapters.lora``); this module is the only place that knows how PEFT stores them.
+PEFT keeps that same orientation for GPT-2's ``Conv1D`` layers too (``fan_in_fan_out`` only
+transposes the *base* weight when merging), so arrays are copied as they are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import peft
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from ..adapters.lora import as_float32, check_tensors, lora_shapes
+from ..models.loading import LoadedModel
+from ..wire.schema import LoraSpec, TrainSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TorchLoraTrainer", "TrainResult"]
+
+_ADAPTER = "default"  # PEFT's name for the one adapter we attach
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One round of local training. ``mean_loss`` averages the optimizer steps' losses (each
+    the mean over its micro-batches); ``tokens`` counts input tokens seen."""
+
+    mean_loss: float
+    final_loss: float
+    tokens: int
+    seconds: float
+    steps: int
+
+
+class TorchLoraTrainer:
+    """Trains the LoRA factors of ``spec`` on ``loaded``'s model; the base stays frozen.
+
+    PEFT wraps the model in place, so ``loaded.model`` now carries LoRA layers: give each
+    trainer its own ``LoadedModel``.
+    """
+
+    def __init__(self, loaded: LoadedModel, spec: LoraSpec, threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.loaded = loaded
+        self.spec = spec
+        self.shapes = lora_shapes(spec, loaded.manifest.modules)
+        self._modules = sorted({name.rsplit(".", 1)[0] for name in self.shapes})
+        base = loaded.model
+        # PEFT wants fan_in_fan_out=True for Conv1D (weights stored (in, out)) and warns otherwise
+        conv1d = any(isinstance(base.get_submodule(m), Conv1D) for m in self._modules)
+        config = peft.LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            target_modules=list(spec.target_modules),
+            lora_dropout=spec.dropout,
+            bias="none",
+            fan_in_fan_out=conv1d,
+        )
+        self.model = peft.get_peft_model(base, config)
+        self.model.eval()
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        wrapped = self.model.base_model.model
+        self._layers = {m: wrapped.get_submodule(m) for m in self._modules}
+
+    def unload(self) -> None:
+        """Take the LoRA layers out again, leaving ``loaded.model`` the plain frozen base, so a
+        trainer for another spec (rank, targets) can wrap it next."""
+        self.loaded.model = self.model.unload()
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self._params)
+
+    # --- adapter exchange -------------------------------------------------------------
+
+    def _weight(self, name: str) -> torch.Tensor:
+        module, factor = name.rsplit(".", 1)  # factor is "lora_A" or "lora_B"
+        return getattr(self._layers[module], factor)[_ADAPTER].weight
+
+    def set_adapter(self, tensors: dict[str, np.ndarray]) -> None:
+        """Load the fleet's factors into the model (copied; the arrays are not kept)."""
+        problem = check_tensors(tensors, self.shapes)
+        if problem:
+            raise ValueError(f"adapter does not fit {self.loaded.name} with {self.spec}: {problem}")
+        with torch.no_grad():
+            for name, array in tensors.items():
+                self._weight(name).copy_(torch.from_numpy(np.array(as_float32(array), dtype=np.float32)))  # (a copy: wire arrays are read-only)
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        """The current factors as float32 arrays the caller owns."""
+        with torch.no_grad():
+            return {name: self._weight(name).detach().cpu().numpy().astype(np.float32, copy=True) for name in self.shapes}
+
+    # --- training and evaluation ------------------------------------------------------
+
+    def _forward(self, batch: np.ndarray, labels: bool) -> Any:
+        ids = torch.as_tensor(np.asarray(batch, dtype=np.int64))  # (B, T)
+        if ids.ndim != 2:
+            raise ValueError(f"token batches must have shape (B, T), got {tuple(ids.shape)}")
+        # explicit mask and positions: the ONNX trainer feeds the same inputs
+        mask = torch.ones_like(ids)
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        return self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, labels=ids if labels else None
+        )
+
+    def train(
+        self,
+        batches: Iterator[np.ndarray],
+        settings: TrainSettings,
+        on_step: Callable[[int, int, float], None] | None = None,
+    ) -> TrainResult:
+        """``settings.local_steps`` AdamW steps over the LoRA factors, each averaging the
+        gradients of ``settings.grad_accum`` micro-batches. The optimizer is new every call:
+        after a federated round its moments describe factors that no longer exist.
+
+        Stops early (with a warning) if ``batches`` runs out; raises if not one step was made.
+        """
+        optimizer = torch.optim.AdamW(
+            self._params, lr=settings.learning_rate, weight_decay=settings.weight_decay
+        )
+        total = settings.local_steps
+        losses: list[float] = []
+        tokens = 0
+        started = time.perf_counter()
+        batches = iter(batches)
+        # fork_rng: dropout is reproducible from the seed without touching the caller's RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            self.model.train()
+            try:
+                for step in range(1, total + 1):
+                    micro = list(itertools.islice(batches, settings.grad_accum))
+                    if len(micro) < settings.grad_accum:
+                        log.warning("training data ran out after %d of %d steps", step - 1, total)
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss = 0.0
+                    for batch in micro:
+                        loss = self._forward(batch, labels=True).loss
+                        (loss / settings.grad_accum).backward()
+                        step_loss += loss.item() / settings.grad_accum
+                        tokens += int(np.asarray(batch).size)
+                    if settings.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(self._params, settings.max_grad_norm)
+                    optimizer.step()
+                    losses.append(step_loss)
+                    if on_step is not None:
+                        on_step(step, total, step_loss)
+            finally:
+                optimizer.zero_grad(set_to_none=True)
+                self.model.eval()
+        if not losses:
+            raise ValueError("no training step was made: the batch iterator yielded too few batches")
+        seconds = time.perf_counter() - started
+        result = TrainResult(
+            mean_loss=float(np.mean(losses)), final_loss=losses[-1], tokens=tokens, seconds=seconds, steps=len(losses)
+        )
+        log.info(
+            "trained %d steps in %.2f s: loss %.4f -> %.4f (%d tokens)",
+            result.steps, seconds, losses[0], result.final_loss, tokens,
+        )
+        return result
+
+    @torch.no_grad()
+    def perplexity(self, blocks: np.ndarray, batch_size: int = 8) -> float:
+        """exp of the mean next-token NLL over all predicted tokens of ``blocks`` (N, T),
+        with the current adapter."""
+        blocks = np.asarray(blocks, dtype=np.int64)
+        if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+            raise ValueError(f"perplexity needs blocks of shape (N ≥ 1, T ≥ 2), got {blocks.shape}")
+        self.model.eval()
+        nll, count = 0.0, 0
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start:start + batch_size]
+            logits = self._forward(batch, labels=False).logits[:, :-1]  # (B, T-1, V)
+            targets = torch.from_numpy(batch[:, 1:])
+            nll += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+            ).item()
+            count += targets.numel()
+        return math.exp(nll / count)

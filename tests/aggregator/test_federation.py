@@ -1,0 +1,257 @@
+"""Whole federations: a daemon and devices with a tiny Llama, in memory and over real brokers.
+
+The test watches the broker itself and recomputes every global adapter from the updates it
+saw there, so the daemon's merge is checked against an independent computation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import defaultdict
+
+import msgpack
+import numpy as np
+import pytest
+
+from edgetune.data import generate_device_texts, split_heldout
+from edgetune.device import Device, DeviceConfig
+from edgetune.models import load_model
+from edgetune.transport import open_transport
+from edgetune.transport.channel import Channel
+from edgetune.workload import Workload
+from edgetune.wire import (
+    SCHEMA_VERSION,
+    GlobalAdapter,
+    LoraSpec,
+    RoundTask,
+    Topics,
+    TrainMetrics,
+    TrainSettings,
+    Update,
+    encode_message,
+)
+from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
+from edgetune_aggregator.store import StateStore
+
+SPEC = LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
+TRAIN = TrainSettings(local_steps=2, batch_size=2, seq_len=32, learning_rate=1e-2)
+
+
+def workload(index: int, records: int = 40) -> Workload:
+    texts = generate_device_texts(index, records)
+    train, heldout = split_heldout(texts, 0.25, seed=index)
+    return Workload(load_model("tiny-llama"), train, heldout, threads=1)
+
+
+class Observer:
+    """A bystander on the broker that records every update and global adapter it sees."""
+
+    def __init__(self, url: str, fleet: str):
+        self.topics = Topics(fleet)
+        self.transport = open_transport(url, client_id=f"observer-{uuid.uuid4().hex[:6]}", connect_timeout=10)
+        self.transport.connect()
+        channel = Channel(self.transport, self.topics.sender_of)
+        self.updates: dict[int, list[Update]] = defaultdict(list)
+        self.globals: dict[int, GlobalAdapter] = {}
+        self.tasks: list[RoundTask] = []
+        self.task_seen = threading.Condition()
+        channel.subscribe(self.topics.all_devices("update"), self._on)
+        channel.subscribe(self.topics.global_adapter + "/+", self._on)
+        channel.subscribe(self.topics.task, self._on)
+
+    def _on(self, topic, message) -> None:
+        if isinstance(message, Update):
+            self.updates[message.round].append(message)
+        elif isinstance(message, GlobalAdapter):
+            self.globals[message.version] = message
+        elif isinstance(message, RoundTask):
+            with self.task_seen:
+                self.tasks.append(message)
+                self.task_seen.notify_all()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def wait_task(self, round_number: int, timeout: float = 60) -> None:
+        with self.task_seen:
+            assert self.task_seen.wait_for(lambda: any(t.round == round_number for t in self.tasks), timeout)
+
+
+def fleet_config(tmp_path, fleet: str, **overrides) -> AggregatorConfig:
+    fields = dict(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=3, round_timeout_s=120,
+                  join_timeout_s=60, adapter=SPEC, train=TRAIN)
+    fields.update(overrides)
+    return AggregatorConfig(**fields)
+
+
+def start_aggregator(url: str, config: AggregatorConfig, **kwargs) -> tuple[Aggregator, threading.Thread]:
+    aggregator = Aggregator(config, open_transport(url, client_id=f"agg-{config.fleet}", connect_timeout=10), **kwargs)
+    thread = threading.Thread(target=aggregator.serve, daemon=True)
+    thread.start()
+    return aggregator, thread
+
+
+def join_device(url: str, fleet: str, index: int, start: bool = True) -> Device:
+    device_id = f"dev-{index}"
+    transport = open_transport(url, client_id=f"{fleet}-{device_id}", connect_timeout=10)
+    device = Device(DeviceConfig(fleet, device_id), transport, workload(index))
+    device.connect()
+    return device.start() if start else device
+
+
+def expected_fedavg(previous: GlobalAdapter, updates: list[Update]) -> dict[str, np.ndarray]:
+    """FedAvg recomputed here, independently of the strategy module."""
+    total = sum(u.num_samples for u in updates)
+    return {
+        name: previous.tensors[name].astype(np.float64)
+        + sum(u.num_samples * u.delta[name].astype(np.float64) for u in updates) / total
+        for name in previous.tensors
+    }
+
+
+def check_rounds(store: StateStore, observer: Observer, rounds: int, devices: int) -> None:
+    for r in range(1, rounds + 1):
+        seen = observer.updates[r]
+        assert len(seen) == devices, f"round {r}: saw {len(seen)} updates"
+        previous, merged = store.load_global(r - 1), store.load_global(r)
+        assert all(u.base_version == r - 1 for u in seen)
+        expected = expected_fedavg(previous, seen)
+        for name, value in expected.items():
+            np.testing.assert_allclose(merged.tensors[name], value, rtol=1e-5, atol=1e-7)
+            # what was published on the broker is what was written to disk
+            np.testing.assert_array_equal(observer.globals[r].tensors[name], merged.tensors[name])
+        assert any(not np.allclose(merged.tensors[n], previous.tensors[n]) for n in previous.tensors)
+
+
+def run_federation(url: str, tmp_path, fleet: str):
+    observer = Observer(url, fleet)
+    aggregator, thread = start_aggregator(url, fleet_config(tmp_path, fleet))
+    devices = [join_device(url, fleet, i) for i in range(3)]
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the aggregator did not finish its rounds"
+    for device in devices:
+        assert device.finished.wait(30)
+        device.stop()
+    observer.close()
+    return aggregator, observer, devices
+
+
+def test_federation_in_memory(tmp_path):
+    fleet = f"mem-{uuid.uuid4().hex[:8]}"
+    aggregator, observer, devices = run_federation(f"memory://{fleet}", tmp_path, fleet)
+    store = aggregator.store
+    check_rounds(store, observer, rounds=2, devices=3)
+    log = store.rounds()
+    assert [(r["round"], r["kind"], r["status"]) for r in log] == [
+        (1, "train", "aggregated"), (2, "train", "aggregated"), (3, "evaluate", "evaluated")]
+    assert all(d["global_ppl"] > 1 and d["local_ppl"] > 1 and d["bytes_sent"] > 0 for d in log[0]["devices"])
+    assert {d.config.device_id: d.rounds_done for d in devices} == {f"dev-{i}": [1, 2] for i in range(3)}
+    assert all(d.current_adapter.version == 2 for d in devices)
+    assert (tmp_path / "state" / "adapter" / "adapter_model.safetensors").exists()
+    assert not aggregator.drops
+
+
+@pytest.mark.slow
+def test_federation_over_real_brokers(broker_url, tmp_path):
+    fleet = f"mqtt-{uuid.uuid4().hex[:8]}"
+    aggregator, observer, _ = run_federation(broker_url, tmp_path, fleet)
+    check_rounds(aggregator.store, observer, rounds=2, devices=3)
+    assert not aggregator.drops
+
+
+def test_device_joining_late_gets_the_retained_global_adapter(broker_url, tmp_path):
+    """dev-1 leaves after round 1; dev-2 connects only then, and round 2 cannot close
+    without it, so it must have picked up global v1 and the round-2 task from the broker."""
+    fleet = f"late-{uuid.uuid4().hex[:8]}"
+    late: list[Device] = []
+    devices: list[Device] = []
+
+    def after_round(record) -> None:
+        if record.round == 1:
+            devices[1].stop()  # its presence goes offline before round 2 opens
+            late.append(join_device(broker_url, fleet, 2))
+
+    observer = Observer(broker_url, fleet)
+    config = fleet_config(tmp_path, fleet, min_devices=2, evaluate_final=False)
+    aggregator, thread = start_aggregator(broker_url, config, on_round=after_round)
+    devices.extend(join_device(broker_url, fleet, i) for i in range(2))
+    thread.join(timeout=240)
+    assert not thread.is_alive()
+    assert late and late[0].rounds_done == [2]
+    assert late[0].current_adapter.version == 2
+    round2 = {u.device_id: u for u in observer.updates[2]}
+    assert set(round2) == {"dev-0", "dev-2"} and round2["dev-2"].base_version == 1
+    check_rounds(aggregator.store, observer, rounds=2, devices=2)
+    for device in devices + late:
+        device.stop()
+    observer.close()
+
+
+def _bad_update(device_id: str, round_number: int, shapes: dict, **overrides) -> bytes:
+    delta = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    fields = dict(device_id=device_id, round=round_number, base_version=0, num_samples=5, delta=delta,
+                  metrics=TrainMetrics(1.0, 1, 1.0, 1.0, 1.0))
+    fields.update(overrides)
+    return encode_message(Update(**fields))
+
+
+def test_bad_input_is_logged_counted_and_dropped(broker_url, tmp_path, caplog):
+    fleet = f"bad-{uuid.uuid4().hex[:8]}"
+    observer = Observer(broker_url, fleet)
+    config = fleet_config(tmp_path, fleet, rounds=1, min_devices=2, evaluate_final=False)
+    # devices connect (hello) but only start working once the bad input is in
+    devices = [join_device(broker_url, fleet, i, start=False) for i in range(2)]
+    caplog.set_level(logging.WARNING, logger="edgetune.transport.channel")
+    aggregator, thread = start_aggregator(broker_url, config)
+    observer.wait_task(1)
+    topics, shapes = Topics(fleet), {n: a.shape for n, a in observer.globals[0].tensors.items()}
+    wrong_shape = {n: s for n, s in shapes.items()}
+    first = sorted(wrong_shape)[0]
+    wrong_shape[first] = (wrong_shape[first][0] + 1, wrong_shape[first][1])
+    nan = {n: s for n, s in shapes.items()}
+    newer = msgpack.packb({"v": SCHEMA_VERSION + 1, "kind": "update", "body": {}})
+    injected = [
+        ("dev-0", b"\x00garbage\xff"),
+        ("dev-0", newer),
+        ("dev-0", _bad_update("dev-0", 1, wrong_shape)),
+        ("dev-1", _bad_update("dev-1", 7, shapes)),
+        ("mallory", _bad_update("mallory", 1, shapes)),
+        ("dev-1", _bad_update("dev-0", 1, shapes)),
+    ]
+    for device_id, payload in injected:
+        observer.transport.publish(topics.update(device_id), payload)
+    nan_update = Update("dev-1", 1, 0, 5, {n: np.full(s, np.nan, np.float32) for n, s in nan.items()},
+                        TrainMetrics(1.0, 1, 1.0, 1.0, 1.0))
+    observer.transport.publish(topics.update("dev-1"), encode_message(nan_update))
+    observer.transport.flush()
+    expected = {"bad_msgpack": 1, "schema_version": 1, "bad_tensor": 2, "unknown_round": 1,
+                "unknown_device": 1, "sender_mismatch": 1}
+    deadline = threading.Event()
+    for _ in range(200):
+        if dict(aggregator.drops) == expected:
+            break
+        deadline.wait(0.05)
+    assert dict(aggregator.drops) == expected
+    # the observer decodes the five well-formed injected updates too: forget them
+    for _ in range(200):
+        if sum(map(len, observer.updates.values())) == 5:
+            break
+        deadline.wait(0.05)
+    observer.updates.clear()
+    for device in devices:
+        device.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    # the round completed with the two valid updates, and only with them
+    (record,) = aggregator.store.rounds()
+    assert record["status"] == "aggregated" and {d["device_id"] for d in record["devices"]} == {"dev-0", "dev-1"}
+    assert record["dropped"] == expected
+    check_rounds(aggregator.store, observer, rounds=1, devices=2)
+    text = caplog.text
+    assert "dropped message from dev-0" in text and "bad_msgpack" in text and "schema_version" in text
+    assert "dropped message from mallory" in text and "unknown_device" in text
+    for device in devices:
+        device.stop()
+    observer.close()
