@@ -205,6 +205,7 @@ class Aggregator:
         record = RoundRecord(number, kind.value, self.state.global_version, started_at=time.time())
         merge = FedAvg(self.global_adapter.tensors) if kind is TaskKind.TRAIN else None
         drops_before = Counter(self.channel.drops)
+        bytes_before = Counter(self.channel.bytes_from)
         round_ctx = _Round(number, kind, record, merge)
         self._publish_task(number, kind)
         log.info("round %d (%s) open on global v%d; %d device(s) online",
@@ -218,6 +219,11 @@ class Aggregator:
             self._handle_next(round_ctx, timeout=min(left, 0.5))
         record.duration_s = time.monotonic() - start
         record.dropped = dict(Counter(self.channel.drops) - drops_before)
+        # What each device sent in this round, as measured here (its own report can only
+        # count what it sent before the update that carries the report).
+        sent = Counter(self.channel.bytes_from) - bytes_before
+        for device in record.devices:
+            device.bytes_sent = sent[device.device_id]
         self._close_round(round_ctx)
         return record
 

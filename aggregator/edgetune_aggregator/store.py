@@ -35,7 +35,9 @@ class DeviceRecord:
     global_ppl: float | None = None
     train_tokens: int = 0
     train_seconds: float = 0.0
+    #: payload bytes the aggregator received from the device during the round
     bytes_sent: int = 0
+    #: payload bytes the device received since its previous report (task, global adapter)
     bytes_received: int = 0
 
 

@@ -37,6 +37,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if (out / "state").exists():
         raise ValueError(f"{out} holds an earlier demo run: remove it or pass --out elsewhere")
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    _log_to_file(out / "logs" / "demo.log")
     if args.data:
         files = discover_device_files(args.data)
     else:
@@ -74,6 +75,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     def on_round(record) -> None:
         with bars_lock:
+            for bar in bars.values():
+                bar.close()
+            bars.clear()
             tqdm.write(format_round(record))
 
     aggregator = Aggregator(config, open_transport(url, client_id="edgetune-demo-aggregator"), on_round=on_round)
@@ -95,8 +99,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 bar = bars[key] = tqdm(total=progress.total_steps, desc=f"{key} round {progress.round}",
                                        position=sorted(files).index(key) if key in files else 0,
                                        leave=False, unit="step")
-            bar.n = progress.step
-            bar.set_postfix(loss=f"{progress.loss:.3f}", refresh=True)
+            bar.update(progress.step - bar.n)
+            bar.set_postfix(loss=f"{progress.loss:.3f}")
 
     Channel(watcher, topics.sender_of).subscribe(topics.all_devices("progress"), on_progress, qos=0)
 
@@ -143,6 +147,18 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"round log: {out / 'state' / 'rounds.json'}; total {time.monotonic() - t0:.0f} s")
     print(f"load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{adapter_dir}')")
     return 0
+
+
+def _log_to_file(path: Path) -> None:
+    """Details go to the log file; the console keeps the progress bars, tables and warnings."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file_handler)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def format_round(record) -> str:

@@ -112,7 +112,7 @@ def load_model(ref: str | None = None, cache_dir: Path | None = None) -> LoadedM
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, cache_dir)
     if path.is_dir():
-        return _load_folder(path, path.name)
+        return _load_folder(path, _folder_name(path))
     if path.exists():
         raise ModelError(f"{ref} is neither a .gguf file nor a model folder: pass one of those")
     raise ModelError(
@@ -136,14 +136,14 @@ def prepare_model(ref: str | None = None, cache_dir: Path | None = None) -> tupl
             raise ModelError(f"cannot read {gguf}: {e.strerror}; check the path and its permissions") from e
         if not (folder / "config.json").is_file():
             _convert_gguf(gguf, folder)
-        return str(folder), gguf.stem
+        return str(folder), _folder_name(folder)
     if ref.split(":", 1)[0] in TINY_MODELS:
         return ref, ref
     path = Path(ref).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(f"model {ref!r} not found: pass a .gguf file, a Hugging Face model folder, "
                          f"'default', or one of {', '.join(TINY_MODELS)}")
-    return str(path), path.name
+    return str(path), _folder_name(path)
 
 
 def default_targets(loaded: LoadedModel) -> tuple[str, ...]:
@@ -219,7 +219,7 @@ def _load_gguf(gguf: Path, cache_dir: Path | None) -> LoadedModel:
         _convert_gguf(gguf, folder)
     else:
         log.info("model %s: using cached conversion %s", gguf.name, folder)
-    return _load_folder(folder, gguf.stem)
+    return _load_folder(folder, _folder_name(folder))
 
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:
@@ -244,6 +244,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         _fix_special_tokens(tokenizer, gguf)
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
+        # the folder is named by a hash: remember what it was made from, for people and logs
+        (tmp / _SOURCE_FILE).write_text(json.dumps({"name": gguf.stem, "gguf": str(gguf)}))
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -273,6 +275,17 @@ def _fix_special_tokens(tokenizer: Any, gguf: Path) -> None:
     add_bos = value("tokenizer.ggml.add_bos_token")
     if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
         tokenizer.add_bos_token = bool(add_bos)
+
+
+_SOURCE_FILE = "edgetune-source.json"
+
+
+def _folder_name(folder: Path) -> str:
+    """A converted GGUF folder keeps its source's name; any other folder is named as itself."""
+    try:
+        return json.loads((folder / _SOURCE_FILE).read_text())["name"]
+    except (OSError, ValueError, KeyError):
+        return folder.name
 
 
 def _load_folder(folder: Path, name: str) -> LoadedModel:

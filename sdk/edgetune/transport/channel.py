@@ -36,6 +36,8 @@ class Channel:
         self.sender_of = sender_of
         self.max_packet = max_packet
         self.drops: Counter[str] = Counter()
+        #: payload bytes received per sender (whole MQTT payloads, valid or not)
+        self.bytes_from: Counter[str] = Counter()
         self._reassembler = Reassembler()
         self._lock = threading.Lock()  # the reassembler is fed from the network thread(s)
 
@@ -67,6 +69,7 @@ class Channel:
             if not payload:
                 return  # a cleared retained topic
             sender = self.sender_of(topic) or topic
+            self.bytes_from[sender] += len(payload)
             try:
                 with self._lock:
                     message = decode_frame(self._reassembler, sender, payload)

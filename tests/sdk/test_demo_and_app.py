@@ -1,0 +1,106 @@
+"""The user-facing entry points, run as a user runs them: as processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgetune.data import write_demo_data
+from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
+from edgetune.transport import open_transport
+from edgetune.wire import LoraSpec, TrainSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_writes_a_peft_adapter(tmp_path):
+    out = tmp_path / "demo"
+    result = run("-m", "edgetune", "demo", "--model", "tiny-llama", "--devices", "2", "--rounds", "2",
+                 "--steps", "2", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for expected in ("round 1 (train) aggregated", "round 2 (train) aggregated", "round 3 (evaluate) evaluated",
+                     "line-1", "line-2", "ppl global->local", "global adapter (PEFT format)"):
+        assert expected in result.stdout, expected
+    rounds = json.loads((out / "state" / "rounds.json").read_text())
+    assert [r["status"] for r in rounds] == ["aggregated", "aggregated", "evaluated"]
+    assert all(d["bytes_sent"] > 0 and d["bytes_received"] > 0 for d in rounds[0]["devices"])
+
+    # the adapter loads with PEFT on a fresh base and changes the model's output
+    from peft import PeftModel
+
+    from edgetune.models import load_model
+
+    base = load_model("tiny-llama").model
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    before = base(input_ids=ids).logits
+    model = PeftModel.from_pretrained(base, str(out / "state" / "adapter"))
+    after = model(input_ids=ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_demo_refuses_to_overwrite_an_earlier_run(tmp_path):
+    (tmp_path / "state").mkdir()
+    result = run("-m", "edgetune", "demo", "--model", "tiny-llama", "--out", str(tmp_path))
+    assert result.returncode == 2 and "earlier demo run" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--broker", "http://x:1"], "scheme 'http'"),
+        (["--broker", "mqtt://127.0.0.1:1", "--connect-timeout", "2"], "unreachable"),
+        (["--broker", "mqtt://127.0.0.1:1", "--model", "/nonexistent/model.gguf"], "not found"),
+        (["--broker", "mqtt://127.0.0.1:1", "--data", "/nonexistent.txt"], "file not found"),
+    ],
+)
+def test_device_cli_errors_are_one_line(tmp_path, args, message):
+    data = tmp_path / "d.txt"
+    data.write_text("one record\nanother record\nand a third\n")
+    base = {"--broker": "memory://x", "--fleet": "f", "--device-id": "d", "--data": str(data), "--model": "tiny-llama"}
+    for key, value in zip(args[::2], args[1::2]):
+        base[key] = value
+    argv = [item for pair in base.items() for item in pair]
+    result = run("-m", "edgetune", "device", "run", *argv, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("edgetune: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_aggregator_cli_errors_are_one_line(tmp_path):
+    result = run("-m", "edgetune_aggregator", "serve", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f",
+                 "--state-dir", str(tmp_path), "--connect-timeout", "2", timeout=60)
+    assert result.returncode == 2 and "unreachable" in result.stderr and "Traceback" not in result.stderr
+    result = run("-m", "edgetune_aggregator", "serve", "--broker", "mqtt://h", "--fleet", "bad/name",
+                 "--state-dir", str(tmp_path), timeout=60)
+    assert result.returncode == 2 and "fleet name" in result.stderr
+
+
+def test_minimal_app_joins_a_fleet_over_mosquitto(mosquitto_url, tmp_path):
+    app = ROOT / "firmware_examples" / "minimal_app" / "app.py"
+    assert len(app.read_text().splitlines()) < 40
+    (data,) = write_demo_data(tmp_path / "data", 1, n_records=40)
+    fleet = f"app-{uuid.uuid4().hex[:6]}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1,
+                              round_timeout_s=120, join_timeout_s=120,
+                              adapter=LoraSpec(rank=2, target_modules=("q_proj",)),
+                              train=TrainSettings(local_steps=1, batch_size=2, seq_len=32))
+    aggregator = Aggregator(config, open_transport(mosquitto_url, client_id="agg", connect_timeout=10))
+    thread = threading.Thread(target=aggregator.serve, daemon=True)
+    thread.start()
+    result = run(str(app), mosquitto_url, fleet, "line-1", str(data), "tiny-llama", timeout=180)
+    thread.join(timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "line-1: global adapter v1" in result.stdout
