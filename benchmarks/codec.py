@@ -90,14 +90,14 @@ def main() -> None:
     print(f"LoRA r=8 q,v delta of SmolLM2-135M: {values:,} float32 values ({megabytes:.2f} MB), "
           f"{len(delta)} tensors, median of {args.repeat}")
     if args.markdown:
-        print("\n| codec (encode + decode) | MB/s | edgetune speed relative |\n|---|---:|---:|")
+        print("\n| codec (encode + decode) | MB/s | edgetune's speed ÷ this one's |\n|---|---:|---:|")
     for name, seconds in results.items():
         rate = megabytes / seconds
         ratio = seconds / ours_s
         if args.markdown:
             print(f"| {name} | {rate:,.0f} | {ratio:.2f}× |")
         else:
-            print(f"{name:<20} {rate:10,.0f} MB/s   edgetune is {ratio:5.2f}× its speed")
+            print(f"{name:<20} {rate:10,.0f} MB/s   edgetune's speed ÷ this one's: {ratio:5.2f}")
 
 
 if __name__ == "__main__":

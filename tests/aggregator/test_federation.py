@@ -255,3 +255,52 @@ def test_bad_input_is_logged_counted_and_dropped(broker_url, tmp_path, caplog):
     for device in devices:
         device.stop()
     observer.close()
+
+
+
+def _wait(predicate, timeout: float = 30) -> bool:
+    event = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return True
+        event.wait(0.05)
+    return predicate()
+
+
+def test_last_will_marks_a_vanished_device_offline(tmp_path, caplog):
+    fleet = f"will-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    caplog.set_level(logging.INFO, logger="edgetune_aggregator.daemon")
+    aggregator, thread = start_aggregator(url, fleet_config(tmp_path, fleet, min_devices=2))
+    device = join_device(url, fleet, 0, start=False)
+    assert _wait(lambda: "dev-0" in aggregator.online)
+    device.transport.crash()  # power cut: no goodbye, the broker publishes the will
+    assert _wait(lambda: "dev-0" not in aggregator.online)
+    aggregator.stop()
+    thread.join(timeout=10)
+    assert "device dev-0 is offline" in caplog.text
+
+
+def test_daemon_resumes_from_its_state_dir(tmp_path, caplog):
+    fleet = f"resume-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    caplog.set_level(logging.INFO, logger="edgetune_aggregator.daemon")
+    config = fleet_config(tmp_path, fleet, rounds=1, min_devices=1, evaluate_final=False)
+    aggregator, thread = start_aggregator(url, config)
+    first = join_device(url, fleet, 0)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and aggregator.state.global_version == 1
+    first.stop()
+    # a new daemon on the same state dir, asked for 2 rounds, runs round 2 from global v1
+    observer = Observer(url, fleet)
+    aggregator, thread = start_aggregator(url, fleet_config(tmp_path, fleet, rounds=2, min_devices=1,
+                                                                evaluate_final=False))
+    second = join_device(url, fleet, 1)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert "resuming fleet" in caplog.text
+    assert [(u.device_id, u.base_version) for u in observer.updates[2]] == [("dev-1", 1)]
+    assert [r["round"] for r in aggregator.store.rounds()] == [1, 2]
+    assert aggregator.state.global_version == 2
+    second.stop()
+    observer.close()
