@@ -66,12 +66,14 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=5)
 
 
-def _start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start Mosquitto on a free loopback port; its log goes to ``workdir/mosquitto.log``."""
+def _start_mosquitto(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """Start Mosquitto on ``port`` (default: a free loopback port); its log goes to
+    ``workdir/mosquitto.log``."""
     binary = _mosquitto_binary()
     config_path, log_path = workdir / "mosquitto.conf", workdir / "mosquitto.log"
+    fixed = port
     for _ in range(_MOSQUITTO_START_ATTEMPTS):
-        port = _free_port()
+        port = fixed or _free_port()
         config_path.write_text(
             f"listener {port} {_HOST}\n"
             "allow_anonymous true\n"
@@ -102,6 +104,26 @@ def mosquitto_url(tmp_path: Path) -> Iterator[str]:
         yield f"mqtt://{_HOST}:{port}"
     finally:
         _stop_process(process)
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Iterator:
+    """``start(port=None) -> (url, stop)``: Mosquitto processes a test starts and stops itself
+    (broker outages, restarts on the same port). All are stopped at teardown."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int | None = None):
+        process, port = _start_mosquitto(tmp_path, port)
+        processes.append(process)
+        return f"mqtt://{_HOST}:{port}", lambda: _stop_process(process)
+
+    yield start
+    for process in processes:
+        _stop_process(process)
+
+
+def free_port() -> int:
+    return _free_port()
 
 
 @pytest.fixture

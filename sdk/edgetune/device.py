@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .adapters.lora import as_float32
-from .transport import Transport, Will, open_transport
+from .transport import Transport, TransportError, Will, open_transport
 from .transport.channel import Channel
 from .wire import (
     DEFAULT_MAX_PACKET,
@@ -216,7 +216,7 @@ class Device:
         metrics = TrainMetrics(result.mean_loss, result.tokens, result.seconds, local_ppl, global_ppl, sent, received)
         update = Update(me, task.round, adapter.version, self.workload.num_samples, delta, metrics)
         size = self.channel.send(self.topics.update(me), update)
-        self.transport.flush()
+        self._flush()
         self.rounds_done.append(task.round)
         log.info("%s: round %d loss %.3f, held-out ppl %.2f -> %.2f, sent %d bytes",
                  me, task.round, result.mean_loss, global_ppl, local_ppl, size)
@@ -230,8 +230,14 @@ class Device:
         report = EvalReport(me, task.round, self.global_adapter.version, self.workload.num_samples,
                             EvalMetrics(ppl, int(heldout.size)))
         self.channel.send(self.topics.eval(me), report)
-        self.transport.flush()
+        self._flush()
         log.info("%s: global adapter v%d held-out ppl %.2f", me, self.global_adapter.version, ppl)
+
+    def _flush(self) -> None:
+        try:
+            self.transport.flush(timeout=60.0)
+        except TransportError as exc:  # not lost: the MQTT client resends after reconnecting
+            log.warning("%s: %s", self.config.device_id, exc)
 
     def _report_error(self, task: RoundTask, code: str, message: str) -> None:
         me = self.config.device_id

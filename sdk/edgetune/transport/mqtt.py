@@ -40,11 +40,12 @@ class MqttTransport(Transport):
         self.keepalive = keepalive
         self.stats = TransportStats()
         self._subs: dict[str, tuple[int, Handler]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # paho may call on_publish from inside publish()
         self._connected = threading.Event()
         self._refused: str | None = None
         self._attempts = 0
-        self._unacked: list = []
+        self._unacked: set[int] = set()  # message ids of QoS ≥ 1 publishes not yet acknowledged
+        self._acked = threading.Condition(self._lock)
         version = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}.get(protocol)
         if version is None:
             raise TransportError(f"MQTT protocol {protocol!r} unsupported; use '3.1.1' or '5'")
@@ -61,6 +62,7 @@ class MqttTransport(Transport):
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_unmatched
+        self._client.on_publish = self._on_publish
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -127,21 +129,25 @@ class MqttTransport(Transport):
             if reason_code.is_failure or reason_code.value != 0:
                 log.warning("lost connection to %s (%s); reconnecting", self.broker, reason_code)
 
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._acked:
+            self._unacked.discard(mid)
+            self._acked.notify_all()
+
     def _on_unmatched(self, client, userdata, message) -> None:
         log.debug("message on %s matched no handler", message.topic)
 
     # --- messaging --------------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (self._paho.MQTT_ERR_SUCCESS, self._paho.MQTT_ERR_NO_CONN):
-            raise TransportError(f"publish to {topic} failed: {self._paho.error_string(info.rc)}")
-        # MQTT_ERR_NO_CONN: paho keeps QoS ≥ 1 messages and sends them after reconnecting.
+        with self._lock:  # (held so the PUBACK cannot be handled before the mid is recorded)
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc not in (self._paho.MQTT_ERR_SUCCESS, self._paho.MQTT_ERR_NO_CONN):
+                raise TransportError(f"publish to {topic} failed: {self._paho.error_string(info.rc)}")
+            # MQTT_ERR_NO_CONN: paho keeps QoS ≥ 1 messages and sends them after reconnecting.
+            if qos > 0:
+                self._unacked.add(info.mid)
         self.stats.sent(len(payload))
-        if qos > 0:
-            with self._lock:
-                self._unacked = [i for i in self._unacked if not i.is_published()]
-                self._unacked.append(info)
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         def on_message(client, userdata, message) -> None:
@@ -158,16 +164,12 @@ class MqttTransport(Transport):
             self._client.subscribe(topic_filter, qos=qos)
 
     def flush(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            pending = list(self._unacked)
-        for info in pending:
-            left = deadline - time.monotonic()
-            try:
-                info.wait_for_publish(timeout=max(left, 0.0))
-            except (ValueError, RuntimeError) as exc:
-                raise TransportError(f"message not delivered: {exc}") from None
-            if not info.is_published():
-                raise TransportError(f"{len(pending)} messages still unacknowledged after {timeout} s")
-        with self._lock:
-            self._unacked = [i for i in self._unacked if not i.is_published()]
+        # Acknowledgements are tracked through on_publish: paho's own wait_for_publish() and
+        # is_published() raise for a message published while disconnected, which it still
+        # holds and sends after reconnecting.
+        with self._acked:
+            if not self._acked.wait_for(lambda: not self._unacked, timeout):
+                raise TransportError(
+                    f"{len(self._unacked)} message(s) not yet acknowledged by {self.broker} after "
+                    f"{timeout:.0f} s; paho keeps them and resends after reconnecting"
+                )

@@ -1,0 +1,64 @@
+"""The MQTT transport against a real Mosquitto that comes and goes."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from edgetune.transport import TransportError, open_transport
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_connect_retries_with_backoff_until_the_broker_appears(mosquitto_factory, caplog):
+    caplog.set_level(logging.WARNING, logger="edgetune.transport.mqtt")
+    port = _free_port()
+    transport = open_transport(f"mqtt://127.0.0.1:{port}", client_id="early", connect_timeout=30)
+    done = threading.Event()
+    threading.Thread(target=lambda: (transport.connect(), done.set()), daemon=True).start()
+    time.sleep(2.5)
+    assert not done.is_set()
+    mosquitto_factory(port)
+    assert done.wait(20), "did not connect once the broker was up"
+    attempts = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert 1 <= len(attempts) <= 4, "backoff should space the attempts out, not spin"
+    assert "attempt 1" in attempts[0].getMessage() and f"127.0.0.1:{port}" in attempts[0].getMessage()
+    transport.close()
+
+
+def test_connect_timeout_gives_a_clear_error():
+    transport = open_transport(f"mqtt://127.0.0.1:{_free_port()}", client_id="x", connect_timeout=1.5)
+    with pytest.raises(TransportError, match="unreachable after 2 s .* is the broker running"):
+        transport.connect()
+
+
+def test_subscriptions_and_queued_publishes_survive_a_broker_restart(mosquitto_factory):
+    url, stop = mosquitto_factory()
+    received: list[bytes] = []
+    got = threading.Event()
+    subscriber = open_transport(url, client_id="sub", connect_timeout=10)
+    subscriber.connect()
+    subscriber.subscribe("t/#", lambda topic, payload: (received.append(payload), got.set()))
+    publisher = open_transport(url, client_id="pub", connect_timeout=10)
+    publisher.connect()
+    stop()
+    time.sleep(0.5)
+    publisher.publish("t/queued", b"sent while the broker was down")  # paho keeps it
+    mosquitto_factory(int(url.rsplit(":", 1)[1]))  # the broker comes back on the same port
+    publisher.flush(timeout=30)  # resent after reconnecting, and acknowledged
+    # the subscriber renewed its subscription on reconnect: a new message reaches it
+    deadline = time.monotonic() + 30
+    while not got.is_set() and time.monotonic() < deadline:
+        publisher.publish("t/after", b"after the restart")
+        got.wait(0.5)
+    assert b"after the restart" in received
+    subscriber.close()
+    publisher.close()
