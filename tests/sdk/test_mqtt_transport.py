@@ -44,9 +44,15 @@ def test_subscriptions_and_queued_publishes_survive_a_broker_restart(mosquitto_f
     url, stop = mosquitto_factory()
     received: list[bytes] = []
     got = threading.Event()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        received.append(payload)
+        if payload == b"after the restart":
+            got.set()
+
     subscriber = open_transport(url, client_id="sub", connect_timeout=10)
     subscriber.connect()
-    subscriber.subscribe("t/#", lambda topic, payload: (received.append(payload), got.set()))
+    subscriber.subscribe("t/#", on_message)
     publisher = open_transport(url, client_id="pub", connect_timeout=10)
     publisher.connect()
     stop()
@@ -59,6 +65,6 @@ def test_subscriptions_and_queued_publishes_survive_a_broker_restart(mosquitto_f
     while not got.is_set() and time.monotonic() < deadline:
         publisher.publish("t/after", b"after the restart")
         got.wait(0.5)
-    assert b"after the restart" in received
+    assert got.is_set(), received
     subscriber.close()
     publisher.close()
