@@ -351,4 +351,17 @@ def manifest_of(model: torch.nn.Module, name: str) -> ModelManifest:
         sort_keys=True,
     )
     fingerprint = hashlib.sha256(canonical.encode()).hexdigest()[:16]
-    return ModelManifest(name=name, fingerprint=fingerprint, modules=modules)
+
+    def size(*keys: str) -> int:  # Llama and GPT-2 configs name the same sizes differently
+        return next((int(getattr(config, k)) for k in keys if getattr(config, k, None)), 0)
+
+    return ModelManifest(
+        name=name,
+        fingerprint=fingerprint,
+        modules=modules,
+        vocab_size=size("vocab_size"),
+        hidden_size=size("hidden_size", "n_embd"),
+        num_layers=size("num_hidden_layers", "n_layer"),
+        num_heads=size("num_attention_heads", "n_head"),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+    )

@@ -101,6 +101,44 @@ class ModelManifest:
     name: str
     fingerprint: str
     modules: dict[str, tuple[int, int]]
+    # Sizes the cost model needs beyond the linear layers (0: unknown, from an older SDK).
+    vocab_size: int = 0
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_parameters: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What a device can afford, measured by ``edgetune profile`` or taken from a datasheet.
+
+    The planner reads it to choose the device's adapter rank, base quantization and batch size.
+    ``memory_bytes`` is what training may use: the cgroup limit or available memory, less what
+    other processes hold, not the machine's total RAM.
+    """
+
+    name: str
+    memory_bytes: int
+    #: sustained dense matmul throughput per dtype ("float32", "bfloat16"), GFLOP/s
+    gflops: dict[str, float]
+    cores: int = 1
+    #: base-weight quantizations that work here besides float32 ("bfloat16", "int8", "nf4")
+    quantization: tuple[str, ...] = ()
+    uplink_mbps: float | None = None
+    #: where the figures come from: "measured <date> by edgetune profile" or a datasheet
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes <= 0:
+            raise ValueError(f"DeviceProfile.memory_bytes must be > 0, got {self.memory_bytes}")
+        if not self.gflops or any(v <= 0 for v in self.gflops.values()):
+            raise ValueError("DeviceProfile.gflops needs at least one dtype with a value > 0")
+        if self.cores < 1:
+            raise ValueError(f"DeviceProfile.cores must be ≥ 1, got {self.cores}")
+        unknown = set(self.quantization) - {"bfloat16", "int8", "nf4"}
+        if unknown:
+            raise ValueError(f"DeviceProfile.quantization has unknown {sorted(unknown)}; allowed: bfloat16, int8, nf4")
 
 
 @dataclass(frozen=True)
@@ -119,6 +157,7 @@ class Hello:
     model: ModelManifest
     capabilities: Capabilities = field(default_factory=Capabilities)
     num_samples: int = 0
+    profile: DeviceProfile | None = None
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")
@@ -212,6 +251,27 @@ class ErrorReport:
 # --- aggregator -> devices ------------------------------------------------------------------
 
 
+QUANTIZATIONS = ("float32", "bfloat16", "int8", "nf4")
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The configuration the planner chose for one device for a round."""
+
+    rank: int
+    quantization: str = "float32"
+    batch_size: int = 4
+    local_steps: int = 10
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"DevicePlan.quantization {self.quantization!r} not one of {', '.join(QUANTIZATIONS)}")
+        for name in ("rank", "batch_size", "local_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DevicePlan.{name} must be ≥ 1, got {getattr(self, name)}")
+
+
 class TaskKind(str, Enum):
     TRAIN = "train"
     EVALUATE = "evaluate"
@@ -229,6 +289,8 @@ class RoundTask:
     adapter: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSettings = field(default_factory=TrainSettings)
     deadline_s: float = 600.0
+    #: per-device configuration from the planner; a device not listed uses adapter/train
+    plans: dict[str, DevicePlan] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

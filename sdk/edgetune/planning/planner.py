@@ -1,0 +1,188 @@
+"""Choose each device's configuration: adapter rank, base quantization, batch size, gradient
+checkpointing and local steps, so the fleet trains as much as it can before the round's deadline
+without any device running out of memory.
+
+The formulation (``docs/planner.md`` has it in full): for device d and candidate configuration
+c, the cost model predicts peak memory m(d,c) and step time t(d,c). The device can take
+s(d,c) = min(S_max, ⌊(T − up(c)/bw_d) / t(d,c)⌋) steps before the deadline T, where up(c) is the
+size of its update. The useful training is u(d,c) = s·B·L·(r/r_max)^γ: tokens trained, worth
+slightly more at a higher rank (γ, default 0.1, says that data volume matters far more than
+rank). Then
+
+    maximise   Σ_d Σ_c u(d,c)·x(d,c)
+    subject to Σ_c x(d,c) ≤ 1                     (one configuration per device, or none)
+               m(d,c) ≤ α·M_d,  s(d,c) ≥ S_min     (only feasible pairs get a variable)
+               Σ_d Σ_c up(c)·x(d,c) ≤ U            (optional fleet uplink budget per round)
+               x(d,c) ∈ {0, 1}
+
+Without the uplink budget the devices are independent and the optimum is each device's best
+feasible candidate: exact enumeration. With it, the problem is a 0/1 knapsack over devices,
+solved exactly with ``scipy.optimize.milp`` (HiGHS branch and bound).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from ..wire.schema import QUANTIZATIONS, DevicePlan, DeviceProfile
+from .costmodel import Arch, Calibration, Config, estimate_memory, estimate_step_seconds, lora_parameters
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    deadline_s: float
+    seq_len: int = 128
+    ranks: tuple[int, ...] = (2, 4, 8, 16)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    quantizations: tuple[str, ...] = QUANTIZATIONS
+    checkpointing: tuple[bool, ...] = (False, True)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    min_local_steps: int = 1
+    max_local_steps: int = 50
+    #: plan to at most this share of a device's memory (the model errs by up to ~15 %)
+    memory_margin: float = 0.85
+    #: plan to at most this share of the deadline (aggregation, stragglers, evaluation)
+    time_margin: float = 0.8
+    rank_exponent: float = 0.1
+    #: fleet-wide bytes of updates per round; None: unlimited (devices plan independently)
+    uplink_budget_bytes: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.deadline_s <= 0:
+            raise ValueError(f"PlanOptions.deadline_s must be > 0, got {self.deadline_s}")
+        if not 0 < self.memory_margin <= 1 or not 0 < self.time_margin <= 1:
+            raise ValueError("PlanOptions.memory_margin and time_margin must be in (0, 1]")
+        unknown = set(self.quantizations) - set(QUANTIZATIONS)
+        if unknown:
+            raise ValueError(f"PlanOptions.quantizations has unknown {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    config: Config
+    local_steps: int
+    memory_bytes: float
+    step_s: float
+    upload_bytes: float
+    utility: float
+
+    @property
+    def tokens(self) -> int:
+        return self.local_steps * self.config.batch_size * self.config.seq_len
+
+    def plan(self) -> DevicePlan:
+        return self.config.plan(self.local_steps)
+
+
+@dataclass
+class FleetPlan:
+    chosen: dict[str, Candidate] = field(default_factory=dict)
+    #: device -> why it cannot take part
+    excluded: dict[str, str] = field(default_factory=dict)
+    method: str = "enumeration"
+
+    @property
+    def utility(self) -> float:
+        return sum(c.utility for c in self.chosen.values())
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.tokens for c in self.chosen.values())
+
+    def plans(self) -> dict[str, DevicePlan]:
+        return {device: c.plan() for device, c in self.chosen.items()}
+
+
+def candidates(arch: Arch, profile: DeviceProfile, options: PlanOptions, calibration: Calibration) -> tuple[list[Candidate], str]:
+    """Every feasible configuration for one device, and why none is if the list is empty."""
+    allowed = [q for q in options.quantizations if q == "float32" or q in profile.quantization]
+    budget = profile.memory_bytes * options.memory_margin
+    time_budget = options.deadline_s * options.time_margin
+    feasible: list[Candidate] = []
+    smallest_memory, fastest_step = math.inf, math.inf
+    r_max = max(options.ranks)
+    for rank, quantization, batch, checkpointing in itertools.product(
+        options.ranks, allowed, options.batch_sizes, options.checkpointing
+    ):
+        config = Config(rank, quantization, batch, options.seq_len, checkpointing, options.target_modules)
+        memory = estimate_memory(arch, config, calibration).total
+        step = estimate_step_seconds(arch, config, profile, calibration)
+        upload = lora_parameters(arch, config) * 4.0
+        upload_s = upload * 8 / (profile.uplink_mbps * 1e6) if profile.uplink_mbps else 0.0
+        smallest_memory = min(smallest_memory, memory)
+        if memory > budget:
+            continue
+        steps = min(options.max_local_steps, math.floor((time_budget - upload_s) / step))
+        fastest_step = min(fastest_step, step + upload_s)
+        if steps < options.min_local_steps:
+            continue
+        utility = steps * batch * options.seq_len * (rank / r_max) ** options.rank_exponent
+        feasible.append(Candidate(config, steps, memory, step, upload, utility))
+    if feasible:
+        return feasible, ""
+    if smallest_memory > budget:
+        return [], (f"needs at least {smallest_memory / 2**20:,.0f} MiB for the smallest configuration but may use "
+                    f"{budget / 2**20:,.0f} MiB ({options.memory_margin:.0%} of {profile.memory_bytes / 2**20:,.0f} MiB)")
+    return [], (f"{options.min_local_steps} step(s) take at least {fastest_step * options.min_local_steps:,.0f} s, "
+                f"over the {time_budget:,.0f} s the deadline leaves")
+
+
+def plan_fleet(
+    profiles: dict[str, DeviceProfile], arch: Arch, options: PlanOptions, calibration: Calibration | None = None
+) -> FleetPlan:
+    calibration = calibration or Calibration.load()
+    plan = FleetPlan()
+    options_by_device: dict[str, list[Candidate]] = {}
+    for device, profile in sorted(profiles.items()):
+        found, why = candidates(arch, profile, options, calibration)
+        if found:
+            options_by_device[device] = found
+        else:
+            plan.excluded[device] = why
+    if options.uplink_budget_bytes is None:
+        for device, found in options_by_device.items():
+            plan.chosen[device] = best(found)
+        return plan
+    plan.method = "milp"
+    plan.chosen, extra = _solve_with_budget(options_by_device, options.uplink_budget_bytes)
+    plan.excluded.update(extra)
+    return plan
+
+
+def best(found: list[Candidate]) -> Candidate:
+    """Highest utility; ties go to less memory, then to the faster step (deterministic)."""
+    return max(found, key=lambda c: (c.utility, -c.memory_bytes, -c.step_s, c.config.rank))
+
+
+def _solve_with_budget(options_by_device: dict[str, list[Candidate]], budget: float):
+    """The knapsack form: one binary per (device, rank) — for a rank, upload size is fixed, so
+    only each device's best candidate at that rank can be in an optimal plan."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    variables: list[tuple[str, Candidate]] = []
+    for device, found in options_by_device.items():
+        by_rank: dict[int, list[Candidate]] = {}
+        for c in found:
+            by_rank.setdefault(c.config.rank, []).append(c)
+        variables += [(device, best(group)) for group in by_rank.values()]
+    if not variables:
+        return {}, {}
+    devices = sorted(options_by_device)
+    utility = np.array([c.utility for _, c in variables])
+    one_each = np.array([[1.0 if d == device else 0.0 for d, _ in variables] for device in devices])
+    uplink = np.array([[c.upload_bytes for _, c in variables]])
+    result = milp(
+        c=-utility,
+        constraints=[LinearConstraint(one_each, 0, 1), LinearConstraint(uplink, 0, budget)],
+        integrality=np.ones(len(variables)),
+        bounds=Bounds(0, 1),
+    )
+    if not result.success:
+        raise RuntimeError(f"planner MILP failed: {result.message}")
+    chosen = {d: c for (d, c), x in zip(variables, result.x) if x > 0.5}
+    left_out = {d: f"left out to keep the fleet's updates within the uplink budget of {budget / 1e6:,.1f} MB per round"
+                for d in devices if d not in chosen}
+    return chosen, left_out

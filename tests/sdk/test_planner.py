@@ -1,0 +1,118 @@
+"""The cost model's structure and the planner's optimality, checked by brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from edgetune.planning.costmodel import Arch, Calibration, Config, estimate_memory, estimate_step_seconds, step_gflop
+from edgetune.planning.planner import PlanOptions, candidates, plan_fleet
+from edgetune.wire import DeviceProfile
+
+GiB = 2**30
+
+# a small Llama-shaped model: 4 layers, hidden 256, MLP 768, 4 kv heads of 4, vocab 8000
+H, I, KV, LAYERS, VOCAB = 256, 768, 128, 4, 8000
+MODULES = {}
+for layer in range(LAYERS):
+    prefix = f"model.layers.{layer}"
+    MODULES.update({
+        f"{prefix}.self_attn.q_proj": (H, H), f"{prefix}.self_attn.k_proj": (KV, H),
+        f"{prefix}.self_attn.v_proj": (KV, H), f"{prefix}.self_attn.o_proj": (H, H),
+        f"{prefix}.mlp.gate_proj": (I, H), f"{prefix}.mlp.up_proj": (I, H), f"{prefix}.mlp.down_proj": (H, I),
+    })
+LINEAR = sum(a * b for a, b in MODULES.values())
+ARCH = Arch(VOCAB, H, LAYERS, 4, LINEAR + VOCAB * H + 2 * H * LAYERS, MODULES)
+CAL = Calibration(
+    overhead_bytes=300e6, activation_scale=1.2, logits_copies=3.0,
+    dequantized_fraction={"nf4": 0.8, "int8": 0.5, "bfloat16": 0.2},
+    seconds_per_gflop={"float32": 0.05, "bfloat16": 0.2, "int8": 0.3, "nf4": 0.25},
+    step_overhead_s=0.01, reference_gflops=20.0,
+)
+
+
+def profile(name, memory_gib, gflops, quant=("nf4", "int8"), uplink=None):
+    return DeviceProfile(name, int(memory_gib * GiB), {"float32": gflops}, 4, quant, uplink)
+
+
+def test_memory_terms_scale_as_they_should():
+    small = estimate_memory(ARCH, Config(8, "float32", 2, 128), CAL)
+    double = estimate_memory(ARCH, Config(8, "float32", 4, 128), CAL)
+    assert double.activations == pytest.approx(2 * small.activations)
+    assert double.logits == pytest.approx(2 * small.logits)
+    assert double.weights == small.weights and double.overhead == small.overhead
+    ckpt = estimate_memory(ARCH, Config(8, "float32", 4, 128, gradient_checkpointing=True), CAL)
+    assert ckpt.activations < double.activations / 2
+    nf4 = estimate_memory(ARCH, Config(8, "nf4", 4, 128), CAL)
+    assert nf4.weights < double.weights / 2 and nf4.dequantized > 0 == double.dequantized
+    # rank 16 on q,v: 2 · 4 layers · 16 · (256 + 256 + 256 + 128) floats, ×4 (weights, grads, Adam)
+    assert estimate_memory(ARCH, Config(16, "float32", 4, 128), CAL).adapter == 2 * 4 * 16 * (2 * 256 + 256 + 128) * 4 * 4 / 2
+
+
+def test_step_time_follows_flops_and_device_speed():
+    config = Config(8, "float32", 4, 128)
+    slow = estimate_step_seconds(ARCH, config, profile("a", 8, 10.0), CAL)
+    fast = estimate_step_seconds(ARCH, config, profile("b", 8, 40.0), CAL)
+    assert (slow - CAL.step_overhead_s) == pytest.approx(4 * (fast - CAL.step_overhead_s))
+    assert step_gflop(ARCH, Config(8, "float32", 4, 128, True)) > 1.4 * step_gflop(ARCH, config)
+
+
+def _brute_force(profiles, options):
+    """Best total utility over every combination of candidates (or none) per device."""
+    per_device = []
+    for name, p in sorted(profiles.items()):
+        found, _ = candidates(ARCH, p, options, CAL)
+        per_device.append([None] + found)
+    best = 0.0
+    for combo in itertools.product(*per_device):
+        chosen = [c for c in combo if c is not None]
+        if options.uplink_budget_bytes is not None and sum(c.upload_bytes for c in chosen) > options.uplink_budget_bytes:
+            continue
+        best = max(best, sum(c.utility for c in chosen))
+    return best
+
+
+FLEET = {
+    "pi": profile("pi", 1.0, 8.0, quant=()),
+    "gateway": profile("gateway", 0.6, 4.0),
+    "nuc": profile("nuc", 12, 40.0, uplink=20.0),
+    "tiny": profile("tiny", 0.2, 2.0),
+}
+OPTIONS = PlanOptions(deadline_s=60, ranks=(2, 8), batch_sizes=(1, 4), quantizations=("float32", "nf4"),
+                      checkpointing=(False,), max_local_steps=20)
+
+
+def test_enumeration_is_optimal_and_respects_constraints():
+    plan = plan_fleet(FLEET, ARCH, OPTIONS, CAL)
+    assert plan.method == "enumeration"
+    assert plan.utility == pytest.approx(_brute_force(FLEET, OPTIONS))
+    for name, choice in plan.chosen.items():
+        p = FLEET[name]
+        assert estimate_memory(ARCH, choice.config, CAL).total <= OPTIONS.memory_margin * p.memory_bytes
+        upload_s = choice.upload_bytes * 8 / (p.uplink_mbps * 1e6) if p.uplink_mbps else 0
+        assert choice.local_steps * choice.step_s + upload_s <= OPTIONS.time_margin * OPTIONS.deadline_s
+        if "nf4" not in p.quantization:
+            assert choice.config.quantization == "float32"
+    assert "tiny" in plan.excluded and "MiB" in plan.excluded["tiny"]
+
+
+@pytest.mark.parametrize("budget_mb", [0.05, 0.2, 0.5])
+def test_milp_with_uplink_budget_matches_brute_force(budget_mb):
+    options = PlanOptions(**{**OPTIONS.__dict__, "uplink_budget_bytes": budget_mb * 1e6})
+    plan = plan_fleet(FLEET, ARCH, options, CAL)
+    assert plan.method == "milp"
+    assert plan.utility == pytest.approx(_brute_force(FLEET, options), rel=1e-9)
+    assert sum(c.upload_bytes for c in plan.chosen.values()) <= budget_mb * 1e6
+
+
+def test_a_device_too_slow_for_the_deadline_is_excluded_with_a_reason():
+    options = PlanOptions(deadline_s=0.01, ranks=(8,), batch_sizes=(1,), checkpointing=(False,))
+    plan = plan_fleet({"slow": profile("slow", 8, 0.5)}, ARCH, options, CAL)
+    assert not plan.chosen and "deadline" in plan.excluded["slow"]
+
+
+def test_more_memory_never_plans_less_training():
+    options = PlanOptions(deadline_s=120)
+    totals = [plan_fleet({"d": profile("d", m, 10.0)}, ARCH, options, CAL).tokens for m in (0.5, 1, 2, 4, 8)]
+    assert totals == sorted(totals) and totals[-1] > totals[0]
