@@ -11,7 +11,7 @@ install:
 	sh scripts/dev.sh install
 
 bench: install
-	.venv/bin/python benchmarks/codec.py --markdown
+	.venv/bin/python benchmarks/codec.py --repeat 100 --markdown
 
 clean:
 	rm -rf .venv demo-out .pytest_cache

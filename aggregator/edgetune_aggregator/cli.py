@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         config = config_from_args(args)
+        # a persistent session: the broker keeps device updates while the daemon reconnects
         transport = open_transport(args.broker, client_id=f"edgetune-aggregator-{args.fleet}",
-                                   connect_timeout=args.connect_timeout)
+                                   connect_timeout=args.connect_timeout, clean_session=False)
         aggregator = Aggregator(config, transport)
         signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
         aggregator.serve()

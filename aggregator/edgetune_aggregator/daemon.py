@@ -19,9 +19,10 @@ from pathlib import Path
 
 from edgetune import __version__
 from edgetune.adapters.lora import check_tensors, init_lora, lora_shapes
-from edgetune.transport import Transport, Will
+from edgetune.transport import Transport, TransportError, Will
 from edgetune.transport.channel import Channel
 from edgetune.wire import (
+    AGGREGATOR_ID,
     DEFAULT_MAX_PACKET,
     ErrorReport,
     EvalReport,
@@ -37,10 +38,13 @@ from edgetune.wire import (
     encode_message,
 )
 
-from .store import DeviceRecord, FleetState, RoundRecord, StateStore
+from .store import DeviceRecord, FleetState, RoundRecord, RoundStatus, StateStore
 from .strategies import FedAvg
 
 log = logging.getLogger(__name__)
+
+#: refuse a fleet whose adapter would be larger than this (a hostile or mistaken hello)
+MAX_ADAPTER_PARAMETERS = 200_000_000
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,11 @@ class Aggregator:
     # --- setup ------------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        will = Will(self.topics.aggregator_status, encode_message(Presence("aggregator", False)))
+        will = Will(self.topics.aggregator_status, encode_message(Presence(AGGREGATOR_ID, False)))
         self.transport.connect(will=will)
+        # A retained task left by an earlier run (e.g. "finished") must not steer devices
+        # that connect before this run publishes its own.
+        self.transport.publish(self.topics.task, b"", retain=True)
         for kind in ("hello", "presence", "update", "eval", "error"):
             self.channel.subscribe(self.topics.all_devices(kind), self._enqueue)
         self._publish_presence(True)
@@ -137,7 +144,7 @@ class Aggregator:
 
     def _publish_presence(self, online: bool) -> None:
         self.transport.publish(
-            self.topics.aggregator_status, encode_message(Presence("aggregator", online)), retain=True
+            self.topics.aggregator_status, encode_message(Presence(AGGREGATOR_ID, online)), retain=True
         )
 
     def _resume(self) -> bool:
@@ -149,11 +156,31 @@ class Aggregator:
                 f"state dir {self.store.directory} belongs to fleet {state.fleet!r}, not "
                 f"{self.config.fleet!r}: use another --state-dir"
             )
+        if state.adapter != self.config.adapter:
+            log.warning("the state dir's fleet trains %s; ignoring the configured %s (use a new --state-dir "
+                        "to change the adapter)", state.adapter, self.config.adapter)
         self.state = state
         self.global_adapter = self.store.load_global(state.global_version)
         log.info("resuming fleet %s after round %d (global v%d)", state.fleet, state.round, state.global_version)
+        if state.opened > state.round:
+            # Devices may have done that round already and would not redo it: skip its number.
+            record = RoundRecord(state.opened, TaskKind.TRAIN.value, state.global_version,
+                                 status=RoundStatus.FAILED, note="the daemon stopped before the round closed")
+            self.store.append_round(record)
+            self.state = dataclasses.replace(state, round=state.opened)
         self._publish_global()
         return True
+
+    def _check_model(self, hello: Hello) -> str | None:
+        """Why the fleet cannot train on this device's model (None if it can)."""
+        try:
+            shapes = lora_shapes(self.config.adapter, hello.model.modules)
+        except ValueError as exc:
+            return str(exc)
+        size = sum(a * b for a, b in shapes.values())
+        if size > MAX_ADAPTER_PARAMETERS:
+            return f"the adapter would have {size:,} parameters (at most {MAX_ADAPTER_PARAMETERS:,})"
+        return None
 
     def _start_fleet(self) -> bool:
         """Wait for the first devices, take their model as the fleet's, publish global v0."""
@@ -171,6 +198,7 @@ class Aggregator:
         self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model)
         self.global_adapter = GlobalAdapter(0, 0, model.fingerprint, spec, tensors)
         self.store.save_global(self.global_adapter, self.config.base_model)
+        self.store.save_state(self.state)
         self._publish_global()
         n = sum(t.size for t in tensors.values())
         log.info("fleet model %s (%s); adapter: LoRA r=%d on %s, %d parameters",
@@ -178,11 +206,14 @@ class Aggregator:
         return True
 
     def _publish_global(self) -> None:
+        """Publish the current adapter (retained). The state naming it is on disk already, so
+        a crash here republishes the same version on restart."""
         count = self.channel.send_retained(
             self.topics.global_adapter, self.global_adapter, self.state.global_chunks
         )
-        self.state = dataclasses.replace(self.state, global_chunks=count)
-        self.store.save_state(self.state)
+        if count != self.state.global_chunks:
+            self.state = dataclasses.replace(self.state, global_chunks=count)
+            self.store.save_state(self.state)
 
     def _publish_task(self, round_number: int, kind: TaskKind) -> RoundTask:
         train = dataclasses.replace(self.config.train, seed=self.config.train.seed + round_number)
@@ -194,9 +225,13 @@ class Aggregator:
             adapter=self.state.adapter,
             train=train,
             deadline_s=self.config.round_timeout_s,
+            run_id=self.state.run_id,
         )
         self.transport.publish(self.topics.task, encode_message(task), retain=True)
-        self.transport.flush()
+        try:
+            self.transport.flush()
+        except TransportError as exc:  # paho resends after reconnecting; keep serving
+            log.warning("task for round %d not yet acknowledged: %s", round_number, exc)
         return task
 
     # --- one round --------------------------------------------------------------------------
@@ -207,6 +242,8 @@ class Aggregator:
         drops_before = Counter(self.channel.drops)
         bytes_before = Counter(self.channel.bytes_from)
         round_ctx = _Round(number, kind, record, merge)
+        self.state = dataclasses.replace(self.state, opened=number)
+        self.store.save_state(self.state)  # before the task goes out: see _resume
         self._publish_task(number, kind)
         log.info("round %d (%s) open on global v%d; %d device(s) online",
                  number, kind.value, self.state.global_version, len(self.online))
@@ -218,6 +255,8 @@ class Aggregator:
                 break
             self._handle_next(round_ctx, timeout=min(left, 0.5))
         record.duration_s = time.monotonic() - start
+        if self._stop.is_set():
+            return record  # left open: a resumed daemon skips it, as after a crash
         record.dropped = dict(Counter(self.channel.drops) - drops_before)
         # What each device sent in this round, as measured here (its own report can only
         # count what it sent before the update that carries the report).
@@ -236,22 +275,23 @@ class Aggregator:
             self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint, self.state.adapter, tensors)
             self.store.save_global(self.global_adapter, self.state.base_model)
             self.state = dataclasses.replace(self.state, global_version=version)
-            record.new_version, record.status = version, "aggregated"
+            record.new_version, record.status = version, RoundStatus.AGGREGATED
         elif ctx.kind is TaskKind.EVALUATE and record.devices:
-            record.status = "evaluated"
+            record.status = RoundStatus.EVALUATED
         else:
-            record.status = "failed"
+            record.status = RoundStatus.FAILED
             record.note = (f"{len(record.devices)} of {self.config.min_devices} required devices "
                            f"reported within {self.config.round_timeout_s:.0f} s")
             log.warning("round %d failed: %s; the global adapter stays at v%d",
                         ctx.number, record.note, self.state.global_version)
         self.state = dataclasses.replace(self.state, round=ctx.number)
-        self.store.append_round(record)  # the log first: a crash now replays nothing twice
-        if record.status == "aggregated":
+        # Disk before network: the global file, the round log, then the state that names
+        # them; only then is the new version published.
+        self.store.append_round(record)
+        self.store.save_state(self.state)
+        if record.status is RoundStatus.AGGREGATED:
             self._publish_global()
-        else:
-            self.store.save_state(self.state)
-        log.info("round %d %s with %d device(s) in %.1f s%s", ctx.number, record.status,
+        log.info("round %d %s with %d device(s) in %.1f s%s", ctx.number, record.status.value,
                  len(record.devices), record.duration_s,
                  f"; dropped {record.dropped}" if record.dropped else "")
         if self.on_round:
@@ -282,6 +322,10 @@ class Aggregator:
             self.channel.drop(sender, topic, "unexpected_kind", type(message).__name__)
 
     def _on_hello(self, topic: str, hello: Hello) -> None:
+        why = self._check_model(hello)
+        if why:
+            self.channel.drop(hello.device_id, topic, "bad_model", why)
+            return
         fleet_model = self.state.model if self.state else None
         if fleet_model and hello.model.fingerprint != fleet_model.fingerprint:
             self.channel.drop(hello.device_id, topic, "model_mismatch",

@@ -11,10 +11,11 @@ Layout::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import uuid
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from edgetune.adapters.peft_format import write_peft_adapter
@@ -41,6 +42,13 @@ class DeviceRecord:
     bytes_received: int = 0
 
 
+class RoundStatus(str, Enum):
+    OPEN = "open"
+    AGGREGATED = "aggregated"
+    EVALUATED = "evaluated"
+    FAILED = "failed"
+
+
 @dataclass
 class RoundRecord:
     """What happened in one round, for people and for later analysis (``rounds.json``)."""
@@ -49,7 +57,7 @@ class RoundRecord:
     kind: str
     base_version: int
     new_version: int | None = None
-    status: str = "open"  # open | aggregated | evaluated | failed
+    status: RoundStatus = RoundStatus.OPEN
     started_at: float = 0.0
     duration_s: float = 0.0
     devices: list[DeviceRecord] = field(default_factory=list)
@@ -70,9 +78,11 @@ class FleetState:
     model: ModelManifest
     adapter: LoraSpec
     round: int = 0  # last closed round
+    opened: int = 0  # last round whose task was published (> round: it never closed)
     global_version: int = 0
     global_chunks: int = 0  # retained chunk topics in use (to clear leftovers)
     base_model: str = ""
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
 class StateStore:
@@ -98,9 +108,11 @@ class StateStore:
             model=ModelManifest(model["name"], model["fingerprint"], {k: tuple(v) for k, v in model["modules"].items()}),
             adapter=LoraSpec(**{**raw["adapter"], "target_modules": tuple(raw["adapter"]["target_modules"])}),
             round=raw["round"],
+            opened=raw.get("opened", raw["round"]),
             global_version=raw["global_version"],
             global_chunks=raw.get("global_chunks", 0),
             base_model=raw.get("base_model", ""),
+            run_id=raw.get("run_id", ""),
         )
 
     def save_state(self, state: FleetState) -> None:
@@ -131,9 +143,7 @@ class StateStore:
     def append_round(self, record: RoundRecord) -> None:
         rounds = [r for r in self.rounds() if (r["round"], r["kind"]) != (record.round, record.kind)]
         entry = asdict(record)
+        entry["status"] = record.status.value
         entry["global_ppl"] = record.global_ppl
         atomic_write_json(self.directory / "rounds.json", rounds + [entry])
 
-
-def replace(state: FleetState, **changes) -> FleetState:
-    return dataclasses.replace(state, **changes)

@@ -80,7 +80,8 @@ def run_demo(args: argparse.Namespace) -> int:
             bars.clear()
             tqdm.write(format_round(record))
 
-    aggregator = Aggregator(config, open_transport(url, client_id="edgetune-demo-aggregator"), on_round=on_round)
+    transport = open_transport(url, client_id="edgetune-demo-aggregator", clean_session=False)
+    aggregator = Aggregator(config, transport, on_round=on_round)
     daemon = threading.Thread(target=aggregator.serve, name="aggregator", daemon=True)
     daemon.start()
 
@@ -163,7 +164,7 @@ def _log_to_file(path: Path) -> None:
 
 def format_round(record) -> str:
     """A small table for people: one row per device, then the fleet's figures."""
-    title = f"round {record.round} ({record.kind}) {record.status}"
+    title = f"round {record.round} ({record.kind}) {record.status.value}"
     if record.new_version is not None:
         title += f" -> global adapter v{record.new_version}"
     lines = [f"\n{title}, {record.duration_s:.0f} s"]

@@ -8,6 +8,8 @@ in the application around it.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 import queue
 import threading
@@ -17,12 +19,16 @@ from pathlib import Path
 
 
 from . import __version__
-from .adapters.lora import as_float32
+from .adapters.lora import truncate_rank
+from .backoff import MemoryBudgetExceeded, is_out_of_memory, next_fallback, resident_bytes
 from .transport import Transport, TransportError, Will, open_transport
 from .transport.channel import Channel
 from .wire import (
+    AGGREGATOR_ID,
     DEFAULT_MAX_PACKET,
     Capabilities,
+    DevicePlan,
+    DeviceProfile,
     ErrorReport,
     EvalMetrics,
     EvalReport,
@@ -52,6 +58,9 @@ class DeviceConfig:
     max_packet: int = DEFAULT_MAX_PACKET
     #: leave the loop when the aggregator says the fleet is finished
     exit_when_finished: bool = True
+    #: announced in the hello so the aggregator can plan for this device; its memory_bytes is
+    #: also the budget training must stay within (exceeding it triggers a back-off)
+    profile: DeviceProfile | None = None
 
 
 class Device:
@@ -72,7 +81,7 @@ class Device:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bytes_reported = (0, 0)
-        self._last_round = 0
+        self._last_round = (None, 0)  # (run id, round) of the last task acted on
 
     @classmethod
     def join(
@@ -107,6 +116,7 @@ class Device:
             model=self.workload.manifest,
             capabilities=Capabilities(backends=(self.workload.backend,), max_packet=self.config.max_packet),
             num_samples=self.workload.num_samples,
+            profile=self.config.profile,
         )
         self.transport.publish(self.topics.hello(me), encode_message(hello), retain=True)
         log.info("%s joined fleet %s (%d training samples)", me, self.config.fleet, self.workload.num_samples)
@@ -124,7 +134,7 @@ class Device:
                 elif isinstance(message, RoundTask):
                     self.task = message
                 else:
-                    self.channel.drop("aggregator", topic, "unexpected_kind", type(message).__name__)
+                    self.channel.drop(AGGREGATOR_ID, topic, "unexpected_kind", type(message).__name__)
                     continue
                 if self.task and self._step(self.task):
                     break
@@ -161,10 +171,12 @@ class Device:
 
     def _on_global(self, adapter: GlobalAdapter) -> None:
         if adapter.model_fingerprint != self.workload.manifest.fingerprint:
-            self.channel.drop("aggregator", self.topics.global_adapter, "model_mismatch",
+            self.channel.drop(AGGREGATOR_ID, self.topics.global_adapter, "model_mismatch",
                               f"global adapter for model {adapter.model_fingerprint}")
             return
-        if self.global_adapter is None or adapter.version > self.global_adapter.version:
+        # The retained topic holds the aggregator's current adapter: take it even if its
+        # version is lower (a rollback, or a daemon restarted from an older state dir).
+        if self.global_adapter is None or adapter.version != self.global_adapter.version:
             self.global_adapter = adapter
             log.info("%s: global adapter v%d", self.config.device_id, adapter.version)
 
@@ -173,17 +185,18 @@ class Device:
         if task.kind is TaskKind.FINISHED:
             self.finished.set()
             return self.config.exit_when_finished
-        if task.round <= self._last_round:
+        run, last = self._last_round
+        if task.run_id == run and task.round <= last:
             return False  # done already (the retained task is redelivered on reconnect)
         if task.model_fingerprint != self.workload.manifest.fingerprint:
             self._report_error(task, "model_mismatch", "this device runs a different base model")
-            self._last_round = task.round
+            self._last_round = (task.run_id, task.round)
             return False
         if self.global_adapter is None or self.global_adapter.version != task.global_version:
             # Older: the task's adapter is still on the way. Newer: the round was closed and
             # the next task is on the way (global v(n+1) is published just before task n+1).
             return False
-        self._last_round = task.round
+        self._last_round = (task.run_id, task.round)
         try:
             if task.kind is TaskKind.TRAIN:
                 self._train(task)
@@ -194,36 +207,79 @@ class Device:
             self._report_error(task, type(exc).__name__, str(exc)[:500])
         return False
 
+    def _plan(self, task: RoundTask) -> DevicePlan:
+        """The planner's choice for this device, or the fleet's defaults."""
+        plan = task.plans.get(self.config.device_id)
+        if plan is not None:
+            return plan
+        return DevicePlan(task.adapter.rank, "float32", task.train.batch_size, task.train.local_steps)
+
     def _train(self, task: RoundTask) -> None:
-        me, adapter = self.config.device_id, self.global_adapter
-        trainer = self.workload.trainer(task.adapter)
-        trainer.set_adapter(adapter.tensors)
+        """Train this round, backing off (smaller batch, checkpointing, lower rank, stronger
+        quantization) when memory runs out; each back-off is reported to the aggregator."""
+        me = self.config.device_id
+        if me in task.excluded:
+            log.warning("%s: sits out round %d: %s", me, task.round, task.excluded[me])
+            return
+        plan, grad_accum = self._plan(task), task.train.grad_accum
+        supported = self.config.profile.quantization if self.config.profile else ()
+        while True:
+            try:
+                return self._train_with(task, plan, grad_accum)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                fallback = next_fallback(plan, grad_accum, supported)
+                gc.collect()
+                if fallback is None:
+                    self._report_error(task, "out_of_memory", f"nothing smaller left to try: {exc}")
+                    return None
+                plan, grad_accum, change = fallback
+                log.warning("%s: round %d out of memory (%s); backing off: %s", me, task.round, exc, change)
+                self._report_error(task, "oom_backoff", f"{change} after {type(exc).__name__}: {exc}"[:500])
+
+    def _train_with(self, task: RoundTask, plan: DevicePlan, grad_accum: int) -> None:
+        me, adapter, spec = self.config.device_id, self.global_adapter, task.adapter
+        # A lower rank trains the leading components of the global adapter. Its alpha scales
+        # with the rank so every device's update has the same scale, alpha / rank.
+        local_spec = dataclasses.replace(spec, rank=plan.rank, alpha=spec.alpha * plan.rank / spec.rank)
+        start = truncate_rank(adapter.tensors, plan.rank)
+        trainer = self.workload.trainer(local_spec, plan.quantization, plan.gradient_checkpointing)
+        trainer.set_adapter(start)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
         global_ppl = trainer.perplexity(heldout)
+        budget = self.config.profile.memory_bytes if self.config.profile else None
 
         def on_step(step: int, total: int, loss: float) -> None:
+            if budget is not None and resident_bytes() > budget:
+                raise MemoryBudgetExceeded(f"resident memory {resident_bytes() / 2**20:,.0f} MiB is over "
+                                           f"the device's budget of {budget / 2**20:,.0f} MiB")
             progress = Progress(me, task.round, step, total, float(loss))
             self.transport.publish(self.topics.progress(me), encode_message(progress), qos=0)
             if self.on_progress:
                 self.on_progress(progress)
 
-        batches = self.workload.batches(task.train, seed=task.train.seed + hash_seed(me))
-        result = trainer.train(batches, task.train, on_step)
+        settings = dataclasses.replace(task.train, batch_size=plan.batch_size, local_steps=plan.local_steps,
+                                       grad_accum=grad_accum)
+        batches = self.workload.batches(settings, seed=task.train.seed + hash_seed(me))
+        result = trainer.train(batches, settings, on_step)
         local_ppl = trainer.perplexity(heldout)
         trained = trainer.get_adapter()
-        delta = {name: trained[name] - as_float32(adapter.tensors[name]) for name in trained}
+        delta = {name: trained[name] - start[name] for name in trained}
         sent, received = self._bytes_since_report()
         metrics = TrainMetrics(result.mean_loss, result.tokens, result.seconds, local_ppl, global_ppl, sent, received)
         update = Update(me, task.round, adapter.version, self.workload.num_samples, delta, metrics)
         size = self.channel.send(self.topics.update(me), update)
         self._flush()
         self.rounds_done.append(task.round)
-        log.info("%s: round %d loss %.3f, held-out ppl %.2f -> %.2f, sent %d bytes",
-                 me, task.round, result.mean_loss, global_ppl, local_ppl, size)
+        log.info("%s: round %d (rank %d, %s, batch %d) loss %.3f, held-out ppl %.2f -> %.2f, sent %d bytes",
+                 me, task.round, plan.rank, plan.quantization, plan.batch_size, result.mean_loss, global_ppl,
+                 local_ppl, size)
 
     def _evaluate(self, task: RoundTask) -> None:
         me = self.config.device_id
-        trainer = self.workload.trainer(task.adapter)
+        plan = self._plan(task)  # evaluate at full rank, on the base precision this device can afford
+        trainer = self.workload.trainer(task.adapter, plan.quantization, plan.gradient_checkpointing)
         trainer.set_adapter(self.global_adapter.tensors)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
         ppl = trainer.perplexity(heldout)

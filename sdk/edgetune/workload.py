@@ -23,9 +23,18 @@ log = logging.getLogger(__name__)
 class Workload:
     backend = "torch"
 
-    def __init__(self, loaded: Any, train_texts: list[str], heldout_texts: list[str], threads: int | None = None):
+    def __init__(
+        self,
+        loaded: Any,
+        train_texts: list[str],
+        heldout_texts: list[str],
+        threads: int | None = None,
+        model_ref: str | None = None,
+    ):
         self.loaded = loaded
         self.threads = threads
+        #: how to load a fresh base (quantizing one is irreversible); None: cannot reload
+        self.model_ref = model_ref
         tokenizer = loaded.tokenizer
         self._eos = getattr(tokenizer, "eos_token_id", None)
         # Tokenize once; packing into blocks of the task's length is cheap and done on demand.
@@ -34,7 +43,7 @@ class Workload:
         self.num_samples = len(train_texts)
         self._blocks: dict[tuple[str, int], np.ndarray] = {}
         self._trainer = None
-        self._trainer_spec: LoraSpec | None = None
+        self._trainer_key: tuple | None = None
 
     @classmethod
     def load(
@@ -51,22 +60,42 @@ class Workload:
 
         texts = data if isinstance(data, list) else load_texts(Path(data))
         train, heldout = split_heldout(texts, heldout_fraction, seed=seed)
-        return cls(load_model(model), train, heldout, threads)
+        return cls(load_model(model), train, heldout, threads, model_ref=model or "default")
 
     @property
     def manifest(self) -> ModelManifest:
         return self.loaded.manifest
 
-    def trainer(self, spec: LoraSpec):
-        """The trainer for ``spec``; rebuilt only when the spec changes between rounds."""
-        if self._trainer is None or spec != self._trainer_spec:
-            from .trainers.torch_lora import TorchLoraTrainer
+    def trainer(self, spec: LoraSpec, quantization: str = "float32", gradient_checkpointing: bool = False):
+        """The trainer for this configuration; rebuilt only when it changes between rounds.
 
-            if self._trainer is not None:
+        A change of quantization needs the base reloaded from disk, because quantizing the
+        frozen weights in place cannot be undone.
+        """
+        key = (spec, quantization, gradient_checkpointing)
+        if self._trainer is not None and key == self._trainer_key:
+            return self._trainer
+        from .trainers.torch_lora import TorchLoraTrainer
+
+        if self._trainer is not None:
+            if self._trainer_key[1] != "float32" or quantization != "float32":
+                self._reload_base()
+            else:
                 self._trainer.unload()
-            self._trainer = TorchLoraTrainer(self.loaded, spec, threads=self.threads)
-            self._trainer_spec = spec
+        self._trainer = None  # (drop the old PEFT wrapper before building the next)
+        self._trainer = TorchLoraTrainer(self.loaded, spec, threads=self.threads, quantization=quantization,
+                                         gradient_checkpointing=gradient_checkpointing)
+        self._trainer_key = key
         return self._trainer
+
+    def _reload_base(self) -> None:
+        if self.model_ref is None:
+            raise RuntimeError("this workload cannot reload its base model to change quantization "
+                               "(it was built from an already loaded model)")
+        from .models import load_model
+
+        log.info("reloading the base model %s to change its quantization", self.model_ref)
+        self.loaded = load_model(self.model_ref)
 
     def _packed(self, split: str, seq_len: int) -> np.ndarray:
         key = (split, seq_len)

@@ -26,6 +26,7 @@ from edgetune.wire import (
     GlobalAdapter,
     LoraSpec,
     RoundTask,
+    TaskKind,
     Topics,
     TrainMetrics,
     TrainSettings,
@@ -304,3 +305,61 @@ def test_daemon_resumes_from_its_state_dir(tmp_path, caplog):
     assert aggregator.state.global_version == 2
     second.stop()
     observer.close()
+
+
+def test_a_hello_with_an_unusable_model_is_dropped_and_the_daemon_keeps_serving(tmp_path):
+    from edgetune.wire import Hello, ModelManifest
+
+    fleet = f"hello-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    aggregator, thread = start_aggregator(url, fleet_config(tmp_path, fleet, rounds=1, min_devices=1,
+                                                                evaluate_final=False))
+    rogue = open_transport(url, client_id="rogue")
+    rogue.connect()
+    no_targets = ModelManifest("odd", "f" * 16, {"lm_head": (4, 4)})
+    rogue.publish(Topics(fleet).hello("rogue"), encode_message(Hello("rogue", "0", no_targets)))
+    assert _wait(lambda: aggregator.drops.get("bad_model") == 1)
+    device = join_device(url, fleet, 0)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and aggregator.state.global_version == 1
+    device.stop()
+
+
+def test_a_round_left_open_by_a_stopped_daemon_is_skipped_on_resume(tmp_path):
+    fleet = f"open-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    config = fleet_config(tmp_path, fleet, rounds=2, min_devices=2, evaluate_final=False)
+    aggregator, thread = start_aggregator(url, config)
+    device = join_device(url, fleet, 0)
+    idle = join_device(url, fleet, 1, start=False)  # says hello, never trains
+    # round 1 opens but cannot close (one update of two); dev-0 trains it
+    assert _wait(lambda: device.rounds_done == [1])
+    aggregator.stop()
+    thread.join(timeout=30)
+    # resumed with one device required: round 1 is recorded as abandoned, round 2 runs
+    observer = Observer(url, fleet)
+    aggregator, thread = start_aggregator(url, fleet_config(tmp_path, fleet, rounds=2, min_devices=1,
+                                                                evaluate_final=False))
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    log = aggregator.store.rounds()
+    assert [(r["round"], r["status"]) for r in log] == [(1, "failed"), (2, "aggregated")]
+    assert device.rounds_done == [1, 2] and observer.updates[2][0].base_version == 0
+    device.stop()
+    idle.close()
+    observer.close()
+
+
+def test_a_stale_finished_task_does_not_send_new_devices_home(tmp_path):
+    fleet = f"stale-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    leftover = open_transport(url, client_id="leftover")
+    leftover.connect()
+    leftover.publish(Topics(fleet).task, encode_message(RoundTask(9, TaskKind.FINISHED, 3, "x" * 16)), retain=True)
+    aggregator, thread = start_aggregator(url, fleet_config(tmp_path, fleet, rounds=1, min_devices=1,
+                                                                evaluate_final=False))
+    assert _wait(lambda: aggregator.online is not None and aggregator.transport.stats.messages_sent > 0)
+    device = join_device(url, fleet, 0)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and device.rounds_done == [1]
+    device.stop()

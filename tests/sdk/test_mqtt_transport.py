@@ -68,3 +68,20 @@ def test_subscriptions_and_queued_publishes_survive_a_broker_restart(mosquitto_f
     assert got.is_set(), received
     subscriber.close()
     publisher.close()
+
+
+def test_many_qos1_publishes_neither_deadlock_nor_lose_acknowledgements(mosquitto_url):
+    """Regression: holding a lock of ours around paho's publish deadlocked against on_publish."""
+    transport = open_transport(mosquitto_url, client_id="burst", connect_timeout=10)
+    transport.connect()
+    done = threading.Event()
+
+    def burst() -> None:
+        for i in range(20_000):
+            transport.publish("burst/x", b"%d" % i, qos=1 if i % 3 else 0)
+        transport.flush(timeout=60)
+        done.set()
+
+    threading.Thread(target=burst, daemon=True).start()
+    assert done.wait(90), "publishing stalled"
+    transport.close()

@@ -90,6 +90,8 @@ def test_big_endian_input_is_sent_little_endian():
         ({"dtype": "float32", "shape": [1]}, "missing data"),
         ({"dtype": "float32", "shape": [1], "data": "abcd"}, "bytes"),
         ([1, 2], "expected a map"),
+        ({"dtype": "float32", "shape": [0, 2**63], "data": b""}, "shape"),
+        ({"dtype": "float32", "shape": [2**31, 0], "data": b""}, "shape"),
     ],
 )
 def test_bad_tensors_are_rejected(obj, fragment):
@@ -218,6 +220,21 @@ def test_abandoned_transfers_are_evicted():
         reassembler.feed(f"dev-{i}", chunks[0])  # first chunk only: the sender vanished
     assert reassembler.pending_bytes <= 10_000
     assert reassembler.evicted >= 5
+
+
+def test_a_flood_of_empty_chunks_stays_cheap_and_bounded():
+    """Regression: empty chunks were free and every chunk re-summed all pending transfers."""
+    import time
+
+    reassembler = Reassembler(max_pending_bytes=1 << 20)
+    started = time.perf_counter()
+    for i in range(40_000):
+        reassembler.feed("mallory", Chunk(f"{i:064x}", 0, 2, 10, b""))
+    assert time.perf_counter() - started < 30  # (was minutes; a bound, not a benchmark)
+    assert len(reassembler._pending) <= reassembler.max_pending_per_sender
+    assert reassembler.pending_bytes <= 1 << 20
+    with pytest.raises(WireError, match="out of range"):
+        reassembler.feed("mallory", Chunk("ab" * 32, 0, 1_000, 10, b""))  # more chunks than bytes
 
 
 def test_topics():

@@ -83,3 +83,33 @@ def check_tensors(tensors: Mapping[str, np.ndarray], shapes: Shapes) -> str | No
 def as_float32(array: np.ndarray) -> np.ndarray:
     to_float32 = getattr(array, "to_float32", None)
     return to_float32() if to_float32 else np.asarray(array, dtype=np.float32)
+
+
+def rank_of(tensors: Mapping[str, np.ndarray]) -> int:
+    """The rank of an adapter (rows of its first ``lora_A``); 0 if it has none."""
+    for name in sorted(tensors):
+        if name.endswith(".lora_A"):
+            return int(tensors[name].shape[0])
+    return 0
+
+
+def truncate_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """The leading ``rank`` components: rows of A, columns of B. A device planned at a lower
+    rank than the fleet's starts from this part of the global adapter."""
+    return {
+        name: as_float32(t)[:rank] if name.endswith(".lora_A") else as_float32(t)[:, :rank]
+        for name, t in tensors.items()
+    }
+
+
+def pad_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """Zero-pad an adapter (or a delta) to ``rank`` components: the missing components are
+    unchanged by a delta, and contribute nothing to B·A."""
+    padded = {}
+    for name, t in tensors.items():
+        t = as_float32(t)
+        if name.endswith(".lora_A"):
+            padded[name] = np.pad(t, ((0, rank - t.shape[0]), (0, 0)))
+        else:
+            padded[name] = np.pad(t, ((0, 0), (0, rank - t.shape[1])))
+    return padded

@@ -76,6 +76,10 @@ class Channel:
             except WireError as exc:
                 self.drop(sender, topic, exc.reason, exc.detail)
                 return
+            except Exception as exc:  # a decoder bug must not reach the transport's thread
+                log.exception("decoding a message from %s failed unexpectedly", sender)
+                self.drop(sender, topic, "bad_payload", f"{type(exc).__name__}: {exc}")
+                return
             if message is not None:
                 handler(topic, message)
 

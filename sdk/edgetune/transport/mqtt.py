@@ -25,6 +25,7 @@ class MqttTransport(Transport):
         *,
         connect_timeout: float | None = None,
         keepalive: int = 30,
+        clean_session: bool = True,
         max_backoff_s: float = 30.0,
         protocol: str = "3.1.1",
         ca_certs: str | None = None,
@@ -40,18 +41,27 @@ class MqttTransport(Transport):
         self.keepalive = keepalive
         self.stats = TransportStats()
         self._subs: dict[str, tuple[int, Handler]] = {}
-        self._lock = threading.RLock()  # paho may call on_publish from inside publish()
+        self._lock = threading.Lock()
         self._connected = threading.Event()
         self._refused: str | None = None
         self._attempts = 0
-        self._unacked: set[int] = set()  # message ids of QoS ≥ 1 publishes not yet acknowledged
-        self._acked = threading.Condition(self._lock)
+        # Acknowledgements by message id. Never call into paho while holding this lock: paho
+        # calls on_publish while holding its own, and the opposite order deadlocks.
+        self._acks = threading.Condition()
+        self._unacked: set[int] = set()  # QoS ≥ 1 message ids not yet acknowledged
+        self._early: set[int] = set()  # acknowledged before publish() recorded them
+        self._qos0: set[int] = set()  # QoS 0 ids, whose on_publish must not count as early
         version = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}.get(protocol)
         if version is None:
             raise TransportError(f"MQTT protocol {protocol!r} unsupported; use '3.1.1' or '5'")
+        # A persistent session (clean_session=False) makes the broker queue QoS 1 messages for
+        # this client while it is disconnected: the aggregator uses one so updates sent during
+        # a short outage are not lost.
+        session = {"clean_session": clean_session} if version == paho.MQTTv311 else {}
         self._client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, **session
         )
+        self.max_backoff_s = max_backoff_s
         self._client.reconnect_delay_set(min_delay=1, max_delay=int(max_backoff_s))
         self._client.max_inflight_messages_set(64)
         if broker.username:
@@ -117,7 +127,7 @@ class MqttTransport(Transport):
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._attempts += 1
-        delay = min(2 ** (self._attempts - 1), 30)
+        delay = min(2 ** (self._attempts - 1), self.max_backoff_s)
         log.warning(
             "broker %s unreachable (attempt %d); retrying in about %d s",
             self.broker, self._attempts, delay,
@@ -130,9 +140,14 @@ class MqttTransport(Transport):
                 log.warning("lost connection to %s (%s); reconnecting", self.broker, reason_code)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._acked:
-            self._unacked.discard(mid)
-            self._acked.notify_all()
+        with self._acks:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+                self._acks.notify_all()
+            elif mid in self._qos0:
+                self._qos0.discard(mid)
+            else:
+                self._early.add(mid)  # publish() has not recorded it yet
 
     def _on_unmatched(self, client, userdata, message) -> None:
         log.debug("message on %s matched no handler", message.topic)
@@ -140,13 +155,17 @@ class MqttTransport(Transport):
     # --- messaging --------------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        with self._lock:  # (held so the PUBACK cannot be handled before the mid is recorded)
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
-            if info.rc not in (self._paho.MQTT_ERR_SUCCESS, self._paho.MQTT_ERR_NO_CONN):
-                raise TransportError(f"publish to {topic} failed: {self._paho.error_string(info.rc)}")
-            # MQTT_ERR_NO_CONN: paho keeps QoS ≥ 1 messages and sends them after reconnecting.
-            if qos > 0:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (self._paho.MQTT_ERR_SUCCESS, self._paho.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {self._paho.error_string(info.rc)}")
+        # MQTT_ERR_NO_CONN: paho keeps QoS ≥ 1 messages and sends them after reconnecting.
+        with self._acks:
+            if info.mid in self._early:
+                self._early.discard(info.mid)  # acknowledged (or, QoS 0, written) already
+            elif qos > 0:
                 self._unacked.add(info.mid)
+            else:
+                self._qos0.add(info.mid)
         self.stats.sent(len(payload))
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
@@ -167,8 +186,8 @@ class MqttTransport(Transport):
         # Acknowledgements are tracked through on_publish: paho's own wait_for_publish() and
         # is_published() raise for a message published while disconnected, which it still
         # holds and sends after reconnecting.
-        with self._acked:
-            if not self._acked.wait_for(lambda: not self._unacked, timeout):
+        with self._acks:
+            if not self._acks.wait_for(lambda: not self._unacked, timeout):
                 raise TransportError(
                     f"{len(self._unacked)} message(s) not yet acknowledged by {self.broker} after "
                     f"{timeout:.0f} s; paho keeps them and resends after reconnecting"

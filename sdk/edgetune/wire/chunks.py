@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 from .codec import decode_message, encode_message
 from .errors import WireError
-from .schema import Chunk
+from .schema import DEFAULT_MAX_PACKET, Chunk
 
-DEFAULT_MAX_PACKET = 1 << 20
-#: Room left in each packet for the MQTT fixed header, topic name and the chunk's own fields.
+#: Room left in each packet for the MQTT fixed header, topic name and the chunk's own fields;
+#: also what the reassembler charges per held chunk, so empty chunks are not free.
 CHUNK_OVERHEAD = 1024
 
 
@@ -55,54 +55,63 @@ class _Pending:
 class Reassembler:
     """Collects chunks per (sender, transfer) and yields whole payloads once.
 
-    ``max_pending_bytes`` caps what unfinished transfers may hold; the oldest are evicted
-    first (a sender that vanished mid-transfer must not pin memory forever). Finished
-    transfer ids are remembered so a late duplicate chunk does not start a new one.
+    Unfinished transfers are bounded three ways, oldest evicted first, so neither a sender that
+    vanished mid-transfer nor a flood of cheap chunks can pin memory or CPU: total bytes held
+    (each chunk charged its data plus ``CHUNK_OVERHEAD``), unfinished transfers per sender,
+    and age. Finished transfer ids are remembered so a late duplicate does not start a new one.
     """
 
     def __init__(
         self,
         max_pending_bytes: int = 256 << 20,
         max_transfer_bytes: int = 512 << 20,
+        max_pending_per_sender: int = 4,
         ttl_s: float = 600.0,
         remember: int = 1024,
     ):
         self.max_pending_bytes = max_pending_bytes
         self.max_transfer_bytes = max_transfer_bytes
+        self.max_pending_per_sender = max_pending_per_sender
         self.ttl_s = ttl_s
         self._pending: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
+        self._per_sender: dict[str, int] = {}
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._remember = remember
+        self.pending_bytes = 0  # running total: summing on every chunk would be quadratic
         self.evicted = 0
-
-    @property
-    def pending_bytes(self) -> int:
-        return sum(p.received for p in self._pending.values())
 
     def feed(self, sender: str, chunk: Chunk) -> bytes | None:
         """Add one chunk; returns the whole payload when this chunk completes it."""
         key = (sender, chunk.transfer)
         if key in self._done:
             return None  # redelivery of an already finished transfer
-        if not (0 <= chunk.index < chunk.count) or chunk.size > self.max_transfer_bytes:
+        if (
+            not (0 <= chunk.index < chunk.count)
+            or chunk.size > self.max_transfer_bytes
+            or chunk.count > chunk.size + 1
+            or len(chunk.data) > chunk.size
+        ):
             raise WireError(
                 "bad_chunk",
-                f"chunk {chunk.index}/{chunk.count} of {chunk.size} bytes is out of range",
+                f"chunk {chunk.index}/{chunk.count} with {len(chunk.data)} of {chunk.size} bytes is out of range",
             )
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = _Pending(chunk.count, chunk.size)
+            self._per_sender[sender] = self._per_sender.get(sender, 0) + 1
         elif (pending.count, pending.size) != (chunk.count, chunk.size):
-            del self._pending[key]
+            self._discard(key)
             raise WireError("bad_chunk", "chunks of one transfer disagree on count or size")
         if chunk.index in pending.parts:
             return None  # duplicate (QoS 1 redelivery)
         pending.parts[chunk.index] = chunk.data
-        pending.received += len(chunk.data)
+        charge = len(chunk.data) + CHUNK_OVERHEAD
+        pending.received += charge
+        self.pending_bytes += charge
         if len(pending.parts) < pending.count:
-            self._evict()
+            self._evict(sender)
             return None
-        del self._pending[key]
+        self._discard(key)
         payload = b"".join(pending.parts[i] for i in range(pending.count))
         if len(payload) != pending.size or hashlib.sha256(payload).hexdigest() != chunk.transfer:
             raise WireError("digest_mismatch", "reassembled payload does not match its SHA-256")
@@ -111,12 +120,25 @@ class Reassembler:
             self._done.popitem(last=False)
         return payload
 
-    def _evict(self) -> None:
+    def _discard(self, key: tuple[str, str]) -> None:
+        pending = self._pending.pop(key)
+        self.pending_bytes -= pending.received
+        left = self._per_sender[key[0]] - 1
+        if left:
+            self._per_sender[key[0]] = left
+        else:
+            del self._per_sender[key[0]]
+
+    def _evict(self, sender: str) -> None:
+        if self._per_sender.get(sender, 0) > self.max_pending_per_sender:
+            oldest = next(k for k in self._pending if k[0] == sender)
+            self._discard(oldest)
+            self.evicted += 1
         now = time.monotonic()
         while self._pending:
             key, oldest = next(iter(self._pending.items()))
             if now - oldest.started > self.ttl_s or self.pending_bytes > self.max_pending_bytes:
-                del self._pending[key]
+                self._discard(key)
                 self.evicted += 1
             else:
                 break

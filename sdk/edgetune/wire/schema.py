@@ -20,6 +20,15 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgetune/v1"
+#: sender name of everything the aggregator publishes (devices have their own ids)
+AGGREGATOR_ID = "aggregator"
+#: EMQX's default maximum packet: payloads above it travel as chunks
+DEFAULT_MAX_PACKET = 1 << 20
+#: topic kinds a device publishes under, each as ``{kind}/{device_id}``
+DEVICE_TOPIC_KINDS = ("hello", "presence", "update", "eval", "progress", "error")
+#: a model manifest larger than this is refused (protects the aggregator's memory)
+MAX_MANIFEST_MODULES = 10_000
+MAX_LAYER_DIM = 1 << 17
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -108,6 +117,14 @@ class ModelManifest:
     num_heads: int = 0
     num_parameters: int = 0
 
+    def __post_init__(self) -> None:
+        if len(self.modules) > MAX_MANIFEST_MODULES:
+            raise ValueError(f"ModelManifest.modules lists {len(self.modules)} layers (at most {MAX_MANIFEST_MODULES})")
+        for name, (out_features, in_features) in self.modules.items():
+            if not (0 < out_features <= MAX_LAYER_DIM and 0 < in_features <= MAX_LAYER_DIM):
+                raise ValueError(f"ModelManifest.modules[{name!r}] has shape ({out_features}, {in_features}); "
+                                 f"dimensions must be in 1..{MAX_LAYER_DIM}")
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -145,7 +162,7 @@ class DeviceProfile:
 class Capabilities:
     backends: tuple[str, ...] = ("torch",)
     adapters: tuple[str, ...] = ("lora",)
-    max_packet: int = 1 << 20
+    max_packet: int = DEFAULT_MAX_PACKET
 
 
 @dataclass(frozen=True)
@@ -291,6 +308,10 @@ class RoundTask:
     deadline_s: float = 600.0
     #: per-device configuration from the planner; a device not listed uses adapter/train
     plans: dict[str, DevicePlan] = field(default_factory=dict)
+    #: devices that sit this round out, and why (the planner found nothing that fits)
+    excluded: dict[str, str] = field(default_factory=dict)
+    #: identifies one fleet run (one state dir): round numbers restart with a new run
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -400,15 +421,15 @@ class Topics:
         if not topic.startswith(prefix):
             return None
         parts = topic[len(prefix):].split("/")
-        if len(parts) != 2 or parts[0] not in {"hello", "presence", "update", "eval", "progress", "error"}:
+        if len(parts) != 2 or parts[0] not in DEVICE_TOPIC_KINDS:
             return None
         return parts[1]
 
     def sender_of(self, topic: str) -> str | None:
-        """Who publishes on ``topic``: a device id, ``"aggregator"``, or None if not ours."""
+        """Who publishes on ``topic``: a device id, ``AGGREGATOR_ID``, or None if not ours."""
         device = self.device_of(topic)
         if device is not None:
             return device
         if topic in (self.task, self.aggregator_status) or topic.startswith(self.global_adapter + "/"):
-            return "aggregator"
+            return AGGREGATOR_ID
         return None

@@ -28,6 +28,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 
 MAX_DIMS = 8
+MAX_DIM_SIZE = 1 << 31
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 
@@ -92,9 +93,9 @@ def decode_tensor(obj: Any, what: Any = "tensor") -> np.ndarray:
     if dtype is None:
         raise WireError("bad_tensor", f"{_text(what)}: dtype {name!r} not one of {', '.join(DTYPES)}")
     if type(shape) not in (list, tuple) or len(shape) > MAX_DIMS or not all(
-        type(d) is int and d >= 0 for d in shape
+        type(d) is int and 0 <= d < MAX_DIM_SIZE for d in shape
     ):
-        raise WireError("bad_tensor", f"{_text(what)}: shape must be a list of ≤{MAX_DIMS} ints ≥ 0")
+        raise WireError("bad_tensor", f"{_text(what)}: shape must be a list of ≤{MAX_DIMS} ints in [0, 2³¹)")
     if type(data) not in (bytes, bytearray, memoryview):
         raise WireError("bad_tensor", f"{_text(what)}: data must be bytes")
     expected = prod(shape) * dtype.itemsize
@@ -103,7 +104,10 @@ def decode_tensor(obj: Any, what: Any = "tensor") -> np.ndarray:
             "bad_tensor",
             f"{_text(what)}: {len(data)} bytes of data for shape {list(shape)} {name} (needs {expected})",
         )
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # numpy's own limits (e.g. a 0-sized axis next to a huge one)
+        raise WireError("bad_tensor", f"{_text(what)}: shape {list(shape)}: {exc}") from None
     if name == "bfloat16":
         array = array.view(BFloat16Array)
     if dtype.byteorder == "<" and sys.byteorder == "big":
