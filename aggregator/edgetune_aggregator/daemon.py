@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetune import __version__
-from edgetune.adapters.lora import check_tensors, init_lora, lora_shapes
+from edgetune.adapters.lora import check_tensors, init_lora, lora_shapes, pad_rank, rank_of
 from edgetune.transport import Transport, TransportError, Will
 from edgetune.transport.channel import Channel
 from edgetune.wire import (
@@ -66,6 +66,10 @@ class AggregatorConfig:
     evaluate_final: bool = True
     #: written into the PEFT adapter_config.json so users know which base it belongs to
     base_model: str = ""
+    #: plan each device's rank, quantization and batch from the profile in its hello
+    planning: bool = True
+    #: fleet-wide MB of updates per round the planner must stay within (None: unlimited)
+    uplink_budget_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.min_devices < 1:
@@ -215,8 +219,45 @@ class Aggregator:
             self.state = dataclasses.replace(self.state, global_chunks=count)
             self.store.save_state(self.state)
 
+    def _plan(self, kind: TaskKind) -> tuple[dict, dict]:
+        """Per-device plans and exclusions for the devices that sent a profile."""
+        profiles = {d: h.profile for d, h in self.devices.items() if h.profile is not None}
+        if not (self.config.planning and profiles) or kind is TaskKind.FINISHED:
+            return {}, {}
+        from edgetune.planning.costmodel import Arch, Calibration
+        from edgetune.planning.planner import PlanOptions, plan_fleet, ranks_up_to
+
+        try:
+            arch = Arch.from_manifest(self.state.model)
+        except ValueError as exc:
+            log.warning("not planning: %s", exc)
+            return {}, {}
+        spec, train = self.state.adapter, self.config.train
+        options = PlanOptions(
+            deadline_s=self.config.round_timeout_s,
+            seq_len=train.seq_len,
+            ranks=ranks_up_to(spec.rank),
+            target_modules=spec.target_modules,
+            max_local_steps=train.local_steps,
+            uplink_budget_bytes=self.config.uplink_budget_mb * 1e6 if self.config.uplink_budget_mb else None,
+        )
+        plan = plan_fleet(profiles, arch, options, Calibration.load())
+        for device, reason in plan.excluded.items():
+            log.warning("planner leaves %s out: %s", device, reason)
+        for device, choice in plan.chosen.items():
+            c = choice.config
+            log.info("plan for %s: rank %d, %s base, batch %d%s, %d steps (predicted %.0f MiB, %.1f s/step)",
+                     device, c.rank, c.quantization, c.batch_size, ", checkpointing" if c.gradient_checkpointing else "",
+                     choice.local_steps, choice.memory_bytes / 2**20, choice.step_s)
+        return plan.plans(), plan.excluded
+
     def _publish_task(self, round_number: int, kind: TaskKind) -> RoundTask:
         train = dataclasses.replace(self.config.train, seed=self.config.train.seed + round_number)
+        try:
+            plans, excluded = self._plan(kind)
+        except Exception:  # planning is an optimisation: without it, devices use the defaults
+            log.exception("planning round %d failed; devices train with the fleet's defaults", round_number)
+            plans, excluded = {}, {}
         task = RoundTask(
             round=round_number,
             kind=kind,
@@ -225,6 +266,8 @@ class Aggregator:
             adapter=self.state.adapter,
             train=train,
             deadline_s=self.config.round_timeout_s,
+            plans=plans,
+            excluded=excluded,
             run_id=self.state.run_id,
         )
         self.transport.publish(self.topics.task, encode_message(task), retain=True)
@@ -361,10 +404,16 @@ class Aggregator:
         if message.base_version != self.state.global_version:
             return self.channel.drop(sender, topic, "stale_base",
                                      f"delta against v{message.base_version}, global is v{self.state.global_version}")
-        why = check_tensors(message.delta, lora_shapes(self.state.adapter, self.state.model.modules))
+        # Devices planned at a lower rank send deltas of the leading components only.
+        spec = self.state.adapter
+        rank = rank_of(message.delta)
+        if not 1 <= rank <= spec.rank:
+            return self.channel.drop(sender, topic, "bad_tensor", f"rank {rank} is outside 1..{spec.rank}")
+        why = check_tensors(message.delta, lora_shapes(dataclasses.replace(spec, rank=rank), self.state.model.modules))
         if why:
             return self.channel.drop(sender, topic, "bad_tensor", why)
-        ctx.merge.add(message.delta, message.num_samples)
+        delta = message.delta if rank == spec.rank else pad_rank(message.delta, spec.rank)
+        ctx.merge.add(delta, message.num_samples)
         ctx.seen.add(sender)
         m = message.metrics
         ctx.record.devices.append(DeviceRecord(

@@ -41,7 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heldout", type=float, default=0.1, help="fraction of records held out for evaluation")
     run.add_argument("--connect-timeout", type=float, default=None, help="give up on the broker after S seconds (default: retry forever)")
     run.add_argument("--stay", action="store_true", help="keep running after the fleet finishes")
+    run.add_argument("--profile", type=Path, help="this device's profile (from 'edgetune profile'): sent to the "
+                     "aggregator for planning; its memory is the budget training stays within")
     _add_common(run)
+
+    from .profiling.cli import add_profile_parser
+
+    _add_common(add_profile_parser(commands))
+
+    plan = commands.add_parser("plan", help="show the configuration the planner picks for each device profile")
+    plan.add_argument("--profiles", type=Path, nargs="+", required=True, help="profile YAML files")
+    plan.add_argument("--model", help="as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
+    plan.add_argument("--deadline", type=float, default=600.0, help="round deadline in seconds")
+    plan.add_argument("--seq-len", type=int, default=128)
+    plan.add_argument("--max-rank", type=int, default=16)
+    plan.add_argument("--targets", default="q_proj,v_proj")
+    plan.add_argument("--max-steps", type=int, default=50, help="most optimizer steps a device takes per round")
+    plan.add_argument("--uplink-budget-mb", type=float, help="fleet-wide MB of updates per round (solved as a MILP)")
+    _add_common(plan)
 
     demo = commands.add_parser("demo", help="a whole federation on this machine: broker, aggregator, devices")
     demo.add_argument("--devices", type=int, default=3)
@@ -68,7 +85,13 @@ def _device_run(args: argparse.Namespace) -> int:
     from .transport import open_transport
     from .workload import Workload
 
-    config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout, exit_when_finished=not args.stay)
+    profile = None
+    if args.profile:
+        from .profiling import load_profile
+
+        profile = load_profile(args.profile)
+    config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout,
+                          exit_when_finished=not args.stay, profile=profile)
     transport = open_transport(args.broker, client_id=f"edgetune-{args.fleet}-{args.device_id}",
                                connect_timeout=args.connect_timeout)
     workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads)
@@ -91,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "device":
             return _device_run(args)
+        if args.command == "profile":
+            from .profiling.cli import run_profile
+
+            return run_profile(args)
+        if args.command == "plan":
+            from .planning.report import run_plan
+
+            return run_plan(args)
         from .demo import run_demo
 
         return run_demo(args)

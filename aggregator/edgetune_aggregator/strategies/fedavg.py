@@ -6,6 +6,11 @@ which differs from the average of the devices' updates ``Σ pₖ·Bₖ·Aₖ`` a
 move their factors differently. It is the rule of FedIT and the baseline the exact rules
 (mixed ranks, stacking) are compared against.
 
+Devices planned at a lower rank r train the leading r components (their alpha scaled by
+r / R, so every update has the global scale alpha / R) and their deltas are zero-padded to the
+global rank R before averaging. Zero-padding shrinks the components only some devices train,
+which is one more way this rule is inexact.
+
 Updates arrive as deltas against the global adapter (``Aₖ = A + ΔAₖ``), so
 ``A' = A + Σ pₖ·ΔAₖ``: the streaming form below keeps one running weighted sum per tensor,
 making memory independent of the number of devices.

@@ -151,6 +151,16 @@ def plan_fleet(
     return plan
 
 
+def ranks_up_to(max_rank: int) -> tuple[int, ...]:
+    """Candidate ranks for a fleet whose global adapter has ``max_rank``: powers of two up to
+    it, and ``max_rank`` itself."""
+    ranks, r = {max_rank}, 1
+    while r < max_rank:
+        ranks.add(r)
+        r *= 2
+    return tuple(sorted(x for x in ranks if x >= min(2, max_rank)))
+
+
 def best(found: list[Candidate]) -> Candidate:
     """Highest utility; ties go to less memory, then to the faster step (deterministic)."""
     return max(found, key=lambda c: (c.utility, -c.memory_bytes, -c.step_s, c.config.rank))

@@ -4,6 +4,9 @@ The fleet speaks in ``{module}.lora_A`` (rank, in) / ``{module}.lora_B`` (out, r
 (``edgetune.adapters.lora``); this module is the only place that knows how PEFT stores them.
 PEFT keeps that same orientation for GPT-2's ``Conv1D`` layers too (``fan_in_fan_out`` only
 transposes the *base* weight when merging), so arrays are copied as they are.
+
+The base can be stored in bfloat16, int8 or nf4 (``edgetune.trainers.quantize``) and its
+activations recomputed in backward (gradient checkpointing); the LoRA factors stay float32.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 from ..adapters.lora import as_float32, check_tensors, lora_shapes
 from ..models.loading import LoadedModel
 from ..wire.schema import LoraSpec, TrainSettings
+from .quantize import quantization_of, quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +53,30 @@ class TorchLoraTrainer:
 
     PEFT wraps the model in place, so ``loaded.model`` now carries LoRA layers: give each
     trainer its own ``LoadedModel``.
+
+    ``quantization`` ("float32", "bfloat16", "int8", "nf4") converts ``loaded.model``'s linear
+    layers in place before LoRA is attached. That cannot be undone: to train in another
+    precision, load the base again. ``gradient_checkpointing`` recomputes each layer's
+    activations in backward, trading one more forward pass per step for activation memory.
     """
 
-    def __init__(self, loaded: LoadedModel, spec: LoraSpec, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        spec: LoraSpec,
+        threads: int | None = None,
+        *,
+        quantization: str = "float32",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        self.shapes = lora_shapes(spec, loaded.manifest.modules)
+        base = quantize_base(loaded.model, quantization)  # checks the mode before changing anything
         if threads is not None:
             torch.set_num_threads(threads)
         self.loaded = loaded
         self.spec = spec
-        self.shapes = lora_shapes(spec, loaded.manifest.modules)
+        self.quantization = quantization
         self._modules = sorted({name.rsplit(".", 1)[0] for name in self.shapes})
-        base = loaded.model
         # PEFT wants fan_in_fan_out=True for Conv1D (weights stored (in, out)) and warns otherwise
         conv1d = any(isinstance(base.get_submodule(m), Conv1D) for m in self._modules)
         config = peft.LoraConfig(
@@ -71,14 +89,33 @@ class TorchLoraTrainer:
         )
         self.model = peft.get_peft_model(base, config)
         self.model.eval()
+        self._checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            # enabled after wrapping, so PEFT adds no input-grad hook that would outlive unload();
+            # non-reentrant checkpointing passes gradients to LoRA even though the embeddings'
+            # output does not require grad, so no such hook is needed
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         wrapped = self.model.base_model.model
         self._layers = {m: wrapped.get_submodule(m) for m in self._modules}
 
     def unload(self) -> None:
         """Take the LoRA layers out again, leaving ``loaded.model`` the plain frozen base, so a
-        trainer for another spec (rank, targets) can wrap it next."""
-        self.loaded.model = self.model.unload()
+        trainer for another spec (rank, targets) can wrap it next.
+
+        A quantized base stays quantized: the next trainer must ask for the same quantization
+        (another one raises ``ValueError``); a fresh ``load_model`` gives a float32 base.
+        """
+        base = self.model.unload()
+        if self._checkpointing:
+            base.gradient_checkpointing_disable()
+        mode = quantization_of(base)
+        if mode != "float32":
+            log.warning(
+                "the unloaded base of %s stays %s-quantized: wrap it again with quantization=%r, "
+                "or load the model again to train in another precision", self.loaded.name, mode, mode,
+            )
+        self.loaded.model = base
 
     @property
     def trainable_parameters(self) -> int:
@@ -113,8 +150,11 @@ class TorchLoraTrainer:
         # explicit mask and positions: the ONNX trainer feeds the same inputs
         mask = torch.ones_like(ids)
         positions = torch.arange(ids.shape[1]).expand_as(ids)
+        # use_cache=False: every forward sees whole blocks, so a KV cache would only cost memory
+        # (and make gradient checkpointing warn that it drops it)
         return self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, labels=ids if labels else None
+            input_ids=ids, attention_mask=mask, position_ids=positions, labels=ids if labels else None,
+            use_cache=False,
         )
 
     def train(
