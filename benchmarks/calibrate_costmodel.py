@@ -34,11 +34,17 @@ CONFIGS = [
     ("float32", 2, 64, False),
     ("float32", 4, 128, True),
     ("float32", 8, 128, True),
+    ("bfloat16", 2, 128, False),
     ("bfloat16", 4, 128, False),
+    ("bfloat16", 8, 128, False),
+    ("int8", 1, 128, False),
     ("int8", 2, 128, False),
     ("int8", 4, 128, False),
+    ("int8", 8, 128, False),
+    ("nf4", 1, 128, False),
     ("nf4", 2, 128, False),
     ("nf4", 4, 128, False),
+    ("nf4", 8, 128, False),
 ]
 RANK, TARGETS = 8, ("q_proj", "v_proj")
 
@@ -84,9 +90,12 @@ class Measurement:
     idle_rss: float
 
 
-def measure(model: str, steps: int, threads: int) -> list[Measurement]:
-    results = []
+def measure(model: str, steps: int, threads: int, done: list[Measurement] = ()) -> list[Measurement]:
+    results = list(done)
+    have = {(m.quantization, m.batch, m.seq_len, m.checkpointing) for m in done}
     for quantization, batch, seq_len, checkpointing in CONFIGS:
+        if (quantization, batch, seq_len, checkpointing) in have:
+            continue
         args = dict(model=model, rank=RANK, targets=TARGETS, quantization=quantization, batch=batch,
                     seq_len=seq_len, checkpointing=checkpointing, steps=steps, threads=threads)
         started = time.perf_counter()
@@ -106,26 +115,28 @@ def fit(arch, measurements, reference_gflops: float, fitted_on: str):
 
     from edgetune.planning.costmodel import Calibration, Config, FLOAT, activation_floats, lora_parameters, step_gflop, weight_bytes
 
-    quants = sorted({m.quantization for m in measurements} - {"float32"})
+    all_quants = sorted({m.quantization for m in measurements})
+    quants = [q for q in all_quants if q != "float32"]
     rows, target = [], []
     for m in measurements:
         config = Config(RANK, m.quantization, m.batch, m.seq_len, m.checkpointing, TARGETS)
         known = weight_bytes(arch, m.quantization) + lora_parameters(arch, config) * FLOAT * 4
-        row = [1.0, activation_floats(arch, config) * FLOAT, m.batch * m.seq_len * arch.vocab_size * FLOAT]
+        row = [1.0, m.batch * m.seq_len * arch.vocab_size * FLOAT]
+        row += [activation_floats(arch, config) * FLOAT * (m.quantization == q) for q in all_quants]
         row += [arch.linear_parameters * FLOAT * (m.quantization == q) for q in quants]
         rows.append(row)
         target.append(m.peak_rss - known)
     coef, _ = nnls(np.array(rows), np.array(target))
     # time: step = overhead + c_q · GFLOP, one c per quantization
-    all_quants = sorted({m.quantization for m in measurements})
     time_rows = [[1.0] + [step_gflop(arch, Config(RANK, m.quantization, m.batch, m.seq_len, m.checkpointing, TARGETS))
                           * (m.quantization == q) for q in all_quants] for m in measurements]
     time_coef, *_ = np.linalg.lstsq(np.array(time_rows), np.array([m.step_s for m in measurements]), rcond=None)
+    n = len(all_quants)
     return Calibration(
         overhead_bytes=float(coef[0]),
-        activation_scale=float(coef[1]),
-        logits_copies=float(coef[2]),
-        dequantized_fraction={q: float(c) for q, c in zip(quants, coef[3:])},
+        logits_copies=float(coef[1]),
+        activation_scale={q: float(c) for q, c in zip(all_quants, coef[2:2 + n])},
+        dequantized_fraction={q: float(c) for q, c in zip(quants, coef[2 + n:])},
         seconds_per_gflop={q: float(c) for q, c in zip(all_quants, time_coef[1:])},
         step_overhead_s=max(0.0, float(time_coef[0])),
         reference_gflops=reference_gflops,
@@ -142,6 +153,7 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--measurements", help="reuse measurements from this JSON file instead of measuring")
     parser.add_argument("--dump", help="write the measurements to this JSON file")
+    parser.add_argument("--extend", help="measure only configurations missing from this dump, then rewrite it")
     args = parser.parse_args()
 
     from edgetune.models import load_model
@@ -154,9 +166,14 @@ def main() -> None:
     if args.measurements:
         measurements = [Measurement(**m) for m in json.load(open(args.measurements))]
         reference = json.load(open(args.measurements + ".gflops"))
+    elif args.extend:
+        done = [Measurement(**m) for m in json.load(open(args.extend))]
+        reference = json.load(open(args.extend + ".gflops"))
+        measurements = measure(args.model, args.steps, args.threads, done)
+        json.dump([asdict(m) for m in measurements], open(args.extend, "w"), indent=1)
     else:
-        reference = measure_profile(seconds=2.0).gflops["float32"]
-        print(f"this machine: {reference:.1f} float32 GFLOP/s; measuring {len(CONFIGS)} configurations", file=sys.stderr)
+        reference = measure_profile(seconds=4.0).gflops
+        print(f"this machine: {reference} GFLOP/s; measuring {len(CONFIGS)} configurations", file=sys.stderr)
         measurements = measure(args.model, args.steps, args.threads)
         if args.dump:
             json.dump([asdict(m) for m in measurements], open(args.dump, "w"), indent=1)
@@ -164,13 +181,13 @@ def main() -> None:
     fitted_on = (f"{manifest.name}, LoRA r={RANK} on {','.join(TARGETS)}, {platform.machine()} "
                  f"{args.threads} threads, {time.strftime('%Y-%m-%d')}")
     everything = fit(arch, measurements, reference, fitted_on)
-    profile = DeviceProfile("calibration", 1 << 40, {"float32": reference})
+    profile = DeviceProfile("calibration", 1 << 40, dict(reference))
     rows = []
     for i, m in enumerate(measurements):
         held_out = fit(arch, measurements[:i] + measurements[i + 1:], reference, fitted_on)
         config = Config(RANK, m.quantization, m.batch, m.seq_len, m.checkpointing, TARGETS)
-        memory = estimate_memory(arch, config, held_out).total
-        if m.quantization not in held_out.seconds_per_gflop:
+        memory = estimate_memory(arch, config, held_out).total if m.quantization in held_out.activation_scale else float("nan")
+        if m.quantization not in held_out.seconds_per_gflop or m.quantization not in held_out.activation_scale:
             step = float("nan")  # its quantization's only other sample was this one
         else:
             step = estimate_step_seconds(arch, config, profile, held_out)

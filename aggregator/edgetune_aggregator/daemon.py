@@ -99,6 +99,7 @@ class Aggregator:
         self.global_adapter: GlobalAdapter | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._task: RoundTask | None = None  # the task now published
 
     # --- public -----------------------------------------------------------------------------
 
@@ -270,12 +271,32 @@ class Aggregator:
             excluded=excluded,
             run_id=self.state.run_id,
         )
+        self._send_task(task)
+        return task
+
+    def _send_task(self, task: RoundTask) -> None:
+        self._task = task
         self.transport.publish(self.topics.task, encode_message(task), retain=True)
         try:
             self.transport.flush()
         except TransportError as exc:  # paho resends after reconnecting; keep serving
-            log.warning("task for round %d not yet acknowledged: %s", round_number, exc)
-        return task
+            log.warning("task for round %d not yet acknowledged: %s", task.round, exc)
+
+    def _plan_latecomer(self, device: str) -> None:
+        """A device with a profile joined an open round: add its plan to the task. Plans
+        already handed out stay as they are (devices may be training on them)."""
+        task = self._task
+        if task is None or task.kind is not TaskKind.TRAIN or device in task.plans or device in task.excluded:
+            return
+        try:
+            plans, excluded = self._plan(task.kind)
+        except Exception:
+            log.exception("planning for %s failed; it trains with the fleet's defaults", device)
+            return
+        if device in plans or device in excluded:
+            added_plans = {**task.plans, **({device: plans[device]} if device in plans else {})}
+            added_excluded = {**task.excluded, **({device: excluded[device]} if device in excluded else {})}
+            self._send_task(dataclasses.replace(task, plans=added_plans, excluded=added_excluded))
 
     # --- one round --------------------------------------------------------------------------
 
@@ -381,10 +402,13 @@ class Aggregator:
                 self.channel.drop(hello.device_id, topic, "model_mismatch",
                                   f"model {hello.model.fingerprint} differs from {first.fingerprint}")
                 return
-        if hello.device_id not in self.devices:
+        new = hello.device_id not in self.devices
+        if new:
             log.info("device %s joined (sdk %s, %d samples)", hello.device_id, hello.sdk_version, hello.num_samples)
         self.devices[hello.device_id] = hello
         self.online.add(hello.device_id)
+        if new and hello.profile is not None and self.state is not None:
+            self._plan_latecomer(hello.device_id)
 
     def _on_result(self, topic: str, message: Update | EvalReport, ctx: _Round | None) -> None:
         sender = message.device_id

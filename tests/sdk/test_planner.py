@@ -25,10 +25,11 @@ for layer in range(LAYERS):
 LINEAR = sum(a * b for a, b in MODULES.values())
 ARCH = Arch(VOCAB, H, LAYERS, 4, LINEAR + VOCAB * H + 2 * H * LAYERS, MODULES)
 CAL = Calibration(
-    overhead_bytes=300e6, activation_scale=1.2, logits_copies=3.0,
+    overhead_bytes=300e6, logits_copies=3.0,
+    activation_scale={"float32": 1.2, "bfloat16": 1.2, "int8": 1.5, "nf4": 1.5},
     dequantized_fraction={"nf4": 0.8, "int8": 0.5, "bfloat16": 0.2},
     seconds_per_gflop={"float32": 0.05, "bfloat16": 0.2, "int8": 0.3, "nf4": 0.25},
-    step_overhead_s=0.01, reference_gflops=20.0,
+    step_overhead_s=0.01, reference_gflops={"float32": 20.0, "bfloat16": 40.0},
 )
 
 

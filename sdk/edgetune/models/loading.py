@@ -219,7 +219,12 @@ def _load_gguf(gguf: Path, cache_dir: Path | None) -> LoadedModel:
         _convert_gguf(gguf, folder)
     else:
         log.info("model %s: using cached conversion %s", gguf.name, folder)
-    return _load_folder(folder, _folder_name(folder))
+    if not (folder / _SOURCE_FILE).exists():  # converted by an older edgetune: name it now
+        try:
+            (folder / _SOURCE_FILE).write_text(json.dumps({"name": gguf.stem, "gguf": str(gguf)}))
+        except OSError:
+            pass
+    return _load_folder(folder, gguf.stem)
 
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:

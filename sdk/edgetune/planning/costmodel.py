@@ -41,8 +41,9 @@ class Calibration:
 
     #: resident bytes of the process before any weights: interpreter, torch, transformers
     overhead_bytes: float
-    #: multiplier on the counted activation floats (allocator slack, temporaries)
-    activation_scale: float
+    #: per quantization: multiplier on the counted activation floats (allocator slack,
+    #: temporaries; quantized layers save extra per-token copies for their backward)
+    activation_scale: dict[str, float]
     #: float32 copies of the (batch, seq, vocab) logits alive at the peak
     logits_copies: float
     #: per quantization: fraction of the linear weights held in float32 during backward
@@ -51,8 +52,8 @@ class Calibration:
     seconds_per_gflop: dict[str, float] = field(default_factory=dict)
     #: fixed seconds per optimizer step (Python, optimizer, data)
     step_overhead_s: float = 0.0
-    #: float32 matmul GFLOP/s of the machine the times were measured on
-    reference_gflops: float = 0.0
+    #: matmul GFLOP/s per dtype of the machine the times were measured on
+    reference_gflops: dict[str, float] = field(default_factory=dict)
     #: what the coefficients were fitted on (model, machine, date)
     fitted_on: str = ""
 
@@ -172,7 +173,7 @@ def estimate_memory(arch: Arch, config: Config, calibration: Calibration) -> Mem
         overhead=calibration.overhead_bytes,
         weights=weight_bytes(arch, config.quantization),
         adapter=adapter,
-        activations=calibration.activation_scale * activation_floats(arch, config) * FLOAT,
+        activations=calibration.activation_scale[config.quantization] * activation_floats(arch, config) * FLOAT,
         logits=calibration.logits_copies * tokens * arch.vocab_size * FLOAT,
         dequantized=dequantized,
     )
@@ -190,15 +191,22 @@ def step_gflop(arch: Arch, config: Config) -> float:
     return (forward * passes + lora) / 1e9
 
 
+def compute_dtype(quantization: str) -> str:
+    """The dtype the matmuls of a base run in: bf16 layers multiply in bf16; int8 and nf4
+    layers are dequantized to float32 on CPU."""
+    return "bfloat16" if quantization == "bfloat16" else "float32"
+
+
 def estimate_step_seconds(arch: Arch, config: Config, profile: DeviceProfile, calibration: Calibration) -> float:
-    gflops = profile.gflops.get("float32") or max(profile.gflops.values())
+    """Seconds per optimizer step on ``profile``'s device: measured seconds per GFLOP on the
+    calibration machine, scaled by how much faster or slower the device's matmuls are in the
+    dtype that quantization computes in (an assumption: the kernels scale alike)."""
+    dtype = compute_dtype(config.quantization)
+    device = profile.gflops.get(dtype)
+    reference = calibration.reference_gflops.get(dtype)
+    if not device or not reference:
+        raise ValueError(f"no {dtype} throughput for {profile.name} or the calibration: cannot time {config.quantization}")
     per_gflop = calibration.seconds_per_gflop.get(config.quantization)
     if per_gflop is None:
         raise ValueError(f"no calibration for quantization {config.quantization!r}")
-    return calibration.step_overhead_s + step_gflop(arch, config) * per_gflop * gflops_scale(gflops, calibration)
-
-
-def gflops_scale(device_gflops: float, calibration: Calibration) -> float:
-    """``seconds_per_gflop`` was measured on the calibration machine; a device with k× its
-    float32 throughput takes 1/k of the time (an assumption: the kernels scale alike)."""
-    return calibration.reference_gflops / device_gflops
+    return calibration.step_overhead_s + step_gflop(arch, config) * per_gflop * reference / device

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..wire.schema import QUANTIZATIONS, DevicePlan, DeviceProfile
-from .costmodel import Arch, Calibration, Config, estimate_memory, estimate_step_seconds, lora_parameters
+from .costmodel import Arch, Calibration, Config, compute_dtype, estimate_memory, estimate_step_seconds, lora_parameters
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,9 @@ class FleetPlan:
 
 def candidates(arch: Arch, profile: DeviceProfile, options: PlanOptions, calibration: Calibration) -> tuple[list[Candidate], str]:
     """Every feasible configuration for one device, and why none is if the list is empty."""
-    allowed = [q for q in options.quantizations if q == "float32" or q in profile.quantization]
+    # bfloat16 needs a measured bf16 throughput: without bf16 instructions it is emulated, slowly
+    allowed = [q for q in options.quantizations if q == "float32" or (
+        q in profile.quantization and compute_dtype(q) in profile.gflops)]
     budget = profile.memory_bytes * options.memory_margin
     time_budget = options.deadline_s * options.time_margin
     feasible: list[Candidate] = []
@@ -162,8 +164,9 @@ def ranks_up_to(max_rank: int) -> tuple[int, ...]:
 
 
 def best(found: list[Candidate]) -> Candidate:
-    """Highest utility; ties go to less memory, then to the faster step (deterministic)."""
-    return max(found, key=lambda c: (c.utility, -c.memory_bytes, -c.step_s, c.config.rank))
+    """Highest utility; ties go to the faster step (the round ends sooner), then to less
+    memory (deterministic)."""
+    return max(found, key=lambda c: (c.utility, -c.step_s, -c.memory_bytes, c.config.rank))
 
 
 def _solve_with_budget(options_by_device: dict[str, list[Candidate]], budget: float):
