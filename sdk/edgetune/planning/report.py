@@ -9,17 +9,17 @@ from .planner import FleetPlan, PlanOptions, plan_fleet, ranks_up_to
 
 
 def format_plan(plan: FleetPlan, profiles: dict, calibration: Calibration, arch: Arch) -> str:
-    lines = [f"{'device':<22}{'memory':>9}{'rank':>6}{'base':>10}{'batch':>7}{'ckpt':>6}{'steps':>7}"
+    lines = [f"{'device':<28}{'memory':>9}{'rank':>6}{'base':>10}{'batch':>7}{'ckpt':>6}{'steps':>7}"
              f"{'step s':>8}{'peak MiB':>10}{'tokens':>9}"]
     for name in sorted(profiles):
         budget = f"{profiles[name].memory_bytes / 2**30:.1f}G"
         choice = plan.chosen.get(name)
         if choice is None:
-            lines.append(f"{name:<22}{budget:>9}  excluded: {plan.excluded.get(name, '')}")
+            lines.append(f"{name:<28}{budget:>9}  excluded: {plan.excluded.get(name, '')}")
             continue
         c = choice.config
         peak = estimate_memory(arch, c, calibration).total / 2**20
-        lines.append(f"{name:<22}{budget:>9}{c.rank:>6}{c.quantization:>10}{c.batch_size:>7}"
+        lines.append(f"{name:<28}{budget:>9}{c.rank:>6}{c.quantization:>10}{c.batch_size:>7}"
                      f"{'on' if c.gradient_checkpointing else 'off':>6}{choice.local_steps:>7}"
                      f"{choice.step_s:>8.2f}{peak:>10,.0f}{choice.tokens:>9,}")
     lines.append(f"{len(plan.chosen)} of {len(profiles)} devices take part; {plan.tokens:,} tokens per round "
