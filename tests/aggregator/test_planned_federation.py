@@ -125,3 +125,30 @@ def test_out_of_memory_backs_off_reports_and_finishes_the_round(tmp_path, caplog
     assert observer.updates[1][0].delta["model.layers.0.self_attn.q_proj.lora_A"].shape[0] == 4
     device.stop()
     observer.close()
+
+
+def test_a_device_over_its_memory_budget_backs_off_to_the_end_and_reports(tmp_path, caplog):
+    """A profile whose budget is below what the process already holds: every rung fails the
+    resident-memory check, the device reports out_of_memory, skips the round, keeps serving."""
+    from edgetune.device import Device, DeviceConfig
+    from edgetune.transport import open_transport
+
+    fleet = f"budget-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    caplog.set_level(logging.WARNING)
+    plans = {"dev-0": DevicePlan(2, batch_size=2, local_steps=1)}
+    aggregator, thread = _start_fixed(url, fleet_config(tmp_path, fleet, rounds=1, min_devices=1, round_timeout_s=5,
+                                                        evaluate_final=False), plans)
+    tight = DeviceProfile("tight", 16 << 20, {"float32": 10.0}, 1, ())  # 16 MiB: less than Python itself
+    device = Device(DeviceConfig(fleet, "dev-0", profile=tight), open_transport(url, client_id="d0"), workload(0))
+    device.connect()
+    device.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    messages = [r.getMessage() for r in caplog.records]
+    backoffs = [m for m in messages if "oom_backoff" in m and "reports" in m]
+    # batch 2 → 1, checkpointing on, rank 2 → 1; then nothing is left (no quantization supported)
+    assert len(backoffs) == 3 and any("out_of_memory" in m and "reports" in m for m in messages)
+    (record,) = aggregator.store.rounds()
+    assert record["status"] == "failed" and device.rounds_done == []
+    device.stop()
