@@ -21,22 +21,10 @@ from edgetune.models import ByteTokenizer, load_model  # noqa: E402
 from edgetune.trainers.quantize import MODES, quantization_of, quantize_base, weight_bytes  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
 from edgetune.wire.schema import LoraSpec, TrainSettings  # noqa: E402
+from lora_data import TEXT, batches, blocks  # noqa: E402,F401
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
-TEXT = "the pump on line 3 vibrates at 12.5 mm/s; replace bearing B-7 before the next shift. " * 8
 STEPS = TrainSettings(local_steps=3, learning_rate=1e-2, seed=1)
-
-
-def blocks(seq_len: int = 32) -> np.ndarray:
-    ids = np.array(ByteTokenizer().encode(TEXT), dtype=np.int64)
-    n = len(ids) // seq_len
-    return ids[: n * seq_len].reshape(n, seq_len)  # (N, T)
-
-
-def batches(data: np.ndarray, batch_size: int = 4, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    while True:
-        yield data[rng.choice(len(data), batch_size, replace=False)]  # (B, T)
 
 
 def trainer_for(mode: str, **kwargs) -> TorchLoraTrainer:

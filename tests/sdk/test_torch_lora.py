@@ -22,9 +22,9 @@ from edgetune.adapters.peft_format import write_peft_adapter  # noqa: E402
 from edgetune.models import ByteTokenizer, ModelError, default_targets, load_model  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
 from edgetune.wire.schema import LoraSpec, TrainSettings  # noqa: E402
+from lora_data import TEXT, batches, blocks  # noqa: E402,F401
 
 TINY = ["tiny-llama", "tiny-gpt2"]
-TEXT = "the pump on line 3 vibrates at 12.5 mm/s; replace bearing B-7 before the next shift. " * 8
 
 
 def spec_for(ref: str, rank: int = 4) -> LoraSpec:
@@ -39,18 +39,6 @@ def make_trainer(ref: str, rank: int = 4) -> TorchLoraTrainer:
     rng = np.random.default_rng(1)
     trainer.set_adapter({k: rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in trainer.get_adapter().items()})
     return trainer
-
-
-def blocks(seq_len: int = 32) -> np.ndarray:
-    ids = np.array(ByteTokenizer().encode(TEXT), dtype=np.int64)
-    n = len(ids) // seq_len
-    return ids[: n * seq_len].reshape(n, seq_len)  # (N, T)
-
-
-def batches(data: np.ndarray, batch_size: int = 4, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    while True:
-        yield data[rng.choice(len(data), batch_size, replace=False)]  # (B, T)
 
 
 SETTINGS = TrainSettings(local_steps=20, batch_size=4, learning_rate=1e-2, seq_len=32, seed=7)
