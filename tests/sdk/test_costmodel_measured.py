@@ -33,11 +33,15 @@ print(json.dumps({"before": before, "peak": rss("VmHWM"), "manifest": {
 """
 
 
-@pytest.mark.parametrize("batch, seq", [(16, 256), (32, 256)])
+@pytest.mark.parametrize("batch, seq", [(32, 256), (64, 256)])
 def test_predicted_step_memory_matches_measured_rss_growth(batch, seq):
     """What one step adds to resident memory (activations, logits, adapter state) against the
     calibrated prediction of those terms. The fixed terms (interpreter, weights) are already
-    resident before the step, so they cancel out of the measurement."""
+    resident before the step, so they cancel out of the measurement.
+
+    The steps are large (250-500 MiB) on purpose: glibc grows its heaps in chunks of up to
+    64 MiB, which swamps a smaller step (at 16 × 256 the same step measured 156-203 MiB across
+    runs). At these sizes prediction and measurement agreed within 3-9 % over repeated runs."""
     from edgetune.planning.costmodel import Arch, Calibration, Config, estimate_memory
     from edgetune.wire import ModelManifest
 
@@ -48,5 +52,5 @@ def test_predicted_step_memory_matches_measured_rss_growth(batch, seq):
     estimate = estimate_memory(Arch.from_manifest(manifest), Config(8, "float32", batch, seq), Calibration.load())
     predicted = estimate.activations + estimate.logits + estimate.adapter
     measured = data["peak"] - data["before"]
-    assert measured > 20 * 2**20, "the step should allocate tens of MiB"
-    assert abs(predicted - measured) / measured < 0.3, (predicted / 2**20, measured / 2**20)
+    assert measured > 200 * 2**20, "the step should allocate hundreds of MiB"
+    assert abs(predicted - measured) / measured < 0.2, (predicted / 2**20, measured / 2**20)
