@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import random
 from pathlib import Path
 
 from edgetune.models import load_model
-from edgetune.planning.costmodel import Arch, Calibration, Config, estimate_memory, estimate_step_seconds
+from edgetune.planning.costmodel import Arch, Calibration, Config
 from edgetune.planning.planner import Candidate, PlanOptions, candidates, plan_fleet
 from edgetune.profiling import load_profile
 
@@ -51,14 +50,14 @@ def fleet(n: int, seed: int) -> dict:
 
 
 def run_everywhere(config: Config, devices: dict, arch: Arch, options: PlanOptions, cal: Calibration):
-    """Every device runs ``config``: tokens per device (0 where it does not fit)."""
+    """Every device runs ``config``: tokens per device (0 where it does not fit). Feasibility
+    and step counts come from the planner's own ``candidates``, restricted to this config."""
+    only = dataclasses.replace(options, ranks=(config.rank,), quantizations=(config.quantization,),
+                               batch_sizes=(config.batch_size,), checkpointing=(config.gradient_checkpointing,))
     tokens = {}
     for name, profile in devices.items():
-        fits = estimate_memory(arch, config, cal).total <= options.memory_margin * profile.memory_bytes
-        allowed = config.quantization == "float32" or config.quantization in profile.quantization
-        step = estimate_step_seconds(arch, config, profile, cal)
-        steps = min(options.max_local_steps, math.floor(options.deadline_s * options.time_margin / step))
-        tokens[name] = steps * config.batch_size * config.seq_len if fits and allowed and steps >= 1 else 0
+        found, _ = candidates(arch, profile, only, cal)
+        tokens[name] = found[0].tokens if found else 0
     return tokens
 
 

@@ -100,6 +100,7 @@ class Aggregator:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._task: RoundTask | None = None  # the task now published
+        self._calibration = None  # the cost model's coefficients, read once when first needed
 
     # --- public -----------------------------------------------------------------------------
 
@@ -220,13 +221,20 @@ class Aggregator:
             self.state = dataclasses.replace(self.state, global_chunks=count)
             self.store.save_state(self.state)
 
-    def _plan(self, kind: TaskKind) -> tuple[dict, dict]:
-        """Per-device plans and exclusions for the devices that sent a profile."""
+    def _plan(self, kind: TaskKind, only: str | None = None) -> tuple[dict, dict]:
+        """Per-device plans and exclusions for the devices that sent a profile (``only``: for
+        that one device, when devices are independent of each other)."""
         profiles = {d: h.profile for d, h in self.devices.items() if h.profile is not None}
         if not (self.config.planning and profiles) or kind is TaskKind.FINISHED:
             return {}, {}
         from edgetune.planning.costmodel import Arch, Calibration
         from edgetune.planning.planner import PlanOptions, plan_fleet, ranks_up_to
+
+        if only is not None and self.config.uplink_budget_mb is None:
+            # Without a fleet-wide budget each device's optimum is its own: plan just this one.
+            profiles = {only: profiles[only]}
+        if self._calibration is None:
+            self._calibration = Calibration.load()
 
         try:
             arch = Arch.from_manifest(self.state.model)
@@ -242,7 +250,7 @@ class Aggregator:
             max_local_steps=train.local_steps,
             uplink_budget_bytes=self.config.uplink_budget_mb * 1e6 if self.config.uplink_budget_mb else None,
         )
-        plan = plan_fleet(profiles, arch, options, Calibration.load())
+        plan = plan_fleet(profiles, arch, options, self._calibration)
         for device, reason in plan.excluded.items():
             log.warning("planner leaves %s out: %s", device, reason)
         for device, choice in plan.chosen.items():
@@ -289,7 +297,7 @@ class Aggregator:
         if task is None or task.kind is not TaskKind.TRAIN or device in task.plans or device in task.excluded:
             return
         try:
-            plans, excluded = self._plan(task.kind)
+            plans, excluded = self._plan(task.kind, only=device)
         except Exception:
             log.exception("planning for %s failed; it trains with the fleet's defaults", device)
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import logging
 import queue
 import threading
@@ -311,8 +312,6 @@ class Device:
 
 def hash_seed(text: str) -> int:
     """A stable small integer from a name (Python's ``hash`` is salted per process)."""
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
