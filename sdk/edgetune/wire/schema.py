@@ -25,7 +25,7 @@ AGGREGATOR_ID = "aggregator"
 #: EMQX's default maximum packet: payloads above it travel as chunks
 DEFAULT_MAX_PACKET = 1 << 20
 #: topic kinds a device publishes under, each as ``{kind}/{device_id}``
-DEVICE_TOPIC_KINDS = ("hello", "presence", "update", "eval", "progress", "error")
+DEVICE_TOPIC_KINDS = ("hello", "presence", "update", "eval", "importance", "progress", "error")
 #: a model manifest larger than this is refused (protects the aggregator's memory)
 MAX_MANIFEST_MODULES = 10_000
 MAX_LAYER_DIM = 1 << 17
@@ -87,6 +87,8 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     seq_len: int = 128
     seed: int = 0
+    #: FedProx: add mu/2 · ‖θ − θ_start‖² over the adapter factors to the local loss (0: off)
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("local_steps", "batch_size", "grad_accum", "seq_len"):
@@ -96,6 +98,25 @@ class TrainSettings:
         _positive(self.learning_rate, "TrainSettings.learning_rate")
         _positive(self.weight_decay, "TrainSettings.weight_decay", allow_zero=True)
         _positive(self.max_grad_norm, "TrainSettings.max_grad_norm", allow_zero=True)
+        _positive(self.proximal_mu, "TrainSettings.proximal_mu", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class ImportanceSettings:
+    """How devices score candidate weight matrices in a calibration round (docs/importance.md):
+    sensitivity |w · ∂L/∂w| over ``batches`` batches, smoothed AdaLoRA-style with exponential
+    moving averages of the sensitivity (``beta1``) and of its uncertainty (``beta2``)."""
+
+    batches: int = 8
+    beta1: float = 0.85
+    beta2: float = 0.85
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batches <= 10_000:
+            raise ValueError(f"ImportanceSettings.batches must be in 1..10000, got {self.batches}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ImportanceSettings.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 # --- device -> aggregator -------------------------------------------------------------------
@@ -227,6 +248,26 @@ class Update:
 
 
 @dataclass(frozen=True)
+class ImportanceReport:
+    """A device's answer to a calibration round: one score per candidate weight matrix
+    (module name -> smoothed sensitivity, see docs/importance.md). A few hundred floats."""
+
+    device_id: str
+    round: int
+    num_samples: int
+    scores: dict[str, float]
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        if self.num_samples < 1:
+            raise ValueError(f"ImportanceReport.num_samples must be ≥ 1, got {self.num_samples}")
+        if len(self.scores) > MAX_MANIFEST_MODULES:
+            raise ValueError(f"ImportanceReport.scores has {len(self.scores)} entries (at most {MAX_MANIFEST_MODULES})")
+
+
+@dataclass(frozen=True)
 class EvalMetrics:
     global_ppl: float
     eval_tokens: int
@@ -290,6 +331,8 @@ class DevicePlan:
 
 
 class TaskKind(str, Enum):
+    #: score candidate weight matrices (ImportanceReport); picks the adapter layout
+    CALIBRATE = "calibrate"
     TRAIN = "train"
     EVALUATE = "evaluate"
     FINISHED = "finished"
@@ -312,17 +355,27 @@ class RoundTask:
     excluded: dict[str, str] = field(default_factory=dict)
     #: identifies one fleet run (one state dir): round numbers restart with a new run
     run_id: str = ""
+    #: for CALIBRATE tasks: how to score the candidate matrices (adapter.target_modules)
+    importance: ImportanceSettings = field(default_factory=ImportanceSettings)
 
 
 @dataclass(frozen=True)
 class GlobalAdapter:
-    """The merged adapter, published retained and chunked (it is usually over one packet)."""
+    """The merged adapter, published retained and chunked (it is usually over one packet).
+
+    The weight a device runs for module ``m`` is
+    ``W + merged[m.merged_B] @ merged[m.merged_A] + (alpha / rank) · tensors[m.lora_B] @ tensors[m.lora_A]``:
+    ``tensors`` are the trainable factors devices start from (each truncates them to its
+    planned rank), ``merged`` an optional frozen low-rank delta (already scaled) that strategies
+    which restart the factors every round (``stack``) fold their aggregate into.
+    """
 
     version: int
     round: int
     model_fingerprint: str
     adapter: LoraSpec
     tensors: dict[str, np.ndarray]
+    merged: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -346,6 +399,7 @@ MESSAGE_KINDS: dict[str, type] = {
     "presence": Presence,
     "update": Update,
     "eval": EvalReport,
+    "importance": ImportanceReport,
     "progress": Progress,
     "error": ErrorReport,
     "task": RoundTask,
@@ -404,6 +458,9 @@ class Topics:
 
     def eval(self, device_id: str) -> str:
         return f"{self.base}/eval/{device_id}"
+
+    def importance(self, device_id: str) -> str:
+        return f"{self.base}/importance/{device_id}"
 
     def progress(self, device_id: str) -> str:
         return f"{self.base}/progress/{device_id}"
