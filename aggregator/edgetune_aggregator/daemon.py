@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetune import __version__
-from edgetune.adapters.lora import check_tensors, init_lora, lora_shapes, pad_rank, rank_of
+from edgetune.adapters.lora import check_tensors, init_lora, lora_shapes, rank_of, targets
 from edgetune.transport import Transport, TransportError, Will
 from edgetune.transport.channel import Channel
 from edgetune.wire import (
@@ -28,6 +29,8 @@ from edgetune.wire import (
     EvalReport,
     GlobalAdapter,
     Hello,
+    ImportanceReport,
+    ImportanceSettings,
     LoraSpec,
     Presence,
     RoundTask,
@@ -39,12 +42,16 @@ from edgetune.wire import (
 )
 
 from .store import DeviceRecord, FleetState, RoundRecord, RoundStatus, StateStore
-from .strategies import FedAvg
+from .strategies import STRATEGIES, RoundMerge, RoundStart, ServerOptimizerConfig, Strategy, make_strategy
 
 log = logging.getLogger(__name__)
 
 #: refuse a fleet whose adapter would be larger than this (a hostile or mistaken hello)
 MAX_ADAPTER_PARAMETERS = 200_000_000
+#: weight matrices an importance-based layout chooses among (Llama-style and GPT-2 names)
+DEFAULT_CANDIDATES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                      "c_attn", "c_proj", "c_fc")
+LAYOUTS = ("fixed", "importance")
 
 
 @dataclass(frozen=True)
@@ -70,8 +77,32 @@ class AggregatorConfig:
     planning: bool = True
     #: fleet-wide MB of updates per round the planner must stay within (None: unlimited)
     uplink_budget_mb: float | None = None
+    #: how updates are merged: fedit, hetlora, stack, svd, or "auto" (svd — exact for the mixed
+    #: ranks the planner hands out — when planning, else fedit)
+    strategy: str = "auto"
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    #: "fixed": adapters on adapter.target_modules; "importance": a calibration round scores
+    #: the candidates and picks matrices within adapter_budget (docs/importance.md)
+    layout: str = "fixed"
+    importance: ImportanceSettings = field(default_factory=ImportanceSettings)
+    layout_candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    #: adapter parameters the importance layout may use (None: as many as the fixed layout)
+    adapter_budget: int | None = None
+
+    @property
+    def strategy_name(self) -> str:
+        if self.strategy == "auto":
+            return "svd" if self.planning else "fedit"
+        return self.strategy
 
     def __post_init__(self) -> None:
+        if self.strategy != "auto" and self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
+        make_strategy(self.strategy_name, self.server_optimizer)  # raises for an incompatible optimizer
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.adapter_budget is not None and self.adapter_budget < 1:
+            raise ValueError(f"adapter_budget must be ≥ 1, got {self.adapter_budget}")
         if self.min_devices < 1:
             raise ValueError(f"min_devices must be ≥ 1, got {self.min_devices}")
         if self.rounds is not None and self.rounds < 0:
@@ -100,6 +131,7 @@ class Aggregator:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._task: RoundTask | None = None  # the task now published
+        self.strategy: Strategy | None = None  # made once the fleet's state is known
         self._calibration = None  # the cost model's coefficients, read once when first needed
 
     # --- public -----------------------------------------------------------------------------
@@ -167,6 +199,11 @@ class Aggregator:
                         "to change the adapter)", state.adapter, self.config.adapter)
         self.state = state
         self.global_adapter = self.store.load_global(state.global_version)
+        if state.strategy != self.config.strategy_name:
+            log.warning("the state dir's fleet merges with %s; ignoring the configured %s", state.strategy,
+                        self.config.strategy_name)
+        self.strategy = make_strategy(state.strategy, self.config.server_optimizer)
+        self.strategy.optimizer.load_state_dict(self.store.load_server_state(state.global_version))
         log.info("resuming fleet %s after round %d (global v%d)", state.fleet, state.round, state.global_version)
         if state.opened > state.round:
             # Devices may have done that round already and would not redo it: skip its number.
@@ -200,16 +237,61 @@ class Aggregator:
             self._handle_next(None, timeout=0.5)
         model = next(iter(self.devices.values())).model
         spec = self.config.adapter
+        self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model,
+                                strategy=self.config.strategy_name)
+        self.strategy = make_strategy(self.state.strategy, self.config.server_optimizer)
+        if self.config.layout == "importance":
+            spec = self._calibrate()
+            if self._stop.is_set():
+                return False
         tensors = init_lora(spec, model.modules, self.config.seed)
-        self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model)
         self.global_adapter = GlobalAdapter(0, 0, model.fingerprint, spec, tensors)
         self.store.save_global(self.global_adapter, self.config.base_model)
         self.store.save_state(self.state)
         self._publish_global()
         n = sum(t.size for t in tensors.values())
-        log.info("fleet model %s (%s); adapter: LoRA r=%d on %s, %d parameters",
-                 model.name, model.fingerprint, spec.rank, ",".join(spec.target_modules), n)
+        log.info("fleet model %s (%s); adapter: LoRA r=%d on %d matrices (%s layout), %d parameters; merging with %s",
+                 model.name, model.fingerprint, spec.rank, len(tensors) // 2, self.state.layout, n, self.state.strategy)
         return True
+
+    def _calibrate(self) -> LoraSpec:
+        """Run the calibration round and choose the layout; the fixed layout if it fails.
+
+        Nothing is saved before the layout is chosen: a daemon that stops here starts the
+        fleet afresh (a new run id, so devices score again).
+        """
+        from edgetune.planning.layout import candidate_modules
+
+        spec, modules = self.config.adapter, self.state.model.modules
+        try:
+            candidates = candidate_modules(modules, self.config.layout_candidates)
+        except ValueError as exc:
+            log.warning("no importance layout: %s; using the fixed layout", exc)
+            return spec
+        kinds = tuple(sorted({name.rsplit(".", 1)[-1] for name in candidates}))
+        self.state = dataclasses.replace(self.state, adapter=dataclasses.replace(spec, target_modules=kinds))
+        record = self._run_round(self.state.round + 1, TaskKind.CALIBRATE)
+        if record.status is not RoundStatus.CALIBRATED:
+            log.warning("calibration failed (%s); using the fixed layout %s", record.note, ",".join(spec.target_modules))
+            chosen, layout = spec, "fixed"
+        else:
+            chosen, layout = dataclasses.replace(spec, target_modules=tuple(record.layout)), "importance"
+        self.state = dataclasses.replace(self.state, adapter=chosen, layout=layout)
+        return chosen
+
+    def _choose_layout(self, ctx: _Round) -> tuple[str, ...]:
+        """Combine the devices' scores (sample-weighted) and select matrices within the budget."""
+        from edgetune.planning.layout import adapter_cost, combine_scores, select_layout
+
+        spec, modules = self.config.adapter, self.state.model.modules
+        budget = self.config.adapter_budget or adapter_cost(modules, targets(spec, modules), spec.rank)
+        scores = combine_scores([(report.scores, report.num_samples) for report in ctx.reports])
+        layout = select_layout(scores, {m: modules[m] for m in scores}, spec.rank, budget)
+        kinds = Counter(name.rsplit(".", 1)[-1] for name in layout.modules)
+        ctx.record.note = (f"importance layout: {len(layout.modules)} matrices ({dict(sorted(kinds.items()))}), "
+                           f"{layout.cost:,} of {budget:,} adapter parameters, {layout.score_covered:.0%} of the score")
+        log.info("round %d: %s", ctx.number, ctx.record.note)
+        return layout.modules
 
     def _publish_global(self) -> None:
         """Publish the current adapter (retained). The state naming it is on disk already, so
@@ -278,6 +360,7 @@ class Aggregator:
             plans=plans,
             excluded=excluded,
             run_id=self.state.run_id,
+            importance=self.config.importance,
         )
         self._send_task(task)
         return task
@@ -310,12 +393,13 @@ class Aggregator:
 
     def _run_round(self, number: int, kind: TaskKind) -> RoundRecord:
         record = RoundRecord(number, kind.value, self.state.global_version, started_at=time.time())
-        merge = FedAvg(self.global_adapter.tensors) if kind is TaskKind.TRAIN else None
+        merge = self.strategy.begin(self._round_start(number)) if kind is TaskKind.TRAIN else None
         drops_before = Counter(self.channel.drops)
         bytes_before = Counter(self.channel.bytes_from)
         round_ctx = _Round(number, kind, record, merge)
         self.state = dataclasses.replace(self.state, opened=number)
-        self.store.save_state(self.state)  # before the task goes out: see _resume
+        if kind is not TaskKind.CALIBRATE:  # (calibration precedes the first saved state)
+            self.store.save_state(self.state)  # before the task goes out: see _resume
         self._publish_task(number, kind)
         log.info("round %d (%s) open on global v%d; %d device(s) online",
                  number, kind.value, self.state.global_version, len(self.online))
@@ -338,16 +422,31 @@ class Aggregator:
         self._close_round(round_ctx)
         return record
 
+    def _round_start(self, number: int) -> RoundStart:
+        spec, adapter = self.state.adapter, self.global_adapter
+        return RoundStart(dict(adapter.tensors), dict(adapter.merged), spec.alpha / spec.rank,
+                          seed=self.config.seed + number)
+
     def _close_round(self, ctx: _Round) -> None:
         record = ctx.record
         enough = len(record.devices) >= self.config.min_devices
         if ctx.kind is TaskKind.TRAIN and enough:
             version = self.state.global_version + 1
-            tensors = ctx.merge.result()
-            self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint, self.state.adapter, tensors)
+            started = time.perf_counter()
+            result = self.strategy.finish(ctx.merge)
+            record.aggregation_s = time.perf_counter() - started
+            self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint, self.state.adapter,
+                                                result.tensors, result.merged)
             self.store.save_global(self.global_adapter, self.state.base_model)
+            self.store.save_server_state(version, self.strategy.optimizer.state_dict())
             self.state = dataclasses.replace(self.state, global_version=version)
             record.new_version, record.status = version, RoundStatus.AGGREGATED
+        elif ctx.kind is TaskKind.CALIBRATE and enough:
+            try:
+                record.layout = list(self._choose_layout(ctx))
+                record.status = RoundStatus.CALIBRATED
+            except ValueError as exc:
+                record.status, record.note = RoundStatus.FAILED, f"no layout: {exc}"
         elif ctx.kind is TaskKind.EVALUATE and record.devices:
             record.status = RoundStatus.EVALUATED
         else:
@@ -360,7 +459,8 @@ class Aggregator:
         # Disk before network: the global file, the round log, then the state that names
         # them; only then is the new version published.
         self.store.append_round(record)
-        self.store.save_state(self.state)
+        if ctx.kind is not TaskKind.CALIBRATE:
+            self.store.save_state(self.state)
         if record.status is RoundStatus.AGGREGATED:
             self._publish_global()
         log.info("round %d %s with %d device(s) in %.1f s%s", ctx.number, record.status.value,
@@ -388,7 +488,7 @@ class Aggregator:
             log.info("device %s is %s", sender, "online" if message.online else "offline")
         elif isinstance(message, ErrorReport):
             log.warning("device %s reports %s in round %d: %s", sender, message.code, message.round, message.message)
-        elif isinstance(message, (Update, EvalReport)):
+        elif isinstance(message, (Update, EvalReport, ImportanceReport)):
             self._on_result(topic, message, ctx)
         else:
             self.channel.drop(sender, topic, "unexpected_kind", type(message).__name__)
@@ -418,9 +518,10 @@ class Aggregator:
         if new and hello.profile is not None and self.state is not None:
             self._plan_latecomer(hello.device_id)
 
-    def _on_result(self, topic: str, message: Update | EvalReport, ctx: _Round | None) -> None:
+    def _on_result(self, topic: str, message: Update | EvalReport | ImportanceReport, ctx: _Round | None) -> None:
         sender = message.device_id
-        expected_kind = TaskKind.TRAIN if isinstance(message, Update) else TaskKind.EVALUATE
+        expected_kind = {Update: TaskKind.TRAIN, EvalReport: TaskKind.EVALUATE,
+                         ImportanceReport: TaskKind.CALIBRATE}[type(message)]
         if sender not in self.devices:
             return self.channel.drop(sender, topic, "unknown_device", "no hello received from it")
         if ctx is None or ctx.kind is not expected_kind or message.round != ctx.number:
@@ -433,6 +534,21 @@ class Aggregator:
             ctx.seen.add(sender)
             ctx.record.devices.append(DeviceRecord(sender, message.num_samples, global_ppl=message.metrics.global_ppl))
             return None
+        if isinstance(message, ImportanceReport):
+            candidates = set(targets(self._task.adapter, self.state.model.modules))
+            unknown = message.scores.keys() - candidates
+            if unknown or not message.scores:
+                return self.channel.drop(sender, topic, "bad_scores",
+                                         f"scores for {len(unknown)} unknown matrices, e.g. {sorted(unknown)[:2]}"
+                                         if unknown else "no scores")
+            if not all(math.isfinite(v) and v >= 0 for v in message.scores.values()):
+                return self.channel.drop(sender, topic, "bad_scores", "scores must be finite and ≥ 0")
+            ctx.seen.add(sender)
+            ctx.reports.append(message)
+            ctx.record.devices.append(DeviceRecord(sender, message.num_samples, train_tokens=message.tokens,
+                                                   train_seconds=message.seconds))
+            log.info("round %d: importance scores from %s (%d matrices)", ctx.number, sender, len(message.scores))
+            return None
         if message.base_version != self.state.global_version:
             return self.channel.drop(sender, topic, "stale_base",
                                      f"delta against v{message.base_version}, global is v{self.state.global_version}")
@@ -444,8 +560,7 @@ class Aggregator:
         why = check_tensors(message.delta, lora_shapes(dataclasses.replace(spec, rank=rank), self.state.model.modules))
         if why:
             return self.channel.drop(sender, topic, "bad_tensor", why)
-        delta = message.delta if rank == spec.rank else pad_rank(message.delta, spec.rank)
-        ctx.merge.add(delta, message.num_samples)
+        ctx.merge.add(message.delta, message.num_samples)
         ctx.seen.add(sender)
         m = message.metrics
         ctx.record.devices.append(DeviceRecord(
@@ -461,5 +576,6 @@ class _Round:
     number: int
     kind: TaskKind
     record: RoundRecord
-    merge: FedAvg | None
+    merge: RoundMerge | None
     seen: set[str] = field(default_factory=set)
+    reports: list[ImportanceReport] = field(default_factory=list)

@@ -5,6 +5,7 @@ Layout::
 
     state.json                 fleet, model manifest, adapter spec, last round, current version
     global/v000003.msgpack     global adapter version 3 (a wire GlobalAdapter message)
+    server/v000003.msgpack     the server optimizer's state after version 3 (tensors, msgpack)
     adapter/                   the current global adapter in PEFT format (load with peft)
     rounds.json                one record per closed round (see RoundRecord)
 """
@@ -20,7 +21,10 @@ from pathlib import Path
 
 from edgetune.adapters.peft_format import write_peft_adapter
 from edgetune.atomic import atomic_write_bytes, atomic_write_json
-from edgetune.wire import GlobalAdapter, LoraSpec, ModelManifest, decode_message, encode_message
+import msgpack
+import numpy as np
+
+from edgetune.wire import GlobalAdapter, LoraSpec, ModelManifest, decode_message, decode_tensor, encode_message, encode_tensor
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class RoundStatus(str, Enum):
     OPEN = "open"
     AGGREGATED = "aggregated"
     EVALUATED = "evaluated"
+    CALIBRATED = "calibrated"
     FAILED = "failed"
 
 
@@ -63,6 +68,10 @@ class RoundRecord:
     devices: list[DeviceRecord] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     note: str = ""
+    #: seconds the strategy took to merge the round's updates into the next global adapter
+    aggregation_s: float = 0.0
+    #: calibration rounds: the weight matrices chosen to carry adapters
+    layout: list[str] = field(default_factory=list)
 
     @property
     def global_ppl(self) -> float | None:
@@ -83,6 +92,10 @@ class FleetState:
     global_chunks: int = 0  # retained chunk topics in use (to clear leftovers)
     base_model: str = ""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    #: the aggregation strategy the fleet's global adapters follow (fixed for a state dir)
+    strategy: str = "fedit"
+    #: how the adapter layout was chosen: "fixed" or "importance" (after a calibration round)
+    layout: str = "fixed"
 
 
 class StateStore:
@@ -105,7 +118,7 @@ class StateStore:
         model = raw["model"]
         return FleetState(
             fleet=raw["fleet"],
-            model=ModelManifest(model["name"], model["fingerprint"], {k: tuple(v) for k, v in model["modules"].items()}),
+            model=ModelManifest(**{**model, "modules": {k: tuple(v) for k, v in model["modules"].items()}}),
             adapter=LoraSpec(**{**raw["adapter"], "target_modules": tuple(raw["adapter"]["target_modules"])}),
             round=raw["round"],
             opened=raw.get("opened", raw["round"]),
@@ -113,6 +126,8 @@ class StateStore:
             global_chunks=raw.get("global_chunks", 0),
             base_model=raw.get("base_model", ""),
             run_id=raw.get("run_id", ""),
+            strategy=raw.get("strategy", "fedit"),
+            layout=raw.get("layout", "fixed"),
         )
 
     def save_state(self, state: FleetState) -> None:
@@ -126,13 +141,32 @@ class StateStore:
     def save_global(self, adapter: GlobalAdapter, base_model: str = "") -> None:
         """Keep every version (rollback, audit) and refresh the PEFT export of the latest."""
         atomic_write_bytes(self._global_path(adapter.version), encode_message(adapter))
-        write_peft_adapter(self.directory / "adapter", adapter.adapter, adapter.tensors, base_model)
+        write_peft_adapter(self.directory / "adapter", adapter.adapter, adapter.tensors, base_model, adapter.merged)
 
     def load_global(self, version: int) -> GlobalAdapter:
         message = decode_message(self._global_path(version).read_bytes())
         if not isinstance(message, GlobalAdapter):
             raise RuntimeError(f"{self._global_path(version)} does not hold a global adapter")
         return message
+
+    # --- server optimizer state --------------------------------------------------------------
+
+    def _server_path(self, version: int) -> Path:
+        return self.directory / "server" / f"v{version:06d}.msgpack"
+
+    def save_server_state(self, version: int, tensors: dict[str, np.ndarray]) -> None:
+        """Moments of the server optimizer after ``version`` (written before the version is
+        named in state.json, so a restart finds the state that belongs to its version)."""
+        self._server_path(version).parent.mkdir(exist_ok=True)
+        payload = msgpack.packb({name: encode_tensor(np.ascontiguousarray(t)) for name, t in tensors.items()})
+        atomic_write_bytes(self._server_path(version), payload)
+
+    def load_server_state(self, version: int) -> dict[str, np.ndarray]:
+        path = self._server_path(version)
+        if not path.exists():
+            return {}
+        raw = msgpack.unpackb(path.read_bytes())
+        return {name: decode_tensor(t) for name, t in raw.items()}
 
     # --- round log --------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 from . import __version__
-from .adapters.lora import truncate_rank
+from .adapters.lora import concat_merged, split_rank, targets
 from .backoff import MemoryBudgetExceeded, is_out_of_memory, next_fallback, resident_bytes
 from .transport import Transport, TransportError, Will, open_transport
 from .transport.channel import Channel
@@ -35,6 +35,7 @@ from .wire import (
     EvalReport,
     GlobalAdapter,
     Hello,
+    ImportanceReport,
     Presence,
     Progress,
     RoundTask,
@@ -193,20 +194,27 @@ class Device:
             self._report_error(task, "model_mismatch", "this device runs a different base model")
             self._last_round = (task.run_id, task.round)
             return False
+        if task.kind is TaskKind.CALIBRATE:  # comes before any global adapter exists
+            self._last_round = (task.run_id, task.round)
+            self._guarded(task, self._calibrate)
+            return False
         if self.global_adapter is None or self.global_adapter.version != task.global_version:
             # Older: the task's adapter is still on the way. Newer: the round was closed and
             # the next task is on the way (global v(n+1) is published just before task n+1).
             return False
         self._last_round = (task.run_id, task.round)
+        if task.kind is TaskKind.TRAIN:
+            self._guarded(task, self._train)
+        elif task.kind is TaskKind.EVALUATE:
+            self._guarded(task, self._evaluate)
+        return False
+
+    def _guarded(self, task: RoundTask, action: Callable[[RoundTask], None]) -> None:
         try:
-            if task.kind is TaskKind.TRAIN:
-                self._train(task)
-            elif task.kind is TaskKind.EVALUATE:
-                self._evaluate(task)
+            action(task)
         except Exception as exc:  # the application around us must survive a failed round
             log.exception("%s: round %d failed", self.config.device_id, task.round)
             self._report_error(task, type(exc).__name__, str(exc)[:500])
-        return False
 
     def _plan(self, task: RoundTask) -> DevicePlan:
         """The planner's choice for this device, or the fleet's defaults."""
@@ -239,14 +247,46 @@ class Device:
                 log.warning("%s: round %d out of memory (%s); backing off: %s", me, task.round, exc, change)
                 self._report_error(task, "oom_backoff", f"{change} after {type(exc).__name__}: {exc}"[:500])
 
-    def _train_with(self, task: RoundTask, plan: DevicePlan, grad_accum: int) -> None:
-        me, adapter, spec = self.config.device_id, self.global_adapter, task.adapter
-        # A lower rank trains the leading components of the global adapter. Its alpha scales
-        # with the rank so every device's update has the same scale, alpha / rank.
-        local_spec = dataclasses.replace(spec, rank=plan.rank, alpha=spec.alpha * plan.rank / spec.rank)
-        start = truncate_rank(adapter.tensors, plan.rank)
-        trainer = self.workload.trainer(local_spec, plan.quantization, plan.gradient_checkpointing)
+    def _calibrate(self, task: RoundTask) -> None:
+        """Score the candidate weight matrices (``task.adapter.target_modules``) on local data
+        and report the scores; the aggregator picks the adapter layout from every device's."""
+        me = self.config.device_id
+        if me in task.excluded:
+            log.warning("%s: sits out calibration round %d: %s", me, task.round, task.excluded[me])
+            return
+        plan = self._plan(task)
+        # weight gradients need a float base: a device planned on int8/nf4 scores in bfloat16
+        supported = self.config.profile.quantization if self.config.profile else ()
+        if plan.quantization in ("float32", "bfloat16"):
+            quantization = plan.quantization
+        else:
+            quantization = "bfloat16" if "bfloat16" in supported else "float32"
+        modules = targets(task.adapter, self.workload.manifest.modules)
+        settings = dataclasses.replace(task.train, batch_size=plan.batch_size)
+        result = self.workload.importance(modules, settings, task.importance, quantization,
+                                          seed=task.train.seed + hash_seed(me))
+        report = ImportanceReport(me, task.round, self.workload.num_samples, result.scores, result.tokens, result.seconds)
+        self.channel.send(self.topics.importance(me), report)
+        self._flush()
+        log.info("%s: scored %d weight matrices on %d tokens in %.1f s", me, len(result.scores), result.tokens,
+                 result.seconds)
+
+    def _start_model(self, task: RoundTask, rank: int, quantization: str, checkpointing: bool):
+        """A trainer holding the global model with its leading ``rank`` components trainable:
+        the components beyond ``rank`` and the global's frozen delta are applied as a frozen
+        merged delta, so training starts from exactly the global model at any rank."""
+        adapter, spec = self.global_adapter, task.adapter
+        # Alpha scales with the rank so every device's update has the same scale, alpha / rank.
+        local_spec = dataclasses.replace(spec, rank=rank, alpha=spec.alpha * rank / spec.rank)
+        start, rest = split_rank(adapter.tensors, rank, spec.alpha / spec.rank)
+        trainer = self.workload.trainer(local_spec, quantization, checkpointing)
         trainer.set_adapter(start)
+        trainer.set_merged(concat_merged(adapter.merged, rest))
+        return trainer, start
+
+    def _train_with(self, task: RoundTask, plan: DevicePlan, grad_accum: int) -> None:
+        me, adapter = self.config.device_id, self.global_adapter
+        trainer, start = self._start_model(task, plan.rank, plan.quantization, plan.gradient_checkpointing)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
         global_ppl = trainer.perplexity(heldout)
         budget = self.config.profile.memory_bytes if self.config.profile else None
@@ -280,8 +320,7 @@ class Device:
     def _evaluate(self, task: RoundTask) -> None:
         me = self.config.device_id
         plan = self._plan(task)  # evaluate at full rank, on the base precision this device can afford
-        trainer = self.workload.trainer(task.adapter, plan.quantization, plan.gradient_checkpointing)
-        trainer.set_adapter(self.global_adapter.tensors)
+        trainer, _ = self._start_model(task, task.adapter.rank, plan.quantization, plan.gradient_checkpointing)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
         ppl = trainer.perplexity(heldout)
         report = EvalReport(me, task.round, self.global_adapter.version, self.workload.num_samples,

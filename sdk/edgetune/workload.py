@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .data import BlockSampler, load_texts, pack_blocks, split_heldout
-from .wire import LoraSpec, ModelManifest, TrainSettings
+from .wire import ImportanceSettings, LoraSpec, ModelManifest, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +77,44 @@ class Workload:
             return self._trainer
         from .trainers.torch_lora import TorchLoraTrainer
 
-        if self._trainer is not None:
-            if self._trainer_key[1] != "float32" or quantization != "float32":
-                self._reload_base()
-            else:
-                self._trainer.unload()
-        self._trainer = None  # (drop the old PEFT wrapper before building the next)
+        self._plain_base(quantization)
         self._trainer = TorchLoraTrainer(self.loaded, spec, threads=self.threads, quantization=quantization,
                                          gradient_checkpointing=gradient_checkpointing)
         self._trainer_key = key
         return self._trainer
+
+    def importance(self, modules: list[str], settings: TrainSettings, importance: ImportanceSettings,
+                   quantization: str = "float32", seed: int = 0):
+        """Score candidate weight matrices on this device's training data (a calibration
+        round; ``edgetune.trainers.importance``). Needs a float base: float32 or bfloat16."""
+        from .trainers.importance import score_matrices
+
+        if quantization not in ("float32", "bfloat16"):
+            raise ValueError(f"importance scoring needs a float base, not {quantization}")
+        self._plain_base(quantization)
+        self.loaded.model.requires_grad_(False)
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        return score_matrices(self.loaded.model, modules, self.batches(settings, seed), importance)
+
+    def _plain_base(self, quantization: str) -> None:
+        """Leave ``loaded.model`` a base without LoRA layers, in ``quantization`` (quantizing it
+        if needed, reloading it if it holds another precision)."""
+        from .trainers.quantize import quantization_of, quantize_base
+
+        if self._trainer is not None:
+            if self._trainer_key[1] == "float32":
+                self._trainer.unload()
+            self._trainer = None  # (drop the old PEFT wrapper before building the next)
+            self._trainer_key = None
+        current = quantization_of(self.loaded.model)
+        if any(type(m).__module__.startswith("peft.") for m in self.loaded.model.modules()) or (
+            current != quantization and current != "float32"
+        ):
+            self._reload_base()
+        quantize_base(self.loaded.model, quantization)
 
     def _reload_base(self) -> None:
         if self.model_ref is None:

@@ -103,26 +103,92 @@ def join_device(url: str, fleet: str, index: int, start: bool = True) -> Device:
 
 
 def expected_fedavg(previous: GlobalAdapter, updates: list[Update]) -> dict[str, np.ndarray]:
-    """FedAvg recomputed here, independently of the strategy module."""
+    """FedAvg of (zero-padded) deltas recomputed here, independently of the strategy modules."""
     total = sum(u.num_samples for u in updates)
-    return {
-        name: previous.tensors[name].astype(np.float64)
-        + sum(u.num_samples * u.delta[name].astype(np.float64) for u in updates) / total
-        for name in previous.tensors
-    }
+    out = {}
+    for name, value in previous.tensors.items():
+        acc = value.astype(np.float64)
+        for u in updates:
+            d = u.delta[name].astype(np.float64)
+            padded = np.zeros_like(acc)
+            padded[: d.shape[0], : d.shape[1]] = d
+            acc = acc + u.num_samples * padded / total
+        out[name] = acc
+    return out
 
 
-def check_rounds(store: StateStore, observer: Observer, rounds: int, devices: int) -> None:
+def trained_factors(previous: GlobalAdapter, update: Update, module: str) -> tuple[np.ndarray, np.ndarray]:
+    dA, dB = (update.delta[f"{module}.{f}"].astype(np.float64) for f in ("lora_A", "lora_B"))
+    r = dA.shape[0]
+    A0 = previous.tensors[f"{module}.lora_A"].astype(np.float64)[:r]
+    B0 = previous.tensors[f"{module}.lora_B"].astype(np.float64)[:, :r]
+    return B0 + dB, A0 + dA
+
+
+def expected_hetlora(previous: GlobalAdapter, updates: list[Update]) -> dict[str, np.ndarray]:
+    """Per module: deltas weighted by samples × ‖Bₖ·Aₖ‖_F (dense here)."""
+    out = {}
+    for name in previous.tensors:
+        module = name.rsplit(".", 1)[0]
+        weights = [u.num_samples * np.linalg.norm(np.matmul(*trained_factors(previous, u, module))) for u in updates]
+        acc = previous.tensors[name].astype(np.float64)
+        for u, w in zip(updates, weights):
+            d = u.delta[name].astype(np.float64)
+            padded = np.zeros_like(acc)
+            padded[: d.shape[0], : d.shape[1]] = d
+            acc = acc + w * padded / sum(weights)
+        out[name] = acc
+    return out
+
+
+def effective_delta(adapter: GlobalAdapter, module: str) -> np.ndarray:
+    """The weight update a global adapter makes to one layer: merged + (alpha/rank)·B·A."""
+    spec = adapter.adapter
+    B = adapter.tensors[f"{module}.lora_B"].astype(np.float64)
+    A = adapter.tensors[f"{module}.lora_A"].astype(np.float64)
+    total = spec.alpha / spec.rank * B @ A
+    if f"{module}.merged_B" in adapter.merged:
+        total = total + adapter.merged[f"{module}.merged_B"].astype(np.float64) @ adapter.merged[f"{module}.merged_A"]
+    return total
+
+
+def expected_exact(previous: GlobalAdapter, updates: list[Update], module: str) -> np.ndarray:
+    """Σ pₖ·ΔWₖ: each device's whole model update (its frozen rest included), densely."""
+    spec = previous.adapter
+    s = spec.alpha / spec.rank
+    total = sum(u.num_samples for u in updates)
+    result = effective_delta(previous, module)
+    for u in updates:
+        B, A = trained_factors(previous, u, module)
+        r = A.shape[0]
+        B0 = previous.tensors[f"{module}.lora_B"].astype(np.float64)[:, :r]
+        A0 = previous.tensors[f"{module}.lora_A"].astype(np.float64)[:r]
+        result = result + u.num_samples / total * s * (B @ A - B0 @ A0)
+    return result
+
+
+def check_rounds(store: StateStore, observer: Observer, rounds: int, devices: int, strategy: str = "svd") -> None:
     for r in range(1, rounds + 1):
         seen = observer.updates[r]
         assert len(seen) == devices, f"round {r}: saw {len(seen)} updates"
         previous, merged = store.load_global(r - 1), store.load_global(r)
         assert all(u.base_version == r - 1 for u in seen)
-        expected = expected_fedavg(previous, seen)
-        for name, value in expected.items():
-            np.testing.assert_allclose(merged.tensors[name], value, rtol=1e-5, atol=1e-7)
+        if strategy in ("fedit", "hetlora"):
+            expected = (expected_fedavg if strategy == "fedit" else expected_hetlora)(previous, seen)
+            for name, value in expected.items():
+                np.testing.assert_allclose(merged.tensors[name], value, rtol=1e-5, atol=1e-7)
+        else:
+            for name in previous.tensors:
+                if name.endswith(".lora_A"):
+                    module = name.rsplit(".", 1)[0]
+                    want = expected_exact(previous, seen, module)
+                    got = effective_delta(merged, module)
+                    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want) + 1e-7, module
+        for name in merged.tensors:
             # what was published on the broker is what was written to disk
             np.testing.assert_array_equal(observer.globals[r].tensors[name], merged.tensors[name])
+        for name in merged.merged:
+            np.testing.assert_array_equal(observer.globals[r].merged[name], merged.merged[name])
         assert any(not np.allclose(merged.tensors[n], previous.tensors[n]) for n in previous.tensors)
 
 

@@ -35,7 +35,7 @@ from edgetune.wire import (
     to_bfloat16,
 )
 
-DTYPES = ["float32", "float16", "int8", "uint8", "int32", "int64"]
+DTYPES = ["float32", "float16", "float64", "int8", "uint8", "int32", "int64"]
 
 
 def _packed_tensor(array: np.ndarray) -> bytes:
@@ -84,7 +84,7 @@ def test_big_endian_input_is_sent_little_endian():
 @pytest.mark.parametrize(
     "obj, fragment",
     [
-        ({"dtype": "float64", "shape": [1], "data": b"\0" * 8}, "dtype"),
+        ({"dtype": "complex64", "shape": [1], "data": b"\0" * 8}, "dtype"),
         ({"dtype": "float32", "shape": [2], "data": b"\0" * 4}, "needs 8"),
         ({"dtype": "float32", "shape": [-1], "data": b""}, "shape"),
         ({"dtype": "float32", "shape": [1]}, "missing data"),

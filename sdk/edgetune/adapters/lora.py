@@ -113,3 +113,58 @@ def pad_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarr
         else:
             padded[name] = np.pad(t, ((0, 0), (0, rank - t.shape[1])))
     return padded
+
+
+def module_names(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """The adapted modules of an adapter (``m`` of every ``m.lora_A``), sorted."""
+    return sorted(name[: -len(".lora_A")] for name in tensors if name.endswith(".lora_A"))
+
+
+def split_rank(tensors: Mapping[str, np.ndarray], rank: int, scale: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The leading ``rank`` components to train, and the rest as a frozen merged delta.
+
+    A device planned below the fleet's rank trains the leading components of the global
+    adapter; folding the remaining ones in as ``merged`` factors (scaled, so they need no
+    alpha) keeps its model equal to the global model at the start of the round.
+    """
+    top = truncate_rank(tensors, rank)
+    rest: dict[str, np.ndarray] = {}
+    for module in module_names(tensors):
+        A = as_float32(tensors[f"{module}.lora_A"])
+        if A.shape[0] > rank:
+            rest[f"{module}.merged_B"] = (as_float32(tensors[f"{module}.lora_B"])[:, rank:] * scale).astype(np.float32)
+            rest[f"{module}.merged_A"] = A[rank:]
+    return top, rest
+
+
+def concat_merged(*parts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Sum of merged deltas, by stacking their factors (exact)."""
+    out: dict[str, np.ndarray] = {}
+    for part in parts:
+        for name, array in part.items():
+            array = as_float32(array)
+            if name not in out:
+                out[name] = array
+            else:
+                out[name] = np.hstack([out[name], array]) if name.endswith(".merged_B") else np.vstack([out[name], array])
+    return out
+
+
+def check_merged(merged: Mapping[str, np.ndarray], modules: Mapping[str, tuple[int, int]]) -> str | None:
+    """Why ``merged`` is not a frozen delta for these modules (None if it is)."""
+    for name, array in merged.items():
+        module, _, factor = name.rpartition(".")
+        if factor not in ("merged_A", "merged_B") or module not in modules:
+            return f"unexpected merged tensor {name!r}"
+        other = merged.get(f"{module}.{'merged_B' if factor == 'merged_A' else 'merged_A'}")
+        if other is None:
+            return f"{name} has no partner factor"
+        out_features, in_features = modules[module]
+        if other.ndim != 2:
+            return f"{name}'s partner is not a matrix"
+        expected = (other.shape[1], in_features) if factor == "merged_A" else (out_features, other.shape[0])
+        if array.ndim != 2 or tuple(array.shape) != expected:
+            return f"{name} has shape {list(array.shape)}, expected {list(expected)}"
+        if not np.isfinite(as_float32(array)).all():
+            return f"{name} contains NaN or infinity"
+    return None

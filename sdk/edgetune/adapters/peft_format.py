@@ -8,6 +8,7 @@ little-endian data), because the aggregator must not need torch or extra package
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..atomic import atomic_write_bytes
 from ..wire.schema import LoraSpec
-from .lora import as_float32
+from .lora import as_float32, module_names
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -58,17 +59,48 @@ def peft_config(spec: LoraSpec, base_model: str) -> dict:
     }
 
 
+def fold_merged(
+    spec: LoraSpec, tensors: Mapping[str, np.ndarray], merged: Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """One LoRA per module that equals ``merged + (alpha/rank)·B·A`` exactly: factors
+    ``[merged_B | s·B]`` and ``[merged_A ; A]`` at scale 1, so each module gets its own rank
+    (PEFT's ``rank_pattern``, with ``alpha_pattern`` equal to it)."""
+    scale = spec.alpha / spec.rank
+    folded: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    for module in module_names(tensors):
+        B = as_float32(tensors[f"{module}.lora_B"]) * scale
+        A = as_float32(tensors[f"{module}.lora_A"])
+        if f"{module}.merged_A" in merged:
+            B = np.hstack([as_float32(merged[f"{module}.merged_B"]), B])
+            A = np.vstack([as_float32(merged[f"{module}.merged_A"]), A])
+        folded[f"{module}.lora_B"], folded[f"{module}.lora_A"] = B.astype(np.float32), A.astype(np.float32)
+        ranks[module] = A.shape[0]
+    return folded, ranks
+
+
 def write_peft_adapter(
-    directory: Path, spec: LoraSpec, tensors: Mapping[str, np.ndarray], base_model: str = ""
+    directory: Path,
+    spec: LoraSpec,
+    tensors: Mapping[str, np.ndarray],
+    base_model: str = "",
+    merged: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write both files atomically into ``directory`` (created if needed)."""
+    """Write both files atomically into ``directory`` (created if needed). A frozen ``merged``
+    delta (see ``GlobalAdapter``) is folded into the factors, per-module ranks and all."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    config_dict = peft_config(spec, base_model)
+    if merged:
+        tensors, ranks = fold_merged(spec, tensors, merged)
+        # PEFT matches rank_pattern keys as regexes against the end of each module name
+        config_dict["rank_pattern"] = {re.escape(m): r for m, r in ranks.items()}
+        config_dict["alpha_pattern"] = dict(config_dict["rank_pattern"])
     renamed = {
         _PEFT_PREFIX + name.replace(".lora_A", ".lora_A.weight").replace(".lora_B", ".lora_B.weight"): t
         for name, t in tensors.items()
     }
     atomic_write_bytes(directory / "adapter_model.safetensors", safetensors_bytes(renamed, {"format": "pt"}))
-    config = json.dumps(peft_config(spec, base_model), indent=2, sort_keys=True)
+    config = json.dumps(config_dict, indent=2, sort_keys=True)
     atomic_write_bytes(directory / "adapter_config.json", config.encode())
     return directory

@@ -20,6 +20,7 @@ from .errors import WireError
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
+    "float64": np.dtype("<f8"),
     "bfloat16": np.dtype("<u2"),
     "int8": np.dtype("i1"),
     "uint8": np.dtype("u1"),

@@ -1,0 +1,69 @@
+"""The part ``stack`` and ``svd`` share: the exact average of the devices' weight updates.
+
+Device k starts from ``(B₀, A₀)`` truncated to its rank rₖ (the rest of the global is frozen in
+its model) and ends at ``Bₖ = B₀ + ΔBₖ``, ``Aₖ = A₀ + ΔAₖ``. Its weight update relative to the
+round's global is ``Uₖ = s·(Bₖ·Aₖ − B₀·A₀) = s·(B₀·ΔAₖ + ΔBₖ·Aₖ)``, a product of rank ≤ 2rₖ whose
+factors are ``[B₀ | ΔBₖ]`` and ``[ΔAₖ ; Aₖ]``. The round's aggregate ``Σ pₖ·Uₖ`` is
+accumulated per layer in a :class:`LowRankSum` (exact, memory bounded by one dense matrix per
+layer), then a linear server optimizer step turns it into the step added to the global ``ΔW``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgetune.adapters.lora import as_float32
+
+from .base import RoundMerge, RoundStart, Tensors
+from .lowrank import LowRank, LowRankSum
+
+
+class ExactSum(RoundMerge):
+    def __init__(self, start: RoundStart):
+        super().__init__(start)
+        self.sums: dict[str, LowRankSum] = {}
+        for module in start.modules:
+            B0, A0 = start.factors(module)
+            self.sums[module] = LowRankSum(B0.shape[0], A0.shape[1])
+
+    def _add(self, delta: Tensors, weight: float) -> None:
+        s = self.start.scale
+        for module in self.start.modules:
+            B, A, r = self.start.trained(module, delta)
+            B0, _ = self.start.factors(module, r)
+            dB = B - B0
+            dA = np.asarray(as_float32(delta[f"{module}.lora_A"]), np.float64)
+            self.sums[module].add(np.hstack([B0, dB]) * s, np.vstack([dA, A]), weight)
+
+    def average(self) -> dict[str, LowRank]:
+        """``Σ pₖ·Uₖ`` per layer (pₖ = weight / total weight)."""
+        if not self.count:
+            raise ValueError("no updates to aggregate")
+        out = {}
+        for module, acc in self.sums.items():
+            # compact factors either way (a dense sum is factored by its SVD)
+            out[module] = acc.spectrum().factors().scaled(1.0 / self.total_weight)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(acc.nbytes() for acc in self.sums.values())
+
+
+def current_delta(start: RoundStart, module: str) -> LowRank:
+    """The global's whole ``ΔW`` for a layer: merged + s·B₀·A₀."""
+    B0, A0 = start.factors(module)
+    total = LowRank(B0 * start.scale, A0)
+    mB, mA = start.merged.get(f"{module}.merged_B"), start.merged.get(f"{module}.merged_A")
+    if mB is not None and mA is not None:
+        total = LowRank(np.asarray(as_float32(mB), np.float64), np.asarray(as_float32(mA), np.float64)) + total
+    return total
+
+
+def as_merged(deltas: dict[str, LowRank]) -> dict[str, np.ndarray]:
+    """Layer -> low-rank ΔW as wire ``merged`` factors (layers with nothing left out)."""
+    out = {}
+    for module, lr in deltas.items():
+        if lr.rank:
+            out[f"{module}.merged_B"] = lr.B.astype(np.float32)
+            out[f"{module}.merged_A"] = lr.A.astype(np.float32)
+    return out

@@ -1,0 +1,134 @@
+"""Server optimizers: how the aggregated update of a round moves the global adapter.
+
+Reddi et al., "Adaptive Federated Optimization" (ICLR 2021): the average of the devices' updates
+is a *pseudo-gradient* Δ (the direction the fleet moved), and the server applies an optimizer
+step to it instead of simply adding it:
+
+- ``fedavg``:  x ← x + η·Δ                               (η = 1 is plain FedAvg)
+- ``fedavgm``: m ← β·m + Δ;  x ← x + η·m                  (server momentum)
+- ``fedadam``: m ← β₁·m + (1−β₁)·Δ;  v ← β₂·v + (1−β₂)·Δ²;  x ← x + η·m / (√v + τ)
+- ``fedyogi``: as fedadam but v ← v − (1−β₂)·Δ²·sign(v − Δ²) (v grows more cautiously)
+
+with v initialised to τ², as in the paper (no bias correction). The adaptive two act element-wise,
+so they apply to the adapter factors (``fedit``, ``hetlora``). The exact strategies hold the update
+as a low-rank product ``ΔW = B·A``; linear steps (fedavg, fedavgm) keep it low-rank and exact,
+but an element-wise √v would turn it into a dense out × in matrix per layer and break the
+exactness those strategies exist for, so they accept only the linear two.
+
+The optimizer's state (m, v) persists across rounds; ``state_dict``/``load_state_dict`` let the
+daemon keep it in its state dir so a restarted daemon continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .lowrank import LowRank, compress
+
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+LINEAR_OPTIMIZERS = ("fedavg", "fedavgm")
+
+
+@dataclass(frozen=True)
+class ServerOptimizerConfig:
+    name: str = "fedavg"
+    #: server learning rate η (1.0 with fedavg is plain FedAvg; Reddi et al. tune 1e-2..1 for adam/yogi)
+    lr: float = 1.0
+    #: fedavgm's β; fedadam/fedyogi's β₁
+    momentum: float = 0.9
+    #: fedadam/fedyogi's β₂
+    beta2: float = 0.99
+    #: fedadam/fedyogi's τ, the adaptivity floor
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.name not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server optimizer {self.name!r} is not one of {', '.join(SERVER_OPTIMIZERS)}")
+        if self.lr <= 0:
+            raise ValueError(f"server optimizer lr must be > 0, got {self.lr}")
+        for field_name in ("momentum", "beta2"):
+            if not 0.0 <= getattr(self, field_name) < 1.0:
+                raise ValueError(f"server optimizer {field_name} must be in [0, 1), got {getattr(self, field_name)}")
+        if self.tau <= 0:
+            raise ValueError(f"server optimizer tau must be > 0, got {self.tau}")
+
+
+class ServerOptimizer:
+    """Applies :class:`ServerOptimizerConfig` round after round, keeping its moments."""
+
+    def __init__(self, config: ServerOptimizerConfig | None = None):
+        self.config = config or ServerOptimizerConfig()
+        self._m: dict[str, np.ndarray] = {}
+        self._v: dict[str, np.ndarray] = {}
+        self._m_lowrank: dict[str, LowRank] = {}
+
+    # --- adapter factors (element-wise) ---------------------------------------------------
+
+    def step(self, params: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The next parameters from the pseudo-gradient ``delta`` (same names and shapes)."""
+        c = self.config
+        out = {}
+        for name, x in params.items():
+            x = np.asarray(x, np.float64)
+            g = np.asarray(delta[name], np.float64)
+            if c.name == "fedavg":
+                step = g
+            elif c.name == "fedavgm":
+                step = self._m[name] = c.momentum * self._m.get(name, 0.0) + g
+            else:
+                m = self._m[name] = c.momentum * self._m.get(name, 0.0) + (1 - c.momentum) * g
+                v = self._v.get(name)
+                if v is None:
+                    v = np.full_like(g, c.tau**2)
+                g2 = g * g
+                if c.name == "fedadam":
+                    v = c.beta2 * v + (1 - c.beta2) * g2
+                else:  # fedyogi
+                    v = v - (1 - c.beta2) * g2 * np.sign(v - g2)
+                self._v[name] = v
+                step = m / (np.sqrt(v) + c.tau)
+            out[name] = (x + c.lr * step).astype(np.float32)
+        return out
+
+    # --- low-rank updates (exact strategies) ------------------------------------------------
+
+    def step_lowrank(self, update: Mapping[str, LowRank]) -> dict[str, LowRank]:
+        """The step to add to ``ΔW`` for each layer, as a low-rank product (linear optimizers only)."""
+        c = self.config
+        if c.name not in LINEAR_OPTIMIZERS:
+            raise ValueError(f"server optimizer {c.name} is element-wise and would make the exact "
+                             f"strategies' low-rank update dense; use one of {', '.join(LINEAR_OPTIMIZERS)}")
+        steps = {}
+        for name, g in update.items():
+            if c.name == "fedavgm":
+                previous = self._m_lowrank.get(name)
+                g = compress(g if previous is None else previous.scaled(c.momentum) + g)
+                self._m_lowrank[name] = g
+            steps[name] = g.scaled(c.lr)
+        return steps
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = {f"m:{k}": v for k, v in self._m.items()}
+        state.update({f"v:{k}": v for k, v in self._v.items()})
+        for name, lr in self._m_lowrank.items():
+            state[f"mB:{name}"], state[f"mA:{name}"] = lr.B, lr.A
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self._m, self._v, self._m_lowrank = {}, {}, {}
+        for key, value in state.items():
+            kind, _, name = key.partition(":")
+            value = np.asarray(value, np.float64)
+            if kind == "m":
+                self._m[name] = value
+            elif kind == "v":
+                self._v[name] = value
+            elif kind == "mB":
+                self._m_lowrank[name] = LowRank(value, np.asarray(state[f"mA:{name}"], np.float64))
+            elif kind != "mA":
+                raise ValueError(f"unknown server optimizer state entry {key!r}")

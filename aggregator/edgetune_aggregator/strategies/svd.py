@@ -1,0 +1,72 @@
+"""``svd`` (FlexLoRA): form ΔW = Σ pₖ·Bₖ·Aₖ, give each device its best rank-rₖ factorisation.
+
+FlexLoRA (Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks
+and Client Resources", 2024) averages the devices' full products and redistributes the truncated
+SVD of the result, so a device of rank r starts from the best rank-r approximation of the global
+update (Eckart–Young) rather than from padded or cropped factors. **Exact** aggregation: the
+global ΔW is ``Σ pₖ·ΔWₖ``.
+
+Representation: the SVD ``ΔW = U·S·Vᵀ`` (descending) is published as trainable factors of the
+fleet's rank R, ``B = U_R·√S_R / √s`` and ``A = √S_R·V_Rᵀ / √s`` (s = alpha / R), so the leading rₖ
+components of (B, A) are exactly the best rank-rₖ factorisation; the components beyond R go into
+the frozen ``merged`` delta. Unlike FlexLoRA's server-only full-rank ΔW, devices therefore run the
+exact global model, and a device of rank r trains the leading r directions of it with the rest
+frozen. The SVD comes from QR factorisations of the stacked factors (``lowrank.spectrum``), never
+from the dense out × in matrix unless the sum is denser than its factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .base import NextGlobal, RoundMerge, RoundStart, Strategy
+from .exact import ExactSum, as_merged, current_delta
+from .lowrank import LowRank, Spectrum, spectrum
+from .stack import fresh_factors, stack
+
+
+def svd(adapters: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]) -> Spectrum:
+    """One layer: the thin SVD of ``Σ pₖ·Bₖ·Aₖ`` (exact, numerically zero directions dropped)."""
+    return spectrum(LowRank(*stack(adapters, weights)))
+
+
+def redistribute(aggregate: Spectrum, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A device's starting factors: the best rank-``rank`` factorisation, (out, r) and (r, in)."""
+    lr = aggregate.factors(0, rank)
+    if lr.rank < rank:  # the aggregate has lower rank: the missing directions start at zero
+        B = np.pad(lr.B, ((0, 0), (0, rank - lr.rank)))
+        A = np.pad(lr.A, ((0, rank - lr.rank), (0, 0)))
+        return B, A
+    return lr.B, lr.A
+
+
+class SVD(Strategy):
+    name = "svd"
+    exact = True
+
+    def begin(self, start: RoundStart) -> RoundMerge:
+        return ExactSum(start)
+
+    def finish(self, merge: RoundMerge) -> NextGlobal:
+        assert isinstance(merge, ExactSum)
+        start = merge.start
+        R, root_s = start.rank, np.sqrt(start.scale)
+        steps = self.optimizer.step_lowrank(merge.average())
+        fresh = None
+        tensors, tails = {}, {}
+        for module in start.modules:
+            spec = spectrum(current_delta(start, module) + steps[module])
+            top = spec.factors(0, R)
+            B, A = top.B / root_s, top.A / root_s
+            if top.rank < R:
+                # Fewer directions than the rank: the extra components start as fresh LoRA
+                # factors (random A, zero B), which change nothing yet but receive gradients.
+                fresh = fresh if fresh is not None else fresh_factors(start, start.seed)
+                B = np.hstack([B, fresh[f"{module}.lora_B"][:, top.rank:]])
+                A = np.vstack([A, fresh[f"{module}.lora_A"][top.rank:]])
+            tensors[f"{module}.lora_B"] = B.astype(np.float32)
+            tensors[f"{module}.lora_A"] = A.astype(np.float32)
+            tails[module] = spec.factors(R)
+        return NextGlobal(tensors, as_merged(tails))
