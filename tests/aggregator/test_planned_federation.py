@@ -35,32 +35,45 @@ def _start_fixed(url, config, plans):
     return aggregator, thread
 
 
-@pytest.mark.parametrize("strategy", ["fedit", "hetlora", "stack", "svd"])
-def test_mixed_rank_fleet_with_each_strategy(tmp_path, strategy):
-    """Three devices planned at ranks 1, 2 and 4 of a rank-4 fleet, over the in-memory
-    transport: each sends a delta of its own rank, and each round's global adapter is what the
-    strategy's rule gives (recomputed densely in the test, independently of the strategy code)."""
-    fleet = f"ranks-{strategy}-{uuid.uuid4().hex[:6]}"
-    url = f"memory://{fleet}"
+def run_mixed_ranks(url: str, fleet: str, tmp_path, strategy: str) -> None:
+    """Three devices planned at ranks 1, 2 and 4 of a rank-4 fleet: each sends a delta of its own
+    rank, and each round's global adapter is what the strategy's rule gives (recomputed densely
+    in the test, independently of the strategy code)."""
     plans = {"dev-0": DevicePlan(1, batch_size=2, local_steps=2), "dev-1": DevicePlan(2, batch_size=2, local_steps=2),
              "dev-2": DevicePlan(4, batch_size=1, local_steps=3)}
     observer = Observer(url, fleet)
     config = fleet_config(tmp_path, fleet, rounds=2, evaluate_final=False, strategy=strategy)
     aggregator, thread = _start_fixed(url, config, plans)
     devices = [join_device(url, fleet, i) for i in range(3)]
-    thread.join(timeout=120)
-    assert not thread.is_alive()
-    for r in (1, 2):
-        updates = {u.device_id: u for u in observer.updates[r]}
-        ranks = {d: u.delta["model.layers.0.self_attn.q_proj.lora_A"].shape[0] for d, u in updates.items()}
-        assert ranks == {"dev-0": 1, "dev-1": 2, "dev-2": 4}
-    check_rounds(aggregator.store, observer, rounds=2, devices=3, strategy=strategy)
-    if strategy == "stack":  # the whole update lives in the frozen delta; devices restart fresh
-        assert aggregator.store.load_global(2).merged
-        assert not np.any(aggregator.store.load_global(2).tensors["model.layers.0.self_attn.q_proj.lora_B"])
-    for device in devices:
-        device.stop()
-    observer.close()
+    try:
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        for r in (1, 2):
+            updates = {u.device_id: u for u in observer.updates[r]}
+            ranks = {d: u.delta["model.layers.0.self_attn.q_proj.lora_A"].shape[0] for d, u in updates.items()}
+            assert ranks == {"dev-0": 1, "dev-1": 2, "dev-2": 4}
+        check_rounds(aggregator.store, observer, rounds=2, devices=3, strategy=strategy)
+        if strategy == "stack":  # the whole update lives in the frozen delta; devices restart fresh
+            assert aggregator.store.load_global(2).merged
+            assert not np.any(aggregator.store.load_global(2).tensors["model.layers.0.self_attn.q_proj.lora_B"])
+        assert all(d.current_adapter.version == 2 for d in devices)
+        assert not aggregator.drops
+    finally:
+        for device in devices:
+            device.stop()
+        observer.close()
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "hetlora", "stack", "svd"])
+def test_mixed_rank_fleet_in_memory(tmp_path, strategy):
+    fleet = f"ranks-{strategy}-{uuid.uuid4().hex[:6]}"
+    run_mixed_ranks(f"memory://{fleet}", fleet, tmp_path, strategy)
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "hetlora", "stack", "svd"])
+def test_mixed_rank_fleet_over_mosquitto(mosquitto_url, tmp_path, strategy):
+    fleet = f"mq-{strategy}-{uuid.uuid4().hex[:6]}"
+    run_mixed_ranks(mosquitto_url, fleet, tmp_path, strategy)
 
 
 def test_the_daemon_plans_from_device_profiles(tmp_path, caplog):
