@@ -1,7 +1,9 @@
 """``edgetune-aggregator serve``: run a fleet's rounds against an MQTT broker.
 
     edgetune-aggregator serve --broker mqtt://HOST:PORT --fleet NAME --state-dir DIR \\
-        [--min-devices N] [--round-timeout S] [--rounds R]
+        [--min-devices N] [--round-timeout S] [--rounds R] \
+        [--strategy auto|fedit|hetlora|stack|svd] [--server-optimizer fedavg|fedavgm|fedadam|fedyogi] \
+        [--layout fixed|importance] [--proximal-mu MU]
 
 Restarting with the same ``--state-dir`` resumes after the last closed round.
 """
@@ -16,9 +18,10 @@ from pathlib import Path
 
 from edgetune import __version__
 from edgetune.transport import TransportError, open_transport
-from edgetune.wire import LoraSpec, TrainSettings
+from edgetune.wire import ImportanceSettings, LoraSpec, TrainSettings
 
-from .daemon import Aggregator, AggregatorConfig
+from .daemon import DEFAULT_CANDIDATES, Aggregator, AggregatorConfig
+from .strategies import SERVER_OPTIMIZERS, STRATEGIES, ServerOptimizerConfig
 
 log = logging.getLogger("edgetune_aggregator")
 
@@ -46,6 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seq-len", type=int, default=128)
     group.add_argument("--lr", type=float, default=1e-3)
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx: mu/2·‖θ − θ_global‖² in the local loss (default 0: off)")
+    group.add_argument("--no-planning", action="store_true", help="ignore device profiles: every device trains with these settings")
+    merge = serve.add_argument_group("aggregation")
+    merge.add_argument("--strategy", default="auto", choices=["auto", *STRATEGIES],
+                       help="how adapters of different ranks are merged (auto: svd when planning, else fedit)")
+    merge.add_argument("--server-optimizer", default="fedavg", choices=SERVER_OPTIMIZERS)
+    merge.add_argument("--server-lr", type=float, default=1.0, help="server learning rate (1 with fedavg is plain FedAvg)")
+    merge.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm's beta, fedadam/fedyogi's beta1")
+    merge.add_argument("--server-beta2", type=float, default=0.99)
+    merge.add_argument("--server-tau", type=float, default=1e-3)
+    layout = serve.add_argument_group("adapter layout")
+    layout.add_argument("--layout", default="fixed", choices=["fixed", "importance"],
+                        help="importance: a calibration round scores every candidate matrix and picks those that "
+                        "get adapters (docs/importance.md)")
+    layout.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES), help="matrix names an importance layout chooses among")
+    layout.add_argument("--adapter-budget", type=int, default=None,
+                        help="adapter parameters the importance layout may use (default: those of --targets at --rank)")
+    layout.add_argument("--calibration-batches", type=int, default=8)
     serve.add_argument("--base-model", default="", help="recorded in the exported PEFT adapter_config.json")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -63,10 +84,18 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         adapter=LoraSpec(rank=args.rank, alpha=args.alpha, target_modules=targets),
         train=TrainSettings(
             local_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-            seq_len=args.seq_len, learning_rate=args.lr, seed=args.seed,
+            seq_len=args.seq_len, learning_rate=args.lr, seed=args.seed, proximal_mu=args.proximal_mu,
         ),
         seed=args.seed,
         base_model=args.base_model,
+        planning=not args.no_planning,
+        strategy=args.strategy,
+        server_optimizer=ServerOptimizerConfig(args.server_optimizer, args.server_lr, args.server_momentum,
+                                               args.server_beta2, args.server_tau),
+        layout=args.layout,
+        layout_candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
+        adapter_budget=args.adapter_budget,
+        importance=ImportanceSettings(batches=args.calibration_batches),
     )
 
 

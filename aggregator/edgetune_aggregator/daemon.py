@@ -144,7 +144,8 @@ class Aggregator:
                 return
             while not self._stop.is_set():
                 next_round = self.state.round + 1
-                if self.config.rounds is not None and next_round > self.config.rounds:
+                trained = next_round - self.state.first_train_round
+                if self.config.rounds is not None and trained >= self.config.rounds:
                     break
                 self._run_round(next_round, TaskKind.TRAIN)
             if self._stop.is_set():
@@ -173,7 +174,7 @@ class Aggregator:
         # A retained task left by an earlier run (e.g. "finished") must not steer devices
         # that connect before this run publishes its own.
         self.transport.publish(self.topics.task, b"", retain=True)
-        for kind in ("hello", "presence", "update", "eval", "error"):
+        for kind in ("hello", "presence", "update", "eval", "importance", "error"):
             self.channel.subscribe(self.topics.all_devices(kind), self._enqueue)
         self._publish_presence(True)
 
@@ -276,7 +277,8 @@ class Aggregator:
             chosen, layout = spec, "fixed"
         else:
             chosen, layout = dataclasses.replace(spec, target_modules=tuple(record.layout)), "importance"
-        self.state = dataclasses.replace(self.state, adapter=chosen, layout=layout)
+        self.state = dataclasses.replace(self.state, adapter=chosen, layout=layout,
+                                         first_train_round=record.round + 1)
         return chosen
 
     def _choose_layout(self, ctx: _Round) -> tuple[str, ...]:

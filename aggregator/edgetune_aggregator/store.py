@@ -96,6 +96,8 @@ class FleetState:
     strategy: str = "fedit"
     #: how the adapter layout was chosen: "fixed" or "importance" (after a calibration round)
     layout: str = "fixed"
+    #: round number of the first train round (a calibration round comes before it)
+    first_train_round: int = 1
 
 
 class StateStore:
@@ -128,6 +130,7 @@ class StateStore:
             run_id=raw.get("run_id", ""),
             strategy=raw.get("strategy", "fedit"),
             layout=raw.get("layout", "fixed"),
+            first_train_round=raw.get("first_train_round", 1),
         )
 
     def save_state(self, state: FleetState) -> None:

@@ -2,6 +2,7 @@
 
     edgetune device run --broker mqtt://HOST:PORT --fleet NAME --device-id ID --data FILE [--model REF]
     edgetune demo [--devices 3] [--rounds 2] [--out demo-out] [--data DIR]
+    edgetune export --merged --state-dir DIR [--version N] [--model REF] --out FOLDER [--force]
 
 Anything a user can get wrong (URL, broker, model file, data file) ends in one line saying
 what to do, with exit status 2, not a traceback.
@@ -69,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
     demo.add_argument("--broker", help="use this broker instead of starting the embedded one")
     _add_common(demo)
+
+    export = commands.add_parser("export", help="write the fleet's global adapter merged into the base model")
+    export.add_argument("--merged", action="store_true",
+                        help="fold the adapter into the base weights: a plain Hugging Face model folder "
+                        "(the only form so far)")
+    export.add_argument("--state-dir", type=Path, required=True, help="the aggregator's --state-dir")
+    export.add_argument("--version", type=int, help="global adapter version (default: the current one)")
+    export.add_argument("--model", help="the fleet's base, as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
+    export.add_argument("--out", type=Path, required=True, help="folder to write (must be absent or empty)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _add_common(export)
     return parser
 
 
@@ -104,10 +116,20 @@ def _device_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_merged
+
+    if not args.merged:
+        raise ValueError("only `edgetune export --merged` exists so far (an ONNX export, --onnx, is planned): add --merged")
+    export_merged(args.state_dir, args.out, version=args.version, model_ref=args.model, force=args.force)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_file)
     from .data import DataError
+    from .export import ExportError
     from .models import ModelError
     from .transport import TransportError
 
@@ -122,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             from .planning.report import run_plan
 
             return run_plan(args)
+        if args.command == "export":
+            return _export(args)
         from .demo import run_demo
 
         return run_demo(args)
-    except (TransportError, ModelError, DataError, ValueError) as exc:
+    except (TransportError, ModelError, DataError, ExportError, ValueError) as exc:
         print(f"edgetune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,10 @@ transposes the *base* weight when merging), so arrays are copied as they are.
 
 The base can be stored in bfloat16, int8 or nf4 (``edgetune.trainers.quantize``) and its
 activations recomputed in backward (gradient checkpointing); the LoRA factors stay float32.
+
+A global adapter's frozen ``merged`` delta (``GlobalAdapter.merged``) is applied by forward
+hooks rather than added into the weights: an int8 or nf4 weight cannot take a small float
+update without losing it to rounding, and a hook works the same for every base.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +28,14 @@ import peft
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from ..adapters.lora import as_float32, check_tensors, lora_shapes
+from ..adapters.lora import as_float32, check_merged, check_tensors, lora_shapes
 from ..models.loading import LoadedModel
 from ..wire.schema import LoraSpec, TrainSettings
 from .quantize import quantization_of, quantize_base
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TorchLoraTrainer", "TrainResult"]
+__all__ = ["TorchLoraTrainer", "TrainResult", "proximal_term"]
 
 _ADAPTER = "default"  # PEFT's name for the one adapter we attach
 
@@ -39,7 +43,8 @@ _ADAPTER = "default"  # PEFT's name for the one adapter we attach
 @dataclass(frozen=True)
 class TrainResult:
     """One round of local training. ``mean_loss`` averages the optimizer steps' losses (each
-    the mean over its micro-batches); ``tokens`` counts input tokens seen."""
+    the mean over its micro-batches); ``tokens`` counts input tokens seen. Losses are the data
+    loss only, without a FedProx term, so they compare across rounds and settings."""
 
     mean_loss: float
     final_loss: float
@@ -98,6 +103,7 @@ class TorchLoraTrainer:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         wrapped = self.model.base_model.model
         self._layers = {m: wrapped.get_submodule(m) for m in self._modules}
+        self._merged_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def unload(self) -> None:
         """Take the LoRA layers out again, leaving ``loaded.model`` the plain frozen base, so a
@@ -106,6 +112,7 @@ class TorchLoraTrainer:
         A quantized base stays quantized: the next trainer must ask for the same quantization
         (another one raises ``ValueError``); a fresh ``load_model`` gives a float32 base.
         """
+        self.set_merged({})  # hooks on layers PEFT did not wrap would outlive the trainer
         base = self.model.unload()
         if self._checkpointing:
             base.gradient_checkpointing_disable()
@@ -141,6 +148,33 @@ class TorchLoraTrainer:
         with torch.no_grad():
             return {name: self._weight(name).detach().cpu().numpy().astype(np.float32, copy=True) for name in self.shapes}
 
+    def set_merged(self, merged: Mapping[str, np.ndarray]) -> None:
+        """Apply a global adapter's frozen delta ``{m}.merged_B @ {m}.merged_A`` to every later
+        forward (training and perplexity) of module ``m``, replacing the previous one; ``{}``
+        removes it. The factors are copied and never trained.
+
+        Each module gets a forward hook adding ``(x @ A.T) @ B.T`` to its output (the PEFT layer
+        for a LoRA target, so base, LoRA and delta add up), computed in float32 and cast to the
+        output's dtype. Gradient checkpointing recomputes it like any other op in the layer.
+        """
+        problem = check_merged(merged, self.loaded.manifest.modules)  # before anything changes
+        if problem:
+            raise ValueError(f"merged delta does not fit {self.loaded.name}: {problem}")
+        for handle in self._merged_hooks:
+            handle.remove()
+        self._merged_hooks = []
+        wrapped = self.model.base_model.model
+        for module_name in sorted({name.rsplit(".", 1)[0] for name in merged}):
+            a = torch.tensor(as_float32(merged[f"{module_name}.merged_A"]), dtype=torch.float32)  # (k, in), a copy
+            b = torch.tensor(as_float32(merged[f"{module_name}.merged_B"]), dtype=torch.float32)  # (out, k)
+            if a.shape[0] == 0:
+                continue  # k = 0: nothing to add
+            module = wrapped.get_submodule(module_name)
+            device = next(module.parameters()).device
+            self._merged_hooks.append(module.register_forward_hook(_low_rank_hook(b.to(device), a.to(device))))
+        if self._merged_hooks:
+            log.debug("frozen merged delta on %d modules", len(self._merged_hooks))
+
     # --- training and evaluation ------------------------------------------------------
 
     def _forward(self, batch: np.ndarray, labels: bool) -> Any:
@@ -167,11 +201,19 @@ class TorchLoraTrainer:
         gradients of ``settings.grad_accum`` micro-batches. The optimizer is new every call:
         after a federated round its moments describe factors that no longer exist.
 
+        With ``settings.proximal_mu`` > 0 (FedProx) each step also minimises
+        ``mu/2 · Σ‖θ − θ_start‖²`` over the factors, θ_start being their values when this call
+        began, which keeps devices with unlike data from drifting far from the global adapter.
+        Reported losses stay the data loss. AdamW normalises gradients, so mu acts relative to
+        the data gradient's size rather than as an absolute pull.
+
         Stops early (with a warning) if ``batches`` runs out; raises if not one step was made.
         """
         optimizer = torch.optim.AdamW(
             self._params, lr=settings.learning_rate, weight_decay=settings.weight_decay
         )
+        mu = settings.proximal_mu
+        anchor = [p.detach().clone() for p in self._params] if mu > 0 else []
         total = settings.local_steps
         losses: list[float] = []
         tokens = 0
@@ -194,6 +236,8 @@ class TorchLoraTrainer:
                         (loss / settings.grad_accum).backward()
                         step_loss += loss.item() / settings.grad_accum
                         tokens += int(np.asarray(batch).size)
+                    if anchor:
+                        proximal_term(self._params, anchor, mu).backward()
                     if settings.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(self._params, settings.max_grad_norm)
                     optimizer.step()
@@ -233,3 +277,20 @@ class TorchLoraTrainer:
             ).item()
             count += targets.numel()
         return math.exp(nll / count)
+
+
+def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's ``mu/2 · Σ‖θ − θ_start‖²``; its gradient is ``mu · (θ − θ_start)``."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+
+def _low_rank_hook(b: torch.Tensor, a: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A forward hook adding ``x @ (B @ A).T`` to a linear layer's output, without ever
+    forming the (out, in) matrix: two thin matmuls cost (in + out) · k per token."""
+
+    def hook(module: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        delta = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b)  # (..., out)
+        return output + delta.to(output.dtype)
+
+    return hook
