@@ -161,3 +161,21 @@ def test_the_cli_and_export_module_import_without_torch():
 
     code = "import sys, edgetune.cli, edgetune.export; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": ":".join(sys.path)})
+
+
+@pytest.mark.parametrize("ref", REFS)
+def test_the_aggregators_peft_adapter_carries_the_frozen_delta(ref, tmp_path):
+    """state_dir/adapter folds ``merged`` into per-module-rank LoRA factors (rank_pattern), so
+    PEFT alone reproduces the global model, layers without trainable factors included."""
+    import peft
+
+    adapter = global_adapter(ref)
+    write_state(tmp_path, ref, [adapter])
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["rank_pattern"] == config["alpha_pattern"]
+    ids = torch.as_tensor(blocks(16)[:2])
+    model = peft.PeftModel.from_pretrained(load_model(ref).model, tmp_path / "adapter")
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    want = trainer_logits(ref, adapter, ids)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

@@ -76,6 +76,13 @@ def fold_merged(
             A = np.vstack([as_float32(merged[f"{module}.merged_A"]), A])
         folded[f"{module}.lora_B"], folded[f"{module}.lora_A"] = B.astype(np.float32), A.astype(np.float32)
         ranks[module] = A.shape[0]
+    # a frozen delta on a layer without trainable factors becomes a LoRA of its own
+    for name in merged:
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".merged_A") and module not in ranks and merged[name].shape[0] > 0:
+            folded[f"{module}.lora_B"] = as_float32(merged[f"{module}.merged_B"])
+            folded[f"{module}.lora_A"] = as_float32(merged[name])
+            ranks[module] = merged[name].shape[0]
     return folded, ranks
 
 
@@ -92,10 +99,13 @@ def write_peft_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     config_dict = peft_config(spec, base_model)
     if merged:
+        trainable = set(module_names(tensors))
         tensors, ranks = fold_merged(spec, tensors, merged)
         # PEFT matches rank_pattern keys as regexes against the end of each module name
         config_dict["rank_pattern"] = {re.escape(m): r for m, r in ranks.items()}
         config_dict["alpha_pattern"] = dict(config_dict["rank_pattern"])
+        # layers with only a frozen delta must be targets too (full names match exactly)
+        config_dict["target_modules"] = sorted(set(config_dict["target_modules"]) | (set(ranks) - trainable))
     renamed = {
         _PEFT_PREFIX + name.replace(".lora_A", ".lora_A.weight").replace(".lora_B", ".lora_B.weight"): t
         for name, t in tensors.items()
