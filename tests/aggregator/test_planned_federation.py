@@ -56,6 +56,7 @@ def run_mixed_ranks(url: str, fleet: str, tmp_path, strategy: str) -> None:
         if strategy == "stack":  # the whole update lives in the frozen delta; devices restart fresh
             assert aggregator.store.load_global(2).merged
             assert not np.any(aggregator.store.load_global(2).tensors["model.layers.0.self_attn.q_proj.lora_B"])
+        assert all(d.finished.wait(30) for d in devices)  # (v2 is published before the finished task)
         assert all(d.current_adapter.version == 2 for d in devices)
         assert not aggregator.drops
     finally:
