@@ -14,7 +14,7 @@ import numpy as np
 
 from edgetune.adapters.lora import as_float32
 
-from .base import RoundMerge, RoundStart, Tensors
+from .base import RoundMerge, RoundStart, Strategy, Tensors
 from .lowrank import LowRank, LowRankSum
 
 
@@ -67,3 +67,17 @@ def as_merged(deltas: dict[str, LowRank]) -> dict[str, np.ndarray]:
             out[f"{module}.merged_B"] = lr.B.astype(np.float32)
             out[f"{module}.merged_A"] = lr.A.astype(np.float32)
     return out
+
+
+class ExactStrategy(Strategy):
+    """Base of ``stack`` and ``svd``: the round's exact aggregate, then a linear server step."""
+
+    exact = True
+
+    def begin(self, start: RoundStart) -> RoundMerge:
+        return ExactSum(start)
+
+    def step(self, merge: RoundMerge) -> dict[str, LowRank]:
+        """The low-rank step each layer's ΔW takes this round."""
+        assert isinstance(merge, ExactSum)
+        return self.optimizer.step_lowrank(merge.average())

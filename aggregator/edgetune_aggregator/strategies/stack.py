@@ -21,8 +21,8 @@ import numpy as np
 from edgetune.adapters.lora import init_lora
 from edgetune.wire.schema import LoraSpec
 
-from .base import NextGlobal, RoundMerge, RoundStart, Strategy, check_weights
-from .exact import ExactSum, as_merged, current_delta
+from .base import NextGlobal, RoundMerge, RoundStart, check_weights
+from .exact import ExactStrategy, as_merged, current_delta
 from .lowrank import LowRank, compress
 
 
@@ -44,17 +44,12 @@ def fresh_factors(start: RoundStart, seed: int) -> dict[str, np.ndarray]:
     return init_lora(spec, modules, seed)
 
 
-class Stack(Strategy):
+class Stack(ExactStrategy):
     name = "stack"
-    exact = True
-
-    def begin(self, start: RoundStart) -> RoundMerge:
-        return ExactSum(start)
 
     def finish(self, merge: RoundMerge) -> NextGlobal:
-        assert isinstance(merge, ExactSum)
         start = merge.start
-        steps = self.optimizer.step_lowrank(merge.average())
+        steps = self.step(merge)
         merged: dict[str, LowRank] = {}
         for module in start.modules:
             # the whole ΔW so far (merged + s·B₀A₀; B₀ = 0 unless the fleet switched strategy)

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .base import NextGlobal, RoundMerge, RoundStart, Strategy
-from .exact import ExactSum, as_merged, current_delta
+from .base import NextGlobal, RoundMerge
+from .exact import ExactStrategy, as_merged, current_delta
 from .lowrank import LowRank, Spectrum, spectrum
 from .stack import fresh_factors, stack
 
@@ -42,18 +42,13 @@ def redistribute(aggregate: Spectrum, rank: int) -> tuple[np.ndarray, np.ndarray
     return lr.B, lr.A
 
 
-class SVD(Strategy):
+class SVD(ExactStrategy):
     name = "svd"
-    exact = True
-
-    def begin(self, start: RoundStart) -> RoundMerge:
-        return ExactSum(start)
 
     def finish(self, merge: RoundMerge) -> NextGlobal:
-        assert isinstance(merge, ExactSum)
         start = merge.start
         R, root_s = start.rank, np.sqrt(start.scale)
-        steps = self.optimizer.step_lowrank(merge.average())
+        steps = self.step(merge)
         fresh = None
         tensors, tails = {}, {}
         for module in start.modules:
