@@ -4,7 +4,8 @@ Part **a**, training: 4 devices, one ``fortunes`` category each (``benchmarks/fo
 at ranks 2, 4, 8 and 16 of a rank-16 fleet, LoRA on q_proj and v_proj of SmolLM2-135M. Each
 strategy (fedit, hetlora, stack, svd) plays R rounds of S local steps from the same initial
 adapter, with the same batches on every device, so the strategies differ only in how the
-deltas are merged and what each device starts from. After every round the global model
+deltas are merged and what each device starts from (alpha / r = 2 on every device, as the
+default rank-8, alpha-16 adapter has). After every round the global model
 (base + merged + s·B·A) is evaluated at rank 16 on every device's held-out entries; the table
 gives the sample-weighted mean perplexity, and the payload bytes a round moves: the deltas
 uplink, and the global (factors plus the frozen ``merged`` part, which stack and svd fill)
@@ -15,9 +16,12 @@ for N = 10, 100, 1000 synthetic updates of SmolLM2's q_proj/v_proj shapes (60 ma
 cycling 2/4/8/16 in a rank-16 fleet, and the peak memory the aggregation allocates (numpy
 allocations traced by ``tracemalloc``), which should not grow with N: strategies stream. The
 updates reuse 8 pre-generated random deltas in turn (generating 1000 would time the random
-number generator); the start has random non-zero B, as after a few rounds. Usage::
+number generator); the start has random non-zero B, as after a few rounds. The timings are
+taken with tracemalloc running and numpy's BLAS on one thread (``--blas-threads``). Usage::
 
-    python benchmarks/strategies.py [--part a|b|both] [--rounds 3] [--steps 5]
+    python benchmarks/strategies.py [--part a|b|both] [--rounds 3] [--steps 4]
+
+On 2 cores part a takes about 11 minutes and part b about 6.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import tracemalloc
@@ -53,7 +58,8 @@ def run_training(args: argparse.Namespace) -> dict:
     spec = LoraSpec(rank=fleet_rank, alpha=2.0 * fleet_rank, target_modules=("q_proj", "v_proj"))
     settings = TrainSettings(local_steps=args.steps, batch_size=args.batch, seq_len=args.seq_len,
                              learning_rate=args.lr, seed=args.seed)
-    devices = fortunes.make_devices(args.categories, args.ranks, args.seq_len, args.eval_blocks, args.threads, args.seed)
+    devices = fortunes.make_devices(args.categories, args.ranks, args.seq_len, args.eval_blocks, args.threads,
+                                    args.seed)
     evaluator = next(d for d in devices if d.rank == fleet_rank)
     initial = init_lora(spec, devices[0].workload.manifest.modules, args.seed)
 
@@ -107,6 +113,17 @@ def training_table(result: dict) -> str:
             f"{_mb(last['downlink_bytes_per_device'])} ({_mb(last['downlink_merged_bytes'])})",
             _mb(run["final_global_bytes"]),
         ])
+    return _markdown(header, rows)
+
+
+def per_device_table(result: dict) -> str:
+    """The last round's perplexity on each device's held-out entries (device rank in brackets)."""
+    names = [d["category"] for d in result["devices"]]
+    header = ["strategy"] + [f"{d['category']} (r{d['rank']})" for d in result["devices"]]
+    base = next(iter(result["strategies"].values()))["rounds"][0]["ppl"]  # the same for every strategy
+    rows = [["base (round 0)"] + [f"{base[n]:.2f}" for n in names]]
+    for name, run in result["strategies"].items():
+        rows.append([name] + [f"{run['rounds'][-1]['ppl'][n]:.2f}" for n in names])
     return _markdown(header, rows)
 
 
@@ -196,6 +213,15 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def _pin_blas(threads: int) -> None:
+    """Restart this process with numpy's OpenBLAS at ``threads`` threads (it reads the variable
+    once, when numpy loads). With its default of one thread per core, a busy 2-core machine made
+    the dense steps of stack and svd 10–20× slower: the BLAS threads spin waiting for each other."""
+    if os.environ.get("OPENBLAS_NUM_THREADS") != str(threads):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("a", "b", "both"), default="both")
@@ -204,23 +230,28 @@ def main() -> None:
     parser.add_argument("--ranks", nargs="+", type=int, default=[2, 4, 8, 16], help="one per category; "
                         "the largest is the fleet rank")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5, help="local steps per device and round")
+    parser.add_argument("--steps", type=int, default=4, help="local steps per device and round")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-blocks", type=int, default=12, help="held-out blocks per device")
     parser.add_argument("--updates", nargs="+", type=int, default=[10, 100, 1000], help="part b: fleet sizes")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="numpy's OpenBLAS threads (aggregation); 0: leave OpenBLAS's default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = parser.parse_args()
     if args.part != "b" and len(args.ranks) != len(args.categories):
         parser.error(f"--ranks gives {len(args.ranks)} ranks for {len(args.categories)} categories: one each")
+    if args.blas_threads:
+        _pin_blas(args.blas_threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("edgetune").setLevel(logging.WARNING)  # per-step and model-loading chatter
 
     started = time.perf_counter()
-    result = {"date": date.today().isoformat(), "argv": sys.argv[1:]}
+    result = {"date": date.today().isoformat(), "argv": sys.argv[1:],
+              "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default")}
     if args.part in ("a", "both"):
         result["training"] = run_training(args)
     if args.part in ("b", "both"):
@@ -238,6 +269,8 @@ def main() -> None:
               f"{s['seq_len']}, lr {s['lr']}, seed {s['seed']}; sample-weighted mean held-out perplexity "
               f"({t['wall_s']:.0f} s)\n")
         print(training_table(t) + "\n")
+        print("Held-out perplexity per device after the last round:\n")
+        print(per_device_table(t) + "\n")
     if "server" in result:
         print(f"Part b: aggregation of synthetic SmolLM2 q/v updates, ranks cycling {args.ranks}\n")
         print(server_table(result["server"]))
