@@ -19,7 +19,7 @@ B = 0), the same for every arm. Usage::
 
     python benchmarks/importance.py [--rounds 3] [--steps 8] [--arms fixed selected all-kinds]
 
-The default runs the first two arms (about 10 minutes on 2 cores); all three take about 14.
+The default runs the first two arms (about 8 minutes on 2 cores); all three take about 12.
 """
 
 from __future__ import annotations
