@@ -20,6 +20,14 @@ from pathlib import Path
 
 from edgetune import __version__
 from edgetune.adapters.lora import check_tensors, init_lora, lora_shapes, rank_of, targets
+from edgetune.planning.layout import (
+    GPT2_KINDS,
+    LLAMA_KINDS,
+    adapter_cost,
+    candidate_modules,
+    combine_scores,
+    select_layout,
+)
 from edgetune.transport import Transport, TransportError, Will
 from edgetune.transport.channel import Channel
 from edgetune.wire import (
@@ -49,8 +57,7 @@ log = logging.getLogger(__name__)
 #: refuse a fleet whose adapter would be larger than this (a hostile or mistaken hello)
 MAX_ADAPTER_PARAMETERS = 200_000_000
 #: weight matrices an importance-based layout chooses among (Llama-style and GPT-2 names)
-DEFAULT_CANDIDATES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                      "c_attn", "c_proj", "c_fc")
+DEFAULT_CANDIDATES = LLAMA_KINDS + GPT2_KINDS
 LAYOUTS = ("fixed", "importance")
 
 
@@ -261,8 +268,6 @@ class Aggregator:
         Nothing is saved before the layout is chosen: a daemon that stops here starts the
         fleet afresh (a new run id, so devices score again).
         """
-        from edgetune.planning.layout import candidate_modules
-
         spec, modules = self.config.adapter, self.state.model.modules
         try:
             candidates = candidate_modules(modules, self.config.layout_candidates)
@@ -283,8 +288,6 @@ class Aggregator:
 
     def _choose_layout(self, ctx: _Round) -> tuple[str, ...]:
         """Combine the devices' scores (sample-weighted) and select matrices within the budget."""
-        from edgetune.planning.layout import adapter_cost, combine_scores, select_layout
-
         spec, modules = self.config.adapter, self.state.model.modules
         budget = self.config.adapter_budget or adapter_cost(modules, targets(spec, modules), spec.rank)
         scores = combine_scores([(report.scores, report.num_samples) for report in ctx.reports])

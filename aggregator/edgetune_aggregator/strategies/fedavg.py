@@ -60,6 +60,10 @@ class FedAvg:
         self.total_weight += weight
         self.count += 1
 
+    def nbytes(self) -> int:
+        """Memory held by the running sums."""
+        return sum(acc.nbytes for acc in self._sums.values())
+
     def result(self) -> dict[str, np.ndarray]:
         if not self.count:
             raise ValueError("no updates to aggregate")

@@ -46,7 +46,7 @@ class _FactorAverage(RoundMerge):
         return self.sums.result()
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.sums._sums.values())
+        return self.sums.nbytes()
 
 
 class FedIT(Strategy):

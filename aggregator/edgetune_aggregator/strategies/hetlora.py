@@ -45,11 +45,9 @@ def truncate(B: np.ndarray, A: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
 class _NormWeighted(RoundMerge):
     def __init__(self, start: RoundStart):
         super().__init__(start)
-        R = start.rank
         self.sums = {k: np.zeros(v.shape, np.float64) for k, v in start.tensors.items()}
         self.plain = {k: np.zeros(v.shape, np.float64) for k, v in start.tensors.items()}
         self.norm_weight = dict.fromkeys(start.modules, 0.0)
-        self.rank = R
 
     def _add(self, delta: Tensors, weight: float) -> None:
         for module in self.start.modules:
