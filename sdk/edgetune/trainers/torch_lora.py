@@ -20,7 +20,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,25 +31,13 @@ from ..adapters.lora import as_float32, check_merged, check_tensors, lora_shapes
 from ..models.loading import LoadedModel
 from ..wire.schema import LoraSpec, TrainSettings
 from .quantize import quantization_of, quantize_base
+from .result import TrainResult
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TorchLoraTrainer", "TrainResult", "proximal_term"]
 
 _ADAPTER = "default"  # PEFT's name for the one adapter we attach
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """One round of local training. ``mean_loss`` averages the optimizer steps' losses (each
-    the mean over its micro-batches); ``tokens`` counts input tokens seen. Losses are the data
-    loss only, without a FedProx term, so they compare across rounds and settings."""
-
-    mean_loss: float
-    final_loss: float
-    tokens: int
-    seconds: float
-    steps: int
 
 
 class TorchLoraTrainer:

@@ -1,0 +1,291 @@
+"""LoRA training with ONNX Runtime, for devices without PyTorch (numpy and onnxruntime-training
+only; this module never imports torch or transformers).
+
+It trains the artifacts ``edgetune build-ort`` made (``edgetune.ort.artifacts``) and speaks the
+same arrays as :class:`~edgetune.trainers.torch_lora.TorchLoraTrainer`: ``{module}.lora_A``
+(rank, in) and ``{module}.lora_B`` (out, rank), so the aggregator cannot tell the two apart.
+
+- **Lower ranks.** The graphs hold factors of the artifacts' rank R. A round at rank r < R
+  pads the factors with zeros: a zero row of A and the matching zero column of B get zero
+  gradients, stay zero under AdamW (zero moments, zero decay) and add nothing, so training is
+  exactly rank r.
+- **Frozen merged delta.** ``set_merged`` adds ``merged_B @ merged_A`` to the frozen base
+  weights in the checkpoint (float32, so nothing is lost to rounding), from a pristine copy.
+- **A new optimizer every round.** ORT keeps AdamW's moments in the checkpoint state and a new
+  ``Optimizer`` reuses them, so each ``train`` after the first starts a fresh state from the
+  checkpoint file (the factors and delta are put back), as the torch trainer starts a new
+  ``torch.optim.AdamW``.
+- **Gradient accumulation and FedProx** go through the graph's ``loss_scale`` and
+  ``prox_scale`` inputs (``edgetune.ort.build``): ORT sums gradients over ``train_step`` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..adapters.lora import as_float32, check_merged, check_tensors, lora_shapes, targets
+from ..ort.artifacts import (
+    CHECKPOINT,
+    EVAL_MODEL,
+    OPTIMIZER_MODEL,
+    TRAINING_MODEL,
+    ArtifactError,
+    ArtifactManifest,
+    OptimizerSettings,
+    check_layout,
+    load_manifest,
+    weights_digest,
+)
+from ..ort.optim import build_optimizer_model
+from ..wire.schema import LoraSpec, TrainSettings
+from .result import TrainResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OrtLoraTrainer", "load_artifacts"]
+
+
+def load_artifacts(folder: Path, expect_model_hash: str | None = None, verify: bool = True) -> ArtifactManifest:
+    """The manifest of an artifact folder, its files checked against their digests and, with
+    ``expect_model_hash``, its base weights against the hash the user expects (a prefix is
+    enough)."""
+    manifest = load_manifest(Path(folder), verify_files=verify)
+    if expect_model_hash and not manifest.model_hash.startswith(expect_model_hash.lower()):
+        raise ArtifactError(
+            f"the artifacts in {folder} were built for base weights {manifest.model_hash[:16]}…, not the expected "
+            f"{expect_model_hash[:16]}…: build them from this fleet's model with `edgetune build-ort`"
+        )
+    return manifest
+
+
+class OrtLoraTrainer:
+    """Trains the LoRA factors of ``spec`` with the ONNX Runtime artifacts in ``folder``.
+
+    ``spec`` must select the modules the artifacts were built for, at a rank up to theirs and
+    the same scale (alpha / rank); anything else raises :class:`ArtifactError` saying what to
+    rebuild. Only a float32 base exists here: quantization and gradient checkpointing are
+    PyTorch features.
+    """
+
+    def __init__(self, folder: Path, spec: LoraSpec, threads: int | None = None,
+                 manifest: ArtifactManifest | None = None, *, verify_weights: bool = True) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest or load_artifacts(self.folder)
+        modules = self.manifest.model.modules
+        check_layout(self.manifest, spec, targets(spec, modules), spec.rank)
+        self.spec = spec
+        self.shapes = lora_shapes(spec, modules)
+        self.threads = threads
+        self.quantization = "float32"
+        self._entries = {p.name: p for p in self.manifest.parameters}
+        if set(self._entries) != set(lora_shapes(LoraSpec(self.manifest.adapter.rank, self.manifest.adapter.alpha,
+                                                          self.manifest.adapter.modules), modules)):
+            raise ArtifactError(f"the parameters of {self.folder} do not match its adapter layout: rebuild it")
+        self._cache = tempfile.TemporaryDirectory(prefix="edgetune-ort-")
+        self._optimizers: dict[OptimizerSettings, Path] = {self.manifest.optimizer: self.folder / OPTIMIZER_MODEL}
+        self._merged: dict[str, np.ndarray] = {}
+        self._used = False
+        self._open()
+        if verify_weights:
+            self._check_weights()
+
+    # --- sessions -----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """A fresh checkpoint state and training session; the factors are the checkpoint's."""
+        import onnxruntime as ort
+        from onnxruntime.training.api import CheckpointState, Module
+
+        ort.set_default_logger_severity(3)
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        self._module = None  # release the previous state before loading the next
+        self._state = CheckpointState.load_checkpoint(str(self.folder / CHECKPOINT))
+        self._module = Module(str(self.folder / TRAINING_MODEL), self._state, str(self.folder / EVAL_MODEL),
+                              session_options=options)
+        self._pristine: dict[str, np.ndarray] = {}  # frozen base weights before any merged delta
+        self._used = False
+        if self._module.get_parameters_size(trainable_only=True) != self.manifest.trainable_size:
+            raise ArtifactError(f"the checkpoint in {self.folder} holds another number of trainable parameters "
+                                "than its manifest: rebuild the artifacts")
+
+    def _check_weights(self) -> None:
+        anchors = {p.anchor for p in self.manifest.parameters}
+        digest = weights_digest((name, p.data) for name, p in self._state.parameters
+                                if not p.requires_grad and name not in anchors)
+        if digest != self.manifest.model_hash:
+            raise ArtifactError(f"the checkpoint in {self.folder} holds other base weights (sha256 {digest[:12]}…) "
+                                f"than its manifest says ({self.manifest.model_hash[:12]}…): rebuild the artifacts")
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+    def unload(self) -> None:
+        self._module = None
+        self._state = None
+        self._cache.cleanup()
+
+    # --- adapter exchange ---------------------------------------------------------------
+
+    def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Load the fleet's factors (rank ≤ the artifacts', zero-padded up to it)."""
+        problem = check_tensors(tensors, self.shapes)
+        if problem:
+            raise ValueError(f"adapter does not fit the artifacts with {self.spec}: {problem}")
+        for name, array in tensors.items():
+            array = as_float32(array)
+            padded = np.zeros(self._entries[name].shape, np.float32)
+            if name.endswith(".lora_A"):
+                padded[: array.shape[0]] = array
+            else:
+                padded[:, : array.shape[1]] = array
+            self._state.parameters[self._entries[name].ort_name] = padded
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        """The current factors (at this trainer's rank) as float32 arrays the caller owns,
+        read with ``get_contiguous_parameters`` and mapped back to names by the manifest."""
+        flat = self._module.get_contiguous_parameters(trainable_only=True).numpy()
+        out, offset = {}, 0
+        rank = self.spec.rank
+        for entry in self.manifest.parameters:
+            size = math.prod(entry.shape)
+            if entry.name in self.shapes:
+                array = flat[offset:offset + size].reshape(entry.shape)
+                array = array[:rank] if entry.name.endswith(".lora_A") else array[:, :rank]
+                out[entry.name] = np.array(array, dtype=np.float32)
+            offset += size
+        return out
+
+    def set_merged(self, merged: Mapping[str, np.ndarray]) -> None:
+        """Apply ``{m}.merged_B @ {m}.merged_A`` to module ``m``'s frozen weight from now on,
+        replacing the previous delta; ``{}`` removes it."""
+        problem = check_merged(merged, self.manifest.model.modules)
+        if problem:
+            raise ValueError(f"merged delta does not fit {self.manifest.model.name}: {problem}")
+        missing = sorted({n.rsplit(".", 1)[0] for n in merged} - set(self.manifest.base_weights))
+        if missing:
+            raise ArtifactError(f"the artifacts do not expose the weights of {missing[:3]}: rebuild them")
+        self._merged = {name: as_float32(array).copy() for name, array in merged.items()}
+        self._apply_merged()
+
+    def _apply_merged(self) -> None:
+        modules = {name.rsplit(".", 1)[0] for name in self._merged}
+        for module in sorted(modules | {m for m in self._pristine}):
+            ort_name, transposed = self.manifest.base_weights[module]
+            if module not in self._pristine:
+                self._pristine[module] = self._state.parameters[ort_name].data.copy()
+            weight = self._pristine[module]
+            if module in modules:
+                delta = self._merged[f"{module}.merged_B"] @ self._merged[f"{module}.merged_A"]  # (out, in)
+                weight = weight + (delta.T if transposed else delta)
+            self._state.parameters[ort_name] = np.ascontiguousarray(weight, dtype=np.float32)
+            if module not in modules:
+                del self._pristine[module]
+
+    # --- training and evaluation ----------------------------------------------------------
+
+    def _optimizer_path(self, settings: OptimizerSettings) -> Path:
+        if settings not in self._optimizers:
+            path = Path(self._cache.name) / f"optimizer-{len(self._optimizers)}.onnx"
+            build_optimizer_model([(p.ort_name, p.shape) for p in self.manifest.parameters], settings, path)
+            self._optimizers[settings] = path
+        return self._optimizers[settings]
+
+    def _restart(self) -> None:
+        """A fresh state (zero optimizer moments) holding the current factors and delta."""
+        adapter = self.get_adapter()
+        self._open()
+        self.set_adapter(adapter)
+        self._apply_merged()
+
+    def train(
+        self,
+        batches: Iterator[np.ndarray],
+        settings: TrainSettings,
+        on_step: Callable[[int, int, float], None] | None = None,
+    ) -> TrainResult:
+        """``settings.local_steps`` AdamW steps (PyTorch's rule) over the LoRA factors, each
+        averaging the gradients of ``settings.grad_accum`` micro-batches; as the torch trainer."""
+        from onnxruntime.training.api import Optimizer
+
+        if self._used:
+            self._restart()
+        self._used = True
+        optimizer_settings = OptimizerSettings(settings.weight_decay, settings.max_grad_norm,
+                                               self.manifest.optimizer.betas, self.manifest.optimizer.eps)
+        optimizer = Optimizer(str(self._optimizer_path(optimizer_settings)), self._module)
+        optimizer.set_learning_rate(settings.learning_rate)
+        if settings.proximal_mu > 0:  # the anchor is where this round starts
+            for entry in self.manifest.parameters:
+                self._state.parameters[entry.anchor] = self._state.parameters[entry.ort_name].data
+        loss_scale = np.array([1.0 / settings.grad_accum], np.float32)
+        prox_scale = np.array([settings.proximal_mu / settings.grad_accum], np.float32)
+        losses: list[float] = []
+        tokens = 0
+        started = time.perf_counter()
+        batches = iter(batches)
+        self._module.train()
+        for step in range(1, settings.local_steps + 1):
+            micro = []
+            for _ in range(settings.grad_accum):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                micro.append(batch)
+            if len(micro) < settings.grad_accum:
+                log.warning("training data ran out after %d of %d steps", step - 1, settings.local_steps)
+                break
+            self._module.lazy_reset_grad()
+            step_loss = 0.0
+            for batch in micro:
+                ids, mask, positions = _inputs(batch)
+                _, data_loss = self._module(ids, mask, positions, loss_scale, prox_scale)
+                step_loss += float(data_loss) / settings.grad_accum
+                tokens += int(ids.size)
+            optimizer.step()
+            losses.append(step_loss)
+            if on_step is not None:
+                on_step(step, settings.local_steps, step_loss)
+        self._module.lazy_reset_grad()
+        self._module.eval()
+        if not losses:
+            raise ValueError("no training step was made: the batch iterator yielded too few batches")
+        seconds = time.perf_counter() - started
+        log.info("trained %d steps in %.2f s (onnxruntime): loss %.4f -> %.4f (%d tokens)",
+                 len(losses), seconds, losses[0], losses[-1], tokens)
+        return TrainResult(float(np.mean(losses)), losses[-1], tokens, seconds, len(losses))
+
+    def perplexity(self, blocks: np.ndarray, batch_size: int = 8) -> float:
+        """exp of the mean next-token NLL over all predicted tokens of ``blocks`` (N, T), with
+        the current adapter, through the eval graph."""
+        blocks = np.asarray(blocks, dtype=np.int64)
+        if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+            raise ValueError(f"perplexity needs blocks of shape (N ≥ 1, T ≥ 2), got {blocks.shape}")
+        self._module.eval()
+        one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+        nll, count = 0.0, 0
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start:start + batch_size]
+            ids, mask, positions = _inputs(batch)
+            _, data_loss = self._module(ids, mask, positions, one, zero)
+            predicted = batch.shape[0] * (batch.shape[1] - 1)
+            nll += float(data_loss) * predicted
+            count += predicted
+        return math.exp(nll / count)
+
+
+def _inputs(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = np.ascontiguousarray(batch, dtype=np.int64)
+    if ids.ndim != 2:
+        raise ValueError(f"token batches must have shape (B, T), got {ids.shape}")
+    positions = np.ascontiguousarray(np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape))
+    return ids, np.ones_like(ids), positions
