@@ -315,7 +315,7 @@ class Aggregator:
         if not (self.config.planning and profiles) or kind is TaskKind.FINISHED:
             return {}, {}
         from edgetune.planning.costmodel import Arch, Calibration
-        from edgetune.planning.planner import PlanOptions, plan_fleet, ranks_up_to
+        from edgetune.planning.planner import PlanOptions, for_capabilities, plan_fleet, ranks_up_to
 
         if only is not None and self.config.uplink_budget_mb is None:
             # Without a fleet-wide budget each device's optimum is its own: plan just this one.
@@ -337,7 +337,9 @@ class Aggregator:
             max_local_steps=train.local_steps,
             uplink_budget_bytes=self.config.uplink_budget_mb * 1e6 if self.config.uplink_budget_mb else None,
         )
-        plan = plan_fleet(profiles, arch, options, self._calibration)
+        narrowed = {d: for_capabilities(options, self.devices[d].capabilities) for d in profiles}
+        plan = plan_fleet(profiles, arch, options, self._calibration,
+                          {d: o for d, o in narrowed.items() if o is not options})
         for device, reason in plan.excluded.items():
             log.warning("planner leaves %s out: %s", device, reason)
         for device, choice in plan.chosen.items():
@@ -354,6 +356,9 @@ class Aggregator:
         except Exception:  # planning is an optimisation: without it, devices use the defaults
             log.exception("planning round %d failed; devices train with the fleet's defaults", round_number)
             plans, excluded = {}, {}
+        if kind is TaskKind.CALIBRATE:  # scoring needs weight gradients, which only PyTorch computes
+            excluded = {**excluded, **{d: "trains with ONNX Runtime, which cannot score weight importance"
+                                       for d, h in self.devices.items() if h.capabilities.torch_free}}
         task = RoundTask(
             round=round_number,
             kind=kind,

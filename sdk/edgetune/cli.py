@@ -1,6 +1,8 @@
 """``edgetune``: the device-side command line.
 
     edgetune device run --broker mqtt://HOST:PORT --fleet NAME --device-id ID --data FILE [--model REF]
+                        [--trainer torch|ort|auto] [--artifacts DIR] [--model-hash SHA256]
+    edgetune build-ort [--model REF] --rank R [--alpha A] --targets q_proj,v_proj --out DIR
     edgetune demo [--devices 3] [--rounds 2] [--out demo-out] [--data DIR]
     edgetune export --merged --state-dir DIR [--version N] [--model REF] --out FOLDER [--force]
 
@@ -38,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", required=True)
     run.add_argument("--data", required=True, type=Path, help=".txt (one record a line) or .jsonl ({'text': ...})")
     run.add_argument("--model", help="GGUF file, model folder, or tiny-llama/tiny-gpt2 (default: SmolLM2-135M-Instruct GGUF)")
-    run.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    run.add_argument("--threads", type=int, help="training threads (default: all cores)")
+    run.add_argument("--trainer", choices=["torch", "ort", "auto"], default="auto",
+                     help="PyTorch, or ONNX Runtime artifacts (no PyTorch needed); auto: torch when installed")
+    run.add_argument("--artifacts", type=Path, help="ONNX Runtime training artifacts from 'edgetune build-ort' "
+                     "(the ort trainer's model: --model is then not loaded)")
+    run.add_argument("--model-hash", help="refuse artifacts whose base weights do not have this SHA-256 "
+                     "(a prefix is enough; 'model_hash' in the artifacts' edgetune-ort.json)")
     run.add_argument("--heldout", type=float, default=0.1, help="fraction of records held out for evaluation")
     run.add_argument("--connect-timeout", type=float, default=None, help="give up on the broker after S seconds (default: retry forever)")
     run.add_argument("--stay", action="store_true", help="keep running after the fleet finishes")
@@ -70,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
     demo.add_argument("--broker", help="use this broker instead of starting the embedded one")
     _add_common(demo)
+
+    build = commands.add_parser("build-ort", help="ONNX Runtime training artifacts for devices without PyTorch "
+                                "(run where PyTorch is installed)")
+    build.add_argument("--model", help="as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
+    build.add_argument("--rank", type=int, default=8, help="the fleet's LoRA rank (devices may train any rank up to it)")
+    build.add_argument("--alpha", type=float, help="the fleet's LoRA alpha (default: 2 x rank)")
+    build.add_argument("--targets", help="comma-separated modules, as the aggregator's --targets "
+                       "(default: q_proj,v_proj; c_attn on GPT-2)")
+    build.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into the optimizer "
+                       "graph (a device builds another for a round that asks for other values)")
+    build.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping baked into the optimizer graph")
+    build.add_argument("--out", type=Path, required=True, help="folder to write (must be absent or empty)")
+    build.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _add_common(build)
 
     export = commands.add_parser("export", help="write the fleet's global adapter merged into the base model")
     export.add_argument("--merged", action="store_true",
@@ -106,13 +128,26 @@ def _device_run(args: argparse.Namespace) -> int:
                           exit_when_finished=not args.stay, profile=profile)
     transport = open_transport(args.broker, client_id=f"edgetune-{args.fleet}-{args.device_id}",
                                connect_timeout=args.connect_timeout)
-    workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads)
+    workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads,
+                             trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash)
     device = Device(config, transport, workload)
     device.connect()
     try:
         device.run()
     except KeyboardInterrupt:
         log.info("interrupted")
+    return 0
+
+
+def _build_ort(args: argparse.Namespace) -> int:
+    from .ort.artifacts import OptimizerSettings
+    from .ort.build import build_artifacts
+
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
+    manifest = build_artifacts(args.model, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
+                               optimizer=OptimizerSettings(args.weight_decay, args.max_grad_norm), force=args.force)
+    print(f"{args.out}: {manifest.model.name}, LoRA r={manifest.adapter.rank} on {len(manifest.adapter.modules)} modules, "
+          f"model hash {manifest.model_hash[:16]}")
     return 0
 
 
@@ -146,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_plan(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "build-ort":
+            return _build_ort(args)
         from .demo import run_demo
 
         return run_demo(args)
-    except (TransportError, ModelError, DataError, ExportError, ValueError) as exc:
+    except (TransportError, ModelError, DataError, ExportError, ValueError, FileExistsError) as exc:
         print(f"edgetune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -116,7 +116,8 @@ class Device:
             device_id=me,
             sdk_version=__version__,
             model=self.workload.manifest,
-            capabilities=Capabilities(backends=(self.workload.backend,), max_packet=self.config.max_packet),
+            capabilities=Capabilities(backends=(self.workload.backend,), max_packet=self.config.max_packet,
+                                      max_rank=getattr(self.workload, "max_rank", 0)),
             num_samples=self.workload.num_samples,
             profile=self.config.profile,
         )

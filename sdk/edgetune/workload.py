@@ -2,11 +2,14 @@
 
 The device loop only asks for "a trainer for this adapter spec", "held-out blocks of this
 length" and "training batches"; how text becomes token blocks and which framework trains is
-decided here, once, so the protocol code stays framework-free.
+decided here, once, so the protocol code stays framework-free. :class:`Workload` trains with
+PyTorch, :class:`OrtWorkload` with ONNX Runtime artifacts (no torch, no transformers);
+:func:`choose_backend` picks one for ``--trainer torch|ort|auto``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,13 +56,26 @@ class Workload:
         heldout_fraction: float = 0.1,
         seed: int = 0,
         threads: int | None = None,
+        *,
+        trainer: str = "torch",
+        artifacts: str | Path | None = None,
+        model_hash: str | None = None,
     ) -> Workload:
         """``data`` is a ``.txt``/``.jsonl`` file or a list of records; ``model`` a model ref
-        for :func:`edgetune.models.load_model` (default: SmolLM2-135M-Instruct GGUF)."""
-        from .models import load_model
+        for :func:`edgetune.models.load_model` (default: SmolLM2-135M-Instruct GGUF).
 
+        ``trainer`` is "torch", "ort" or "auto" (:func:`choose_backend`); the ort backend trains
+        the ``artifacts`` folder of ``edgetune build-ort`` (whose base is the model, so ``model``
+        is not loaded), refusing it if its base weights do not hash to ``model_hash``.
+        """
         texts = data if isinstance(data, list) else load_texts(Path(data))
         train, heldout = split_heldout(texts, heldout_fraction, seed=seed)
+        if choose_backend(trainer, artifacts) == "ort":
+            from .ort.model import OrtModel
+
+            return OrtWorkload(OrtModel.load(Path(artifacts), model_hash), train, heldout, threads)
+        from .models import load_model
+
         return cls(load_model(model), train, heldout, threads, model_ref=model or "default")
 
     @property
@@ -140,3 +156,72 @@ class Workload:
         sampler = BlockSampler(self._packed("train", settings.seq_len), seed=seed)
         while True:
             yield sampler.next_batch(settings.batch_size)
+
+
+class OrtWorkload(Workload):
+    """A workload whose trainer is ONNX Runtime (``edgetune.trainers.ort_lora``): a float32
+    base, the artifacts' modules, any rank up to theirs. No importance scoring (it needs the
+    base weights' gradients, which the artifacts do not compute)."""
+
+    backend = "ort"
+
+    def trainer(self, spec: LoraSpec, quantization: str = "float32", gradient_checkpointing: bool = False):
+        if quantization != "float32":
+            raise ValueError(f"the ort backend trains a float32 base only, not {quantization}: "
+                             "plan this device with the 'ort' capability, or use the torch backend")
+        if gradient_checkpointing:
+            log.info("the ort backend has no gradient checkpointing; training without it")
+        key = (spec,)
+        if self._trainer is not None and key == self._trainer_key:
+            return self._trainer
+        from .trainers.ort_lora import OrtLoraTrainer
+
+        if self._trainer is not None:
+            self._trainer.unload()
+            self._trainer = None
+        model = self.loaded
+        # the first trainer checks the base weights' hash; the files were checked on load
+        self._trainer = OrtLoraTrainer(model.folder, spec, threads=self.threads, manifest=model.artifacts,
+                                       verify_weights=not getattr(self, "_weights_checked", False))
+        self._weights_checked = True
+        self._trainer_key = key
+        return self._trainer
+
+    @property
+    def max_rank(self) -> int:
+        return self.loaded.artifacts.adapter.rank
+
+    def importance(self, modules, settings, importance, quantization="float32", seed=0):
+        raise ValueError("importance scoring (a calibration round) needs the torch backend: the ONNX Runtime "
+                         "artifacts compute gradients of the LoRA factors only")
+
+
+def choose_backend(trainer: str, artifacts: str | Path | None) -> str:
+    """``torch`` or ``ort`` for ``--trainer``. ``auto`` takes PyTorch when torch and
+    transformers are installed (it can quantize, checkpoint and score importance), and the
+    ONNX Runtime artifacts otherwise."""
+    if trainer not in ("torch", "ort", "auto"):
+        raise ValueError(f"unknown trainer {trainer!r}: use torch, ort or auto")
+    has_torch = _installed("torch") and _installed("transformers")
+    if trainer == "auto":
+        if has_torch:
+            return "torch"
+        if artifacts is None:
+            raise ValueError("PyTorch is not installed and no --artifacts were given: install edgetune[torch], or "
+                             "build ONNX Runtime artifacts with `edgetune build-ort` and pass --artifacts DIR")
+        return "ort"
+    if trainer == "ort":
+        if artifacts is None:
+            raise ValueError("--trainer ort needs --artifacts DIR (made by `edgetune build-ort`)")
+        if not _installed("onnxruntime"):
+            raise ValueError("--trainer ort needs ONNX Runtime training: pip install 'edgetune[ort]'")
+    elif not has_torch:
+        raise ValueError("--trainer torch needs PyTorch: pip install 'edgetune[torch]', or use --trainer ort")
+    return trainer
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a blocked or half-installed package
+        return False

@@ -22,11 +22,12 @@ solved exactly with ``scipy.optimize.milp`` (HiGHS branch and bound).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
 
-from ..wire.schema import QUANTIZATIONS, DevicePlan, DeviceProfile
+from ..wire.schema import QUANTIZATIONS, Capabilities, DevicePlan, DeviceProfile
 from .costmodel import Arch, Calibration, Config, compute_dtype, estimate_memory, estimate_step_seconds, lora_parameters
 
 
@@ -48,6 +49,9 @@ class PlanOptions:
     rank_exponent: float = 0.1
     #: fleet-wide bytes of updates per round; None: unlimited (devices plan independently)
     uplink_budget_bytes: float | None = None
+    #: the rank utility is measured against (0: the largest of ``ranks``); a device limited to
+    #: lower ranks keeps the fleet's reference so utilities compare across devices
+    utility_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0:
@@ -104,7 +108,7 @@ def candidates(arch: Arch, profile: DeviceProfile, options: PlanOptions, calibra
     time_budget = options.deadline_s * options.time_margin
     feasible: list[Candidate] = []
     smallest_memory, fastest_step = math.inf, math.inf
-    r_max = max(options.ranks)
+    r_max = options.utility_rank or max(options.ranks)
     for rank, quantization, batch, checkpointing in itertools.product(
         options.ranks, allowed, options.batch_sizes, options.checkpointing
     ):
@@ -132,13 +136,16 @@ def candidates(arch: Arch, profile: DeviceProfile, options: PlanOptions, calibra
 
 
 def plan_fleet(
-    profiles: dict[str, DeviceProfile], arch: Arch, options: PlanOptions, calibration: Calibration | None = None
+    profiles: dict[str, DeviceProfile], arch: Arch, options: PlanOptions, calibration: Calibration | None = None,
+    device_options: dict[str, PlanOptions] | None = None,
 ) -> FleetPlan:
+    """``device_options`` replaces ``options`` for some devices (e.g. a torch-free device:
+    float32 only, no checkpointing, ranks up to its artifacts')."""
     calibration = calibration or Calibration.load()
     plan = FleetPlan()
     options_by_device: dict[str, list[Candidate]] = {}
     for device, profile in sorted(profiles.items()):
-        found, why = candidates(arch, profile, options, calibration)
+        found, why = candidates(arch, profile, (device_options or {}).get(device, options), calibration)
         if found:
             options_by_device[device] = found
         else:
@@ -151,6 +158,16 @@ def plan_fleet(
     plan.chosen, extra = _solve_with_budget(options_by_device, options.uplink_budget_bytes)
     plan.excluded.update(extra)
     return plan
+
+
+def for_capabilities(options: PlanOptions, capabilities: Capabilities) -> PlanOptions:
+    """``options`` narrowed to what a device's backends can do: a torch-free (ONNX Runtime)
+    device trains a float32 base without checkpointing at ranks up to its artifacts'."""
+    if not capabilities.torch_free:
+        return options
+    ranks = tuple(r for r in options.ranks if not capabilities.max_rank or r <= capabilities.max_rank)
+    return dataclasses.replace(options, quantizations=("float32",), checkpointing=(False,),
+                               ranks=ranks or (min(options.ranks),), utility_rank=max(options.ranks))
 
 
 def ranks_up_to(max_rank: int) -> tuple[int, ...]:

@@ -181,9 +181,23 @@ class DeviceProfile:
 
 @dataclass(frozen=True)
 class Capabilities:
+    """What a device can train with. ``backends``: "torch" (PyTorch: any rank, quantized
+    bases, gradient checkpointing, importance scoring) and/or "ort" (ONNX Runtime artifacts:
+    float32 base, fixed modules, rank up to ``max_rank``; 0 means no limit)."""
+
     backends: tuple[str, ...] = ("torch",)
     adapters: tuple[str, ...] = ("lora",)
     max_packet: int = DEFAULT_MAX_PACKET
+    max_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 0:
+            raise ValueError(f"Capabilities.max_rank must be ≥ 0, got {self.max_rank}")
+
+    @property
+    def torch_free(self) -> bool:
+        """Trains only through ONNX Runtime: no quantization, checkpointing or calibration."""
+        return "torch" not in self.backends
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,207 @@
+"""The ONNX Runtime backend against the PyTorch one, on tiny models built in code: artifacts
+from ``build_artifacts``, training parity step by step, lower ranks and frozen merged deltas,
+and refusal of damaged or mismatched artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime.training")
+
+from edgetune.adapters.lora import init_lora, lora_shapes  # noqa: E402
+from edgetune.models import load_model  # noqa: E402
+from edgetune.ort.artifacts import MANIFEST_FILE, ArtifactError, load_manifest  # noqa: E402
+from edgetune.ort.build import build_artifacts  # noqa: E402
+from edgetune.trainers.ort_lora import OrtLoraTrainer, load_artifacts  # noqa: E402
+from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
+from edgetune.wire.schema import LoraSpec, TrainSettings  # noqa: E402
+
+LLAMA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+GPT2 = LoraSpec(rank=4, alpha=8.0, target_modules=("c_attn",))
+
+
+@pytest.fixture(scope="module")
+def llama_artifacts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort") / "tiny-llama"
+    build_artifacts("tiny-llama", out, rank=LLAMA.rank, alpha=LLAMA.alpha, targets=LLAMA.target_modules)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt2_artifacts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort") / "tiny-gpt2"
+    build_artifacts("tiny-gpt2", out, rank=GPT2.rank, alpha=GPT2.alpha, targets=GPT2.target_modules)
+    return out
+
+
+def start_adapter(spec: LoraSpec, ref: str, seed: int = 1) -> dict[str, np.ndarray]:
+    """A LoRA start with B ≠ 0, so every factor gets a gradient from the first step."""
+    loaded = load_model(ref)
+    tensors = init_lora(spec, loaded.manifest.modules, seed)
+    rng = np.random.default_rng(seed)
+    for name in tensors:
+        if name.endswith(".lora_B"):
+            tensors[name] = rng.normal(0, 0.02, tensors[name].shape).astype(np.float32)
+    return tensors
+
+
+def token_batches(count: int, batch: int = 2, length: int = 24, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (batch, length)) for _ in range(count)]
+
+
+def train_both(folder, ref: str, spec: LoraSpec, settings: TrainSettings, start, merged=None):
+    """Train the same start on the same batches with both backends; per-step losses and the
+    final factors of each."""
+    batches = token_batches(settings.local_steps * settings.grad_accum, settings.batch_size, settings.seq_len)
+    results = {}
+    for name, trainer in (("torch", TorchLoraTrainer(load_model(ref), spec)), ("ort", OrtLoraTrainer(folder, spec))):
+        trainer.set_adapter(start)
+        if merged:
+            trainer.set_merged(merged)
+        losses: list[float] = []
+        trainer.train(iter(batches), settings, on_step=lambda step, total, loss: losses.append(loss))
+        results[name] = (np.array(losses), trainer.get_adapter(), trainer)
+    return results
+
+
+def assert_parity(results, start, rtol: float = 1e-3) -> None:
+    torch_losses, torch_factors, _ = results["torch"]
+    ort_losses, ort_factors, _ = results["ort"]
+    assert len(torch_losses) == len(ort_losses)
+    np.testing.assert_allclose(ort_losses, torch_losses, rtol=rtol)  # at every step
+    for name in start:
+        torch_delta = torch_factors[name] - start[name]
+        ort_delta = ort_factors[name] - start[name]
+        assert np.abs(torch_delta).max() > 0, f"{name} did not train"
+        assert np.abs(ort_delta - torch_delta).max() <= rtol * np.abs(torch_delta).max(), name
+
+
+@pytest.mark.parametrize("grad_accum, proximal_mu, weight_decay", [(1, 0.0, 0.01), (2, 0.5, 0.0)])
+def test_twenty_steps_match_pytorch(llama_artifacts, grad_accum, proximal_mu, weight_decay):
+    settings = TrainSettings(local_steps=20, batch_size=2, grad_accum=grad_accum, seq_len=24, learning_rate=1e-3,
+                             weight_decay=weight_decay, proximal_mu=proximal_mu)
+    start = start_adapter(LLAMA, "tiny-llama")
+    assert_parity(train_both(llama_artifacts, "tiny-llama", LLAMA, settings, start), start)
+
+
+def test_lower_rank_merged_delta_and_a_second_round_match_pytorch(llama_artifacts):
+    """Rank 2 on rank-4 artifacts (zero padding), a merged delta on a target and on a layer
+    without LoRA, then a second ``train`` call (which needs fresh optimizer moments)."""
+    spec = LoraSpec(rank=2, alpha=4.0, target_modules=LLAMA.target_modules)  # same scale, alpha / rank = 2
+    start = start_adapter(spec, "tiny-llama")
+    rng = np.random.default_rng(5)
+    merged = {
+        "model.layers.0.self_attn.q_proj.merged_A": rng.normal(0, 0.1, (3, 64)).astype(np.float32),
+        "model.layers.0.self_attn.q_proj.merged_B": rng.normal(0, 0.1, (64, 3)).astype(np.float32),
+        "model.layers.1.mlp.down_proj.merged_A": rng.normal(0, 0.1, (2, 128)).astype(np.float32),
+        "model.layers.1.mlp.down_proj.merged_B": rng.normal(0, 0.1, (64, 2)).astype(np.float32),
+    }
+    settings = TrainSettings(local_steps=5, batch_size=2, seq_len=16, learning_rate=1e-2)
+    results = train_both(llama_artifacts, "tiny-llama", spec, settings, start, merged)
+    assert_parity(results, start)
+    held = np.concatenate(token_batches(3, length=16, seed=9))
+    second = token_batches(5, length=16, seed=3)
+    for name in ("torch", "ort"):
+        trainer = results[name][2]
+        trainer.train(iter(second), settings)
+        ppl_with = trainer.perplexity(held)
+        trainer.set_merged({})
+        results[name] = (*results[name][:2], trainer, trainer.get_adapter(), ppl_with, trainer.perplexity(held))
+    for name in start:
+        np.testing.assert_allclose(results["ort"][3][name], results["torch"][3][name], rtol=1e-3, atol=1e-6)
+    assert results["ort"][3]["model.layers.0.self_attn.q_proj.lora_A"].shape == (2, 64)
+    np.testing.assert_allclose(results["ort"][4], results["torch"][4], rtol=1e-4)
+    np.testing.assert_allclose(results["ort"][5], results["torch"][5], rtol=1e-4)
+    assert abs(results["ort"][4] - results["ort"][5]) > 1e-3  # the delta mattered
+
+
+def test_gpt2_conv1d_layers_train_like_pytorch(gpt2_artifacts):
+    """GPT-2 stores its weights (in, out): the merged delta goes in transposed."""
+    start = start_adapter(GPT2, "tiny-gpt2")
+    rng = np.random.default_rng(2)
+    merged = {"transformer.h.0.mlp.c_fc.merged_A": rng.normal(0, 0.1, (2, 64)).astype(np.float32),
+              "transformer.h.0.mlp.c_fc.merged_B": rng.normal(0, 0.1, (256, 2)).astype(np.float32)}
+    settings = TrainSettings(local_steps=8, batch_size=2, seq_len=20, learning_rate=1e-3)
+    assert_parity(train_both(gpt2_artifacts, "tiny-gpt2", GPT2, settings, start, merged), start)
+
+
+def test_dynamic_batch_and_sequence_and_perplexity(llama_artifacts):
+    start = start_adapter(LLAMA, "tiny-llama")
+    torch_trainer = TorchLoraTrainer(load_model("tiny-llama"), LLAMA)
+    ort_trainer = OrtLoraTrainer(llama_artifacts, LLAMA)
+    for trainer in (torch_trainer, ort_trainer):
+        trainer.set_adapter(start)
+    for batch, length in ((1, 5), (3, 40), (7, 64)):
+        blocks = np.random.default_rng(batch).integers(0, 256, (batch, length))
+        np.testing.assert_allclose(ort_trainer.perplexity(blocks, batch_size=4),
+                                   torch_trainer.perplexity(blocks, batch_size=4), rtol=1e-5)
+
+
+def test_the_manifest_describes_the_artifacts(llama_artifacts):
+    manifest = load_manifest(llama_artifacts)
+    loaded = load_model("tiny-llama")
+    assert manifest.model.fingerprint == loaded.manifest.fingerprint
+    assert {p.name: p.shape for p in manifest.parameters} == lora_shapes(LLAMA, loaded.manifest.modules)
+    assert manifest.trainable_size == 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4)) == 1792  # q (64, 64), v (32, 64)
+    assert manifest.versions["opset"] == "15" and "onnxruntime-training" in manifest.versions
+    assert set(manifest.base_weights) == set(loaded.manifest.modules)
+    import onnx
+
+    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+        assert onnx.load(str(llama_artifacts / name), load_external_data=False).ir_version <= 10
+
+
+@pytest.fixture
+def copy_of(llama_artifacts, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(llama_artifacts, folder)
+    return folder
+
+
+def test_modified_files_are_refused(copy_of):
+    data = bytearray((copy_of / "checkpoint").read_bytes())
+    data[-10] ^= 0xFF
+    (copy_of / "checkpoint").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checkpoint does not match its manifest"):
+        OrtLoraTrainer(copy_of, LLAMA)
+
+
+def test_a_wrong_model_hash_is_refused(copy_of, llama_artifacts):
+    manifest = json.loads((copy_of / MANIFEST_FILE).read_text())
+    real = manifest["model_hash"]
+    with pytest.raises(ArtifactError, match="built for base weights"):
+        load_artifacts(copy_of, expect_model_hash="00" + real[2:16])
+    assert load_artifacts(copy_of, expect_model_hash=real[:12]).model_hash == real
+    # a manifest that names other base weights than the checkpoint holds
+    manifest["model_hash"] = "f" * 64
+    (copy_of / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="other base weights"):
+        OrtLoraTrainer(copy_of, LLAMA)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "k_proj")), r"not built: \[.model.layers.0.self_attn.k_proj"),
+    (LoraSpec(rank=8, alpha=16.0, target_modules=("q_proj", "v_proj")), "rank 8 but the artifacts were built for rank 4"),
+    (LoraSpec(rank=4, alpha=16.0, target_modules=("q_proj", "v_proj")), "alpha/rank = 4 but the artifacts by 2"),
+    (LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"), dropout=0.1), "without dropout"),
+])
+def test_a_mismatched_adapter_layout_is_refused(llama_artifacts, spec, message):
+    with pytest.raises(ArtifactError, match=message):
+        OrtLoraTrainer(llama_artifacts, spec)
+
+
+def test_missing_or_foreign_folders_say_what_to_do(tmp_path, copy_of):
+    with pytest.raises(ArtifactError, match="edgetune build-ort"):
+        load_manifest(tmp_path)
+    (copy_of / "eval_model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="eval_model.onnx is missing"):
+        load_manifest(copy_of)
+    (copy_of / MANIFEST_FILE).write_text(json.dumps({"kind": "edgetune-ort-artifacts", "format": 99}))
+    with pytest.raises(ArtifactError, match="format 99"):
+        load_manifest(copy_of)
