@@ -205,3 +205,43 @@ def test_missing_or_foreign_folders_say_what_to_do(tmp_path, copy_of):
     (copy_of / MANIFEST_FILE).write_text(json.dumps({"kind": "edgetune-ort-artifacts", "format": 99}))
     with pytest.raises(ArtifactError, match="format 99"):
         load_manifest(copy_of)
+
+
+def test_the_backend_choice(monkeypatch, tmp_path):
+    from edgetune import workload
+
+    assert workload.choose_backend("auto", tmp_path) == "torch"  # torch is here: it can do more
+    assert workload.choose_backend("ort", tmp_path) == "ort"
+    with pytest.raises(ValueError, match="needs --artifacts"):
+        workload.choose_backend("ort", None)
+    monkeypatch.setattr(workload, "_installed", lambda module: module not in ("torch", "transformers"))
+    assert workload.choose_backend("auto", tmp_path) == "ort"
+    with pytest.raises(ValueError, match="no --artifacts"):
+        workload.choose_backend("auto", None)
+    with pytest.raises(ValueError, match="pip install 'edgetune\\[torch\\]'"):
+        workload.choose_backend("torch", None)
+
+
+def test_torch_free_devices_are_planned_within_what_onnx_runtime_can_do():
+    from edgetune.planning.planner import PlanOptions, for_capabilities
+    from edgetune.wire.schema import Capabilities
+
+    options = PlanOptions(deadline_s=60, ranks=(2, 4, 8, 16))
+    assert for_capabilities(options, Capabilities()) is options
+    narrowed = for_capabilities(options, Capabilities(backends=("ort",), max_rank=8))
+    assert narrowed.ranks == (2, 4, 8) and narrowed.quantizations == ("float32",)
+    assert narrowed.checkpointing == (False,) and narrowed.utility_rank == 16
+
+
+def test_an_ort_workload_refuses_what_it_cannot_do(llama_artifacts):
+    from edgetune.workload import Workload
+
+    work = Workload.load(["a line of text %d" % i for i in range(20)], trainer="ort", artifacts=llama_artifacts)
+    assert work.backend == "ort" and work.max_rank == 4
+    assert work.manifest.fingerprint == load_model("tiny-llama").manifest.fingerprint
+    with pytest.raises(ValueError, match="float32 base only"):
+        work.trainer(LLAMA, quantization="nf4")
+    with pytest.raises(ValueError, match="needs the torch backend"):
+        work.importance(["model.layers.0.self_attn.q_proj"], TrainSettings(), None)
+    first = work.trainer(LLAMA)
+    assert work.trainer(LLAMA) is first

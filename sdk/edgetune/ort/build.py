@@ -46,6 +46,7 @@ from .artifacts import (
     weights_digest,
 )
 from .optim import IR_VERSION, OPSET, build_optimizer_model, cap_ir_version
+from .runtime import training
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,8 @@ def _generate(exported: Path, graph: _TrainingGraph, folder: Path,
               optimizer: OptimizerSettings) -> tuple[tuple[ParamEntry, ...], dict[str, tuple[str, bool]]]:
     import onnx
     import onnxruntime
+
+    training()
     from onnxruntime.training import artifacts
 
     onnxruntime.set_default_logger_severity(3)  # its graph-transformer chatter is INFO by default
@@ -244,6 +247,7 @@ def _generate(exported: Path, graph: _TrainingGraph, folder: Path,
 def _trainable_order(checkpoint: Path) -> list[str]:
     """Trainable parameter names in the order ``get_contiguous_parameters`` lays them out
     (the checkpoint's own order)."""
+    training()
     from onnxruntime.training.api import CheckpointState
 
     state = CheckpointState.load_checkpoint(str(checkpoint))
@@ -251,6 +255,7 @@ def _trainable_order(checkpoint: Path) -> list[str]:
 
 
 def _checkpoint_hash(checkpoint: Path) -> str:
+    training()
     from onnxruntime.training.api import CheckpointState
 
     state = CheckpointState.load_checkpoint(str(checkpoint))

@@ -28,6 +28,10 @@ def build_optimizer_model(trainable: Sequence[tuple[str, tuple[int, ...]]], sett
                           path: Path) -> None:
     """Write the optimizer graph for ``trainable`` (name, shape) parameters to ``path``."""
     import onnx
+
+    from .runtime import training
+
+    training()
     from onnxruntime.training import onnxblock
     from onnxruntime.training.onnxblock.optim import optim
 

@@ -44,6 +44,7 @@ from ..ort.artifacts import (
     weights_digest,
 )
 from ..ort.optim import build_optimizer_model
+from ..ort.runtime import training
 from ..wire.schema import LoraSpec, TrainSettings
 from .result import TrainResult
 
@@ -101,6 +102,8 @@ class OrtLoraTrainer:
     def _open(self) -> None:
         """A fresh checkpoint state and training session; the factors are the checkpoint's."""
         import onnxruntime as ort
+
+        training()  # (without the torch imports of onnxruntime.training's __init__)
         from onnxruntime.training.api import CheckpointState, Module
 
         ort.set_default_logger_severity(3)
@@ -215,6 +218,7 @@ class OrtLoraTrainer:
     ) -> TrainResult:
         """``settings.local_steps`` AdamW steps (PyTorch's rule) over the LoRA factors, each
         averaging the gradients of ``settings.grad_accum`` micro-batches; as the torch trainer."""
+        training()
         from onnxruntime.training.api import Optimizer
 
         if self._used:

@@ -1,0 +1,48 @@
+"""Import ONNX Runtime's training API without PyTorch.
+
+onnxruntime-training 1.19.2's ``onnxruntime/training/__init__.py`` imports its legacy ``amp``
+and ``optim`` packages, which ``import torch`` unconditionally: on a device without PyTorch,
+``import onnxruntime.training.api`` fails although the on-device training API itself (``api``,
+``onnxblock``) needs only the compiled runtime, numpy and onnx. The release is the last one,
+so this will not be fixed upstream. :func:`training` registers ``onnxruntime.training`` as a
+bare package over the installed folder, without running that ``__init__``, and imports the
+two subpackages edgetune uses. It does so whether or not torch is installed, so a torch
+device does not pay for importing torch here either (and both behave the same).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+__all__ = ["training"]
+
+_PACKAGE = "onnxruntime.training"
+
+
+def training() -> types.ModuleType:
+    """``onnxruntime.training`` with ``api`` and ``onnxblock`` imported; raises ImportError
+    with what to install when onnxruntime-training is missing (or only ``onnxruntime`` is)."""
+    package = sys.modules.get(_PACKAGE)
+    if package is None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ImportError("ONNX Runtime training is not installed: pip install 'edgetune[ort]' "
+                              "(onnxruntime-training; never together with onnxruntime)") from exc
+        spec = importlib.util.find_spec(_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("this ONNX Runtime has no training support (the plain onnxruntime distribution?): "
+                              "pip uninstall onnxruntime && pip install 'edgetune[ort]'")
+        package = types.ModuleType(_PACKAGE)
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        package.__package__ = _PACKAGE
+        package.__file__ = spec.origin
+        sys.modules[_PACKAGE] = package
+        onnxruntime.training = package
+    importlib.import_module(f"{_PACKAGE}.api")
+    importlib.import_module(f"{_PACKAGE}.onnxblock")
+    return package

@@ -1,0 +1,83 @@
+"""A fleet of one PyTorch device and one ONNX Runtime device over Mosquitto.
+
+The ONNX Runtime device runs the real command line in a subprocess in which torch,
+transformers and PEFT cannot be imported (``tests/torch_free.py``); it trains the artifacts
+``build_artifacts`` made for the tiny Llama. The test recomputes each global adapter from the
+updates seen on the broker (``check_rounds``), so both devices' updates were merged as
+equals, and checks that the two kinds of update look the same on the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime.training")
+
+from edgetune.data import generate_device_texts  # noqa: E402
+from edgetune.ort.build import build_artifacts  # noqa: E402
+from edgetune.wire import Update  # noqa: E402
+
+from test_federation import SPEC, Observer, check_rounds, fleet_config, join_device, start_aggregator  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start_torch_free_device(url: str, fleet: str, device_id: str, data: Path, artifacts: Path, log: Path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "sdk"), str(REPO / "aggregator")])}
+    command = [sys.executable, str(REPO / "tests" / "torch_free.py"), "device", "run", "--broker", url,
+               "--fleet", fleet, "--device-id", device_id, "--data", str(data), "--trainer", "auto",
+               "--artifacts", str(artifacts), "--threads", "1", "--heldout", "0.25", "--connect-timeout", "30",
+               "--log-file", str(log)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_torch_and_torch_free_devices_federate_over_mosquitto(mosquitto_url, tmp_path):
+    fleet = f"ort-{uuid.uuid4().hex[:8]}"
+    artifacts = tmp_path / "artifacts"
+    build_artifacts("tiny-llama", artifacts, rank=SPEC.rank, alpha=SPEC.alpha, targets=SPEC.target_modules)
+    data = tmp_path / "ort-device.txt"
+    data.write_text("\n".join(generate_device_texts(1, 40)) + "\n")
+
+    observer = Observer(mosquitto_url, fleet)
+    # svd: after round 1 the global has more components than a device trains, so in round 2
+    # both devices must also apply a frozen merged delta
+    config = fleet_config(tmp_path, fleet, min_devices=2, strategy="svd")
+    aggregator, thread = start_aggregator(mosquitto_url, config)
+    process = start_torch_free_device(mosquitto_url, fleet, "ort-1", data, artifacts, tmp_path / "ort-1.log")
+    try:
+        torch_device = join_device(mosquitto_url, fleet, 0)
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the aggregator did not finish its rounds"
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        observer.close()
+    device_log = (tmp_path / "ort-1.log").read_text()
+    assert process.returncode == 0, output + device_log
+    assert "LOADED-FORBIDDEN:\n" in output, output  # torch and transformers were never imported
+    assert "onnxruntime" in device_log
+
+    hello = aggregator.devices["ort-1"]
+    assert hello.capabilities.backends == ("ort",) and hello.capabilities.max_rank == SPEC.rank
+    assert aggregator.devices["dev-0"].capabilities.backends == ("torch",)
+    check_rounds(aggregator.store, observer, rounds=2, devices=2, strategy="svd")
+    assert observer.globals[1].merged, "round 2 started from a global with a frozen merged delta"
+    for round_number in (1, 2):
+        updates = {u.device_id: u for u in observer.updates[round_number]}
+        torch_update, ort_update = updates["dev-0"], updates["ort-1"]
+        assert type(torch_update) is type(ort_update) is Update
+        assert {n: (a.dtype, a.shape) for n, a in torch_update.delta.items()} == \
+               {n: (a.dtype, a.shape) for n, a in ort_update.delta.items()}
+        assert all(np.isfinite(a).all() and np.abs(a).max() > 0 for a in ort_update.delta.values())
+        assert ort_update.metrics.train_tokens > 0 and ort_update.metrics.local_ppl > 1
+    assert not aggregator.drops
+    torch_device.stop()

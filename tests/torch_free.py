@@ -1,0 +1,41 @@
+"""Run the ``edgetune`` command line as a device without PyTorch would: torch, transformers,
+PEFT and their kin look uninstalled (``importlib.util.find_spec`` finds nothing and an import
+raises ``ModuleNotFoundError``), although they are in this environment.
+
+    python tests/torch_free.py device run --trainer ort --artifacts DIR ...
+
+On exit it prints ``LOADED-FORBIDDEN: <modules>`` (empty when none was ever imported), so a
+test can check both that the run worked and that it never reached for PyTorch.
+"""
+
+import sys
+
+BLOCKED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "optimum", "safetensors", "gguf")
+
+
+class _Hiding:
+    """Wraps one of the interpreter's finders so that it never finds a blocked package."""
+
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        find = getattr(self.finder, "find_spec", None)
+        return find(name, path, target) if find else None
+
+    def invalidate_caches(self):
+        invalidate = getattr(self.finder, "invalidate_caches", None)
+        if invalidate:
+            invalidate()
+
+
+assert not any(m.split(".")[0] in BLOCKED for m in sys.modules), "imported before blocking"
+sys.meta_path[:] = [_Hiding(finder) for finder in sys.meta_path]
+
+from edgetune.cli import main  # noqa: E402
+
+code = main(sys.argv[1:])
+print("LOADED-FORBIDDEN:" + ",".join(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)), flush=True)
+sys.exit(code)
