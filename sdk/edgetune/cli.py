@@ -4,7 +4,8 @@
                         [--trainer torch|ort|auto] [--artifacts DIR] [--model-hash SHA256]
     edgetune build-ort [--model REF] --rank R [--alpha A] --targets q_proj,v_proj --out DIR
     edgetune demo [--devices 3] [--rounds 2] [--out demo-out] [--data DIR]
-    edgetune export --merged --state-dir DIR [--version N] [--model REF] --out FOLDER [--force]
+    edgetune export --merged|--onnx --state-dir DIR [--version N] [--model REF] --out FOLDER [--force]
+    edgetune generate --onnx FOLDER --prompt TEXT [--max-new-tokens N] [--temperature T]
 
 Anything a user can get wrong (URL, broker, model file, data file) ends in one line saying
 what to do, with exit status 2, not a traceback.
@@ -94,15 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(build)
 
     export = commands.add_parser("export", help="write the fleet's global adapter merged into the base model")
-    export.add_argument("--merged", action="store_true",
-                        help="fold the adapter into the base weights: a plain Hugging Face model folder "
-                        "(the only form so far)")
+    form = export.add_mutually_exclusive_group(required=True)
+    form.add_argument("--merged", action="store_true",
+                      help="fold the adapter into the base weights: a plain Hugging Face model folder")
+    form.add_argument("--onnx", action="store_true",
+                      help="the merged model as ONNX (optimum), for 'edgetune generate' with onnxruntime alone")
     export.add_argument("--state-dir", type=Path, required=True, help="the aggregator's --state-dir")
     export.add_argument("--version", type=int, help="global adapter version (default: the current one)")
     export.add_argument("--model", help="the fleet's base, as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
     export.add_argument("--out", type=Path, required=True, help="folder to write (must be absent or empty)")
     export.add_argument("--force", action="store_true", help="replace a non-empty --out")
     _add_common(export)
+
+    generate = commands.add_parser("generate", help="generate text with an 'export --onnx' folder (onnxruntime only)")
+    generate.add_argument("--onnx", type=Path, required=True, help="folder made by 'edgetune export --onnx'")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--threads", type=int)
+    _add_common(generate)
     return parser
 
 
@@ -152,11 +165,20 @@ def _build_ort(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_merged
+    from .export import export_merged, export_onnx
 
-    if not args.merged:
-        raise ValueError("only `edgetune export --merged` exists so far (an ONNX export, --onnx, is planned): add --merged")
-    export_merged(args.state_dir, args.out, version=args.version, model_ref=args.model, force=args.force)
+    export = export_onnx if args.onnx else export_merged
+    export(args.state_dir, args.out, version=args.version, model_ref=args.model, force=args.force)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .ort.generate import OnnxGenerator
+
+    generator = OnnxGenerator(args.onnx, threads=args.threads)
+    result = generator.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(result.text)
+    log.info("%d new tokens after a %d-token prompt in %.2f s", len(result.ids), result.prompt_tokens, result.seconds)
     return 0
 
 
@@ -183,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "build-ort":
             return _build_ort(args)
+        if args.command == "generate":
+            return _generate(args)
         from .demo import run_demo
 
         return run_demo(args)
-    except (TransportError, ModelError, DataError, ExportError, ValueError, FileExistsError) as exc:
+    except (TransportError, ModelError, DataError, ExportError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"edgetune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,7 @@
 """``edgetune export --merged``: a fleet's global adapter folded into its base, as a plain
 Hugging Face model folder that any ``from_pretrained`` loads without PEFT or edgetune.
+``edgetune export --onnx``: the same merged model as an ONNX text-generation graph (through
+optimum), for devices that generate with onnxruntime alone (``edgetune.ort.generate``).
 
 The adapter is read from the aggregator's state dir (``global/v000003.msgpack``, a wire
 ``GlobalAdapter``) directly, not through ``edgetune_aggregator``: devices and users install the
@@ -18,7 +20,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportResult", "export_merged", "load_global", "merge_into", "weight_deltas"]
+__all__ = ["ExportError", "ExportResult", "export_merged", "export_onnx", "load_global", "merge_into", "weight_deltas"]
 
 #: written into every export, so a folder says which fleet state and version it came from
 RECORD_FILE = "edgetune-export.json"
@@ -138,14 +140,72 @@ def export_merged(
     has no files, so their exports hold the model alone. ``out`` must be absent or empty
     unless ``force``, which replaces it.
     """
-    from .models import load_model
-
     started = time.perf_counter()
+    out = _check_out(out, force)
+    loaded, adapter, record = _merged_base(state_dir, version, model_ref)
+    _write_folder(out, lambda tmp: _save_hf(loaded, tmp, record))
+    result = ExportResult(out=out, version=adapter.version, merged=record["merged_modules"],
+                          seconds=time.perf_counter() - started)
+    log.info("exported global adapter v%d merged into %s (%d modules) to %s in %.1f s",
+             result.version, loaded.name, len(result.merged), out, result.seconds)
+    return result
+
+
+def export_onnx(
+    state_dir: Path,
+    out: Path,
+    *,
+    version: int | None = None,
+    model_ref: str | None = None,
+    force: bool = False,
+) -> ExportResult:
+    """As :func:`export_merged`, then exported to ONNX by optimum (``optimum-onnx``) for text
+    generation with a KV cache: ``model.onnx`` (inputs ``input_ids``, ``attention_mask``,
+    ``position_ids`` and ``past_key_values.*``; outputs ``logits`` and ``present.*``), the
+    config, and the tokenizer as ``tokenizer.json``, which ``edgetune.ort.generate`` runs with
+    onnxruntime alone. Graphs are stamped IR ≤ 10 so onnxruntime(-training) 1.19 reads them.
+    """
+    started = time.perf_counter()
+    out = _check_out(out, force)
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as e:
+        raise ExportError("the ONNX export needs optimum-onnx: pip install 'edgetune[export]'") from e
+    loaded, adapter, record = _merged_base(state_dir, version, model_ref)
+
+    def write(tmp: Path) -> None:
+        merged = tmp / "merged-hf"
+        _save_hf(loaded, merged, record)
+        try:
+            main_export(str(merged), output=str(tmp), task="text-generation-with-past", device="cpu",
+                        library_name="transformers", local_files_only=True)
+        except Exception as e:  # optimum raises many kinds; the message is what matters
+            raise ExportError(f"optimum could not export {loaded.name} to ONNX: {type(e).__name__}: {e}") from e
+        _finish_onnx(tmp, loaded.tokenizer)
+        shutil.rmtree(merged)
+        (tmp / RECORD_FILE).write_text(json.dumps({**record, "format": "onnx"}, indent=2, sort_keys=True) + "\n")
+
+    _write_folder(out, write)
+    result = ExportResult(out=out, version=adapter.version, merged=record["merged_modules"],
+                          seconds=time.perf_counter() - started)
+    log.info("exported global adapter v%d merged into %s as ONNX to %s in %.1f s",
+             result.version, loaded.name, out, result.seconds)
+    return result
+
+
+def _check_out(out: Path, force: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder: choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} is not empty: choose another --out, or pass --force to replace it")
+    return out
+
+
+def _merged_base(state_dir: Path, version: int | None, model_ref: str | None) -> tuple[LoadedModel, GlobalAdapter, dict]:
+    """The base with the global adapter merged in, the adapter, and the export's record."""
+    from .models import load_model
+
     adapter = load_global(state_dir, version)
     loaded = load_model(model_ref)
     if adapter.model_fingerprint != loaded.manifest.fingerprint:
@@ -158,7 +218,6 @@ def export_merged(
         merged = merge_into(loaded.model, adapter)
     except ValueError as e:
         raise ExportError(f"global adapter v{adapter.version} does not fit {loaded.name}: {e}") from None
-
     record = {
         "source_state_dir": str(Path(state_dir).resolve()),
         "version": adapter.version,
@@ -169,12 +228,31 @@ def export_merged(
         "merged_modules": merged,
         "frozen_delta_modules": sorted({n.rpartition(".")[0] for n in adapter.merged}),
         "tokenizer_saved": hasattr(loaded.tokenizer, "save_pretrained"),
+        "tokenizer": "bytes" if not hasattr(loaded.tokenizer, "save_pretrained") else "tokenizers",
     }
-    _write_folder(out, loaded, record)
-    result = ExportResult(out=out, version=adapter.version, merged=merged, seconds=time.perf_counter() - started)
-    log.info("exported global adapter v%d merged into %s (%d modules) to %s in %.1f s",
-             result.version, loaded.name, len(merged), out, result.seconds)
-    return result
+    return loaded, adapter, record
+
+
+def _save_hf(loaded: LoadedModel, folder: Path, record: dict) -> None:
+    loaded.model.save_pretrained(folder, safe_serialization=True)
+    if hasattr(loaded.tokenizer, "save_pretrained"):
+        loaded.tokenizer.save_pretrained(folder)
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _finish_onnx(folder: Path, tokenizer) -> None:
+    """Stamp every graph IR ≤ 10 and leave the tokenizer as ``tokenizer.json``."""
+    import onnx
+
+    from .ort.optim import cap_ir_version
+
+    for path in sorted(folder.glob("*.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        if cap_ir_version(model):
+            onnx.save(model, str(path))  # external data, if any, stays where it is
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not (folder / "tokenizer.json").exists():
+        backend.save(str(folder / "tokenizer.json"))
 
 
 def _recorded_base(state_dir: Path) -> str:
@@ -186,8 +264,8 @@ def _recorded_base(state_dir: Path) -> str:
     return f" (the state dir names {base!r})" if base else ""
 
 
-def _write_folder(out: Path, loaded: LoadedModel, record: dict) -> None:
-    """Save into a temporary sibling of ``out`` and rename it into place. A folder being
+def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """``write`` into a temporary sibling of ``out``, then rename it into place. A folder being
     replaced (``--force``) is first renamed aside, so ``out`` never holds a mix of both."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,10 +276,7 @@ def _write_folder(out: Path, loaded: LoadedModel, record: dict) -> None:
         raise ExportError(f"cannot create {out}: {e}") from None
     old = tmp.with_suffix(".old")
     try:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
-        if hasattr(loaded.tokenizer, "save_pretrained"):
-            loaded.tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write(tmp)
         if out.is_dir() and any(out.iterdir()):  # only with --force (checked before loading)
             os.rename(out, old)
             try:

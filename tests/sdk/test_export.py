@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 from edgetune.cli import main  # noqa: E402
 from edgetune.export import RECORD_FILE, weight_deltas  # noqa: E402
-from edgetune.models import load_model  # noqa: E402
+from edgetune.models import ByteTokenizer, load_model  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
 from edgetune.wire.schema import GlobalAdapter  # noqa: E402
 from edgetune_aggregator.store import FleetState, StateStore  # noqa: E402
@@ -139,7 +139,6 @@ def test_existing_output_is_refused_unless_forced(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "only `edgetune export --merged` exists"),
         (["--merged", "--version", "7"], "v000007.msgpack does not exist; versions in"),
     ],
 )
@@ -148,6 +147,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys, extra, message):
     code = main(["export", *extra, "--state-dir", str(tmp_path / "state"), "--model", REFS[0],
                  "--out", str(tmp_path / "export")])
     assert code == 2 and message in one_line_error(capsys)
+
+
+def test_the_export_form_is_required(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--state-dir", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "one of the arguments --merged --onnx is required" in capsys.readouterr().err
 
 
 def test_state_dir_without_state_is_refused(tmp_path, capsys):
@@ -179,3 +184,59 @@ def test_the_aggregators_peft_adapter_carries_the_frozen_delta(ref, tmp_path):
         got = model(input_ids=ids).logits
     want = trainer_logits(ref, adapter, ids)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("ref", REFS)
+def test_onnx_export_generates_with_onnxruntime_like_the_trainer(ref, tmp_path):
+    """``export --onnx``: the logits of the ONNX graph (onnxruntime) equal the trainer's with
+    the same adapter, and greedy generation with the KV cache picks the same tokens as greedy
+    decoding of the trainer's model, token by token without a cache."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from edgetune.ort.generate import OnnxGenerator
+
+    adapter = global_adapter(ref, 1)
+    write_state(tmp_path / "state", ref, [adapter])
+    out = tmp_path / "onnx"
+    assert main(["export", "--onnx", "--state-dir", str(tmp_path / "state"), "--model", ref, "--out", str(out)]) == 0
+    assert json.loads((out / RECORD_FILE).read_text())["format"] == "onnx"
+    import onnx
+
+    assert onnx.load(str(out / "model.onnx"), load_external_data=False).ir_version <= 10
+    generator = OnnxGenerator(out, threads=1)
+    ids = blocks()[0, :20].tolist()
+    expected = trainer_logits(ref, adapter, torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(generator.logits(ids), expected, atol=1e-4, rtol=0)
+
+    result = generator.generate("the pump on line 3 ", max_new_tokens=12, stop_at_eos=False)
+    trainer = TorchLoraTrainer(load_model(ref), adapter.adapter)
+    trainer.set_adapter(adapter.tensors)
+    trainer.set_merged(adapter.merged)
+    context = ByteTokenizer().encode("the pump on line 3 ")
+    greedy = []
+    with torch.no_grad():
+        for _ in range(12):
+            token = int(trainer.model(input_ids=torch.tensor([context + greedy])).logits[0, -1].argmax())
+            greedy.append(token)
+    assert result.ids == greedy and result.prompt_tokens == len(context)
+    sampled = [generator.generate("the pump", 8, temperature=1.0, top_k=5, seed=s, stop_at_eos=False).ids for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+
+
+def test_generate_runs_without_torch(tmp_path):
+    """``edgetune generate`` on an ONNX export, with torch and transformers uninstallable."""
+    pytest.importorskip("optimum.exporters.onnx")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ref = REFS[0]
+    write_state(tmp_path / "state", ref, [global_adapter(ref, 1)])
+    out = tmp_path / "onnx"
+    assert main(["export", "--onnx", "--state-dir", str(tmp_path / "state"), "--model", ref, "--out", str(out)]) == 0
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(repo / "tests" / "torch_free.py"), "generate", "--onnx", str(out),
+                           "--prompt", "replace bearing", "--max-new-tokens", "6", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text, forbidden = done.stdout.rsplit("LOADED-FORBIDDEN:", 1)
+    assert forbidden.strip() == "" and text.strip()

@@ -245,3 +245,30 @@ def test_an_ort_workload_refuses_what_it_cannot_do(llama_artifacts):
         work.importance(["model.layers.0.self_attn.q_proj"], TrainSettings(), None)
     first = work.trainer(LLAMA)
     assert work.trainer(LLAMA) is first
+
+
+def test_no_extra_can_pull_onnxruntime_next_to_onnxruntime_training():
+    """Both distributions install the ``onnxruntime`` module: the extras must never ask for
+    ``onnxruntime`` (or optimum-onnx's ``[onnxruntime]`` extra), and this environment has one."""
+    import re
+    import tomllib
+    from importlib import metadata
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    names = {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in requirements}
+    assert "onnxruntime-training" in names and "onnxruntime" not in names and "onnxruntime-gpu" not in names
+    assert not [r for r in requirements if r.lower().startswith("optimum-onnx[")]
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.distribution("onnxruntime")
+
+
+def test_both_onnxruntime_distributions_are_refused_with_what_to_do(monkeypatch):
+    from importlib import metadata
+
+    from edgetune.ort import runtime
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: object())
+    with pytest.raises(ImportError, match="both onnxruntime and onnxruntime-training are installed"):
+        runtime._refuse_both_distributions()

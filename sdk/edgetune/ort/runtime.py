@@ -27,6 +27,7 @@ def training() -> types.ModuleType:
     with what to install when onnxruntime-training is missing (or only ``onnxruntime`` is)."""
     package = sys.modules.get(_PACKAGE)
     if package is None:
+        _refuse_both_distributions()
         try:
             import onnxruntime
         except ImportError as exc:
@@ -46,3 +47,22 @@ def training() -> types.ModuleType:
     importlib.import_module(f"{_PACKAGE}.api")
     importlib.import_module(f"{_PACKAGE}.onnxblock")
     return package
+
+
+def _refuse_both_distributions() -> None:
+    """onnxruntime and onnxruntime-training install the same ``onnxruntime`` module: with both,
+    whichever was installed last has overwritten the other's files, and the mix fails in
+    confusing ways. Say so instead."""
+    from importlib import metadata
+
+    installed = []
+    for distribution in ("onnxruntime", "onnxruntime-training"):
+        try:
+            metadata.distribution(distribution)
+            installed.append(distribution)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        raise ImportError("both onnxruntime and onnxruntime-training are installed; they own the same module and "
+                          "overwrite each other: pip uninstall -y onnxruntime onnxruntime-training && "
+                          "pip install 'edgetune[ort]'")
