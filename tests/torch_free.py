@@ -5,7 +5,8 @@ raises ``ModuleNotFoundError``), although they are in this environment.
     python tests/torch_free.py device run --trainer ort --artifacts DIR ...
 
 On exit it prints ``LOADED-FORBIDDEN: <modules>`` (empty when none was ever imported), so a
-test can check both that the run worked and that it never reached for PyTorch.
+test can check both that the run worked and that it never reached for PyTorch. ``hide()`` is
+also used by ``benchmarks/ort.py`` to measure a torch-free device in this environment.
 """
 
 import sys
@@ -31,11 +32,19 @@ class _Hiding:
             invalidate()
 
 
-assert not any(m.split(".")[0] in BLOCKED for m in sys.modules), "imported before blocking"
-sys.meta_path[:] = [_Hiding(finder) for finder in sys.meta_path]
+def hide() -> None:
+    assert not loaded_forbidden(), "imported before hiding"
+    sys.meta_path[:] = [finder if isinstance(finder, _Hiding) else _Hiding(finder) for finder in sys.meta_path]
 
-from edgetune.cli import main  # noqa: E402
 
-code = main(sys.argv[1:])
-print("LOADED-FORBIDDEN:" + ",".join(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)), flush=True)
-sys.exit(code)
+def loaded_forbidden() -> list[str]:
+    return sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+
+
+if __name__ == "__main__":
+    hide()
+    from edgetune.cli import main
+
+    code = main(sys.argv[1:])
+    print("LOADED-FORBIDDEN:" + ",".join(loaded_forbidden()), flush=True)
+    sys.exit(code)

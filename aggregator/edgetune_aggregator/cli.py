@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="adapter parameters the importance layout may use (default: those of --targets at --rank)")
     layout.add_argument("--calibration-batches", type=int, default=8)
     serve.add_argument("--base-model", default="", help="recorded in the exported PEFT adapter_config.json")
+    serve.add_argument("--ort-artifacts", type=Path, help="ONNX Runtime training artifacts (edgetune build-ort) to "
+                       "serve over MQTT to devices without PyTorch (docs/ort.md)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -96,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         layout_candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
         adapter_budget=args.adapter_budget,
         importance=ImportanceSettings(batches=args.calibration_batches),
+        ort_artifacts=args.ort_artifacts,
     )
 
 

@@ -33,6 +33,7 @@ from edgetune.transport.channel import Channel
 from edgetune.wire import (
     AGGREGATOR_ID,
     DEFAULT_MAX_PACKET,
+    ArtifactRequest,
     ErrorReport,
     EvalReport,
     GlobalAdapter,
@@ -95,6 +96,8 @@ class AggregatorConfig:
     layout_candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     #: adapter parameters the importance layout may use (None: as many as the fixed layout)
     adapter_budget: int | None = None
+    #: ONNX Runtime artifacts (``edgetune build-ort``) to serve to devices without PyTorch
+    ort_artifacts: Path | None = None
 
     @property
     def strategy_name(self) -> str:
@@ -140,6 +143,12 @@ class Aggregator:
         self._task: RoundTask | None = None  # the task now published
         self.strategy: Strategy | None = None  # made once the fleet's state is known
         self._calibration = None  # the cost model's coefficients, read once when first needed
+        self.artifacts = None  # what devices without PyTorch can download (checked before serving)
+        if config.ort_artifacts is not None:
+            from .artifacts import ArtifactServer
+
+            self.artifacts = ArtifactServer(config.ort_artifacts, min(ArtifactServer.chunk_for(config.max_packet),
+                                                                      1 << 19))
 
     # --- public -----------------------------------------------------------------------------
 
@@ -181,8 +190,12 @@ class Aggregator:
         # A retained task left by an earlier run (e.g. "finished") must not steer devices
         # that connect before this run publishes its own.
         self.transport.publish(self.topics.task, b"", retain=True)
-        for kind in ("hello", "presence", "update", "eval", "importance", "error"):
+        for kind in ("hello", "presence", "update", "eval", "importance", "error", "artifact_request"):
             self.channel.subscribe(self.topics.all_devices(kind), self._enqueue)
+        if self.artifacts is not None:
+            self.artifacts.publish(self.channel, self.topics)
+        else:  # an offer retained by an earlier run must not send devices to a daemon without one
+            self.transport.publish(self.topics.artifact_offer("ort") + "/0", b"", retain=True)
         self._publish_presence(True)
 
     def _enqueue(self, topic: str, message: object) -> None:
@@ -500,8 +513,22 @@ class Aggregator:
             log.warning("device %s reports %s in round %d: %s", sender, message.code, message.round, message.message)
         elif isinstance(message, (Update, EvalReport, ImportanceReport)):
             self._on_result(topic, message, ctx)
+        elif isinstance(message, ArtifactRequest):
+            self._on_artifact_request(topic, message)
         else:
             self.channel.drop(sender, topic, "unexpected_kind", type(message).__name__)
+
+    def _on_artifact_request(self, topic: str, request: ArtifactRequest) -> None:
+        """Any device may download the artifacts (before its hello: it needs them to say which
+        model it runs); the broker's ACL decides who may ask at all."""
+        if self.artifacts is None:
+            return self.channel.drop(request.device_id, topic, "no_artifacts",
+                                     "this aggregator serves no artifacts (start it with --ort-artifacts)")
+        answer = self.artifacts.answer(request)
+        if isinstance(answer, str):
+            return self.channel.drop(request.device_id, topic, "bad_request", answer)
+        self.channel.send(self.topics.artifact_data(request.device_id), answer)
+        return None
 
     def _on_hello(self, topic: str, hello: Hello) -> None:
         why = self._check_model(hello)

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PyTorch, or ONNX Runtime artifacts (no PyTorch needed); auto: torch when installed")
     run.add_argument("--artifacts", type=Path, help="ONNX Runtime training artifacts from 'edgetune build-ort' "
                      "(the ort trainer's model: --model is then not loaded)")
+    run.add_argument("--fetch-timeout", type=float, default=600.0, help="when --artifacts holds none, wait this long "
+                     "for the aggregator to offer them (its --ort-artifacts) and for each download to progress")
     run.add_argument("--model-hash", help="refuse artifacts whose base weights do not have this SHA-256 "
                      "(a prefix is enough; 'model_hash' in the artifacts' edgetune-ort.json)")
     run.add_argument("--heldout", type=float, default=0.1, help="fraction of records held out for evaluation")
@@ -139,6 +141,13 @@ def _device_run(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile)
     config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout,
                           exit_when_finished=not args.stay, profile=profile)
+    from .workload import choose_backend
+
+    if choose_backend(args.trainer, args.artifacts) == "ort":  # fetched from the aggregator if absent
+        from .ort.fetch import ensure_artifacts
+
+        ensure_artifacts(args.broker, args.fleet, args.device_id, args.artifacts, args.fetch_timeout,
+                         args.connect_timeout)
     transport = open_transport(args.broker, client_id=f"edgetune-{args.fleet}-{args.device_id}",
                                connect_timeout=args.connect_timeout)
     workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads,

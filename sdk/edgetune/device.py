@@ -95,9 +95,21 @@ class Device:
         model: str | None = None,
         **options,
     ) -> Device:
-        """Load the model and data, and connect: the one call an edge application needs."""
+        """Load the model and data, and connect: the one call an edge application needs.
+
+        ``trainer="ort"`` (or ``"auto"`` without PyTorch) trains ONNX Runtime ``artifacts``,
+        downloaded from the aggregator first when the folder holds none (docs/ort.md)."""
+        from .workload import choose_backend
+
+        trainer, artifacts = options.pop("trainer", "auto"), options.pop("artifacts", None)
+        model_hash = options.pop("model_hash", None)
         config = DeviceConfig(fleet, device_id, **options)
-        workload = Workload.load(data, model, config.heldout_fraction, seed=hash_seed(device_id))
+        if choose_backend(trainer, artifacts) == "ort":
+            from .ort.fetch import ensure_artifacts
+
+            ensure_artifacts(broker, fleet, device_id, Path(artifacts))
+        workload = Workload.load(data, model, config.heldout_fraction, seed=hash_seed(device_id), trainer=trainer,
+                                 artifacts=artifacts, model_hash=model_hash)
         transport = open_transport(broker, client_id=f"edgetune-{fleet}-{device_id}")
         device = cls(config, transport, workload)
         device.connect()

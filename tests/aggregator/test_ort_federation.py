@@ -1,8 +1,9 @@
 """A fleet of one PyTorch device and one ONNX Runtime device over Mosquitto.
 
 The ONNX Runtime device runs the real command line in a subprocess in which torch,
-transformers and PEFT cannot be imported (``tests/torch_free.py``); it trains the artifacts
-``build_artifacts`` made for the tiny Llama. The test recomputes each global adapter from the
+transformers and PEFT cannot be imported (``tests/torch_free.py``); it downloads the artifacts
+``build_artifacts`` made for the tiny Llama from the aggregator (``--ort-artifacts``), in
+chunks over the broker, and trains them. The test recomputes each global adapter from the
 updates seen on the broker (``check_rounds``), so both devices' updates were merged as
 equals, and checks that the two kinds of update look the same on the wire.
 """
@@ -49,9 +50,12 @@ def test_torch_and_torch_free_devices_federate_over_mosquitto(mosquitto_url, tmp
     observer = Observer(mosquitto_url, fleet)
     # svd: after round 1 the global has more components than a device trains, so in round 2
     # both devices must also apply a frozen merged delta
-    config = fleet_config(tmp_path, fleet, min_devices=2, strategy="svd")
+    # a small packet limit makes the download take many chunks
+    config = fleet_config(tmp_path, fleet, min_devices=2, strategy="svd", ort_artifacts=artifacts,
+                          max_packet=64 * 1024)
     aggregator, thread = start_aggregator(mosquitto_url, config)
-    process = start_torch_free_device(mosquitto_url, fleet, "ort-1", data, artifacts, tmp_path / "ort-1.log")
+    downloaded = tmp_path / "device" / "artifacts"  # absent: the device asks the aggregator
+    process = start_torch_free_device(mosquitto_url, fleet, "ort-1", data, downloaded, tmp_path / "ort-1.log")
     try:
         torch_device = join_device(mosquitto_url, fleet, 0)
         thread.join(timeout=300)
@@ -64,7 +68,10 @@ def test_torch_and_torch_free_devices_federate_over_mosquitto(mosquitto_url, tmp
     device_log = (tmp_path / "ort-1.log").read_text()
     assert process.returncode == 0, output + device_log
     assert "LOADED-FORBIDDEN:\n" in output, output  # torch and transformers were never imported
-    assert "onnxruntime" in device_log
+    assert "onnxruntime" in device_log and "downloaded ONNX Runtime artifacts" in device_log
+    assert sorted(p.name for p in downloaded.iterdir()) == sorted(p.name for p in artifacts.iterdir())
+    assert all((downloaded / p.name).read_bytes() == p.read_bytes() for p in artifacts.iterdir())
+    assert aggregator.artifacts.requests > sum(p.stat().st_size for p in artifacts.iterdir()) // (64 * 1024)
 
     hello = aggregator.devices["ort-1"]
     assert hello.capabilities.backends == ("ort",) and hello.capabilities.max_rank == SPEC.rank

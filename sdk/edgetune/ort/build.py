@@ -230,7 +230,7 @@ def _generate(exported: Path, graph: _TrainingGraph, folder: Path,
         graph_model = onnx.load(str(folder / name))
         if cap_ir_version(graph_model):
             onnx.save(graph_model, str(folder / name))
-    order = _trainable_order(folder / CHECKPOINT)
+    order = _trainable_order(folder)
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     entries = tuple(ParamEntry(graph.ort_names[n], n, shapes[n], graph.anchor_names[graph.ort_names[n]])
                     for n in order)
@@ -244,14 +244,16 @@ def _generate(exported: Path, graph: _TrainingGraph, folder: Path,
     return entries, base_weights
 
 
-def _trainable_order(checkpoint: Path) -> list[str]:
-    """Trainable parameter names in the order ``get_contiguous_parameters`` lays them out
-    (the checkpoint's own order)."""
+def _trainable_order(folder: Path) -> list[str]:
+    """Trainable parameter names in the order ``get_contiguous_parameters`` lays them out."""
     training()
-    from onnxruntime.training.api import CheckpointState
+    from onnxruntime.training.api import CheckpointState, Module
 
-    state = CheckpointState.load_checkpoint(str(checkpoint))
-    return [name for name, param in state.parameters if param.requires_grad]
+    from ..trainers.ort_lora import contiguous_order
+
+    state = CheckpointState.load_checkpoint(str(folder / CHECKPOINT))
+    module = Module(str(folder / TRAINING_MODEL), state, str(folder / EVAL_MODEL))
+    return contiguous_order(state, module, [name for name, param in state.parameters if param.requires_grad])
 
 
 def _checkpoint_hash(checkpoint: Path) -> str:

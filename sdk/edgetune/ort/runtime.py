@@ -5,8 +5,8 @@ and ``optim`` packages, which ``import torch`` unconditionally: on a device with
 ``import onnxruntime.training.api`` fails although the on-device training API itself (``api``,
 ``onnxblock``) needs only the compiled runtime, numpy and onnx. The release is the last one,
 so this will not be fixed upstream. :func:`training` registers ``onnxruntime.training`` as a
-bare package over the installed folder, without running that ``__init__``, and imports the
-two subpackages edgetune uses. It does so whether or not torch is installed, so a torch
+bare package over the installed folder, without running that ``__init__``; its subpackages
+then import as usual. It does so whether or not torch is installed, so a torch
 device does not pay for importing torch here either (and both behave the same).
 """
 
@@ -23,8 +23,9 @@ _PACKAGE = "onnxruntime.training"
 
 
 def training() -> types.ModuleType:
-    """``onnxruntime.training`` with ``api`` and ``onnxblock`` imported; raises ImportError
-    with what to install when onnxruntime-training is missing (or only ``onnxruntime`` is)."""
+    """``onnxruntime.training`` with its ``api`` imported (import ``onnxblock`` from it when
+    building graphs); raises ImportError with what to install when onnxruntime-training is
+    missing (or only ``onnxruntime`` is)."""
     package = sys.modules.get(_PACKAGE)
     if package is None:
         _refuse_both_distributions()
@@ -45,7 +46,6 @@ def training() -> types.ModuleType:
         sys.modules[_PACKAGE] = package
         onnxruntime.training = package
     importlib.import_module(f"{_PACKAGE}.api")
-    importlib.import_module(f"{_PACKAGE}.onnxblock")
     return package
 
 

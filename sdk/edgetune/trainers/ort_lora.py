@@ -11,10 +11,11 @@ same arrays as :class:`~edgetune.trainers.torch_lora.TorchLoraTrainer`: ``{modul
   exactly rank r.
 - **Frozen merged delta.** ``set_merged`` adds ``merged_B @ merged_A`` to the frozen base
   weights in the checkpoint (float32, so nothing is lost to rounding), from a pristine copy.
-- **A new optimizer every round.** ORT keeps AdamW's moments in the checkpoint state and a new
-  ``Optimizer`` reuses them, so each ``train`` after the first starts a fresh state from the
-  checkpoint file (the factors and delta are put back), as the torch trainer starts a new
-  ``torch.optim.AdamW``.
+- **The optimizer steps in numpy** (``edgetune.trainers.adamw``, PyTorch's AdamW and clipping):
+  ORT computes the gradients (``train_step``), the factors go out with
+  ``get_contiguous_parameters`` and back with ``copy_buffer_to_parameters``. ORT's own optimizer
+  graph keeps its moments in the checkpoint state, and only a new state and new sessions
+  (7 s per round on SmolLM2) would give a round the fresh moments the torch trainer starts with.
 - **Gradient accumulation and FedProx** go through the graph's ``loss_scale`` and
   ``prox_scale`` inputs (``edgetune.ort.build``): ORT sums gradients over ``train_step`` calls.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -34,18 +34,16 @@ from ..adapters.lora import as_float32, check_merged, check_tensors, lora_shapes
 from ..ort.artifacts import (
     CHECKPOINT,
     EVAL_MODEL,
-    OPTIMIZER_MODEL,
     TRAINING_MODEL,
     ArtifactError,
     ArtifactManifest,
-    OptimizerSettings,
     check_layout,
     load_manifest,
     weights_digest,
 )
-from ..ort.optim import build_optimizer_model
 from ..ort.runtime import training
 from ..wire.schema import LoraSpec, TrainSettings
+from .adamw import AdamW, clip_by_global_norm
 from .result import TrainResult
 
 log = logging.getLogger(__name__)
@@ -89,10 +87,7 @@ class OrtLoraTrainer:
         if set(self._entries) != set(lora_shapes(LoraSpec(self.manifest.adapter.rank, self.manifest.adapter.alpha,
                                                           self.manifest.adapter.modules), modules)):
             raise ArtifactError(f"the parameters of {self.folder} do not match its adapter layout: rebuild it")
-        self._cache = tempfile.TemporaryDirectory(prefix="edgetune-ort-")
-        self._optimizers: dict[OptimizerSettings, Path] = {self.manifest.optimizer: self.folder / OPTIMIZER_MODEL}
         self._merged: dict[str, np.ndarray] = {}
-        self._used = False
         self._open()
         if verify_weights:
             self._check_weights()
@@ -100,7 +95,7 @@ class OrtLoraTrainer:
     # --- sessions -----------------------------------------------------------------------
 
     def _open(self) -> None:
-        """A fresh checkpoint state and training session; the factors are the checkpoint's."""
+        """The checkpoint state and the training and eval sessions."""
         import onnxruntime as ort
 
         training()  # (without the torch imports of onnxruntime.training's __init__)
@@ -110,15 +105,17 @@ class OrtLoraTrainer:
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
-        self._module = None  # release the previous state before loading the next
         self._state = CheckpointState.load_checkpoint(str(self.folder / CHECKPOINT))
         self._module = Module(str(self.folder / TRAINING_MODEL), self._state, str(self.folder / EVAL_MODEL),
                               session_options=options)
         self._pristine: dict[str, np.ndarray] = {}  # frozen base weights before any merged delta
-        self._used = False
         if self._module.get_parameters_size(trainable_only=True) != self.manifest.trainable_size:
             raise ArtifactError(f"the checkpoint in {self.folder} holds another number of trainable parameters "
                                 "than its manifest: rebuild the artifacts")
+        order = contiguous_order(self._state, self._module, [p.ort_name for p in self.manifest.parameters])
+        if order != [p.ort_name for p in self.manifest.parameters]:
+            raise ArtifactError(f"this ONNX Runtime lays out the trainable parameters of {self.folder} in another "
+                                "order than its manifest records: rebuild the artifacts with this version")
 
     def _check_weights(self) -> None:
         anchors = {p.anchor for p in self.manifest.parameters}
@@ -135,7 +132,6 @@ class OrtLoraTrainer:
     def unload(self) -> None:
         self._module = None
         self._state = None
-        self._cache.cleanup()
 
     # --- adapter exchange ---------------------------------------------------------------
 
@@ -196,38 +192,19 @@ class OrtLoraTrainer:
 
     # --- training and evaluation ----------------------------------------------------------
 
-    def _optimizer_path(self, settings: OptimizerSettings) -> Path:
-        if settings not in self._optimizers:
-            path = Path(self._cache.name) / f"optimizer-{len(self._optimizers)}.onnx"
-            build_optimizer_model([(p.ort_name, p.shape) for p in self.manifest.parameters], settings, path)
-            self._optimizers[settings] = path
-        return self._optimizers[settings]
-
-    def _restart(self) -> None:
-        """A fresh state (zero optimizer moments) holding the current factors and delta."""
-        adapter = self.get_adapter()
-        self._open()
-        self.set_adapter(adapter)
-        self._apply_merged()
-
     def train(
         self,
         batches: Iterator[np.ndarray],
         settings: TrainSettings,
         on_step: Callable[[int, int, float], None] | None = None,
     ) -> TrainResult:
-        """``settings.local_steps`` AdamW steps (PyTorch's rule) over the LoRA factors, each
-        averaging the gradients of ``settings.grad_accum`` micro-batches; as the torch trainer."""
-        training()
-        from onnxruntime.training.api import Optimizer
+        """``settings.local_steps`` AdamW steps (PyTorch's rule, fresh moments) over the LoRA
+        factors, each averaging the gradients of ``settings.grad_accum`` micro-batches and
+        clipped to ``settings.max_grad_norm``; as the torch trainer."""
+        from onnxruntime import OrtValue
 
-        if self._used:
-            self._restart()
-        self._used = True
-        optimizer_settings = OptimizerSettings(settings.weight_decay, settings.max_grad_norm,
-                                               self.manifest.optimizer.betas, self.manifest.optimizer.eps)
-        optimizer = Optimizer(str(self._optimizer_path(optimizer_settings)), self._module)
-        optimizer.set_learning_rate(settings.learning_rate)
+        optimizer = AdamW(self.manifest.trainable_size, settings.learning_rate, self.manifest.optimizer.betas,
+                          self.manifest.optimizer.eps, settings.weight_decay)
         if settings.proximal_mu > 0:  # the anchor is where this round starts
             for entry in self.manifest.parameters:
                 self._state.parameters[entry.anchor] = self._state.parameters[entry.ort_name].data
@@ -255,7 +232,12 @@ class OrtLoraTrainer:
                 _, data_loss = self._module(ids, mask, positions, loss_scale, prox_scale)
                 step_loss += float(data_loss) / settings.grad_accum
                 tokens += int(ids.size)
-            optimizer.step()
+            grad = np.concatenate([self._grad(p) for p in self.manifest.parameters])
+            if settings.max_grad_norm > 0:
+                clip_by_global_norm(grad, settings.max_grad_norm)
+            params = self._module.get_contiguous_parameters(trainable_only=True).numpy()
+            optimizer.step(params, grad)
+            self._module.copy_buffer_to_parameters(OrtValue.ortvalue_from_numpy(params)._ortvalue, trainable_only=True)
             losses.append(step_loss)
             if on_step is not None:
                 on_step(step, settings.local_steps, step_loss)
@@ -267,6 +249,10 @@ class OrtLoraTrainer:
         log.info("trained %d steps in %.2f s (onnxruntime): loss %.4f -> %.4f (%d tokens)",
                  len(losses), seconds, losses[0], losses[-1], tokens)
         return TrainResult(float(np.mean(losses)), losses[-1], tokens, seconds, len(losses))
+
+    def _grad(self, entry) -> np.ndarray:
+        grad = self._state.parameters[entry.ort_name].grad  # the sum over this step's train_step calls
+        return np.zeros(math.prod(entry.shape), np.float32) if grad is None else grad.ravel()
 
     def perplexity(self, blocks: np.ndarray, batch_size: int = 8) -> float:
         """exp of the mean next-token NLL over all predicted tokens of ``blocks`` (N, T), with
@@ -285,6 +271,27 @@ class OrtLoraTrainer:
             nll += float(data_loss) * predicted
             count += predicted
         return math.exp(nll / count)
+
+
+def contiguous_order(state, module, names: list[str]) -> list[str]:
+    """The order in which ``get_contiguous_parameters(trainable_only=True)`` lays out the
+    trainable parameters ``names``, found by filling each with its own index and reading the
+    buffer back (ORT follows the training graph's input order, which need not be the
+    checkpoint's). The parameters are restored afterwards."""
+    saved = {name: state.parameters[name].data.copy() for name in names}
+    try:
+        for i, name in enumerate(names):
+            state.parameters[name] = np.full(saved[name].shape, i, np.float32)
+        flat = module.get_contiguous_parameters(trainable_only=True).numpy()
+        order, offset = [], 0
+        while offset < flat.size:
+            name = names[int(flat[offset])]
+            order.append(name)
+            offset += saved[name].size
+        return order
+    finally:
+        for name, value in saved.items():
+            state.parameters[name] = value
 
 
 def _inputs(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

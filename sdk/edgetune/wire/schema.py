@@ -25,7 +25,9 @@ AGGREGATOR_ID = "aggregator"
 #: EMQX's default maximum packet: payloads above it travel as chunks
 DEFAULT_MAX_PACKET = 1 << 20
 #: topic kinds a device publishes under, each as ``{kind}/{device_id}``
-DEVICE_TOPIC_KINDS = ("hello", "presence", "update", "eval", "importance", "progress", "error")
+DEVICE_TOPIC_KINDS = ("hello", "presence", "update", "eval", "importance", "progress", "error", "artifact_request")
+#: the most bytes one ArtifactData carries (it must fit one MQTT packet with its envelope)
+MAX_ARTIFACT_CHUNK = 1 << 19
 #: a model manifest larger than this is refused (protects the aggregator's memory)
 MAX_MANIFEST_MODULES = 10_000
 MAX_LAYER_DIM = 1 << 17
@@ -393,6 +395,58 @@ class GlobalAdapter:
 
 
 @dataclass(frozen=True)
+class ArtifactOffer:
+    """What the aggregator can hand out (retained): a backend's artifact folder, described by
+    its manifest file (``edgetune-ort.json``, verbatim), whose file digests the device checks
+    every file against; ``sizes`` for each file, and the chunk size it serves."""
+
+    backend: str
+    manifest: bytes
+    sizes: dict[str, int]
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_size <= MAX_ARTIFACT_CHUNK:
+            raise ValueError(f"ArtifactOffer.chunk_size must be in 1..{MAX_ARTIFACT_CHUNK}, got {self.chunk_size}")
+        for name, size in self.sizes.items():
+            check_name(name, "artifact file name")
+            if size < 0:
+                raise ValueError(f"ArtifactOffer.sizes[{name!r}] is negative")
+
+
+@dataclass(frozen=True)
+class ArtifactRequest:
+    """A device asks for ``length`` bytes of artifact file ``file`` from ``offset``."""
+
+    device_id: str
+    backend: str
+    file: str
+    offset: int
+    length: int
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        check_name(self.file, "artifact file name")
+        if self.offset < 0 or not 1 <= self.length <= MAX_ARTIFACT_CHUNK:
+            raise ValueError(f"ArtifactRequest wants offset ≥ 0 and length in 1..{MAX_ARTIFACT_CHUNK}")
+
+
+@dataclass(frozen=True)
+class ArtifactData:
+    """Bytes ``offset``.. of artifact file ``file`` (``size`` bytes in all), for one device."""
+
+    file: str
+    offset: int
+    size: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        check_name(self.file, "artifact file name")
+        if self.offset < 0 or self.offset + len(self.data) > self.size or len(self.data) > MAX_ARTIFACT_CHUNK:
+            raise ValueError(f"ArtifactData for {self.file} has {len(self.data)} bytes at {self.offset} of {self.size}")
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One piece of a payload larger than the packet limit.
 
@@ -419,6 +473,9 @@ MESSAGE_KINDS: dict[str, type] = {
     "task": RoundTask,
     "global": GlobalAdapter,
     "chunk": Chunk,
+    "artifact_offer": ArtifactOffer,
+    "artifact_request": ArtifactRequest,
+    "artifact_data": ArtifactData,
 }
 KIND_OF: dict[type, str] = {cls: kind for kind, cls in MESSAGE_KINDS.items()}
 
@@ -482,6 +539,18 @@ class Topics:
     def error(self, device_id: str) -> str:
         return f"{self.base}/error/{device_id}"
 
+    def artifact_request(self, device_id: str) -> str:
+        return f"{self.base}/artifact_request/{device_id}"
+
+    # aggregator -> devices: artifacts for devices without PyTorch
+    def artifact_offer(self, backend: str) -> str:
+        """Retained: what ``ArtifactOffer`` the aggregator serves for ``backend``."""
+        return f"{self.base}/artifacts/{backend}"
+
+    def artifact_data(self, device_id: str) -> str:
+        """The bytes one device asked for (a device's ACL can allow it only its own)."""
+        return f"{self.base}/artifact_data/{device_id}"
+
     def all_devices(self, kind: str) -> str:
         """Subscription filter for one device-message kind from every device."""
         return f"{self.base}/{kind}/+"
@@ -501,6 +570,8 @@ class Topics:
         device = self.device_of(topic)
         if device is not None:
             return device
-        if topic in (self.task, self.aggregator_status) or topic.startswith(self.global_adapter + "/"):
+        if topic in (self.task, self.aggregator_status) or topic.startswith(
+            (self.global_adapter + "/", f"{self.base}/artifacts/", f"{self.base}/artifact_data/")
+        ):
             return AGGREGATOR_ID
         return None
