@@ -14,6 +14,9 @@ with torch merely installed, ``import onnxruntime`` imports it (``onnxruntime.to
 ``--envs`` also builds two virtual environments with pip and measures their installed size:
 what a torch-free device needs (``edgetune[ort]``: onnxruntime-training, onnx, tokenizers,
 numpy, msgpack, paho-mqtt, pyyaml) and what a PyTorch device needs (``edgetune[torch]``).
+The onnxruntime-training wheel carries ONNX Runtime's CUDA provider library, which a CPU
+device never loads; the torch-free environment is measured again without it, after checking
+that it still trains (a few steps on tiny-model artifacts, in that environment).
 
     python benchmarks/ort.py [--steps 12] [--threads 2] [--envs] [--json FILE]
 """
@@ -133,8 +136,22 @@ def run_child(backend: str, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def env_size(packages: list[str], folder: Path) -> dict:
-    """Install ``packages`` into a fresh venv and measure site-packages (what pip adds)."""
+CHECK = """
+import sys, numpy as np
+from edgetune.trainers.ort_lora import OrtLoraTrainer
+from edgetune.wire.schema import LoraSpec, TrainSettings
+trainer = OrtLoraTrainer(sys.argv[1], LoraSpec(rank=4, alpha=8.0))
+settings = TrainSettings(local_steps=3, batch_size=2, seq_len=16)
+rng = np.random.default_rng(0)
+result = trainer.train(iter([rng.integers(0, 256, (2, 16)) for _ in range(3)]), settings)
+assert result.steps == 3 and np.isfinite(result.final_loss) and "torch" not in sys.modules
+print("trained", result.final_loss)
+"""
+
+
+def env_size(packages: list[str], folder: Path, check_artifacts: Path | None = None) -> dict:
+    """Install ``packages`` into a fresh venv and measure site-packages (what pip adds); with
+    ``check_artifacts``, also without ORT's CUDA provider, after training in the venv."""
     shutil.rmtree(folder, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
     pip = [str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
@@ -144,8 +161,21 @@ def env_size(packages: list[str], folder: Path) -> dict:
     subprocess.run(pip + ["--no-deps", "-e", str(REPO)], check=True)
     freeze = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
                             capture_output=True, text=True, check=True).stdout.split()
-    return {"installed_mb": round((_du(folder) - empty) / 2**20, 1), "packages": len(freeze),
-            "install_s": round(time.perf_counter() - started, 1), "has_torch": any(p.startswith("torch==") for p in freeze)}
+    result = {"installed_mb": round((_du(folder) - empty) / 2**20, 1), "packages": len(freeze),
+              "install_s": round(time.perf_counter() - started, 1),
+              "has_torch": any(p.startswith("torch==") for p in freeze)}
+    if check_artifacts is not None:
+        cuda = list(folder.rglob("libonnxruntime_providers_cuda*.so"))
+        result["cuda_provider_mb"] = round(sum(f.stat().st_size for f in cuda) / 2**20, 1)
+        for f in cuda:
+            f.unlink()
+        done = subprocess.run([str(folder / "bin" / "python"), "-c", CHECK, str(check_artifacts)],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise SystemExit(f"the torch-free environment does not train without the CUDA provider:\n{done.stderr[-2000:]}")
+        result["trains_without_cuda_provider"] = True
+        result["without_cuda_provider_mb"] = round((_du(folder) - empty) / 2**20, 1)
+    return result
 
 
 def _du(folder: Path) -> int:
@@ -196,9 +226,14 @@ def main() -> None:
     if args.envs:
         root = Path(tempfile.mkdtemp(prefix="edgetune-envs-"))
         try:
-            results["env_ort"] = env_size(_project_extra("ort"), root / "ort")
+            from edgetune.ort.build import build_artifacts
+
+            build_artifacts("tiny-llama", root / "tiny-artifacts", rank=4, alpha=8.0)
+            results["env_ort"] = env_size(_project_extra("ort"), root / "ort", root / "tiny-artifacts")
             results["env_torch"] = env_size(_project_extra("torch"), root / "torch")
             results["env_ratio"] = round(results["env_ort"]["installed_mb"] / results["env_torch"]["installed_mb"], 3)
+            results["env_ratio_without_cuda_provider"] = round(
+                results["env_ort"]["without_cuda_provider_mb"] / results["env_torch"]["installed_mb"], 3)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

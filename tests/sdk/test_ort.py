@@ -314,3 +314,19 @@ def test_twelve_layers_keep_names_and_training_apart(tmp_path):
     assert all(np.array_equal(trainer.get_adapter()[k], start[k]) for k in start)
     settings = TrainSettings(local_steps=4, batch_size=2, seq_len=16, learning_rate=1e-3)
     assert_parity(train_both(tmp_path / "deep", ref, LLAMA, settings, start), start)
+
+
+def test_build_ort_command_line(tmp_path, capsys):
+    from edgetune.cli import main
+
+    out = tmp_path / "artifacts"
+    assert main(["build-ort", "--model", "tiny-gpt2", "--rank", "2", "--out", str(out)]) == 0
+    manifest = load_manifest(out)
+    assert manifest.adapter.rank == 2 and manifest.adapter.alpha == 4.0 and manifest.adapter.target_modules == ("c_attn",)
+    assert manifest.model_hash[:16] in capsys.readouterr().out
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+    assert main(["build-ort", "--model", "tiny-gpt2", "--rank", "2", "--out", str(out)]) == 2
+    assert "not empty: pass --force" in capsys.readouterr().err
+    assert main(["build-ort", "--model", "tiny-gpt2", "--targets", "q_proj", "--out", str(tmp_path / "x")]) == 2
+    assert "match no linear layer" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))

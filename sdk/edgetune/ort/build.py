@@ -210,7 +210,8 @@ def _generate(exported: Path, graph: _TrainingGraph, folder: Path,
     training()
     from onnxruntime.training import artifacts
 
-    onnxruntime.set_default_logger_severity(3)  # its graph-transformer chatter is INFO by default
+    onnxruntime.set_default_logger_severity(3)
+    _quiet_gradient_builder(onnxruntime)
     model = onnx.load(str(exported))
     cap_ir_version(model)
     names = [init.name for init in model.graph.initializer]
@@ -242,6 +243,19 @@ def _generate(exported: Path, graph: _TrainingGraph, folder: Path,
         log.warning("%d linear layers have no weight of their own in the graph (e.g. %s): no merged delta on them",
                     len(dropped), dropped[:3])
     return entries, base_weights
+
+
+def _quiet_gradient_builder(onnxruntime: Any) -> None:
+    """ORT's gradient builder makes its own ``SessionOptions`` at the default log level and
+    prints a hundred lines of graph-transformer INFO per build; give it quiet ones."""
+    from onnxruntime.training.onnxblock import _training_graph_utils
+
+    class _Quiet(onnxruntime.SessionOptions):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log_severity_level = 3
+
+    _training_graph_utils.SessionOptions = _Quiet
 
 
 def _trainable_order(folder: Path) -> list[str]:
