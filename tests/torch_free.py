@@ -26,6 +26,14 @@ class _Hiding:
         find = getattr(self.finder, "find_spec", None)
         return find(name, path, target) if find else None
 
+    def find_distributions(self, *args, **kwargs):
+        """``importlib.metadata`` asks finders for distributions: hide the blocked ones too."""
+        find = getattr(self.finder, "find_distributions", None)
+        if find is None:
+            return iter(())
+        return (d for d in find(*args, **kwargs)
+                if (d.metadata["Name"] or "").lower().replace("_", "-") not in BLOCKED)
+
     def invalidate_caches(self):
         invalidate = getattr(self.finder, "invalidate_caches", None)
         if invalidate:

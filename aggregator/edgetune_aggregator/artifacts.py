@@ -6,7 +6,7 @@ publishes a retained :class:`ArtifactOffer` (the folder's manifest, verbatim, an
 sizes) and answers each :class:`ArtifactRequest` with one :class:`ArtifactData` chunk on the
 asking device's own topic. Devices pull (``edgetune.ort.fetch``): they ask for a few chunks at
 a time, so neither side queues hundreds of megabytes, a lost chunk is simply asked for again,
-and a device that reconnects resumes where its partial files end. Every file is checked
+and an interrupted download keeps the files it completed. Every file is checked
 against the manifest's SHA-256 on the device, and the manifest itself was checked here at
 start-up, so a corrupted folder is never offered.
 
@@ -43,20 +43,29 @@ class ArtifactServer:
         self.sizes = {name: (self.folder / name).stat().st_size for name in self.manifest.files}
         self.bytes_served = 0
         self.requests = 0
+        self._frames = 0  # retained frames of the published offer, cleared by withdraw()
 
     @staticmethod
     def chunk_for(max_packet: int) -> int:
         """The largest chunk whose ArtifactData message fits one packet (with room for its
         msgpack envelope and the frame header)."""
-        return max(1024, max_packet - 4096)
+        return max(1024, min(max_packet - 4096, DEFAULT_CHUNK))
 
     def offer(self) -> ArtifactOffer:
         return ArtifactOffer(self.backend, (self.folder / MANIFEST_FILE).read_bytes(), dict(self.sizes), self.chunk_size)
 
     def publish(self, channel: Channel, topics: Topics) -> None:
-        channel.send_retained(topics.artifact_offer(self.backend), self.offer())
+        self._frames = channel.send_retained(topics.artifact_offer(self.backend), self.offer())
         log.info("offering ONNX Runtime artifacts of %s (LoRA r=%d, %.1f MB) from %s", self.manifest.model.name,
                  self.manifest.adapter.rank, sum(self.sizes.values()) / 1e6, self.folder)
+
+    def withdraw(self, channel: Channel, topics: Topics) -> None:
+        """Clear the retained offer, so devices that start later do not wait on a daemon that
+        is gone."""
+        prefix = topics.artifact_offer(self.backend)
+        for index in range(self._frames):
+            channel.transport.publish(f"{prefix}/{index}", b"", qos=1, retain=True)
+        self._frames = 0
 
     def answer(self, request: ArtifactRequest) -> ArtifactData | str:
         """The chunk asked for, or why it cannot be given (a drop reason's detail)."""
@@ -68,8 +77,12 @@ class ArtifactServer:
         if request.offset >= size and not (size == 0 and request.offset == 0):
             return f"offset {request.offset} is past the end of {request.file} ({size} bytes)"
         length = min(request.length, self.chunk_size, size - request.offset)
-        with open(self.folder / request.file, "rb") as f:
-            data = os.pread(f.fileno(), length, request.offset)
+        try:
+            with open(self.folder / request.file, "rb") as f:
+                data = os.pread(f.fileno(), length, request.offset)
+        except OSError as exc:  # the folder changed under the daemon: keep serving the rest
+            log.error("cannot read artifact %s: %s", request.file, exc)
+            return f"cannot read {request.file}: {exc.strerror}"
         self.requests += 1
         self.bytes_served += len(data)
         return ArtifactData(request.file, request.offset, size, data)

@@ -147,8 +147,7 @@ class Aggregator:
         if config.ort_artifacts is not None:
             from .artifacts import ArtifactServer
 
-            self.artifacts = ArtifactServer(config.ort_artifacts, min(ArtifactServer.chunk_for(config.max_packet),
-                                                                      1 << 19))
+            self.artifacts = ArtifactServer(config.ort_artifacts, ArtifactServer.chunk_for(config.max_packet))
 
     # --- public -----------------------------------------------------------------------------
 
@@ -172,6 +171,8 @@ class Aggregator:
             log.info("fleet %s finished: global adapter v%d in %s", self.config.fleet,
                      self.state.global_version, self.store.directory / "adapter")
         finally:
+            if self.artifacts is not None:
+                self.artifacts.withdraw(self.channel, self.topics)
             self._publish_presence(False)
             self.transport.close()
 

@@ -20,21 +20,28 @@ class MemoryBudgetExceeded(MemoryError):
     """The process grew past the device's memory budget while training."""
 
 
+_OOM_PHRASES = ("can't allocate memory", "out of memory", "failed to allocate memory", "bad_alloc")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """MemoryError, or PyTorch's CPU allocator failing (a RuntimeError saying so)."""
+    """MemoryError, PyTorch's CPU allocator failing (a RuntimeError saying so), or ONNX Runtime's
+    (its exceptions derive from Exception, not RuntimeError)."""
     if isinstance(exc, MemoryError):
         return True
+    from_runtime = isinstance(exc, RuntimeError) or type(exc).__module__.startswith("onnxruntime")
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+    return from_runtime and any(phrase in text for phrase in _OOM_PHRASES)
 
 
-def next_fallback(plan: DevicePlan, grad_accum: int, supported: tuple[str, ...]) -> tuple[DevicePlan, int, str] | None:
+def next_fallback(plan: DevicePlan, grad_accum: int, supported: tuple[str, ...],
+                  checkpointing: bool = True) -> tuple[DevicePlan, int, str] | None:
     """The next rung below ``plan``: (new plan, new gradient accumulation, what changed), or
-    None when nothing is left to give up."""
+    None when nothing is left to give up. ``checkpointing=False`` (a backend without it, such
+    as ONNX Runtime) skips that rung rather than retrying the same configuration."""
     if plan.batch_size > 1:
         smaller = dataclasses.replace(plan, batch_size=plan.batch_size // 2)
         return smaller, grad_accum * 2, f"batch {plan.batch_size} → {smaller.batch_size}"
-    if not plan.gradient_checkpointing:
+    if checkpointing and not plan.gradient_checkpointing:
         return dataclasses.replace(plan, gradient_checkpointing=True), grad_accum, "gradient checkpointing on"
     if plan.rank > 1:
         lower = dataclasses.replace(plan, rank=plan.rank // 2)

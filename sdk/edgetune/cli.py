@@ -86,12 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(run where PyTorch is installed)")
     build.add_argument("--model", help="as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
     build.add_argument("--rank", type=int, default=8, help="the fleet's LoRA rank (devices may train any rank up to it)")
-    build.add_argument("--alpha", type=float, help="the fleet's LoRA alpha (default: 2 x rank)")
+    build.add_argument("--alpha", type=float, default=16.0, help="the fleet's LoRA alpha, as the aggregator's --alpha "
+                       "(default 16, the aggregator's default)")
     build.add_argument("--targets", help="comma-separated modules, as the aggregator's --targets "
                        "(default: q_proj,v_proj; c_attn on GPT-2)")
-    build.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into the optimizer "
-                       "graph (a device builds another for a round that asks for other values)")
-    build.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping baked into the optimizer graph")
+    build.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into "
+                       "optimizer_model.onnx, for those who drive ORT's own Optimizer; edgetune's trainer takes it "
+                       "from each round's settings")
+    build.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping baked into "
+                       "optimizer_model.onnx (as --weight-decay)")
     build.add_argument("--out", type=Path, required=True, help="folder to write (must be absent or empty)")
     build.add_argument("--force", action="store_true", help="replace a non-empty --out")
     _add_common(build)
@@ -219,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(args)
-    except (TransportError, ModelError, DataError, ExportError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (TransportError, ModelError, DataError, ExportError, ValueError, FileExistsError, FileNotFoundError,
+            ImportError) as exc:
         print(f"edgetune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -129,7 +129,7 @@ class Device:
             sdk_version=__version__,
             model=self.workload.manifest,
             capabilities=Capabilities(backends=(self.workload.backend,), max_packet=self.config.max_packet,
-                                      max_rank=getattr(self.workload, "max_rank", 0)),
+                                      max_rank=self.workload.max_rank),
             num_samples=self.workload.num_samples,
             profile=self.config.profile,
         )
@@ -234,7 +234,10 @@ class Device:
         plan = task.plans.get(self.config.device_id)
         if plan is not None:
             return plan
-        return DevicePlan(task.adapter.rank, "float32", task.train.batch_size, task.train.local_steps)
+        rank = task.adapter.rank
+        if self.workload.max_rank:  # ONNX Runtime artifacts train up to their own rank
+            rank = min(rank, self.workload.max_rank)
+        return DevicePlan(rank, "float32", task.train.batch_size, task.train.local_steps)
 
     def _train(self, task: RoundTask) -> None:
         """Train this round, backing off (smaller batch, checkpointing, lower rank, stronger
@@ -244,14 +247,15 @@ class Device:
             log.warning("%s: sits out round %d: %s", me, task.round, task.excluded[me])
             return
         plan, grad_accum = self._plan(task), task.train.grad_accum
-        supported = self.config.profile.quantization if self.config.profile else ()
+        torch_backend = self.workload.backend == "torch"  # the others can neither quantize nor checkpoint
+        supported = self.config.profile.quantization if self.config.profile and torch_backend else ()
         while True:
             try:
                 return self._train_with(task, plan, grad_accum)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
-                fallback = next_fallback(plan, grad_accum, supported)
+                fallback = next_fallback(plan, grad_accum, supported, checkpointing=torch_backend)
                 gc.collect()
                 if fallback is None:
                     self._report_error(task, "out_of_memory", f"nothing smaller left to try: {exc}")

@@ -170,7 +170,7 @@ def export_onnx(
     try:
         from optimum.exporters.onnx import main_export
     except ImportError as e:
-        raise ExportError("the ONNX export needs optimum-onnx: pip install 'edgetune[export]'") from e
+        raise ExportError("the ONNX export needs optimum-onnx: pip install 'edgetune[onnx-export]'") from e
     loaded, adapter, record = _merged_base(state_dir, version, model_ref)
 
     def write(tmp: Path) -> None:

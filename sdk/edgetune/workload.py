@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 class Workload:
     backend = "torch"
+    #: the highest adapter rank this backend trains (0: any)
+    max_rank = 0
 
     def __init__(
         self,
@@ -165,6 +167,10 @@ class OrtWorkload(Workload):
 
     backend = "ort"
 
+    def __init__(self, loaded: Any, train_texts: list[str], heldout_texts: list[str], threads: int | None = None):
+        super().__init__(loaded, train_texts, heldout_texts, threads)
+        self._weights_checked = False
+
     def trainer(self, spec: LoraSpec, quantization: str = "float32", gradient_checkpointing: bool = False):
         if quantization != "float32":
             raise ValueError(f"the ort backend trains a float32 base only, not {quantization}: "
@@ -182,13 +188,13 @@ class OrtWorkload(Workload):
         model = self.loaded
         # the first trainer checks the base weights' hash; the files were checked on load
         self._trainer = OrtLoraTrainer(model.folder, spec, threads=self.threads, manifest=model.artifacts,
-                                       verify_weights=not getattr(self, "_weights_checked", False))
+                                       verify_weights=not self._weights_checked)
         self._weights_checked = True
         self._trainer_key = key
         return self._trainer
 
     @property
-    def max_rank(self) -> int:
+    def max_rank(self) -> int:  # type: ignore[override]
         return self.loaded.artifacts.adapter.rank
 
     def importance(self, modules, settings, importance, quantization="float32", seed=0):
@@ -213,11 +219,22 @@ def choose_backend(trainer: str, artifacts: str | Path | None) -> str:
     if trainer == "ort":
         if artifacts is None:
             raise ValueError("--trainer ort needs --artifacts DIR (made by `edgetune build-ort`)")
-        if not _installed("onnxruntime"):
-            raise ValueError("--trainer ort needs ONNX Runtime training: pip install 'edgetune[ort]'")
+        if not _distribution("onnxruntime-training"):
+            raise ValueError("--trainer ort needs ONNX Runtime training (the onnxruntime-training distribution, not "
+                             "onnxruntime): pip install 'edgetune[ort]'")
     elif not has_torch:
         raise ValueError("--trainer torch needs PyTorch: pip install 'edgetune[torch]', or use --trainer ort")
     return trainer
+
+
+def _distribution(name: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def _installed(module: str) -> bool:

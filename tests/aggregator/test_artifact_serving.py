@@ -49,6 +49,9 @@ def test_a_device_downloads_the_artifacts_in_chunks_over_mosquitto(mosquitto_url
     assert aggregator.artifacts.requests >= largest // (32 * 1024)  # it really was chunked
     assert not (tmp_path / "device" / "artifacts.partial").exists()
     ensure_artifacts(mosquitto_url, fleet, "dev-1", target, timeout_s=1)  # present: nothing to do, no broker needed
+    # the stopped daemon withdrew its retained offer: a device starting now is not sent to it
+    with pytest.raises(ArtifactError, match="no aggregator offered"):
+        ensure_artifacts(mosquitto_url, fleet, "dev-2", tmp_path / "late", timeout_s=2, connect_timeout=10)
 
 
 def test_a_partial_download_resumes_and_corruption_is_refused(artifacts, tmp_path):
@@ -122,3 +125,12 @@ def test_a_damaged_folder_is_never_offered(artifacts, tmp_path):
         transport = open_transport(f"memory://{fleet}", client_id="lonely")
         transport.connect()
         fetch_artifacts(transport, fleet, "lonely", tmp_path / "none", timeout_s=1)
+
+
+def test_a_download_never_replaces_a_folder_of_other_files(tmp_path):
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "keep.bin").write_bytes(b"the user's own file")
+    with pytest.raises(ArtifactError, match="holds no ONNX Runtime artifacts"):
+        ensure_artifacts("memory://nobody", "nobody", "dev-9", mine, timeout_s=1)
+    assert (mine / "keep.bin").read_bytes() == b"the user's own file"

@@ -322,7 +322,7 @@ def test_build_ort_command_line(tmp_path, capsys):
     out = tmp_path / "artifacts"
     assert main(["build-ort", "--model", "tiny-gpt2", "--rank", "2", "--out", str(out)]) == 0
     manifest = load_manifest(out)
-    assert manifest.adapter.rank == 2 and manifest.adapter.alpha == 4.0 and manifest.adapter.target_modules == ("c_attn",)
+    assert manifest.adapter.rank == 2 and manifest.adapter.alpha == 16.0 and manifest.adapter.target_modules == ("c_attn",)
     assert manifest.model_hash[:16] in capsys.readouterr().out
     assert oct(out.stat().st_mode & 0o777) == "0o755"
     assert main(["build-ort", "--model", "tiny-gpt2", "--rank", "2", "--out", str(out)]) == 2
@@ -330,3 +330,25 @@ def test_build_ort_command_line(tmp_path, capsys):
     assert main(["build-ort", "--model", "tiny-gpt2", "--targets", "q_proj", "--out", str(tmp_path / "x")]) == 2
     assert "match no linear layer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_an_ort_device_plans_within_its_artifacts_and_backs_off_without_torch_rungs(llama_artifacts):
+    from edgetune.backoff import is_out_of_memory, next_fallback
+    from edgetune.device import Device, DeviceConfig
+    from edgetune.transport import open_transport
+    from edgetune.wire import DevicePlan, RoundTask, TaskKind
+    from edgetune.workload import Workload
+
+    work = Workload.load(["a line of text %d" % i for i in range(20)], trainer="ort", artifacts=llama_artifacts)
+    device = Device(DeviceConfig("plan-test", "gw-1"), open_transport("memory://plan-test", client_id="gw-1"), work)
+    task = RoundTask(1, TaskKind.TRAIN, 0, work.manifest.fingerprint, adapter=LoraSpec(rank=16, alpha=64.0))
+    assert device._plan(task).rank == 4  # the fleet trains rank 16; these artifacts hold rank 4
+
+    class Fail(Exception):  # ONNX Runtime's errors derive from Exception, in its own module
+        __module__ = "onnxruntime.capi.onnxruntime_pybind11_state"
+
+    assert is_out_of_memory(Fail("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer"))
+    assert not is_out_of_memory(Fail("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad input"))
+    plan = DevicePlan(4, "float32", 1, 10)
+    assert next_fallback(plan, 1, (), checkpointing=False)[2] == "rank 4 → 2"
+    assert next_fallback(DevicePlan(1, "float32", 1, 10), 1, (), checkpointing=False) is None

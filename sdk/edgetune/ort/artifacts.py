@@ -4,7 +4,8 @@
 
     training_model.onnx   forward + loss + gradient graph; only the LoRA factors are trainable
     eval_model.onnx       forward + loss, for held-out perplexity
-    optimizer_model.onnx  AdamW (PyTorch's rule) with gradient clipping, for the default settings
+    optimizer_model.onnx  AdamW (PyTorch's rule) with gradient clipping, for those who drive ORT's
+                          own Optimizer (edgetune's trainer steps in numpy: trainers/adamw.py)
     checkpoint            every parameter: the frozen base and the initial LoRA factors
     tokenizer.json        the base's tokenizer for the ``tokenizers`` library (absent for the
                           byte tokenizer of the tiny test models)
@@ -124,6 +125,8 @@ class ArtifactManifest:
 
     @classmethod
     def from_json(cls, data: Mapping) -> ArtifactManifest:
+        if not isinstance(data, Mapping):
+            raise ArtifactError(f"malformed artifact manifest: a JSON object was expected, not {type(data).__name__}")
         try:
             if data.get("kind") != "edgetune-ort-artifacts":
                 raise ArtifactError("not an edgetune ONNX Runtime artifact manifest")
@@ -150,7 +153,7 @@ class ArtifactManifest:
             )
         except ArtifactError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"malformed artifact manifest: {type(exc).__name__}: {exc}") from exc
 
 

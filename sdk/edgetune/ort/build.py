@@ -61,7 +61,7 @@ def build_artifacts(
     model_ref: str | None,
     out: Path,
     rank: int = 8,
-    alpha: float | None = None,
+    alpha: float = 16.0,
     targets: tuple[str, ...] | None = None,
     optimizer: OptimizerSettings = OptimizerSettings(),
     seed: int = 0,
@@ -69,9 +69,10 @@ def build_artifacts(
 ) -> ArtifactManifest:
     """Build the artifacts for ``model_ref`` (as for ``load_model``) into ``out``.
 
-    ``alpha`` defaults to twice the rank (the fleet's default scale, 2); ``targets`` to the
-    architecture's default (q_proj, v_proj; c_attn on GPT-2). The folder is built beside ``out``
-    and renamed into place, so ``out`` is never half-written.
+    ``rank`` and ``alpha`` must be the fleet's (the aggregator's ``--rank``/``--alpha``; both
+    default alike): a device trains any rank up to ``rank`` at scale alpha / rank.
+    ``targets`` defaults to the architecture's default (q_proj, v_proj; c_attn on GPT-2). The
+    folder is built beside ``out`` and renamed into place, so ``out`` is never half-written.
     """
     import torch
 
@@ -80,11 +81,13 @@ def build_artifacts(
     from ..trainers.torch_lora import TorchLoraTrainer
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder: choose another --out")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} is not empty: pass --force to replace it")
     started = time.perf_counter()
     loaded = load_model(model_ref)
-    spec = LoraSpec(rank=rank, alpha=float(alpha if alpha is not None else 2 * rank),
+    spec = LoraSpec(rank=rank, alpha=float(alpha),
                     target_modules=tuple(targets or default_targets(loaded)), dropout=0.0)
     modules = select_targets(spec, loaded.manifest.modules)
     trainer = TorchLoraTrainer(loaded, spec)  # the very PEFT model the torch backend trains
@@ -115,7 +118,11 @@ def build_artifacts(
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)  # put the previous artifacts back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
@@ -127,8 +134,8 @@ def build_artifacts(
 
 
 class _TrainingGraph:
-    """Builds the ``torch.nn.Module`` that is exported (kept in a function so this module
-    imports without torch)."""
+    """Builds the ``torch.nn.Module`` that is exported (its class is defined inside, so this
+    module imports without torch), and the names the exporter gives its parameters."""
 
     def __init__(self, trainer: Any):
         import torch

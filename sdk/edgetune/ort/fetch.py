@@ -3,11 +3,12 @@ daemon; ``edgetune.aggregator.artifacts`` has the server side).
 
 The device reads the retained :class:`ArtifactOffer` (the manifest and file sizes), then pulls
 each file in chunks, a few requests in flight at a time, writing every chunk at its offset in
-``<folder>.partial/``. Unanswered requests are asked again after a while; chunks that arrive
-twice are written twice, harmlessly. A file is checked against the manifest's SHA-256 when it
-is complete (a mismatch deletes it and fails), and only a folder whose manifest verifies is
-renamed into place, so ``folder`` is either absent or complete. A partial folder left by an
-interrupted download is resumed: whole files that verify are kept, the rest fetched again.
+``<folder>.partial/``. When nothing has arrived for a while, the outstanding requests are asked
+again (so a slow link is not flooded with repeats); duplicates and chunks of the wrong length
+are ignored. A file is checked against the manifest's SHA-256 when it is complete (a mismatch
+deletes it and fails), and only a folder whose manifest verifies is renamed into place, so
+``folder`` is either absent or complete. A partial folder left by an interrupted download is
+resumed file by file: whole files that verify are kept, the others fetched again.
 
 Only the standard library, numpy-free code and the transport: a torch-free device runs this
 before it can say which model it has.
@@ -19,7 +20,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import time
 from pathlib import Path
 
@@ -41,6 +41,7 @@ def ensure_artifacts(broker: str, fleet: str, device_id: str, folder: Path, time
 
     if (Path(folder) / MANIFEST_FILE).is_file():
         return
+    _check_target(Path(folder))
     log.info("%s: no artifacts in %s; asking the aggregator of fleet %s", device_id, folder, fleet)
     transport = open_transport(broker, client_id=f"edgetune-{fleet}-{device_id}-fetch", connect_timeout=connect_timeout)
     transport.connect()
@@ -59,12 +60,13 @@ def fetch_artifacts(
     backend: str = "ort",
     timeout_s: float = 600.0,
     window: int = 4,
-    retry_s: float = 10.0,
+    retry_s: float = 15.0,
 ) -> ArtifactManifest:
     """Download the offered artifacts into ``folder`` (which must not hold artifacts yet) over
     a connected ``transport``; returns the verified manifest. Raises :class:`ArtifactError`
     when nothing is offered within ``timeout_s``, or no progress is made for that long."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()
+    _check_target(folder)
     topics = Topics(fleet)
     channel = Channel(transport, topics.sender_of)
     inbox: queue.Queue = queue.Queue()
@@ -86,12 +88,19 @@ def fetch_artifacts(
     (partial / MANIFEST_FILE).write_bytes(offer.manifest)
     checked = load_manifest(partial)  # every digest once more, as a copied folder would be checked
     if folder.exists():
-        shutil.rmtree(folder)
+        folder.rmdir()  # empty (checked above): never a folder of the user's
     os.rename(partial, folder)
     seconds = time.monotonic() - started
     log.info("%s: downloaded ONNX Runtime artifacts (%.1f MB) in %.1f s (%.1f MB/s) into %s", device_id,
              total / 1e6, seconds, total / 1e6 / max(seconds, 1e-9), folder)
     return checked
+
+
+def _check_target(folder: Path) -> None:
+    """Downloads go only into an absent or empty folder: never over a folder of other files."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ArtifactError(f"{folder} exists and holds no ONNX Runtime artifacts ({MANIFEST_FILE} is missing); "
+                            "pass an absent or empty folder for the download, or a folder from `edgetune build-ort`")
 
 
 def _wait_for_offer(inbox: queue.Queue, timeout_s: float) -> ArtifactOffer:
@@ -115,33 +124,36 @@ def _fetch_file(channel: Channel, topics: Topics, inbox: queue.Queue, device_id:
         log.info("%s: %s already complete", device_id, path.name)
         return
     missing = set(range(0, size, chunk))
-    asked: dict[int, float] = {}
-    last_progress = time.monotonic()
+    outstanding: set[int] = set()
+    last_progress = last_retry = time.monotonic()
     with open(path, "wb") as f:
         f.truncate(size)
         while missing:
             now = time.monotonic()
-            for offset in sorted(missing):  # (re)ask up to ``window`` chunks
-                if len([o for o, t in asked.items() if now - t < retry_s]) >= window:
-                    break
-                if offset not in asked or now - asked[offset] >= retry_s:
-                    asked[offset] = now
-                    request = ArtifactRequest(device_id, backend, path.name, offset, min(chunk, size - offset))
-                    channel.send(topics.artifact_request(device_id), request)
+            if now - last_progress > timeout_s:
+                raise ArtifactError(f"downloading {path.name} stalled: no data for {timeout_s:.0f} s")
+            if outstanding and now - max(last_progress, last_retry) >= retry_s:
+                outstanding.clear()  # nothing came for a while: lost requests or answers; ask again
+                last_retry = now  # (the stall clock keeps running from the last chunk)
+                log.info("%s: no data for %.0f s; asking again for %s", device_id, retry_s, path.name)
+            for offset in sorted(missing - outstanding)[: max(0, window - len(outstanding))]:
+                outstanding.add(offset)
+                request = ArtifactRequest(device_id, backend, path.name, offset, min(chunk, size - offset))
+                channel.send(topics.artifact_request(device_id), request)
             try:
                 message = inbox.get(timeout=0.5)
             except queue.Empty:
-                if time.monotonic() - last_progress > timeout_s:
-                    raise ArtifactError(f"downloading {path.name} stalled: no data for {timeout_s:.0f} s") from None
                 continue
             if not isinstance(message, ArtifactData) or message.file != path.name or message.offset not in missing:
                 continue  # an offer re-sent, another file's late chunk, or a duplicate
             if message.size != size:
                 raise ArtifactError(f"the aggregator now serves {path.name} with {message.size} bytes, not {size}: "
                                     "its artifacts changed during the download; start again")
+            if len(message.data) != min(chunk, size - message.offset):
+                continue  # not the chunk asked for: it is asked again
             os.pwrite(f.fileno(), message.data, message.offset)
             missing.discard(message.offset)
-            asked.pop(message.offset, None)
+            outstanding.discard(message.offset)
             last_progress = time.monotonic()
         f.flush()
         os.fsync(f.fileno())

@@ -1,12 +1,12 @@
-"""The optimizer graph: AdamW with PyTorch's update rule, and gradient clipping by global norm.
+"""The artifacts' optimizer graph: AdamW with PyTorch's update rule, and clipping by global norm.
 
-ONNX Runtime's generated AdamW uses Hugging Face's variant (``adam_mode=1``: bias correction
-folded into the step size, epsilon added to the uncorrected √v) and epsilon 1e-6. The torch
-trainer uses ``torch.optim.AdamW`` (eps 1e-8), so the same round would drift apart between
-backends; this graph asks ORT's ``AdamWOptimizer`` kernel for PyTorch's rule (``adam_mode=0``)
-and the same constants. Weight decay and the clipping norm are attributes of the graph (ORT
-feeds only the learning rate at run time), so a device builds another graph when a round asks
-for other values. Building needs ``onnx`` and ``onnxruntime-training`` only, never torch.
+It is part of the artifacts for those who drive ONNX Runtime's own ``Optimizer`` with them;
+edgetune's trainer steps in numpy instead (``trainers/adamw.py`` says why). ONNX Runtime's
+generated AdamW uses Hugging Face's variant (``adam_mode=1``: bias correction folded into the
+step size, epsilon added to the uncorrected √v) and epsilon 1e-6, so it would drift from
+``torch.optim.AdamW``; this graph asks ORT's ``AdamWOptimizer`` kernel for PyTorch's rule
+(``adam_mode=0``, eps 1e-8). Weight decay and the clipping norm are attributes of the graph:
+ORT feeds only the learning rate at run time.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ and ``optim`` packages, which ``import torch`` unconditionally: on a device with
 ``onnxblock``) needs only the compiled runtime, numpy and onnx. The release is the last one,
 so this will not be fixed upstream. :func:`training` registers ``onnxruntime.training`` as a
 bare package over the installed folder, without running that ``__init__``; its subpackages
-then import as usual. It does so whether or not torch is installed, so a torch
-device does not pay for importing torch here either (and both behave the same).
+then import as usual. It does so whether or not torch is installed, so both kinds of device
+take the same path. (Where torch is installed, ``import onnxruntime`` itself imports it,
+through ``onnxruntime.tools``; that is not ours to avoid.)
 """
 
 from __future__ import annotations

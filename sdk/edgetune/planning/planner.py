@@ -166,8 +166,10 @@ def for_capabilities(options: PlanOptions, capabilities: Capabilities) -> PlanOp
     if not capabilities.torch_free:
         return options
     ranks = tuple(r for r in options.ranks if not capabilities.max_rank or r <= capabilities.max_rank)
+    if not ranks:  # the artifacts' rank is below every candidate: plan that rank
+        ranks = (capabilities.max_rank,)
     return dataclasses.replace(options, quantizations=("float32",), checkpointing=(False,),
-                               ranks=ranks or (min(options.ranks),), utility_rank=max(options.ranks))
+                               ranks=ranks, utility_rank=max(options.ranks))
 
 
 def ranks_up_to(max_rank: int) -> tuple[int, ...]:
