@@ -352,3 +352,22 @@ def test_an_ort_device_plans_within_its_artifacts_and_backs_off_without_torch_ru
     plan = DevicePlan(4, "float32", 1, 10)
     assert next_fallback(plan, 1, (), checkpointing=False)[2] == "rank 4 → 2"
     assert next_fallback(DevicePlan(1, "float32", 1, 10), 1, (), checkpointing=False) is None
+
+
+@pytest.mark.slow
+def test_the_smollm2_tokenizer_saved_for_torch_free_devices_gives_the_same_ids(tmp_path):
+    """The torch-free device tokenizes with ``tokenizers`` from the saved ``tokenizer.json``;
+    its ids must equal the Hugging Face tokenizer's that a torch device uses (special tokens,
+    no BOS: the GGUF's settings) or the two devices would train on different tokens."""
+    from edgetune.ort.build import _save_tokenizer
+    from edgetune.ort.model import FileTokenizer
+
+    loaded = load_model(None)
+    assert _save_tokenizer(loaded.tokenizer, tmp_path) == "tokenizers"
+    saved = FileTokenizer(tmp_path / "tokenizer.json", loaded.tokenizer.eos_token_id)
+    texts = ["The pump on line 3 vibrates at 12.5 mm/s; replace bearing B-7.", "  leading spaces\tand tabs\n",
+             "Ünïcödé — 東京 🚀", "<|im_start|>user\nhello<|im_end|>", ""]
+    for text in texts:
+        assert saved.encode(text) == loaded.tokenizer.encode(text), text
+        assert saved.decode(saved.encode(text)) == loaded.tokenizer.decode(loaded.tokenizer.encode(text),
+                                                                            skip_special_tokens=True)
