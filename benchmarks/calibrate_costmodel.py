@@ -10,6 +10,11 @@ does on configurations it has not seen. Usage::
 
 ``--save`` writes the coefficients fitted on all configurations to
 ``sdk/edgetune/planning/calibration.json``.
+
+``--backend ort --artifacts DIR`` measures the ONNX Runtime trainer instead (float32, no
+checkpointing; ``DIR`` from ``edgetune build-ort --rank 8 --targets q_proj,v_proj``), in
+processes where torch is hidden as on a device without it; ``--save`` then stores its
+coefficients under ``backends["ort"]`` and leaves PyTorch's as they are.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -45,6 +51,14 @@ CONFIGS = [
     ("nf4", 2, 128, False),
     ("nf4", 4, 128, False),
     ("nf4", 8, 128, False),
+]
+ORT_CONFIGS = [
+    ("float32", 1, 128, False),
+    ("float32", 2, 128, False),
+    ("float32", 4, 128, False),
+    ("float32", 8, 128, False),
+    ("float32", 4, 256, False),
+    ("float32", 2, 64, False),
 ]
 RANK, TARGETS = 8, ("q_proj", "v_proj")
 
@@ -79,6 +93,39 @@ print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 """
 
 
+CHILD_ORT = r"""
+import json, resource, statistics, sys, time
+args = json.loads(sys.argv[1])
+sys.path.insert(0, args["tests"])
+from torch_free import hide
+hide()
+from pathlib import Path
+from edgetune.data import generate_device_texts, pack_blocks
+from edgetune.ort.model import OrtModel
+from edgetune.trainers.ort_lora import OrtLoraTrainer
+from edgetune.wire import LoraSpec, TrainSettings
+idle_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = OrtModel.load(Path(args["artifacts"]))
+ids = [model.tokenizer.encode(t) for t in generate_device_texts(0, 600)]
+blocks = pack_blocks(ids, args["seq_len"], model.tokenizer.eos_token_id)
+trainer = OrtLoraTrainer(model.folder, LoraSpec(rank=args["rank"], target_modules=tuple(args["targets"])),
+                         threads=args["threads"], manifest=model.artifacts)
+times = []
+def batches():
+    i = 0
+    while True:
+        yield blocks[(i * args["batch"]) % (len(blocks) - args["batch"]):][: args["batch"]]
+        i += 1
+last = [time.perf_counter()]
+def on_step(step, total, loss):
+    now = time.perf_counter(); times.append(now - last[0]); last[0] = now
+settings = TrainSettings(local_steps=args["steps"], batch_size=args["batch"], seq_len=args["seq_len"], learning_rate=1e-4)
+result = trainer.train(batches(), settings, on_step)
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "idle_rss": idle_rss, "step_s": statistics.median(times[1:]), "loss": result.final_loss}))
+"""
+
+
 @dataclass
 class Measurement:
     quantization: str
@@ -90,16 +137,20 @@ class Measurement:
     idle_rss: float
 
 
-def measure(model: str, steps: int, threads: int, done: list[Measurement] = ()) -> list[Measurement]:
+def measure(model: str, steps: int, threads: int, done: list[Measurement] = (), artifacts: str | None = None
+            ) -> list[Measurement]:
+    """Each configuration in a fresh process: PyTorch's, or with ``artifacts`` ONNX Runtime's."""
     results = list(done)
     have = {(m.quantization, m.batch, m.seq_len, m.checkpointing) for m in done}
-    for quantization, batch, seq_len, checkpointing in CONFIGS:
+    child = CHILD_ORT if artifacts else CHILD
+    for quantization, batch, seq_len, checkpointing in (ORT_CONFIGS if artifacts else CONFIGS):
         if (quantization, batch, seq_len, checkpointing) in have:
             continue
         args = dict(model=model, rank=RANK, targets=TARGETS, quantization=quantization, batch=batch,
-                    seq_len=seq_len, checkpointing=checkpointing, steps=steps, threads=threads)
+                    seq_len=seq_len, checkpointing=checkpointing, steps=steps, threads=threads,
+                    artifacts=artifacts, tests=str(Path(__file__).resolve().parent.parent / "tests"))
         started = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", child, json.dumps(args)], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"  {quantization} b{batch} t{seq_len}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
@@ -154,7 +205,11 @@ def main() -> None:
     parser.add_argument("--measurements", help="reuse measurements from this JSON file instead of measuring")
     parser.add_argument("--dump", help="write the measurements to this JSON file")
     parser.add_argument("--extend", help="measure only configurations missing from this dump, then rewrite it")
+    parser.add_argument("--backend", choices=["torch", "ort"], default="torch")
+    parser.add_argument("--artifacts", help="ONNX Runtime artifacts of --model (edgetune build-ort), for --backend ort")
     args = parser.parse_args()
+    if (args.backend == "ort") != bool(args.artifacts):
+        parser.error("--backend ort needs --artifacts DIR, and --artifacts needs --backend ort")
 
     from edgetune.models import load_model
     from edgetune.planning.costmodel import Arch, Config, estimate_memory, estimate_step_seconds
@@ -169,16 +224,16 @@ def main() -> None:
     elif args.extend:
         done = [Measurement(**m) for m in json.load(open(args.extend))]
         reference = json.load(open(args.extend + ".gflops"))
-        measurements = measure(args.model, args.steps, args.threads, done)
+        measurements = measure(args.model, args.steps, args.threads, done, args.artifacts)
         json.dump([asdict(m) for m in measurements], open(args.extend, "w"), indent=1)
     else:
         reference = measure_profile(seconds=4.0).gflops
         print(f"this machine: {reference} GFLOP/s; measuring {len(CONFIGS)} configurations", file=sys.stderr)
-        measurements = measure(args.model, args.steps, args.threads)
+        measurements = measure(args.model, args.steps, args.threads, artifacts=args.artifacts)
         if args.dump:
             json.dump([asdict(m) for m in measurements], open(args.dump, "w"), indent=1)
             json.dump(reference, open(args.dump + ".gflops", "w"))
-    fitted_on = (f"{manifest.name}, LoRA r={RANK} on {','.join(TARGETS)}, {platform.machine()} "
+    fitted_on = (f"{manifest.name}, LoRA r={RANK} on {','.join(TARGETS)}, {args.backend}, {platform.machine()} "
                  f"{args.threads} threads, {time.strftime('%Y-%m-%d')}")
     everything = fit(arch, measurements, reference, fitted_on)
     profile = DeviceProfile("calibration", 1 << 40, dict(reference))
@@ -208,6 +263,15 @@ def main() -> None:
           f"step time error mean {np.mean(time_errors) * 100:.1f} %, max {np.max(time_errors) * 100:.1f} %")
     print(f"coefficients (all configurations): {json.dumps(asdict(everything), indent=1)}")
     if args.save:
+        from edgetune.planning.costmodel import Calibration
+
+        if args.backend == "ort":  # PyTorch's coefficients stay; ONNX Runtime's go beside them
+            current = Calibration.load()
+            fitted = asdict(everything)
+            fitted.pop("backends")
+            everything = replace(current, backends={**current.backends, "ort": fitted})
+        else:
+            everything = replace(everything, backends=Calibration.load().backends)
         everything.save()
         print("saved to sdk/edgetune/planning/calibration.json", file=sys.stderr)
 

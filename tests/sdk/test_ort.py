@@ -371,3 +371,28 @@ def test_the_smollm2_tokenizer_saved_for_torch_free_devices_gives_the_same_ids(t
         assert saved.encode(text) == loaded.tokenizer.encode(text), text
         assert saved.decode(saved.encode(text)) == loaded.tokenizer.decode(loaded.tokenizer.encode(text),
                                                                             skip_special_tokens=True)
+
+
+def test_the_cost_model_predicts_ort_devices_with_onnx_runtime_coefficients():
+    """The calibration holds coefficients measured on the ONNX Runtime trainer
+    (``benchmarks/calibrate_costmodel.py --backend ort``); a torch-free device is planned
+    with them, a torch device as before."""
+    from edgetune.planning.costmodel import Arch, Calibration, Config, estimate_memory, estimate_step_seconds
+    from edgetune.wire.schema import DeviceProfile, ModelManifest
+
+    calibration = Calibration.load()
+    assert "ort" in calibration.backends and calibration.for_backend("torch") is calibration
+    ort = calibration.for_backend("ort")
+    assert ort.seconds_per_gflop["float32"] != calibration.seconds_per_gflop["float32"]
+    modules = {f"model.layers.{i}.self_attn.{m}": (576, 576) for i in range(30) for m in ("q_proj", "v_proj")}
+    arch = Arch.from_manifest(ModelManifest("smol", "f", modules, 49152, 576, 30, 9, 134_515_008))
+    profile = DeviceProfile("x", 8 << 30, {"float32": 100.0})
+    torch_config = Config(8, "float32", 4, 128)
+    ort_config = Config(8, "float32", 4, 128, backend="ort")
+    assert estimate_memory(arch, ort_config, calibration).total == estimate_memory(arch, torch_config, ort).total
+    assert estimate_step_seconds(arch, ort_config, profile, calibration) == \
+        estimate_step_seconds(arch, torch_config, profile, ort)
+    assert estimate_step_seconds(arch, ort_config, profile, calibration) != \
+        estimate_step_seconds(arch, torch_config, profile, calibration)
+    # a backend never measured falls back to the default coefficients rather than failing
+    assert calibration.for_backend("tflite") is calibration

@@ -56,10 +56,20 @@ class Calibration:
     reference_gflops: dict[str, float] = field(default_factory=dict)
     #: what the coefficients were fitted on (model, machine, date)
     fitted_on: str = ""
+    #: coefficients fitted on another training backend ("ort": ONNX Runtime), each a dict of
+    #: this class's fields; the default backend ("torch") uses the ones above
+    backends: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path = CALIBRATION_FILE) -> Calibration:
         return cls(**json.loads(Path(path).read_text()))
+
+    def for_backend(self, backend: str) -> Calibration:
+        """The coefficients of ``backend``: its own where they were measured, else (with a
+        different framework's overheads, so less accurate) the default backend's."""
+        if backend == "torch" or backend not in self.backends:
+            return self
+        return Calibration(**{**self.backends[backend], "backends": {}})
 
     def save(self, path: Path = CALIBRATION_FILE) -> None:
         from ..atomic import atomic_write_json
@@ -113,6 +123,8 @@ class Config:
     seq_len: int
     gradient_checkpointing: bool = False
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    #: the training framework: "torch", or "ort" (ONNX Runtime, float32 only)
+    backend: str = "torch"
 
     def plan(self, local_steps: int) -> DevicePlan:
         return DevicePlan(self.rank, self.quantization, self.batch_size, local_steps, self.gradient_checkpointing)
@@ -166,6 +178,7 @@ def activation_floats(arch: Arch, config: Config) -> float:
 
 
 def estimate_memory(arch: Arch, config: Config, calibration: Calibration) -> MemoryEstimate:
+    calibration = calibration.for_backend(config.backend)
     tokens = config.batch_size * config.seq_len
     adapter = lora_parameters(arch, config) * FLOAT * 4  # weights, gradients, Adam's two moments
     dequantized = calibration.dequantized_fraction.get(config.quantization, 0.0) * arch.linear_parameters * FLOAT
@@ -201,6 +214,7 @@ def estimate_step_seconds(arch: Arch, config: Config, profile: DeviceProfile, ca
     """Seconds per optimizer step on ``profile``'s device: measured seconds per GFLOP on the
     calibration machine, scaled by how much faster or slower the device's matmuls are in the
     dtype that quantization computes in (an assumption: the kernels scale alike)."""
+    calibration = calibration.for_backend(config.backend)
     dtype = compute_dtype(config.quantization)
     device = profile.gflops.get(dtype)
     reference = calibration.reference_gflops.get(dtype)

@@ -52,6 +52,8 @@ class PlanOptions:
     #: the rank utility is measured against (0: the largest of ``ranks``); a device limited to
     #: lower ranks keeps the fleet's reference so utilities compare across devices
     utility_rank: int = 0
+    #: the training framework the cost model predicts for ("torch" or "ort")
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0:
@@ -112,7 +114,8 @@ def candidates(arch: Arch, profile: DeviceProfile, options: PlanOptions, calibra
     for rank, quantization, batch, checkpointing in itertools.product(
         options.ranks, allowed, options.batch_sizes, options.checkpointing
     ):
-        config = Config(rank, quantization, batch, options.seq_len, checkpointing, options.target_modules)
+        config = Config(rank, quantization, batch, options.seq_len, checkpointing, options.target_modules,
+                        options.backend)
         memory = estimate_memory(arch, config, calibration).total
         step = estimate_step_seconds(arch, config, profile, calibration)
         upload = lora_parameters(arch, config) * 4.0
@@ -169,7 +172,7 @@ def for_capabilities(options: PlanOptions, capabilities: Capabilities) -> PlanOp
     if not ranks:  # the artifacts' rank is below every candidate: plan that rank
         ranks = (capabilities.max_rank,)
     return dataclasses.replace(options, quantizations=("float32",), checkpointing=(False,),
-                               ranks=ranks, utility_rank=max(options.ranks))
+                               ranks=ranks, utility_rank=max(options.ranks), backend="ort")
 
 
 def ranks_up_to(max_rank: int) -> tuple[int, ...]:
