@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", type=Path, help="folder with one .txt/.jsonl per device (default: generated)")
     demo.add_argument("--model", help="as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
     demo.add_argument("--broker", help="use this broker instead of starting the embedded one")
+    demo.add_argument("--ort-devices", type=int, default=0,
+                      help="how many of the devices train with ONNX Runtime instead of PyTorch (docs/ort.md)")
     _add_common(demo)
 
     build = commands.add_parser("build-ort", help="ONNX Runtime training artifacts for devices without PyTorch "

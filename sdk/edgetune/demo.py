@@ -4,6 +4,10 @@ An embedded MQTT broker (or ``--broker``), the aggregator daemon on a thread of 
 and one OS process per device running ``edgetune device run`` — the same command a real
 device runs. Progress bars follow the devices' progress messages over the broker; a table
 per round shows loss, held-out perplexity and bytes; the result is a PEFT adapter folder.
+
+With ``--ort-devices K`` the last K devices train with ONNX Runtime instead of PyTorch: the
+demo builds the artifacts once (``edgetune build-ort``), the aggregator serves them, and those
+devices download them over the broker before they join (docs/ort.md).
 """
 
 from __future__ import annotations
@@ -59,6 +63,20 @@ def run_demo(args: argparse.Namespace) -> int:
         url = broker.url
         print(f"embedded MQTT broker at {url}")
 
+    if not 0 <= args.ort_devices <= len(files):
+        raise ValueError(f"--ort-devices must be between 0 and the {len(files)} devices")
+    spec = LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "v_proj"))
+    ort_devices = set(sorted(files)[len(files) - args.ort_devices:]) if args.ort_devices else set()
+    artifacts = None
+    if ort_devices:
+        from .ort.build import build_artifacts
+
+        t1 = time.monotonic()
+        artifacts = out / "ort-artifacts"
+        build_artifacts(str(model_dir), artifacts, rank=spec.rank, alpha=spec.alpha, targets=spec.target_modules,
+                        force=True)
+        print(f"ONNX Runtime artifacts for {', '.join(sorted(ort_devices))} built in {time.monotonic() - t1:.1f} s")
+
     config = AggregatorConfig(
         fleet=FLEET,
         state_dir=out / "state",
@@ -66,9 +84,10 @@ def run_demo(args: argparse.Namespace) -> int:
         min_devices=len(files),
         round_timeout_s=900,
         join_timeout_s=600,
-        adapter=LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "v_proj")),
+        adapter=spec,
         train=TrainSettings(local_steps=args.steps, batch_size=4, seq_len=128, learning_rate=2e-3),
         base_model=model_name,
+        ort_artifacts=artifacts,
     )
     bars: dict[str, tqdm] = {}
     bars_lock = threading.Lock()
@@ -111,8 +130,13 @@ def run_demo(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "edgetune", "device", "run", "--broker", url, "--fleet", FLEET,
                "--device-id", device_id, "--data", str(path), "--model", str(model_dir),
                "--threads", str(threads), "--log-file", str(out / "logs" / f"{device_id}.log")]
+        if device_id in ort_devices:  # starts empty: downloads the artifacts from the aggregator
+            cmd += ["--trainer", "ort", "--artifacts", str(out / "devices" / device_id / "artifacts")]
+        else:
+            cmd += ["--trainer", "torch"]
         procs[device_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    print(f"started {len(procs)} device processes ({threads} torch thread(s) each); logs in {out / 'logs'}")
+    kinds = f", {len(ort_devices)} of them with ONNX Runtime" if ort_devices else ""
+    print(f"started {len(procs)} device processes ({threads} thread(s) each{kinds}); logs in {out / 'logs'}")
 
     failed = None
     try:

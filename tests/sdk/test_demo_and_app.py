@@ -26,13 +26,17 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_demo_end_to_end_writes_a_peft_adapter(tmp_path):
+    """Two devices, one of them on ONNX Runtime with artifacts downloaded from the aggregator."""
     out = tmp_path / "demo"
     result = run("-m", "edgetune", "demo", "--model", "tiny-llama", "--devices", "2", "--rounds", "2",
-                 "--steps", "2", "--out", str(out))
+                 "--steps", "2", "--ort-devices", "1", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     for expected in ("round 1 (train) aggregated", "round 2 (train) aggregated", "round 3 (evaluate) evaluated",
-                     "line-1", "line-2", "ppl global->local", "global adapter (PEFT format)"):
+                     "line-1", "line-2", "ppl global->local", "global adapter (PEFT format)",
+                     "1 of them with ONNX Runtime"):
         assert expected in result.stdout, expected
+    ort_log = (out / "logs" / "line-2.log").read_text()
+    assert "downloaded ONNX Runtime artifacts" in ort_log and "(onnxruntime)" in ort_log
     rounds = json.loads((out / "state" / "rounds.json").read_text())
     assert [r["status"] for r in rounds] == ["aggregated", "aggregated", "evaluated"]
     assert all(d["bytes_sent"] > 0 and d["bytes_received"] > 0 for d in rounds[0]["devices"])
