@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,12 @@ def _export(graph: _TrainingGraph, path: Path) -> Path:
               torch.ones(1), torch.zeros(1))
     axes = {"batch": 0, "sequence": 1}
     dynamic = {name: {v: k for k, v in axes.items()} for name in INPUTS[:3]}
-    with torch.no_grad():
+    # The exporter warns about what is intended here: padding_idx in training mode (the
+    # embeddings are frozen), constant folding of Slice (folding is off on purpose), and the
+    # tracer's Python-bool conversions (shapes are dynamic axes). Its errors still raise.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             graph.module, inputs, str(path), dynamo=False, opset_version=OPSET, do_constant_folding=False,
             training=torch.onnx.TrainingMode.TRAINING, input_names=list(INPUTS),
