@@ -161,6 +161,21 @@ def measure(model: str, steps: int, threads: int, done: list[Measurement] = (), 
     return results
 
 
+def _reference_gflops(backend: str) -> dict:
+    """The machine's matmul throughput, measured as a device of this backend measures itself
+    (``edgetune profile``): with torch for PyTorch, with torch hidden (numpy) for ONNX Runtime,
+    so a device's profile scales these coefficients by the same kind of kernel."""
+    if backend == "torch":
+        from edgetune.profiling import measure_profile
+
+        return measure_profile(seconds=4.0).gflops
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from torch_free import hide; hide(); "
+            "from edgetune.profiling import measure_profile; print(json.dumps(measure_profile(seconds=4.0).gflops))")
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    out = subprocess.run([sys.executable, "-c", code, tests], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def fit(arch, measurements, reference_gflops: float, fitted_on: str):
     from scipy.optimize import nnls
 
@@ -213,7 +228,6 @@ def main() -> None:
 
     from edgetune.models import load_model
     from edgetune.planning.costmodel import Arch, Config, estimate_memory, estimate_step_seconds
-    from edgetune.profiling import measure_profile
     from edgetune.wire import DeviceProfile
 
     manifest = load_model(args.model).manifest
@@ -227,8 +241,9 @@ def main() -> None:
         measurements = measure(args.model, args.steps, args.threads, done, args.artifacts)
         json.dump([asdict(m) for m in measurements], open(args.extend, "w"), indent=1)
     else:
-        reference = measure_profile(seconds=4.0).gflops
-        print(f"this machine: {reference} GFLOP/s; measuring {len(CONFIGS)} configurations", file=sys.stderr)
+        reference = _reference_gflops(args.backend)
+        count = len(ORT_CONFIGS if args.artifacts else CONFIGS)
+        print(f"this machine: {reference} GFLOP/s; measuring {count} configurations", file=sys.stderr)
         measurements = measure(args.model, args.steps, args.threads, artifacts=args.artifacts)
         if args.dump:
             json.dump([asdict(m) for m in measurements], open(args.dump, "w"), indent=1)

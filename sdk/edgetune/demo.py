@@ -53,16 +53,6 @@ def run_demo(args: argparse.Namespace) -> int:
     model_dir, model_name = prepare_model(args.model)  # convert a GGUF once, not per device
     print(f"model {model_name} ready in {time.monotonic() - t0:.1f} s")
 
-    broker = None
-    if args.broker:
-        url = args.broker
-    else:
-        from .transport.embedded_broker import EmbeddedBroker
-
-        broker = EmbeddedBroker().start()
-        url = broker.url
-        print(f"embedded MQTT broker at {url}")
-
     if not 0 <= args.ort_devices <= len(files):
         raise ValueError(f"--ort-devices must be between 0 and the {len(files)} devices")
     spec = LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "v_proj"))
@@ -76,6 +66,16 @@ def run_demo(args: argparse.Namespace) -> int:
         build_artifacts(str(model_dir), artifacts, rank=spec.rank, alpha=spec.alpha, targets=spec.target_modules,
                         force=True)
         print(f"ONNX Runtime artifacts for {', '.join(sorted(ort_devices))} built in {time.monotonic() - t1:.1f} s")
+
+    broker = None
+    if args.broker:
+        url = args.broker
+    else:
+        from .transport.embedded_broker import EmbeddedBroker
+
+        broker = EmbeddedBroker().start()
+        url = broker.url
+        print(f"embedded MQTT broker at {url}")
 
     config = AggregatorConfig(
         fleet=FLEET,

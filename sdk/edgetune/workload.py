@@ -215,9 +215,9 @@ def choose_backend(trainer: str, artifacts: str | Path | None) -> str:
         if artifacts is None:
             raise ValueError("PyTorch is not installed and no --artifacts were given: install edgetune[torch], or "
                              "build ONNX Runtime artifacts with `edgetune build-ort` and pass --artifacts DIR")
-        return "ort"
+        trainer = "ort"  # and checked below, before anything is downloaded
     if trainer == "ort":
-        if artifacts is None:
+        if artifacts is None:  # (for auto, checked above with its own message)
             raise ValueError("--trainer ort needs --artifacts DIR (made by `edgetune build-ort`)")
         if not _distribution("onnxruntime-training"):
             raise ValueError("--trainer ort needs ONNX Runtime training (the onnxruntime-training distribution, not "

@@ -135,7 +135,7 @@ def _fetch_file(channel: Channel, topics: Topics, inbox: queue.Queue, device_id:
             if outstanding and now - max(last_progress, last_retry) >= retry_s:
                 outstanding.clear()  # nothing came for a while: lost requests or answers; ask again
                 last_retry = now  # (the stall clock keeps running from the last chunk)
-                log.info("%s: no data for %.0f s; asking again for %s", device_id, retry_s, path.name)
+                log.info("%s: no data for %.0f s; asking again for %s", device_id, now - last_progress, path.name)
             for offset in sorted(missing - outstanding)[: max(0, window - len(outstanding))]:
                 outstanding.add(offset)
                 request = ArtifactRequest(device_id, backend, path.name, offset, min(chunk, size - offset))
@@ -150,7 +150,8 @@ def _fetch_file(channel: Channel, topics: Topics, inbox: queue.Queue, device_id:
                 raise ArtifactError(f"the aggregator now serves {path.name} with {message.size} bytes, not {size}: "
                                     "its artifacts changed during the download; start again")
             if len(message.data) != min(chunk, size - message.offset):
-                continue  # not the chunk asked for: it is asked again
+                raise ArtifactError(f"the aggregator serves {path.name} in other chunks than it offered (restarted "
+                                    "with another packet size, or its file changed): start the download again")
             os.pwrite(f.fileno(), message.data, message.offset)
             missing.discard(message.offset)
             outstanding.discard(message.offset)

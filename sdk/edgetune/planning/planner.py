@@ -63,6 +63,8 @@ class PlanOptions:
         unknown = set(self.quantizations) - set(QUANTIZATIONS)
         if unknown:
             raise ValueError(f"PlanOptions.quantizations has unknown {sorted(unknown)}")
+        if self.backend not in ("torch", "ort"):
+            raise ValueError(f"PlanOptions.backend must be 'torch' or 'ort', got {self.backend!r}")
 
 
 @dataclass(frozen=True)
