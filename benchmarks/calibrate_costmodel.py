@@ -62,6 +62,23 @@ ORT_CONFIGS = [
 ]
 RANK, TARGETS = 8, ("q_proj", "v_proj")
 
+# the measured part, shared by both children: a few steps, median step time, peak RSS
+_LOOP = r"""
+times = []
+def batches():
+    i = 0
+    while True:
+        yield blocks[(i * args["batch"]) % (len(blocks) - args["batch"]):][: args["batch"]]
+        i += 1
+last = [time.perf_counter()]
+def on_step(step, total, loss):
+    now = time.perf_counter(); times.append(now - last[0]); last[0] = now
+settings = TrainSettings(local_steps=args["steps"], batch_size=args["batch"], seq_len=args["seq_len"], learning_rate=1e-4)
+result = trainer.train(batches(), settings, on_step)
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "idle_rss": idle_rss, "step_s": statistics.median(times[1:]), "loss": result.final_loss}))
+"""
+
 CHILD = r"""
 import json, resource, statistics, sys, time
 import numpy as np, torch
@@ -77,20 +94,7 @@ ids = [loaded.tokenizer.encode(t) for t in generate_device_texts(0, 600)]
 blocks = pack_blocks(ids, args["seq_len"], loaded.tokenizer.eos_token_id)
 trainer = TorchLoraTrainer(loaded, LoraSpec(rank=args["rank"], target_modules=tuple(args["targets"])),
                            quantization=args["quantization"], gradient_checkpointing=args["checkpointing"])
-times = []
-def batches():
-    i = 0
-    while True:
-        yield blocks[(i * args["batch"]) % (len(blocks) - args["batch"]):][: args["batch"]]
-        i += 1
-last = [time.perf_counter()]
-def on_step(step, total, loss):
-    now = time.perf_counter(); times.append(now - last[0]); last[0] = now
-settings = TrainSettings(local_steps=args["steps"], batch_size=args["batch"], seq_len=args["seq_len"], learning_rate=1e-4)
-result = trainer.train(batches(), settings, on_step)
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "idle_rss": idle_rss, "step_s": statistics.median(times[1:]), "loss": result.final_loss}))
-"""
+""" + _LOOP
 
 
 CHILD_ORT = r"""
@@ -110,20 +114,7 @@ ids = [model.tokenizer.encode(t) for t in generate_device_texts(0, 600)]
 blocks = pack_blocks(ids, args["seq_len"], model.tokenizer.eos_token_id)
 trainer = OrtLoraTrainer(model.folder, LoraSpec(rank=args["rank"], target_modules=tuple(args["targets"])),
                          threads=args["threads"], manifest=model.artifacts)
-times = []
-def batches():
-    i = 0
-    while True:
-        yield blocks[(i * args["batch"]) % (len(blocks) - args["batch"]):][: args["batch"]]
-        i += 1
-last = [time.perf_counter()]
-def on_step(step, total, loss):
-    now = time.perf_counter(); times.append(now - last[0]); last[0] = now
-settings = TrainSettings(local_steps=args["steps"], batch_size=args["batch"], seq_len=args["seq_len"], learning_rate=1e-4)
-result = trainer.train(batches(), settings, on_step)
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "idle_rss": idle_rss, "step_s": statistics.median(times[1:]), "loss": result.final_loss}))
-"""
+""" + _LOOP
 
 
 @dataclass

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetune import __version__
 from edgetune.adapters.lora import check_tensors, init_lora, lora_shapes, rank_of, targets
 from edgetune.planning.layout import (
     GPT2_KINDS,

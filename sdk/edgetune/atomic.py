@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,3 +33,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` onto ``out`` (a sibling). A non-empty ``out`` is
+    renamed aside first and put back if the second rename fails, so ``out`` is always either
+    the old folder or the new one, never a mix."""
+    tmp, out = Path(tmp), Path(out)
+    if not (out.is_dir() and any(out.iterdir())):
+        os.rename(tmp, out)  # onto an absent or empty folder
+        return
+    old = tmp.with_name(tmp.name + ".old")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .atomic import replace_dir
 from .adapters.lora import as_float32, check_merged, check_tensors, lora_shapes, module_names
 from .wire import GlobalAdapter, WireError, decode_message
 
@@ -274,20 +274,10 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
         tmp.mkdir()
     except OSError as e:
         raise ExportError(f"cannot create {out}: {e}") from None
-    old = tmp.with_suffix(".old")
     try:
         write(tmp)
-        if out.is_dir() and any(out.iterdir()):  # only with --force (checked before loading)
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(old, out)  # put the previous export back
-                raise
-        else:
-            os.rename(tmp, out)  # onto an absent or empty folder
+        replace_dir(tmp, out)  # a non-empty out only with --force (checked before loading)
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)

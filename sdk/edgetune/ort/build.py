@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..atomic import replace_dir
 from ..wire.schema import LoraSpec
 from .artifacts import (
     CHECKPOINT,
@@ -115,18 +116,7 @@ def build_artifacts(
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp made it private
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(old, out)  # put the previous artifacts back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)  # a non-empty out only with force (checked above)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("ONNX Runtime artifacts for %s (LoRA r=%d on %d modules, %d trainable parameters) in %s, %.1f s",
