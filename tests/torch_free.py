@@ -3,6 +3,7 @@ PEFT and their kin look uninstalled (``importlib.util.find_spec`` finds nothing 
 raises ``ModuleNotFoundError``), although they are in this environment.
 
     python tests/torch_free.py device run --trainer ort --artifacts DIR ...
+    python tests/torch_free.py firmware_examples/torch_free_app/app.py ARGS...
 
 On exit it prints ``LOADED-FORBIDDEN: <modules>`` (empty when none was ever imported), so a
 test can check both that the run worked and that it never reached for PyTorch. ``hide()`` is
@@ -51,8 +52,18 @@ def loaded_forbidden() -> list[str]:
 
 if __name__ == "__main__":
     hide()
-    from edgetune.cli import main
+    if len(sys.argv) > 1 and sys.argv[1].endswith(".py"):  # a script: python torch_free.py app.py ARGS
+        import runpy
 
-    code = main(sys.argv[1:])
+        sys.argv = sys.argv[1:]
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    else:
+        from edgetune.cli import main
+
+        code = main(sys.argv[1:])
     print("LOADED-FORBIDDEN:" + ",".join(loaded_forbidden()), flush=True)
     sys.exit(code)

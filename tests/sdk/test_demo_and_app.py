@@ -108,3 +108,32 @@ def test_minimal_app_joins_a_fleet_over_mosquitto(mosquitto_url, tmp_path):
     thread.join(timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "line-1: global adapter v1" in result.stdout
+
+
+@pytest.mark.slow
+def test_torch_free_app_downloads_artifacts_and_trains_over_mosquitto(mosquitto_url, tmp_path):
+    """``Device.join(trainer="ort")`` in an application whose interpreter cannot import torch:
+    it downloads the artifacts the aggregator serves, trains a round and gets the global."""
+    pytest.importorskip("onnxruntime.training")
+    from edgetune.ort.build import build_artifacts
+
+    app = ROOT / "firmware_examples" / "torch_free_app" / "app.py"
+    assert len(app.read_text().splitlines()) < 40
+    spec = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj",))
+    build_artifacts("tiny-llama", tmp_path / "artifacts", rank=spec.rank, alpha=spec.alpha, targets=spec.target_modules)
+    (data,) = write_demo_data(tmp_path / "data", 1, n_records=40)
+    fleet = f"app-{uuid.uuid4().hex[:6]}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1,
+                              round_timeout_s=120, join_timeout_s=120, adapter=spec,
+                              train=TrainSettings(local_steps=1, batch_size=2, seq_len=32),
+                              ort_artifacts=tmp_path / "artifacts")
+    aggregator = Aggregator(config, open_transport(mosquitto_url, client_id="agg", connect_timeout=10))
+    thread = threading.Thread(target=aggregator.serve, daemon=True)
+    thread.start()
+    result = run(str(ROOT / "tests" / "torch_free.py"), str(app), mosquitto_url, fleet, "gw-1", str(data),
+                 str(tmp_path / "device-artifacts"), timeout=180)
+    thread.join(timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gw-1: global adapter v1" in result.stdout and "trained with ort" in result.stdout
+    assert "LOADED-FORBIDDEN:\n" in result.stdout
+    assert (tmp_path / "device-artifacts" / "edgetune-ort.json").is_file()
