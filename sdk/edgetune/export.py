@@ -276,6 +276,8 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
         raise ExportError(f"cannot create {out}: {e}") from None
     try:
         write(tmp)
+        for path in tmp.rglob("*"):  # safetensors writes 0600: an export is meant to be shared
+            path.chmod(0o755 if path.is_dir() else 0o644)
         replace_dir(tmp, out)  # a non-empty out only with --force (checked before loading)
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e}") from None

@@ -70,6 +70,7 @@ def test_export_loads_with_transformers_and_matches_the_trainer(ref, tmp_path):
 
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     assert (out / "model.safetensors").is_file() and not (out / "tokenizer_config.json").exists()  # ByteTokenizer
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())  # readable by whoever deploys it
     ids = torch.from_numpy(blocks()[:2])
     with torch.no_grad():
         actual = exported(input_ids=ids).logits
