@@ -56,8 +56,8 @@ class ArtifactServer:
 
     def publish(self, channel: Channel, topics: Topics) -> None:
         self._frames = channel.send_retained(topics.artifact_offer(self.backend), self.offer())
-        log.info("offering ONNX Runtime artifacts of %s (LoRA r=%d, %.1f MB) from %s", self.manifest.model.name,
-                 self.manifest.adapter.rank, sum(self.sizes.values()) / 1e6, self.folder)
+        log.info("offering ONNX Runtime artifacts of %s (%s, %.1f MB) from %s", self.manifest.model.name,
+                 self.manifest.adapter.describe(), sum(self.sizes.values()) / 1e6, self.folder)
 
     def withdraw(self, channel: Channel, topics: Topics) -> None:
         """Clear the retained offer, so devices that start later do not wait on a daemon that

@@ -3,7 +3,8 @@
     edgetune-aggregator serve --broker mqtt://HOST:PORT --fleet NAME --state-dir DIR \\
         [--min-devices N] [--round-timeout S] [--rounds R] \
         [--strategy auto|fedit|hetlora|stack|svd] [--server-optimizer fedavg|fedavgm|fedadam|fedyogi] \
-        [--layout fixed|importance] [--proximal-mu MU]
+        [--layout fixed|importance] [--proximal-mu MU] [--adapter lora|prompt --prompt-tokens N] \
+        [--algorithm fedavg|fedsgd] [--client-optimizer adamw|sgd] [--local-epochs E]
 
 Restarting with the same ``--state-dir`` resumes after the last closed round.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from edgetune import __version__
 from edgetune.transport import TransportError, open_transport
-from edgetune.wire import ImportanceSettings, LoraSpec, TrainSettings
+from edgetune.wire import ALGORITHMS, CLIENT_OPTIMIZERS, PROMPT_INITS, ImportanceSettings, LoraSpec, PromptSpec, TrainSettings
 
 from .daemon import DEFAULT_CANDIDATES, Aggregator, AggregatorConfig
 from .strategies import SERVER_OPTIMIZERS, STRATEGIES, ServerOptimizerConfig
@@ -40,9 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rounds", type=int, default=None, help="train rounds, then evaluate and exit (default: run forever)")
     serve.add_argument("--connect-timeout", type=float, default=None, help="give up on the broker after S seconds (default: retry forever)")
     group = serve.add_argument_group("adapter and local training (sent to devices in each task)")
+    group.add_argument("--adapter", default="lora", choices=["lora", "prompt"],
+                       help="lora: low-rank factors on --targets; prompt: a soft prompt of --prompt-tokens")
     group.add_argument("--rank", type=int, default=8)
     group.add_argument("--alpha", type=float, default=16.0)
     group.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names")
+    group.add_argument("--prompt-tokens", type=int, default=20, help="virtual tokens of a soft prompt")
+    group.add_argument("--prompt-init", default="vocab", choices=PROMPT_INITS,
+                       help="start a soft prompt from random vocabulary tokens' embeddings or --prompt-init-text's")
+    group.add_argument("--prompt-init-text", default="", help="text whose token embeddings start the prompt")
+    group.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS,
+                       help="fedavg: devices train --steps (or --local-epochs) and send the change; fedsgd: devices "
+                       "send one gradient and the server steps with --server-lr")
+    group.add_argument("--client-optimizer", default="adamw", choices=CLIENT_OPTIMIZERS)
+    group.add_argument("--local-epochs", type=int, default=0, help="passes over each device's data per round "
+                       "(instead of --steps; 0: use --steps)")
     group.add_argument("--steps", type=int, default=10, help="optimizer steps per device per round")
     group.add_argument("--batch-size", type=int, default=4)
     group.add_argument("--grad-accum", type=int, default=1)
@@ -67,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--adapter-budget", type=int, default=None,
                         help="adapter parameters the importance layout may use (default: those of --targets at --rank)")
     layout.add_argument("--calibration-batches", type=int, default=8)
+    serve.add_argument("--linger", type=float, default=0.0, help="after the last round, keep recording devices' "
+                       "personalization reports for S seconds (negative: until stopped)")
     serve.add_argument("--base-model", default="", help="recorded in the exported PEFT adapter_config.json")
     serve.add_argument("--ort-artifacts", type=Path, help="ONNX Runtime training artifacts (edgetune build-ort) to "
                        "serve over MQTT to devices without PyTorch (docs/ort.md)")
@@ -83,10 +98,12 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         min_devices=args.min_devices,
         round_timeout_s=args.round_timeout,
         join_timeout_s=args.join_timeout,
-        adapter=LoraSpec(rank=args.rank, alpha=args.alpha, target_modules=targets),
+        adapter=(PromptSpec(args.prompt_tokens, args.prompt_init, args.prompt_init_text) if args.adapter == "prompt"
+                 else LoraSpec(rank=args.rank, alpha=args.alpha, target_modules=targets)),
         train=TrainSettings(
             local_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
             seq_len=args.seq_len, learning_rate=args.lr, seed=args.seed, proximal_mu=args.proximal_mu,
+            optimizer=args.client_optimizer, algorithm=args.algorithm, local_epochs=args.local_epochs,
         ),
         seed=args.seed,
         base_model=args.base_model,
@@ -99,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         adapter_budget=args.adapter_budget,
         importance=ImportanceSettings(batches=args.calibration_batches),
         ort_artifacts=args.ort_artifacts,
+        linger_s=None if args.linger < 0 else args.linger,
     )
 
 

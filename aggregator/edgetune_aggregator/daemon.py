@@ -18,7 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetune.adapters.lora import check_tensors, init_lora, lora_shapes, rank_of, targets
+import numpy as np
+
+from edgetune.adapters.lora import check_tensors, init_lora, rank_of, targets
+from edgetune.adapters.prompt import adapter_shapes, agree
 from edgetune.planning.layout import (
     GPT2_KINDS,
     LLAMA_KINDS,
@@ -32,6 +35,8 @@ from edgetune.transport.channel import Channel
 from edgetune.wire import (
     AGGREGATOR_ID,
     DEFAULT_MAX_PACKET,
+    AdapterInit,
+    AdapterSpec,
     ArtifactRequest,
     ErrorReport,
     EvalReport,
@@ -40,7 +45,9 @@ from edgetune.wire import (
     ImportanceReport,
     ImportanceSettings,
     LoraSpec,
+    PersonalizationReport,
     Presence,
+    PromptSpec,
     RoundTask,
     TaskKind,
     Topics,
@@ -72,7 +79,8 @@ class AggregatorConfig:
     round_timeout_s: float = 600.0
     #: how long to wait for the first ``min_devices`` devices (None: forever)
     join_timeout_s: float | None = None
-    adapter: LoraSpec = field(default_factory=LoraSpec)
+    #: a LoRA (LoraSpec) or a soft prompt (PromptSpec)
+    adapter: AdapterSpec = field(default_factory=LoraSpec)
     train: TrainSettings = field(default_factory=TrainSettings)
     seed: int = 0
     max_packet: int = DEFAULT_MAX_PACKET
@@ -97,17 +105,32 @@ class AggregatorConfig:
     adapter_budget: int | None = None
     #: ONNX Runtime artifacts (``edgetune build-ort``) to serve to devices without PyTorch
     ort_artifacts: Path | None = None
+    #: after the fleet finishes, keep recording devices' personalization reports (and serving
+    #: artifacts) this many seconds (None: until stopped)
+    linger_s: float | None = 0.0
 
     @property
     def strategy_name(self) -> str:
         if self.strategy == "auto":
-            return "svd" if self.planning else "fedit"
+            if isinstance(self.adapter, PromptSpec):
+                return "dense"
+            # FedSGD averages gradients of the factors: fedit's factor average is that
+            return "svd" if self.planning and self.train.algorithm == "fedavg" else "fedit"
         return self.strategy
 
     def __post_init__(self) -> None:
         if self.strategy != "auto" and self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
-        make_strategy(self.strategy_name, self.server_optimizer)  # raises for an incompatible optimizer
+        strategy = make_strategy(self.strategy_name, self.server_optimizer)  # raises for an incompatible optimizer
+        if self.adapter.kind not in strategy.kinds:
+            fits = [name for name, cls in STRATEGIES.items() if self.adapter.kind in cls.kinds]
+            raise ValueError(f"strategy {strategy.name} merges {'/'.join(strategy.kinds)} adapters, not "
+                             f"{self.adapter.kind}: use {' or '.join(fits)} (or auto)")
+        if self.train.algorithm == "fedsgd" and strategy.name not in ("fedit", "dense"):
+            raise ValueError(f"FedSGD sends gradients, which only a plain average combines: strategy "
+                             f"{strategy.name} would treat them as trained factors; use fedit (or auto)")
+        if isinstance(self.adapter, PromptSpec) and self.layout != "fixed":
+            raise ValueError("an importance layout chooses weight matrices for LoRA; a soft prompt has none")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if self.adapter_budget is not None and self.adapter_budget < 1:
@@ -142,6 +165,7 @@ class Aggregator:
         self._task: RoundTask | None = None  # the task now published
         self.strategy: Strategy | None = None  # made once the fleet's state is known
         self._calibration = None  # the cost model's coefficients, read once when first needed
+        self._initial: dict | None = None  # a prompt fleet's starting adapter (initialization round)
         self.artifacts = None  # what devices without PyTorch can download (checked before serving)
         if config.ort_artifacts is not None:
             from .artifacts import ArtifactServer
@@ -169,6 +193,7 @@ class Aggregator:
             self._publish_task(self.state.round + 1, TaskKind.FINISHED)
             log.info("fleet %s finished: global adapter v%d in %s", self.config.fleet,
                      self.state.global_version, self.store.directory / "adapter")
+            self._linger()
         finally:
             if self.artifacts is not None:
                 self.artifacts.withdraw(self.channel, self.topics)
@@ -177,6 +202,16 @@ class Aggregator:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _linger(self) -> None:
+        """Devices personalize after the fleet finishes: keep recording their reports."""
+        linger = self.config.linger_s
+        if linger is not None and linger <= 0:
+            return
+        log.info("recording personalization reports %s", "until stopped" if linger is None else f"for {linger:.0f} s")
+        deadline = None if linger is None else time.monotonic() + linger
+        while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            self._handle_next(None, timeout=0.5)
 
     @property
     def drops(self) -> Counter:
@@ -190,7 +225,7 @@ class Aggregator:
         # A retained task left by an earlier run (e.g. "finished") must not steer devices
         # that connect before this run publishes its own.
         self.transport.publish(self.topics.task, b"", retain=True)
-        for kind in ("hello", "presence", "update", "eval", "importance", "error", "artifact_request"):
+        for kind in ("hello", "presence", "update", "eval", "importance", "init", "personal", "error", "artifact_request"):
             self.channel.subscribe(self.topics.all_devices(kind), self._enqueue)
         if self.artifacts is not None:
             self.artifacts.publish(self.channel, self.topics)
@@ -237,8 +272,12 @@ class Aggregator:
 
     def _check_model(self, hello: Hello) -> str | None:
         """Why the fleet cannot train on this device's model (None if it can)."""
+        kind = self.config.adapter.kind
+        if kind not in hello.capabilities.adapters:
+            return (f"the fleet trains {kind} adapters; this device trains only "
+                    f"{', '.join(hello.capabilities.adapters) or 'none'} (with {', '.join(hello.capabilities.backends)})")
         try:
-            shapes = lora_shapes(self.config.adapter, hello.model.modules)
+            shapes = adapter_shapes(self.config.adapter, hello.model)
         except ValueError as exc:
             return str(exc)
         size = sum(a * b for a, b in shapes.values())
@@ -265,16 +304,33 @@ class Aggregator:
             spec = self._calibrate()
             if self._stop.is_set():
                 return False
-        tensors = init_lora(spec, model.modules, self.config.seed)
+        if isinstance(spec, PromptSpec):
+            tensors = self._initialize()
+            if tensors is None:
+                return False
+        else:
+            tensors = init_lora(spec, model.modules, self.config.seed)
         self.global_adapter = GlobalAdapter(0, 0, model.fingerprint, spec, tensors)
         self.store.save_global(self.global_adapter, self.config.base_model)
         self.store.save_state(self.state)
         self._publish_global()
         n = sum(t.size for t in tensors.values())
-        log.info("fleet model %s (%s); adapter: LoRA r=%d on %d matrices (%s layout), %d parameters; merging with %s",
-                 model.name, model.fingerprint, spec.rank, len(tensors) // 2, self.state.layout, n, self.state.strategy)
+        what = (f"soft prompt of {spec.num_virtual_tokens} virtual tokens ({spec.init} init)" if isinstance(spec, PromptSpec)
+                else f"LoRA r={spec.rank} on {len(tensors) // 2} matrices ({self.state.layout} layout)")
+        log.info("fleet model %s (%s); adapter: %s, %d parameters; merging with %s",
+                 model.name, model.fingerprint, what, n, self.state.strategy)
         return True
 
+    def _initialize(self) -> dict | None:
+        """Run the initialization round of a prompt fleet: devices compute the starting prompt
+        from their base's token embeddings (the daemon has none). None if no device answered;
+        like calibration, nothing is saved before, so a restarted daemon begins afresh."""
+        record = self._run_round(self.state.round + 1, TaskKind.INITIALIZE)
+        if record.status is not RoundStatus.INITIALIZED:
+            log.error("initialization failed (%s): the fleet cannot start", record.note)
+            return None
+        self.state = dataclasses.replace(self.state, first_train_round=record.round + 1)
+        return self._initial
     def _calibrate(self) -> LoraSpec:
         """Run the calibration round and choose the layout; the fixed layout if it fails.
 
@@ -325,7 +381,9 @@ class Aggregator:
         """Per-device plans and exclusions for the devices that sent a profile (``only``: for
         that one device, when devices are independent of each other)."""
         profiles = {d: h.profile for d, h in self.devices.items() if h.profile is not None}
-        if not (self.config.planning and profiles) or kind is TaskKind.FINISHED:
+        if not (self.config.planning and profiles) or kind in (TaskKind.FINISHED, TaskKind.INITIALIZE):
+            return {}, {}
+        if not isinstance(self.state.adapter, LoraSpec):  # the cost model knows LoRA only (docs/planner.md)
             return {}, {}
         from edgetune.planning.costmodel import Arch, Calibration
         from edgetune.planning.planner import PlanOptions, for_capabilities, plan_fleet, ranks_up_to
@@ -421,7 +479,7 @@ class Aggregator:
         bytes_before = Counter(self.channel.bytes_from)
         round_ctx = _Round(number, kind, record, merge)
         self.state = dataclasses.replace(self.state, opened=number)
-        if kind is not TaskKind.CALIBRATE:  # (calibration precedes the first saved state)
+        if kind not in (TaskKind.CALIBRATE, TaskKind.INITIALIZE):  # (they precede the first saved state)
             self.store.save_state(self.state)  # before the task goes out: see _resume
         self._publish_task(number, kind)
         log.info("round %d (%s) open on global v%d; %d device(s) online",
@@ -447,8 +505,8 @@ class Aggregator:
 
     def _round_start(self, number: int) -> RoundStart:
         spec, adapter = self.state.adapter, self.global_adapter
-        return RoundStart(dict(adapter.tensors), dict(adapter.merged), spec.alpha / spec.rank,
-                          seed=self.config.seed + number)
+        scale = spec.alpha / spec.rank if isinstance(spec, LoraSpec) else 1.0
+        return RoundStart(dict(adapter.tensors), dict(adapter.merged), scale, seed=self.config.seed + number)
 
     def _close_round(self, ctx: _Round) -> None:
         record = ctx.record
@@ -464,6 +522,9 @@ class Aggregator:
             self.store.save_server_state(version, self.strategy.optimizer.state_dict())
             self.state = dataclasses.replace(self.state, global_version=version)
             record.new_version, record.status = version, RoundStatus.AGGREGATED
+        elif ctx.kind is TaskKind.INITIALIZE and ctx.init is not None:
+            self._initial = ctx.init
+            record.status = RoundStatus.INITIALIZED
         elif ctx.kind is TaskKind.CALIBRATE and enough:
             try:
                 record.layout = list(self._choose_layout(ctx))
@@ -482,12 +543,17 @@ class Aggregator:
         # Disk before network: the global file, the round log, then the state that names
         # them; only then is the new version published.
         self.store.append_round(record)
-        if ctx.kind is not TaskKind.CALIBRATE:
+        if ctx.kind not in (TaskKind.CALIBRATE, TaskKind.INITIALIZE):
             self.store.save_state(self.state)
         if record.status is RoundStatus.AGGREGATED:
             self._publish_global()
-        log.info("round %d %s with %d device(s) in %.1f s%s", ctx.number, record.status.value,
-                 len(record.devices), record.duration_s,
+        scores = ""
+        if record.global_ppl is not None:  # personalization and robustness of the round's base adapter
+            scores = f"; global v{record.base_version} ppl own {record.global_ppl:.2f}"
+            if record.global_robust_ppl is not None:
+                scores += f", others' {record.global_robust_ppl:.2f}"
+        log.info("round %d %s with %d device(s) in %.1f s%s%s", ctx.number, record.status.value,
+                 len(record.devices), record.duration_s, scores,
                  f"; dropped {record.dropped}" if record.dropped else "")
         if self.on_round:
             self.on_round(record)
@@ -511,12 +577,31 @@ class Aggregator:
             log.info("device %s is %s", sender, "online" if message.online else "offline")
         elif isinstance(message, ErrorReport):
             log.warning("device %s reports %s in round %d: %s", sender, message.code, message.round, message.message)
-        elif isinstance(message, (Update, EvalReport, ImportanceReport)):
+        elif isinstance(message, (Update, EvalReport, ImportanceReport, AdapterInit)):
             self._on_result(topic, message, ctx)
         elif isinstance(message, ArtifactRequest):
             self._on_artifact_request(topic, message)
+        elif isinstance(message, PersonalizationReport):
+            self._on_personalization(topic, message)
         else:
             self.channel.drop(sender, topic, "unexpected_kind", type(message).__name__)
+
+    def _on_personalization(self, topic: str, report: PersonalizationReport) -> None:
+        """Record a device's personalization scores (any time: devices personalize on their own
+        schedule) in ``personalization.json``."""
+        if report.device_id not in self.devices:
+            return self.channel.drop(report.device_id, topic, "unknown_device", "no hello received from it")
+        values = [report.global_ppl, report.local_ppl, report.personal_ppl, report.global_robust_ppl,
+                  report.local_robust_ppl, report.personal_robust_ppl, *report.validation.values()]
+        if not all(v is None or (math.isfinite(v) and v > 0) for v in values):
+            return self.channel.drop(report.device_id, topic, "bad_scores", "perplexities must be finite and > 0")
+        entry = dataclasses.asdict(report) | {"received_at": time.time()}
+        self.store.append_personalization(entry)
+        robust = (f", others' {report.global_robust_ppl:.2f} -> {report.personal_robust_ppl:.2f}"
+                  if report.global_robust_ppl is not None and report.personal_robust_ppl is not None else "")
+        log.info("device %s personalized global v%d with α=%.2f: own held-out ppl %.2f -> %.2f%s", report.device_id,
+                 report.global_version, report.alpha, report.global_ppl, report.personal_ppl, robust)
+        return None
 
     def _on_artifact_request(self, topic: str, request: ArtifactRequest) -> None:
         """Any device may download the artifacts (before its hello: it needs them to say which
@@ -555,10 +640,11 @@ class Aggregator:
         if new and hello.profile is not None and self.state is not None:
             self._plan_latecomer(hello.device_id)
 
-    def _on_result(self, topic: str, message: Update | EvalReport | ImportanceReport, ctx: _Round | None) -> None:
+    def _on_result(self, topic: str, message: Update | EvalReport | ImportanceReport | AdapterInit,
+                   ctx: _Round | None) -> None:
         sender = message.device_id
         expected_kind = {Update: TaskKind.TRAIN, EvalReport: TaskKind.EVALUATE,
-                         ImportanceReport: TaskKind.CALIBRATE}[type(message)]
+                         ImportanceReport: TaskKind.CALIBRATE, AdapterInit: TaskKind.INITIALIZE}[type(message)]
         if sender not in self.devices:
             return self.channel.drop(sender, topic, "unknown_device", "no hello received from it")
         if ctx is None or ctx.kind is not expected_kind or message.round != ctx.number:
@@ -569,7 +655,23 @@ class Aggregator:
             return self.channel.drop(sender, topic, "duplicate", f"second result for round {ctx.number}")
         if isinstance(message, EvalReport):
             ctx.seen.add(sender)
-            ctx.record.devices.append(DeviceRecord(sender, message.num_samples, global_ppl=message.metrics.global_ppl))
+            ctx.record.devices.append(DeviceRecord(sender, message.num_samples, global_ppl=message.metrics.global_ppl,
+                                                   global_robust_ppl=message.metrics.robust_ppl))
+            return None
+        if isinstance(message, AdapterInit):
+            why = check_tensors(message.tensors, adapter_shapes(self.state.adapter, self.state.model))
+            if why is None and ctx.init is not None:
+                why = agree(ctx.init, message.tensors)
+                if why:
+                    return self.channel.drop(sender, topic, "init_mismatch", f"its starting adapter is not the "
+                                             f"first device's: {why}")
+            if why:
+                return self.channel.drop(sender, topic, "bad_tensor", why)
+            ctx.seen.add(sender)
+            if ctx.init is None:
+                ctx.init = {name: np.array(t, dtype=np.float32) for name, t in message.tensors.items()}
+            ctx.record.devices.append(DeviceRecord(sender, 1))
+            log.info("round %d: starting adapter from %s", ctx.number, sender)
             return None
         if isinstance(message, ImportanceReport):
             candidates = set(targets(self._task.adapter, self.state.model.modules))
@@ -591,10 +693,12 @@ class Aggregator:
                                      f"delta against v{message.base_version}, global is v{self.state.global_version}")
         # Devices planned at a lower rank send deltas of the leading components only.
         spec = self.state.adapter
-        rank = rank_of(message.delta)
-        if not 1 <= rank <= spec.rank:
-            return self.channel.drop(sender, topic, "bad_tensor", f"rank {rank} is outside 1..{spec.rank}")
-        why = check_tensors(message.delta, lora_shapes(dataclasses.replace(spec, rank=rank), self.state.model.modules))
+        rank = None
+        if isinstance(spec, LoraSpec):
+            rank = rank_of(message.delta)
+            if not 1 <= rank <= spec.rank:
+                return self.channel.drop(sender, topic, "bad_tensor", f"rank {rank} is outside 1..{spec.rank}")
+        why = check_tensors(message.delta, adapter_shapes(spec, self.state.model, rank))
         if why:
             return self.channel.drop(sender, topic, "bad_tensor", why)
         ctx.merge.add(message.delta, message.num_samples)
@@ -602,7 +706,7 @@ class Aggregator:
         m = message.metrics
         ctx.record.devices.append(DeviceRecord(
             sender, message.num_samples, m.train_loss, m.local_ppl, m.global_ppl,
-            m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received,
+            m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received, m.global_robust_ppl, m.local_robust_ppl,
         ))
         log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, message.num_samples, m.train_loss)
         return None
@@ -616,3 +720,5 @@ class _Round:
     merge: RoundMerge | None
     seen: set[str] = field(default_factory=set)
     reports: list[ImportanceReport] = field(default_factory=list)
+    #: initialization rounds: the first valid starting adapter
+    init: dict | None = None

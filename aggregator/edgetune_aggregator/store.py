@@ -8,6 +8,7 @@ Layout::
     server/v000003.msgpack     the server optimizer's state after version 3 (tensors, msgpack)
     adapter/                   the current global adapter in PEFT format (load with peft)
     rounds.json                one record per closed round (see RoundRecord)
+    personalization.json       each device's personalization scores (PersonalizationReport)
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ from edgetune.atomic import atomic_write_bytes, atomic_write_json
 import msgpack
 import numpy as np
 
-from edgetune.wire import GlobalAdapter, LoraSpec, ModelManifest, decode_message, decode_tensor, encode_message, encode_tensor
+from edgetune.wire import (
+    AdapterSpec,
+    GlobalAdapter,
+    LoraSpec,
+    ModelManifest,
+    PromptSpec,
+    decode_message,
+    decode_tensor,
+    encode_message,
+    encode_tensor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,9 @@ class DeviceRecord:
     bytes_sent: int = 0
     #: payload bytes the device received since its previous report (task, global adapter)
     bytes_received: int = 0
+    #: robustness: perplexity of the global / trained adapter on the other sites' held-out text
+    global_robust_ppl: float | None = None
+    local_robust_ppl: float | None = None
 
 
 class RoundStatus(str, Enum):
@@ -51,6 +65,7 @@ class RoundStatus(str, Enum):
     AGGREGATED = "aggregated"
     EVALUATED = "evaluated"
     CALIBRATED = "calibrated"
+    INITIALIZED = "initialized"
     FAILED = "failed"
 
 
@@ -76,16 +91,25 @@ class RoundRecord:
     @property
     def global_ppl(self) -> float | None:
         """Sample-weighted perplexity of the base-version global adapter on held-out data."""
-        rows = [d for d in self.devices if d.global_ppl is not None]
-        total = sum(d.num_samples for d in rows)
-        return sum(d.global_ppl * d.num_samples for d in rows) / total if total else None
+        return _weighted(self.devices, "global_ppl")
+
+    @property
+    def global_robust_ppl(self) -> float | None:
+        """The same on the other sites' held-out text (the devices that have some)."""
+        return _weighted(self.devices, "global_robust_ppl")
+
+
+def _weighted(devices: list[DeviceRecord], name: str) -> float | None:
+    rows = [d for d in devices if getattr(d, name) is not None]
+    total = sum(d.num_samples for d in rows)
+    return sum(getattr(d, name) * d.num_samples for d in rows) / total if total else None
 
 
 @dataclass
 class FleetState:
     fleet: str
     model: ModelManifest
-    adapter: LoraSpec
+    adapter: AdapterSpec
     round: int = 0  # last closed round
     opened: int = 0  # last round whose task was published (> round: it never closed)
     global_version: int = 0
@@ -98,6 +122,12 @@ class FleetState:
     layout: str = "fixed"
     #: round number of the first train round (a calibration round comes before it)
     first_train_round: int = 1
+
+
+def _adapter_spec(raw: dict) -> AdapterSpec:
+    if raw.get("kind", "lora") == "prompt":
+        return PromptSpec(**raw)
+    return LoraSpec(**{**raw, "target_modules": tuple(raw["target_modules"])})
 
 
 class StateStore:
@@ -121,7 +151,7 @@ class StateStore:
         return FleetState(
             fleet=raw["fleet"],
             model=ModelManifest(**{**model, "modules": {k: tuple(v) for k, v in model["modules"].items()}}),
-            adapter=LoraSpec(**{**raw["adapter"], "target_modules": tuple(raw["adapter"]["target_modules"])}),
+            adapter=_adapter_spec(raw["adapter"]),
             round=raw["round"],
             opened=raw.get("opened", raw["round"]),
             global_version=raw["global_version"],
@@ -182,5 +212,16 @@ class StateStore:
         entry = asdict(record)
         entry["status"] = record.status.value
         entry["global_ppl"] = record.global_ppl
+        entry["global_robust_ppl"] = record.global_robust_ppl
         atomic_write_json(self.directory / "rounds.json", rounds + [entry])
+
+    # --- personalization reports ------------------------------------------------------------
+
+    def personalizations(self) -> list[dict]:
+        path = self.directory / "personalization.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def append_personalization(self, entry: dict) -> None:
+        """One device's ``PersonalizationReport`` (as a dict, with when it arrived)."""
+        atomic_write_json(self.directory / "personalization.json", self.personalizations() + [entry])
 

@@ -1,8 +1,10 @@
 """``edgetune``: the device-side command line.
 
     edgetune device run --broker mqtt://HOST:PORT --fleet NAME --device-id ID --data FILE [--model REF]
-                        [--trainer torch|ort|auto] [--artifacts DIR] [--model-hash SHA256]
-    edgetune build-ort [--model REF] --rank R [--alpha A] --targets q_proj,v_proj --out DIR
+                        [--trainer torch|ort|auto] [--artifacts DIR] [--model-hash SHA256] [--robustness FILE]
+    edgetune device personalize (as run) [--lr LR] [--steps N | --epochs E] [--optimizer adamw|sgd]
+                        [--l2-to-global λ] [--alpha α] [--out DIR]
+    edgetune build-ort [--model REF] --rank R [--alpha A] --targets q_proj,v_proj [--prompt-tokens N] --out DIR
     edgetune demo [--devices 3] [--rounds 2] [--out demo-out] [--data DIR]
     edgetune export --merged|--onnx --state-dir DIR [--version N] [--model REF] --out FOLDER [--force]
     edgetune generate --onnx FOLDER --prompt TEXT [--max-new-tokens N] [--temperature T]
@@ -28,14 +30,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", type=Path, help="log here instead of stderr")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    device = commands.add_parser("device", help="run this machine as a device of a fleet")
-    device_commands = device.add_subparsers(dest="device_command", required=True)
-    run = device_commands.add_parser("run", help="join a fleet and train when told")
+def _add_device_args(run: argparse.ArgumentParser) -> None:
+    """What 'device run' and 'device personalize' share: the fleet, the data, the model."""
     run.add_argument("--broker", required=True, help="mqtt://HOST:PORT, mqtts://HOST:PORT or memory://NAME")
     run.add_argument("--fleet", required=True)
     run.add_argument("--device-id", required=True)
@@ -52,10 +48,38 @@ def build_parser() -> argparse.ArgumentParser:
                      "(a prefix is enough; 'model_hash' in the artifacts' edgetune-ort.json)")
     run.add_argument("--heldout", type=float, default=0.1, help="fraction of records held out for evaluation")
     run.add_argument("--connect-timeout", type=float, default=None, help="give up on the broker after S seconds (default: retry forever)")
-    run.add_argument("--stay", action="store_true", help="keep running after the fleet finishes")
     run.add_argument("--profile", type=Path, help="this device's profile (from 'edgetune profile'): sent to the "
                      "aggregator for planning; its memory is the budget training stays within")
+    run.add_argument("--robustness", type=Path, help="held-out text of the other sites (.txt/.jsonl), given by the "
+                     "operator: the robustness score is the perplexity on it")
     _add_common(run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    device = commands.add_parser("device", help="run this machine as a device of a fleet")
+    device_commands = device.add_subparsers(dest="device_command", required=True)
+    run = device_commands.add_parser("run", help="join a fleet and train when told")
+    _add_device_args(run)
+    run.add_argument("--stay", action="store_true", help="keep running after the fleet finishes")
+    personal = device_commands.add_parser("personalize", help="fine-tune the fleet's global adapter on this "
+                                          "device's data; keep and report the personal adapter (docs/personalization.md)")
+    _add_device_args(personal)
+    personal.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4: small, as Profit advises)")
+    personal.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
+    personal.add_argument("--epochs", type=int, default=0, help="passes over the device's data instead of --steps")
+    personal.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    personal.add_argument("--l2-to-global", type=float, default=0.0, help="λ of λ/2·‖θ − θ_global‖² (default 0)")
+    personal.add_argument("--alpha", type=float, help="serve (1−α)·global + α·local (default: α chosen on a "
+                          "validation split from --alphas)")
+    personal.add_argument("--alphas", default=",".join(str(a / 10) for a in range(11)), help="α values to choose from")
+    personal.add_argument("--batch-size", type=int, default=4)
+    personal.add_argument("--seq-len", type=int, default=128)
+    personal.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the fleet's global adapter")
+    personal.add_argument("--out", type=Path, help="write the personal adapter here in PEFT format")
 
     from .profiling.cli import add_profile_parser
 
@@ -92,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default 16, the aggregator's default)")
     build.add_argument("--targets", help="comma-separated modules, as the aggregator's --targets "
                        "(default: q_proj,v_proj; c_attn on GPT-2)")
+    build.add_argument("--prompt-tokens", type=int, help="build a soft prompt of N virtual tokens instead of LoRA, "
+                       "as the aggregator's --adapter prompt --prompt-tokens N")
     build.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into "
                        "optimizer_model.onnx, for those who drive ORT's own Optimizer; edgetune's trainer takes it "
                        "from each round's settings")
@@ -134,7 +160,8 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def _device_run(args: argparse.Namespace) -> int:
+def _device(args: argparse.Namespace):
+    """The ``Device`` that 'device run' and 'device personalize' use, connected."""
     from .device import Device, DeviceConfig, hash_seed
     from .transport import open_transport
     from .workload import Workload
@@ -145,7 +172,7 @@ def _device_run(args: argparse.Namespace) -> int:
 
         profile = load_profile(args.profile)
     config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout,
-                          exit_when_finished=not args.stay, profile=profile)
+                          exit_when_finished=not getattr(args, "stay", False), profile=profile)
     from .workload import choose_backend
 
     if choose_backend(args.trainer, args.artifacts) == "ort":  # fetched from the aggregator if absent
@@ -153,16 +180,49 @@ def _device_run(args: argparse.Namespace) -> int:
 
         ensure_artifacts(args.broker, args.fleet, args.device_id, args.artifacts, args.fetch_timeout,
                          args.connect_timeout)
-    transport = open_transport(args.broker, client_id=f"edgetune-{args.fleet}-{args.device_id}",
+    # (its own client id: personalizing must not disconnect a 'device run' of the same device)
+    suffix = "-personalize" if args.device_command == "personalize" else ""
+    transport = open_transport(args.broker, client_id=f"edgetune-{args.fleet}-{args.device_id}{suffix}",
                                connect_timeout=args.connect_timeout)
     workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads,
-                             trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash)
+                             trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash,
+                             robustness=args.robustness)
     device = Device(config, transport, workload)
     device.connect()
+    return device
+
+
+def _device_run(args: argparse.Namespace) -> int:
+    if args.device_command == "personalize":
+        return _device_personalize(args)
+    device = _device(args)
     try:
         device.run()
     except KeyboardInterrupt:
         log.info("interrupted")
+    return 0
+
+
+def _device_personalize(args: argparse.Namespace) -> int:
+    from .personalize import PersonalizeSettings
+
+    alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
+    settings = PersonalizeSettings(learning_rate=args.lr, steps=args.steps, epochs=args.epochs, optimizer=args.optimizer,
+                                   l2_to_global=args.l2_to_global, alpha=args.alpha, alphas=alphas,
+                                   batch_size=args.batch_size, seq_len=args.seq_len)
+    device = _device(args)
+    try:
+        adapter = device.wait_for_global(args.wait)
+        report = device.personalize(settings)
+        if args.out:
+            device.save_adapter(args.out)
+    finally:
+        device.close()
+    robust = (f"; others' data {report.global_robust_ppl:.2f} -> {report.personal_robust_ppl:.2f}"
+              if report.global_robust_ppl is not None else "")
+    print(f"personalized global v{adapter.version} with α={report.alpha:g}: own held-out ppl "
+          f"{report.global_ppl:.2f} -> {report.personal_ppl:.2f} (local only {report.local_ppl:.2f}){robust}"
+          + (f"; personal adapter in {args.out}" if args.out else ""))
     return 0
 
 
@@ -172,9 +232,9 @@ def _build_ort(args: argparse.Namespace) -> int:
 
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
     manifest = build_artifacts(args.model, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
-                               optimizer=OptimizerSettings(args.weight_decay, args.max_grad_norm), force=args.force)
-    print(f"{args.out}: {manifest.model.name}, LoRA r={manifest.adapter.rank} on {len(manifest.adapter.modules)} modules, "
-          f"model hash {manifest.model_hash[:16]}")
+                               optimizer=OptimizerSettings(args.weight_decay, args.max_grad_norm), force=args.force,
+                               prompt_tokens=args.prompt_tokens)
+    print(f"{args.out}: {manifest.model.name}, {manifest.adapter.describe()}, model hash {manifest.model_hash[:16]}")
     return 0
 
 

@@ -18,14 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 
 from . import __version__
 from .adapters.lora import concat_merged, split_rank, targets
 from .backoff import MemoryBudgetExceeded, is_out_of_memory, next_fallback, resident_bytes
+from .trainers.result import TrainResult
 from .transport import Transport, TransportError, Will, open_transport
 from .transport.channel import Channel
 from .wire import (
     AGGREGATOR_ID,
+    AdapterInit,
     DEFAULT_MAX_PACKET,
     Capabilities,
     DevicePlan,
@@ -38,6 +41,7 @@ from .wire import (
     ImportanceReport,
     Presence,
     Progress,
+    PromptSpec,
     RoundTask,
     TaskKind,
     Topics,
@@ -84,6 +88,11 @@ class Device:
         self._thread: threading.Thread | None = None
         self._bytes_reported = (0, 0)
         self._last_round = (None, 0)  # (run id, round) of the last task acted on
+        #: the personal adapter of the last ``personalize`` (None before), and whether it is served
+        self.personal_adapter = None
+        self.serving = "global"
+        # rounds (on the loop's thread) and personalize (on the application's) share the trainer
+        self._trainer_lock = threading.Lock()
 
     @classmethod
     def join(
@@ -128,8 +137,8 @@ class Device:
             device_id=me,
             sdk_version=__version__,
             model=self.workload.manifest,
-            capabilities=Capabilities(backends=(self.workload.backend,), max_packet=self.config.max_packet,
-                                      max_rank=self.workload.max_rank),
+            capabilities=Capabilities(backends=(self.workload.backend,), adapters=self.workload.adapters,
+                                      max_packet=self.config.max_packet, max_rank=self.workload.max_rank),
             num_samples=self.workload.num_samples,
             profile=self.config.profile,
         )
@@ -176,8 +185,76 @@ class Device:
 
     @property
     def current_adapter(self) -> GlobalAdapter | None:
-        """The newest global adapter this device has (what the application should use)."""
+        """The newest global adapter this device has."""
         return self.global_adapter
+
+    # --- personalization (docs/personalization.md) ------------------------------------------
+
+    def wait_for_global(self, timeout: float = 60.0) -> GlobalAdapter:
+        """Block until a global adapter has arrived (retained on the broker, so at once when
+        the fleet has one), for a device used without ``run()``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.global_adapter is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no global adapter of fleet {self.config.fleet} within {timeout:.0f} s")
+            try:
+                topic, message = self._inbox.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if isinstance(message, GlobalAdapter):
+                self._on_global(message)
+            elif isinstance(message, RoundTask):
+                self.task = message
+        return self.global_adapter
+
+    def personalize(self, settings=None, report: bool = True):
+        """Fine-tune the current global adapter on this device's data and keep the result as
+        its personal adapter, which it then serves (``serving == "personal"``); returns the
+        :class:`~edgetune.wire.PersonalizationReport` (also sent to the aggregator unless
+        ``report`` is False). Safe to call between rounds while ``run()`` goes on."""
+        from .personalize import PersonalizeSettings, personalize
+
+        settings = settings or PersonalizeSettings()
+        if self.global_adapter is None:
+            raise RuntimeError("no global adapter yet: join a fleet and wait for one (wait_for_global)")
+        with self._trainer_lock:
+            personal, result = personalize(self.workload, self.global_adapter, settings, self.config.device_id,
+                                           max_eval_blocks=self.config.max_eval_blocks)
+        self.personal_adapter, self.serving = personal, "personal"
+        if report:
+            self.channel.send(self.topics.personal(self.config.device_id), result)
+            self._flush()
+        return result
+
+    def use_personal(self) -> None:
+        """Serve the personal adapter (after ``personalize``)."""
+        if self.personal_adapter is None:
+            raise RuntimeError("no personal adapter: call personalize() first")
+        self.serving = "personal"
+
+    def rollback(self) -> None:
+        """Serve the global adapter again; the personal one is kept (``use_personal``)."""
+        self.serving = "global"
+
+    def serving_adapter(self) -> tuple[object, dict, dict]:
+        """``(spec, tensors, merged)`` of the adapter this device serves now."""
+        if self.serving == "personal" and self.personal_adapter is not None:
+            p = self.personal_adapter
+            return p.spec, p.tensors, p.merged
+        if self.global_adapter is None:
+            raise RuntimeError("no adapter yet")
+        g = self.global_adapter
+        return g.adapter, g.tensors, g.merged
+
+    def save_adapter(self, directory: Path, base_model: str = "") -> Path:
+        """Write the adapter served now in PEFT format (``PeftModel.from_pretrained`` loads it)."""
+        from .adapters.peft_format import write_peft_adapter
+
+        spec, tensors, merged = self.serving_adapter()
+        return write_peft_adapter(Path(directory), spec, tensors, base_model, merged)
 
     # --- protocol ---------------------------------------------------------------------------
 
@@ -207,9 +284,9 @@ class Device:
             self._report_error(task, "model_mismatch", "this device runs a different base model")
             self._last_round = (task.run_id, task.round)
             return False
-        if task.kind is TaskKind.CALIBRATE:  # comes before any global adapter exists
+        if task.kind in (TaskKind.CALIBRATE, TaskKind.INITIALIZE):  # come before any global adapter exists
             self._last_round = (task.run_id, task.round)
-            self._guarded(task, self._calibrate)
+            self._guarded(task, self._calibrate if task.kind is TaskKind.CALIBRATE else self._initialize)
             return False
         if self.global_adapter is None or self.global_adapter.version != task.global_version:
             # Older: the task's adapter is still on the way. Newer: the round was closed and
@@ -224,7 +301,8 @@ class Device:
 
     def _guarded(self, task: RoundTask, action: Callable[[RoundTask], None]) -> None:
         try:
-            action(task)
+            with self._trainer_lock:
+                action(task)
         except Exception as exc:  # the application around us must survive a failed round
             log.exception("%s: round %d failed", self.config.device_id, task.round)
             self._report_error(task, type(exc).__name__, str(exc)[:500])
@@ -234,7 +312,7 @@ class Device:
         plan = task.plans.get(self.config.device_id)
         if plan is not None:
             return plan
-        rank = task.adapter.rank
+        rank = 1 if isinstance(task.adapter, PromptSpec) else task.adapter.rank  # (a prompt has no rank)
         if self.workload.max_rank:  # ONNX Runtime artifacts train up to their own rank
             rank = min(rank, self.workload.max_rank)
         return DevicePlan(rank, "float32", task.train.batch_size, task.train.local_steps)
@@ -288,11 +366,32 @@ class Device:
         log.info("%s: scored %d weight matrices on %d tokens in %.1f s", me, len(result.scores), result.tokens,
                  result.seconds)
 
+    def _initialize(self, task: RoundTask) -> None:
+        """Compute the fleet's starting adapter from this device's base (a soft prompt's token
+        embeddings) and report it; the aggregator publishes it as global v0."""
+        me = self.config.device_id
+        if me in task.excluded:
+            log.warning("%s: sits out initialization round %d: %s", me, task.round, task.excluded[me])
+            return
+        if not isinstance(task.adapter, PromptSpec):
+            raise ValueError(f"an initialization round for a {task.adapter.kind} adapter")
+        tensors = self.workload.prompt_init(task.adapter, seed=task.train.seed)
+        self.channel.send(self.topics.init(me), AdapterInit(me, task.round, tensors))
+        self._flush()
+        log.info("%s: reported the starting prompt (%d virtual tokens, %s init)", me,
+                 task.adapter.num_virtual_tokens, task.adapter.init)
+
     def _start_model(self, task: RoundTask, rank: int, quantization: str, checkpointing: bool):
         """A trainer holding the global model with its leading ``rank`` components trainable:
         the components beyond ``rank`` and the global's frozen delta are applied as a frozen
-        merged delta, so training starts from exactly the global model at any rank."""
+        merged delta, so training starts from exactly the global model at any rank. (A soft
+        prompt is trained whole.)"""
         adapter, spec = self.global_adapter, task.adapter
+        if isinstance(spec, PromptSpec):
+            trainer = self.workload.trainer(spec, quantization, checkpointing)
+            start = {name: np.array(t, dtype=np.float32) for name, t in adapter.tensors.items()}
+            trainer.set_adapter(start)
+            return trainer, start
         # Alpha scales with the rank so every device's update has the same scale, alpha / rank.
         local_spec = dataclasses.replace(spec, rank=rank, alpha=spec.alpha * rank / spec.rank)
         start, rest = split_rank(adapter.tensors, rank, spec.alpha / spec.rank)
@@ -305,7 +404,10 @@ class Device:
         me, adapter = self.config.device_id, self.global_adapter
         trainer, start = self._start_model(task, plan.rank, plan.quantization, plan.gradient_checkpointing)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
+        robust = self.workload.robustness_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
         global_ppl = trainer.perplexity(heldout)
+        global_robust = trainer.perplexity(robust) if len(robust) else None
+        local_robust = global_robust
         budget = self.config.profile.memory_bytes if self.config.profile else None
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -320,13 +422,34 @@ class Device:
         settings = dataclasses.replace(task.train, batch_size=plan.batch_size, local_steps=plan.local_steps,
                                        grad_accum=grad_accum)
         batches = self.workload.batches(settings, seed=task.train.seed + hash_seed(me))
-        result = trainer.train(batches, settings, on_step)
-        local_ppl = trainer.perplexity(heldout)
-        trained = trainer.get_adapter()
-        delta = {name: trained[name] - start[name] for name in trained}
+        if settings.algorithm == "fedsgd":
+            # one gradient at the global adapter; the server steps with its own learning rate.
+            # Weighted by the blocks it averages, the fleet's mean is the gradient of the union.
+            micro = [next(batches) for _ in range(settings.grad_accum)]
+            grads, loss, tokens = trainer.gradient(micro)
+            delta = {name: -g for name, g in grads.items()}
+            weight = sum(len(b) for b in micro)
+            result = TrainResult(loss, loss, tokens, 0.0, 1)
+            local_ppl = global_ppl
+        else:
+            if settings.local_epochs:
+                per_step = settings.batch_size * settings.grad_accum
+                steps = settings.local_epochs * -(-self.workload.train_blocks(settings.seq_len) // per_step)
+                if me in task.plans and steps > plan.local_steps:
+                    log.info("%s: %d epochs are %d steps; the plan allows %d", me, settings.local_epochs, steps,
+                             plan.local_steps)
+                    steps = plan.local_steps
+                settings = dataclasses.replace(settings, local_steps=max(1, steps))
+            result = trainer.train(batches, settings, on_step)
+            local_ppl = trainer.perplexity(heldout)
+            local_robust = trainer.perplexity(robust) if len(robust) else None
+            trained = trainer.get_adapter()
+            delta = {name: trained[name] - start[name] for name in trained}
+            weight = self.workload.num_samples
         sent, received = self._bytes_since_report()
-        metrics = TrainMetrics(result.mean_loss, result.tokens, result.seconds, local_ppl, global_ppl, sent, received)
-        update = Update(me, task.round, adapter.version, self.workload.num_samples, delta, metrics)
+        metrics = TrainMetrics(result.mean_loss, result.tokens, result.seconds, local_ppl, global_ppl, sent, received,
+                               global_robust, local_robust)
+        update = Update(me, task.round, adapter.version, weight, delta, metrics)
         size = self.channel.send(self.topics.update(me), update)
         self._flush()
         self.rounds_done.append(task.round)
@@ -337,11 +460,14 @@ class Device:
     def _evaluate(self, task: RoundTask) -> None:
         me = self.config.device_id
         plan = self._plan(task)  # evaluate at full rank, on the base precision this device can afford
-        trainer, _ = self._start_model(task, task.adapter.rank, plan.quantization, plan.gradient_checkpointing)
+        rank = plan.rank if isinstance(task.adapter, PromptSpec) else task.adapter.rank
+        trainer, _ = self._start_model(task, rank, plan.quantization, plan.gradient_checkpointing)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
+        robust = self.workload.robustness_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
         ppl = trainer.perplexity(heldout)
+        robust_ppl = trainer.perplexity(robust) if len(robust) else None
         report = EvalReport(me, task.round, self.global_adapter.version, self.workload.num_samples,
-                            EvalMetrics(ppl, int(heldout.size)))
+                            EvalMetrics(ppl, int(heldout.size), robust_ppl))
         self.channel.send(self.topics.eval(me), report)
         self._flush()
         log.info("%s: global adapter v%d held-out ppl %.2f", me, self.global_adapter.version, ppl)

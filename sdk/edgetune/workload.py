@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from .data import BlockSampler, load_texts, pack_blocks, split_heldout
-from .wire import ImportanceSettings, LoraSpec, ModelManifest, TrainSettings
+from .wire import ImportanceSettings, ModelManifest, TrainSettings
+from .wire.schema import AdapterSpec, PromptSpec
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ class Workload:
     backend = "torch"
     #: the highest adapter rank this backend trains (0: any)
     max_rank = 0
+    #: adapter kinds this backend trains
+    adapters: tuple[str, ...] = ("lora", "prompt")
 
     def __init__(
         self,
@@ -35,6 +38,7 @@ class Workload:
         heldout_texts: list[str],
         threads: int | None = None,
         model_ref: str | None = None,
+        robustness_texts: list[str] | None = None,
     ):
         self.loaded = loaded
         self.threads = threads
@@ -45,6 +49,8 @@ class Workload:
         # Tokenize once; packing into blocks of the task's length is cheap and done on demand.
         self._train_ids = [tokenizer.encode(t) for t in train_texts]
         self._heldout_ids = [tokenizer.encode(t) for t in heldout_texts]
+        # other sites' held-out text, given by the operator: the robustness score's data
+        self._robust_ids = [tokenizer.encode(t) for t in robustness_texts or []]
         self.num_samples = len(train_texts)
         self._blocks: dict[tuple[str, int], np.ndarray] = {}
         self._trainer = None
@@ -62,6 +68,7 @@ class Workload:
         trainer: str = "torch",
         artifacts: str | Path | None = None,
         model_hash: str | None = None,
+        robustness: str | Path | list[str] | None = None,
     ) -> Workload:
         """``data`` is a ``.txt``/``.jsonl`` file or a list of records; ``model`` a model ref
         for :func:`edgetune.models.load_model` (default: SmolLM2-135M-Instruct GGUF).
@@ -69,23 +76,29 @@ class Workload:
         ``trainer`` is "torch", "ort" or "auto" (:func:`choose_backend`); the ort backend trains
         the ``artifacts`` folder of ``edgetune build-ort`` (whose base is the model, so ``model``
         is not loaded), refusing it if its base weights do not hash to ``model_hash``.
+
+        ``robustness`` (a file or records) is held-out text of the *other* sites, which the
+        operator supplies: the robustness score is the perplexity on it.
         """
         texts = data if isinstance(data, list) else load_texts(Path(data))
         train, heldout = split_heldout(texts, heldout_fraction, seed=seed)
+        robust = robustness if isinstance(robustness, list) or robustness is None else load_texts(Path(robustness))
         if choose_backend(trainer, artifacts) == "ort":
             from .ort.model import OrtModel
 
-            return OrtWorkload(OrtModel.load(Path(artifacts), model_hash), train, heldout, threads)
+            return OrtWorkload(OrtModel.load(Path(artifacts), model_hash), train, heldout, threads,
+                               robustness_texts=robust)
         from .models import load_model
 
-        return cls(load_model(model), train, heldout, threads, model_ref=model or "default")
+        return cls(load_model(model), train, heldout, threads, model_ref=model or "default", robustness_texts=robust)
 
     @property
     def manifest(self) -> ModelManifest:
         return self.loaded.manifest
 
-    def trainer(self, spec: LoraSpec, quantization: str = "float32", gradient_checkpointing: bool = False):
-        """The trainer for this configuration; rebuilt only when it changes between rounds.
+    def trainer(self, spec: AdapterSpec, quantization: str = "float32", gradient_checkpointing: bool = False):
+        """The trainer for this configuration (a LoRA or a soft-prompt trainer, by the spec's
+        kind); rebuilt only when it changes between rounds.
 
         A change of quantization needs the base reloaded from disk, because quantizing the
         frozen weights in place cannot be undone.
@@ -93,13 +106,30 @@ class Workload:
         key = (spec, quantization, gradient_checkpointing)
         if self._trainer is not None and key == self._trainer_key:
             return self._trainer
-        from .trainers.torch_lora import TorchLoraTrainer
+        if isinstance(spec, PromptSpec):
+            from .trainers.torch_prompt import TorchPromptTrainer as Trainer
+        else:
+            from .trainers.torch_lora import TorchLoraTrainer as Trainer
 
         self._plain_base(quantization)
-        self._trainer = TorchLoraTrainer(self.loaded, spec, threads=self.threads, quantization=quantization,
-                                         gradient_checkpointing=gradient_checkpointing)
+        self._trainer = Trainer(self.loaded, spec, threads=self.threads, quantization=quantization,
+                                gradient_checkpointing=gradient_checkpointing)
         self._trainer_key = key
         return self._trainer
+
+    def prompt_init(self, spec: PromptSpec, seed: int) -> dict[str, np.ndarray]:
+        """A prompt fleet's starting prompt from this base's token embeddings (an
+        initialization round; ``edgetune.adapters.prompt``)."""
+        from .adapters.prompt import prompt_from_embeddings
+        from .trainers.torch_prompt import embedding_rows
+
+        model = self.loaded.model  # (adapters leave the input embeddings as they are)
+        return prompt_from_embeddings(spec, lambda ids: embedding_rows(model, ids), self.loaded.tokenizer.encode,
+                                      self.manifest.vocab_size, seed)
+
+    def train_blocks(self, seq_len: int) -> int:
+        """How many training blocks of ``seq_len`` tokens this device holds (an epoch)."""
+        return len(self._packed("train", seq_len))
 
     def importance(self, modules: list[str], settings: TrainSettings, importance: ImportanceSettings,
                    quantization: str = "float32", seed: int = 0):
@@ -123,7 +153,7 @@ class Workload:
         from .trainers.quantize import quantization_of, quantize_base
 
         if self._trainer is not None:
-            if self._trainer_key[1] == "float32":
+            if self._trainer_key[1] == "float32" or isinstance(self._trainer_key[0], PromptSpec):
                 self._trainer.unload()
             self._trainer = None  # (drop the old PEFT wrapper before building the next)
             self._trainer_key = None
@@ -146,12 +176,45 @@ class Workload:
     def _packed(self, split: str, seq_len: int) -> np.ndarray:
         key = (split, seq_len)
         if key not in self._blocks:
-            ids = self._train_ids if split == "train" else self._heldout_ids
+            if split.startswith("personal-"):  # personalization trains on part, picks α on the rest
+                cut = self._personal_cut
+                ids = [self._train_ids[i] for i in range(len(self._train_ids)) if (i in cut) == (split == "personal-val")]
+            else:
+                ids = {"train": self._train_ids, "heldout": self._heldout_ids, "robust": self._robust_ids}[split]
             self._blocks[key] = pack_blocks(ids, seq_len, self._eos)  # (N, seq_len)
         return self._blocks[key]
 
     def heldout_blocks(self, seq_len: int) -> np.ndarray:
         return self._packed("heldout", seq_len)
+
+    @property
+    def has_robustness(self) -> bool:
+        return bool(self._robust_ids)
+
+    def robustness_blocks(self, seq_len: int) -> np.ndarray:
+        """Blocks of the other sites' held-out text (empty if none was given)."""
+        if not self._robust_ids:
+            return np.zeros((0, seq_len), np.int64)
+        return self._packed("robust", seq_len)
+
+    def personal_split(self, seq_len: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train, validation) blocks for personalization: ``fraction`` of the training texts
+        (at least one) held back to choose α on, the same ones every call with this seed."""
+        n = len(self._train_ids)
+        if n < 2:
+            raise ValueError("personalization needs at least two training texts (one to train, one to choose α on)")
+        count = min(n - 1, max(1, round(fraction * n)))
+        cut = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
+        if getattr(self, "_personal_cut", None) != cut:
+            self._personal_cut = cut
+            self._blocks = {k: v for k, v in self._blocks.items() if not k[0].startswith("personal-")}
+        return self._packed("personal-train", seq_len), self._packed("personal-val", seq_len)
+
+    def batches_from(self, blocks: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+        """Endless (batch_size, T) batches of ``blocks``, shuffled per epoch with ``seed``."""
+        sampler = BlockSampler(blocks, seed=seed)
+        while True:
+            yield sampler.next_batch(batch_size)
 
     def batches(self, settings: TrainSettings, seed: int) -> Iterator[np.ndarray]:
         """Endless (batch_size, seq_len) batches, shuffled per epoch with ``seed``."""
@@ -167,11 +230,16 @@ class OrtWorkload(Workload):
 
     backend = "ort"
 
-    def __init__(self, loaded: Any, train_texts: list[str], heldout_texts: list[str], threads: int | None = None):
-        super().__init__(loaded, train_texts, heldout_texts, threads)
+    @property
+    def adapters(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.loaded.artifacts.adapter.kind,)
+
+    def __init__(self, loaded: Any, train_texts: list[str], heldout_texts: list[str], threads: int | None = None,
+                 robustness_texts: list[str] | None = None):
+        super().__init__(loaded, train_texts, heldout_texts, threads, robustness_texts=robustness_texts)
         self._weights_checked = False
 
-    def trainer(self, spec: LoraSpec, quantization: str = "float32", gradient_checkpointing: bool = False):
+    def trainer(self, spec: AdapterSpec, quantization: str = "float32", gradient_checkpointing: bool = False):
         if quantization != "float32":
             raise ValueError(f"the ort backend trains a float32 base only, not {quantization}: "
                              "plan this device with the 'ort' capability, or use the torch backend")
@@ -180,14 +248,17 @@ class OrtWorkload(Workload):
         key = (spec,)
         if self._trainer is not None and key == self._trainer_key:
             return self._trainer
-        from .trainers.ort_lora import OrtLoraTrainer
+        if isinstance(spec, PromptSpec):
+            from .trainers.ort_prompt import OrtPromptTrainer as Trainer
+        else:
+            from .trainers.ort_lora import OrtLoraTrainer as Trainer
 
         if self._trainer is not None:
             self._trainer.unload()
             self._trainer = None
         model = self.loaded
         # the first trainer checks the base weights' hash; the files were checked on load
-        self._trainer = OrtLoraTrainer(model.folder, spec, threads=self.threads, manifest=model.artifacts,
+        self._trainer = Trainer(model.folder, spec, threads=self.threads, manifest=model.artifacts,
                                        verify_weights=not self._weights_checked)
         self._weights_checked = True
         self._trainer_key = key
@@ -196,6 +267,13 @@ class OrtWorkload(Workload):
     @property
     def max_rank(self) -> int:  # type: ignore[override]
         return self.loaded.artifacts.adapter.rank
+
+    def prompt_init(self, spec: PromptSpec, seed: int) -> dict[str, np.ndarray]:
+        from .adapters.prompt import prompt_from_embeddings
+
+        trainer = self.trainer(spec)  # reads the embedding matrix from the checkpoint
+        return prompt_from_embeddings(spec, trainer.embedding_rows, self.loaded.tokenizer.encode,
+                                      self.manifest.vocab_size, seed)
 
     def importance(self, modules, settings, importance, quantization="float32", seed=0):
         raise ValueError("importance scoring (a calibration round) needs the torch backend: the ONNX Runtime "

@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from edgetune.wire import DevicePlan, DeviceProfile, Topics
+from edgetune.wire import DevicePlan, DeviceProfile
 from edgetune_aggregator.daemon import Aggregator
 
 from test_federation import Observer, _wait, check_rounds, fleet_config, join_device, start_aggregator, workload  # noqa: F401

@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 
 from edgetune.adapters.lora import init_lora  # noqa: E402
-from edgetune.models import ByteTokenizer, load_model  # noqa: E402
+from edgetune.models import load_model  # noqa: E402
 from edgetune.trainers.quantize import MODES, quantization_of, quantize_base, weight_bytes  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
 from edgetune.wire.schema import LoraSpec, TrainSettings  # noqa: E402

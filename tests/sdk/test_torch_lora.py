@@ -9,7 +9,6 @@ import importlib.util
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -8,10 +8,12 @@ fedit      no      average A and B separately (zero-padded deltas)
 hetlora    no      as fedit, each device weighted by ‖Bₖ·Aₖ‖_F
 stack      yes     FLoRA: stack factors, fold the product into a frozen delta
 svd        yes     FlexLoRA: SVD of Σ pₖ·Bₖ·Aₖ, each device starts from its rank
+dense      yes     average of dense deltas (soft prompts; the only one for them)
 =========  ======  ==============================================================
 """
 
 from .base import NextGlobal, RoundMerge, RoundStart, Strategy
+from .dense import Dense
 from .fedavg import FedAvg, fedavg
 from .fedit import FedIT, fedit
 from .hetlora import HetLoRA, hetlora
@@ -19,7 +21,7 @@ from .optimizers import LINEAR_OPTIMIZERS, SERVER_OPTIMIZERS, ServerOptimizer, S
 from .stack import Stack, stack
 from .svd import SVD, redistribute, svd
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, HetLoRA, Stack, SVD)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, HetLoRA, Stack, SVD, Dense)}
 
 
 def make_strategy(name: str, optimizer: ServerOptimizerConfig | None = None) -> Strategy:
@@ -28,7 +30,7 @@ def make_strategy(name: str, optimizer: ServerOptimizerConfig | None = None) -> 
         raise ValueError(f"aggregation strategy {name!r} is not one of {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
     optimizer = optimizer or ServerOptimizerConfig()
-    if cls.exact and optimizer.name not in LINEAR_OPTIMIZERS:
+    if cls.exact and cls.kinds == ("lora",) and optimizer.name not in LINEAR_OPTIMIZERS:
         raise ValueError(f"strategy {name} keeps the global update exactly low-rank and works with the "
                          f"server optimizers {', '.join(LINEAR_OPTIMIZERS)}, not {optimizer.name} "
                          "(element-wise adaptivity would make it dense); use fedit or hetlora with it")
@@ -36,7 +38,7 @@ def make_strategy(name: str, optimizer: ServerOptimizerConfig | None = None) -> 
 
 
 __all__ = [
-    "FedAvg", "FedIT", "HetLoRA", "LINEAR_OPTIMIZERS", "NextGlobal", "RoundMerge", "RoundStart", "SERVER_OPTIMIZERS",
+    "Dense", "FedAvg", "FedIT", "HetLoRA", "LINEAR_OPTIMIZERS", "NextGlobal", "RoundMerge", "RoundStart", "SERVER_OPTIMIZERS",
     "SVD", "STRATEGIES", "ServerOptimizer", "ServerOptimizerConfig", "Stack", "Strategy", "fedavg", "fedit",
     "hetlora", "make_strategy", "redistribute", "stack", "svd",
 ]

@@ -1,5 +1,6 @@
-"""Writing a LoRA adapter as PEFT does (``adapter_config.json`` + ``adapter_model.safetensors``),
-so ``peft.PeftModel.from_pretrained(base, path)`` loads what the fleet trained.
+"""Writing an adapter as PEFT does (``adapter_config.json`` + ``adapter_model.safetensors``),
+so ``peft.PeftModel.from_pretrained(base, path)`` loads what the fleet trained: a LoRA, or a
+soft prompt (PEFT prompt tuning).
 
 The safetensors file is written here with numpy (an 8-byte header length, a JSON header, raw
 little-endian data), because the aggregator must not need torch or extra packages.
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_bytes
-from ..wire.schema import LoraSpec
+from ..wire.schema import AdapterSpec, LoraSpec, PromptSpec
 from .lora import as_float32, module_names
 
 _PEFT_PREFIX = "base_model.model."
@@ -86,9 +87,31 @@ def fold_merged(
     return folded, ranks
 
 
+def prompt_config(spec: PromptSpec, token_dim: int, base_model: str) -> dict:
+    """PEFT's prompt-tuning config. The init is recorded as RANDOM whatever the fleet used: PEFT
+    re-runs a TEXT init when it loads (fetching a tokenizer), only to overwrite it with the
+    saved prompt. Layer and head counts are left for PEFT to read from the base's config."""
+    return {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "num_virtual_tokens": spec.num_virtual_tokens,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": None,
+        "num_layers": None,
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
 def write_peft_adapter(
     directory: Path,
-    spec: LoraSpec,
+    spec: AdapterSpec,
     tensors: Mapping[str, np.ndarray],
     base_model: str = "",
     merged: Mapping[str, np.ndarray] | None = None,
@@ -97,6 +120,15 @@ def write_peft_adapter(
     delta (see ``GlobalAdapter``) is folded into the factors, per-module ranks and all."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(spec, PromptSpec):
+        from .prompt import PROMPT
+
+        prompt = tensors[PROMPT]
+        metadata = {"format": "pt", "edgetune_init": spec.init, "edgetune_init_text": spec.init_text}
+        atomic_write_bytes(directory / "adapter_model.safetensors", safetensors_bytes({PROMPT: prompt}, metadata))
+        config = json.dumps(prompt_config(spec, int(prompt.shape[1]), base_model), indent=2, sort_keys=True)
+        atomic_write_bytes(directory / "adapter_config.json", config.encode())
+        return directory
     config_dict = peft_config(spec, base_model)
     if merged:
         trainable = set(module_names(tensors))

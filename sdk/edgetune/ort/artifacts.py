@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..wire.schema import LoraSpec, ModelManifest
+from ..wire.schema import LoraSpec, ModelManifest, PromptSpec
 
 __all__ = [
     "ArtifactError",
@@ -40,6 +40,7 @@ __all__ = [
     "OptimizerSettings",
     "ParamEntry",
     "check_layout",
+    "check_prompt_layout",
     "file_digest",
     "load_manifest",
     "weights_digest",
@@ -74,16 +75,27 @@ class ParamEntry:
 
 @dataclass(frozen=True)
 class AdapterLayout:
-    """What the graphs train: LoRA factors of ``rank`` on ``modules``, scaled alpha / rank."""
+    """What the graphs train: LoRA factors of ``rank`` on ``modules``, scaled alpha / rank;
+    or (``kind="prompt"``) a soft prompt of ``num_virtual_tokens``, whose layout has no rank
+    or modules but records the checkpoint name of the input ``embedding`` matrix (the
+    prompt's initialization reads rows of it)."""
 
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
     modules: tuple[str, ...]
+    kind: str = "lora"
+    num_virtual_tokens: int = 0
+    embedding: str = ""
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / self.rank if self.rank else 0.0
+
+    def describe(self) -> str:
+        if self.kind == "prompt":
+            return f"a soft prompt of {self.num_virtual_tokens} virtual tokens"
+        return f"LoRA r={self.rank} on {len(self.modules)} modules"
 
 
 @dataclass(frozen=True)
@@ -140,7 +152,9 @@ class ArtifactManifest:
                 model=ModelManifest(**model),
                 model_hash=str(data["model_hash"]),
                 adapter=AdapterLayout(int(adapter["rank"]), float(adapter["alpha"]),
-                                      tuple(adapter["target_modules"]), tuple(adapter["modules"])),
+                                      tuple(adapter["target_modules"]), tuple(adapter["modules"]),
+                                      str(adapter.get("kind", "lora")), int(adapter.get("num_virtual_tokens", 0)),
+                                      str(adapter.get("embedding", ""))),
                 parameters=tuple(ParamEntry(p["name"], p["ort_name"], tuple(int(s) for s in p["shape"]), p["anchor"])
                                  for p in data["parameters"]),
                 base_weights={str(k): (str(v[0]), bool(v[1])) for k, v in data["base_weights"].items()},
@@ -206,11 +220,27 @@ def load_manifest(folder: Path, *, verify_files: bool = True) -> ArtifactManifes
     return manifest
 
 
+def check_prompt_layout(manifest: ArtifactManifest, spec: PromptSpec) -> None:
+    """Refuse a prompt round the graphs cannot train: LoRA artifacts, or another prompt length."""
+    built = manifest.adapter
+    if built.kind != "prompt":
+        raise ArtifactError(f"the round trains a soft prompt of {spec.num_virtual_tokens} virtual tokens but the "
+                            f"artifacts train {built.describe()}: rebuild with `edgetune build-ort --prompt-tokens "
+                            f"{spec.num_virtual_tokens}`")
+    if built.num_virtual_tokens != spec.num_virtual_tokens:
+        raise ArtifactError(f"the round trains a soft prompt of {spec.num_virtual_tokens} virtual tokens but the "
+                            f"artifacts were built for {built.num_virtual_tokens}: rebuild with `edgetune build-ort "
+                            f"--prompt-tokens {spec.num_virtual_tokens}`")
+
+
 def check_layout(manifest: ArtifactManifest, spec: LoraSpec, modules: Iterable[str], rank: int) -> None:
     """Refuse a round the graphs cannot train: other modules, a rank above the artifacts',
     another scale (alpha / rank), or dropout (the graphs are built without it)."""
     wanted = tuple(sorted(modules))
     built = manifest.adapter
+    if built.kind != "lora":
+        raise ArtifactError(f"the round trains LoRA but the artifacts train {built.describe()}: rebuild with "
+                            f"`edgetune build-ort --rank {spec.rank} --targets {','.join(spec.target_modules)}`")
     if wanted != tuple(sorted(built.modules)):
         extra = sorted(set(wanted) - set(built.modules))[:3]
         lacking = sorted(set(built.modules) - set(wanted))[:3]

@@ -1,5 +1,5 @@
-"""``edgetune build-ort``: export a base model with LoRA injected and generate ONNX Runtime
-training artifacts in which only the LoRA factors are trainable. Needs torch, transformers,
+"""``edgetune build-ort``: export a base model with LoRA injected (or a soft prompt put before
+its inputs) and generate ONNX Runtime training artifacts in which only the adapter is trainable. Needs torch, transformers,
 PEFT, onnx and onnxruntime-training; runs where those are (a server), once per model and layout.
 
 The exported graph is the PEFT model the torch trainer trains (same modules, same scale), in a
@@ -7,6 +7,11 @@ wrapper that returns the loss: ``data_loss · loss_scale + prox_scale/2 · Σ‖
 ``loss_scale`` lets a device average gradients over micro-batches (ORT sums them), and the
 anchors (frozen copies of the factors, set at the start of a round) give FedProx. A second
 output, ``data_loss``, is the plain mean next-token loss, for reporting and perplexity.
+
+A soft prompt (``--prompt-tokens N``) is the PEFT prompt-tuning model the torch trainer trains,
+exported the same way: the wrapper puts the N prompt vectors before the token embeddings and
+runs the base on N + T positions (positions 0..N+T−1, a causal mask over all of them, as PEFT
+does), and the loss is over the block's T − 1 predicted tokens, as the torch trainer's.
 
 What ONNX Runtime training 1.19.2 needs of the export (measured; docs/ort.md): the TorchScript
 exporter (``dynamo=False``), opset 15, no constant folding (it renames and transposes weights),
@@ -18,6 +23,7 @@ graph is re-stamped IR 10 (it uses nothing newer).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +37,7 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import replace_dir
-from ..wire.schema import LoraSpec
+from ..wire.schema import LoraSpec, PromptSpec
 from .artifacts import (
     CHECKPOINT,
     EVAL_MODEL,
@@ -68,8 +74,12 @@ def build_artifacts(
     optimizer: OptimizerSettings = OptimizerSettings(),
     seed: int = 0,
     force: bool = False,
+    prompt_tokens: int | None = None,
 ) -> ArtifactManifest:
     """Build the artifacts for ``model_ref`` (as for ``load_model``) into ``out``.
+
+    ``prompt_tokens`` N builds a soft prompt of N virtual tokens instead of LoRA (``rank``,
+    ``alpha`` and ``targets`` are then unused).
 
     ``rank`` and ``alpha`` must be the fleet's (the aggregator's ``--rank``/``--alpha``; both
     default alike): a device trains any rank up to ``rank`` at scale alpha / rank.
@@ -89,23 +99,39 @@ def build_artifacts(
         raise FileExistsError(f"{out} is not empty: pass --force to replace it")
     started = time.perf_counter()
     loaded = load_model(model_ref)
-    spec = LoraSpec(rank=rank, alpha=float(alpha),
-                    target_modules=tuple(targets or default_targets(loaded)), dropout=0.0)
-    modules = select_targets(spec, loaded.manifest.modules)
-    trainer = TorchLoraTrainer(loaded, spec)  # the very PEFT model the torch backend trains
-    trainer.set_adapter(init_lora(spec, loaded.manifest.modules, seed))
-    graph = _TrainingGraph(trainer)
+    if prompt_tokens is not None:
+        from ..trainers.torch_prompt import TorchPromptTrainer
+
+        prompt = PromptSpec(num_virtual_tokens=prompt_tokens)
+        trainer: Any = TorchPromptTrainer(loaded, prompt)  # the very PEFT model the torch backend trains
+        graph: Any = _PromptGraph(trainer)
+        layout = AdapterLayout(0, 0.0, (), (), "prompt", prompt_tokens)
+        described = f"a soft prompt of {prompt_tokens} virtual tokens"
+    else:
+        spec = LoraSpec(rank=rank, alpha=float(alpha),
+                        target_modules=tuple(targets or default_targets(loaded)), dropout=0.0)
+        modules = select_targets(spec, loaded.manifest.modules)
+        trainer = TorchLoraTrainer(loaded, spec)  # the very PEFT model the torch backend trains
+        trainer.set_adapter(init_lora(spec, loaded.manifest.modules, seed))
+        graph = _TrainingGraph(trainer)
+        layout = AdapterLayout(spec.rank, spec.alpha, spec.target_modules, tuple(modules))
+        described = f"LoRA r={spec.rank} on {len(modules)} modules"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         exported = _export(graph, tmp / "exported.onnx")
-        parameters, base_weights = _generate(exported, graph, tmp, optimizer)
+        parameters, base_weights, initializers = _generate(exported, graph, tmp, optimizer)
+        if layout.kind == "prompt":
+            embedding = next((n for n in graph.embedding_names if n in initializers), None)
+            if embedding is None:
+                raise RuntimeError("the exported graph lost the input embedding matrix's name: cannot initialize prompts")
+            layout = dataclasses.replace(layout, embedding=embedding)
         (tmp / "exported.onnx").unlink()
         tokenizer = _save_tokenizer(loaded.tokenizer, tmp)
         manifest = ArtifactManifest(
             model=loaded.manifest,
             model_hash=_checkpoint_hash(tmp / CHECKPOINT),
-            adapter=AdapterLayout(spec.rank, spec.alpha, spec.target_modules, tuple(modules)),
+            adapter=layout,
             parameters=parameters,
             base_weights=base_weights,
             optimizer=optimizer,
@@ -119,8 +145,8 @@ def build_artifacts(
         replace_dir(tmp, out)  # a non-empty out only with force (checked above)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("ONNX Runtime artifacts for %s (LoRA r=%d on %d modules, %d trainable parameters) in %s, %.1f s",
-             loaded.name, spec.rank, len(modules), manifest.trainable_size, out, time.perf_counter() - started)
+    log.info("ONNX Runtime artifacts for %s (%s, %d trainable parameters) in %s, %.1f s",
+             loaded.name, described, manifest.trainable_size, out, time.perf_counter() - started)
     return manifest
 
 
@@ -176,6 +202,58 @@ class _TrainingGraph:
         self.anchor_names = {self.names[name]: f"{_ANCHORS}.{i}" for i, (name, _) in enumerate(named)}
 
 
+class _PromptGraph:
+    """As :class:`_TrainingGraph`, for a soft prompt (``TorchPromptTrainer``'s PEFT model)."""
+
+    def __init__(self, trainer: Any):
+        import torch
+
+        from ..adapters.prompt import PROMPT
+
+        peft_model = trainer.model
+        n = trainer.spec.num_virtual_tokens
+        prompt_name = "prompt_encoder.default.embedding.weight"
+        prompt = peft_model.get_parameter(prompt_name)
+        self.names = {prompt_name: PROMPT}
+
+        class Graph(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = peft_model
+                self.anchors = torch.nn.ParameterList(
+                    [torch.nn.Parameter(prompt.detach().clone(), requires_grad=False)])
+
+            def forward(self, input_ids, attention_mask, position_ids, loss_scale, prox_scale):
+                base = self.m.base_model  # the plain transformers model
+                tokens = base.get_input_embeddings()(input_ids)  # (B, T, H)
+                batch_ones = torch.ones_like(input_ids[:, :1])  # (B, 1): dynamic batch
+                virtual = self.m.prompt_encoder.default.embedding.weight  # (N, H)
+                embeds = torch.cat([virtual.unsqueeze(0) * batch_ones.unsqueeze(-1).to(virtual.dtype), tokens], 1)
+                mask = torch.cat([batch_ones.expand(-1, n), attention_mask], 1)  # (B, N+T)
+                length = embeds.shape[1]
+                causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+                allowed = causal[None, None, :, :] & mask[:, None, None, :].bool()
+                additive = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(
+                    ~allowed, torch.finfo(torch.float32).min)
+                prefix = torch.arange(n, device=input_ids.device).unsqueeze(0) * batch_ones  # (B, N)
+                positions = torch.cat([prefix, position_ids + n], 1)
+                logits = base(inputs_embeds=embeds, attention_mask=additive, position_ids=positions,
+                              use_cache=False).logits[:, n:-1]  # the block's predictions of tokens 1..T-1
+                data_loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
+                drift = ((virtual - self.anchors[0]) ** 2).sum()
+                return data_loss * loss_scale + 0.5 * prox_scale * drift, data_loss
+
+        self.module = Graph().train()
+        self.base_weights: dict[str, tuple[str, bool]] = {}  # a prompt has no merged delta
+        self.ort_names = {f"m.{prompt_name}": PROMPT}
+        self.anchor_names = {PROMPT: f"{_ANCHORS}.0"}
+        # the embedding matrix may be tied to the output layer; the exporter keeps one name
+        weight = peft_model.base_model.get_input_embeddings().weight
+        self.embedding_names = [name for name, p in self.module.named_parameters(remove_duplicate=False)
+                                if p is weight]
+
+
 def _fleet_name(torch_name: str) -> tuple[str, str]:
     """``base_model.model.{module}.lora_A.default.weight`` -> (module, "lora_A")."""
     parts = torch_name.split(".")
@@ -183,7 +261,7 @@ def _fleet_name(torch_name: str) -> tuple[str, str]:
     return ".".join(parts[2:i]), parts[i]
 
 
-def _export(graph: _TrainingGraph, path: Path) -> Path:
+def _export(graph: Any, path: Path) -> Path:
     import torch
 
     ids = torch.zeros(2, 8, dtype=torch.int64)
@@ -205,8 +283,8 @@ def _export(graph: _TrainingGraph, path: Path) -> Path:
     return path
 
 
-def _generate(exported: Path, graph: _TrainingGraph, folder: Path,
-              optimizer: OptimizerSettings) -> tuple[tuple[ParamEntry, ...], dict[str, tuple[str, bool]]]:
+def _generate(exported: Path, graph: Any, folder: Path, optimizer: OptimizerSettings
+              ) -> tuple[tuple[ParamEntry, ...], dict[str, tuple[str, bool]], set[str]]:
     import onnx
     import onnxruntime
 
@@ -221,7 +299,7 @@ def _generate(exported: Path, graph: _TrainingGraph, folder: Path,
     trainable = [n for n in names if n in graph.ort_names]
     if sorted(trainable) != sorted(graph.ort_names):
         missing = sorted(set(graph.ort_names) - set(trainable))[:3]
-        raise RuntimeError(f"the exported graph lacks LoRA parameters {missing}: the exporter renamed them")
+        raise RuntimeError(f"the exported graph lacks adapter parameters {missing}: the exporter renamed them")
     frozen = [n for n in names if n not in graph.ort_names]
     source: Any = model
     if model.ByteSize() > _PROTO_LIMIT:
@@ -245,7 +323,7 @@ def _generate(exported: Path, graph: _TrainingGraph, folder: Path,
     if dropped:
         log.warning("%d linear layers have no weight of their own in the graph (e.g. %s): no merged delta on them",
                     len(dropped), dropped[:3])
-    return entries, base_weights
+    return entries, base_weights, set(names)
 
 
 def _quiet_gradient_builder(onnxruntime: Any) -> None:

@@ -1,4 +1,4 @@
-"""AdamW and gradient clipping as PyTorch computes them, on flat float32 numpy vectors.
+"""AdamW, SGD and gradient clipping as PyTorch computes them, on flat float32 numpy vectors.
 
 The ONNX Runtime trainer takes its gradients from ORT and steps here: ORT keeps AdamW's
 moments inside the checkpoint state, where nothing resets them short of loading a new state
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["AdamW", "clip_by_global_norm"]
+__all__ = ["AdamW", "SGD", "clip_by_global_norm"]
 
 
 def clip_by_global_norm(grad: np.ndarray, max_norm: float) -> float:
@@ -60,3 +60,16 @@ class AdamW:
         bias2 = 1.0 - beta2 ** self.step_count
         denom = np.sqrt(self.v) / np.float32(np.sqrt(bias2)) + np.float32(self.eps)
         param -= np.float32(self.lr / bias1) * self.m / denom
+
+
+@dataclass
+class SGD:
+    """``torch.optim.SGD`` without momentum: weight decay added to the gradient (coupled)."""
+
+    lr: float
+    weight_decay: float = 0.0
+
+    def step(self, param: np.ndarray, grad: np.ndarray) -> None:
+        if self.weight_decay:
+            grad = grad + np.float32(self.weight_decay) * param
+        param -= np.float32(self.lr) * grad

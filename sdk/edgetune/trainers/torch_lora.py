@@ -15,11 +15,8 @@ update without losing it to rounding, and a hook works the same for every base.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,9 +26,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..adapters.lora import as_float32, check_merged, check_tensors, lora_shapes
 from ..models.loading import LoadedModel
-from ..wire.schema import LoraSpec, TrainSettings
+from ..wire.schema import LoraSpec
 from .quantize import quantization_of, quantize_base
 from .result import TrainResult
+from .torch_base import TorchTrainer, proximal_term
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ __all__ = ["TorchLoraTrainer", "TrainResult", "proximal_term"]
 _ADAPTER = "default"  # PEFT's name for the one adapter we attach
 
 
-class TorchLoraTrainer:
+class TorchLoraTrainer(TorchTrainer):
     """Trains the LoRA factors of ``spec`` on ``loaded``'s model; the base stays frozen.
 
     PEFT wraps the model in place, so ``loaded.model`` now carries LoRA layers: give each
@@ -87,9 +85,11 @@ class TorchLoraTrainer:
             # non-reentrant checkpointing passes gradients to LoRA even though the embeddings'
             # output does not require grad, so no such hook is needed
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
         wrapped = self.model.base_model.model
         self._layers = {m: wrapped.get_submodule(m) for m in self._modules}
+        self._params = [self._weight(name) for name in self.shapes]  # in fleet-name order
+        if len(self._params) != sum(p.requires_grad for p in self.model.parameters()):
+            raise RuntimeError("PEFT made other parameters trainable than the LoRA factors")
         self._merged_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def unload(self) -> None:
@@ -110,10 +110,6 @@ class TorchLoraTrainer:
                 "or load the model again to train in another precision", self.loaded.name, mode, mode,
             )
         self.loaded.model = base
-
-    @property
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self._params)
 
     # --- adapter exchange -------------------------------------------------------------
 
@@ -162,7 +158,7 @@ class TorchLoraTrainer:
         if self._merged_hooks:
             log.debug("frozen merged delta on %d modules", len(self._merged_hooks))
 
-    # --- training and evaluation ------------------------------------------------------
+    # --- forward -------------------------------------------------------------------------
 
     def _forward(self, batch: np.ndarray, labels: bool) -> Any:
         ids = torch.as_tensor(np.asarray(batch, dtype=np.int64))  # (B, T)
@@ -178,97 +174,8 @@ class TorchLoraTrainer:
             use_cache=False,
         )
 
-    def train(
-        self,
-        batches: Iterator[np.ndarray],
-        settings: TrainSettings,
-        on_step: Callable[[int, int, float], None] | None = None,
-    ) -> TrainResult:
-        """``settings.local_steps`` AdamW steps over the LoRA factors, each averaging the
-        gradients of ``settings.grad_accum`` micro-batches. The optimizer is new every call:
-        after a federated round its moments describe factors that no longer exist.
-
-        With ``settings.proximal_mu`` > 0 (FedProx) each step also minimises
-        ``mu/2 · Σ‖θ − θ_start‖²`` over the factors, θ_start being their values when this call
-        began, which keeps devices with unlike data from drifting far from the global adapter.
-        Reported losses stay the data loss. AdamW normalises gradients, so mu acts relative to
-        the data gradient's size rather than as an absolute pull.
-
-        Stops early (with a warning) if ``batches`` runs out; raises if not one step was made.
-        """
-        optimizer = torch.optim.AdamW(
-            self._params, lr=settings.learning_rate, weight_decay=settings.weight_decay
-        )
-        mu = settings.proximal_mu
-        anchor = [p.detach().clone() for p in self._params] if mu > 0 else []
-        total = settings.local_steps
-        losses: list[float] = []
-        tokens = 0
-        started = time.perf_counter()
-        batches = iter(batches)
-        # fork_rng: dropout is reproducible from the seed without touching the caller's RNG
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            self.model.train()
-            try:
-                for step in range(1, total + 1):
-                    micro = list(itertools.islice(batches, settings.grad_accum))
-                    if len(micro) < settings.grad_accum:
-                        log.warning("training data ran out after %d of %d steps", step - 1, total)
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    step_loss = 0.0
-                    for batch in micro:
-                        loss = self._forward(batch, labels=True).loss
-                        (loss / settings.grad_accum).backward()
-                        step_loss += loss.item() / settings.grad_accum
-                        tokens += int(np.asarray(batch).size)
-                    if anchor:
-                        proximal_term(self._params, anchor, mu).backward()
-                    if settings.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(self._params, settings.max_grad_norm)
-                    optimizer.step()
-                    losses.append(step_loss)
-                    if on_step is not None:
-                        on_step(step, total, step_loss)
-            finally:
-                optimizer.zero_grad(set_to_none=True)
-                self.model.eval()
-        if not losses:
-            raise ValueError("no training step was made: the batch iterator yielded too few batches")
-        seconds = time.perf_counter() - started
-        result = TrainResult(
-            mean_loss=float(np.mean(losses)), final_loss=losses[-1], tokens=tokens, seconds=seconds, steps=len(losses)
-        )
-        log.info(
-            "trained %d steps in %.2f s: loss %.4f -> %.4f (%d tokens)",
-            result.steps, seconds, losses[0], result.final_loss, tokens,
-        )
-        return result
-
-    @torch.no_grad()
-    def perplexity(self, blocks: np.ndarray, batch_size: int = 8) -> float:
-        """exp of the mean next-token NLL over all predicted tokens of ``blocks`` (N, T),
-        with the current adapter."""
-        blocks = np.asarray(blocks, dtype=np.int64)
-        if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
-            raise ValueError(f"perplexity needs blocks of shape (N ≥ 1, T ≥ 2), got {blocks.shape}")
-        self.model.eval()
-        nll, count = 0.0, 0
-        for start in range(0, len(blocks), batch_size):
-            batch = blocks[start:start + batch_size]
-            logits = self._forward(batch, labels=False).logits[:, :-1]  # (B, T-1, V)
-            targets = torch.from_numpy(batch[:, 1:])
-            nll += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
-            ).item()
-            count += targets.numel()
-        return math.exp(nll / count)
-
-
-def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
-    """FedProx's ``mu/2 · Σ‖θ − θ_start‖²``; its gradient is ``mu · (θ − θ_start)``."""
-    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+    def _logits(self, batch: np.ndarray) -> torch.Tensor:
+        return self._forward(batch, labels=False).logits
 
 
 def _low_rank_hook(b: torch.Tensor, a: torch.Tensor) -> Callable[..., torch.Tensor]:

@@ -113,8 +113,10 @@ def _converter(tp: Any) -> Converter:
     """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
-        convert_inner = _converter(inner)
+        options = [t for t in typing.get_args(tp) if t is not type(None)]
+        convert_inner = _converter(options[0]) if len(options) == 1 else _tagged_union(tuple(options))
+        if type(None) not in typing.get_args(tp):
+            return convert_inner
         return lambda v, where: None if v is None else convert_inner(v, where)
     if dataclasses.is_dataclass(tp):
         return _dataclass_converter(tp)
@@ -157,6 +159,28 @@ _SCALARS: dict[type, tuple[typing.Callable[[Any], bool], str]] = {
     str: (lambda v: type(v) is str, "a string"),
     bytes: (lambda v: type(v) in (bytes, bytearray), "bytes"),
 }
+
+
+def _tagged_union(options: tuple[type, ...]) -> Converter:
+    """A union of dataclasses told apart by their ``kind`` field (e.g. ``LoraSpec | PromptSpec``).
+    A map without ``kind`` is the first option: older peers sent only that one."""
+    by_kind = {}
+    for cls in options:
+        default = {f.name: f.default for f in dataclasses.fields(cls)}.get("kind", dataclasses.MISSING)
+        if not dataclasses.is_dataclass(cls) or not isinstance(default, str):
+            raise TypeError(f"union member {cls!r} needs a str field 'kind' with a default")  # programming error
+        by_kind[default] = _converter(cls)
+    first = next(iter(by_kind))
+
+    def tagged(v: Any, where: Any) -> Any:
+        if type(v) is not dict:
+            _fail(where, "a map", v)
+        kind = v.get("kind", first)
+        convert = by_kind.get(kind) if isinstance(kind, str) else None
+        if convert is None:
+            raise WireError("bad_field", f"{path_text(where)}.kind: {kind!r} is not one of {', '.join(by_kind)}")
+        return convert(v, where)
+    return tagged
 
 
 def _tuple_converter(args: tuple) -> Converter:

@@ -25,7 +25,8 @@ AGGREGATOR_ID = "aggregator"
 #: EMQX's default maximum packet: payloads above it travel as chunks
 DEFAULT_MAX_PACKET = 1 << 20
 #: topic kinds a device publishes under, each as ``{kind}/{device_id}``
-DEVICE_TOPIC_KINDS = ("hello", "presence", "update", "eval", "importance", "progress", "error", "artifact_request")
+DEVICE_TOPIC_KINDS = ("hello", "presence", "update", "eval", "importance", "init", "personal", "progress", "error",
+                      "artifact_request")
 #: the most bytes one ArtifactData carries (it must fit one MQTT packet with its envelope)
 MAX_ARTIFACT_CHUNK = 1 << 19
 #: a model manifest larger than this is refused (protects the aggregator's memory)
@@ -66,8 +67,12 @@ class LoraSpec:
     alpha: float = 16.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     dropout: float = 0.0
+    #: the adapter kind on the wire (``AdapterSpec`` is a union told apart by it)
+    kind: str = "lora"
 
     def __post_init__(self) -> None:
+        if self.kind != "lora":
+            raise ValueError(f"LoraSpec.kind must be 'lora', got {self.kind!r}")
         if not 1 <= self.rank <= 1024:
             raise ValueError(f"LoraSpec.rank must be in 1..1024, got {self.rank}")
         _positive(self.alpha, "LoraSpec.alpha")
@@ -75,6 +80,49 @@ class LoraSpec:
             raise ValueError("LoraSpec.target_modules must name at least one module")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout}")
+
+
+PROMPT_INITS = ("vocab", "text")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A soft prompt (PEFT prompt tuning): ``num_virtual_tokens`` trainable embeddings put
+    before every input; the frozen model is otherwise untouched. One tensor,
+    ``prompt_embeddings`` of shape (num_virtual_tokens, hidden_size).
+
+    Its start needs the base's token embeddings, which only devices hold, so a prompt fleet
+    begins with an initialization round (``TaskKind.INITIALIZE``): ``init="vocab"`` takes the
+    embeddings of ``num_virtual_tokens`` vocabulary tokens drawn with the task's seed,
+    ``init="text"`` those of ``init_text``'s tokens, repeated or cut to length (PEFT's
+    SAMPLE_VOCAB and TEXT initialisations).
+    """
+
+    num_virtual_tokens: int = 20
+    init: str = "vocab"
+    init_text: str = ""
+    kind: str = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.kind != "prompt":
+            raise ValueError(f"PromptSpec.kind must be 'prompt', got {self.kind!r}")
+        if not 1 <= self.num_virtual_tokens <= 1024:
+            raise ValueError(f"PromptSpec.num_virtual_tokens must be in 1..1024, got {self.num_virtual_tokens}")
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"PromptSpec.init {self.init!r} is not one of {', '.join(PROMPT_INITS)}")
+        if self.init == "text" and not self.init_text.strip():
+            raise ValueError("PromptSpec.init 'text' needs a non-empty init_text")
+        if len(self.init_text) > 10_000:
+            raise ValueError("PromptSpec.init_text is longer than 10,000 characters")
+
+
+#: an adapter of either kind; on the wire the ``kind`` field tells which
+AdapterSpec = LoraSpec | PromptSpec
+ADAPTER_KINDS = ("lora", "prompt")
+CLIENT_OPTIMIZERS = ("adamw", "sgd")
+#: fedavg: local steps, the update is trained − global; fedsgd: one gradient per round, the
+#: update is −gradient and the server steps with its own learning rate
+ALGORITHMS = ("fedavg", "fedsgd")
 
 
 @dataclass(frozen=True)
@@ -91,12 +139,25 @@ class TrainSettings:
     seed: int = 0
     #: FedProx: add mu/2 · ‖θ − θ_start‖² over the adapter factors to the local loss (0: off)
     proximal_mu: float = 0.0
+    #: the device's optimizer: "adamw" or "sgd" (plain SGD, weight decay coupled as in torch)
+    optimizer: str = "adamw"
+    #: "fedavg" (train local_steps, send trained − global) or "fedsgd" (send −∇ of one batch of
+    #: batch_size × grad_accum blocks at the global adapter; the server's learning rate steps)
+    algorithm: str = "fedavg"
+    #: > 0: train this many passes over the device's own data instead of local_steps
+    local_epochs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("local_steps", "batch_size", "grad_accum", "seq_len"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"TrainSettings.{name} must be ≥ 1, got {value}")
+        if self.optimizer not in CLIENT_OPTIMIZERS:
+            raise ValueError(f"TrainSettings.optimizer {self.optimizer!r} is not one of {', '.join(CLIENT_OPTIMIZERS)}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"TrainSettings.algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        if not 0 <= self.local_epochs <= 10_000:
+            raise ValueError(f"TrainSettings.local_epochs must be in 0..10000, got {self.local_epochs}")
         _positive(self.learning_rate, "TrainSettings.learning_rate")
         _positive(self.weight_decay, "TrainSettings.weight_decay", allow_zero=True)
         _positive(self.max_grad_norm, "TrainSettings.max_grad_norm", allow_zero=True)
@@ -188,6 +249,7 @@ class Capabilities:
     float32 base, fixed modules, rank up to ``max_rank``; 0 means no limit)."""
 
     backends: tuple[str, ...] = ("torch",)
+    #: adapter kinds it trains ("lora", "prompt"); ONNX Runtime artifacts train the one built
     adapters: tuple[str, ...] = ("lora",)
     max_packet: int = DEFAULT_MAX_PACKET
     max_rank: int = 0
@@ -240,6 +302,10 @@ class TrainMetrics:
     #: transport bytes since the previous report (whole MQTT payloads)
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: robustness: perplexity of the global / the trained adapter on the other sites' held-out
+    #: text the operator gave this device (None: it has none)
+    global_robust_ppl: float | None = None
+    local_robust_ppl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -284,9 +350,25 @@ class ImportanceReport:
 
 
 @dataclass(frozen=True)
+class AdapterInit:
+    """A device's answer to an initialization round: the starting adapter computed from its
+    base (for a soft prompt: token embeddings). Devices of one fleet share the base, so every
+    answer must agree; the aggregator takes the first and checks the others against it."""
+
+    device_id: str
+    round: int
+    tensors: dict[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+
+
+@dataclass(frozen=True)
 class EvalMetrics:
     global_ppl: float
     eval_tokens: int
+    #: perplexity on the other sites' held-out text (None: this device has none)
+    robust_ppl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +381,36 @@ class EvalReport:
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")
+
+
+@dataclass(frozen=True)
+class PersonalizationReport:
+    """What personalizing did on one device (``Device.personalize``): the personalization
+    score (perplexity on its own held-out data) and the robustness score (on the other sites'
+    held-out data) of the global adapter it started from, of the locally fine-tuned one (α = 1)
+    and of the personal adapter it now serves (α chosen or given)."""
+
+    device_id: str
+    global_version: int
+    alpha: float
+    global_ppl: float
+    local_ppl: float
+    personal_ppl: float
+    global_robust_ppl: float | None = None
+    local_robust_ppl: float | None = None
+    personal_robust_ppl: float | None = None
+    #: validation perplexity at each α tried, as ``{"0.3": ppl}`` (empty when α was given)
+    validation: dict[str, float] = field(default_factory=dict)
+    #: the settings used: learning_rate, steps, optimizer, l2_to_global
+    settings: dict[str, str] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"PersonalizationReport.alpha must be in [0, 1], got {self.alpha}")
+        if len(self.validation) > 1000 or len(self.settings) > 100:
+            raise ValueError("PersonalizationReport carries too many entries")
 
 
 @dataclass(frozen=True)
@@ -349,6 +461,8 @@ class DevicePlan:
 class TaskKind(str, Enum):
     #: score candidate weight matrices (ImportanceReport); picks the adapter layout
     CALIBRATE = "calibrate"
+    #: compute the starting adapter from the base's embeddings (AdapterInit; prompt fleets)
+    INITIALIZE = "initialize"
     TRAIN = "train"
     EVALUATE = "evaluate"
     FINISHED = "finished"
@@ -362,7 +476,7 @@ class RoundTask:
     kind: TaskKind
     global_version: int
     model_fingerprint: str
-    adapter: LoraSpec = field(default_factory=LoraSpec)
+    adapter: AdapterSpec = field(default_factory=LoraSpec)
     train: TrainSettings = field(default_factory=TrainSettings)
     deadline_s: float = 600.0
     #: per-device configuration from the planner; a device not listed uses adapter/train
@@ -379,7 +493,8 @@ class RoundTask:
 class GlobalAdapter:
     """The merged adapter, published retained and chunked (it is usually over one packet).
 
-    The weight a device runs for module ``m`` is
+    A soft prompt (``PromptSpec``) has one tensor, ``prompt_embeddings``, and no ``merged``.
+    For LoRA, the weight a device runs for module ``m`` is
     ``W + merged[m.merged_B] @ merged[m.merged_A] + (alpha / rank) · tensors[m.lora_B] @ tensors[m.lora_A]``:
     ``tensors`` are the trainable factors devices start from (each truncates them to its
     planned rank), ``merged`` an optional frozen low-rank delta (already scaled) that strategies
@@ -389,7 +504,7 @@ class GlobalAdapter:
     version: int
     round: int
     model_fingerprint: str
-    adapter: LoraSpec
+    adapter: AdapterSpec
     tensors: dict[str, np.ndarray]
     merged: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -468,6 +583,8 @@ MESSAGE_KINDS: dict[str, type] = {
     "update": Update,
     "eval": EvalReport,
     "importance": ImportanceReport,
+    "init": AdapterInit,
+    "personal": PersonalizationReport,
     "progress": Progress,
     "error": ErrorReport,
     "task": RoundTask,
@@ -532,6 +649,12 @@ class Topics:
 
     def importance(self, device_id: str) -> str:
         return f"{self.base}/importance/{device_id}"
+
+    def init(self, device_id: str) -> str:
+        return f"{self.base}/init/{device_id}"
+
+    def personal(self, device_id: str) -> str:
+        return f"{self.base}/personal/{device_id}"
 
     def progress(self, device_id: str) -> str:
         return f"{self.base}/progress/{device_id}"

@@ -1,0 +1,81 @@
+"""Soft prompts as plain arrays: one tensor, ``prompt_embeddings`` (num_virtual_tokens, hidden).
+
+Pure numpy like ``edgetune.adapters.lora``: the aggregator validates and averages prompts
+without a framework. A prompt is dense and linear in its parameters, so averaging prompts is
+averaging the models' inputs exactly; no rank bookkeeping exists here.
+
+The starting prompt is made of the base's own token embeddings (PEFT's SAMPLE_VOCAB and TEXT
+initialisations), which only a device holds: :func:`init_token_ids` says which tokens, the
+device looks their rows up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from ..wire.schema import AdapterSpec, LoraSpec, ModelManifest, PromptSpec
+from .lora import Shapes, lora_shapes
+
+#: the prompt's tensor name, as PEFT saves it (``adapter_model.safetensors``)
+PROMPT = "prompt_embeddings"
+
+
+def prompt_shapes(spec: PromptSpec, model: ModelManifest) -> Shapes:
+    if model.hidden_size < 1:
+        raise ValueError(f"model {model.name} does not report its hidden size (a device with an older SDK): "
+                         "it cannot train a soft prompt")
+    return {PROMPT: (spec.num_virtual_tokens, model.hidden_size)}
+
+
+def adapter_shapes(spec: AdapterSpec, model: ModelManifest, rank: int | None = None) -> Shapes:
+    """Name -> shape of every tensor of an adapter of ``spec`` (a LoRA at ``rank``, if given)
+    on ``model``."""
+    if isinstance(spec, PromptSpec):
+        return prompt_shapes(spec, model)
+    if rank is not None and rank != spec.rank:
+        spec = LoraSpec(rank, spec.alpha, spec.target_modules, spec.dropout)
+    return lora_shapes(spec, model.modules)
+
+
+def init_token_ids(spec: PromptSpec, encode: Callable[[str], list[int]], vocab_size: int, seed: int) -> np.ndarray:
+    """The ``num_virtual_tokens`` token ids whose embeddings start the prompt.
+
+    ``vocab``: drawn uniformly from the vocabulary with ``seed`` (the same on every device);
+    ``text``: ``init_text``'s tokens, repeated to length or cut (as PEFT's TEXT init)."""
+    n = spec.num_virtual_tokens
+    if spec.init == "vocab":
+        if vocab_size < 1:
+            raise ValueError("the model reports no vocabulary size: use init='text'")
+        return np.random.default_rng(seed).integers(0, vocab_size, size=n, dtype=np.int64)
+    ids = [int(i) for i in encode(spec.init_text)]
+    if not ids:
+        raise ValueError(f"init_text {spec.init_text[:40]!r} encodes to no tokens")
+    return np.resize(np.asarray(ids, np.int64), n)  # repeats, then cuts
+
+
+def prompt_from_embeddings(spec: PromptSpec, embeddings: Callable[[np.ndarray], np.ndarray], encode: Callable[[str], list[int]],
+                           vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+    """The starting prompt: rows ``embeddings(ids)`` for :func:`init_token_ids`."""
+    ids = init_token_ids(spec, encode, vocab_size, seed)
+    rows = np.asarray(embeddings(ids), np.float32)
+    if rows.shape[0] != spec.num_virtual_tokens or rows.ndim != 2:
+        raise ValueError(f"embedding lookup returned shape {rows.shape}")
+    return {PROMPT: np.ascontiguousarray(rows)}
+
+
+def agree(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], rtol: float = 1e-3) -> str | None:
+    """Why two devices' starting adapters differ (None if they agree within ``rtol`` of the
+    tensors' scale): they should be computed from the same base."""
+    if a.keys() != b.keys():
+        return f"tensors {sorted(a)} vs {sorted(b)}"
+    for name in a:
+        x, y = np.asarray(a[name], np.float32), np.asarray(b[name], np.float32)
+        if x.shape != y.shape:
+            return f"{name} has shape {list(y.shape)}, expected {list(x.shape)}"
+        scale = float(np.abs(x).max()) or 1.0
+        diff = float(np.abs(x - y).max())
+        if diff > rtol * scale:
+            return f"{name} differs by {diff:.3g} (scale {scale:.3g}): another base model?"
+    return None

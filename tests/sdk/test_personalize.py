@@ -1,0 +1,212 @@
+"""Personalization on tiny models built in code: the ℓ2 pull toward the global adapter, the
+interpolation between global and local adapters and the choice of α; and FedSGD against
+centralized SGD on the union of the devices' batches."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from edgetune.adapters.lora import init_lora  # noqa: E402
+from edgetune.adapters.prompt import PROMPT  # noqa: E402
+from edgetune.data import generate_device_texts, split_heldout  # noqa: E402
+from edgetune.device import Device, DeviceConfig, hash_seed  # noqa: E402
+from edgetune.models import load_model  # noqa: E402
+from edgetune.personalize import PersonalizeSettings, choose_alpha, interpolate, personalize  # noqa: E402
+from edgetune.trainers.penalty import l2_gradient, l2_penalty, prox_to_anchor  # noqa: E402
+from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
+from edgetune.trainers.torch_prompt import TorchPromptTrainer, embedding_rows  # noqa: E402
+from edgetune.transport import open_transport  # noqa: E402
+from edgetune.wire import GlobalAdapter, LoraSpec, PromptSpec, TrainSettings  # noqa: E402
+from edgetune.workload import Workload  # noqa: E402
+from edgetune_aggregator.daemon import Aggregator, AggregatorConfig  # noqa: E402
+from edgetune_aggregator.store import StateStore  # noqa: E402
+from edgetune_aggregator.strategies import ServerOptimizerConfig  # noqa: E402
+
+LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+PROMPT_SPEC = PromptSpec(num_virtual_tokens=4)
+
+
+def batches(count: int, batch: int = 2, length: int = 16, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (batch, length)) for _ in range(count)]
+
+
+def lora_start(seed: int = 1) -> dict[str, np.ndarray]:
+    tensors = init_lora(LORA, load_model("tiny-llama").manifest.modules, seed)
+    rng = np.random.default_rng(seed)
+    return {n: rng.normal(0, 0.05, t.shape).astype(np.float32) if n.endswith("lora_B") else t for n, t in tensors.items()}
+
+
+def prompt_start() -> dict[str, np.ndarray]:
+    return {PROMPT: embedding_rows(load_model("tiny-llama").model, np.arange(10, 14))}
+
+
+# --- the ℓ2 penalty ---------------------------------------------------------------------------
+
+
+def test_the_penalty_gradient_is_lambda_times_the_distance():
+    rng = np.random.default_rng(0)
+    theta, anchor, lam = rng.normal(size=(4, 6)), rng.normal(size=(4, 6)), 0.7
+    t = torch.tensor(theta, requires_grad=True)
+    (0.5 * lam * ((t - torch.tensor(anchor)) ** 2).sum()).backward()  # autograd of λ/2·‖θ − θ_g‖²
+    np.testing.assert_allclose(t.grad.numpy(), lam * (theta - anchor), rtol=1e-12)
+    np.testing.assert_allclose(l2_gradient(theta, anchor, lam), lam * (theta - anchor), rtol=1e-6)
+    eps = 1e-6  # and the value's finite differences agree with it
+    bumped = theta.copy()
+    bumped[1, 2] += eps
+    numeric = (l2_penalty(bumped, anchor, lam) - l2_penalty(theta, anchor, lam)) / eps
+    assert numeric == pytest.approx(lam * (theta - anchor)[1, 2], rel=1e-4)
+
+
+def test_the_proximal_step_solves_the_penalised_sgd_step():
+    """θ' = prox(θ − lr·g) satisfies g + λ(θ' − θ_g) + (θ' − θ)/lr = 0: it is the implicit SGD
+    step on loss + λ/2·‖θ − θ_g‖²."""
+    rng = np.random.default_rng(1)
+    theta, anchor, g = (rng.normal(size=50).astype(np.float32) for _ in range(3))
+    lr, lam = 0.1, 3.0
+    stepped = theta - lr * g
+    prox_to_anchor(stepped, anchor, lr, lam)
+    np.testing.assert_allclose(g + lam * (stepped - anchor) + (stepped - theta) / lr, 0, atol=1e-5)
+
+
+def test_one_sgd_step_with_the_penalty_moves_by_the_penalised_amount():
+    trainer = TorchPromptTrainer(load_model("tiny-llama"), PROMPT_SPEC)
+    start = prompt_start()
+    trainer.set_adapter(start)
+    data = batches(1, seed=2)
+    grad, _, _ = trainer.gradient(data)
+    lr, lam = 0.5, 4.0
+    trainer.train(iter(data), TrainSettings(local_steps=1, batch_size=2, seq_len=16, learning_rate=lr, optimizer="sgd",
+                                            max_grad_norm=0.0), l2_to_global=lam)
+    # at θ = θ_g the penalty's gradient is 0, and the implicit step divides by 1 + lr·λ
+    expected = start[PROMPT] - lr * grad[PROMPT] / (1 + lr * lam)
+    np.testing.assert_allclose(trainer.get_adapter()[PROMPT], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_an_infinite_penalty_keeps_the_global_adapter(kind, optimizer):
+    trainer = (TorchLoraTrainer(load_model("tiny-llama"), LORA) if kind == "lora"
+               else TorchPromptTrainer(load_model("tiny-llama"), PROMPT_SPEC))
+    start = lora_start() if kind == "lora" else prompt_start()
+    settings = TrainSettings(local_steps=5, batch_size=2, seq_len=16, learning_rate=1e-2, optimizer=optimizer)
+    for lam, moved in ((0.0, True), (1e12, False)):
+        trainer.set_adapter(start)
+        trainer.train(iter(batches(5)), settings, l2_to_global=lam)
+        after = trainer.get_adapter()
+        drift = max(np.abs(after[n] - start[n]).max() for n in start)
+        assert (drift > 1e-4) if moved else (drift < 1e-8), (lam, drift)
+
+
+# --- interpolation and α ----------------------------------------------------------------------
+
+
+def test_interpolation_endpoints_are_the_global_and_the_local_adapter():
+    held = np.concatenate(batches(2, seed=7))
+    # LoRA: the models at α = 0 and 1 are the global and the local one (weight-space interpolation)
+    trainer = TorchLoraTrainer(load_model("tiny-llama"), LORA)
+    global_tensors, local = lora_start(1), lora_start(2)
+    rng = np.random.default_rng(3)
+    merged = {"model.layers.0.self_attn.q_proj.merged_A": rng.normal(0, 0.1, (2, 64)).astype(np.float32),
+              "model.layers.0.self_attn.q_proj.merged_B": rng.normal(0, 0.1, (64, 2)).astype(np.float32)}
+
+    def logits(tensors, merged_delta):
+        trainer.set_adapter(tensors)
+        trainer.set_merged(merged_delta)
+        with torch.no_grad():
+            return trainer._logits(held).numpy()
+
+    reference = {"global": logits(global_tensors, merged), "local": logits(local, merged)}
+    for alpha, which in ((0.0, "global"), (1.0, "local")):
+        np.testing.assert_allclose(logits(*interpolate(LORA, global_tensors, merged, local, alpha)), reference[which],
+                                   rtol=1e-4, atol=1e-5)
+    middle = logits(*interpolate(LORA, global_tensors, merged, local, 0.5))
+    assert not np.allclose(middle, reference["global"], atol=1e-4) and not np.allclose(middle, reference["local"], atol=1e-4)
+    # a prompt: the tensors themselves
+    g, loc = prompt_start(), {PROMPT: prompt_start()[PROMPT] + 1.0}
+    assert np.array_equal(interpolate(PROMPT_SPEC, g, {}, loc, 0.0)[0][PROMPT], g[PROMPT])
+    assert np.array_equal(interpolate(PROMPT_SPEC, g, {}, loc, 1.0)[0][PROMPT], loc[PROMPT])
+    np.testing.assert_allclose(interpolate(PROMPT_SPEC, g, {}, loc, 0.25)[0][PROMPT], g[PROMPT] + 0.25, rtol=1e-6)
+
+
+def test_choose_alpha_takes_the_validation_best_and_the_smaller_on_ties():
+    assert choose_alpha(lambda a: (a - 0.3) ** 2 + 5, [0, 0.1, 0.2, 0.3, 0.4, 1.0])[0] == 0.3
+    best, seen = choose_alpha(lambda a: 2.0 if a >= 0.5 else 3.0, [0.0, 0.5, 1.0])
+    assert best == 0.5 and seen == {0.0: 3.0, 0.5: 2.0, 1.0: 2.0}
+
+
+@pytest.mark.parametrize("spec", [LORA, PROMPT_SPEC], ids=["lora", "prompt"])
+def test_personalize_picks_the_alpha_that_is_best_on_the_validation_split(spec):
+    texts = generate_device_texts(0, 60)
+    train, heldout = split_heldout(texts, 0.2, seed=0)
+    robust = generate_device_texts(1, 12)
+    workload = Workload(load_model("tiny-llama"), train, heldout, robustness_texts=robust)
+    tensors = lora_start() if spec is LORA else prompt_start()
+    adapter = GlobalAdapter(3, 3, workload.manifest.fingerprint, spec, tensors)
+    settings = PersonalizeSettings(learning_rate=2e-2, steps=6, batch_size=2, seq_len=32)
+    personal, report = personalize(workload, adapter, settings, "dev-0")
+    assert report.alpha == min(personal.validation, key=lambda a: (personal.validation[a], a))
+    assert set(report.validation) == {f"{a:g}" for a in settings.alphas}
+    assert report.global_robust_ppl is not None and report.personal_robust_ppl is not None
+    # the endpoints of the search are the global and the local adapter on the same split
+    trainer = workload.trainer(spec)
+    _, val = workload.personal_split(32, settings.validation_fraction, settings.seed)
+    trainer.set_adapter(tensors)
+    trainer.set_merged({})
+    assert personal.validation[0.0] == pytest.approx(trainer.perplexity(val[:16]), rel=1e-5)
+    # a given α is used as is
+    fixed, report = personalize(workload, adapter, PersonalizeSettings(learning_rate=2e-2, steps=6, batch_size=2,
+                                                                       seq_len=32, alpha=0.0), "dev-0")
+    assert report.alpha == 0.0 and not fixed.validation
+    assert report.personal_ppl == pytest.approx(report.global_ppl, rel=1e-5)
+
+
+# --- FedSGD -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [LORA, PROMPT_SPEC], ids=["lora", "prompt"])
+def test_fedsgd_equals_centralized_sgd_on_the_union_of_the_batches(spec, tmp_path):
+    lr = 0.3
+    train = TrainSettings(batch_size=2, grad_accum=2, seq_len=32, algorithm="fedsgd", seed=5)
+    config = AggregatorConfig(fleet="fedsgd", state_dir=tmp_path / "state", rounds=1, min_devices=3,
+                              round_timeout_s=120, join_timeout_s=60, adapter=spec, train=train,
+                              server_optimizer=ServerOptimizerConfig("fedavg", lr=lr), evaluate_final=False)
+    assert config.strategy_name == ("fedit" if spec is LORA else "dense")
+    url = "memory://fedsgd-" + spec.kind
+    aggregator = Aggregator(config, open_transport(url, client_id="agg"))
+    thread = threading.Thread(target=aggregator.serve, daemon=True)
+    thread.start()
+    workloads = []
+    for i in range(3):
+        texts = generate_device_texts(i, 40)
+        tr, ho = split_heldout(texts, 0.25, seed=i)
+        workloads.append(Workload(load_model("tiny-llama"), tr, ho, threads=1))
+        device = Device(DeviceConfig("fedsgd", f"dev-{i}"), open_transport(url, client_id=f"dev-{i}"), workloads[-1])
+        device.connect()
+        device.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    store = StateStore(tmp_path / "state")
+    v0, v1 = store.load_global(0), store.load_global(1)
+    # centralized: the same global start, every device's batches of that round together, one SGD step
+    task_seed = train.seed + store.rounds()[-1]["round"]
+    union = []
+    for i, workload in enumerate(workloads):
+        settings = TrainSettings(batch_size=2, grad_accum=2, seq_len=32, seed=task_seed)
+        stream = workload.batches(settings, seed=task_seed + hash_seed(f"dev-{i}"))
+        union += [next(stream) for _ in range(2)]
+    reference = (TorchLoraTrainer(load_model("tiny-llama"), spec) if spec is LORA
+                 else TorchPromptTrainer(load_model("tiny-llama"), spec))
+    reference.set_adapter(v0.tensors)
+    grads, _, _ = reference.gradient(union)
+    for name, start in v0.tensors.items():
+        expected = start.astype(np.float64) - lr * grads[name]
+        np.testing.assert_allclose(v1.tensors[name], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    # (with B = 0 at the start, LoRA's A gets no gradient yet; B and the prompt do)
+    assert max(np.abs(v1.tensors[n] - v0.tensors[n]).max() for n in v0.tensors) > 1e-4
