@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,25 +24,15 @@ import numpy as np
 
 log = logging.getLogger("fortunes")
 
-FORTUNES = Path("/usr/share/games/fortunes")
-#: the largest topical categories (≥ 100 kB of text each), largest first
-DEFAULT_CATEGORIES = ("computers", "science", "people", "politics", "work", "men-women")
-
-_OVERSTRIKE = re.compile(r".\x08")  # "_\bx": nroff-style underlining in a few entries
+from edgetune.data.fortunes import DEFAULT_CATEGORIES, FORTUNES, load_category as _load  # noqa: F401
 
 
 def load_category(category: str, root: Path = FORTUNES) -> list[str]:
-    """The entries of one category, stripped, overstrikes removed, empty ones dropped."""
-    path = root / category
-    if not path.is_file():
-        if not root.is_dir():
-            raise SystemExit(f"{root} does not exist: these benchmarks train on the Debian 'fortunes' "
-                             "package; install it with `sudo apt-get install fortunes`")
-        have = sorted(p.name for p in root.iterdir() if "." not in p.name)
-        raise SystemExit(f"no fortune category {category!r} in {root}; it has {', '.join(have)}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    entries = (_OVERSTRIKE.sub("", entry).strip() for entry in re.split(r"^%$", text, flags=re.MULTILINE))
-    return [entry for entry in entries if entry]
+    """The entries of one category (``edgetune.data.fortunes``); exits with the reason if absent."""
+    try:
+        return _load(category, root)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 @dataclass

@@ -7,6 +7,7 @@
     edgetune build-ort [--model REF] --rank R [--alpha A] --targets q_proj,v_proj [--prompt-tokens N] --out DIR
     edgetune demo [--devices 3] [--rounds 2] [--out demo-out] [--data DIR]
     edgetune export --merged|--onnx --state-dir DIR [--version N] [--model REF] --out FOLDER [--force]
+    edgetune bench personalization [--model REF] [--categories a,b,c] [--out DIR] [--docs docs/benchmarks.md]
     edgetune generate --onnx FOLDER --prompt TEXT [--max-new-tokens N] [--temperature T]
 
 Anything a user can get wrong (URL, broker, model file, data file) ends in one line saying
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-steps", type=int, default=50, help="most optimizer steps a device takes per round")
     plan.add_argument("--uplink-budget-mb", type=float, help="fleet-wide MB of updates per round (solved as a MILP)")
     _add_common(plan)
+
+    from .bench.personalization import add_parser as add_bench_parser
+
+    _add_common(add_bench_parser(commands))
 
     demo = commands.add_parser("demo", help="a whole federation on this machine: broker, aggregator, devices")
     demo.add_argument("--devices", type=int, default=3)
@@ -281,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             return _build_ort(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "bench":
+            from .bench.personalization import main as bench_personalization
+
+            return bench_personalization(args)
         from .demo import run_demo
 
         return run_demo(args)

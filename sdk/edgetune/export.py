@@ -78,6 +78,9 @@ def load_global(state_dir: Path, version: int | None = None) -> GlobalAdapter:
         raise ExportError(f"cannot read {path}: {e}") from None
     if not isinstance(message, GlobalAdapter):
         raise ExportError(f"{path} holds a {type(message).__name__}, not a global adapter")
+    if message.adapter.kind != "lora":
+        raise ExportError(f"{path} is a soft prompt: it changes the model's input, not its weights, so there is "
+                          f"nothing to merge; load {state_dir / 'adapter'} with peft.PeftModel.from_pretrained instead")
     return message
 
 

@@ -88,3 +88,48 @@ def test_torch_and_torch_free_devices_federate_over_mosquitto(mosquitto_url, tmp
         assert ort_update.metrics.train_tokens > 0 and ort_update.metrics.local_ppl > 1
     assert not aggregator.drops
     torch_device.stop()
+
+
+@pytest.mark.slow
+def test_a_torch_free_device_trains_a_soft_prompt_with_a_torch_device(mosquitto_url, tmp_path):
+    """``build-ort --prompt-tokens``: both devices compute the same starting prompt (the ONNX
+    Runtime one from its checkpoint), and their prompt updates are averaged as equals."""
+    from edgetune.adapters.prompt import PROMPT
+    from edgetune.wire import PromptSpec, TrainSettings
+
+    spec = PromptSpec(num_virtual_tokens=4, init="text", init_text="Note:")
+    fleet = f"ort-prompt-{uuid.uuid4().hex[:8]}"
+    artifacts = tmp_path / "artifacts"
+    build_artifacts("tiny-llama", artifacts, prompt_tokens=spec.num_virtual_tokens)
+    data = tmp_path / "ort-device.txt"
+    data.write_text("\n".join(generate_device_texts(1, 40)) + "\n")
+    observer = Observer(mosquitto_url, fleet)
+    config = fleet_config(tmp_path, fleet, min_devices=2, adapter=spec, ort_artifacts=artifacts,
+                          train=TrainSettings(local_steps=2, batch_size=2, seq_len=32, learning_rate=3e-2))
+    aggregator, thread = start_aggregator(mosquitto_url, config)
+    process = start_torch_free_device(mosquitto_url, fleet, "ort-1", data, tmp_path / "device" / "artifacts",
+                                      tmp_path / "ort-1.log")
+    try:
+        torch_device = join_device(mosquitto_url, fleet, 0)
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the aggregator did not finish its rounds"
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        observer.close()
+    assert process.returncode == 0, output + (tmp_path / "ort-1.log").read_text()
+    assert "LOADED-FORBIDDEN:\n" in output, output
+    assert aggregator.devices["ort-1"].capabilities.adapters == ("prompt",)
+    rounds = aggregator.store.rounds()
+    assert rounds[0]["kind"] == "initialize" and len(rounds[0]["devices"]) == 2  # the two starts agreed
+    for r in (1, 2):
+        updates = {u.device_id: u for u in observer.updates[r + 1]}
+        assert set(updates) == {"dev-0", "ort-1"}
+        previous, merged = aggregator.store.load_global(r - 1), aggregator.store.load_global(r)
+        total = sum(u.num_samples for u in updates.values())
+        expected = previous.tensors[PROMPT] + sum(u.num_samples / total * u.delta[PROMPT] for u in updates.values())
+        np.testing.assert_allclose(merged.tensors[PROMPT], expected, rtol=1e-5, atol=1e-7)
+        assert np.abs(updates["ort-1"].delta[PROMPT]).max() > 0
+    assert not aggregator.drops
+    torch_device.stop()
