@@ -162,6 +162,8 @@ class Aggregator:
         self.global_adapter: GlobalAdapter | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        #: set once the fleet's last round closed and ``finished`` was published
+        self.finished = threading.Event()
         self._task: RoundTask | None = None  # the task now published
         self.strategy: Strategy | None = None  # made once the fleet's state is known
         self._calibration = None  # the cost model's coefficients, read once when first needed
@@ -193,6 +195,7 @@ class Aggregator:
             self._publish_task(self.state.round + 1, TaskKind.FINISHED)
             log.info("fleet %s finished: global adapter v%d in %s", self.config.fleet,
                      self.state.global_version, self.store.directory / "adapter")
+            self.finished.set()
             self._linger()
         finally:
             if self.artifacts is not None:
@@ -556,7 +559,10 @@ class Aggregator:
                  len(record.devices), record.duration_s, scores,
                  f"; dropped {record.dropped}" if record.dropped else "")
         if self.on_round:
-            self.on_round(record)
+            try:  # a dashboard's bug must not stop the fleet
+                self.on_round(record)
+            except Exception:
+                log.exception("the on_round callback failed for round %d", ctx.number)
 
     # --- inbox ------------------------------------------------------------------------------
 

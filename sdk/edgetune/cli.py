@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--broker", help="use this broker instead of starting the embedded one")
     demo.add_argument("--ort-devices", type=int, default=0,
                       help="how many of the devices train with ONNX Runtime instead of PyTorch (docs/ort.md)")
+    demo.add_argument("--adapter", choices=["lora", "prompt"], default="lora",
+                      help="train LoRA (r=8 on q,v) or a soft prompt of 20 virtual tokens")
+    demo.add_argument("--personalize", action="store_true", help="after the last round, personalize every device "
+                      "and show its own and the others' perplexity (docs/personalization.md)")
     _add_common(demo)
 
     build = commands.add_parser("build-ort", help="ONNX Runtime training artifacts for devices without PyTorch "

@@ -8,11 +8,17 @@ per round shows loss, held-out perplexity and bytes; the result is a PEFT adapte
 With ``--ort-devices K`` the last K devices train with ONNX Runtime instead of PyTorch: the
 demo builds the artifacts once (``edgetune build-ort``), the aggregator serves them, and those
 devices download them over the broker before they join (docs/ort.md).
+
+Each device also gets the other devices' held-out records as its robustness set, so every round
+shows both scores (own held-out data, others'). ``--adapter prompt`` trains a soft prompt instead
+of LoRA; ``--personalize`` runs ``edgetune device personalize`` on every device after the last
+round and shows what it gained and what it cost (docs/personalization.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -35,7 +41,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .models import prepare_model
     from .transport import open_transport
     from .transport.channel import Channel
-    from .wire import LoraSpec, Progress, Topics, TrainSettings
+    from .wire import LoraSpec, Progress, PromptSpec, Topics, TrainSettings
 
     out: Path = args.out.resolve()
     if (out / "state").exists():
@@ -55,7 +61,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if not 0 <= args.ort_devices <= len(files):
         raise ValueError(f"--ort-devices must be between 0 and the {len(files)} devices")
-    spec = LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "v_proj"))
+    prompt = getattr(args, "adapter", "lora") == "prompt"
+    spec = PromptSpec(20, "vocab") if prompt else LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "v_proj"))
     ort_devices = set(sorted(files)[len(files) - args.ort_devices:]) if args.ort_devices else set()
     artifacts = None
     if ort_devices:
@@ -63,8 +70,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
         t1 = time.monotonic()
         artifacts = out / "ort-artifacts"
-        build_artifacts(str(model_dir), artifacts, rank=spec.rank, alpha=spec.alpha, targets=spec.target_modules,
-                        force=True)
+        if prompt:
+            build_artifacts(str(model_dir), artifacts, prompt_tokens=spec.num_virtual_tokens, force=True)
+        else:
+            build_artifacts(str(model_dir), artifacts, rank=spec.rank, alpha=spec.alpha, targets=spec.target_modules,
+                            force=True)
         print(f"ONNX Runtime artifacts for {', '.join(sorted(ort_devices))} built in {time.monotonic() - t1:.1f} s")
 
     broker = None
@@ -88,7 +98,9 @@ def run_demo(args: argparse.Namespace) -> int:
         train=TrainSettings(local_steps=args.steps, batch_size=4, seq_len=128, learning_rate=2e-3),
         base_model=model_name,
         ort_artifacts=artifacts,
+        linger_s=None if getattr(args, "personalize", False) else 0.0,  # stopped once all have personalized
     )
+    robustness = write_robustness_sets(files, out / "robustness")
     bars: dict[str, tqdm] = {}
     bars_lock = threading.Lock()
 
@@ -125,20 +137,27 @@ def run_demo(args: argparse.Namespace) -> int:
     Channel(watcher, topics.sender_of).subscribe(topics.all_devices("progress"), on_progress, qos=0)
 
     threads = max(1, (os.cpu_count() or 1) // len(files))
-    procs = {}
-    for device_id, path in files.items():
-        cmd = [sys.executable, "-m", "edgetune", "device", "run", "--broker", url, "--fleet", FLEET,
+
+    def device_command(command: str, device_id: str, path: Path, log_name: str) -> list[str]:
+        cmd = [sys.executable, "-m", "edgetune", "device", command, "--broker", url, "--fleet", FLEET,
                "--device-id", device_id, "--data", str(path), "--model", str(model_dir),
-               "--threads", str(threads), "--log-file", str(out / "logs" / f"{device_id}.log")]
+               "--threads", str(threads), "--log-file", str(out / "logs" / log_name),
+               "--robustness", str(robustness[device_id])]
         if device_id in ort_devices:  # starts empty: downloads the artifacts from the aggregator
             cmd += ["--trainer", "ort", "--artifacts", str(out / "devices" / device_id / "artifacts")]
         else:
             cmd += ["--trainer", "torch"]
-        procs[device_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        return cmd
+
+    procs = {}
+    for device_id, path in files.items():
+        procs[device_id] = subprocess.Popen(device_command("run", device_id, path, f"{device_id}.log"),
+                                            stdin=subprocess.DEVNULL)
     kinds = f", {len(ort_devices)} of them with ONNX Runtime" if ort_devices else ""
     print(f"started {len(procs)} device processes ({threads} thread(s) each{kinds}); logs in {out / 'logs'}")
 
     failed = None
+    personalizing = False
     try:
         while daemon.is_alive():
             daemon.join(0.5)
@@ -149,6 +168,20 @@ def run_demo(args: argparse.Namespace) -> int:
             if failed:
                 aggregator.stop()
                 break
+            if config.linger_s is None and all(proc.poll() == 0 for proc in procs.values()):
+                if personalizing:  # every device has personalized and reported: let the daemon record it
+                    deadline = time.monotonic() + 30
+                    while len(aggregator.store.personalizations()) < len(files) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    aggregator.stop()
+                    continue
+                personalizing = True  # the fleet finished and its devices left: personalize each
+                print("\npersonalizing every device (edgetune device personalize) ...")
+                procs = {device_id: subprocess.Popen(
+                    device_command("personalize", device_id, path, f"{device_id}-personalize.log")
+                    + ["--steps", "20", "--lr", "1e-3", "--l2-to-global", "1", "--seq-len", "128",
+                       "--out", str(out / "personal" / device_id)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                    for device_id, path in files.items()}
         for proc in procs.values():
             try:
                 proc.wait(timeout=60)
@@ -167,11 +200,44 @@ def run_demo(args: argparse.Namespace) -> int:
     if failed:
         print(f"edgetune demo: {failed}", file=sys.stderr)
         return 1
+    if not aggregator.finished.is_set():
+        print(f"edgetune demo: the aggregator stopped before the fleet finished; see {out / 'logs' / 'demo.log'}",
+              file=sys.stderr)
+        return 1
+    if personalizing:
+        print(format_personalization(aggregator.store.personalizations(), out / "personal"))
     adapter_dir = out / "state" / "adapter"
     print(f"\nglobal adapter (PEFT format): {adapter_dir}")
     print(f"round log: {out / 'state' / 'rounds.json'}; total {time.monotonic() - t0:.0f} s")
     print(f"load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{adapter_dir}')")
     return 0
+
+
+def write_robustness_sets(files: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """Each device's robustness set: the other devices' held-out records, split exactly as
+    their own ``device run`` splits them (same fraction and seed)."""
+    from .data import load_texts, split_heldout
+    from .device import hash_seed
+
+    heldout = {d: split_heldout(load_texts(p), 0.1, seed=hash_seed(d))[1] for d, p in files.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    sets = {}
+    for device_id in files:
+        records = [r for other, rs in heldout.items() if other != device_id for r in rs]
+        sets[device_id] = folder / f"{device_id}.jsonl"
+        sets[device_id].write_text("".join(json.dumps({"text": r}) + "\n" for r in records))
+    return sets
+
+
+def format_personalization(entries: list[dict], folder: Path) -> str:
+    lines = ["\npersonalization (own held-out ppl: global -> personal; others' held-out ppl: global -> personal)"]
+    for e in sorted(entries, key=lambda e: e["device_id"]):
+        robust = (f"{e['global_robust_ppl']:.2f} -> {e['personal_robust_ppl']:.2f}"
+                  if e.get("global_robust_ppl") is not None else "n/a")
+        lines.append(f"  {e['device_id']:<12} α={e['alpha']:<5g} own {e['global_ppl']:.2f} -> {e['personal_ppl']:.2f}"
+                     f"   others' {robust}")
+    lines.append(f"  personal adapters (PEFT format): {folder}/<device>")
+    return "\n".join(lines)
 
 
 def _log_to_file(path: Path) -> None:
@@ -193,18 +259,29 @@ def format_round(record) -> str:
         title += f" -> global adapter v{record.new_version}"
     lines = [f"\n{title}, {record.duration_s:.0f} s"]
     if record.kind == "train":
-        lines.append(f"  {'device':<12}{'samples':>8}{'train loss':>12}{'ppl global->local':>20}{'sent':>11}{'received':>11}")
+        lines.append(f"  {'device':<12}{'samples':>8}{'train loss':>12}{'ppl global->local':>20}"
+                     f"{'others global->local':>23}{'sent':>11}{'received':>11}")
         for d in sorted(record.devices, key=lambda d: d.device_id):
             ppl = f"{d.global_ppl:.2f} -> {d.local_ppl:.2f}"
-            lines.append(f"  {d.device_id:<12}{d.num_samples:>8}{d.train_loss:>12.3f}{ppl:>20}"
+            robust = (f"{d.global_robust_ppl:.2f} -> {d.local_robust_ppl:.2f}"
+                      if d.global_robust_ppl is not None and d.local_robust_ppl is not None else "")
+            lines.append(f"  {d.device_id:<12}{d.num_samples:>8}{d.train_loss:>12.3f}{ppl:>20}{robust:>23}"
                          f"{_size(d.bytes_sent):>11}{_size(d.bytes_received):>11}")
         if record.global_ppl is not None:
-            lines.append(f"  held-out ppl of global v{record.base_version} (sample-weighted): {record.global_ppl:.2f}")
+            lines.append(f"  held-out ppl of global v{record.base_version} (sample-weighted): {record.global_ppl:.2f}"
+                         + (f", on the others' data {record.global_robust_ppl:.2f}"
+                            if record.global_robust_ppl is not None else ""))
+    elif record.kind != "evaluate":  # calibrate, initialize: no perplexities yet
+        lines.append(f"  from {', '.join(sorted(d.device_id for d in record.devices)) or 'no device'}"
+                     + (f": {record.note}" if record.note else ""))
     else:
         for d in sorted(record.devices, key=lambda d: d.device_id):
-            lines.append(f"  {d.device_id:<12} held-out ppl of global v{record.base_version}: {d.global_ppl:.2f}")
+            robust = f", others' {d.global_robust_ppl:.2f}" if d.global_robust_ppl is not None else ""
+            lines.append(f"  {d.device_id:<12} held-out ppl of global v{record.base_version}: {d.global_ppl:.2f}{robust}")
         if record.global_ppl is not None:
-            lines.append(f"  fleet (sample-weighted): {record.global_ppl:.2f}")
+            lines.append(f"  fleet (sample-weighted): {record.global_ppl:.2f}"
+                         + (f", on the others' data {record.global_robust_ppl:.2f}"
+                            if record.global_robust_ppl is not None else ""))
     if record.dropped:
         lines.append(f"  dropped: {record.dropped}")
     return "\n".join(lines)

@@ -54,6 +54,25 @@ def test_demo_end_to_end_writes_a_peft_adapter(tmp_path):
     assert not torch.allclose(before, after)
 
 
+@pytest.mark.slow
+def test_demo_with_a_soft_prompt_then_personalization(tmp_path):
+    """Both scores every round (each device's robustness set is the other's held-out split),
+    then `device personalize` on every device, recorded by the aggregator."""
+    out = tmp_path / "demo"
+    result = run("-m", "edgetune", "demo", "--model", "tiny-llama", "--devices", "2", "--rounds", "1",
+                 "--steps", "2", "--adapter", "prompt", "--personalize", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for expected in ("round 1 (initialize) initialized", "round 2 (train) aggregated", "others global->local",
+                     "personalization (own held-out ppl", "personal adapters (PEFT format)"):
+        assert expected in result.stdout, expected
+    entries = json.loads((out / "state" / "personalization.json").read_text())
+    assert sorted(e["device_id"] for e in entries) == ["line-1", "line-2"]
+    assert all(e["personal_robust_ppl"] > 1 and e["personal_ppl"] > 1 for e in entries)
+    for device in ("line-1", "line-2"):
+        config = json.loads((out / "personal" / device / "adapter_config.json").read_text())
+        assert config["peft_type"] == "PROMPT_TUNING"
+
+
 def test_demo_refuses_to_overwrite_an_earlier_run(tmp_path):
     (tmp_path / "state").mkdir()
     result = run("-m", "edgetune", "demo", "--model", "tiny-llama", "--out", str(tmp_path))

@@ -210,3 +210,28 @@ def test_fedsgd_equals_centralized_sgd_on_the_union_of_the_batches(spec, tmp_pat
         np.testing.assert_allclose(v1.tensors[name], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     # (with B = 0 at the start, LoRA's A gets no gradient yet; B and the prompt do)
     assert max(np.abs(v1.tensors[n] - v0.tensors[n]).max() for n in v0.tensors) > 1e-4
+
+
+def test_local_epochs_make_a_device_take_one_pass_over_its_data(tmp_path):
+    """``local_epochs`` (sent in the task) makes a device take one pass over its own data,
+    however many steps that is, here with the client's SGD."""
+    train = TrainSettings(batch_size=2, seq_len=32, local_epochs=1, optimizer="sgd", learning_rate=0.5)
+    config = AggregatorConfig(fleet="epochs", state_dir=tmp_path / "state", rounds=1, min_devices=1,
+                              round_timeout_s=120, join_timeout_s=60, adapter=PROMPT_SPEC, train=train,
+                              evaluate_final=False)
+    url = "memory://epochs"
+    aggregator = Aggregator(config, open_transport(url, client_id="agg"))
+    thread = threading.Thread(target=aggregator.serve, daemon=True)
+    thread.start()
+    texts = generate_device_texts(0, 30)
+    tr, ho = split_heldout(texts, 0.2, seed=0)
+    workload = Workload(load_model("tiny-llama"), tr, ho, threads=1)
+    device = Device(DeviceConfig("epochs", "dev-0"), open_transport(url, client_id="dev-0"), workload)
+    device.connect()
+    device.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    (record,) = [r for r in StateStore(tmp_path / "state").rounds() if r["kind"] == "train"]
+    blocks = workload.train_blocks(32)
+    steps = -(-blocks // 2)
+    assert blocks > 10 and record["devices"][0]["train_tokens"] == steps * 2 * 32

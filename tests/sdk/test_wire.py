@@ -162,6 +162,28 @@ def test_unknown_fields_from_newer_peers_are_ignored():
     assert decode_message(_envelope(body)).round == 3
 
 
+def test_adapter_specs_are_a_union_told_apart_by_kind():
+    from edgetune.wire import PromptSpec
+
+    prompt = PromptSpec(num_virtual_tokens=8, init="text", init_text="Answer:")
+    task = RoundTask(2, TaskKind.INITIALIZE, 0, "f" * 16, adapter=prompt)
+    assert decode_message(encode_message(task)).adapter == prompt
+    adapter = GlobalAdapter(1, 1, "f" * 16, prompt, {"prompt_embeddings": np.ones((8, 4), np.float32)})
+    decoded = decode_message(encode_message(adapter))
+    assert decoded.adapter == prompt and decoded.tensors["prompt_embeddings"].shape == (8, 4)
+    body = msgpack.unpackb(encode_message(RoundTask(2, TaskKind.TRAIN, 0, "f" * 16)))["body"]
+    del body["adapter"]["kind"]  # an older peer: a spec without kind is LoRA
+    assert decode_message(_envelope(body, kind="task")).adapter == LoraSpec()
+    for bad, fragment in ((dict(body["adapter"], kind="adapterx"), "adapter.kind: 'adapterx' is not one of"),
+                          ({"kind": "prompt", "num_virtual_tokens": 0}, "num_virtual_tokens"),
+                          ({"kind": "prompt", "init": "text"}, "init_text"),
+                          ({"kind": "lora", "rank": 4, "num_virtual_tokens": 3, "target_modules": []}, "target_modules"),
+                          ([1, 2], "adapter: expected a map")):
+        with pytest.raises(WireError) as info:
+            decode_message(_envelope({**body, "adapter": bad}, kind="task"))
+        assert fragment in str(info.value), (bad, str(info.value))
+
+
 def test_chunks_reassemble_in_any_order_with_duplicates():
     payload = encode_message(_update(delta={"m.lora_A": np.arange(300_000, dtype=np.float32)}))
     frames = split_payload(payload, max_packet=64 * 1024)
