@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.adapters.lora import check_tensors, init_lora, rank_of, targets
+from edgetune.adapters.lora import as_float32, check_tensors, init_lora, rank_of, targets
 from edgetune.adapters.prompt import adapter_shapes, agree
 from edgetune.planning.layout import (
     GPT2_KINDS,
@@ -168,6 +168,8 @@ class Aggregator:
         self.strategy: Strategy | None = None  # made once the fleet's state is known
         self._calibration = None  # the cost model's coefficients, read once when first needed
         self._initial: dict | None = None  # a prompt fleet's starting adapter (initialization round)
+        #: devices whose starting adapter disagreed with the fleet's (another base): left out
+        self._mismatched: dict[str, str] = {}
         self.artifacts = None  # what devices without PyTorch can download (checked before serving)
         if config.ort_artifacts is not None:
             from .artifacts import ArtifactServer
@@ -275,12 +277,13 @@ class Aggregator:
 
     def _check_model(self, hello: Hello) -> str | None:
         """Why the fleet cannot train on this device's model (None if it can)."""
-        kind = self.config.adapter.kind
+        spec = self.state.adapter if self.state else self.config.adapter  # a resumed fleet keeps its own
+        kind = spec.kind
         if kind not in hello.capabilities.adapters:
             return (f"the fleet trains {kind} adapters; this device trains only "
                     f"{', '.join(hello.capabilities.adapters) or 'none'} (with {', '.join(hello.capabilities.backends)})")
         try:
-            shapes = adapter_shapes(self.config.adapter, hello.model)
+            shapes = adapter_shapes(spec, hello.model)
         except ValueError as exc:
             return str(exc)
         size = sum(a * b for a, b in shapes.values())
@@ -388,6 +391,8 @@ class Aggregator:
             return {}, {}
         if not isinstance(self.state.adapter, LoraSpec):  # the cost model knows LoRA only (docs/planner.md)
             return {}, {}
+        if self.config.train.algorithm == "fedsgd":  # one gradient at the full rank: nothing to plan
+            return {}, {}
         from edgetune.planning.costmodel import Arch, Calibration
         from edgetune.planning.planner import PlanOptions, for_capabilities, plan_fleet, ranks_up_to
 
@@ -430,6 +435,9 @@ class Aggregator:
         except Exception:  # planning is an optimisation: without it, devices use the defaults
             log.exception("planning round %d failed; devices train with the fleet's defaults", round_number)
             plans, excluded = {}, {}
+        if self._mismatched:  # another base: their updates would be dropped anyway
+            excluded = {**excluded, **{d: f"computed another starting adapter ({why})"
+                                       for d, why in self._mismatched.items()}}
         if kind is TaskKind.CALIBRATE:  # scoring needs weight gradients, which only PyTorch computes
             excluded = {**excluded, **{d: "trains with ONNX Runtime, which cannot score weight importance"
                                        for d, h in self.devices.items() if h.capabilities.torch_free}}
@@ -525,8 +533,14 @@ class Aggregator:
             self.store.save_server_state(version, self.strategy.optimizer.state_dict())
             self.state = dataclasses.replace(self.state, global_version=version)
             record.new_version, record.status = version, RoundStatus.AGGREGATED
-        elif ctx.kind is TaskKind.INITIALIZE and ctx.init is not None:
-            self._initial = ctx.init
+        elif ctx.kind is TaskKind.INITIALIZE and ctx.inits:
+            self._initial, disagree = _consensus(ctx.inits)
+            for device, why in disagree.items():
+                self._mismatched[device] = why
+                log.warning("device %s computed another starting adapter than the fleet (%s): it is left out of "
+                            "this fleet; check its base model", device, why)
+            if disagree:
+                record.note = f"left out (another starting adapter): {', '.join(sorted(disagree))}"
             record.status = RoundStatus.INITIALIZED
         elif ctx.kind is TaskKind.CALIBRATE and enough:
             try:
@@ -601,8 +615,15 @@ class Aggregator:
                   report.local_robust_ppl, report.personal_robust_ppl, *report.validation.values()]
         if not all(v is None or (math.isfinite(v) and v > 0) for v in values):
             return self.channel.drop(report.device_id, topic, "bad_scores", "perplexities must be finite and > 0")
+        why = _check_report(report)
+        if why:
+            return self.channel.drop(report.device_id, topic, "bad_field", why)
         entry = dataclasses.asdict(report) | {"received_at": time.time()}
-        self.store.append_personalization(entry)
+        try:
+            self.store.append_personalization(entry)
+        except OSError as exc:  # the rounds go on; this report is lost and says so
+            log.error("could not record %s's personalization report: %s", report.device_id, exc)
+            return None
         robust = (f", others' {report.global_robust_ppl:.2f} -> {report.personal_robust_ppl:.2f}"
                   if report.global_robust_ppl is not None and report.personal_robust_ppl is not None else "")
         log.info("device %s personalized global v%d with α=%.2f: own held-out ppl %.2f -> %.2f%s", report.device_id,
@@ -653,6 +674,9 @@ class Aggregator:
                          ImportanceReport: TaskKind.CALIBRATE, AdapterInit: TaskKind.INITIALIZE}[type(message)]
         if sender not in self.devices:
             return self.channel.drop(sender, topic, "unknown_device", "no hello received from it")
+        if sender in self._mismatched:
+            return self.channel.drop(sender, topic, "init_mismatch", f"left out of this fleet: its starting adapter "
+                                     f"differed ({self._mismatched[sender]})")
         if ctx is None or ctx.kind is not expected_kind or message.round != ctx.number:
             open_round = f"round {ctx.number} ({ctx.kind.value})" if ctx else "no round"
             return self.channel.drop(sender, topic, "unknown_round",
@@ -662,20 +686,14 @@ class Aggregator:
         if isinstance(message, EvalReport):
             ctx.seen.add(sender)
             ctx.record.devices.append(DeviceRecord(sender, message.num_samples, global_ppl=message.metrics.global_ppl,
-                                                   global_robust_ppl=message.metrics.robust_ppl))
+                                                   global_robust_ppl=_score(message.metrics.robust_ppl, sender)))
             return None
         if isinstance(message, AdapterInit):
             why = check_tensors(message.tensors, adapter_shapes(self.state.adapter, self.state.model))
-            if why is None and ctx.init is not None:
-                why = agree(ctx.init, message.tensors)
-                if why:
-                    return self.channel.drop(sender, topic, "init_mismatch", f"its starting adapter is not the "
-                                             f"first device's: {why}")
             if why:
                 return self.channel.drop(sender, topic, "bad_tensor", why)
             ctx.seen.add(sender)
-            if ctx.init is None:
-                ctx.init = {name: np.array(t, dtype=np.float32) for name, t in message.tensors.items()}
+            ctx.inits[sender] = {name: np.array(as_float32(t), dtype=np.float32) for name, t in message.tensors.items()}
             ctx.record.devices.append(DeviceRecord(sender, 1))
             log.info("round %d: starting adapter from %s", ctx.number, sender)
             return None
@@ -712,7 +730,8 @@ class Aggregator:
         m = message.metrics
         ctx.record.devices.append(DeviceRecord(
             sender, message.num_samples, m.train_loss, m.local_ppl, m.global_ppl,
-            m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received, m.global_robust_ppl, m.local_robust_ppl,
+            m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received, _score(m.global_robust_ppl, sender),
+            _score(m.local_robust_ppl, sender),
         ))
         log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, message.num_samples, m.train_loss)
         return None
@@ -726,5 +745,41 @@ class _Round:
     merge: RoundMerge | None
     seen: set[str] = field(default_factory=set)
     reports: list[ImportanceReport] = field(default_factory=list)
-    #: initialization rounds: the first valid starting adapter
-    init: dict | None = None
+    #: initialization rounds: each device's starting adapter
+    inits: dict[str, dict] = field(default_factory=dict)
+
+
+def _consensus(inits: dict[str, dict]) -> tuple[dict, dict[str, str]]:
+    """The starting adapter most devices agree on (ties: the first to answer), and why each
+    other device's differs. Devices of one fleet share the base, so all should agree; one
+    that does not runs another base (or lies), and must not decide the fleet's start."""
+    devices = list(inits)
+    agreeing = {d: [e for e in devices if agree(inits[d], inits[e]) is None] for d in devices}
+    chosen = max(devices, key=lambda d: (len(agreeing[d]), -devices.index(d)))
+    return inits[chosen], {d: agree(inits[chosen], inits[d]) for d in devices if d not in agreeing[chosen]}
+
+
+def _score(value: float | None, device: str) -> float | None:
+    """A reported perplexity, or None if it is not one (finite, > 0): an optional metric must
+    neither poison the round's averages nor cost the device its update."""
+    if value is None or (math.isfinite(value) and value > 0):
+        return value
+    log.warning("device %s reported perplexity %r; ignored", device, value)
+    return None
+
+
+def _check_report(report: PersonalizationReport) -> str | None:
+    """Why a personalization report is not worth keeping (None if it is): it is stored as
+    sent, so its free-form parts are bounded here."""
+    for key in report.validation:
+        try:
+            alpha = float(key)
+        except ValueError:
+            return f"validation key {key[:20]!r} is not an α"
+        if not 0.0 <= alpha <= 1.0:
+            return f"validation α {alpha} is outside [0, 1]"
+    if any(len(k) > 64 or len(v) > 64 for k, v in report.settings.items()):
+        return "settings entries are limited to 64 characters"
+    if not (math.isfinite(report.train_seconds) and report.train_seconds >= 0) or report.global_version < 0:
+        return "train_seconds and global_version must be ≥ 0"
+    return None

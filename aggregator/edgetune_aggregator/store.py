@@ -221,7 +221,12 @@ class StateStore:
         path = self.directory / "personalization.json"
         return json.loads(path.read_text()) if path.exists() else []
 
-    def append_personalization(self, entry: dict) -> None:
-        """One device's ``PersonalizationReport`` (as a dict, with when it arrived)."""
-        atomic_write_json(self.directory / "personalization.json", self.personalizations() + [entry])
+    def append_personalization(self, entry: dict, keep: int = 20) -> None:
+        """One device's ``PersonalizationReport`` (as a dict, with when it arrived); the newest
+        ``keep`` per device are kept, so the file's size depends on the fleet, not on time."""
+        entries = self.personalizations() + [entry]
+        device = entry["device_id"]
+        mine = [i for i, e in enumerate(entries) if e.get("device_id") == device]
+        drop = set(mine[:-keep]) if len(mine) > keep else set()
+        atomic_write_json(self.directory / "personalization.json", [e for i, e in enumerate(entries) if i not in drop])
 

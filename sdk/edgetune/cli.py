@@ -197,7 +197,9 @@ def _device(args: argparse.Namespace):
                              trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash,
                              robustness=args.robustness)
     device = Device(config, transport, workload)
-    device.connect()
+    # personalizing is a second process of a device of the fleet: it must not replace the
+    # hello (profile and all) and presence its 'device run' announced
+    device.connect(announce=args.device_command != "personalize")
     return device
 
 

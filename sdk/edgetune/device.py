@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .adapters.lora import concat_merged, split_rank, targets
+from .adapters.lora import as_float32, concat_merged, split_rank, targets
 from .backoff import MemoryBudgetExceeded, is_out_of_memory, next_fallback, resident_bytes
 from .trainers.result import TrainResult
 from .transport import Transport, TransportError, Will, open_transport
@@ -93,6 +93,8 @@ class Device:
         self.serving = "global"
         # rounds (on the loop's thread) and personalize (on the application's) share the trainer
         self._trainer_lock = threading.Lock()
+        self._global_arrived = threading.Event()
+        self._closed = False
 
     @classmethod
     def join(
@@ -126,12 +128,18 @@ class Device:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def connect(self) -> None:
+    def connect(self, announce: bool = True) -> None:
+        """Connect and follow the fleet. ``announce=False`` skips the hello, presence and last
+        will: a second process of a device that runs already (``edgetune device personalize``)
+        must not replace what the first announced."""
         me = self.config.device_id
-        will = Will(self.topics.presence(me), encode_message(Presence(me, False)))
+        will = Will(self.topics.presence(me), encode_message(Presence(me, False))) if announce else None
         self.transport.connect(will=will)
+        self._announced = announce
         self.channel.subscribe(self.topics.task, self._enqueue)
         self.channel.subscribe(self.topics.global_adapter + "/+", self._enqueue)
+        if not announce:
+            return
         self.transport.publish(self.topics.presence(me), encode_message(Presence(me, True)), retain=True)
         hello = Hello(
             device_id=me,
@@ -178,8 +186,10 @@ class Device:
     def close(self) -> None:
         """Leave cleanly: mark offline (the will is only for unexpected deaths)."""
         me = self.config.device_id
+        self._closed = True
         try:
-            self.transport.publish(self.topics.presence(me), encode_message(Presence(me, False)), retain=True)
+            if getattr(self, "_announced", True):
+                self.transport.publish(self.topics.presence(me), encode_message(Presence(me, False)), retain=True)
         finally:
             self.transport.close()
 
@@ -195,6 +205,10 @@ class Device:
         the fleet has one), for a device used without ``run()``."""
         import time
 
+        if self._thread is not None and self._thread.is_alive():  # run() reads the inbox: wait for it
+            if not self._global_arrived.wait(timeout):
+                raise TimeoutError(f"no global adapter of fleet {self.config.fleet} within {timeout:.0f} s")
+            return self.global_adapter
         deadline = time.monotonic() + timeout
         while self.global_adapter is None:
             left = deadline - time.monotonic()
@@ -220,9 +234,15 @@ class Device:
         settings = settings or PersonalizeSettings()
         if self.global_adapter is None:
             raise RuntimeError("no global adapter yet: join a fleet and wait for one (wait_for_global)")
+        if report and self._closed:
+            raise RuntimeError("this device left the fleet (run() returns when the fleet finishes and disconnects): "
+                               "personalize before, keep it connected with DeviceConfig(exit_when_finished=False), "
+                               "or pass report=False")
+        plan = self.task.plans.get(self.config.device_id) if self.task else None
         with self._trainer_lock:
             personal, result = personalize(self.workload, self.global_adapter, settings, self.config.device_id,
-                                           max_eval_blocks=self.config.max_eval_blocks)
+                                           max_eval_blocks=self.config.max_eval_blocks,
+                                           quantization=plan.quantization if plan else "float32")
         self.personal_adapter, self.serving = personal, "personal"
         if report:
             self.channel.send(self.topics.personal(self.config.device_id), result)
@@ -271,6 +291,7 @@ class Device:
         if self.global_adapter is None or adapter.version != self.global_adapter.version:
             self.global_adapter = adapter
             log.info("%s: global adapter v%d", self.config.device_id, adapter.version)
+        self._global_arrived.set()
 
     def _step(self, task: RoundTask) -> bool:
         """Act on the task if we can; True when the fleet is finished."""
@@ -389,7 +410,7 @@ class Device:
         adapter, spec = self.global_adapter, task.adapter
         if isinstance(spec, PromptSpec):
             trainer = self.workload.trainer(spec, quantization, checkpointing)
-            start = {name: np.array(t, dtype=np.float32) for name, t in adapter.tensors.items()}
+            start = {name: np.array(as_float32(t), dtype=np.float32) for name, t in adapter.tensors.items()}
             trainer.set_adapter(start)
             return trainer, start
         # Alpha scales with the rank so every device's update has the same scale, alpha / rank.

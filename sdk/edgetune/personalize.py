@@ -127,16 +127,28 @@ def choose_alpha(evaluate: Callable[[float], float], alphas: Sequence[float]) ->
     return best, seen
 
 
-def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str, max_eval_blocks: int = 16):
+def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str, max_eval_blocks: int = 16,
+                quantization: str = "float32"):
     """Fine-tune ``adapter`` (a ``GlobalAdapter``) on ``workload``'s own data and choose α:
     ``(PersonalAdapter, PersonalizationReport)``. The trainer is left holding the personal
-    adapter. Used by ``Device.personalize`` and the personalization benchmark."""
+    adapter. Used by ``Device.personalize`` and the personalization benchmark.
+
+    ``quantization`` is the base precision the device's plan gave it (memory it can afford).
+    A LoRA above the rank the device's backend trains (ONNX Runtime artifacts) is trained at
+    that rank, the remaining components frozen in the merged delta, as in a round."""
     import dataclasses
 
+    from .adapters.lora import split_rank
     from .wire.schema import PersonalizationReport, TrainSettings
 
     spec = adapter.adapter
-    trainer = workload.trainer(spec)  # full rank, float32: personalization is not planned
+    start, frozen = dict(adapter.tensors), dict(adapter.merged)
+    if isinstance(spec, LoraSpec) and workload.max_rank and workload.max_rank < spec.rank:
+        rank = workload.max_rank
+        start, rest = split_rank(adapter.tensors, rank, spec.alpha / spec.rank)
+        frozen = concat_merged(adapter.merged, rest)
+        spec = dataclasses.replace(spec, rank=rank, alpha=spec.alpha * rank / spec.rank)  # same scale
+    trainer = workload.trainer(spec, quantization)
     train_blocks, val_blocks = workload.personal_split(settings.seq_len, settings.validation_fraction, settings.seed)
     heldout = workload.heldout_blocks(settings.seq_len)[:max_eval_blocks]
     robust = workload.robustness_blocks(settings.seq_len)[:max_eval_blocks]
@@ -144,9 +156,9 @@ def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str
 
     def load(alpha: float, local: Mapping[str, np.ndarray] | None) -> None:
         if local is None:
-            tensors, merged = dict(adapter.tensors), dict(adapter.merged)
+            tensors, merged = start, frozen
         else:
-            tensors, merged = interpolate(spec, adapter.tensors, adapter.merged, local, alpha)
+            tensors, merged = interpolate(spec, start, frozen, local, alpha)
         trainer.set_adapter(tensors)
         trainer.set_merged(merged)
 
@@ -173,7 +185,7 @@ def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str
             return trainer.perplexity(val_blocks)
 
         alpha, validation = choose_alpha(evaluate, settings.alphas)
-    tensors, merged = interpolate(spec, adapter.tensors, adapter.merged, local, alpha)
+    tensors, merged = interpolate(spec, start, frozen, local, alpha)
     trainer.set_adapter(tensors)
     trainer.set_merged(merged)
     personal_ppl, personal_robust = scores()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import BlockSampler, load_texts, pack_blocks, split_heldout
+from .data import BlockSampler, DataError, load_texts, pack_blocks, split_heldout
 from .wire import ImportanceSettings, ModelManifest, TrainSettings
 from .wire.schema import AdapterSpec, PromptSpec
 
@@ -39,6 +39,7 @@ class Workload:
         threads: int | None = None,
         model_ref: str | None = None,
         robustness_texts: list[str] | None = None,
+        validation_texts: list[str] | None = None,
     ):
         self.loaded = loaded
         self.threads = threads
@@ -51,6 +52,9 @@ class Workload:
         self._heldout_ids = [tokenizer.encode(t) for t in heldout_texts]
         # other sites' held-out text, given by the operator: the robustness score's data
         self._robust_ids = [tokenizer.encode(t) for t in robustness_texts or []]
+        # never trained on, by rounds or personalization: where personalization chooses α
+        self._validation_ids = [tokenizer.encode(t) for t in validation_texts or []]
+        self._robust_warned = False
         self.num_samples = len(train_texts)
         self._blocks: dict[tuple[str, int], np.ndarray] = {}
         self._trainer = None
@@ -69,6 +73,7 @@ class Workload:
         artifacts: str | Path | None = None,
         model_hash: str | None = None,
         robustness: str | Path | list[str] | None = None,
+        validation_fraction: float = 0.1,
     ) -> Workload:
         """``data`` is a ``.txt``/``.jsonl`` file or a list of records; ``model`` a model ref
         for :func:`edgetune.models.load_model` (default: SmolLM2-135M-Instruct GGUF).
@@ -78,19 +83,25 @@ class Workload:
         is not loaded), refusing it if its base weights do not hash to ``model_hash``.
 
         ``robustness`` (a file or records) is held-out text of the *other* sites, which the
-        operator supplies: the robustness score is the perplexity on it.
+        operator supplies: the robustness score is the perplexity on it. ``validation_fraction``
+        of the training records (with at least 10) are set aside for personalization to choose
+        α on: neither rounds nor personalization train on them.
         """
         texts = data if isinstance(data, list) else load_texts(Path(data))
         train, heldout = split_heldout(texts, heldout_fraction, seed=seed)
+        validation: list[str] = []
+        if validation_fraction > 0 and len(train) >= 10:
+            train, validation = split_heldout(train, validation_fraction, seed=seed + 1)
         robust = robustness if isinstance(robustness, list) or robustness is None else load_texts(Path(robustness))
         if choose_backend(trainer, artifacts) == "ort":
             from .ort.model import OrtModel
 
             return OrtWorkload(OrtModel.load(Path(artifacts), model_hash), train, heldout, threads,
-                               robustness_texts=robust)
+                               robustness_texts=robust, validation_texts=validation)
         from .models import load_model
 
-        return cls(load_model(model), train, heldout, threads, model_ref=model or "default", robustness_texts=robust)
+        return cls(load_model(model), train, heldout, threads, model_ref=model or "default", robustness_texts=robust,
+                   validation_texts=validation)
 
     @property
     def manifest(self) -> ModelManifest:
@@ -180,7 +191,8 @@ class Workload:
                 cut = self._personal_cut
                 ids = [self._train_ids[i] for i in range(len(self._train_ids)) if (i in cut) == (split == "personal-val")]
             else:
-                ids = {"train": self._train_ids, "heldout": self._heldout_ids, "robust": self._robust_ids}[split]
+                ids = {"train": self._train_ids, "heldout": self._heldout_ids, "robust": self._robust_ids,
+                       "validation": self._validation_ids}[split]
             self._blocks[key] = pack_blocks(ids, seq_len, self._eos)  # (N, seq_len)
         return self._blocks[key]
 
@@ -192,14 +204,28 @@ class Workload:
         return bool(self._robust_ids)
 
     def robustness_blocks(self, seq_len: int) -> np.ndarray:
-        """Blocks of the other sites' held-out text (empty if none was given)."""
-        if not self._robust_ids:
-            return np.zeros((0, seq_len), np.int64)
-        return self._packed("robust", seq_len)
+        """Blocks of the other sites' held-out text (empty if none was given, or too little
+        for one block: the score is optional and must not stop training)."""
+        if self._robust_ids:
+            try:
+                return self._packed("robust", seq_len)
+            except DataError as exc:
+                if not self._robust_warned:
+                    log.warning("no robustness score: %s", exc)
+                    self._robust_warned = True
+        return np.zeros((0, seq_len), np.int64)
 
     def personal_split(self, seq_len: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """(train, validation) blocks for personalization: ``fraction`` of the training texts
-        (at least one) held back to choose α on, the same ones every call with this seed."""
+        """(train, validation) blocks for personalization. With validation records set aside
+        when the workload was made (``Workload.load`` does), all training blocks and those;
+        otherwise ``fraction`` of the training texts (at least one) held back from
+        personalization — but the federated rounds trained on them, which favours small α."""
+        if self._validation_ids:
+            try:
+                return self._packed("train", seq_len), self._packed("validation", seq_len)
+            except DataError as exc:
+                log.warning("the validation records are too short for one block (%s): choosing α on training "
+                            "records personalization leaves out", exc)
         n = len(self._train_ids)
         if n < 2:
             raise ValueError("personalization needs at least two training texts (one to train, one to choose α on)")
@@ -235,8 +261,9 @@ class OrtWorkload(Workload):
         return (self.loaded.artifacts.adapter.kind,)
 
     def __init__(self, loaded: Any, train_texts: list[str], heldout_texts: list[str], threads: int | None = None,
-                 robustness_texts: list[str] | None = None):
-        super().__init__(loaded, train_texts, heldout_texts, threads, robustness_texts=robustness_texts)
+                 robustness_texts: list[str] | None = None, validation_texts: list[str] | None = None):
+        super().__init__(loaded, train_texts, heldout_texts, threads, robustness_texts=robustness_texts,
+                         validation_texts=validation_texts)
         self._weights_checked = False
 
     def trainer(self, spec: AdapterSpec, quantization: str = "float32", gradient_checkpointing: bool = False):

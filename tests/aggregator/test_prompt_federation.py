@@ -106,3 +106,57 @@ def test_a_prompt_fleet_then_personalization_with_both_scores_reported(mosquitto
 
     config_json = json.loads((tmp_path / "state" / "adapter" / "adapter_config.json").read_text())
     assert config_json["peft_type"] == "PROMPT_TUNING" and config_json["num_virtual_tokens"] == 6
+
+
+def test_a_device_with_another_base_is_left_out_of_a_prompt_fleet(tmp_path):
+    """Three devices answer the initialization round; the one whose base differs (same
+    architecture, other weights) computes another starting prompt: the two that agree decide
+    v0, and the third is excluded from the fleet's tasks."""
+    import threading
+
+    from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
+
+    url = "memory://init-mismatch"
+    config = AggregatorConfig(fleet="mismatch", state_dir=tmp_path / "state", rounds=0, min_devices=3,
+                              round_timeout_s=60, join_timeout_s=60, adapter=SPEC, evaluate_final=False)
+    aggregator = Aggregator(config, open_transport(url, client_id="agg"))
+    thread = threading.Thread(target=aggregator.serve, daemon=True)
+    thread.start()
+    devices = []
+    for i, ref in enumerate(["tiny-llama", "tiny-llama:seed=7", "tiny-llama"]):
+        train, heldout = site_data(i)
+        device = Device(DeviceConfig("mismatch", f"dev-{i}"), open_transport(url, client_id=f"dev-{i}"),
+                        Workload(load_model(ref), train, heldout, threads=1))
+        device.connect()
+        devices.append(device.start())
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    (record,) = StateStore(tmp_path / "state").rounds()
+    assert record["status"] == "initialized" and "dev-1" in record["note"]
+    assert set(aggregator._mismatched) == {"dev-1"}
+    loaded = load_model("tiny-llama")
+    ids = loaded.tokenizer.encode(SPEC.init_text)
+    want = embedding_rows(loaded.model, [ids[i % len(ids)] for i in range(SPEC.num_virtual_tokens)])
+    np.testing.assert_array_equal(aggregator.global_adapter.tensors[PROMPT], want)
+    assert "dev-1" in aggregator._task.excluded  # (the finished task lists it too)
+    for device in devices:
+        device.stop()
+
+
+def test_a_resumed_prompt_fleet_checks_devices_against_its_own_adapter(tmp_path):
+    """A restart with the default (LoRA) configuration keeps the state dir's prompt fleet, and
+    admits a device that trains only prompts."""
+    from edgetune.wire import Capabilities, Hello, LoraSpec
+    from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
+    from edgetune_aggregator.store import FleetState
+
+    manifest = load_model("tiny-llama").manifest
+    StateStore(tmp_path / "state").save_state(FleetState("resume", manifest, SPEC, strategy="dense"))
+    config = AggregatorConfig(fleet="resume", state_dir=tmp_path / "state", adapter=LoraSpec())
+    aggregator = Aggregator(config, open_transport("memory://resume", client_id="agg"))
+    aggregator.state = aggregator.store.load_state()
+    assert aggregator.state.adapter == SPEC
+    prompt_only = Hello("dev-0", "0", manifest, Capabilities(backends=("ort",), adapters=("prompt",)))
+    assert aggregator._check_model(prompt_only) is None
+    lora_only = Hello("dev-1", "0", manifest, Capabilities(backends=("ort",), adapters=("lora",)))
+    assert "trains prompt adapters" in aggregator._check_model(lora_only)

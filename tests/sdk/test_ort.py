@@ -396,3 +396,26 @@ def test_the_cost_model_predicts_ort_devices_with_onnx_runtime_coefficients():
         estimate_step_seconds(arch, torch_config, profile, calibration)
     # a backend never measured falls back to the default coefficients rather than failing
     assert calibration.for_backend("tflite") is calibration
+
+
+def test_personalizing_above_the_artifacts_rank_keeps_the_rest_frozen(llama_artifacts):
+    """A torch-free device personalizes a rank-8 global adapter on rank-4 artifacts: it trains
+    the leading 4 components and keeps the other 4 frozen, so α = 0 is exactly the global model
+    (as the torch trainer computes it at rank 8)."""
+    from edgetune.personalize import PersonalizeSettings, personalize
+    from edgetune.wire import GlobalAdapter
+    from edgetune.workload import OrtWorkload
+
+    texts = [f"record {i}: the pump on line {i % 3} was serviced and its seal replaced" for i in range(40)]
+    workload = OrtWorkload.load(texts, trainer="ort", artifacts=llama_artifacts, heldout_fraction=0.2)
+    wide = LoraSpec(rank=8, alpha=16.0, target_modules=LLAMA.target_modules)  # same scale as the artifacts
+    adapter = GlobalAdapter(2, 2, workload.manifest.fingerprint, wide, start_adapter(wide, "tiny-llama"))
+    settings = PersonalizeSettings(learning_rate=1e-2, steps=3, batch_size=2, seq_len=16, alpha=0.0)
+    personal, report = personalize(workload, adapter, settings, "ort-1")
+    reference = TorchLoraTrainer(load_model("tiny-llama"), wide)
+    reference.set_adapter(adapter.tensors)
+    held = workload.heldout_blocks(16)[:16]
+    assert report.global_ppl == pytest.approx(reference.perplexity(held), rel=1e-4)
+    assert report.personal_ppl == pytest.approx(report.global_ppl, rel=1e-6)
+    assert personal.spec.rank == 4 and personal.merged  # the rest rides in the frozen delta
+    assert report.local_ppl != pytest.approx(report.global_ppl, rel=1e-6)  # it did train

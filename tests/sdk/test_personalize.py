@@ -235,3 +235,24 @@ def test_local_epochs_make_a_device_take_one_pass_over_its_data(tmp_path):
     blocks = workload.train_blocks(32)
     steps = -(-blocks // 2)
     assert blocks > 10 and record["devices"][0]["train_tokens"] == steps * 2 * 32
+
+
+@pytest.mark.parametrize("ref", ["tiny-llama", "tiny-gpt2"])
+def test_a_prompt_adapter_loads_in_peft_with_the_trainers_logits(ref, tmp_path):
+    """What the state dir (and ``Device.save_adapter``) writes for a soft prompt is a PEFT
+    prompt-tuning adapter that reproduces the trainer's model."""
+    import peft
+
+    from edgetune.adapters.peft_format import write_peft_adapter
+
+    trainer = TorchPromptTrainer(load_model(ref), PROMPT_SPEC)
+    prompt = {PROMPT: np.random.default_rng(4).normal(0, 0.1, (4, 64)).astype(np.float32)}
+    trainer.set_adapter(prompt)
+    ids = batches(1, seed=11)[0]
+    with torch.no_grad():
+        ours = trainer._logits(ids).numpy()
+    write_peft_adapter(tmp_path / "adapter", PROMPT_SPEC, prompt, ref)
+    model = peft.PeftModel.from_pretrained(load_model(ref).model, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        theirs = model(input_ids=torch.as_tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits
+    np.testing.assert_allclose(theirs[:, PROMPT_SPEC.num_virtual_tokens:].numpy(), ours, rtol=1e-5, atol=1e-5)
