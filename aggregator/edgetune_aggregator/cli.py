@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names")
     group.add_argument("--prompt-tokens", type=int, default=20, help="virtual tokens of a soft prompt")
     group.add_argument("--prompt-init", default="vocab", choices=PROMPT_INITS,
-                       help="start a soft prompt from random vocabulary tokens' embeddings or --prompt-init-text's")
+                       help="start a soft prompt from random vocabulary tokens' embeddings, Gaussian vectors of the "
+                       "embeddings' scale, or --prompt-init-text's embeddings")
     group.add_argument("--prompt-init-text", default="", help="text whose token embeddings start the prompt")
     group.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS,
                        help="fedavg: devices train --steps (or --local-epochs) and send the change; fedsgd: devices "

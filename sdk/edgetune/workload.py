@@ -132,11 +132,11 @@ class Workload:
         """A prompt fleet's starting prompt from this base's token embeddings (an
         initialization round; ``edgetune.adapters.prompt``)."""
         from .adapters.prompt import prompt_from_embeddings
-        from .trainers.torch_prompt import embedding_rows
+        from .trainers.torch_prompt import embedding_rows, embedding_std
 
         model = self.loaded.model  # (adapters leave the input embeddings as they are)
         return prompt_from_embeddings(spec, lambda ids: embedding_rows(model, ids), self.loaded.tokenizer.encode,
-                                      self.manifest.vocab_size, seed)
+                                      self.manifest.vocab_size, seed, std=lambda: embedding_std(model))
 
     def train_blocks(self, seq_len: int) -> int:
         """How many training blocks of ``seq_len`` tokens this device holds (an epoch)."""
@@ -300,7 +300,7 @@ class OrtWorkload(Workload):
 
         trainer = self.trainer(spec)  # reads the embedding matrix from the checkpoint
         return prompt_from_embeddings(spec, trainer.embedding_rows, self.loaded.tokenizer.encode,
-                                      self.manifest.vocab_size, seed)
+                                      self.manifest.vocab_size, seed, std=trainer.embedding_std)
 
     def importance(self, modules, settings, importance, quantization="float32", seed=0):
         raise ValueError("importance scoring (a calibration round) needs the torch backend: the ONNX Runtime "

@@ -45,6 +45,8 @@ def init_token_ids(spec: PromptSpec, encode: Callable[[str], list[int]], vocab_s
     ``vocab``: drawn uniformly from the vocabulary with ``seed`` (the same on every device);
     ``text``: ``init_text``'s tokens, repeated to length or cut (as PEFT's TEXT init)."""
     n = spec.num_virtual_tokens
+    if spec.init == "random":
+        raise ValueError("a random prompt starts from no tokens")
     if spec.init == "vocab":
         if vocab_size < 1:
             raise ValueError("the model reports no vocabulary size: use init='text'")
@@ -56,8 +58,15 @@ def init_token_ids(spec: PromptSpec, encode: Callable[[str], list[int]], vocab_s
 
 
 def prompt_from_embeddings(spec: PromptSpec, embeddings: Callable[[np.ndarray], np.ndarray], encode: Callable[[str], list[int]],
-                           vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """The starting prompt: rows ``embeddings(ids)`` for :func:`init_token_ids`."""
+                           vocab_size: int, seed: int, std: Callable[[], float] | None = None) -> dict[str, np.ndarray]:
+    """The starting prompt: rows ``embeddings(ids)`` for :func:`init_token_ids`, or for
+    ``init="random"`` seeded Gaussian vectors with the embedding matrix's ``std()``."""
+    if spec.init == "random":
+        if std is None:
+            raise ValueError("a random prompt needs the embedding matrix's standard deviation")
+        width = np.asarray(embeddings(np.zeros(1, np.int64))).shape[1]
+        rows = np.random.default_rng(seed).normal(0.0, float(std()), (spec.num_virtual_tokens, width)).astype(np.float32)
+        return {PROMPT: rows}
     ids = init_token_ids(spec, encode, vocab_size, seed)
     rows = np.asarray(embeddings(ids), np.float32)
     if rows.shape[0] != spec.num_virtual_tokens or rows.ndim != 2:

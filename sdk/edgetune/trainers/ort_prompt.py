@@ -65,9 +65,16 @@ class OrtPromptTrainer(OrtTrainer):
         """FedSGD: the mean loss's gradient over ``batches``."""
         return self._full_gradient(batches)
 
-    def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` of the base's input embedding matrix (a prompt's starting point)."""
+    def _embedding(self) -> np.ndarray:
         name = self.manifest.adapter.embedding
         if not name:
             raise ArtifactError(f"the artifacts in {self.folder} do not name the embedding matrix: rebuild them")
-        return np.asarray(self._state.parameters[name].data, np.float32)[np.asarray(ids, np.int64)]
+        return np.asarray(self._state.parameters[name].data, np.float32)
+
+    def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of the base's input embedding matrix (a prompt's starting point)."""
+        return self._embedding()[np.asarray(ids, np.int64)]
+
+    def embedding_std(self) -> float:
+        """The embedding matrix's standard deviation, as ``torch_prompt.embedding_std``."""
+        return float(self._embedding().astype(np.float64).std())

@@ -28,7 +28,7 @@ from .torch_base import TorchTrainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TorchPromptTrainer", "embedding_rows"]
+__all__ = ["TorchPromptTrainer", "embedding_rows", "embedding_std"]
 
 _ADAPTER = "default"
 
@@ -98,6 +98,13 @@ class TorchPromptTrainer(TorchTrainer):
         # positions 0..N+T-1 (PEFT ignores explicit position ids for prompt tuning)
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         return out.logits[:, self.spec.num_virtual_tokens:]
+
+
+def embedding_std(model: torch.nn.Module) -> float:
+    """The standard deviation of the base's input embedding matrix (float64 over all entries,
+    so every backend gets the same number from the same weights)."""
+    with torch.no_grad():
+        return float(model.get_input_embeddings().weight.double().std(unbiased=False))
 
 
 def embedding_rows(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:

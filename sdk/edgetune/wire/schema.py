@@ -82,7 +82,7 @@ class LoraSpec:
             raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout}")
 
 
-PROMPT_INITS = ("vocab", "text")
+PROMPT_INITS = ("vocab", "random", "text")
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,10 @@ class PromptSpec:
     Its start needs the base's token embeddings, which only devices hold, so a prompt fleet
     begins with an initialization round (``TaskKind.INITIALIZE``): ``init="vocab"`` takes the
     embeddings of ``num_virtual_tokens`` vocabulary tokens drawn with the task's seed,
-    ``init="text"`` those of ``init_text``'s tokens, repeated or cut to length (PEFT's
-    SAMPLE_VOCAB and TEXT initialisations).
+    ``init="random"`` Gaussian vectors (seeded) with the embedding matrix's standard deviation,
+    ``init="text"`` the embeddings of ``init_text``'s tokens, repeated or cut to length (PEFT's
+    SAMPLE_VOCAB, RANDOM and TEXT initialisations; PEFT's RANDOM uses a unit Gaussian, which is
+    far larger than a small model's embeddings).
     """
 
     num_virtual_tokens: int = 20
