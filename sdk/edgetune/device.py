@@ -157,21 +157,25 @@ class Device:
         """Follow the fleet's tasks until it finishes (or ``stop()``)."""
         try:
             while not self._stop.is_set():
-                try:
-                    topic, message = self._inbox.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if isinstance(message, GlobalAdapter):
-                    self._on_global(message)
-                elif isinstance(message, RoundTask):
-                    self.task = message
-                else:
-                    self.channel.drop(AGGREGATOR_ID, topic, "unexpected_kind", type(message).__name__)
-                    continue
-                if self.task and self._step(self.task):
+                if self._receive(0.5) and self.task and self._step(self.task):
                     break
         finally:
             self.close()
+
+    def _receive(self, timeout: float) -> bool:
+        """Take one message from the inbox and apply it; False if none came or it was bad."""
+        try:
+            topic, message = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if isinstance(message, GlobalAdapter):
+            self._on_global(message)
+        elif isinstance(message, RoundTask):
+            self.task = message
+        else:
+            self.channel.drop(AGGREGATOR_ID, topic, "unexpected_kind", type(message).__name__)
+            return False
+        return True
 
     def start(self) -> Device:
         self._thread = threading.Thread(target=self.run, name=f"edgetune-{self.config.device_id}", daemon=True)
@@ -214,14 +218,7 @@ class Device:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no global adapter of fleet {self.config.fleet} within {timeout:.0f} s")
-            try:
-                topic, message = self._inbox.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                continue
-            if isinstance(message, GlobalAdapter):
-                self._on_global(message)
-            elif isinstance(message, RoundTask):
-                self.task = message
+            self._receive(min(left, 0.5))
         return self.global_adapter
 
     def personalize(self, settings=None, report: bool = True):

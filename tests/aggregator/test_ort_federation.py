@@ -39,6 +39,23 @@ def start_torch_free_device(url: str, fleet: str, device_id: str, data: Path, ar
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def run_mixed_fleet(url: str, config, data: Path, artifacts: Path, observer: Observer, tmp_path: Path):
+    """The daemon, the torch-free device ``ort-1`` (a subprocess) and the torch device ``dev-0``,
+    until the fleet finishes: (aggregator, torch device, process, the process's output)."""
+    aggregator, thread = start_aggregator(url, config)
+    process = start_torch_free_device(url, config.fleet, "ort-1", data, artifacts, tmp_path / "ort-1.log")
+    try:
+        torch_device = join_device(url, config.fleet, 0)
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the aggregator did not finish its rounds"
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        observer.close()
+    return aggregator, torch_device, process, output
+
+
 @pytest.mark.slow
 def test_torch_and_torch_free_devices_federate_over_mosquitto(mosquitto_url, tmp_path):
     fleet = f"ort-{uuid.uuid4().hex[:8]}"
@@ -53,18 +70,9 @@ def test_torch_and_torch_free_devices_federate_over_mosquitto(mosquitto_url, tmp
     # a small packet limit makes the download take many chunks
     config = fleet_config(tmp_path, fleet, min_devices=2, strategy="svd", ort_artifacts=artifacts,
                           max_packet=64 * 1024)
-    aggregator, thread = start_aggregator(mosquitto_url, config)
     downloaded = tmp_path / "device" / "artifacts"  # absent: the device asks the aggregator
-    process = start_torch_free_device(mosquitto_url, fleet, "ort-1", data, downloaded, tmp_path / "ort-1.log")
-    try:
-        torch_device = join_device(mosquitto_url, fleet, 0)
-        thread.join(timeout=300)
-        assert not thread.is_alive(), "the aggregator did not finish its rounds"
-        output, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        observer.close()
+    aggregator, torch_device, process, output = run_mixed_fleet(mosquitto_url, config, data, downloaded, observer,
+                                                                tmp_path)
     device_log = (tmp_path / "ort-1.log").read_text()
     assert process.returncode == 0, output + device_log
     assert "LOADED-FORBIDDEN:\n" in output, output  # torch and transformers were never imported
@@ -106,18 +114,8 @@ def test_a_torch_free_device_trains_a_soft_prompt_with_a_torch_device(mosquitto_
     observer = Observer(mosquitto_url, fleet)
     config = fleet_config(tmp_path, fleet, min_devices=2, adapter=spec, ort_artifacts=artifacts,
                           train=TrainSettings(local_steps=2, batch_size=2, seq_len=32, learning_rate=3e-2))
-    aggregator, thread = start_aggregator(mosquitto_url, config)
-    process = start_torch_free_device(mosquitto_url, fleet, "ort-1", data, tmp_path / "device" / "artifacts",
-                                      tmp_path / "ort-1.log")
-    try:
-        torch_device = join_device(mosquitto_url, fleet, 0)
-        thread.join(timeout=300)
-        assert not thread.is_alive(), "the aggregator did not finish its rounds"
-        output, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        observer.close()
+    aggregator, torch_device, process, output = run_mixed_fleet(mosquitto_url, config, data,
+                                                                tmp_path / "device" / "artifacts", observer, tmp_path)
     assert process.returncode == 0, output + (tmp_path / "ort-1.log").read_text()
     assert "LOADED-FORBIDDEN:\n" in output, output
     assert aggregator.devices["ort-1"].capabilities.adapters == ("prompt",)
