@@ -109,18 +109,20 @@ class Device:
         """Load the model and data, and connect: the one call an edge application needs.
 
         ``trainer="ort"`` (or ``"auto"`` without PyTorch) trains ONNX Runtime ``artifacts``,
-        downloaded from the aggregator first when the folder holds none (docs/ort.md)."""
+        downloaded from the aggregator first when the folder holds none (docs/ort.md).
+        ``robustness`` (a file or records) is the other sites' held-out text the operator
+        gives this device, for the robustness score (docs/personalization.md)."""
         from .workload import choose_backend
 
         trainer, artifacts = options.pop("trainer", "auto"), options.pop("artifacts", None)
-        model_hash = options.pop("model_hash", None)
+        model_hash, robustness = options.pop("model_hash", None), options.pop("robustness", None)
         config = DeviceConfig(fleet, device_id, **options)
         if choose_backend(trainer, artifacts) == "ort":
             from .ort.fetch import ensure_artifacts
 
             ensure_artifacts(broker, fleet, device_id, Path(artifacts))
         workload = Workload.load(data, model, config.heldout_fraction, seed=hash_seed(device_id), trainer=trainer,
-                                 artifacts=artifacts, model_hash=model_hash)
+                                 artifacts=artifacts, model_hash=model_hash, robustness=robustness)
         transport = open_transport(broker, client_id=f"edgetune-{fleet}-{device_id}")
         device = cls(config, transport, workload)
         device.connect()
