@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the run behind docs/benchmarks.md: 3 devices (computers, science, people), SmolLM2-135M, a
 #: 20-token soft prompt, 4 FedAvg rounds of 25 steps, then the sweep
 SETTINGS = ["--threads", "2", "--rounds", "4", "--fed-steps", "25", "--fed-lr", "3e-3", "--adamw-lrs", "1e-3,1e-2",
-            "--sgd-lrs", "0.3,3", "--steps", "10,30", "--l2", "0,30", "--eval-blocks", "6"]
+            "--sgd-lrs", "0.3,3", "--steps", "10,30", "--l2", "0,30", "--eval-blocks", "8"]
 
 if __name__ == "__main__":
     out = ROOT / "bench-out" / "personalization"

@@ -424,7 +424,7 @@ class Device:
         me, adapter = self.config.device_id, self.global_adapter
         trainer, start = self._start_model(task, plan.rank, plan.quantization, plan.gradient_checkpointing)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
-        robust = self.workload.robustness_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
+        robust = self.workload.robustness_blocks(task.train.seq_len, self.config.max_eval_blocks)
         global_ppl = trainer.perplexity(heldout)
         global_robust = trainer.perplexity(robust) if len(robust) else None
         local_robust = global_robust
@@ -483,7 +483,7 @@ class Device:
         rank = plan.rank if isinstance(task.adapter, PromptSpec) else task.adapter.rank
         trainer, _ = self._start_model(task, rank, plan.quantization, plan.gradient_checkpointing)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
-        robust = self.workload.robustness_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
+        robust = self.workload.robustness_blocks(task.train.seq_len, self.config.max_eval_blocks)
         ppl = trainer.perplexity(heldout)
         robust_ppl = trainer.perplexity(robust) if len(robust) else None
         report = EvalReport(me, task.round, self.global_adapter.version, self.workload.num_samples,

@@ -151,7 +151,7 @@ def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str
     trainer = workload.trainer(spec, quantization)
     train_blocks, val_blocks = workload.personal_split(settings.seq_len, settings.validation_fraction, settings.seed)
     heldout = workload.heldout_blocks(settings.seq_len)[:max_eval_blocks]
-    robust = workload.robustness_blocks(settings.seq_len)[:max_eval_blocks]
+    robust = workload.robustness_blocks(settings.seq_len, max_eval_blocks)
     val_blocks = val_blocks[:max_eval_blocks]
 
     def load(alpha: float, local: Mapping[str, np.ndarray] | None) -> None:

@@ -203,16 +203,22 @@ class Workload:
     def has_robustness(self) -> bool:
         return bool(self._robust_ids)
 
-    def robustness_blocks(self, seq_len: int) -> np.ndarray:
+    def robustness_blocks(self, seq_len: int, limit: int | None = None) -> np.ndarray:
         """Blocks of the other sites' held-out text (empty if none was given, or too little
-        for one block: the score is optional and must not stop training)."""
+        for one block: the score is optional and must not stop training). ``limit`` takes that
+        many spread evenly over the whole set: it holds several sites one after another, and
+        the first blocks would all be the first site's."""
         if self._robust_ids:
             try:
-                return self._packed("robust", seq_len)
+                blocks = self._packed("robust", seq_len)
             except DataError as exc:
                 if not self._robust_warned:
                     log.warning("no robustness score: %s", exc)
                     self._robust_warned = True
+            else:
+                if limit is not None and len(blocks) > limit:
+                    blocks = blocks[np.linspace(0, len(blocks) - 1, limit).round().astype(int)]
+                return blocks
         return np.zeros((0, seq_len), np.int64)
 
     def personal_split(self, seq_len: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

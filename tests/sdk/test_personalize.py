@@ -256,3 +256,18 @@ def test_a_prompt_adapter_loads_in_peft_with_the_trainers_logits(ref, tmp_path):
     with torch.no_grad():
         theirs = model(input_ids=torch.as_tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits
     np.testing.assert_allclose(theirs[:, PROMPT_SPEC.num_virtual_tokens:].numpy(), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_capped_robustness_set_samples_every_site_and_a_short_one_turns_the_score_off():
+    loaded = load_model("tiny-llama")
+    site_a = ["alpha beta gamma delta " * 8] * 10
+    site_b = ["omega psi chi phi " * 8] * 10
+    workload = Workload(loaded, ["some training text for the device"] * 12, ["held out text"] * 4,
+                        robustness_texts=site_a + site_b)
+    every = workload.robustness_blocks(32)
+    capped = workload.robustness_blocks(32, limit=2)
+    assert len(every) > 4 and len(capped) == 2
+    text = [loaded.tokenizer.decode(block) for block in capped]
+    assert "alpha" in text[0] and "omega" in text[1]  # the first and the last site, not two of the first
+    short = Workload(loaded, ["some training text for the device"] * 12, ["held out text"] * 4, robustness_texts=["hi"])
+    assert short.robustness_blocks(32).shape == (0, 32)  # with a warning, not an error

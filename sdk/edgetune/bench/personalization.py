@@ -134,7 +134,7 @@ def run(config: BenchConfig, texts: dict[str, list[str]]) -> dict:
 
     def scores(trainer, workload) -> tuple[float, float]:
         own = workload.heldout_blocks(config.seq_len)[: config.eval_blocks]
-        robust = workload.robustness_blocks(config.seq_len)[: config.eval_blocks]
+        robust = workload.robustness_blocks(config.seq_len, config.eval_blocks)
         return trainer.perplexity(own), trainer.perplexity(robust)
 
     global_scores = {}
