@@ -141,6 +141,8 @@ class AggregatorConfig:
             raise ValueError(f"rounds must be ≥ 0, got {self.rounds}")
         if self.round_timeout_s <= 0:
             raise ValueError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.linger_s is not None and self.linger_s < 0:
+            raise ValueError(f"linger_s must be ≥ 0 (None: until stopped), got {self.linger_s}")
 
 
 class Aggregator:
@@ -168,8 +170,6 @@ class Aggregator:
         self.strategy: Strategy | None = None  # made once the fleet's state is known
         self._calibration = None  # the cost model's coefficients, read once when first needed
         self._initial: dict | None = None  # a prompt fleet's starting adapter (initialization round)
-        #: devices whose starting adapter disagreed with the fleet's (another base): left out
-        self._mismatched: dict[str, str] = {}
         self.artifacts = None  # what devices without PyTorch can download (checked before serving)
         if config.ort_artifacts is not None:
             from .artifacts import ArtifactServer
@@ -435,9 +435,9 @@ class Aggregator:
         except Exception:  # planning is an optimisation: without it, devices use the defaults
             log.exception("planning round %d failed; devices train with the fleet's defaults", round_number)
             plans, excluded = {}, {}
-        if self._mismatched:  # another base: their updates would be dropped anyway
+        if self.state.left_out:  # another base: their updates would be dropped anyway
             excluded = {**excluded, **{d: f"computed another starting adapter ({why})"
-                                       for d, why in self._mismatched.items()}}
+                                       for d, why in self.state.left_out.items()}}
         if kind is TaskKind.CALIBRATE:  # scoring needs weight gradients, which only PyTorch computes
             excluded = {**excluded, **{d: "trains with ONNX Runtime, which cannot score weight importance"
                                        for d, h in self.devices.items() if h.capabilities.torch_free}}
@@ -497,7 +497,10 @@ class Aggregator:
                  number, kind.value, self.state.global_version, len(self.online))
         start = time.monotonic()
         deadline = start + self.config.round_timeout_s
-        while len(record.devices) < self.config.min_devices and not self._stop.is_set():
+        needed = self.config.min_devices
+        if kind is TaskKind.INITIALIZE:  # every device online gets a say in the fleet's start
+            needed = max(needed, len(self.online & set(self.devices)))
+        while len(record.devices) < needed and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -534,14 +537,20 @@ class Aggregator:
             self.state = dataclasses.replace(self.state, global_version=version)
             record.new_version, record.status = version, RoundStatus.AGGREGATED
         elif ctx.kind is TaskKind.INITIALIZE and ctx.inits:
-            self._initial, disagree = _consensus(ctx.inits)
-            for device, why in disagree.items():
-                self._mismatched[device] = why
-                log.warning("device %s computed another starting adapter than the fleet (%s): it is left out of "
-                            "this fleet; check its base model", device, why)
-            if disagree:
-                record.note = f"left out (another starting adapter): {', '.join(sorted(disagree))}"
-            record.status = RoundStatus.INITIALIZED
+            initial, disagree = _consensus(ctx.inits)
+            if initial is None:
+                record.status = RoundStatus.FAILED
+                record.note = f"no majority for a starting adapter: {disagree}"
+            else:
+                self._initial = initial
+                for device, why in disagree.items():
+                    log.warning("device %s computed another starting adapter than the fleet (%s): it is left out "
+                                "of this fleet; check its base model", device, why)
+                # saved with the state the fleet's v0 is saved with: a restart keeps them out
+                self.state = dataclasses.replace(self.state, left_out={**self.state.left_out, **disagree})
+                if disagree:
+                    record.note = f"left out (another starting adapter): {', '.join(sorted(disagree))}"
+                record.status = RoundStatus.INITIALIZED
         elif ctx.kind is TaskKind.CALIBRATE and enough:
             try:
                 record.layout = list(self._choose_layout(ctx))
@@ -611,6 +620,8 @@ class Aggregator:
         schedule) in ``personalization.json``."""
         if report.device_id not in self.devices:
             return self.channel.drop(report.device_id, topic, "unknown_device", "no hello received from it")
+        if self.state and report.device_id in self.state.left_out:
+            return self.channel.drop(report.device_id, topic, "init_mismatch", "left out of this fleet")
         values = [report.global_ppl, report.local_ppl, report.personal_ppl, report.global_robust_ppl,
                   report.local_robust_ppl, report.personal_robust_ppl, *report.validation.values()]
         if not all(v is None or (math.isfinite(v) and v > 0) for v in values):
@@ -621,7 +632,7 @@ class Aggregator:
         entry = dataclasses.asdict(report) | {"received_at": time.time()}
         try:
             self.store.append_personalization(entry)
-        except OSError as exc:  # the rounds go on; this report is lost and says so
+        except (OSError, ValueError) as exc:  # (a damaged file) the rounds go on; this report is lost and says so
             log.error("could not record %s's personalization report: %s", report.device_id, exc)
             return None
         robust = (f", others' {report.global_robust_ppl:.2f} -> {report.personal_robust_ppl:.2f}"
@@ -674,9 +685,9 @@ class Aggregator:
                          ImportanceReport: TaskKind.CALIBRATE, AdapterInit: TaskKind.INITIALIZE}[type(message)]
         if sender not in self.devices:
             return self.channel.drop(sender, topic, "unknown_device", "no hello received from it")
-        if sender in self._mismatched:
+        if self.state and sender in self.state.left_out:
             return self.channel.drop(sender, topic, "init_mismatch", f"left out of this fleet: its starting adapter "
-                                     f"differed ({self._mismatched[sender]})")
+                                     f"differed ({self.state.left_out[sender]})")
         if ctx is None or ctx.kind is not expected_kind or message.round != ctx.number:
             open_round = f"round {ctx.number} ({ctx.kind.value})" if ctx else "no round"
             return self.channel.drop(sender, topic, "unknown_round",
@@ -685,7 +696,8 @@ class Aggregator:
             return self.channel.drop(sender, topic, "duplicate", f"second result for round {ctx.number}")
         if isinstance(message, EvalReport):
             ctx.seen.add(sender)
-            ctx.record.devices.append(DeviceRecord(sender, message.num_samples, global_ppl=message.metrics.global_ppl,
+            ctx.record.devices.append(DeviceRecord(sender, message.num_samples,
+                                                   global_ppl=_score(message.metrics.global_ppl, sender),
                                                    global_robust_ppl=_score(message.metrics.robust_ppl, sender)))
             return None
         if isinstance(message, AdapterInit):
@@ -729,7 +741,7 @@ class Aggregator:
         ctx.seen.add(sender)
         m = message.metrics
         ctx.record.devices.append(DeviceRecord(
-            sender, message.num_samples, m.train_loss, m.local_ppl, m.global_ppl,
+            sender, message.num_samples, m.train_loss, _score(m.local_ppl, sender), _score(m.global_ppl, sender),
             m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received, _score(m.global_robust_ppl, sender),
             _score(m.local_robust_ppl, sender),
         ))
@@ -749,13 +761,16 @@ class _Round:
     inits: dict[str, dict] = field(default_factory=dict)
 
 
-def _consensus(inits: dict[str, dict]) -> tuple[dict, dict[str, str]]:
-    """The starting adapter most devices agree on (ties: the first to answer), and why each
-    other device's differs. Devices of one fleet share the base, so all should agree; one
-    that does not runs another base (or lies), and must not decide the fleet's start."""
+def _consensus(inits: dict[str, dict]) -> tuple[dict | None, dict[str, str]]:
+    """The starting adapter a strict majority of devices agree on, and why each other device's
+    differs. Devices of one fleet share the base, so all should agree; one that does not runs
+    another base (or lies), and must not decide the fleet's start. Without a strict majority
+    (say one against one) nobody can tell which is right: ``(None, {device: "disagrees"})``."""
     devices = list(inits)
     agreeing = {d: [e for e in devices if agree(inits[d], inits[e]) is None] for d in devices}
     chosen = max(devices, key=lambda d: (len(agreeing[d]), -devices.index(d)))
+    if 2 * len(agreeing[chosen]) <= len(devices):
+        return None, {d: f"agrees with {len(agreeing[d])} of {len(devices)}" for d in devices}
     return inits[chosen], {d: agree(inits[chosen], inits[d]) for d in devices if d not in agreeing[chosen]}
 
 
@@ -772,6 +787,8 @@ def _check_report(report: PersonalizationReport) -> str | None:
     """Why a personalization report is not worth keeping (None if it is): it is stored as
     sent, so its free-form parts are bounded here."""
     for key in report.validation:
+        if len(key) > 16:
+            return f"validation key {key[:20]!r}… is not an α"
         try:
             alpha = float(key)
         except ValueError:

@@ -122,6 +122,8 @@ class FleetState:
     layout: str = "fixed"
     #: round number of the first train round (a calibration round comes before it)
     first_train_round: int = 1
+    #: devices left out of the fleet, and why (their starting adapter showed another base)
+    left_out: dict[str, str] = field(default_factory=dict)
 
 
 def _adapter_spec(raw: dict) -> AdapterSpec:
@@ -161,6 +163,7 @@ class StateStore:
             strategy=raw.get("strategy", "fedit"),
             layout=raw.get("layout", "fixed"),
             first_train_round=raw.get("first_train_round", 1),
+            left_out=dict(raw.get("left_out", {})),
         )
 
     def save_state(self, state: FleetState) -> None:

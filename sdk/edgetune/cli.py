@@ -53,6 +53,8 @@ def _add_device_args(run: argparse.ArgumentParser) -> None:
                      "aggregator for planning; its memory is the budget training stays within")
     run.add_argument("--robustness", type=Path, help="held-out text of the other sites (.txt/.jsonl), given by the "
                      "operator: the robustness score is the perplexity on it")
+    run.add_argument("--validation", type=float, default=0.1, help="fraction of the training records (with at "
+                     "least 10) that neither rounds nor personalization train on: where α is chosen (0: none)")
     _add_common(run)
 
 
@@ -195,7 +197,7 @@ def _device(args: argparse.Namespace):
                                connect_timeout=args.connect_timeout)
     workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads,
                              trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash,
-                             robustness=args.robustness)
+                             robustness=args.robustness, validation_fraction=args.validation)
     device = Device(config, transport, workload)
     # personalizing is a second process of a device of the fleet: it must not replace the
     # hello (profile and all) and presence its 'device run' announced

@@ -158,24 +158,30 @@ def run_demo(args: argparse.Namespace) -> int:
 
     failed = None
     personalizing = False
+    log_suffix = ""
     try:
         while daemon.is_alive():
             daemon.join(0.5)
             for device_id, proc in procs.items():
                 if proc.poll() not in (None, 0):
-                    failed = f"device {device_id} exited with status {proc.returncode}; see {out / 'logs' / device_id}.log"
+                    failed = (f"device {device_id} exited with status {proc.returncode}; see "
+                              f"{out / 'logs' / device_id}{log_suffix}.log")
                     break
             if failed:
                 aggregator.stop()
                 break
-            if config.linger_s is None and all(proc.poll() == 0 for proc in procs.values()):
+            if config.linger_s is None and aggregator.finished.is_set() and all(p.poll() == 0 for p in procs.values()):
                 if personalizing:  # every device has personalized and reported: let the daemon record it
                     deadline = time.monotonic() + 30
                     while len(aggregator.store.personalizations()) < len(files) and time.monotonic() < deadline:
                         time.sleep(0.2)
+                    missing = sorted(set(files) - {e["device_id"] for e in aggregator.store.personalizations()})
+                    if missing:
+                        failed = f"no personalization report from {', '.join(missing)}; see {out / 'logs'}"
                     aggregator.stop()
-                    continue
-                personalizing = True  # the fleet finished and its devices left: personalize each
+                    daemon.join(30)
+                    break
+                personalizing, log_suffix = True, "-personalize"  # the fleet finished: personalize each device
                 print("\npersonalizing every device (edgetune device personalize) ...")
                 procs = {device_id: subprocess.Popen(
                     device_command("personalize", device_id, path, f"{device_id}-personalize.log")

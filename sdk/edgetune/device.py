@@ -95,6 +95,10 @@ class Device:
         self._trainer_lock = threading.Lock()
         self._global_arrived = threading.Event()
         self._closed = False
+        self._running = False  # run() reads the inbox
+        self._send_lock = threading.Lock()  # close() vs a report being sent
+        #: the plan this device last trained with (after any back-off): personalization's too
+        self.last_plan: DevicePlan | None = None
 
     @classmethod
     def join(
@@ -157,11 +161,13 @@ class Device:
 
     def run(self) -> None:
         """Follow the fleet's tasks until it finishes (or ``stop()``)."""
+        self._running = True
         try:
             while not self._stop.is_set():
                 if self._receive(0.5) and self.task and self._step(self.task):
                     break
         finally:
+            self._running = False
             self.close()
 
     def _receive(self, timeout: float) -> bool:
@@ -192,12 +198,13 @@ class Device:
     def close(self) -> None:
         """Leave cleanly: mark offline (the will is only for unexpected deaths)."""
         me = self.config.device_id
-        self._closed = True
-        try:
-            if getattr(self, "_announced", True):
-                self.transport.publish(self.topics.presence(me), encode_message(Presence(me, False)), retain=True)
-        finally:
-            self.transport.close()
+        with self._send_lock:
+            self._closed = True
+            try:
+                if getattr(self, "_announced", True):
+                    self.transport.publish(self.topics.presence(me), encode_message(Presence(me, False)), retain=True)
+            finally:
+                self.transport.close()
 
     @property
     def current_adapter(self) -> GlobalAdapter | None:
@@ -211,7 +218,7 @@ class Device:
         the fleet has one), for a device used without ``run()``."""
         import time
 
-        if self._thread is not None and self._thread.is_alive():  # run() reads the inbox: wait for it
+        if self._running:  # run() reads the inbox: wait for it to see the adapter
             if not self._global_arrived.wait(timeout):
                 raise TimeoutError(f"no global adapter of fleet {self.config.fleet} within {timeout:.0f} s")
             return self.global_adapter
@@ -237,15 +244,21 @@ class Device:
             raise RuntimeError("this device left the fleet (run() returns when the fleet finishes and disconnects): "
                                "personalize before, keep it connected with DeviceConfig(exit_when_finished=False), "
                                "or pass report=False")
-        plan = self.task.plans.get(self.config.device_id) if self.task else None
+        plan = self.last_plan  # what its memory affords, as the planner (and any back-off) found
         with self._trainer_lock:
             personal, result = personalize(self.workload, self.global_adapter, settings, self.config.device_id,
                                            max_eval_blocks=self.config.max_eval_blocks,
-                                           quantization=plan.quantization if plan else "float32")
+                                           quantization=plan.quantization if plan else "float32",
+                                           rank=plan.rank if plan else None,
+                                           checkpointing=plan.gradient_checkpointing if plan else False)
         self.personal_adapter, self.serving = personal, "personal"
         if report:
-            self.channel.send(self.topics.personal(self.config.device_id), result)
-            self._flush()
+            with self._send_lock:  # run() may have left the fleet while this trained
+                if self._closed:
+                    raise RuntimeError("the device left the fleet while personalizing (run() returned): the "
+                                       "personal adapter is kept and served, but the report was not sent")
+                self.channel.send(self.topics.personal(self.config.device_id), result)
+                self._flush()
         return result
 
     def use_personal(self) -> None:
@@ -422,6 +435,7 @@ class Device:
 
     def _train_with(self, task: RoundTask, plan: DevicePlan, grad_accum: int) -> None:
         me, adapter = self.config.device_id, self.global_adapter
+        self.last_plan = plan
         trainer, start = self._start_model(task, plan.rank, plan.quantization, plan.gradient_checkpointing)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
         robust = self.workload.robustness_blocks(task.train.seq_len, self.config.max_eval_blocks)
@@ -479,8 +493,13 @@ class Device:
 
     def _evaluate(self, task: RoundTask) -> None:
         me = self.config.device_id
+        if me in task.excluded:
+            log.warning("%s: sits out evaluation round %d: %s", me, task.round, task.excluded[me])
+            return
         plan = self._plan(task)  # evaluate at full rank, on the base precision this device can afford
         rank = plan.rank if isinstance(task.adapter, PromptSpec) else task.adapter.rank
+        if self.workload.max_rank:  # ONNX Runtime artifacts hold their own rank; the rest rides frozen
+            rank = min(rank, self.workload.max_rank)
         trainer, _ = self._start_model(task, rank, plan.quantization, plan.gradient_checkpointing)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
         robust = self.workload.robustness_blocks(task.train.seq_len, self.config.max_eval_blocks)

@@ -128,14 +128,15 @@ def choose_alpha(evaluate: Callable[[float], float], alphas: Sequence[float]) ->
 
 
 def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str, max_eval_blocks: int = 16,
-                quantization: str = "float32"):
+                quantization: str = "float32", rank: int | None = None, checkpointing: bool = False):
     """Fine-tune ``adapter`` (a ``GlobalAdapter``) on ``workload``'s own data and choose α:
     ``(PersonalAdapter, PersonalizationReport)``. The trainer is left holding the personal
     adapter. Used by ``Device.personalize`` and the personalization benchmark.
 
-    ``quantization`` is the base precision the device's plan gave it (memory it can afford).
-    A LoRA above the rank the device's backend trains (ONNX Runtime artifacts) is trained at
-    that rank, the remaining components frozen in the merged delta, as in a round."""
+    ``quantization``, ``rank`` and ``checkpointing`` are what the device's last plan gave it
+    (memory it can afford; None: the fleet's rank). A LoRA above that rank, or above the rank
+    the device's backend trains (ONNX Runtime artifacts), is trained at the lower rank, the
+    remaining components frozen in the merged delta, as in a round."""
     import dataclasses
 
     from .adapters.lora import split_rank
@@ -143,12 +144,14 @@ def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str
 
     spec = adapter.adapter
     start, frozen = dict(adapter.tensors), dict(adapter.merged)
-    if isinstance(spec, LoraSpec) and workload.max_rank and workload.max_rank < spec.rank:
-        rank = workload.max_rank
+    caps = [r for r in (rank, workload.max_rank) if r]
+    cap = min(caps) if caps else None
+    if isinstance(spec, LoraSpec) and cap and cap < spec.rank:
+        rank = cap
         start, rest = split_rank(adapter.tensors, rank, spec.alpha / spec.rank)
         frozen = concat_merged(adapter.merged, rest)
         spec = dataclasses.replace(spec, rank=rank, alpha=spec.alpha * rank / spec.rank)  # same scale
-    trainer = workload.trainer(spec, quantization)
+    trainer = workload.trainer(spec, quantization, checkpointing)
     train_blocks, val_blocks = workload.personal_split(settings.seq_len, settings.validation_fraction, settings.seed)
     heldout = workload.heldout_blocks(settings.seq_len)[:max_eval_blocks]
     robust = workload.robustness_blocks(settings.seq_len, max_eval_blocks)

@@ -230,8 +230,10 @@ class Workload:
             try:
                 return self._packed("train", seq_len), self._packed("validation", seq_len)
             except DataError as exc:
-                log.warning("the validation records are too short for one block (%s): choosing α on training "
-                            "records personalization leaves out", exc)
+                if not getattr(self, "_validation_warned", False):
+                    log.warning("the validation records are too short for one block (%s): choosing α on training "
+                                "records personalization leaves out", exc)
+                    self._validation_warned = True
         n = len(self._train_ids)
         if n < 2:
             raise ValueError("personalization needs at least two training texts (one to train, one to choose α on)")

@@ -133,7 +133,8 @@ def test_a_device_with_another_base_is_left_out_of_a_prompt_fleet(tmp_path):
     assert not thread.is_alive()
     (record,) = StateStore(tmp_path / "state").rounds()
     assert record["status"] == "initialized" and "dev-1" in record["note"]
-    assert set(aggregator._mismatched) == {"dev-1"}
+    assert set(aggregator.state.left_out) == {"dev-1"}
+    assert StateStore(tmp_path / "state").load_state().left_out.keys() == {"dev-1"}  # kept out after a restart
     loaded = load_model("tiny-llama")
     ids = loaded.tokenizer.encode(SPEC.init_text)
     want = embedding_rows(loaded.model, [ids[i % len(ids)] for i in range(SPEC.num_virtual_tokens)])
@@ -160,3 +161,14 @@ def test_a_resumed_prompt_fleet_checks_devices_against_its_own_adapter(tmp_path)
     assert aggregator._check_model(prompt_only) is None
     lora_only = Hello("dev-1", "0", manifest, Capabilities(backends=("ort",), adapters=("lora",)))
     assert "trains prompt adapters" in aggregator._check_model(lora_only)
+
+
+def test_the_starting_adapter_needs_a_strict_majority():
+    from edgetune_aggregator.daemon import _consensus
+
+    a, b = {PROMPT: np.ones((2, 3), np.float32)}, {PROMPT: np.full((2, 3), 2.0, np.float32)}
+    assert _consensus({"x": a})[0] is a
+    chosen, left_out = _consensus({"x": a, "y": b, "z": dict(b)})
+    assert chosen is b and set(left_out) == {"x"}
+    chosen, left_out = _consensus({"x": a, "y": b})  # one against one: nobody can tell
+    assert chosen is None and set(left_out) == {"x", "y"}

@@ -74,6 +74,18 @@ def prompt_from_embeddings(spec: PromptSpec, embeddings: Callable[[np.ndarray], 
     return {PROMPT: np.ascontiguousarray(rows)}
 
 
+def chunked_std(rows: Callable[[int, int], np.ndarray], count: int, chunk: int = 4096) -> float:
+    """Population standard deviation of a matrix read as ``rows(start, stop)`` blocks of float64,
+    without a float64 copy of a whole vocabulary-sized matrix on a small device (the scale of
+    a ``random`` prompt; every backend sums the same blocks in the same order)."""
+    total = squares = n = 0.0
+    for start in range(0, count, chunk):
+        block = rows(start, min(count, start + chunk))
+        total, squares, n = total + float(block.sum()), squares + float((block * block).sum()), n + block.size
+    mean = total / n
+    return float(np.sqrt(max(squares / n - mean * mean, 0.0)))
+
+
 def agree(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], rtol: float = 1e-3) -> str | None:
     """Why two devices' starting adapters differ (None if they agree within ``rtol`` of the
     tensors' scale): they should be computed from the same base."""

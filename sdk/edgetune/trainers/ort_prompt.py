@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..adapters.lora import as_float32, check_tensors
-from ..adapters.prompt import PROMPT, prompt_shapes
+from ..adapters.prompt import PROMPT, chunked_std, prompt_shapes
 from ..ort.artifacts import ArtifactError, ArtifactManifest, check_prompt_layout
 from ..wire.schema import PromptSpec
 from .ort_base import OrtTrainer, load_artifacts
@@ -77,4 +77,5 @@ class OrtPromptTrainer(OrtTrainer):
 
     def embedding_std(self) -> float:
         """The embedding matrix's standard deviation, as ``torch_prompt.embedding_std``."""
-        return float(self._embedding().astype(np.float64).std())
+        matrix = self._embedding()
+        return chunked_std(lambda start, stop: matrix[start:stop].astype(np.float64), matrix.shape[0])

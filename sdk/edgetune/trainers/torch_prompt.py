@@ -20,7 +20,7 @@ import peft
 import torch
 
 from ..adapters.lora import as_float32, check_tensors
-from ..adapters.prompt import PROMPT, prompt_shapes
+from ..adapters.prompt import PROMPT, chunked_std, prompt_shapes
 from ..models.loading import LoadedModel
 from ..wire.schema import PromptSpec
 from .quantize import quantize_base
@@ -103,8 +103,9 @@ class TorchPromptTrainer(TorchTrainer):
 def embedding_std(model: torch.nn.Module) -> float:
     """The standard deviation of the base's input embedding matrix (float64 over all entries,
     so every backend gets the same number from the same weights)."""
+    weight = model.get_input_embeddings().weight
     with torch.no_grad():
-        return float(model.get_input_embeddings().weight.double().std(unbiased=False))
+        return chunked_std(lambda start, stop: weight[start:stop].double().cpu().numpy(), weight.shape[0])
 
 
 def embedding_rows(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:

@@ -355,7 +355,8 @@ class ImportanceReport:
 class AdapterInit:
     """A device's answer to an initialization round: the starting adapter computed from its
     base (for a soft prompt: token embeddings). Devices of one fleet share the base, so every
-    answer must agree; the aggregator takes the first and checks the others against it."""
+    answer must agree: the aggregator takes the one a strict majority agrees on and leaves the
+    other devices out of the fleet."""
 
     device_id: str
     round: int
