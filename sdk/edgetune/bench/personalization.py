@@ -223,29 +223,33 @@ def _geo(values) -> float:
 
 
 def findings(results: dict) -> list[str]:
-    """The paper's qualitative findings, each checked against these numbers."""
+    """The paper's qualitative findings, each checked against these numbers. Comparisons use
+    medians over settings: a few diverging settings (too large a learning rate) would otherwise
+    decide every average."""
     table = settings_table(results)
     full = [r for r in table if r["alpha"] == 1.0]
+    improving = [r for r in full if r["own_gain"] > 0]  # settings where fine-tuning helped the device at all
     out = []
 
-    def mean(rows, key):
-        return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+    def med(rows, key):
+        return float(np.median([r[key] for r in rows])) if rows else float("nan")
 
-    gain, loss = mean(full, "own_gain"), mean(full, "others_loss")
+    gain, loss = med(improving, "own_gain"), med(improving, "others_loss")
     out.append(f"**Local fine-tuning trades robustness for personalization** — "
-               f"{'holds' if gain > 0 and loss > 0 else 'does not hold'} here: over all settings at α = 1, "
-               f"own-data perplexity falls {gain:.1%} on average while the other sites' rises {loss:+.1%}.")
-    # small lr with many steps vs large lr with few steps, per optimizer
+               f"{'holds' if improving and loss > 0 else 'does not hold'} here: in the {len(improving)} of {len(full)} "
+               f"settings where fine-tuning (α = 1) lowered the device's own perplexity (median {gain:.1%}), the other "
+               f"sites' perplexity changed by a median {loss:+.1%}; "
+               f"{sum(r['others_loss'] > 0 for r in improving)} of them made it worse.")
     for opt, lrs in results["config"]["lrs"].items():
         steps = results["config"]["steps"]
         small = [r for r in full if r["optimizer"] == opt and r["lr"] == min(lrs) and r["steps"] == max(steps)]
         large = [r for r in full if r["optimizer"] == opt and r["lr"] == max(lrs) and r["steps"] == min(steps)]
         if small and large:
-            s_ratio = mean(small, "others_loss") - mean(large, "others_loss")
+            holds = med(small, "others_loss") < med(large, "others_loss")
             out.append(f"**Small learning rate, many steps is more robust** ({opt}: lr {min(lrs):g} × {max(steps)} steps "
-                       f"vs lr {max(lrs):g} × {min(steps)}) — {'holds' if s_ratio < 0 else 'does not hold'}: robustness "
-                       f"loss {mean(small, 'others_loss'):+.1%} vs {mean(large, 'others_loss'):+.1%}, personalization "
-                       f"gain {mean(small, 'own_gain'):.1%} vs {mean(large, 'own_gain'):.1%}.")
+                       f"vs lr {max(lrs):g} × {min(steps)}, α = 1) — {'holds' if holds else 'does not hold'}: robustness "
+                       f"change {med(small, 'others_loss'):+.1%} vs {med(large, 'others_loss'):+.1%}, personalization "
+                       f"gain {med(small, 'own_gain'):+.1%} vs {med(large, 'own_gain'):+.1%}.")
     # Adam vs SGD: the best trade-off each reaches (own gain minus others' loss; α = 0 is the
     # global adapter for every setting, so it says nothing about the optimizer)
     by_opt = {opt: max((r["own_gain"] - r["others_loss"] for r in table if r["optimizer"] == opt and r["alpha"] > 0),
@@ -254,67 +258,92 @@ def findings(results: dict) -> list[str]:
     if len(by_opt) == 2 and "adamw" in by_opt:
         other = next(o for o in by_opt if o != "adamw")
         out.append(f"**Adam on the client beats SGD** — {'holds' if by_opt['adamw'] > by_opt[other] else 'does not hold'}: "
-                   f"the best setting's gain minus robustness loss is {by_opt['adamw']:+.1%} with AdamW vs "
-                   f"{by_opt[other]:+.1%} with {other.upper()}.")
+                   f"the best setting's personalization gain minus robustness loss is {by_opt['adamw']:+.1%} with AdamW "
+                   f"vs {by_opt[other]:+.1%} with {other.upper()}.")
     lams = sorted(results["config"]["l2"])
     if len(lams) >= 2:
-        without = [r for r in full if r["l2"] == lams[0]]
-        with_l2 = [r for r in full if r["l2"] == lams[-1]]
-        holds = mean(with_l2, "others_loss") < mean(without, "others_loss")
-        out.append(f"**The ℓ2 pull toward the global adapter protects robustness** (λ = {lams[-1]:g} vs {lams[0]:g}) — "
-                   f"{'holds' if holds else 'does not hold'}: robustness loss {mean(with_l2, 'others_loss'):+.1%} vs "
-                   f"{mean(without, 'others_loss'):+.1%}, personalization gain {mean(with_l2, 'own_gain'):.1%} vs "
-                   f"{mean(without, 'own_gain'):.1%}.")
-    half = [r for r in table if r["alpha"] == 0.5]
-    if half:
-        kept = mean(half, "own_gain") / gain if gain else float("nan")
-        spared = 1 - mean(half, "others_loss") / loss if loss else float("nan")
+        pairs = []
+        for r in full:
+            if r["l2"] == lams[-1]:
+                base = [q for q in full if q["l2"] == lams[0] and
+                        (q["optimizer"], q["lr"], q["steps"]) == (r["optimizer"], r["lr"], r["steps"])]
+                if base:
+                    pairs.append((r, base[0]))
+        protected = sum(r["others_loss"] < q["others_loss"] for r, q in pairs)
+        out.append(f"**The ℓ2 pull toward the global adapter protects robustness** (λ = {lams[-1]:g} vs {lams[0]:g}, "
+                   f"same optimizer, lr and steps, α = 1) — {'holds' if protected > len(pairs) / 2 else 'does not hold'}: "
+                   f"the robustness loss is smaller with it in {protected} of {len(pairs)} settings (median "
+                   f"{med([r for r, _ in pairs], 'others_loss'):+.1%} vs {med([q for _, q in pairs], 'others_loss'):+.1%}); "
+                   f"the personalization gain is {med([r for r, _ in pairs], 'own_gain'):+.1%} vs "
+                   f"{med([q for _, q in pairs], 'own_gain'):+.1%}.")
+    keys = {(r["optimizer"], r["lr"], r["steps"], r["l2"]) for r in improving}
+    half = {(r["optimizer"], r["lr"], r["steps"], r["l2"]): r for r in table if r["alpha"] == 0.5}
+    both = [(half[k], r) for k in keys for r in improving if (r["optimizer"], r["lr"], r["steps"], r["l2"]) == k
+            and k in half]
+    if both:
+        kept = float(np.median([h["own_gain"] / f["own_gain"] for h, f in both]))
+        worse = [(h, f) for h, f in both if f["others_loss"] > 0]
+        spared = float(np.median([1 - h["others_loss"] / f["others_loss"] for h, f in worse])) if worse else float("nan")
+        holds = kept > 0.5 and (not worse or spared > 0.5)
         out.append(f"**Interpolating global and local keeps most of the gain at a fraction of the loss** — "
-                   f"{'holds' if kept > 0.5 and spared > 0.5 else 'does not hold'}: α = 0.5 keeps {kept:.0%} of the "
-                   f"α = 1 personalization gain and avoids {spared:.0%} of its robustness loss.")
+                   f"{'holds' if holds else 'does not hold'}: over the settings where fine-tuning helped, α = 0.5 keeps a "
+                   f"median {kept:.0%} of the α = 1 personalization gain"
+                   + (f" and avoids {spared:.0%} of its robustness loss (where there was one)." if worse else "."))
     chosen = results["chosen"]
     if chosen:
-        out.append(f"**α chosen on each device's validation split**: mean α {np.mean([c['alpha'] for c in chosen]):.2f}; "
-                   f"own perplexity {_geo([c['own_ppl'] for c in chosen]):.2f}, others' {_geo([c['others_ppl'] for c in chosen]):.2f} "
-                   f"(global: {_geo([v['own_ppl'] for v in results['global'].values()]):.2f} and "
+        out.append(f"**α chosen on each device's validation split** (over every setting): mean α "
+                   f"{np.mean([c['alpha'] for c in chosen]):.2f}; own perplexity {_geo([c['own_ppl'] for c in chosen]):.2f}, "
+                   f"others' {_geo([c['others_ppl'] for c in chosen]):.2f} (global adapter: "
+                   f"{_geo([v['own_ppl'] for v in results['global'].values()]):.2f} and "
                    f"{_geo([v['others_ppl'] for v in results['global'].values()]):.2f}).")
     return out
 
 
 def plot(results: dict, path: Path) -> Path:
+    """Robustness vs personalization, one point per (setting, α): the whole sweep (log axes),
+    and beside it the region around the global adapter, where the useful settings are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     table = settings_table(results)
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
     markers = {"adamw": "o", "sgd": "s"}
     lams = sorted(results["config"]["l2"])
-    for row in table:
-        filled = row["l2"] == lams[-1] and len(lams) > 1
-        ax.scatter(row["own_ppl"], row["others_ppl"], marker=markers.get(row["optimizer"], "^"),
-                   c=[plt.cm.viridis(row["alpha"])], edgecolors="black" if filled else "none", s=30 + 40 * filled,
-                   alpha=0.85)
     g_own = _geo([v["own_ppl"] for v in results["global"].values()])
     g_others = _geo([v["others_ppl"] for v in results["global"].values()])
-    ax.scatter([g_own], [g_others], marker="*", s=250, c="red", label="global adapter (after FedAvg)")
     chosen = results["chosen"]
-    if chosen:
-        ax.scatter([_geo([c["own_ppl"] for c in chosen])], [_geo([c["others_ppl"] for c in chosen])], marker="X",
-                   s=150, c="orange", edgecolors="black", label="α chosen on validation (mean over settings)")
+    for ax, zoom in zip(axes, (False, True)):
+        for row in table:
+            outlined = len(lams) > 1 and row["l2"] == lams[-1]
+            ax.scatter(row["own_ppl"], row["others_ppl"], marker=markers.get(row["optimizer"], "^"),
+                       c=[plt.cm.viridis(row["alpha"])], edgecolors="black" if outlined else "none",
+                       s=28 + 30 * outlined, alpha=0.85)
+        ax.scatter([g_own], [g_others], marker="*", s=260, c="red", zorder=5, label="global adapter (after FedAvg)")
+        if chosen:
+            ax.scatter([_geo([c["own_ppl"] for c in chosen])], [_geo([c["others_ppl"] for c in chosen])], marker="X",
+                       s=150, c="orange", edgecolors="black", zorder=5, label="α chosen on validation (mean)")
+        if zoom:
+            ax.set_xlim(g_own * 0.88, g_own * 1.08)
+            ax.set_ylim(g_others * 0.92, g_others * 1.12)
+            ax.set_title("around the global adapter", fontsize=10)
+        else:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title("every setting (log axes)", fontsize=10)
+        ax.set_xlabel("personalization: ppl, own held-out text (lower: better)", fontsize=9)
+        ax.set_ylabel("robustness: ppl, other devices' text (lower: better)", fontsize=9)
     for opt, marker in markers.items():
-        ax.scatter([], [], marker=marker, c="gray", label=opt)
+        axes[0].scatter([], [], marker=marker, c="gray", label=opt)
     if len(lams) > 1:
-        ax.scatter([], [], marker="o", c="white", edgecolors="black", label=f"λ = {lams[-1]:g} (outlined)")
-    sm = plt.cm.ScalarMappable(cmap=plt.cm.viridis, norm=plt.Normalize(0, 1))
-    fig.colorbar(sm, ax=ax, label="α (0: global, 1: local)")
-    ax.set_xlabel("personalization: perplexity on the device's own held-out text (lower is better)")
-    ax.set_ylabel("robustness: perplexity on the other devices' text (lower is better)")
-    ax.set_title(f"Personalization vs robustness, {results['model']}, {results['config']['adapter']}, "
-                 f"{len(results['global'])} devices", fontsize=10)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+        axes[0].scatter([], [], marker="o", c="white", edgecolors="black", label=f"λ = {lams[-1]:g} (outlined)")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.colorbar(plt.cm.ScalarMappable(cmap=plt.cm.viridis, norm=plt.Normalize(0, 1)), ax=axes,
+                 label="α (0: global, 1: local)")
+    fig.suptitle(f"Personalization vs robustness: {results['model']}, {results['config']['adapter']}, "
+                 f"{len(results['global'])} devices (geometric means over devices)", fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.86, bottom=0.12, wspace=0.25)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -352,7 +381,8 @@ def markdown(results: dict, png: str) -> str:
     for r in table:
         lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['steps']} | {r['l2']:g} | {r['alpha']:g} | {r['own_ppl']:.2f} "
                      f"| {r['others_ppl']:.2f} | {r['own_gain']:+.1%} | {r['others_loss']:+.1%} |")
-    lines += ["", "Raw points (per device): `benchmarks/results/personalization.json`.", END]
+    lines += ["", "Raw points (per device): `benchmarks/results/personalization.json`. Reproduce the published run "
+              "with `.venv/bin/python benchmarks/personalization.py` (about an hour on 2 cores).", END]
     return "\n".join(lines) + "\n"
 
 
