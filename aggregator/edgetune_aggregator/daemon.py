@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.adapters.lora import as_float32, check_tensors, init_lora, rank_of, targets
-from edgetune.adapters.prompt import adapter_shapes, agree
+from edgetune.adapters.prompt import adapter_shapes, consensus
 from edgetune.planning.layout import (
     GPT2_KINDS,
     LLAMA_KINDS,
@@ -537,7 +537,7 @@ class Aggregator:
             self.state = dataclasses.replace(self.state, global_version=version)
             record.new_version, record.status = version, RoundStatus.AGGREGATED
         elif ctx.kind is TaskKind.INITIALIZE and ctx.inits:
-            initial, disagree = _consensus(ctx.inits)
+            initial, disagree = consensus(ctx.inits)
             if initial is None:
                 record.status = RoundStatus.FAILED
                 record.note = f"no majority for a starting adapter: {disagree}"
@@ -759,19 +759,6 @@ class _Round:
     reports: list[ImportanceReport] = field(default_factory=list)
     #: initialization rounds: each device's starting adapter
     inits: dict[str, dict] = field(default_factory=dict)
-
-
-def _consensus(inits: dict[str, dict]) -> tuple[dict | None, dict[str, str]]:
-    """The starting adapter a strict majority of devices agree on, and why each other device's
-    differs. Devices of one fleet share the base, so all should agree; one that does not runs
-    another base (or lies), and must not decide the fleet's start. Without a strict majority
-    (say one against one) nobody can tell which is right: ``(None, {device: "disagrees"})``."""
-    devices = list(inits)
-    agreeing = {d: [e for e in devices if agree(inits[d], inits[e]) is None] for d in devices}
-    chosen = max(devices, key=lambda d: (len(agreeing[d]), -devices.index(d)))
-    if 2 * len(agreeing[chosen]) <= len(devices):
-        return None, {d: f"agrees with {len(agreeing[d])} of {len(devices)}" for d in devices}
-    return inits[chosen], {d: agree(inits[chosen], inits[d]) for d in devices if d not in agreeing[chosen]}
 
 
 def _score(value: float | None, device: str) -> float | None:

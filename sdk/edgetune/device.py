@@ -14,6 +14,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,7 @@ class Device:
         self._trainer_lock = threading.Lock()
         self._global_arrived = threading.Event()
         self._closed = False
+        self._announced = True  # connect(announce=False): no hello, presence or will to undo
         self._running = False  # run() reads the inbox
         self._send_lock = threading.Lock()  # close() vs a report being sent
         #: the plan this device last trained with (after any back-off): personalization's too
@@ -201,7 +203,7 @@ class Device:
         with self._send_lock:
             self._closed = True
             try:
-                if getattr(self, "_announced", True):
+                if self._announced:
                     self.transport.publish(self.topics.presence(me), encode_message(Presence(me, False)), retain=True)
             finally:
                 self.transport.close()
@@ -216,8 +218,6 @@ class Device:
     def wait_for_global(self, timeout: float = 60.0) -> GlobalAdapter:
         """Block until a global adapter has arrived (retained on the broker, so at once when
         the fleet has one), for a device used without ``run()``."""
-        import time
-
         if self._running:  # run() reads the inbox: wait for it to see the adapter
             if not self._global_arrived.wait(timeout):
                 raise TimeoutError(f"no global adapter of fleet {self.config.fleet} within {timeout:.0f} s")

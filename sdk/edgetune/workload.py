@@ -54,7 +54,8 @@ class Workload:
         self._robust_ids = [tokenizer.encode(t) for t in robustness_texts or []]
         # never trained on, by rounds or personalization: where personalization chooses α
         self._validation_ids = [tokenizer.encode(t) for t in validation_texts or []]
-        self._robust_warned = False
+        self._robust_warned = self._validation_warned = False
+        self._personal_cut: set[int] | None = None  # training texts personalization holds back (fallback)
         self.num_samples = len(train_texts)
         self._blocks: dict[tuple[str, int], np.ndarray] = {}
         self._trainer = None
@@ -230,7 +231,7 @@ class Workload:
             try:
                 return self._packed("train", seq_len), self._packed("validation", seq_len)
             except DataError as exc:
-                if not getattr(self, "_validation_warned", False):
+                if not self._validation_warned:
                     log.warning("the validation records are too short for one block (%s): choosing α on training "
                                 "records personalization leaves out", exc)
                     self._validation_warned = True
@@ -239,7 +240,7 @@ class Workload:
             raise ValueError("personalization needs at least two training texts (one to train, one to choose α on)")
         count = min(n - 1, max(1, round(fraction * n)))
         cut = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
-        if getattr(self, "_personal_cut", None) != cut:
+        if self._personal_cut != cut:
             self._personal_cut = cut
             self._blocks = {k: v for k, v in self._blocks.items() if not k[0].startswith("personal-")}
         return self._packed("personal-train", seq_len), self._packed("personal-val", seq_len)

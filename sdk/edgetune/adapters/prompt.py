@@ -100,3 +100,16 @@ def agree(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], rtol: float 
         if diff > rtol * scale:
             return f"{name} differs by {diff:.3g} (scale {scale:.3g}): another base model?"
     return None
+
+
+def consensus(inits: dict[str, dict]) -> tuple[dict | None, dict[str, str]]:
+    """The starting adapter a strict majority of devices agree on, and why each other device's
+    differs. Devices of one fleet share the base, so all should agree; one that does not runs
+    another base (or lies), and must not decide the fleet's start. Without a strict majority
+    (say one against one) nobody can tell which is right: ``(None, {device: "disagrees"})``."""
+    devices = list(inits)
+    agreeing = {d: [e for e in devices if agree(inits[d], inits[e]) is None] for d in devices}
+    chosen = max(devices, key=lambda d: (len(agreeing[d]), -devices.index(d)))
+    if 2 * len(agreeing[chosen]) <= len(devices):
+        return None, {d: f"agrees with {len(agreeing[d])} of {len(devices)}" for d in devices}
+    return inits[chosen], {d: agree(inits[chosen], inits[d]) for d in devices if d not in agreeing[chosen]}

@@ -105,7 +105,6 @@ def _federate(config: BenchConfig, workloads, spec):
         strategy = make_strategy("dense")
     settings = TrainSettings(local_steps=config.fed_steps, batch_size=config.batch_size, seq_len=config.seq_len,
                              learning_rate=config.fed_lr)
-    history = []
     for r in range(1, config.rounds + 1):
         scale = spec.alpha / spec.rank if isinstance(spec, LoraSpec) else 1.0
         merge = strategy.begin(RoundStart(dict(tensors), {}, scale, seed=r))
@@ -116,7 +115,6 @@ def _federate(config: BenchConfig, workloads, spec):
             trained = trainer.get_adapter()
             merge.add({n: trained[n] - tensors[n] for n in tensors}, workload.num_samples)
         tensors = strategy.finish(merge).tensors
-        history.append(r)
         log.info("federated round %d of %d done", r, config.rounds)
     return GlobalAdapter(config.rounds, config.rounds, first.manifest.fingerprint, spec, tensors)
 

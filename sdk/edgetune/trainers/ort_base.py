@@ -62,13 +62,21 @@ def load_artifacts(folder: Path, expect_model_hash: str | None = None, verify: b
 
 class OrtTrainer:
     """Base class; see the module docstring. Subclasses set ``shapes`` and map names in
-    ``set_adapter``/``get_adapter``; ``self.folder``, ``self.manifest`` and ``self.threads``
-    are set before :meth:`_open`."""
+    ``set_adapter``/``get_adapter``."""
 
-    folder: Path
-    manifest: ArtifactManifest
-    threads: int | None
     shapes: dict[str, tuple[int, ...]]
+
+    def __init__(self, folder: Path, threads: int | None, manifest: ArtifactManifest | None) -> None:
+        """Read the manifest; a subclass checks its layout, then calls :meth:`_start`."""
+        self.folder = Path(folder)
+        self.manifest = manifest or load_artifacts(self.folder)
+        self.threads = threads
+        self.quantization = "float32"  # the only base the artifacts hold
+
+    def _start(self, verify_weights: bool) -> None:
+        self._open()
+        if verify_weights:
+            self._check_weights()
 
     # --- sessions -----------------------------------------------------------------------
 

@@ -44,22 +44,17 @@ class OrtLoraTrainer(OrtTrainer):
 
     def __init__(self, folder: Path, spec: LoraSpec, threads: int | None = None,
                  manifest: ArtifactManifest | None = None, *, verify_weights: bool = True) -> None:
-        self.folder = Path(folder)
-        self.manifest = manifest or load_artifacts(self.folder)
+        super().__init__(folder, threads, manifest)
         modules = self.manifest.model.modules
         check_layout(self.manifest, spec, targets(spec, modules), spec.rank)
         self.spec = spec
         self.shapes = lora_shapes(spec, modules)
-        self.threads = threads
-        self.quantization = "float32"
         self._entries = {p.name: p for p in self.manifest.parameters}
         if set(self._entries) != set(lora_shapes(LoraSpec(self.manifest.adapter.rank, self.manifest.adapter.alpha,
                                                           self.manifest.adapter.modules), modules)):
             raise ArtifactError(f"the parameters of {self.folder} do not match its adapter layout: rebuild it")
         self._merged: dict[str, np.ndarray] = {}
-        self._open()
-        if verify_weights:
-            self._check_weights()
+        self._start(verify_weights)
 
     # --- adapter exchange ---------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from ..adapters.lora import as_float32, check_tensors
 from ..adapters.prompt import PROMPT, chunked_std, prompt_shapes
 from ..ort.artifacts import ArtifactError, ArtifactManifest, check_prompt_layout
 from ..wire.schema import PromptSpec
-from .ort_base import OrtTrainer, load_artifacts
+from .ort_base import OrtTrainer
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +32,15 @@ class OrtPromptTrainer(OrtTrainer):
 
     def __init__(self, folder: Path, spec: PromptSpec, threads: int | None = None,
                  manifest: ArtifactManifest | None = None, *, verify_weights: bool = True) -> None:
-        self.folder = Path(folder)
-        self.manifest = manifest or load_artifacts(self.folder)
+        super().__init__(folder, threads, manifest)
         check_prompt_layout(self.manifest, spec)
         self.spec = spec
         self.shapes = prompt_shapes(spec, self.manifest.model)
-        self.threads = threads
-        self.quantization = "float32"
         entries = {p.name: p for p in self.manifest.parameters}
         if set(entries) != {PROMPT} or tuple(entries[PROMPT].shape) != self.shapes[PROMPT]:
             raise ArtifactError(f"the parameters of {self.folder} do not match its soft-prompt layout: rebuild it")
         self._entry = entries[PROMPT]
-        self._open()
-        if verify_weights:
-            self._check_weights()
+        self._start(verify_weights)
 
     def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
         problem = check_tensors(tensors, self.shapes)

@@ -139,13 +139,12 @@ class TorchTrainer:
         for p in self._params:
             p.grad = None
         loss_sum, tokens = 0.0, 0
-        with torch.random.fork_rng(devices=[]):
-            self.model.eval()  # no dropout: the gradient of the loss itself
-            for batch in batches:
-                loss = self._loss(batch)
-                (loss / len(batches)).backward()
-                loss_sum += loss.item() / len(batches)
-                tokens += int(np.asarray(batch).size)
+        self.model.eval()  # no dropout: the gradient of the loss itself, nothing random
+        for batch in batches:
+            loss = self._loss(batch)
+            (loss / len(batches)).backward()
+            loss_sum += loss.item() / len(batches)
+            tokens += int(np.asarray(batch).size)
         grads = {name: p.grad.detach().cpu().numpy().astype(np.float32, copy=True)
                  for name, p in zip(self.shapes, self._params, strict=True)}
         for p in self._params:
