@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.adapters.lora import as_float32, check_tensors, init_lora, rank_of, targets
+from edgetune.adapters.lora import as_float32, init_lora, rank_of, targets
 from edgetune.adapters.prompt import adapter_shapes, consensus
 from edgetune.planning.layout import (
     GPT2_KINDS,
@@ -48,16 +48,23 @@ from edgetune.wire import (
     PersonalizationReport,
     Presence,
     PromptSpec,
+    Receipt,
     RoundTask,
+    Signed,
     TaskKind,
     Topics,
     TrainSettings,
     Update,
+    decode_message,
     encode_message,
 )
 
+from .intake import Intake
+from .journal import RoundJournal
 from .store import DeviceRecord, FleetState, RoundRecord, RoundStatus, StateStore
 from .strategies import STRATEGIES, RoundMerge, RoundStart, ServerOptimizerConfig, Strategy, make_strategy
+from .strategies.robust import ROBUST_METHODS, robust_combine
+from .validation import Refusal, UpdateLimits, bound_norm, check_layout, check_samples
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,8 @@ MAX_ADAPTER_PARAMETERS = 200_000_000
 #: weight matrices an importance-based layout chooses among (Llama-style and GPT-2 names)
 DEFAULT_CANDIDATES = LLAMA_KINDS + GPT2_KINDS
 LAYOUTS = ("fixed", "importance")
+#: what the inbox holds after the broker connection came back (see ``_republish``)
+_RECONNECTED = "<reconnected>"
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,19 @@ class AggregatorConfig:
     #: after the fleet finishes, keep recording devices' personalization reports (and serving
     #: artifacts) this many seconds (None: until stopped)
     linger_s: float | None = 0.0
+    #: the fleet's device public keys (``device_keys.json``): with them every device message
+    #: that shapes the fleet must be signed (docs/security.md); None: no signatures checked
+    device_keys: Path | None = None
+    #: bounds on every update: norm (clip or reject) and sample count
+    limits: UpdateLimits = field(default_factory=UpdateLimits)
+    #: None: the strategy's weighted mean; "median" or "trimmed_mean": coordinate-wise robust
+    #: combination (fedit and dense strategies only, see strategies/robust.py)
+    robust: str | None = None
+    #: fraction of values dropped at each end of every coordinate by "trimmed_mean"
+    trim: float = 0.1
+    #: close a round early once this fraction of the devices it tasked answered (and at least
+    #: ``min_devices``); None: as soon as ``min_devices`` answered
+    quorum: float | None = None
 
     @property
     def strategy_name(self) -> str:
@@ -143,6 +165,17 @@ class AggregatorConfig:
             raise ValueError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.linger_s is not None and self.linger_s < 0:
             raise ValueError(f"linger_s must be ≥ 0 (None: until stopped), got {self.linger_s}")
+        if self.robust is not None:
+            if self.robust not in ROBUST_METHODS:
+                raise ValueError(f"robust {self.robust!r} is not one of {', '.join(ROBUST_METHODS)}")
+            if strategy.name not in ("fedit", "dense"):
+                raise ValueError(f"robust aggregation combines deltas coordinate-wise, which the averaging "
+                                 f"strategies fedit and dense do; strategy {strategy.name} merges products "
+                                 "exactly: use --strategy fedit (or dense for prompts)")
+            if not 0.0 <= self.trim < 0.5:
+                raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.quorum is not None and not 0.0 < self.quorum <= 1.0:
+            raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
 
 
 class Aggregator:
@@ -155,8 +188,10 @@ class Aggregator:
         self.config = config
         self.transport = transport
         self.topics = Topics(config.fleet)
-        self.channel = Channel(transport, self.topics.sender_of, config.max_packet)
+        self.intake = Intake(self.topics, config.device_keys)
+        self.channel = Channel(transport, self.topics.sender_of, config.max_packet, limit_of=self.intake.limit_of)
         self.store = StateStore(config.state_dir)
+        self.journal = RoundJournal(config.state_dir)
         self.on_round = on_round
         self.devices: dict[str, Hello] = {}
         self.online: set[str] = set()
@@ -226,6 +261,7 @@ class Aggregator:
 
     def _connect(self) -> None:
         will = Will(self.topics.aggregator_status, encode_message(Presence(AGGREGATOR_ID, False)))
+        self.transport.on_reconnect(lambda session_present: self._inbox.put((_RECONNECTED, session_present)))
         self.transport.connect(will=will)
         # A retained task left by an earlier run (e.g. "finished") must not steer devices
         # that connect before this run publishes its own.
@@ -240,6 +276,20 @@ class Aggregator:
 
     def _enqueue(self, topic: str, message: object) -> None:
         self._inbox.put((topic, message))
+
+    def _republish(self, session_present: bool) -> None:
+        """After a reconnection: a broker restarted without persistence lost the retained
+        task, global adapter and status, which devices need to go on; publishing them again
+        is harmless when it kept them."""
+        log.info("reconnected to the broker (%s); republishing the task and global adapter",
+                 "session kept" if session_present else "session lost")
+        self._publish_presence(True)
+        if self._task is not None:
+            self.transport.publish(self.topics.task, encode_message(self._task), retain=True)
+        if self.global_adapter is not None and self.state is not None:
+            self.channel.send_retained(self.topics.global_adapter, self.global_adapter, self.state.global_chunks)
+        if self.artifacts is not None:
+            self.artifacts.publish(self.channel, self.topics)
 
     def _publish_presence(self, online: bool) -> None:
         self.transport.publish(
@@ -266,14 +316,28 @@ class Aggregator:
         self.strategy = make_strategy(state.strategy, self.config.server_optimizer)
         self.strategy.optimizer.load_state_dict(self.store.load_server_state(state.global_version))
         log.info("resuming fleet %s after round %d (global v%d)", state.fleet, state.round, state.global_version)
+        self._set_layout()
         if state.opened > state.round:
-            # Devices may have done that round already and would not redo it: skip its number.
-            record = RoundRecord(state.opened, TaskKind.TRAIN.value, state.global_version,
-                                 status=RoundStatus.FAILED, note="the daemon stopped before the round closed")
-            self.store.append_round(record)
-            self.state = dataclasses.replace(state, round=state.opened)
+            journaled = self.journal.load()
+            if journaled is not None and journaled.number == state.opened:
+                # the round goes on: its task and accepted results are on disk (_run_round)
+                log.info("round %d was open with %d accepted result(s): continuing it",
+                         journaled.number, len(journaled.results))
+            else:
+                # No journal (a state dir from before journals): devices may have done that
+                # round already and would not redo it, so its number is skipped.
+                record = RoundRecord(state.opened, TaskKind.TRAIN.value, state.global_version,
+                                     status=RoundStatus.FAILED, note="the daemon stopped before the round closed")
+                self.store.append_round(record)
+                self.state = dataclasses.replace(state, round=state.opened)
         self._publish_global()
         return True
+
+    def _set_layout(self) -> None:
+        """Size limits that follow from the fleet's adapter (updates can be no larger)."""
+        from .validation import max_result_bytes
+
+        self.intake.result_limit = max_result_bytes(adapter_shapes(self.state.adapter, self.state.model))
 
     def _check_model(self, hello: Hello) -> str | None:
         """Why the fleet cannot train on this device's model (None if it can)."""
@@ -306,8 +370,10 @@ class Aggregator:
         self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model,
                                 strategy=self.config.strategy_name)
         self.strategy = make_strategy(self.state.strategy, self.config.server_optimizer)
+        self._set_layout()
         if self.config.layout == "importance":
             spec = self._calibrate()
+            self._set_layout()
             if self._stop.is_set():
                 return False
         if isinstance(spec, PromptSpec):
@@ -429,6 +495,11 @@ class Aggregator:
         return plan.plans(), plan.excluded
 
     def _publish_task(self, round_number: int, kind: TaskKind) -> RoundTask:
+        task = self._make_task(round_number, kind)
+        self._send_task(task)
+        return task
+
+    def _make_task(self, round_number: int, kind: TaskKind) -> RoundTask:
         train = dataclasses.replace(self.config.train, seed=self.config.train.seed + round_number)
         try:
             plans, excluded = self._plan(kind)
@@ -454,7 +525,6 @@ class Aggregator:
             run_id=self.state.run_id,
             importance=self.config.importance,
         )
-        self._send_task(task)
         return task
 
     def _send_task(self, task: RoundTask) -> None:
@@ -484,30 +554,44 @@ class Aggregator:
     # --- one round --------------------------------------------------------------------------
 
     def _run_round(self, number: int, kind: TaskKind) -> RoundRecord:
-        record = RoundRecord(number, kind.value, self.state.global_version, started_at=time.time())
-        merge = self.strategy.begin(self._round_start(number)) if kind is TaskKind.TRAIN else None
+        journaled = self.journal.load() if self.state.opened == number else None
+        if journaled is not None and (journaled.number, journaled.kind) != (number, kind.value):
+            journaled = None
+        opened_at = journaled.opened_at if journaled else time.time()
+        record = RoundRecord(number, kind.value, self.state.global_version, started_at=opened_at)
         drops_before = Counter(self.channel.drops)
         bytes_before = Counter(self.channel.bytes_from)
-        round_ctx = _Round(number, kind, record, merge)
-        self.state = dataclasses.replace(self.state, opened=number)
-        if kind not in (TaskKind.CALIBRATE, TaskKind.INITIALIZE):  # (they precede the first saved state)
-            self.store.save_state(self.state)  # before the task goes out: see _resume
-        self._publish_task(number, kind)
-        log.info("round %d (%s) open on global v%d; %d device(s) online",
-                 number, kind.value, self.state.global_version, len(self.online))
+        round_ctx = _Round(number, kind, record)
+        journal = kind in (TaskKind.TRAIN, TaskKind.EVALUATE)  # (the others precede the first saved state)
+        if journaled is not None:
+            task = decode_message(journaled.task)
+            self._send_task(task)  # the same task again: devices that did the round do not redo it
+            for device, path in sorted(journaled.results.items()):
+                self._replay(round_ctx, device, path.read_bytes())
+            log.info("round %d (%s) resumed on global v%d with %d accepted result(s); %d device(s) online",
+                     number, kind.value, self.state.global_version, len(round_ctx.seen), len(self.online))
+        else:
+            self.state = dataclasses.replace(self.state, opened=number)
+            if journal:
+                self.store.save_state(self.state)  # before the task goes out: see _resume
+            task = self._make_task(number, kind)
+            if journal:  # the journal names the task before devices can answer it
+                self.journal.open(number, kind.value, encode_message(task), opened_at)
+            self._send_task(task)
+            log.info("round %d (%s) open on global v%d; %d device(s) online",
+                     number, kind.value, self.state.global_version, len(self.online))
+        round_ctx.journal = journal
         start = time.monotonic()
-        deadline = start + self.config.round_timeout_s
-        needed = self.config.min_devices
-        if kind is TaskKind.INITIALIZE:  # every device online gets a say in the fleet's start
-            needed = max(needed, len(self.online & set(self.devices)))
+        deadline = start + max(0.0, opened_at + self.config.round_timeout_s - time.time())
+        needed = self._needed(kind, task)
         while len(record.devices) < needed and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self._handle_next(round_ctx, timeout=min(left, 0.5))
-        record.duration_s = time.monotonic() - start
+        record.duration_s = time.time() - opened_at
         if self._stop.is_set():
-            return record  # left open: a resumed daemon skips it, as after a crash
+            return record  # left open: a resumed daemon continues it, as after a crash
         record.dropped = dict(Counter(self.channel.drops) - drops_before)
         # What each device sent in this round, as measured here (its own report can only
         # count what it sent before the update that carries the report).
@@ -516,6 +600,36 @@ class Aggregator:
             device.bytes_sent = sent[device.device_id]
         self._close_round(round_ctx)
         return record
+
+    def _needed(self, kind: TaskKind, task: RoundTask) -> int:
+        """Results that close the round before its deadline: ``min_devices``, or the quorum of
+        the devices the task asked; every online device for an initialization round."""
+        needed = self.config.min_devices
+        asked = (self.online & set(self.devices)) - set(task.excluded)
+        if kind is TaskKind.INITIALIZE:  # every device online gets a say in the fleet's start
+            needed = max(needed, len(self.online & set(self.devices)))
+        elif self.config.quorum is not None:
+            needed = max(needed, math.ceil(self.config.quorum * len(asked)))
+        return needed
+
+    def _merge(self, ctx: _Round) -> RoundMerge:
+        """The round's accepted updates, read back from the journal in device order: a round
+        interrupted by restarts merges exactly what an uninterrupted one would, bit for bit."""
+        merge = self.strategy.begin(self._round_start(ctx.number))
+        journaled = self.journal.load()
+        paths = journaled.results if journaled is not None and journaled.number == ctx.number else {}
+        deltas = []
+        for device in sorted(paths):
+            update = _unwrap(decode_message(paths[device].read_bytes()))
+            delta, _, _ = bound_norm(update.delta, self.config.limits)
+            if self.config.robust:
+                deltas.append(delta)
+            else:
+                merge.add(delta, update.num_samples)
+        if deltas:
+            shapes = adapter_shapes(self.state.adapter, self.state.model)
+            merge.add(robust_combine(deltas, shapes, self.config.robust, self.config.trim), 1.0)
+        return merge
 
     def _round_start(self, number: int) -> RoundStart:
         spec, adapter = self.state.adapter, self.global_adapter
@@ -528,7 +642,7 @@ class Aggregator:
         if ctx.kind is TaskKind.TRAIN and enough:
             version = self.state.global_version + 1
             started = time.perf_counter()
-            result = self.strategy.finish(ctx.merge)
+            result = self.strategy.finish(self._merge(ctx))
             record.aggregation_s = time.perf_counter() - started
             self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint, self.state.adapter,
                                                 result.tensors, result.merged)
@@ -571,6 +685,7 @@ class Aggregator:
         self.store.append_round(record)
         if ctx.kind not in (TaskKind.CALIBRATE, TaskKind.INITIALIZE):
             self.store.save_state(self.state)
+            self.journal.discard()  # the round is closed: its results live in the global adapter
         if record.status is RoundStatus.AGGREGATED:
             self._publish_global()
         scores = ""
@@ -594,11 +709,15 @@ class Aggregator:
             topic, message = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return
+        if topic is _RECONNECTED:
+            return self._republish(message)
         sender = self.topics.device_of(topic) or topic
+        opened = self.intake.open(topic, message)
+        if isinstance(opened, Refusal):
+            return self.channel.drop(sender, topic, opened.reason, opened.detail)
+        message = opened.message
         if getattr(message, "device_id", sender) != sender:
-            self.channel.drop(sender, topic, "sender_mismatch",
-                              f"message names device {message.device_id!r}")
-            return
+            return self.channel.drop(sender, topic, "sender_mismatch", f"message names device {message.device_id!r}")
         if isinstance(message, Hello):
             self._on_hello(topic, message)
         elif isinstance(message, Presence):
@@ -607,13 +726,14 @@ class Aggregator:
         elif isinstance(message, ErrorReport):
             log.warning("device %s reports %s in round %d: %s", sender, message.code, message.round, message.message)
         elif isinstance(message, (Update, EvalReport, ImportanceReport, AdapterInit)):
-            self._on_result(topic, message, ctx)
+            self._on_result(topic, opened, ctx)
         elif isinstance(message, ArtifactRequest):
             self._on_artifact_request(topic, message)
         elif isinstance(message, PersonalizationReport):
             self._on_personalization(topic, message)
         else:
             self.channel.drop(sender, topic, "unexpected_kind", type(message).__name__)
+        return None
 
     def _on_personalization(self, topic: str, report: PersonalizationReport) -> None:
         """Record a device's personalization scores (any time: devices personalize on their own
@@ -678,67 +798,127 @@ class Aggregator:
         if new and hello.profile is not None and self.state is not None:
             self._plan_latecomer(hello.device_id)
 
-    def _on_result(self, topic: str, message: Update | EvalReport | ImportanceReport | AdapterInit,
-                   ctx: _Round | None) -> None:
+    def _on_result(self, topic: str, opened, ctx: _Round | None) -> None:
+        """A device's answer to a round: checked, written to the journal, then acknowledged
+        with a ``Receipt`` (a device resends an unanswered result with the same nonce)."""
+        message, sender = opened.message, opened.message.device_id
+        refusal = self._check_result(message, opened.nonce, ctx) or self._check_content(message)
+        if refusal is not None:
+            self.channel.drop(sender, topic, refusal.reason, refusal.detail)
+            # an unknown sender gets no answer; a replay got its first answer again
+            if refusal.reason not in ("unknown_device", "replayed"):
+                self._receipt(message, opened.nonce, refusal.reason, ctx)
+            return
+        if ctx.journal:  # on disk before anyone hears of it: a crash after this keeps it
+            payload = encode_message(opened.signed if opened.signed is not None else message)
+            self.journal.record(ctx.number, sender, payload)
+        self._accept(ctx, message, opened.nonce)
+        self._receipt(message, opened.nonce, "", ctx)
+
+    def _receipt(self, message, nonce: bytes, reason: str, ctx: _Round | None) -> None:
+        receipt = Receipt(message.device_id, message.round, nonce, not reason, reason)
+        if ctx is not None and message.round == ctx.number:
+            ctx.receipts[(message.device_id, nonce)] = receipt
+        try:
+            self.channel.send(self.topics.receipt(message.device_id), receipt)
+        except TransportError as exc:  # the device resends and gets the receipt then
+            log.warning("could not send %s its receipt: %s", message.device_id, exc)
+
+    def _check_result(self, message, nonce: bytes, ctx: _Round | None) -> Refusal | None:
+        """Whether a result belongs to the open round, from a member, for the first time."""
         sender = message.device_id
         expected_kind = {Update: TaskKind.TRAIN, EvalReport: TaskKind.EVALUATE,
                          ImportanceReport: TaskKind.CALIBRATE, AdapterInit: TaskKind.INITIALIZE}[type(message)]
         if sender not in self.devices:
-            return self.channel.drop(sender, topic, "unknown_device", "no hello received from it")
+            return Refusal("unknown_device", "no hello received from it")
         if self.state and sender in self.state.left_out:
-            return self.channel.drop(sender, topic, "init_mismatch", f"left out of this fleet: its starting adapter "
-                                     f"differed ({self.state.left_out[sender]})")
+            return Refusal("init_mismatch", f"left out of this fleet: its starting adapter differed "
+                           f"({self.state.left_out[sender]})")
+        current = ctx.number if ctx else (self.state.round if self.state else 0) + 1
+        if message.round < current or (ctx is None and self.state and message.round <= self.state.round):
+            return Refusal("stale_round", f"{type(message).__name__} for round {message.round}, which is closed")
         if ctx is None or ctx.kind is not expected_kind or message.round != ctx.number:
             open_round = f"round {ctx.number} ({ctx.kind.value})" if ctx else "no round"
-            return self.channel.drop(sender, topic, "unknown_round",
-                                     f"{type(message).__name__} for round {message.round}; {open_round} is open")
+            return Refusal("unknown_round", f"{type(message).__name__} for round {message.round}; {open_round} is open")
+        if nonce and (sender, nonce) in ctx.receipts:
+            # the same signed message again: a device resending (the receipt is repeated) or a replay
+            earlier = ctx.receipts[(sender, nonce)]
+            self._resend_receipt(earlier)
+            return Refusal("replayed", f"nonce {nonce.hex()[:8]}… was seen in round {ctx.number} already")
         if sender in ctx.seen:
-            return self.channel.drop(sender, topic, "duplicate", f"second result for round {ctx.number}")
+            return Refusal("duplicate", f"second result for round {ctx.number}")
+        return None
+
+    def _resend_receipt(self, receipt: Receipt) -> None:
+        try:
+            self.channel.send(self.topics.receipt(receipt.device_id), receipt)
+        except TransportError as exc:
+            log.warning("could not resend %s its receipt: %s", receipt.device_id, exc)
+
+    def _check_content(self, message) -> Refusal | None:
+        """The result's content fits the fleet: layout, values and the configured bounds."""
+        if isinstance(message, Update):
+            return self._check_update(message)
+        if isinstance(message, AdapterInit):
+            return check_layout(message.tensors, adapter_shapes(self.state.adapter, self.state.model))
+        if isinstance(message, ImportanceReport):
+            unknown = message.scores.keys() - set(targets(self._task.adapter, self.state.model.modules))
+            if unknown:
+                return Refusal("bad_scores", f"scores for {len(unknown)} unknown matrices, e.g. {sorted(unknown)[:2]}")
+            if not message.scores:
+                return Refusal("bad_scores", "no scores")
+            if not all(math.isfinite(v) and v >= 0 for v in message.scores.values()):
+                return Refusal("bad_scores", "scores must be finite and ≥ 0")
+        return None
+
+    def _check_update(self, update: Update) -> Refusal | None:
+        if update.base_version != self.state.global_version:
+            return Refusal("stale_base", f"delta against v{update.base_version}, global is v{self.state.global_version}")
+        refusal = check_samples(update.num_samples, self.config.limits)
+        if refusal:
+            return refusal
+        spec, rank = self.state.adapter, None
+        if isinstance(spec, LoraSpec):  # devices planned at a lower rank send the leading components
+            rank = rank_of(update.delta)
+            if not 1 <= rank <= spec.rank:
+                return Refusal("wrong_shape", f"rank {rank} is outside 1..{spec.rank}")
+        refusal = check_layout(update.delta, adapter_shapes(spec, self.state.model, rank))
+        if refusal:
+            return refusal
+        _, refusal, norm = bound_norm(update.delta, self.config.limits)
+        if refusal:
+            return refusal
+        if self.config.limits.max_norm is not None and norm > self.config.limits.max_norm:
+            log.info("update from %s has norm %.4g: clipped to %.4g", update.device_id, norm, self.config.limits.max_norm)
+        return None
+
+    def _replay(self, ctx: _Round, device: str, payload: bytes) -> None:
+        """Re-accept a journaled result after a restart (checked when it first arrived)."""
+        message = decode_message(payload)
+        nonce = message.nonce if isinstance(message, Signed) else b""
+        message = _unwrap(message)
+        self._accept(ctx, message, nonce)
+        ctx.receipts[(device, nonce)] = Receipt(device, message.round, nonce, True)
+
+    def _accept(self, ctx: _Round, message, nonce: bytes) -> None:
+        sender = message.device_id
+        ctx.seen.add(sender)
         if isinstance(message, EvalReport):
-            ctx.seen.add(sender)
             ctx.record.devices.append(DeviceRecord(sender, message.num_samples,
                                                    global_ppl=_score(message.metrics.global_ppl, sender),
                                                    global_robust_ppl=_score(message.metrics.robust_ppl, sender)))
-            return None
+            return
         if isinstance(message, AdapterInit):
-            why = check_tensors(message.tensors, adapter_shapes(self.state.adapter, self.state.model))
-            if why:
-                return self.channel.drop(sender, topic, "bad_tensor", why)
-            ctx.seen.add(sender)
             ctx.inits[sender] = {name: np.array(as_float32(t), dtype=np.float32) for name, t in message.tensors.items()}
             ctx.record.devices.append(DeviceRecord(sender, 1))
             log.info("round %d: starting adapter from %s", ctx.number, sender)
-            return None
+            return
         if isinstance(message, ImportanceReport):
-            candidates = set(targets(self._task.adapter, self.state.model.modules))
-            unknown = message.scores.keys() - candidates
-            if unknown or not message.scores:
-                return self.channel.drop(sender, topic, "bad_scores",
-                                         f"scores for {len(unknown)} unknown matrices, e.g. {sorted(unknown)[:2]}"
-                                         if unknown else "no scores")
-            if not all(math.isfinite(v) and v >= 0 for v in message.scores.values()):
-                return self.channel.drop(sender, topic, "bad_scores", "scores must be finite and ≥ 0")
-            ctx.seen.add(sender)
             ctx.reports.append(message)
             ctx.record.devices.append(DeviceRecord(sender, message.num_samples, train_tokens=message.tokens,
                                                    train_seconds=message.seconds))
             log.info("round %d: importance scores from %s (%d matrices)", ctx.number, sender, len(message.scores))
-            return None
-        if message.base_version != self.state.global_version:
-            return self.channel.drop(sender, topic, "stale_base",
-                                     f"delta against v{message.base_version}, global is v{self.state.global_version}")
-        # Devices planned at a lower rank send deltas of the leading components only.
-        spec = self.state.adapter
-        rank = None
-        if isinstance(spec, LoraSpec):
-            rank = rank_of(message.delta)
-            if not 1 <= rank <= spec.rank:
-                return self.channel.drop(sender, topic, "bad_tensor", f"rank {rank} is outside 1..{spec.rank}")
-        why = check_tensors(message.delta, adapter_shapes(spec, self.state.model, rank))
-        if why:
-            return self.channel.drop(sender, topic, "bad_tensor", why)
-        ctx.merge.add(message.delta, message.num_samples)
-        ctx.seen.add(sender)
+            return
         m = message.metrics
         ctx.record.devices.append(DeviceRecord(
             sender, message.num_samples, m.train_loss, _score(m.local_ppl, sender), _score(m.global_ppl, sender),
@@ -746,7 +926,11 @@ class Aggregator:
             _score(m.local_robust_ppl, sender),
         ))
         log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, message.num_samples, m.train_loss)
-        return None
+
+
+def _unwrap(message):
+    """The message inside a journaled ``Signed`` (verified when it arrived)."""
+    return decode_message(message.payload) if isinstance(message, Signed) else message
 
 
 @dataclass
@@ -754,8 +938,11 @@ class _Round:
     number: int
     kind: TaskKind
     record: RoundRecord
-    merge: RoundMerge | None
+    #: accepted results are written to the round journal (train and evaluate rounds)
+    journal: bool = False
     seen: set[str] = field(default_factory=set)
+    #: (device, nonce) -> the receipt it got: a resent or replayed result gets it again
+    receipts: dict[tuple[str, bytes], Receipt] = field(default_factory=dict)
     reports: list[ImportanceReport] = field(default_factory=list)
     #: initialization rounds: each device's starting adapter
     inits: dict[str, dict] = field(default_factory=dict)

@@ -43,6 +43,7 @@ from .wire import (
     Presence,
     Progress,
     PromptSpec,
+    Receipt,
     RoundTask,
     TaskKind,
     Topics,
@@ -50,9 +51,12 @@ from .wire import (
     Update,
     encode_message,
 )
+from .outbox import Outbox
 from .workload import Workload
 
 log = logging.getLogger(__name__)
+#: what the inbox holds after the broker connection came back
+_RECONNECTED = "<reconnected>"
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,11 @@ class DeviceConfig:
     #: announced in the hello so the aggregator can plan for this device; its memory_bytes is
     #: also the budget training must stay within (exceeding it triggers a back-off)
     profile: DeviceProfile | None = None
+    #: this device's Ed25519 private key (PEM): everything it sends is signed (docs/security.md)
+    signing_key: Path | None = None
+    #: resend a round result the aggregator has not acknowledged after this many seconds
+    #: (doubling each time)
+    resend_after_s: float = 30.0
 
 
 class Device:
@@ -78,7 +87,13 @@ class Device:
         self.transport = transport
         self.workload = workload
         self.topics = Topics(config.fleet)
-        self.channel = Channel(transport, self.topics.sender_of, config.max_packet)
+        signer = None
+        if config.signing_key is not None:
+            from .wire.signing import Signer
+
+            signer = Signer.load(config.device_id, config.signing_key)
+        self.channel = Channel(transport, self.topics.sender_of, config.max_packet, signer=signer)
+        self.outbox = Outbox(self.channel, config.resend_after_s)
         self.global_adapter: GlobalAdapter | None = None
         self.task: RoundTask | None = None
         self.finished = threading.Event()
@@ -122,14 +137,19 @@ class Device:
 
         trainer, artifacts = options.pop("trainer", "auto"), options.pop("artifacts", None)
         model_hash, robustness = options.pop("model_hash", None), options.pop("robustness", None)
+        tls = {k: str(options.pop(k)) for k in ("ca_certs", "certfile", "keyfile") if options.get(k) is not None}
+        for k in ("ca_certs", "certfile", "keyfile"):
+            options.pop(k, None)
         config = DeviceConfig(fleet, device_id, **options)
         if choose_backend(trainer, artifacts) == "ort":
             from .ort.fetch import ensure_artifacts
 
-            ensure_artifacts(broker, fleet, device_id, Path(artifacts))
+            ensure_artifacts(broker, fleet, device_id, Path(artifacts), **tls)
         workload = Workload.load(data, model, config.heldout_fraction, seed=hash_seed(device_id), trainer=trainer,
                                  artifacts=artifacts, model_hash=model_hash, robustness=robustness)
-        transport = open_transport(broker, client_id=f"edgetune-{fleet}-{device_id}")
+        # A persistent session: the broker queues the task and global adapter for this
+        # device while it is offline, and paho resends unacknowledged results on reconnecting.
+        transport = open_transport(broker, client_id=f"edgetune-{fleet}-{device_id}", clean_session=False, **tls)
         device = cls(config, transport, workload)
         device.connect()
         return device
@@ -142,12 +162,19 @@ class Device:
         must not replace what the first announced."""
         me = self.config.device_id
         will = Will(self.topics.presence(me), encode_message(Presence(me, False))) if announce else None
+        self.transport.on_reconnect(lambda session_present: self._inbox.put((_RECONNECTED, session_present)))
         self.transport.connect(will=will)
         self._announced = announce
         self.channel.subscribe(self.topics.task, self._enqueue)
         self.channel.subscribe(self.topics.global_adapter + "/+", self._enqueue)
-        if not announce:
-            return
+        self.channel.subscribe(self.topics.receipt(me), self._enqueue)
+        if announce:
+            self._announce()
+            log.info("%s joined fleet %s (%d training samples)", me, self.config.fleet, self.workload.num_samples)
+
+    def _announce(self) -> None:
+        """Presence and hello, retained (again after a broker restart that lost them)."""
+        me = self.config.device_id
         self.transport.publish(self.topics.presence(me), encode_message(Presence(me, True)), retain=True)
         hello = Hello(
             device_id=me,
@@ -158,8 +185,7 @@ class Device:
             num_samples=self.workload.num_samples,
             profile=self.config.profile,
         )
-        self.transport.publish(self.topics.hello(me), encode_message(hello), retain=True)
-        log.info("%s joined fleet %s (%d training samples)", me, self.config.fleet, self.workload.num_samples)
+        self.transport.publish(self.topics.hello(me), self.channel.prepare(self.topics.hello(me), hello)[0], retain=True)
 
     def run(self) -> None:
         """Follow the fleet's tasks until it finishes (or ``stop()``)."""
@@ -177,6 +203,15 @@ class Device:
         try:
             topic, message = self._inbox.get(timeout=timeout)
         except queue.Empty:
+            self.outbox.resend(self.task.round if self.task else None)
+            return False
+        if topic is _RECONNECTED:  # the broker may have restarted and lost what we retained
+            if self._announced:
+                self._announce()
+            self.outbox.resend(self.task.round if self.task else None, everything=True)
+            return False
+        if isinstance(message, Receipt):
+            self.outbox.on_receipt(message)
             return False
         if isinstance(message, GlobalAdapter):
             self._on_global(message)
@@ -394,7 +429,7 @@ class Device:
         result = self.workload.importance(modules, settings, task.importance, quantization,
                                           seed=task.train.seed + hash_seed(me))
         report = ImportanceReport(me, task.round, self.workload.num_samples, result.scores, result.tokens, result.seconds)
-        self.channel.send(self.topics.importance(me), report)
+        self.outbox.send(self.topics.importance(me), task.round, report)
         self._flush()
         log.info("%s: scored %d weight matrices on %d tokens in %.1f s", me, len(result.scores), result.tokens,
                  result.seconds)
@@ -409,7 +444,7 @@ class Device:
         if not isinstance(task.adapter, PromptSpec):
             raise ValueError(f"an initialization round for a {task.adapter.kind} adapter")
         tensors = self.workload.prompt_init(task.adapter, seed=task.train.seed)
-        self.channel.send(self.topics.init(me), AdapterInit(me, task.round, tensors))
+        self.outbox.send(self.topics.init(me), task.round, AdapterInit(me, task.round, tensors))
         self._flush()
         log.info("%s: reported the starting prompt (%d virtual tokens, %s init)", me,
                  task.adapter.num_virtual_tokens, task.adapter.init)
@@ -484,7 +519,7 @@ class Device:
         metrics = TrainMetrics(result.mean_loss, result.tokens, result.seconds, local_ppl, global_ppl, sent, received,
                                global_robust, local_robust)
         update = Update(me, task.round, adapter.version, weight, delta, metrics)
-        size = self.channel.send(self.topics.update(me), update)
+        size = self.outbox.send(self.topics.update(me), task.round, update)
         self._flush()
         self.rounds_done.append(task.round)
         log.info("%s: round %d (rank %d, %s, batch %d) loss %.3f, held-out ppl %.2f -> %.2f, sent %d bytes",
@@ -507,7 +542,7 @@ class Device:
         robust_ppl = trainer.perplexity(robust) if len(robust) else None
         report = EvalReport(me, task.round, self.global_adapter.version, self.workload.num_samples,
                             EvalMetrics(ppl, int(heldout.size), robust_ppl))
-        self.channel.send(self.topics.eval(me), report)
+        self.outbox.send(self.topics.eval(me), task.round, report)
         self._flush()
         log.info("%s: global adapter v%d held-out ppl %.2f", me, self.global_adapter.version, ppl)
 

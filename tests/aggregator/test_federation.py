@@ -7,6 +7,7 @@ saw there, so the daemon's merge is checked against an independent computation.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import uuid
 from collections import defaultdict
@@ -293,7 +294,7 @@ def test_bad_input_is_logged_counted_and_dropped(broker_url, tmp_path, caplog):
                         TrainMetrics(1.0, 1, 1.0, 1.0, 1.0))
     observer.transport.publish(topics.update("dev-1"), encode_message(nan_update))
     observer.transport.flush()
-    expected = {"bad_msgpack": 1, "schema_version": 1, "bad_tensor": 2, "unknown_round": 1,
+    expected = {"bad_msgpack": 1, "schema_version": 1, "wrong_shape": 1, "not_finite": 1, "unknown_round": 1,
                 "unknown_device": 1, "sender_mismatch": 1}
     deadline = threading.Event()
     for _ in range(200):
@@ -391,7 +392,8 @@ def test_a_hello_with_an_unusable_model_is_dropped_and_the_daemon_keeps_serving(
     device.stop()
 
 
-def test_a_round_left_open_by_a_stopped_daemon_is_skipped_on_resume(tmp_path):
+@pytest.mark.parametrize("journal", [True, False], ids=["journaled", "no-journal"])
+def test_a_round_left_open_by_a_stopped_daemon_continues_on_resume(tmp_path, journal):
     fleet = f"open-{uuid.uuid4().hex[:8]}"
     url = f"memory://{fleet}"
     config = fleet_config(tmp_path, fleet, rounds=2, min_devices=2, evaluate_final=False)
@@ -400,17 +402,24 @@ def test_a_round_left_open_by_a_stopped_daemon_is_skipped_on_resume(tmp_path):
     idle = join_device(url, fleet, 1, start=False)  # says hello, never trains
     # round 1 opens but cannot close (one update of two); dev-0 trains it
     assert _wait(lambda: device.rounds_done == [1])
+    assert _wait(lambda: len(list((tmp_path / "state" / "journal").glob("r000001/dev-0.msgpack"))) == 1)
     aggregator.stop()
     thread.join(timeout=30)
-    # resumed with one device required: round 1 is recorded as abandoned, round 2 runs
+    if not journal:  # a state dir from before round journals: the round's number is skipped
+        shutil.rmtree(tmp_path / "state" / "journal")
     observer = Observer(url, fleet)
     aggregator, thread = start_aggregator(url, fleet_config(tmp_path, fleet, rounds=2, min_devices=1,
                                                                 evaluate_final=False))
     thread.join(timeout=60)
     assert not thread.is_alive()
     log = aggregator.store.rounds()
-    assert [(r["round"], r["status"]) for r in log] == [(1, "failed"), (2, "aggregated")]
-    assert device.rounds_done == [1, 2] and observer.updates[2][0].base_version == 0
+    if journal:  # round 1 continues with the update accepted before the stop, which is not redone
+        assert [(r["round"], r["status"]) for r in log] == [(1, "aggregated"), (2, "aggregated")]
+        assert device.rounds_done == [1, 2] and observer.updates[2][0].base_version == 1
+    else:
+        assert [(r["round"], r["status"]) for r in log] == [(1, "failed"), (2, "aggregated")]
+        assert device.rounds_done == [1, 2] and observer.updates[2][0].base_version == 0
+    assert not list((tmp_path / "state" / "journal").glob("r*"))  # closed rounds leave no journal
     device.stop()
     idle.close()
     observer.close()

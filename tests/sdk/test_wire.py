@@ -230,9 +230,25 @@ def test_inconsistent_and_out_of_range_chunks_are_rejected():
     reassembler = Reassembler()
     with pytest.raises(WireError, match="out of range"):
         reassembler.feed("a", Chunk(digest, 5, 2, 3, b"a"))
-    reassembler.feed("a", Chunk(digest, 0, 2, 3, b"ab"))
+    reassembler.feed("a", Chunk(digest, 0, 2, 3000, b"a" * 1500))
     with pytest.raises(WireError, match="disagree"):
-        reassembler.feed("a", Chunk(digest, 1, 3, 3, b"c"))
+        reassembler.feed("a", Chunk(digest, 1, 3, 3000, b"c"))
+    # every chunk but the last carries more than 1 KiB: a count beyond that is a flood
+    with pytest.raises(WireError, match="out of range"):
+        reassembler.feed("a", Chunk(digest, 0, 5, 3000, b"a"))
+
+
+def test_a_transfer_larger_than_the_receiver_allows_is_refused_before_anything_is_held():
+    payload = b"x" * 10_000
+    frames = chunk_payload(payload, max_packet=4096)
+    reassembler = Reassembler()
+    with pytest.raises(WireError) as info:
+        decode_frame(reassembler, "a", frames[0], max_size=5_000)
+    assert info.value.reason == "oversize" and reassembler.pending_bytes == 0
+    with pytest.raises(WireError) as info:  # an unchunked payload over the limit, too
+        decode_frame(reassembler, "a", encode_message(Chunk("0" * 64, 0, 1, 1, b"x")) + b"\0" * 9000, max_size=5_000)
+    assert info.value.reason == "oversize"
+    assert [reassembler.feed("a", decode_message(f), max_size=10_000) for f in frames][-1] == payload
 
 
 def test_abandoned_transfers_are_evicted():

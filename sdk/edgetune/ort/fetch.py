@@ -34,16 +34,18 @@ __all__ = ["ensure_artifacts", "fetch_artifacts"]
 
 
 def ensure_artifacts(broker: str, fleet: str, device_id: str, folder: Path, timeout_s: float = 600.0,
-                     connect_timeout: float | None = None) -> None:
+                     connect_timeout: float | None = None, **tls: str) -> None:
     """Download the artifacts into ``folder`` unless it holds some already (they are verified
-    when loaded), over a connection of its own that is closed afterwards."""
+    when loaded), over a connection of its own that is closed afterwards (``tls``: the
+    ``ca_certs``/``certfile``/``keyfile`` of an ``mqtts://`` broker)."""
     from ..transport import open_transport
 
     if (Path(folder) / MANIFEST_FILE).is_file():
         return
     _check_target(Path(folder))
     log.info("%s: no artifacts in %s; asking the aggregator of fleet %s", device_id, folder, fleet)
-    transport = open_transport(broker, client_id=f"edgetune-{fleet}-{device_id}-fetch", connect_timeout=connect_timeout)
+    transport = open_transport(broker, client_id=f"edgetune-{fleet}-{device_id}-fetch", connect_timeout=connect_timeout,
+                               **tls)
     transport.connect()
     try:
         fetch_artifacts(transport, fleet, device_id, Path(folder), timeout_s=timeout_s)

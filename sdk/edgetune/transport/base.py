@@ -112,6 +112,13 @@ class Transport(ABC):
     def close(self) -> None:
         """Disconnect cleanly: the last will is *not* published."""
 
+    def on_reconnect(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(session_present)`` on the transport's thread after every
+        reconnection. A broker restarted without persistence forgets retained messages and
+        sessions (``session_present`` False): clients republish what others must see. An
+        in-memory transport never reconnects."""
+        self._reconnect_callbacks = [*getattr(self, "_reconnect_callbacks", []), callback]
+
     def __enter__(self) -> Transport:
         return self
 

@@ -31,20 +31,43 @@ class Channel:
         transport: Transport,
         sender_of: Callable[[str], str | None],
         max_packet: int = DEFAULT_MAX_PACKET,
+        signer=None,
+        limit_of: Callable[[str], int | None] | None = None,
     ):
         self.transport = transport
         self.sender_of = sender_of
         self.max_packet = max_packet
+        #: an ``edgetune.wire.signing.Signer``: everything sent is wrapped in a ``Signed``
+        self.signer = signer
+        #: the most payload bytes a message on a topic may have (None: no limit), checked
+        #: before a chunked payload is reassembled
+        self.limit_of = limit_of
+        #: called with each drop's reason (the aggregator's metrics)
+        self.on_drop: Callable[[str], None] | None = None
         self.drops: Counter[str] = Counter()
         #: payload bytes received per sender (whole MQTT payloads, valid or not)
         self.bytes_from: Counter[str] = Counter()
         self._reassembler = Reassembler()
         self._lock = threading.Lock()  # the reassembler is fed from the network thread(s)
 
+    def prepare(self, topic: str, message: Any) -> tuple[bytes, bytes]:
+        """``(payload, nonce)``: what ``send`` publishes, the encoded message, signed for
+        ``topic`` if this channel has a signer (nonce b"" if not). A device keeps it to resend
+        the same bytes, same nonce, until the aggregator acknowledges them."""
+        payload = encode_message(message)
+        if self.signer is None:
+            return payload, b""
+        signed = self.signer.sign(topic, payload)
+        return encode_message(signed), signed.nonce
+
     def send(self, topic: str, message: Any, qos: int = 1) -> int:
         """Publish a message, in chunks on the same topic if it is over the packet limit.
         Returns the bytes published."""
-        frames = split_payload(encode_message(message), self.max_packet)
+        return self.send_payload(topic, self.prepare(topic, message)[0], qos)
+
+    def send_payload(self, topic: str, payload: bytes, qos: int = 1) -> int:
+        """Publish a prepared payload (see ``prepare``)."""
+        frames = split_payload(payload, self.max_packet)
         for frame in frames:
             self.transport.publish(topic, frame, qos=qos)
         return sum(map(len, frames))
@@ -71,8 +94,9 @@ class Channel:
             sender = self.sender_of(topic) or topic
             self.bytes_from[sender] += len(payload)
             try:
+                limit = self.limit_of(topic) if self.limit_of else None
                 with self._lock:
-                    message = decode_frame(self._reassembler, sender, payload)
+                    message = decode_frame(self._reassembler, sender, payload, limit)
             except WireError as exc:
                 self.drop(sender, topic, exc.reason, exc.detail)
                 return
@@ -89,4 +113,6 @@ class Channel:
         """Log and count a message we refuse; used for wire errors and for semantic checks."""
         with self._lock:
             self.drops[reason] += 1
+        if self.on_drop is not None:
+            self.on_drop(reason)
         log.warning("dropped message from %s on %s: %s (%s)", sender, topic, reason, detail)

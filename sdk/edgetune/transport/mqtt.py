@@ -45,6 +45,8 @@ class MqttTransport(Transport):
         self._connected = threading.Event()
         self._refused: str | None = None
         self._attempts = 0
+        self._ever_connected = False
+        self._reconnect_callbacks: list = []
         # Acknowledgements by message id. Never call into paho while holding this lock: paho
         # calls on_publish while holding its own, and the opposite order deadlocks.
         self._acks = threading.Condition()
@@ -124,6 +126,13 @@ class MqttTransport(Transport):
         for topic_filter, (qos, _) in subs:
             client.subscribe(topic_filter, qos=qos)
         self._connected.set()
+        if self._ever_connected:
+            for callback in list(self._reconnect_callbacks):
+                try:
+                    callback(bool(flags.session_present))
+                except Exception:  # a client's bug must not kill paho's network thread
+                    log.exception("reconnect callback failed")
+        self._ever_connected = True
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._attempts += 1

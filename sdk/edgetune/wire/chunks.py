@@ -80,15 +80,21 @@ class Reassembler:
         self.pending_bytes = 0  # running total: summing on every chunk would be quadratic
         self.evicted = 0
 
-    def feed(self, sender: str, chunk: Chunk) -> bytes | None:
-        """Add one chunk; returns the whole payload when this chunk completes it."""
+    def feed(self, sender: str, chunk: Chunk, max_size: int | None = None) -> bytes | None:
+        """Add one chunk; returns the whole payload when this chunk completes it.
+
+        ``max_size``: the most bytes a payload on this chunk's topic may have (the receiver
+        knows it, e.g. from the round's adapter layout); a transfer claiming more is refused
+        before anything is held for it."""
         key = (sender, chunk.transfer)
         if key in self._done:
             return None  # redelivery of an already finished transfer
+        if max_size is not None and chunk.size > max_size:
+            raise WireError("oversize", f"a payload of {chunk.size} bytes where at most {max_size} fit")
         if (
             not (0 <= chunk.index < chunk.count)
             or chunk.size > self.max_transfer_bytes
-            or chunk.count > chunk.size + 1
+            or chunk.count > -(-chunk.size // CHUNK_OVERHEAD) + 1  # every chunk but the last carries > 1 KiB
             or len(chunk.data) > chunk.size
         ):
             raise WireError(
@@ -144,12 +150,15 @@ class Reassembler:
                 break
 
 
-def decode_frame(reassembler: Reassembler, sender: str, frame: bytes):
-    """Decode one MQTT payload: a message, or None while a chunked one is incomplete."""
+def decode_frame(reassembler: Reassembler, sender: str, frame: bytes, max_size: int | None = None):
+    """Decode one MQTT payload: a message, or None while a chunked one is incomplete.
+    ``max_size`` bounds the whole payload, chunked or not (checked before reassembly)."""
+    if max_size is not None and len(frame) > max_size + CHUNK_OVERHEAD:
+        raise WireError("oversize", f"a payload of {len(frame)} bytes where at most {max_size} fit")
     message = decode_message(frame)
     if not isinstance(message, Chunk):
         return message
-    payload = reassembler.feed(sender, message)
+    payload = reassembler.feed(sender, message, max_size)
     if payload is None:
         return None
     inner = decode_message(payload)

@@ -51,13 +51,14 @@ def decode_message(payload: bytes | bytearray | memoryview) -> Any:
     if not isinstance(envelope, dict) or not {"v", "kind", "body"} <= set(envelope):
         raise WireError("bad_field", "envelope must be a map with 'v', 'kind' and 'body'")
     version = envelope["v"]
-    if version != SCHEMA_VERSION:
+    # (type first: True and 1.0 compare equal to 1, but no peer of ours sends them)
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise WireError(
-            "schema_version", f"schema version {version!r}; this side speaks {SCHEMA_VERSION}"
+            "schema_version", f"schema version {shown(version)}; this side speaks {SCHEMA_VERSION}"
         )
     cls = MESSAGE_KINDS.get(envelope["kind"]) if isinstance(envelope["kind"], str) else None
     if cls is None:
-        raise WireError("unknown_kind", f"unknown message kind {envelope['kind']!r}")
+        raise WireError("unknown_kind", f"unknown message kind {shown(envelope['kind'])}")
     return _from_wire(cls, envelope["body"], cls.__name__)
 
 
@@ -94,8 +95,22 @@ def path_text(where: Any) -> str:
     """Field paths are built lazily, ``(parent, key)`` tuples formatted only for an error:
     formatting one per tensor costs more than decoding it."""
     if type(where) is tuple:
-        return f"{path_text(where[0])}[{where[1]!r}]"
+        return f"{path_text(where[0])}[{shown(where[1])}]"
     return where
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr`` of a received value for an error message, kept short.
+
+    A hostile value can be megabytes long (a log line several times the payload's size) or
+    nested a thousand levels deep, where ``repr`` itself raises RecursionError, not WireError.
+    """
+    if type(value) in (str, bytes):
+        text = repr(value[:limit])
+        return text if len(value) <= limit else f"{text}… ({len(value)} long)"
+    if isinstance(value, (list, tuple, dict)):  # (msgpack's ExtType is a tuple too)
+        return f"<{type(value).__name__} of length {len(value)}>"
+    return repr(value)  # numbers, None, Timestamp: short
 
 
 def _fail(where: Any, expected: str, value: Any) -> typing.NoReturn:
@@ -123,12 +138,18 @@ def _converter(tp: Any) -> Converter:
     if tp is np.ndarray:
         return decode_tensor
     if isinstance(tp, type) and issubclass(tp, Enum):
+        # A lookup, not ``tp(v)``: Enum's own error repr()s the whole value, which may be
+        # megabytes long or nested past the recursion limit; the type check keeps True from
+        # matching 1 and unhashable values from reaching the dict.
+        members = {m.value: m for m in tp}
+        value_types = {type(m.value) for m in tp}
+
         def enum(v: Any, where: str) -> Any:
-            try:
-                return tp(v)
-            except ValueError:
+            member = members.get(v) if type(v) in value_types else None
+            if member is None:
                 allowed = ", ".join(repr(m.value) for m in tp)
-                raise WireError("bad_field", f"{path_text(where)}: {v!r} is not one of {allowed}") from None
+                raise WireError("bad_field", f"{path_text(where)}: {shown(v)} is not one of {allowed}")
+            return member
         return enum
     if tp in _SCALARS:
         check, expected = _SCALARS[tp]
@@ -178,7 +199,7 @@ def _tagged_union(options: tuple[type, ...]) -> Converter:
         kind = v.get("kind", first)
         convert = by_kind.get(kind) if isinstance(kind, str) else None
         if convert is None:
-            raise WireError("bad_field", f"{path_text(where)}.kind: {kind!r} is not one of {', '.join(by_kind)}")
+            raise WireError("bad_field", f"{path_text(where)}.kind: {shown(kind)} is not one of {', '.join(by_kind)}")
         return convert(v, where)
     return tagged
 

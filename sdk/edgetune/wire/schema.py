@@ -579,6 +579,49 @@ class Chunk:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Signed:
+    """A device message with the device's Ed25519 signature (``edgetune.wire.signing``).
+
+    ``payload`` is the inner message, encoded; the signature covers the topic, the nonce and
+    the payload's SHA-256, so a signed message cannot be replayed on another topic or another
+    fleet, and the aggregator verifies it before decoding the (possibly large) payload.
+    ``nonce`` is random per message and doubles as the idempotency id of an update: a device
+    resending an unacknowledged update resends the same signed bytes.
+    """
+
+    device_id: str
+    #: which of the device's keys signed (first 16 hex digits of SHA-256 of the raw public key)
+    key_id: str
+    nonce: bytes
+    payload: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        if len(self.nonce) != 16 or len(self.signature) != 64 or len(self.key_id) != 16:
+            raise ValueError("Signed needs a 16-byte nonce, a 64-byte signature and a 16-digit key id")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The aggregator's answer to a device's round result, sent once the result is on disk
+    (accepted) or refused: a device resends an unanswered result (same nonce) until then."""
+
+    device_id: str
+    round: int
+    #: the nonce of the signed result (empty for an unsigned one)
+    nonce: bytes
+    accepted: bool
+    #: why it was refused (a reason counted by the aggregator), empty if accepted
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        if len(self.reason) > 64 or len(self.nonce) > 16:
+            raise ValueError("Receipt reason is limited to 64 characters and its nonce to 16 bytes")
+
+
 #: kind name on the wire -> message class
 MESSAGE_KINDS: dict[str, type] = {
     "hello": Hello,
@@ -593,6 +636,8 @@ MESSAGE_KINDS: dict[str, type] = {
     "task": RoundTask,
     "global": GlobalAdapter,
     "chunk": Chunk,
+    "signed": Signed,
+    "receipt": Receipt,
     "artifact_offer": ArtifactOffer,
     "artifact_request": ArtifactRequest,
     "artifact_data": ArtifactData,
@@ -677,6 +722,10 @@ class Topics:
         """The bytes one device asked for (a device's ACL can allow it only its own)."""
         return f"{self.base}/artifact_data/{device_id}"
 
+    def receipt(self, device_id: str) -> str:
+        """The aggregator's receipts for one device's results (only that device reads them)."""
+        return f"{self.base}/receipt/{device_id}"
+
     def all_devices(self, kind: str) -> str:
         """Subscription filter for one device-message kind from every device."""
         return f"{self.base}/{kind}/+"
@@ -697,7 +746,8 @@ class Topics:
         if device is not None:
             return device
         if topic in (self.task, self.aggregator_status) or topic.startswith(
-            (self.global_adapter + "/", f"{self.base}/artifacts/", f"{self.base}/artifact_data/")
+            (self.global_adapter + "/", f"{self.base}/artifacts/", f"{self.base}/artifact_data/",
+             f"{self.base}/receipt/")
         ):
             return AGGREGATOR_ID
         return None

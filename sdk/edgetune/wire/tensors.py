@@ -78,6 +78,12 @@ def _text(what: Any) -> str:
     return path_text(what)
 
 
+def _shown(value: Any) -> str:
+    from .codec import shown  # (a bounded repr: the dtype may be any received value)
+
+    return shown(value)
+
+
 def decode_tensor(obj: Any, what: Any = "tensor") -> np.ndarray:
     """Validate and decode a tensor map without copying its data.
 
@@ -92,7 +98,7 @@ def decode_tensor(obj: Any, what: Any = "tensor") -> np.ndarray:
         raise WireError("bad_tensor", f"{_text(what)}: missing {', '.join(sorted(missing))}") from None
     dtype = DTYPES.get(name) if type(name) is str else None
     if dtype is None:
-        raise WireError("bad_tensor", f"{_text(what)}: dtype {name!r} not one of {', '.join(DTYPES)}")
+        raise WireError("bad_tensor", f"{_text(what)}: dtype {_shown(name)} not one of {', '.join(DTYPES)}")
     if type(shape) not in (list, tuple) or len(shape) > MAX_DIMS or not all(
         type(d) is int and 0 <= d < MAX_DIM_SIZE for d in shape
     ):

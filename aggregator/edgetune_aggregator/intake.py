@@ -1,0 +1,89 @@
+"""Who may speak, and how much: signatures and payload sizes of device messages, checked
+before the round logic sees them.
+
+With the fleet's keys (``device_keys.json``) every message that shapes the fleet (hello,
+results, personalization reports) must arrive signed by its device; presence, progress and
+error reports may be unsigned (the broker's ACL already pins them to their device, and they
+change nothing). A signature is verified before its payload is decoded, so a forger cannot
+even reach the decoder with a large payload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetune.wire import (
+    AdapterInit,
+    Chunk,
+    EvalReport,
+    Hello,
+    ImportanceReport,
+    PersonalizationReport,
+    Signed,
+    Topics,
+    Update,
+    WireError,
+    decode_message,
+)
+
+from .validation import Refusal
+
+#: the messages a fleet with keys accepts only signed
+MUST_BE_SIGNED = (Hello, Update, EvalReport, ImportanceReport, AdapterInit, PersonalizationReport)
+#: payload limits of device messages whose size does not follow from the adapter's layout
+_FIXED_LIMITS = {"hello": 8 << 20, "importance": 4 << 20}
+_DEFAULT_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class Opened:
+    message: object
+    #: the signature's nonce (b"" for an unsigned message)
+    nonce: bytes = b""
+    signed: Signed | None = None
+
+
+class Intake:
+    def __init__(self, topics: Topics, device_keys: Path | None = None):
+        self.topics = topics
+        self.keyring = None
+        if device_keys is not None:
+            from edgetune.wire.signing import KeyRing
+
+            self.keyring = KeyRing.load(device_keys, topics.fleet)
+        #: the most bytes an update or a starting adapter may have (set once the layout is known)
+        self.result_limit: int = _DEFAULT_LIMIT
+
+    def limit_of(self, topic: str) -> int | None:
+        """The payload limit of a device topic (None for the aggregator's own)."""
+        device = self.topics.device_of(topic)
+        if device is None:
+            return None
+        kind = topic[len(self.topics.base) + 1:].split("/", 1)[0]
+        if kind in ("update", "init"):
+            return self.result_limit
+        return _FIXED_LIMITS.get(kind, _DEFAULT_LIMIT)
+
+    def open(self, topic: str, message: object) -> Opened | Refusal:
+        """The message to act on (unwrapped and verified if signed), or why it is refused."""
+        if not isinstance(message, Signed):
+            if self.keyring is not None and isinstance(message, MUST_BE_SIGNED):
+                return Refusal("unsigned", f"{type(message).__name__} without a signature")
+            return Opened(message)
+        sender = self.topics.device_of(topic)
+        if sender is None or message.device_id != sender:
+            return Refusal("sender_mismatch", f"signed by {message.device_id!r} on {topic}")
+        if self.keyring is not None:
+            why = self.keyring.verify(topic, message)
+            if why == "unknown_key":
+                return Refusal(why, f"no key {message.key_id} for device {sender} in the fleet's device keys")
+            if why:
+                return Refusal(why, "the signature does not match the message")
+        try:
+            inner = decode_message(message.payload)
+        except WireError as exc:
+            return Refusal(exc.reason, exc.detail)
+        if isinstance(inner, (Signed, Chunk)):
+            return Refusal("bad_payload", f"a signed {type(inner).__name__} is not a device message")
+        return Opened(inner, message.nonce, message)

@@ -1,0 +1,88 @@
+"""The open round on disk: its task and every result accepted so far, each written before the
+device hears that it was accepted.
+
+A daemon killed at any instant restarts into the same round: it republishes the same task,
+re-reads the accepted results, and keeps collecting. A result is a file named by its device,
+so a result redelivered after the restart is recognised and never counted twice, and the
+round is merged from these files in device order at its close, so a round interrupted any
+number of times merges exactly what an uninterrupted one with the same results would.
+
+Layout (inside the state dir)::
+
+    journal/r000007/round.msgpack         {"round", "kind", "opened_at", "task": <payload>}
+    journal/r000007/dev-a.msgpack         the accepted result as it arrived (signed or not)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from edgetune.atomic import atomic_write_bytes
+from edgetune.wire import check_name
+
+log = logging.getLogger(__name__)
+
+_META = "round.msgpack"
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    number: int
+    kind: str
+    #: wall-clock time the round opened (its deadline counts from here, across restarts)
+    opened_at: float
+    #: the task as published (republished unchanged on restart)
+    task: bytes
+    #: device id -> the file of its accepted result (read one at a time: memory stays flat)
+    results: dict[str, Path]
+
+
+class RoundJournal:
+    def __init__(self, state_dir: Path):
+        self.root = Path(state_dir) / "journal"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, number: int) -> Path:
+        return self.root / f"r{number:06d}"
+
+    def open(self, number: int, kind: str, task: bytes, opened_at: float) -> None:
+        """Start the round's journal (and forget any other round's: it is closed or void)."""
+        self.discard(keep=None)
+        directory = self._dir(number)
+        directory.mkdir()
+        meta = {"round": number, "kind": kind, "opened_at": opened_at, "task": task}
+        atomic_write_bytes(directory / _META, msgpack.packb(meta, use_bin_type=True))
+
+    def record(self, number: int, device_id: str, payload: bytes) -> None:
+        """Persist one accepted result (atomic, fsynced) before anyone is told."""
+        check_name(device_id, "device id")
+        atomic_write_bytes(self._dir(number) / f"{device_id}.msgpack", payload)
+
+    def load(self) -> OpenRound | None:
+        """The journaled round, or None (a round whose journal is incomplete never went out:
+        its metadata is written before its task is published)."""
+        rounds = sorted(p for p in self.root.glob("r*") if p.is_dir())
+        for directory in rounds[:-1]:  # (a crash between open()'s steps): only the newest counts
+            shutil.rmtree(directory, ignore_errors=True)
+        if not rounds or not (rounds[-1] / _META).exists():
+            return None
+        directory = rounds[-1]
+        try:
+            meta = msgpack.unpackb((directory / _META).read_bytes(), raw=False)
+            number, kind, opened_at, task = meta["round"], meta["kind"], float(meta["opened_at"]), bytes(meta["task"])
+        except Exception as exc:  # written atomically, so only tampering gets here
+            raise RuntimeError(f"{directory / _META} is damaged ({exc}); move the journal folder aside to "
+                               "restart the round") from None
+        results = {p.stem: p for p in sorted(directory.glob("*.msgpack")) if p.name != _META}
+        return OpenRound(number, kind, opened_at, task, results)
+
+    def discard(self, keep: int | None = None) -> None:
+        """Remove the journals of closed rounds (``keep``: a round number to leave)."""
+        for directory in self.root.glob("r*"):
+            if keep is None or directory.name != f"r{keep:06d}":
+                shutil.rmtree(directory, ignore_errors=True)

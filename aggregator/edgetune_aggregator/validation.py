@@ -1,0 +1,100 @@
+"""What an update must be before it is merged: the round's layout, finite values, a bounded
+norm and a plausible sample count. Pure functions; the daemon counts the reasons.
+
+Every refusal has a short reason (a Prometheus label and a ``rounds.json`` key) and a detail
+for the log. Shapes are checked against the layout *the daemon* derives from the fleet's
+model and adapter, never against what the update claims.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgetune.adapters.lora import as_float32
+
+#: dtypes an adapter tensor may travel in (float64 would double what a round must hold)
+ADAPTER_DTYPES = ("float32", "float16", "bfloat16")
+NORM_ACTIONS = ("clip", "reject")
+#: envelope, tensor names and msgpack framing on top of the tensors' bytes
+_ENVELOPE_BYTES = 64 << 10
+_PER_TENSOR_BYTES = 512
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """Bounds every update must meet (``serve --max-update-norm …``)."""
+
+    #: L2 norm of the whole delta (all tensors together); None: unbounded
+    max_norm: float | None = None
+    #: what an update over ``max_norm`` gets: scaled down onto the bound, or refused
+    norm_action: str = "clip"
+    min_samples: int = 1
+    #: an update's weight in the average is its sample count: cap what one device can claim
+    max_samples: int = 10_000_000
+
+    def __post_init__(self) -> None:
+        if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
+            raise ValueError(f"max_norm must be a finite number > 0, got {self.max_norm}")
+        if self.norm_action not in NORM_ACTIONS:
+            raise ValueError(f"norm_action {self.norm_action!r} is not one of {', '.join(NORM_ACTIONS)}")
+        if not 1 <= self.min_samples <= self.max_samples:
+            raise ValueError(f"need 1 ≤ min_samples ≤ max_samples, got {self.min_samples} and {self.max_samples}")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    detail: str
+
+
+def check_layout(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> Refusal | None:
+    """Same tensor names and shapes as the layout, float dtypes, finite values."""
+    missing, extra = shapes.keys() - tensors.keys(), tensors.keys() - shapes.keys()
+    if missing or extra:
+        detail = "; ".join(part for part in (f"missing {sorted(missing)[:3]}" if missing else "",
+                                             f"unexpected {sorted(extra)[:3]}" if extra else "") if part)
+        return Refusal("wrong_shape", detail)
+    for name, array in tensors.items():
+        if tuple(array.shape) != tuple(shapes[name]):
+            return Refusal("wrong_shape", f"{name} has shape {list(array.shape)}, expected {list(shapes[name])}")
+        dtype = "bfloat16" if type(array).__name__ == "BFloat16Array" else str(array.dtype)
+        if dtype not in ADAPTER_DTYPES:
+            return Refusal("bad_dtype", f"{name} has dtype {dtype}, expected one of {', '.join(ADAPTER_DTYPES)}")
+    for name, array in tensors.items():
+        if not np.isfinite(as_float32(array)).all():
+            return Refusal("not_finite", f"{name} contains NaN or infinity")
+    return None
+
+
+def delta_norm(delta: Mapping[str, np.ndarray]) -> float:
+    """L2 norm over all tensors, accumulated in float64."""
+    return math.sqrt(sum(float(np.square(as_float32(t), dtype=np.float64).sum()) for t in delta.values()))
+
+
+def bound_norm(delta: Mapping[str, np.ndarray], limits: UpdateLimits) -> tuple[dict[str, np.ndarray], Refusal | None, float]:
+    """The delta within the norm bound (clipped: scaled onto it) and its original norm, or a
+    refusal. Clipping keeps the direction and caps any one device's pull on the average."""
+    norm = delta_norm(delta)
+    if limits.max_norm is None or norm <= limits.max_norm:
+        return dict(delta), None, norm
+    if limits.norm_action == "reject":
+        return dict(delta), Refusal("norm_exceeded", f"norm {norm:.4g} > bound {limits.max_norm:.4g}"), norm
+    scale = np.float32(limits.max_norm / norm)
+    return {name: as_float32(t) * scale for name, t in delta.items()}, None, norm
+
+
+def check_samples(num_samples: int, limits: UpdateLimits) -> Refusal | None:
+    if not limits.min_samples <= num_samples <= limits.max_samples:
+        return Refusal("sample_count", f"{num_samples} samples is outside {limits.min_samples}..{limits.max_samples}")
+    return None
+
+
+def max_result_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The most bytes a result for this layout can take on the wire (float32 tensors, names,
+    envelope, signature): a payload claiming more is refused before it is reassembled."""
+    values = sum(math.prod(s) for s in shapes.values())
+    return 4 * values + _PER_TENSOR_BYTES * len(shapes) + _ENVELOPE_BYTES

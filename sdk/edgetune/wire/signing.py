@@ -1,0 +1,148 @@
+"""Ed25519 signatures on device messages: who sent an update, and that nobody changed it.
+
+The broker's ACL stops a device from publishing on another device's topics, but the broker,
+a bridge, or a stolen broker password sit between device and aggregator. A signature made
+with a key only the device holds lets the aggregator trust a result whatever the path.
+
+What is signed: ``DOMAIN ‖ topic ‖ 0 ‖ nonce ‖ SHA-256(payload)``. The topic binds the
+message to its fleet, kind and device (no replay on another topic); the nonce makes every
+message distinct (replays within a round are refused, and a device resending an
+unacknowledged update resends the same bytes, so the aggregator can count it once). Hashing
+the payload first keeps signing cost flat in its size.
+
+Key files (``edgetune-aggregator provision`` writes them): a device's private key is PEM
+PKCS#8 (``signing.key``); the aggregator's ``device_keys.json`` is
+``{"format": 1, "fleet": NAME, "keys": {device_id: base64(raw 32-byte public key) | [...]}}``.
+``cryptography`` is imported only when keys are used.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .schema import Signed, check_name
+
+DOMAIN = b"edgetune-signed-v1\x00"
+KEYS_FORMAT = 1
+NONCE_BYTES = 16
+
+
+def signed_bytes(topic: str, nonce: bytes, payload: bytes) -> bytes:
+    """The bytes a signature covers."""
+    return DOMAIN + topic.encode() + b"\x00" + nonce + hashlib.sha256(payload).digest()
+
+
+def key_id(raw_public_key: bytes) -> str:
+    """A short name of a public key: devices may hold several while keys are rotated."""
+    return hashlib.sha256(raw_public_key).hexdigest()[:16]
+
+
+class Signer:
+    """A device's private key; signs what the device publishes."""
+
+    def __init__(self, device_id: str, private_key):
+        from cryptography.hazmat.primitives import serialization
+
+        self.device_id = check_name(device_id, "device id")
+        self._key = private_key
+        raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.key_id = key_id(raw)
+        self.public_key = raw
+
+    @classmethod
+    def generate(cls, device_id: str) -> Signer:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return cls(device_id, Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load(cls, device_id: str, path: str | Path) -> Signer:
+        """Read a PEM (PKCS#8) Ed25519 private key; errors say which file and what is wrong."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        try:
+            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        except OSError as exc:
+            raise ValueError(f"cannot read the signing key {path}: {exc.strerror}") from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path} is not an unencrypted PEM private key ({exc})") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+        return cls(device_id, key)
+
+    def sign(self, topic: str, payload: bytes, nonce: bytes | None = None) -> Signed:
+        nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
+        signature = self._key.sign(signed_bytes(topic, nonce, payload))
+        return Signed(self.device_id, self.key_id, nonce, bytes(payload), signature)
+
+
+@dataclass
+class KeyRing:
+    """The fleet's device public keys, as the aggregator holds them."""
+
+    fleet: str
+    #: device id -> {key id -> Ed25519PublicKey}
+    keys: dict[str, dict]
+
+    @classmethod
+    def from_raw(cls, fleet: str, raw: dict[str, list[bytes]]) -> KeyRing:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        keys = {}
+        for device, blobs in raw.items():
+            check_name(device, "device id")
+            keys[device] = {key_id(b): Ed25519PublicKey.from_public_bytes(b) for b in blobs}
+        return cls(fleet, keys)
+
+    @classmethod
+    def load(cls, path: str | Path, fleet: str) -> KeyRing:
+        """Read ``device_keys.json``; refuses a file made for another fleet."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read the device keys {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != KEYS_FORMAT or not isinstance(data.get("keys"), dict):
+            raise ValueError(f"{path} is not a device key file (format {KEYS_FORMAT}: "
+                             '{"format": 1, "fleet": ..., "keys": {device: base64 key}})')
+        if data.get("fleet") != fleet:
+            raise ValueError(f"{path} holds the keys of fleet {data.get('fleet')!r}, not {fleet!r}")
+        raw: dict[str, list[bytes]] = {}
+        for device, value in data["keys"].items():
+            values = value if isinstance(value, list) else [value]
+            try:
+                raw[device] = [base64.b64decode(v, validate=True) for v in values]
+            except (ValueError, TypeError):
+                raise ValueError(f"{path}: the key of {device!r} is not base64") from None
+            if any(len(b) != 32 for b in raw[device]):
+                raise ValueError(f"{path}: the key of {device!r} is not a 32-byte Ed25519 public key")
+        return cls.from_raw(fleet, raw)
+
+    def verify(self, topic: str, signed: Signed) -> str | None:
+        """Why ``signed`` is not trustworthy as a message on ``topic`` (None if it is): the
+        counted reasons ``unknown_key`` and ``bad_signature``."""
+        from cryptography.exceptions import InvalidSignature
+
+        key = self.keys.get(signed.device_id, {}).get(signed.key_id)
+        if key is None:
+            return "unknown_key"
+        try:
+            key.verify(signed.signature, signed_bytes(topic, signed.nonce, signed.payload))
+        except InvalidSignature:
+            return "bad_signature"
+        return None
+
+
+def write_key_file(path: str | Path, fleet: str, keys: dict[str, bytes]) -> None:
+    """``device_keys.json`` for raw public keys (tests and provisioning)."""
+    from ..atomic import atomic_write_json
+
+    atomic_write_json(Path(path), {"format": KEYS_FORMAT, "fleet": fleet,
+                                   "keys": {d: base64.b64encode(k).decode() for d, k in sorted(keys.items())}})
