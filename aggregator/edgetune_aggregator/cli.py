@@ -6,7 +6,9 @@
         [--layout fixed|importance] [--proximal-mu MU] [--adapter lora|prompt --prompt-tokens N] \
         [--algorithm fedavg|fedsgd] [--client-optimizer adamw|sgd] [--local-epochs E]
 
-Restarting with the same ``--state-dir`` resumes after the last closed round.
+    edgetune-aggregator provision --fleet NAME --devices N --out DIR   (CA, certificates, ACL, keys)
+
+Restarting with the same ``--state-dir`` resumes the round that was open (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from edgetune.wire import ALGORITHMS, CLIENT_OPTIMIZERS, PROMPT_INITS, Importanc
 
 from .daemon import DEFAULT_CANDIDATES, Aggregator, AggregatorConfig
 from .strategies import SERVER_OPTIMIZERS, STRATEGIES, ServerOptimizerConfig
+from .strategies.robust import ROBUST_METHODS
+from .validation import NORM_ACTIONS, UpdateLimits
 
 log = logging.getLogger("edgetune_aggregator")
 
@@ -86,7 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--base-model", default="", help="recorded in the exported PEFT adapter_config.json")
     serve.add_argument("--ort-artifacts", type=Path, help="ONNX Runtime training artifacts (edgetune build-ort) to "
                        "serve over MQTT to devices without PyTorch (docs/ort.md)")
+    security = serve.add_argument_group("security and robustness (docs/security.md)")
+    security.add_argument("--device-keys", type=Path, help="the fleet's device_keys.json (edgetune-aggregator "
+                          "provision): devices must sign hellos and results with their Ed25519 keys")
+    security.add_argument("--tls-ca", help="CA certificate of an mqtts:// broker")
+    security.add_argument("--tls-cert", help="this daemon's client certificate (brokers that require one)")
+    security.add_argument("--tls-key", help="the private key of --tls-cert")
+    security.add_argument("--max-update-norm", type=float, default=None, help="L2 bound on each update's delta")
+    security.add_argument("--norm-action", default="clip", choices=NORM_ACTIONS,
+                          help="an update over --max-update-norm is scaled onto the bound (clip) or refused")
+    security.add_argument("--min-samples", type=int, default=1, help="fewest samples an update may claim")
+    security.add_argument("--max-samples", type=int, default=10_000_000,
+                          help="most samples an update may claim (its weight in the average)")
+    security.add_argument("--robust", default=None, choices=ROBUST_METHODS,
+                          help="coordinate-wise median or trimmed mean instead of the weighted mean (fedit, dense)")
+    security.add_argument("--trim", type=float, default=0.1, help="fraction trimmed at each end by --robust trimmed_mean")
+    security.add_argument("--quorum", type=float, default=None, help="close a round once this fraction of the "
+                          "devices it asked answered (at least --min-devices); default: at --min-devices")
+    security.add_argument("--metrics-port", type=int, default=None, help="serve /metrics (Prometheus) and /healthz "
+                          "on this port (0: any free port)")
+    security.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    from .provision import add_provision_parser
+
+    add_provision_parser(commands)
     return parser
 
 
@@ -118,6 +145,11 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         importance=ImportanceSettings(batches=args.calibration_batches),
         ort_artifacts=args.ort_artifacts,
         linger_s=None if args.linger < 0 else args.linger,
+        device_keys=args.device_keys,
+        limits=UpdateLimits(args.max_update_norm, args.norm_action, args.min_samples, args.max_samples),
+        robust=args.robust,
+        trim=args.trim,
+        quorum=args.quorum,
     )
 
 
@@ -125,16 +157,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.command == "provision":
+            from .provision import run_provision
+
+            return run_provision(args)
         config = config_from_args(args)
         # a persistent session: the broker keeps device updates while the daemon reconnects
+        tls = {"ca_certs": args.tls_ca, "certfile": args.tls_cert, "keyfile": args.tls_key}
         transport = open_transport(args.broker, client_id=f"edgetune-aggregator-{args.fleet}",
-                                   connect_timeout=args.connect_timeout, clean_session=False)
-        aggregator = Aggregator(config, transport)
+                                   connect_timeout=args.connect_timeout, clean_session=False,
+                                   **{k: v for k, v in tls.items() if v})
+        metrics = server = None
+        if args.metrics_port is not None:
+            from .metrics import AggregatorMetrics, HealthServer
+
+            metrics = AggregatorMetrics(args.fleet)
+            server = HealthServer(metrics, args.metrics_host, args.metrics_port)
+            port = server.start()
+            log.info("metrics on http://%s:%d/metrics, health on /healthz", args.metrics_host, port)
+        aggregator = Aggregator(config, transport, metrics=metrics)
         signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
-        aggregator.serve()
+        try:
+            aggregator.serve()
+        finally:
+            if server is not None:
+                server.close()
     except KeyboardInterrupt:
         log.info("interrupted")
-    except (TransportError, ValueError, RuntimeError) as exc:
+    except (TransportError, ValueError, RuntimeError, OSError) as exc:
         print(f"edgetune-aggregator: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -184,14 +184,20 @@ class Aggregator:
         config: AggregatorConfig,
         transport: Transport,
         on_round: Callable[[RoundRecord], None] | None = None,
+        metrics=None,
     ):
         self.config = config
+        #: an ``AggregatorMetrics`` (``edgetune_aggregator.metrics``) to keep current, or None
+        self.metrics = metrics
+        self._stats_seen = (0, 0)  # transport bytes already counted in the metrics
         self.transport = transport
         self.topics = Topics(config.fleet)
         self.intake = Intake(self.topics, config.device_keys)
         self.channel = Channel(transport, self.topics.sender_of, config.max_packet, limit_of=self.intake.limit_of)
         self.store = StateStore(config.state_dir)
         self.journal = RoundJournal(config.state_dir)
+        if metrics is not None:
+            self.channel.on_drop = metrics.rejected
         self.on_round = on_round
         self.devices: dict[str, Hello] = {}
         self.online: set[str] = set()
@@ -276,6 +282,18 @@ class Aggregator:
 
     def _enqueue(self, topic: str, message: object) -> None:
         self._inbox.put((topic, message))
+
+    def _tick(self) -> None:
+        """Bring the metrics up to date (the serve loop passes here at least twice a second)."""
+        if self.metrics is None:
+            return
+        self.metrics.heartbeat()
+        self.metrics.devices(len(self.devices), len(self.online & set(self.devices)))
+        self.metrics.broker_connected(self.transport.connected)
+        sent, received = self.transport.stats.snapshot()
+        self.metrics.sent_bytes(sent - self._stats_seen[0])
+        self.metrics.received_bytes(received - self._stats_seen[1])
+        self._stats_seen = (sent, received)
 
     def _republish(self, session_present: bool) -> None:
         """After a reconnection: a broker restarted without persistence lost the retained
@@ -581,6 +599,8 @@ class Aggregator:
             log.info("round %d (%s) open on global v%d; %d device(s) online",
                      number, kind.value, self.state.global_version, len(self.online))
         round_ctx.journal = journal
+        if self.metrics is not None:
+            self.metrics.round_opened(number)
         start = time.monotonic()
         deadline = start + max(0.0, opened_at + self.config.round_timeout_s - time.time())
         needed = self._needed(kind, task)
@@ -696,6 +716,9 @@ class Aggregator:
         log.info("round %d %s with %d device(s) in %.1f s%s%s", ctx.number, record.status.value,
                  len(record.devices), record.duration_s, scores,
                  f"; dropped {record.dropped}" if record.dropped else "")
+        if self.metrics is not None:
+            self.metrics.round_closed(ctx.kind.value, record.status.value, record.duration_s)
+            self.metrics.global_version(self.state.global_version)
         if self.on_round:
             try:  # a dashboard's bug must not stop the fleet
                 self.on_round(record)
@@ -705,6 +728,7 @@ class Aggregator:
     # --- inbox ------------------------------------------------------------------------------
 
     def _handle_next(self, ctx: _Round | None, timeout: float) -> None:
+        self._tick()
         try:
             topic, message = self._inbox.get(timeout=timeout)
         except queue.Empty:
@@ -814,6 +838,8 @@ class Aggregator:
             self.journal.record(ctx.number, sender, payload)
         self._accept(ctx, message, opened.nonce)
         self._receipt(message, opened.nonce, "", ctx)
+        if self.metrics is not None:
+            self.metrics.accepted(ctx.kind.value)
 
     def _receipt(self, message, nonce: bytes, reason: str, ctx: _Round | None) -> None:
         receipt = Receipt(message.device_id, message.round, nonce, not reason, reason)

@@ -55,6 +55,12 @@ def _add_device_args(run: argparse.ArgumentParser) -> None:
                      "operator: the robustness score is the perplexity on it")
     run.add_argument("--validation", type=float, default=0.1, help="fraction of the training records (with at "
                      "least 10) that neither rounds nor personalization train on: where α is chosen (0: none)")
+    security = run.add_argument_group("security (files from 'edgetune-aggregator provision', docs/security.md)")
+    security.add_argument("--signing-key", type=Path, help="this device's Ed25519 key (signing.key): everything it "
+                          "sends is signed")
+    security.add_argument("--ca", help="CA certificate of an mqtts:// broker (ca.crt)")
+    security.add_argument("--cert", help="this device's client certificate (client.crt)")
+    security.add_argument("--key", help="the private key of --cert (client.key)")
     _add_common(run)
 
 
@@ -183,18 +189,21 @@ def _device(args: argparse.Namespace):
 
         profile = load_profile(args.profile)
     config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout,
-                          exit_when_finished=not getattr(args, "stay", False), profile=profile)
+                          exit_when_finished=not getattr(args, "stay", False), profile=profile,
+                          signing_key=args.signing_key)
+    tls = {k: v for k, v in (("ca_certs", args.ca), ("certfile", args.cert), ("keyfile", args.key)) if v}
     from .workload import choose_backend
 
     if choose_backend(args.trainer, args.artifacts) == "ort":  # fetched from the aggregator if absent
         from .ort.fetch import ensure_artifacts
 
         ensure_artifacts(args.broker, args.fleet, args.device_id, args.artifacts, args.fetch_timeout,
-                         args.connect_timeout)
+                         args.connect_timeout, **tls)
     # (its own client id: personalizing must not disconnect a 'device run' of the same device)
     suffix = "-personalize" if args.device_command == "personalize" else ""
+    # a persistent session for 'device run': the broker keeps its tasks while it is away
     transport = open_transport(args.broker, client_id=f"edgetune-{args.fleet}-{args.device_id}{suffix}",
-                               connect_timeout=args.connect_timeout)
+                               connect_timeout=args.connect_timeout, clean_session=bool(suffix), **tls)
     workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads,
                              trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash,
                              robustness=args.robustness, validation_fraction=args.validation)

@@ -112,6 +112,11 @@ class Transport(ABC):
     def close(self) -> None:
         """Disconnect cleanly: the last will is *not* published."""
 
+    @property
+    def connected(self) -> bool:
+        """Whether the broker is reachable now (health checks); in-memory: always."""
+        return True
+
     def on_reconnect(self, callback: Callable[[bool], None]) -> None:
         """Call ``callback(session_present)`` on the transport's thread after every
         reconnection. A broker restarted without persistence forgets retained messages and

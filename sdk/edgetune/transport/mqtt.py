@@ -76,6 +76,10 @@ class MqttTransport(Transport):
         self._client.on_message = self._on_unmatched
         self._client.on_publish = self._on_publish
 
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
     # --- lifecycle --------------------------------------------------------------------------
 
     def connect(self, will: Will | None = None) -> None:

@@ -1,0 +1,501 @@
+"""Fuzzing the wire decoder: whatever bytes arrive, ``decode_message`` and ``decode_frame``
+return a message or raise :class:`WireError`, and allocate no more than the payload justifies.
+
+Payloads come from four generators: arbitrary bytes; byte-level mutations of valid messages;
+structure-level mutations (unpack a valid message, swap values, keys, kinds and tensor claims,
+re-pack); and floods of chunks into one :class:`Reassembler`. Every generator starts from
+``SAMPLES``, valid messages of every kind. Examples are derandomized, so CI runs the same ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tracemalloc
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from edgetune.wire import Reassembler, WireError, chunk_payload, decode_frame, decode_message, encode_message, to_bfloat16
+from edgetune.wire.chunks import CHUNK_OVERHEAD
+from edgetune.wire.schema import (
+    KIND_OF,
+    MESSAGE_KINDS,
+    SCHEMA_VERSION,
+    AdapterInit,
+    ArtifactData,
+    ArtifactOffer,
+    ArtifactRequest,
+    Capabilities,
+    Chunk,
+    DevicePlan,
+    DeviceProfile,
+    ErrorReport,
+    EvalMetrics,
+    EvalReport,
+    GlobalAdapter,
+    Hello,
+    ImportanceReport,
+    LoraSpec,
+    ModelManifest,
+    PersonalizationReport,
+    Presence,
+    Progress,
+    PromptSpec,
+    Receipt,
+    RoundTask,
+    Signed,
+    TaskKind,
+    TrainMetrics,
+    TrainSettings,
+    Update,
+)
+from edgetune.wire.tensors import DTYPES
+
+_RNG = np.random.default_rng(0)
+_MANIFEST = ModelManifest("tiny", "f" * 16, {"layers.0.q_proj": (8, 4), "layers.0.v_proj": (8, 4)}, 100, 8, 1, 2, 900)
+_PROFILE = DeviceProfile("pi5", 4 << 30, {"float32": 20.0, "bfloat16": 12.5}, 4, ("bfloat16", "int8"), 9.5, "datasheet")
+_LORA = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj", "v_proj"))
+_PROMPT = PromptSpec(num_virtual_tokens=4, init="text", init_text="Answer:")
+_FACTORS = {
+    "layers.0.q_proj.lora_A": _RNG.standard_normal((2, 4)).astype(np.float32),
+    "layers.0.q_proj.lora_B": _RNG.standard_normal((8, 2)).astype(np.float16),
+    "layers.0.v_proj.lora_A": to_bfloat16(_RNG.standard_normal((2, 4)).astype(np.float32)),
+    "layers.0.v_proj.lora_B": np.zeros((8, 2), np.float64),
+}
+_PROGRESS = Progress("dev-1", 3, 5, 10, 2.5)
+
+#: Valid messages, one line each, at least one per kind in MESSAGE_KINDS: every mutation starts
+#: from these. A new message kind needs a line here (test_every_kind_has_a_sample says which).
+SAMPLES = [
+    Hello("dev-1", "0.1.0", _MANIFEST, Capabilities(("torch", "ort"), ("lora", "prompt"), 1 << 20, 8), 40, _PROFILE),
+    Hello("dev-2", "0.1.0", ModelManifest("tiny", "f" * 16, {})),
+    Presence("dev-1", True),
+    Update("dev-1", 3, 2, 40, _FACTORS, TrainMetrics(1.5, 1024, 2.0, 4.1, 4.5, 10, 20, 6.0, None)),
+    EvalReport("dev-1", 3, 2, 40, EvalMetrics(4.2, 1000, 5.0)),
+    ImportanceReport("dev-1", 1, 40, {"layers.0.q_proj": 0.5, "layers.0.v_proj": 1e-3}, 1000, 1.5),
+    AdapterInit("dev-1", 0, {"prompt_embeddings": np.ones((4, 8), np.float32)}),
+    PersonalizationReport("dev-1", 2, 0.3, 5.0, 4.0, 4.2, 6.0, 6.5, None, {"0.3": 4.2}, {"optimizer": "adamw"}, 12.0),
+    _PROGRESS,
+    ErrorReport("dev-1", 3, "oom", "out of memory at rank 8"),
+    RoundTask(3, TaskKind.TRAIN, 2, "f" * 16, _LORA, TrainSettings(local_steps=2, optimizer="sgd"), 60.0,
+              {"dev-1": DevicePlan(2, "bfloat16", 2, 3, True)}, {"dev-9": "no plan fits"}, "run-1"),
+    RoundTask(0, TaskKind.INITIALIZE, 0, "f" * 16, _PROMPT),
+    GlobalAdapter(2, 3, "f" * 16, _LORA, _FACTORS, {"layers.0.q_proj.merged_A": np.ones((1, 4), np.float32)}),
+    GlobalAdapter(1, 1, "f" * 16, _PROMPT, {"prompt_embeddings": np.ones((4, 8), np.float32)}),
+    Chunk(hashlib.sha256(b"abc").hexdigest(), 1, 2, 3, b"c"),
+    Signed("dev-1", "0123456789abcdef", b"n" * 16, encode_message(_PROGRESS), b"s" * 64),
+    Receipt("dev-1", 3, b"n" * 16, False, "bad_signature"),
+    ArtifactOffer("ort", b'{"files": {"checkpoint": "ab"}}', {"checkpoint": 1000, "model.onnx": 5000}, 1 << 16),
+    ArtifactRequest("dev-1", "ort", "checkpoint", 0, 1000),
+    ArtifactData("checkpoint", 0, 1000, b"x" * 100),
+]
+ENCODED = [encode_message(m) for m in SAMPLES]
+#: every sample as the chunks it would travel in (the smallest packet split_payload allows)
+CHUNKED = [chunk_payload(p, max_packet=2 * CHUNK_OVERHEAD + 1) for p in ENCODED]
+
+
+
+def fuzz(examples: int) -> settings:
+    """Reproducible: the same examples every run (derandomized, no example database)."""
+    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# --- the memory bound -------------------------------------------------------------------------
+#
+# Decoding costs memory linear in the payload, never in what the payload *claims* (a tensor
+# shape, a chunk count, a transfer size). Two terms, both measured with tracemalloc:
+#   * 8 bytes per payload byte: a bin value becomes a bytes object (1x), a str up to 4x when one
+#     astral character makes CPython store all of it as UCS-4; the rest is slack for the
+#     short-lived copies while converting. Tensors are zero-copy views (0x).
+#   * 192 bytes per msgpack value: every value becomes a Python object, and a 1-byte value can
+#     become a big one. Measured (test_container_heavy_payloads_stay_within_budget): an empty
+#     map is 64 B + an 8 B list slot, a one-entry map ~230 B for 3 values, an ExtType ~140 B.
+#     This is why the bound is not "8x the payload": 64 KiB of b"\x80" (empty maps) is ~72x.
+# Plus 256 KiB for fixed costs (exception objects, tracebacks, numpy's array headers).
+PER_BYTE, PER_VALUE, FIXED = 8, 192, 256 << 10
+
+
+def _values(payload: bytes) -> int:
+    """How many msgpack values ``payload`` holds; for bytes msgpack cannot parse, the most it
+    could have built before failing: one per byte."""
+    try:
+        tree = msgpack.unpackb(payload, raw=True, strict_map_key=False)
+    except Exception:  # (any of msgpack's errors, and unhashable keys)
+        return len(payload)
+    count, stack = 0, [tree]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if type(value) is dict:
+            stack.extend(value)
+            stack.extend(value.values())
+        elif type(value) is list:
+            stack.extend(value)
+    return count
+
+
+def budget(payload: bytes) -> int:
+    return PER_BYTE * len(payload) + PER_VALUE * _values(payload) + FIXED
+
+
+def _peak(decode, *args):
+    """``(result, peak bytes allocated)`` of ``decode(*args)``; the result is None on WireError.
+    Any other exception escapes: that is the bug the fuzzing looks for."""
+    tracemalloc.start()
+    try:
+        try:
+            result = decode(*args)
+        except WireError:
+            result = None
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def check_decode(payload: bytes):
+    """Decode under a memory budget; a message that decodes must also re-encode to itself."""
+    limit = budget(payload)
+    message, peak = _peak(decode_message, payload)
+    assert peak <= limit, f"decoding {len(payload)} bytes allocated {peak} bytes (budget {limit})"
+    if message is not None:
+        assert type(message) in KIND_OF
+        again = encode_message(message)
+        assert encode_message(decode_message(again)) == again
+    return message
+
+
+# --- the samples ------------------------------------------------------------------------------
+
+
+def test_every_kind_has_a_sample():
+    missing = sorted(set(MESSAGE_KINDS) - {KIND_OF[type(m)] for m in SAMPLES})
+    assert not missing, f"SAMPLES in {__name__} has no message of kind(s) {', '.join(missing)}: add one line each"
+
+
+@pytest.mark.parametrize("index", range(len(SAMPLES)), ids=lambda i: KIND_OF[type(SAMPLES[i])])
+def test_samples_are_valid_and_round_trip(index):
+    assert check_decode(ENCODED[index]) is not None
+    assert encode_message(decode_message(ENCODED[index])) == ENCODED[index]
+
+
+# --- (a) arbitrary bytes ----------------------------------------------------------------------
+
+
+@fuzz(1200)
+@given(st.binary(max_size=512))
+@example(b"\xc1")
+@example(b"\x91" * 1000 + b"\xc0")  # nesting as deep as msgpack allows
+def test_arbitrary_bytes(payload):
+    check_decode(payload)
+
+
+# --- (b) byte-level mutations -----------------------------------------------------------------
+
+#: bytes that mean something to msgpack: nil, never-used, containers and headers of 32-bit lengths
+_INTERESTING = [0x00, 0x7F, 0x80, 0x90, 0xA0, 0xC0, 0xC1, 0xC4, 0xC6, 0xC9, 0xCF, 0xD3, 0xDB, 0xDD, 0xDF, 0xFF]
+
+
+@st.composite
+def byte_mutations(draw, pool: list[bytes] = ENCODED) -> bytes:
+    data = bytearray(draw(st.sampled_from(pool)))
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["flip", "truncate", "extend", "splice", "overwrite", "insert", "interesting"]))
+        if op == "flip" and data:
+            data[at % len(data)] ^= 1 << draw(st.integers(0, 7))
+        elif op == "truncate":
+            del data[at:]
+        elif op == "extend":
+            data += draw(st.binary(min_size=1, max_size=64))
+        elif op == "splice":
+            other = draw(st.sampled_from(pool))
+            data = data[:at] + other[draw(st.integers(0, len(other))):]
+        elif op == "overwrite":
+            patch = draw(st.binary(min_size=1, max_size=16))
+            data[at:at + len(patch)] = patch
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif data:
+            data[at % len(data)] = draw(st.sampled_from(_INTERESTING))
+    return bytes(data)
+
+
+@fuzz(1500)
+@given(byte_mutations())
+def test_byte_mutations(payload):
+    check_decode(payload)
+
+
+# --- (c) structure-level mutations ------------------------------------------------------------
+
+_EDGE_INTS = [0, 1, -1, 2**31 - 1, 2**31, 2**32, 2**40, 2**63 - 1, -2**63, 2**64 - 1]
+_WORDS = ["", "lora", "prompt", "train", "float32", "bfloat16", "kind", "v", "body", "dev-1", "a/b", "+", "#",
+          "x" * 5000, "\x00" * 300, "😀" * 300, "\U000e0000"]
+_KEYS = st.one_of(st.text(max_size=8), st.sampled_from(_WORDS[:10]), st.binary(max_size=4))
+#: a list nested this deep travels as this ExtType until ``_pack`` splices it in: as Python lists
+#: it would make hypothesis' own repr() of the example hit the recursion limit
+_NESTED_CODE = 99
+_NESTED = st.one_of(st.integers(1, 1024), st.integers(990, 1023)).map(
+    lambda depth: msgpack.ExtType(_NESTED_CODE, depth.to_bytes(2, "big")))
+_ATOMS = st.one_of(
+    st.sampled_from([None, True, False, *_EDGE_INTS, math.nan, math.inf, -math.inf, -0.0, 1e308, *_WORDS, b"\0" * 40]),
+    st.integers(-2**63, 2**64 - 1),
+    st.floats(),
+    st.text(max_size=24),
+    st.binary(max_size=32),
+    st.builds(msgpack.ExtType, st.integers(0, _NESTED_CODE - 1), st.binary(max_size=8)),
+    _NESTED,
+)
+#: one level of containers is enough: deep trees come from _NESTED and from replacing subtrees
+#: (st.recursive made generation, not decoding, most of this file's run time)
+VALUES = st.one_of(_ATOMS, st.lists(_ATOMS, max_size=3), st.dictionaries(_KEYS, _ATOMS, max_size=3))
+
+
+def _pack(tree) -> bytes:
+    packed = msgpack.packb(tree, use_bin_type=True)
+    at = packed.find(b"\xd5\x63")  # fixext 2 of code 99: a _NESTED marker
+    while at >= 0:
+        depth = int.from_bytes(packed[at + 2:at + 4], "big")
+        nested = b"\x91" * (depth - 1) + b"\x90"
+        packed = packed[:at] + nested + packed[at + 4:]
+        at = packed.find(b"\xd5\x63", at + len(nested))
+    return packed
+
+
+def _slots(tree, slots):
+    """Every (container, key) pair in the tree, depth first."""
+    items = tree.items() if type(tree) is dict else enumerate(tree) if type(tree) is list else ()
+    for key, value in items:
+        slots.append((tree, key))
+        _slots(value, slots)
+    return slots
+
+
+def _tensors(tree, found):
+    if type(tree) is dict:
+        if {"dtype", "shape", "data"} <= set(tree):
+            found.append(tree)
+        for value in tree.values():
+            _tensors(value, found)
+    elif type(tree) is list:
+        for value in tree:
+            _tensors(value, found)
+    return found
+
+
+#: shapes that lie about the data: far too big, negative, too many axes, not ints
+_SHAPES = [[2**40], [2**20, 2**20], [2**31], [2**31 - 1] * 8, [0] + [2**31 - 1] * 7, [-1], [-2**63], [2**64 - 1],
+           [1] * 9, [], [0], [True], [1.0], ["1"], None, 3, [[2]]]
+
+
+def _mutate_tensor(draw, tensor: dict) -> None:
+    what = draw(st.sampled_from(["dtype", "shape", "data", "drop"]))
+    if what == "dtype":
+        tensor["dtype"] = draw(st.sampled_from([*DTYPES, "complex64", "<f4", "float32 ", "FLOAT32"]) | VALUES)
+    elif what == "shape":
+        tensor["shape"] = draw(st.sampled_from(_SHAPES) | st.lists(st.integers(-2, 2**31 + 1), max_size=9))
+    elif what == "data":
+        data = tensor["data"]
+        tensor["data"] = draw(st.sampled_from([b"", data[:-1], data + b"\0", data * 2, data.decode("latin-1")]))
+    else:
+        del tensor[draw(st.sampled_from(["dtype", "shape", "data"]))]
+
+
+@st.composite
+def structure_mutations(draw) -> bytes:
+    envelope = msgpack.unpackb(draw(st.sampled_from(ENCODED)), raw=False)
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["replace", "replace", "delete", "add", "kind", "version", "tensor"]))
+        slots = _slots(envelope, [])
+        if op == "replace" and slots:
+            container, key = draw(st.sampled_from(slots))
+            container[key] = draw(VALUES)
+        elif op == "delete":
+            maps = [(c, k) for c, k in slots if type(c) is dict] or [(envelope, "v")]
+            container, key = draw(st.sampled_from(maps))
+            container.pop(key, None)
+        elif op == "add":
+            maps = [envelope] + [c[k] for c, k in slots if type(c[k]) is dict]
+            draw(st.sampled_from(maps))[draw(_KEYS | st.sampled_from(["kind", "delta", "shape"]))] = draw(VALUES)
+        elif op == "kind":  # a valid body under another kind's name
+            envelope["kind"] = draw(st.sampled_from(sorted(MESSAGE_KINDS)) | VALUES)
+        elif op == "version":
+            envelope["v"] = draw(st.sampled_from([SCHEMA_VERSION + 1, 0, -1, True, 1.0, "1", None]) | VALUES)
+        else:
+            tensors = _tensors(envelope, [])
+            if tensors:
+                _mutate_tensor(draw, draw(st.sampled_from(tensors)))
+    return _pack(envelope)
+
+
+def _envelope(kind: str, body) -> bytes:
+    return msgpack.packb({"v": SCHEMA_VERSION, "kind": kind, "body": body}, use_bin_type=True)
+
+
+def _body(kind: str) -> dict:
+    """The (unpacked) body of the first sample of ``kind``."""
+    return msgpack.unpackb(next(p for p, m in zip(ENCODED, SAMPLES) if KIND_OF[type(m)] == kind))["body"]
+
+
+def _with_raw(kind: str, field: str, raw: bytes) -> bytes:
+    """A sample of ``kind`` with ``body[field]`` replaced by raw msgpack bytes."""
+    return _envelope(kind, {**_body(kind), field: "MARKER!"}).replace(b"\xa7MARKER!", raw, 1)
+
+
+_DEEP = b"\x91" * 1020 + b"\x90"  # nested near msgpack's limit (1024), past repr()'s (1000)
+
+
+@fuzz(1500)
+@given(structure_mutations())
+# Regressions: each of these raised RecursionError from a repr() in an error message.
+@example(b"\x83\xa1v\x01\xa4kind" + _DEEP + b"\xa4body\x80")
+@example(b"\x83\xa1v" + _DEEP + b"\xa4kind\xa4task\xa4body\x80")
+@example(_with_raw("task", "kind", _DEEP))  # an enum
+@example(_with_raw("task", "adapter", b"\x81\xa4kind" + _DEEP))  # a tagged union's tag
+@example(_with_raw("global", "tensors", b"\x81\xa1t\x83\xa5dtype" + _DEEP + b"\xa5shape\x90\xa4data\xc4\x00"))
+def test_structure_mutations(payload):
+    check_decode(payload)
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1", [1]])
+def test_version_must_be_the_integer(version):
+    """Regression: ``True`` and ``1.0`` compare equal to 1 and were accepted."""
+    with pytest.raises(WireError) as info:
+        decode_message(msgpack.packb({"v": version, "kind": "presence", "body": _body("presence")}))
+    assert info.value.reason == "schema_version"
+
+
+@pytest.mark.parametrize("payload", [
+    _envelope("\x00" * (1 << 20), {}),
+    _with_raw("task", "kind", msgpack.packb("train" * 100_000)),
+    _with_raw("task", "plans", msgpack.packb({"\x00" * 100_000: {"rank": 0}})),
+    _with_raw("global", "tensors", msgpack.packb({"t": {"dtype": b"\0" * 100_000, "shape": [], "data": b""}})),
+], ids=["kind", "enum", "map key", "dtype"])
+def test_quoted_values_are_cut_short(payload):
+    """Regression: the codec quoted received values whole (a 1 MiB kind: a 4 MiB log line)."""
+    with pytest.raises(WireError) as info:
+        decode_message(payload)
+    assert len(str(info.value)) < 300, str(info.value)[:300]
+
+
+# --- what the payload claims costs nothing ----------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, data", [
+    ([2**40], b"\0" * 8), ([2**20, 2**20], b""), ([2**31 - 1] * 8, b"\0" * 8), ([0] + [2**31 - 1] * 7, b""),
+])
+def test_shape_claims_allocate_nothing(shape, data):
+    body = {**_body("global"), "tensors": {"t": {"dtype": "float64", "shape": shape, "data": data}}}
+    message, peak = _peak(decode_message, _envelope("global", body))
+    assert message is None and peak < 64 << 10
+
+
+def test_a_large_tensor_costs_one_copy():
+    """msgpack copies the bin field into a bytes object once; the array is a view of it."""
+    payload = encode_message(Update("dev-1", 1, 0, 1, {"w": np.ones(1 << 20, np.float32)}, TrainMetrics(1, 1, 1, 1, 1)))
+    message, peak = _peak(decode_message, payload)
+    assert message is not None and peak <= len(payload) + FIXED
+
+
+_MANY = 65_535
+
+
+def _array(element: bytes) -> bytes:
+    return b"\xdc" + _MANY.to_bytes(2, "big") + element * _MANY
+
+
+@pytest.mark.parametrize("payload", [
+    _with_raw("presence", "device_id", _array(b"\x80")),  # {}
+    _with_raw("presence", "device_id", _array(b"\x90")),  # []
+    _with_raw("presence", "device_id", _array(b"\x81\xa0\x80")),  # {"": {}}
+    _with_raw("presence", "device_id", _array(b"\xe0")),  # -32: not one of CPython's cached ints
+    _with_raw("presence", "device_id", _array(b"\xd4\x05\x00")),  # ExtType(5, b"\0")
+    _with_raw("presence", "device_id", _array(b"\xd6\xff\x00\x00\x00\x00")),  # Timestamp
+    msgpack.packb({"v": 1, "kind": [{}] * _MANY, "body": {}}),  # quoted in the error
+    _envelope("hello", {**_body("hello"), "capabilities": {"backends": ["a"] * _MANY}}),  # converted, valid
+    _envelope("hello", {**_body("hello"), "model": {"name": "m", "fingerprint": "f",
+                                                    "modules": {f"l{i}": [1, 1] for i in range(10_000)}}}),
+], ids=["maps", "lists", "map of map", "ints", "ext", "timestamps", "kind", "tuple", "manifest"])
+def test_container_heavy_payloads_stay_within_budget(payload):
+    """Where PER_VALUE comes from: payloads that are almost all 1-3 byte values."""
+    check_decode(payload)
+
+
+# --- (d) chunk floods into one reassembler ----------------------------------------------------
+
+_SENDERS = ["dev-1", "dev-2", "mallory"]
+_TRANSFERS = sorted({decode_message(frames[0]).transfer for frames in CHUNKED}) + ["", "0" * 64, "x" * 300]
+_FRAMES = [frame for frames in CHUNKED for frame in frames]
+_SIZES = [0, 1, 3, 1024, 1 << 20, 2**31, 2**63 - 1, -1, -2**63]
+
+
+@st.composite
+def forged_chunks(draw) -> bytes:
+    count = draw(st.sampled_from([1, 2, 3, 2**31, 2**63 - 1, 0, -1]) | st.integers(-2, 20))
+    index = draw(st.sampled_from([0, 1, count - 1, count, -1]) | st.integers(-2, 20))
+    size = draw(st.sampled_from(_SIZES) | st.integers(-5, 10_000))
+    transfer = draw(st.sampled_from(_TRANSFERS) | st.text(max_size=70))
+    return encode_message(Chunk(transfer, index, count, size, draw(st.binary(max_size=3000))))
+
+
+@st.composite
+def whole_transfers(draw) -> bytes:
+    """Any payload as one complete chunk, so the reassembled payload is decoded too."""
+    payload = draw(st.binary(max_size=2000) | st.sampled_from(ENCODED) | byte_mutations())
+    return encode_message(Chunk(hashlib.sha256(payload).hexdigest(), 0, 1, len(payload), payload))
+
+
+_FRAME = st.one_of(
+    st.sampled_from(_FRAMES),  # a piece of a real transfer: any order, repeated, from anyone
+    st.sampled_from(_FRAMES),
+    forged_chunks(),
+    whole_transfers(),
+    byte_mutations(_FRAMES),
+    st.sampled_from(ENCODED),  # not a chunk at all
+)
+
+
+@fuzz(300)
+@given(st.lists(st.tuples(st.sampled_from(_SENDERS), _FRAME), min_size=1, max_size=40))
+def test_chunk_floods(frames):
+    reassembler = Reassembler(max_pending_bytes=16 << 10, max_transfer_bytes=64 << 10, max_pending_per_sender=3,
+                              remember=8)
+    # A frame that completes a transfer decodes the joined payload, at most what the reassembler
+    # held plus this frame: its budget is that of a payload that size made of 1-byte values.
+    held = (PER_BYTE + PER_VALUE) * reassembler.max_pending_bytes
+    for sender, frame in frames:
+        limit = budget(frame) + held + (PER_BYTE + PER_VALUE) * len(frame)
+        message, peak = _peak(decode_frame, reassembler, sender, frame)
+        assert peak <= limit, f"a {len(frame)}-byte frame allocated {peak} bytes (budget {limit})"
+        assert message is None or type(message) in KIND_OF and type(message) is not Chunk
+        assert 0 <= reassembler.pending_bytes <= reassembler.max_pending_bytes
+
+
+# --- found elsewhere: reported, kept here as reproducers until fixed --------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="schema.py: check_name() repr()s the whole received name into its error "
+                                       "(~52 bytes per payload byte for NULs plus one emoji); reported")
+def test_a_long_device_id_costs_no_more_than_its_bytes():
+    check_decode(_envelope("presence", {"device_id": "\x00" * (1 << 20) + "😀", "online": True}))
+
+
+@pytest.mark.xfail(strict=True, reason="chunks.py: the reassembler charges a pending chunk its data plus "
+                                       "CHUNK_OVERHEAD, not its transfer id, which may be any length; reported")
+def test_pending_transfer_ids_count_against_the_bound():
+    reassembler = Reassembler(max_pending_bytes=64 << 10)
+    chunks = [Chunk(f"{i:08d}" + "x" * (64 << 10), 0, 2, 10, b"") for i in range(64)]  # 4 MiB of ids
+    tracemalloc.start()
+    try:
+        for i, chunk in enumerate(chunks):
+            reassembler.feed(f"dev-{i}", decode_message(encode_message(chunk)))
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert reassembler.pending_bytes <= reassembler.max_pending_bytes
+    assert held <= 2 * reassembler.max_pending_bytes + FIXED, f"{held} bytes held"
