@@ -233,7 +233,9 @@ class Aggregator:
                 self._run_round(next_round, TaskKind.TRAIN)
             if self._stop.is_set():
                 return
-            if self.config.evaluate_final:
+            # (a daemon restarted after the evaluation round closed must not evaluate again)
+            evaluation_round = self.state.first_train_round + (self.config.rounds or 0)
+            if self.config.evaluate_final and self.state.round < evaluation_round:
                 self._run_round(self.state.round + 1, TaskKind.EVALUATE)
             self._publish_task(self.state.round + 1, TaskKind.FINISHED)
             log.info("fleet %s finished: global adapter v%d in %s", self.config.fleet,
@@ -603,8 +605,8 @@ class Aggregator:
             self.metrics.round_opened(number)
         start = time.monotonic()
         deadline = start + max(0.0, opened_at + self.config.round_timeout_s - time.time())
-        needed = self._needed(kind, task)
-        while len(record.devices) < needed and not self._stop.is_set():
+        # (recomputed as devices come and go: one that joins the open round is asked too)
+        while len(record.devices) < self._needed(kind, task) and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break

@@ -1,0 +1,170 @@
+"""Fault injection on a real Mosquitto: the aggregator SIGKILLed at random moments, the broker
+killed and restarted mid-round, 30 % of the devices missing from every round. The fleet must
+finish without an operator, count nothing twice, and (after kills) end with exactly the global
+adapter an undisturbed run produces from the same updates."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_federation import start_aggregator
+from test_security import SHAPES, SPEC, Manual, _wait
+
+from edgetune.simulate import TINY, LightDevice, simulated_delta
+from edgetune.transport import open_transport
+from edgetune.wire.signing import Signer, write_key_file
+from edgetune_aggregator.daemon import AggregatorConfig
+from edgetune_aggregator.store import StateStore
+
+pytestmark = pytest.mark.slow
+_REPO = Path(__file__).resolve().parents[2]
+ROUNDS = 10
+DEVICES = [f"dev-{i}" for i in range(4)]
+
+
+def _daemon(url: str, fleet: str, state_dir: Path, keys: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO / "sdk"), str(_REPO / "aggregator")])}
+    command = [sys.executable, "-m", "edgetune_aggregator.cli", "serve", "--broker", url, "--fleet", fleet,
+               "--state-dir", str(state_dir), "--rounds", str(ROUNDS), "--min-devices", str(len(DEVICES)),
+               "--no-planning", "--round-timeout", "120", "--join-timeout", "120", "--rank", "4", "--alpha", "8",
+               "--device-keys", str(keys), "--connect-timeout", "30"]
+    with log.open("ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _run_fleet(url: str, tmp: Path, name: str, kill_after: list[float]) -> tuple[dict, list[dict], int, float]:
+    """Run a 4-device fleet to the end, SIGKILLing the daemon ``kill_after[i]`` seconds after
+    its i-th start; returns the final global tensors, the round log and the kills done."""
+    fleet = f"{name}-{uuid.uuid4().hex[:6]}"
+    signers = {d: Signer.generate(d) for d in DEVICES}
+    keys = tmp / f"{name}-keys.json"
+    write_key_file(keys, fleet, {d: s.public_key for d, s in signers.items()})
+    state, log = tmp / f"{name}-state", tmp / f"{name}.log"
+    devices = [LightDevice(open_transport(url, client_id=f"{fleet}-{d}", connect_timeout=10, clean_session=False),
+                           fleet, d, TINY, signer=signers[d], resend_after_s=1.0).start() for d in DEVICES]
+    daemon, kills, started = _daemon(url, fleet, state, keys, log), 0, time.monotonic()
+    try:
+        for delay in kill_after:
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and daemon.poll() is None:
+                time.sleep(0.01)
+            if daemon.poll() is not None:
+                break  # finished before this kill
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait(timeout=10)
+            kills += 1
+            daemon = _daemon(url, fleet, state, keys, log)
+        assert daemon.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        for device in devices:
+            device.stop()
+    store = StateStore(state)
+    final = json.loads((state / "state.json").read_text())
+    assert final["global_version"] == ROUNDS, log.read_text()[-3000:]
+    return store.load_global(ROUNDS).tensors, store.rounds(), kills, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory) -> dict:
+    """One fault-free run (its own broker): the reference every killed run must match."""
+    from conftest import _start_mosquitto, _stop_process
+
+    tmp = tmp_path_factory.mktemp("reference")
+    process, port = _start_mosquitto(tmp)
+    try:
+        tensors, rounds, _, seconds = _run_fleet(f"mqtt://127.0.0.1:{port}", tmp, "ref", [])
+    finally:
+        _stop_process(process)
+    return {"tensors": tensors, "rounds": rounds, "seconds": seconds}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkilled_aggregator_ends_with_the_undisturbed_global_adapter(mosquitto_url, tmp_path, seed, undisturbed):
+    rng = random.Random(seed)
+    # after each (re)start, anywhere in an undisturbed run's span: mid-import, mid-round, mid-close…
+    # (the first within half of it, so every seed kills at least once)
+    span = undisturbed["seconds"]
+    kill_after = [rng.uniform(0.1, 0.5 * span)] + [rng.uniform(0.1, span) for _ in range(4)]
+    tensors, rounds, kills, _ = _run_fleet(mosquitto_url, tmp_path, f"kill{seed}", kill_after)
+    assert kills >= 1
+    assert tensors.keys() == undisturbed["tensors"].keys()
+    for name, value in undisturbed["tensors"].items():
+        np.testing.assert_array_equal(tensors[name], value, err_msg=f"{name} after {kills} kill(s), seed {seed}")
+    trained = [r for r in rounds if r["kind"] == "train" and r["status"] == "aggregated"]
+    assert len(trained) == ROUNDS
+    for record in trained:  # every device counted once per round
+        assert sorted(d["device_id"] for d in record["devices"]) == DEVICES
+
+
+def test_a_broker_restart_mid_round_is_survived_without_an_operator(mosquitto_factory, tmp_path):
+    url, stop = mosquitto_factory()
+    port = int(url.rsplit(":", 1)[1])
+    fleet = f"brk-{uuid.uuid4().hex[:8]}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=3, min_devices=3, round_timeout_s=120,
+                              join_timeout_s=60, adapter=SPEC, planning=False, evaluate_final=False)
+    aggregator, thread = start_aggregator(url, config)
+    devices = [LightDevice(open_transport(url, client_id=f"{fleet}-{d}", connect_timeout=10, clean_session=False),
+                           fleet, d, TINY, resend_after_s=1.0).start() for d in ("dev-0", "dev-1")]
+    manual = Manual(url, fleet, Signer.generate("dev-2"))
+    manual.channel.signer = None  # (this fleet checks no keys)
+    journal = tmp_path / "state" / "journal"
+    assert _wait(lambda: (journal / "r000001" / "dev-0.msgpack").exists())
+    manual.send(manual.update(1))
+    assert _wait(lambda: (journal / "r000002" / "dev-0.msgpack").exists() and (journal / "r000002" / "dev-1.msgpack").exists())
+    stop()  # round 2 is open, two of three updates in: the broker dies (no persistence: it forgets everything)
+    time.sleep(1.5)
+    mosquitto_factory(port)
+    # the daemon republishes its task and global adapter, devices their hellos; dev-2 goes on
+    assert _wait(lambda: manual.transport.connected, 30)
+    manual.send(manual.update(2, version=1))
+    assert _wait(lambda: (journal / "r000003").exists(), 60)
+    manual.send(manual.update(3, version=2))
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert [(r["round"], r["status"]) for r in aggregator.store.rounds()] == [(n, "aggregated") for n in (1, 2, 3)]
+    for record in aggregator.store.rounds():
+        assert sorted(d["device_id"] for d in record["devices"]) == ["dev-0", "dev-1", "dev-2"]
+    for device in devices:
+        device.stop()
+    manual.close()
+
+
+def test_rounds_complete_when_30_percent_of_devices_drop_each_round(mosquitto_url, tmp_path):
+    fleet = f"drop-{uuid.uuid4().hex[:8]}"
+    names = [f"dev-{i}" for i in range(10)]
+
+    def dropped(round_number: int) -> set[str]:
+        return set(random.Random(round_number).sample(names, 3))
+
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=3, min_devices=5, quorum=1.0,
+                              round_timeout_s=4.0, join_timeout_s=60, adapter=SPEC, planning=False,
+                              evaluate_final=False)
+    devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d,
+                           TINY, skip=lambda r, d=d: d in dropped(r)).start() for d in names]
+    assert _wait(lambda: True)
+    aggregator, thread = start_aggregator(mosquitto_url, config)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    rounds = aggregator.store.rounds()
+    assert [r["status"] for r in rounds] == ["aggregated"] * 3
+    for record in rounds:  # closed at the deadline with the 7 that answered, and only those
+        assert sorted(d["device_id"] for d in record["devices"]) == sorted(set(names) - dropped(record["round"]))
+    v0, v1 = aggregator.store.load_global(0), aggregator.store.load_global(1)
+    answered = sorted(set(names) - dropped(1))
+    for name in SHAPES:
+        mean = np.mean([simulated_delta(SHAPES, d, 1)[name] for d in answered], axis=0)
+        np.testing.assert_allclose(v1.tensors[name], v0.tensors[name] + mean, rtol=1e-5, atol=1e-7)
+    for device in devices:
+        device.stop()

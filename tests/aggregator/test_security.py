@@ -1,0 +1,254 @@
+"""Hostile input on a real Mosquitto: forged, unsigned, replayed, stale, NaN, wrong-shape,
+oversize and over-norm updates are refused with their counted reasons, and the rounds complete
+with the honest devices' updates only (and exactly them)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+from test_federation import Observer, start_aggregator
+
+from edgetune.adapters.prompt import adapter_shapes
+from edgetune.simulate import TINY, LightDevice, simulated_delta
+from edgetune.transport import open_transport
+from edgetune.transport.channel import Channel
+from edgetune.wire import (
+    Capabilities,
+    Chunk,
+    Hello,
+    LoraSpec,
+    Receipt,
+    Signed,
+    Topics,
+    TrainMetrics,
+    TrainSettings,
+    Update,
+    decode_message,
+    encode_message,
+)
+from edgetune.wire.signing import Signer, write_key_file
+from edgetune_aggregator.daemon import AggregatorConfig
+from edgetune_aggregator.strategies.robust import robust_combine, trimmed_mean
+from edgetune_aggregator.validation import UpdateLimits, bound_norm
+
+SPEC = LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
+SHAPES = adapter_shapes(SPEC, TINY)
+
+
+def _wait(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class Manual:
+    """A device the test drives by hand: it signs (or not) whatever the test makes it send,
+    and records the receipts the aggregator answers with."""
+
+    def __init__(self, url: str, fleet: str, signer: Signer):
+        self.topics = Topics(fleet)
+        self.id = signer.device_id
+        self.transport = open_transport(url, client_id=f"manual-{uuid.uuid4().hex[:6]}", connect_timeout=10)
+        self.transport.connect()
+        self.channel = Channel(self.transport, self.topics.sender_of, signer=signer)
+        self.receipts: list[Receipt] = []
+        self.channel.subscribe(self.topics.receipt(self.id), lambda t, m: self.receipts.append(m))
+        hello = Hello(self.id, "test", TINY, Capabilities(), 10)
+        self.transport.publish(self.topics.hello(self.id), self.channel.prepare(self.topics.hello(self.id), hello)[0],
+                               retain=True)
+
+    def update(self, round_number: int, delta=None, version: int = 0, samples: int = 10) -> Update:
+        delta = simulated_delta(SHAPES, self.id, round_number) if delta is None else delta
+        return Update(self.id, round_number, version, samples, delta, TrainMetrics(1.0, 0, 0.0, 1.0, 1.0))
+
+    def send(self, message) -> None:
+        self.channel.send(self.topics.update(self.id), message)
+        self.transport.flush()
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_honest_ones(mosquitto_url, tmp_path):
+    fleet = f"sec-{uuid.uuid4().hex[:8]}"
+    signers = {d: Signer.generate(d) for d in ("dev-0", "dev-1", "dev-2")}
+    write_key_file(tmp_path / "keys.json", fleet, {d: s.public_key for d, s in signers.items()})
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=3, round_timeout_s=120,
+                              join_timeout_s=60, adapter=SPEC, train=TrainSettings(), planning=False,
+                              evaluate_final=False, device_keys=tmp_path / "keys.json",
+                              limits=UpdateLimits(max_norm=5.0, norm_action="reject"))
+    topics = Topics(fleet)
+    raw: dict[str, list[bytes]] = {"dev-0": []}
+    spy = open_transport(mosquitto_url, client_id="spy", connect_timeout=10)
+    spy.connect()
+    spy.subscribe(topics.update("dev-0"), lambda t, p: raw["dev-0"].append(p))
+    observer = Observer(mosquitto_url, fleet)
+    aggregator, thread = start_aggregator(mosquitto_url, config)
+    honest = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d, TINY,
+                          signer=signers[d]).start() for d in ("dev-0", "dev-1")]
+    manual = Manual(mosquitto_url, fleet, signers["dev-2"])
+    journal = tmp_path / "state" / "journal" / "r000001"
+    assert _wait(lambda: (journal / "dev-0.msgpack").exists() and (journal / "dev-1.msgpack").exists())
+    assert raw["dev-0"]
+
+    mallory = Signer.generate("dev-2")  # a key the fleet does not know, under dev-2's name
+    forged = Channel(spy, topics.sender_of, signer=mallory)
+    forged.send(topics.update("dev-2"), manual.update(1))
+    unsigned = Channel(spy, topics.sender_of)
+    unsigned.send(topics.update("dev-2"), manual.update(1))
+    genuine = decode_message(manual.channel.prepare(topics.update("dev-2"), manual.update(1))[0])
+    tampered = Signed(genuine.device_id, genuine.key_id, genuine.nonce,
+                      encode_message(manual.update(1, samples=10_000)), genuine.signature)
+    spy.publish(topics.update("dev-2"), encode_message(tampered))
+    # dev-2's own signature on another device's topic
+    spy.publish(topics.update("dev-1"), manual.channel.prepare(topics.update("dev-2"), manual.update(1))[0])
+    for frame in raw["dev-0"]:  # dev-0's accepted update, again
+        spy.publish(topics.update("dev-0"), frame)
+    nan = {n: np.full(s, np.nan, np.float32) for n, s in SHAPES.items()}
+    manual.send(manual.update(1, nan))
+    wrong = dict(simulated_delta(SHAPES, "dev-2", 1))
+    first = sorted(wrong)[0]
+    wrong[first] = np.zeros((wrong[first].shape[0] + 1, wrong[first].shape[1]), np.float32)
+    manual.send(manual.update(1, wrong))
+    manual.send(manual.update(1, {n: np.ones(s, np.float32) for n, s in SHAPES.items()}))  # norm ≫ 5
+    manual.send(manual.update(0))  # a round that closed long ago (the initial one)
+    huge = Chunk("0" * 64, 0, 4096, 1 << 28, b"x" * 1000)  # claims 256 MiB
+    spy.publish(topics.update("dev-2"), manual.channel.prepare(topics.update("dev-2"), huge)[0])
+    spy.publish(topics.update("dev-2"), encode_message(huge))
+    spy.flush()
+    expected = {"unknown_key": 1, "unsigned": 1, "bad_signature": 1, "sender_mismatch": 1,
+                "replayed": len(raw["dev-0"]) and 1, "not_finite": 1, "wrong_shape": 1, "norm_exceeded": 1,
+                "stale_round": 1, "oversize": 1}
+    assert _wait(lambda: all(aggregator.drops[k] >= v for k, v in expected.items()), 30), dict(aggregator.drops)
+    assert not (journal / "dev-2.msgpack").exists()  # nothing of that got in
+    refusals = {r.reason for r in manual.receipts if not r.accepted}
+    assert {"not_finite", "wrong_shape", "norm_exceeded", "stale_round"} <= refusals
+
+    round1 = manual.update(1)
+    manual.send(round1)
+    assert _wait(lambda: any(r.accepted and r.round == 1 for r in manual.receipts))
+    observer.wait_task(2)
+    for frame in raw["dev-0"][:1]:  # round 1's update in round 2
+        spy.publish(topics.update("dev-0"), frame)
+    spy.flush()
+    assert _wait(lambda: aggregator.drops["stale_round"] >= 2, 30)
+    manual.send(manual.update(2, version=1))
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+
+    log = aggregator.store.rounds()
+    assert [(r["round"], r["status"]) for r in log] == [(1, "aggregated"), (2, "aggregated")]
+    for record in log:
+        assert sorted(d["device_id"] for d in record["devices"]) == ["dev-0", "dev-1", "dev-2"]
+    # exactly the honest updates: the global adapter is their sample-weighted mean (fedit)
+    v0, v1 = aggregator.store.load_global(0), aggregator.store.load_global(1)
+    for name in SHAPES:
+        mean = np.mean([simulated_delta(SHAPES, d, 1)[name] for d in ("dev-0", "dev-1", "dev-2")], axis=0)
+        np.testing.assert_allclose(v1.tensors[name], v0.tensors[name] + mean, rtol=1e-5, atol=1e-7)
+    for device in honest:
+        device.stop()
+    manual.close()
+    observer.close()
+    spy.close()
+
+
+def test_unsigned_hellos_do_not_join_a_fleet_with_keys(tmp_path):
+    fleet = f"keys-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    signer = Signer.generate("dev-0")
+    write_key_file(tmp_path / "keys.json", fleet, {"dev-0": signer.public_key})
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=30,
+                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
+                              device_keys=tmp_path / "keys.json")
+    aggregator, thread = start_aggregator(url, config)
+    stranger = LightDevice(open_transport(url, client_id="x"), fleet, "dev-1", TINY).start()  # no key
+    assert _wait(lambda: aggregator.drops["unsigned"] >= 1, 10)
+    assert not aggregator.devices
+    member = LightDevice(open_transport(url, client_id="y"), fleet, "dev-0", TINY, signer=signer).start()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and list(aggregator.devices) == ["dev-0"]
+    assert aggregator.store.rounds()[0]["status"] == "aggregated"
+    member.stop()
+    stranger.stop()
+
+
+def test_norm_clipping_scales_onto_the_bound_and_keeps_the_direction():
+    delta = {"a": np.full((2, 2), 3.0, np.float32), "b": np.full((3,), 4.0, np.float32)}
+    norm = np.sqrt(4 * 9 + 3 * 16)
+    clipped, refusal, seen = bound_norm(delta, UpdateLimits(max_norm=1.0))
+    assert refusal is None and seen == pytest.approx(norm)
+    assert np.sqrt(sum(float((t.astype(np.float64) ** 2).sum()) for t in clipped.values())) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(clipped["a"], delta["a"] / norm, rtol=1e-6)
+    _, refusal, _ = bound_norm(delta, UpdateLimits(max_norm=1.0, norm_action="reject"))
+    assert refusal.reason == "norm_exceeded"
+    same, refusal, _ = bound_norm(delta, UpdateLimits(max_norm=100.0))
+    assert refusal is None and same["a"] is delta["a"]
+
+
+def test_robust_combinations_resist_a_poisoned_minority():
+    honest = [{"w": np.full((2, 3), v, np.float32)} for v in (1.0, 1.1, 0.9, 1.05)]
+    poisoned = honest + [{"w": np.full((2, 3), 1e6, np.float32)}]
+    median = robust_combine(poisoned, {"w": (2, 3)}, "median")["w"]
+    np.testing.assert_allclose(median, 1.05)
+    trimmed = robust_combine(poisoned, {"w": (2, 3)}, "trimmed_mean", trim=0.2)["w"]
+    np.testing.assert_allclose(trimmed, np.mean([1.0, 1.1, 1.05]), rtol=1e-6)
+    # a lower-rank LoRA delta is zero-padded to the full rank first
+    low = [{"x.lora_A": np.ones((1, 3), np.float32)}] * 3
+    padded = robust_combine(low, {"x.lora_A": (2, 3)}, "median")["x.lora_A"]
+    np.testing.assert_array_equal(padded, [[1, 1, 1], [0, 0, 0]])
+    values = np.array([[5.0], [1.0], [3.0], [100.0], [2.0]])
+    assert trimmed_mean(values, 0.2)[0] == pytest.approx(np.mean([2.0, 3.0, 5.0]))
+    assert trimmed_mean(values, 0.0)[0] == pytest.approx(values.mean())
+
+
+def test_robust_aggregation_runs_in_a_fleet_and_ignores_an_outlier(tmp_path):
+    fleet = f"rob-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=3, round_timeout_s=30,
+                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
+                              strategy="fedit", robust="median")
+    aggregator, thread = start_aggregator(url, config)
+    devices = [LightDevice(open_transport(url, client_id=d), fleet, d, TINY).start() for d in ("a", "b")]
+    bad = Manual(url, fleet, Signer.generate("z"))
+    bad.channel.signer = None  # (this fleet checks no keys)
+    bad.send(bad.update(1, {n: np.full(s, 50.0, np.float32) for n, s in SHAPES.items()}))
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    v0, v1 = aggregator.store.load_global(0), aggregator.store.load_global(1)
+    for name in SHAPES:
+        expected = np.median([simulated_delta(SHAPES, "a", 1)[name], simulated_delta(SHAPES, "b", 1)[name],
+                              np.full(SHAPES[name], 50.0)], axis=0)
+        np.testing.assert_allclose(v1.tensors[name], v0.tensors[name] + expected, rtol=1e-5, atol=1e-6)
+        assert np.abs(v1.tensors[name] - v0.tensors[name]).max() < 1.0  # the outlier moved nothing far
+    for device in devices:
+        device.stop()
+    bad.close()
+
+
+def test_a_late_update_for_a_closed_round_is_refused_as_stale(tmp_path):
+    fleet = f"late-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=1, round_timeout_s=30,
+                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False)
+    gate = threading.Event()
+    aggregator, thread = start_aggregator(url, config)
+    device = LightDevice(open_transport(url, client_id="a"), fleet, "a", TINY, skip=lambda r: r == 2).start()
+    late = Manual(url, fleet, Signer.generate("b"))
+    late.channel.signer = None
+    assert _wait(lambda: aggregator.store.rounds() and aggregator.store.rounds()[0]["status"] == "aggregated")
+    late.send(late.update(1))  # round 1 closed with device a alone
+    assert _wait(lambda: aggregator.drops["stale_round"] == 1, 10)
+    assert _wait(lambda: any(r.reason == "stale_round" for r in late.receipts), 10)
+    late.send(late.update(2, version=1))
+    gate.set()
+    thread.join(timeout=60)
+    assert [r["status"] for r in aggregator.store.rounds()] == ["aggregated", "aggregated"]
+    device.stop()
+    late.close()
