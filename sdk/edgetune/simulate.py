@@ -73,12 +73,14 @@ class LightDevice:
     to drop a share of the fleet each round."""
 
     def __init__(self, transport: Transport, fleet: str, device_id: str, model: ModelManifest = TINY,
-                 signer=None, num_samples: int = 10, skip=None, resend_after_s: float = 5.0):
+                 signer=None, num_samples: int = 10, skip=None, resend_after_s: float = 5.0, think_s: float = 0.0):
         self.transport = transport
         self.device_id = device_id
         self.model = model
         self.num_samples = num_samples
         self.skip = skip or (lambda round_number: False)
+        #: at most this long "training" before each answer (spread by device and round)
+        self.think_s = think_s
         self.topics = Topics(fleet)
         self.channel = Channel(transport, self.topics.sender_of, signer=signer)
         self.outbox = Outbox(self.channel, resend_after_s=resend_after_s)
@@ -146,6 +148,9 @@ class LightDevice:
         if self.skip(task.round) or self.device_id in task.excluded:
             return
         me = self.device_id
+        if self.think_s:
+            fraction = hashlib.sha256(f"{me}/{task.round}/think".encode()).digest()[0] / 255
+            self._stop.wait(self.think_s * fraction)
         if task.kind is TaskKind.TRAIN:
             plan = task.plans.get(me)
             shapes = adapter_shapes(task.adapter, self.model, plan.rank if plan else None)

@@ -28,7 +28,7 @@ from edgetune_aggregator.store import StateStore
 
 pytestmark = pytest.mark.slow
 _REPO = Path(__file__).resolve().parents[2]
-ROUNDS = 10
+ROUNDS = 8
 DEVICES = [f"dev-{i}" for i in range(4)]
 
 
@@ -51,7 +51,7 @@ def _run_fleet(url: str, tmp: Path, name: str, kill_after: list[float]) -> tuple
     write_key_file(keys, fleet, {d: s.public_key for d, s in signers.items()})
     state, log = tmp / f"{name}-state", tmp / f"{name}.log"
     devices = [LightDevice(open_transport(url, client_id=f"{fleet}-{d}", connect_timeout=10, clean_session=False),
-                           fleet, d, TINY, signer=signers[d], resend_after_s=1.0).start() for d in DEVICES]
+                           fleet, d, TINY, signer=signers[d], resend_after_s=1.0, think_s=0.3).start() for d in DEVICES]
     daemon, kills, started = _daemon(url, fleet, state, keys, log), 0, time.monotonic()
     try:
         for delay in kill_after:
