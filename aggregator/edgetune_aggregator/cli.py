@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -153,6 +154,21 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
     )
 
 
+def client_id(state_dir: Path, fleet: str) -> str:
+    """The daemon's MQTT client id: the same on every restart (the broker keeps its persistent
+    session, with the updates that arrived meanwhile) and random per state dir, because
+    Mosquitto lets any client that logs in take over a client id it can guess."""
+    from edgetune.atomic import atomic_write_bytes
+
+    path = Path(state_dir) / "client_id"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = f"edgetune-aggregator-{fleet}-{secrets.token_hex(6)}"
+    atomic_write_bytes(path, value.encode() + b"\n")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         # a persistent session: the broker keeps device updates while the daemon reconnects
         tls = {"ca_certs": args.tls_ca, "certfile": args.tls_cert, "keyfile": args.tls_key}
-        transport = open_transport(args.broker, client_id=f"edgetune-aggregator-{args.fleet}",
+        transport = open_transport(args.broker, client_id=client_id(args.state_dir, args.fleet),
                                    connect_timeout=args.connect_timeout, clean_session=False,
                                    **{k: v for k, v in tls.items() if v})
         metrics = server = None
@@ -173,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = AggregatorMetrics(args.fleet)
             server = HealthServer(metrics, args.metrics_host, args.metrics_port)
-            port = server.start()
-            log.info("metrics on http://%s:%d/metrics, health on /healthz", args.metrics_host, port)
+            server.start()
         aggregator = Aggregator(config, transport, metrics=metrics)
         signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
         try:

@@ -900,6 +900,9 @@ class Aggregator:
         return None
 
     def _check_update(self, update: Update) -> Refusal | None:
+        if update.run_id != self.state.run_id and (update.run_id or self.intake.keyring is not None):
+            # (an unsigned fleet accepts older SDKs, which send no run id)
+            return Refusal("other_run", f"update for run {update.run_id or '(none)'}, this is run {self.state.run_id}")
         if update.base_version != self.state.global_version:
             return Refusal("stale_base", f"delta against v{update.base_version}, global is v{self.state.global_version}")
         refusal = check_samples(update.num_samples, self.config.limits)

@@ -9,7 +9,7 @@ number of times merges exactly what an uninterrupted one with the same results w
 
 Layout (inside the state dir)::
 
-    journal/r000007/round.msgpack         {"round", "kind", "opened_at", "task": <payload>}
+    journal/r000007/_round.msgpack        {"round", "kind", "opened_at", "task": <payload>}
     journal/r000007/dev-a.msgpack         the accepted result as it arrived (signed or not)
 """
 
@@ -27,7 +27,8 @@ from edgetune.wire import check_name
 
 log = logging.getLogger(__name__)
 
-_META = "round.msgpack"
+#: (device ids start with a letter or digit, so no device's result can take this name)
+_META = "_round.msgpack"
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
 
 def _device(args: argparse.Namespace):
     """The ``Device`` that 'device run' and 'device personalize' use, connected."""
-    from .device import Device, DeviceConfig, hash_seed
+    from .device import Device, DeviceConfig, client_id, hash_seed
     from .transport import open_transport
     from .workload import Workload
 
@@ -202,7 +202,7 @@ def _device(args: argparse.Namespace):
     # (its own client id: personalizing must not disconnect a 'device run' of the same device)
     suffix = "-personalize" if args.device_command == "personalize" else ""
     # a persistent session for 'device run': the broker keeps its tasks while it is away
-    transport = open_transport(args.broker, client_id=f"edgetune-{args.fleet}-{args.device_id}{suffix}",
+    transport = open_transport(args.broker, client_id=client_id(args.fleet, args.device_id, args.signing_key, suffix),
                                connect_timeout=args.connect_timeout, clean_session=bool(suffix), **tls)
     workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads,
                              trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash,

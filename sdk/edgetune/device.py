@@ -87,11 +87,12 @@ class Device:
         self.transport = transport
         self.workload = workload
         self.topics = Topics(config.fleet)
-        signer = None
-        if config.signing_key is not None:
-            from .wire.signing import Signer
+        from .wire.signing import Signer
 
-            signer = Signer.load(config.device_id, config.signing_key)
+        # Without a provisioned key, a key of this run: the aggregator cannot tell who signed,
+        # but each message gets a nonce, so a resent result is recognised and counted once.
+        signer = (Signer.load(config.device_id, config.signing_key) if config.signing_key is not None
+                  else Signer.generate(config.device_id))
         self.channel = Channel(transport, self.topics.sender_of, config.max_packet, signer=signer)
         self.outbox = Outbox(self.channel, config.resend_after_s)
         self.global_adapter: GlobalAdapter | None = None
@@ -149,7 +150,8 @@ class Device:
                                  artifacts=artifacts, model_hash=model_hash, robustness=robustness)
         # A persistent session: the broker queues the task and global adapter for this
         # device while it is offline, and paho resends unacknowledged results on reconnecting.
-        transport = open_transport(broker, client_id=f"edgetune-{fleet}-{device_id}", clean_session=False, **tls)
+        transport = open_transport(broker, client_id=client_id(fleet, device_id, config.signing_key),
+                                   clean_session=False, **tls)
         device = cls(config, transport, workload)
         device.connect()
         return device
@@ -518,7 +520,7 @@ class Device:
         sent, received = self._bytes_since_report()
         metrics = TrainMetrics(result.mean_loss, result.tokens, result.seconds, local_ppl, global_ppl, sent, received,
                                global_robust, local_robust)
-        update = Update(me, task.round, adapter.version, weight, delta, metrics)
+        update = Update(me, task.round, adapter.version, weight, delta, metrics, task.run_id)
         size = self.outbox.send(self.topics.update(me), task.round, update)
         self._flush()
         self.rounds_done.append(task.round)
@@ -564,6 +566,17 @@ class Device:
         last_sent, last_received = self._bytes_reported
         self._bytes_reported = (sent, received)
         return sent - last_sent, received - last_received
+
+
+def client_id(fleet: str, device_id: str, signing_key: Path | None = None, suffix: str = "") -> str:
+    """The MQTT client id of a device's connection: stable (a persistent session survives
+    restarts) and, with a signing key, not guessable by other clients (see ``Signer.client_tag``)."""
+    tag = ""
+    if signing_key is not None:
+        from .wire.signing import Signer
+
+        tag = "-" + Signer.load(device_id, signing_key).client_tag
+    return f"edgetune-{fleet}-{device_id}{suffix}{tag}"
 
 
 def hash_seed(text: str) -> int:

@@ -38,6 +38,7 @@ from .wire import (
     Update,
     encode_message,
 )
+from .wire.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class LightDevice:
         #: at most this long "training" before each answer (spread by device and round)
         self.think_s = think_s
         self.topics = Topics(fleet)
-        self.channel = Channel(transport, self.topics.sender_of, signer=signer)
+        # (a key of this run without a provisioned one: nonces make resends idempotent)
+        self.channel = Channel(transport, self.topics.sender_of, signer=signer or Signer.generate(device_id))
         self.outbox = Outbox(self.channel, resend_after_s=resend_after_s)
         self.rounds_done: list[int] = []
         self.finished = threading.Event()
@@ -156,7 +158,7 @@ class LightDevice:
             shapes = adapter_shapes(task.adapter, self.model, plan.rank if plan else None)
             metrics = TrainMetrics(1.0, 0, 0.0, 1.0, 1.0)
             update = Update(me, task.round, task.global_version, self.num_samples,
-                            simulated_delta(shapes, me, task.round), metrics)
+                            simulated_delta(shapes, me, task.round), metrics, task.run_id)
             self.outbox.send(self.topics.update(me), task.round, update)
         elif task.kind is TaskKind.EVALUATE:
             report = EvalReport(me, task.round, task.global_version, self.num_samples, EvalMetrics(1.0, 1))

@@ -168,3 +168,47 @@ def test_rounds_complete_when_30_percent_of_devices_drop_each_round(mosquitto_ur
         np.testing.assert_allclose(v1.tensors[name], v0.tensors[name] + mean, rtol=1e-5, atol=1e-7)
     for device in devices:
         device.stop()
+
+
+_DEVICE_SCRIPT = """
+import sys, time
+from edgetune.simulate import TINY, LightDevice
+from edgetune.transport import open_transport
+url, fleet, device, think = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+transport = open_transport(url, client_id=f"{fleet}-{device}", connect_timeout=10, clean_session=False)
+d = LightDevice(transport, fleet, device, TINY, think_s=think, resend_after_s=1.0).start()
+print("joined", flush=True)
+d.finished.wait(120)
+d.stop()
+"""
+
+
+def test_a_device_killed_while_training_rejoins_and_the_round_counts_it_once(mosquitto_url, tmp_path):
+    fleet = f"dk-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO / "sdk"), str(_REPO / "aggregator")])}
+
+    def device_process(think: float) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", _DEVICE_SCRIPT, mosquitto_url, fleet, "dev-1", str(think)],
+                                   stdout=subprocess.PIPE, env=env)
+        assert process.stdout.readline().strip() == b"joined"
+        return process
+
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2, round_timeout_s=120,
+                              join_timeout_s=60, adapter=SPEC, planning=False, evaluate_final=False)
+    aggregator, thread = start_aggregator(mosquitto_url, config)
+    other = LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-dev-0", connect_timeout=10), fleet, "dev-0",
+                        TINY).start()
+    slow = device_process(think=600.0)  # "trains" round 1 for ever
+    journal = tmp_path / "state" / "journal" / "r000001"
+    assert _wait(lambda: (journal / "dev-0.msgpack").exists())
+    slow.kill()  # SIGKILL mid-training: its last will says it is offline
+    slow.wait(timeout=10)
+    assert not (journal / "dev-1.msgpack").exists()
+    back = device_process(think=0.0)  # the same device starts again and finds round 1 still open
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert back.wait(timeout=30) == 0
+    for record in aggregator.store.rounds():
+        assert record["status"] == "aggregated"
+        assert sorted(d["device_id"] for d in record["devices"]) == ["dev-0", "dev-1"]
+    other.stop()

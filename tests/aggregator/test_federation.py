@@ -27,11 +27,13 @@ from edgetune.wire import (
     GlobalAdapter,
     LoraSpec,
     RoundTask,
+    Signed,
     TaskKind,
     Topics,
     TrainMetrics,
     TrainSettings,
     Update,
+    decode_message,
     encode_message,
 )
 from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
@@ -64,6 +66,8 @@ class Observer:
         channel.subscribe(self.topics.task, self._on)
 
     def _on(self, topic, message) -> None:
+        if isinstance(message, Signed):  # devices sign what they send
+            message = decode_message(message.payload)
         if isinstance(message, Update):
             self.updates[message.round].append(message)
         elif isinstance(message, GlobalAdapter):

@@ -4,7 +4,6 @@ with the honest devices' updates only (and exactly them)."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
@@ -59,6 +58,7 @@ class Manual:
         self.transport.connect()
         self.channel = Channel(self.transport, self.topics.sender_of, signer=signer)
         self.receipts: list[Receipt] = []
+        self.run_id = ""  # the fleet run its updates are for (set once the daemon has one)
         self.channel.subscribe(self.topics.receipt(self.id), lambda t, m: self.receipts.append(m))
         hello = Hello(self.id, "test", TINY, Capabilities(), 10)
         self.transport.publish(self.topics.hello(self.id), self.channel.prepare(self.topics.hello(self.id), hello)[0],
@@ -66,7 +66,7 @@ class Manual:
 
     def update(self, round_number: int, delta=None, version: int = 0, samples: int = 10) -> Update:
         delta = simulated_delta(SHAPES, self.id, round_number) if delta is None else delta
-        return Update(self.id, round_number, version, samples, delta, TrainMetrics(1.0, 0, 0.0, 1.0, 1.0))
+        return Update(self.id, round_number, version, samples, delta, TrainMetrics(1.0, 0, 0.0, 1.0, 1.0), self.run_id)
 
     def send(self, message) -> None:
         self.channel.send(self.topics.update(self.id), message)
@@ -97,6 +97,7 @@ def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_hone
     journal = tmp_path / "state" / "journal" / "r000001"
     assert _wait(lambda: (journal / "dev-0.msgpack").exists() and (journal / "dev-1.msgpack").exists())
     assert raw["dev-0"]
+    manual.run_id = aggregator.state.run_id
 
     mallory = Signer.generate("dev-2")  # a key the fleet does not know, under dev-2's name
     forged = Channel(spy, topics.sender_of, signer=mallory)
@@ -119,17 +120,20 @@ def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_hone
     manual.send(manual.update(1, wrong))
     manual.send(manual.update(1, {n: np.ones(s, np.float32) for n, s in SHAPES.items()}))  # norm ≫ 5
     manual.send(manual.update(0))  # a round that closed long ago (the initial one)
+    manual.run_id = "an-old-run"  # a signed update from an earlier run of the fleet
+    manual.send(manual.update(1))
+    manual.run_id = aggregator.state.run_id
     huge = Chunk("0" * 64, 0, 4096, 1 << 28, b"x" * 1000)  # claims 256 MiB
     spy.publish(topics.update("dev-2"), manual.channel.prepare(topics.update("dev-2"), huge)[0])
     spy.publish(topics.update("dev-2"), encode_message(huge))
     spy.flush()
     expected = {"unknown_key": 1, "unsigned": 1, "bad_signature": 1, "sender_mismatch": 1,
                 "replayed": len(raw["dev-0"]) and 1, "not_finite": 1, "wrong_shape": 1, "norm_exceeded": 1,
-                "stale_round": 1, "oversize": 1}
+                "stale_round": 1, "oversize": 1, "other_run": 1}
     assert _wait(lambda: all(aggregator.drops[k] >= v for k, v in expected.items()), 30), dict(aggregator.drops)
     assert not (journal / "dev-2.msgpack").exists()  # nothing of that got in
-    refusals = {r.reason for r in manual.receipts if not r.accepted}
-    assert {"not_finite", "wrong_shape", "norm_exceeded", "stale_round"} <= refusals
+    told = {"not_finite", "wrong_shape", "norm_exceeded", "stale_round", "other_run"}  # (signed by dev-2)
+    assert _wait(lambda: told <= {r.reason for r in manual.receipts if not r.accepted}, 30), manual.receipts
 
     round1 = manual.update(1)
     manual.send(round1)
@@ -159,7 +163,7 @@ def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_hone
     spy.close()
 
 
-def test_unsigned_hellos_do_not_join_a_fleet_with_keys(tmp_path):
+def test_a_device_without_a_fleet_key_does_not_join(tmp_path):
     fleet = f"keys-{uuid.uuid4().hex[:8]}"
     url = f"memory://{fleet}"
     signer = Signer.generate("dev-0")
@@ -168,8 +172,9 @@ def test_unsigned_hellos_do_not_join_a_fleet_with_keys(tmp_path):
                               join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
                               device_keys=tmp_path / "keys.json")
     aggregator, thread = start_aggregator(url, config)
-    stranger = LightDevice(open_transport(url, client_id="x"), fleet, "dev-1", TINY).start()  # no key
-    assert _wait(lambda: aggregator.drops["unsigned"] >= 1, 10)
+    # no provisioned key: it signs with a key of its own run, which the fleet does not know
+    stranger = LightDevice(open_transport(url, client_id="x"), fleet, "dev-1", TINY).start()
+    assert _wait(lambda: aggregator.drops["unknown_key"] >= 1, 10)
     assert not aggregator.devices
     member = LightDevice(open_transport(url, client_id="y"), fleet, "dev-0", TINY, signer=signer).start()
     thread.join(timeout=60)
@@ -237,7 +242,6 @@ def test_a_late_update_for_a_closed_round_is_refused_as_stale(tmp_path):
     url = f"memory://{fleet}"
     config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=1, round_timeout_s=30,
                               join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False)
-    gate = threading.Event()
     aggregator, thread = start_aggregator(url, config)
     device = LightDevice(open_transport(url, client_id="a"), fleet, "a", TINY, skip=lambda r: r == 2).start()
     late = Manual(url, fleet, Signer.generate("b"))
@@ -247,7 +251,6 @@ def test_a_late_update_for_a_closed_round_is_refused_as_stale(tmp_path):
     assert _wait(lambda: aggregator.drops["stale_round"] == 1, 10)
     assert _wait(lambda: any(r.reason == "stale_round" for r in late.receipts), 10)
     late.send(late.update(2, version=1))
-    gate.set()
     thread.join(timeout=60)
     assert [r["status"] for r in aggregator.store.rounds()] == ["aggregated", "aggregated"]
     device.stop()

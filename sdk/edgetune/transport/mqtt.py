@@ -11,10 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 
-from .base import BrokerUrl, Handler, Transport, TransportError, TransportStats, Will
+from .base import BrokerUrl, Handler, Transport, TransportError, TransportStats, Will, topic_matches
 
 log = logging.getLogger(__name__)
+#: payload bytes kept until a handler for them is registered (see ``_on_unmatched``)
+_EARLY_BYTES = 64 << 20
+#: how long an MQTT 5 broker keeps a persistent session of a disconnected client
+_SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
 class MqttTransport(Transport):
@@ -47,6 +52,10 @@ class MqttTransport(Transport):
         self._attempts = 0
         self._ever_connected = False
         self._reconnect_callbacks: list = []
+        # Messages a persistent session delivers before their handler is registered (they
+        # arrive right after CONNACK): kept, bounded, and handed over by subscribe().
+        self._early_messages: deque = deque()
+        self._early_bytes = 0
         # Acknowledgements by message id. Never call into paho while holding this lock: paho
         # calls on_publish while holding its own, and the opposite order deadlocks.
         self._acks = threading.Condition()
@@ -60,6 +69,7 @@ class MqttTransport(Transport):
         # this client while it is disconnected: the aggregator uses one so updates sent during
         # a short outage are not lost.
         session = {"clean_session": clean_session} if version == paho.MQTTv311 else {}
+        self._version, self._clean_start = version, clean_session
         self._client = paho.Client(
             paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, **session
         )
@@ -85,7 +95,16 @@ class MqttTransport(Transport):
     def connect(self, will: Will | None = None) -> None:
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        self._client.connect_async(self.broker.host, self.broker.port, keepalive=self.keepalive)
+        v5 = {}
+        if self._version == self._paho.MQTTv5 and not self._clean_start:
+            # MQTT 5 has no clean-session flag: a session lives as long as its expiry interval
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = _SESSION_EXPIRY_S
+            v5 = {"clean_start": False, "properties": properties}
+        self._client.connect_async(self.broker.host, self.broker.port, keepalive=self.keepalive, **v5)
         self._client.loop_start()
         deadline = None if self.connect_timeout is None else time.monotonic() + self.connect_timeout
         while not self._connected.wait(0.2):
@@ -163,7 +182,12 @@ class MqttTransport(Transport):
                 self._early.add(mid)  # publish() has not recorded it yet
 
     def _on_unmatched(self, client, userdata, message) -> None:
-        log.debug("message on %s matched no handler", message.topic)
+        log.debug("message on %s matched no handler (yet)", message.topic)
+        with self._lock:
+            self._early_messages.append((message.topic, message.payload))
+            self._early_bytes += len(message.payload)
+            while self._early_messages and self._early_bytes > _EARLY_BYTES:  # oldest out first
+                self._early_bytes -= len(self._early_messages.popleft()[1])
 
     # --- messaging --------------------------------------------------------------------------
 
@@ -194,6 +218,18 @@ class MqttTransport(Transport):
         self._client.message_callback_add(topic_filter, on_message)
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
+        # what the session delivered before this handler existed
+        with self._lock:
+            early = [m for m in self._early_messages if topic_matches(topic_filter, m[0])]
+            if early:
+                self._early_messages = deque(m for m in self._early_messages if not topic_matches(topic_filter, m[0]))
+                self._early_bytes -= sum(len(m[1]) for m in early)
+        for item in early:
+            self.stats.received(len(item[1]))
+            try:
+                handler(*item)
+            except Exception:
+                log.exception("handler for %s failed", item[0])
 
     def flush(self, timeout: float = 30.0) -> None:
         # Acknowledgements are tracked through on_publish: paho's own wait_for_publish() and

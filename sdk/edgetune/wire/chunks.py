@@ -58,7 +58,10 @@ class Reassembler:
     Unfinished transfers are bounded three ways, oldest evicted first, so neither a sender that
     vanished mid-transfer nor a flood of cheap chunks can pin memory or CPU: total bytes held
     (each chunk charged its data plus ``CHUNK_OVERHEAD``), unfinished transfers per sender,
-    and age. Finished transfer ids are remembered so a late duplicate does not start a new one.
+    and age. A finished transfer's id is remembered for ``remember_s`` so the chunks QoS 1
+    redelivers right after do not start it again; a whole transfer sent again later (a device
+    resending a result whose receipt it never got) is reassembled again, so the receiver can
+    answer it (idempotently: it knows the result by its nonce).
     """
 
     def __init__(
@@ -68,15 +71,17 @@ class Reassembler:
         max_pending_per_sender: int = 4,
         ttl_s: float = 600.0,
         remember: int = 1024,
+        remember_s: float = 2.0,
     ):
         self.max_pending_bytes = max_pending_bytes
         self.max_transfer_bytes = max_transfer_bytes
         self.max_pending_per_sender = max_pending_per_sender
         self.ttl_s = ttl_s
         self._pending: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
-        self._per_sender: dict[str, int] = {}
-        self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._per_sender: dict[str, OrderedDict[str, None]] = {}  # sender -> its unfinished transfers, oldest first
+        self._done: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> when it finished
         self._remember = remember
+        self.remember_s = remember_s
         self.pending_bytes = 0  # running total: summing on every chunk would be quadratic
         self.evicted = 0
 
@@ -87,8 +92,11 @@ class Reassembler:
         knows it, e.g. from the round's adapter layout); a transfer claiming more is refused
         before anything is held for it."""
         key = (sender, chunk.transfer)
-        if key in self._done:
-            return None  # redelivery of an already finished transfer
+        finished = self._done.get(key)
+        if finished is not None:
+            if time.monotonic() - finished < self.remember_s:
+                return None  # redelivery of a transfer that just finished
+            del self._done[key]  # sent again on purpose: reassemble it again
         if max_size is not None and chunk.size > max_size:
             raise WireError("oversize", f"a payload of {chunk.size} bytes where at most {max_size} fit")
         if (
@@ -104,7 +112,7 @@ class Reassembler:
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = _Pending(chunk.count, chunk.size)
-            self._per_sender[sender] = self._per_sender.get(sender, 0) + 1
+            self._per_sender.setdefault(sender, OrderedDict())[chunk.transfer] = None
         elif (pending.count, pending.size) != (chunk.count, chunk.size):
             self._discard(key)
             raise WireError("bad_chunk", "chunks of one transfer disagree on count or size")
@@ -121,7 +129,7 @@ class Reassembler:
         payload = b"".join(pending.parts[i] for i in range(pending.count))
         if len(payload) != pending.size or hashlib.sha256(payload).hexdigest() != chunk.transfer:
             raise WireError("digest_mismatch", "reassembled payload does not match its SHA-256")
-        self._done[key] = None
+        self._done[key] = time.monotonic()
         while len(self._done) > self._remember:
             self._done.popitem(last=False)
         return payload
@@ -129,16 +137,15 @@ class Reassembler:
     def _discard(self, key: tuple[str, str]) -> None:
         pending = self._pending.pop(key)
         self.pending_bytes -= pending.received
-        left = self._per_sender[key[0]] - 1
-        if left:
-            self._per_sender[key[0]] = left
-        else:
+        mine = self._per_sender[key[0]]
+        del mine[key[1]]
+        if not mine:
             del self._per_sender[key[0]]
 
     def _evict(self, sender: str) -> None:
-        if self._per_sender.get(sender, 0) > self.max_pending_per_sender:
-            oldest = next(k for k in self._pending if k[0] == sender)
-            self._discard(oldest)
+        mine = self._per_sender.get(sender)
+        if mine is not None and len(mine) > self.max_pending_per_sender:
+            self._discard((sender, next(iter(mine))))
             self.evicted += 1
         now = time.monotonic()
         while self._pending:

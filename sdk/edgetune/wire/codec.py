@@ -73,7 +73,8 @@ def _check_complete(payload: bytes | bytearray | memoryview) -> None:
     header, before its elements: 5 KB of nested headers with no elements cost 76 MiB and 0.1 s.
     ``skip()`` walks the same structure in C and allocates nothing, so such a payload fails
     here for the price of one copy. Above one packet the walk is skipped: a second copy of a
-    large adapter would cost more, and the headers can then claim at most 80 bytes a byte.
+    large adapter would cost more, and 1,024 levels of headers (msgpack's limit) can then claim
+    at most 80 bytes a byte.
     """
     unpacker = msgpack.Unpacker(
         max_buffer_size=len(payload) or 1, max_map_len=_MAX_CONTAINER, max_array_len=_MAX_CONTAINER

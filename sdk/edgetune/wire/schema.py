@@ -12,6 +12,7 @@ field bumps ``SCHEMA_VERSION``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -34,20 +35,23 @@ MAX_MANIFEST_MODULES = 10_000
 MAX_LAYER_DIM = 1 << 17
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_name(value: str, what: str) -> str:
     """Fleet and device names become MQTT topic levels: no wildcards, no slashes."""
     if not isinstance(value, str) or not _NAME.match(value):
+        shown = repr(value[:40]) + ("…" if len(value) > 40 else "") if isinstance(value, str) else type(value).__name__
         raise ValueError(
-            f"{what} {value!r} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
+            f"{what} {shown} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
         )
     return value
 
 
 def _positive(value: float, what: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    # (written so that NaN fails: every comparison with it is False)
+    if not math.isfinite(value) or not (value > 0 or (allow_zero and value == 0)):
         raise ValueError(f"{what} must be {'≥ 0' if allow_zero else '> 0'}, got {value}")
 
 
@@ -324,6 +328,9 @@ class Update:
     num_samples: int
     delta: dict[str, np.ndarray]
     metrics: TrainMetrics
+    #: the fleet run the round belongs to (``RoundTask.run_id``): with the signature, it keeps an
+    #: update from an earlier run of the fleet from being replayed into a new one (empty: older SDK)
+    run_id: str = ""
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")
@@ -491,6 +498,9 @@ class RoundTask:
     #: for CALIBRATE tasks: how to score the candidate matrices (adapter.target_modules)
     importance: ImportanceSettings = field(default_factory=ImportanceSettings)
 
+    def __post_init__(self) -> None:
+        _positive(self.deadline_s, "RoundTask.deadline_s")
+
 
 @dataclass(frozen=True)
 class GlobalAdapter:
@@ -578,6 +588,11 @@ class Chunk:
     size: int
     data: bytes
 
+    def __post_init__(self) -> None:
+        # (a fixed-length id: the reassembler holds ids of unfinished transfers as keys)
+        if len(self.transfer) != 64 or not _HEX64.match(self.transfer):
+            raise ValueError("Chunk.transfer must be the 64 hex digits of a SHA-256")
+
 
 @dataclass(frozen=True)
 class Signed:
@@ -653,7 +668,8 @@ class Topics:
     """Topic names of one fleet: ``edgetune/v1/{fleet}/{kind}[/{device_id}]``.
 
     Device messages carry the device id as the last topic level, so a broker ACL can pin each
-    client to its own topics (``%c`` patterns) and the daemon can check the sender.
+    client to its own topics (``edgetune-aggregator provision`` writes one section per device)
+    and the daemon can check the sender.
     """
 
     fleet: str

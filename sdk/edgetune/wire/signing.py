@@ -53,6 +53,11 @@ class Signer:
         raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         self.key_id = key_id(raw)
         self.public_key = raw
+        secret = private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                           serialization.NoEncryption())
+        #: a client-id suffix only this key's holder can know: Mosquitto lets any client that
+        #: logs in take over a connected client id, so a guessable id invites knocking a device off
+        self.client_tag = hashlib.sha256(b"edgetune-client-id\x00" + secret).hexdigest()[:12]
 
     @classmethod
     def generate(cls, device_id: str) -> Signer:
