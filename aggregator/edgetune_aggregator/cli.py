@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--trim", type=float, default=0.1, help="fraction trimmed at each end by --robust trimmed_mean")
     security.add_argument("--quorum", type=float, default=None, help="close a round once this fraction of the "
                           "devices it asked answered (at least --min-devices); default: at --min-devices")
+    security.add_argument("--max-staleness", type=int, default=0, help="fold an update that arrives after its "
+                          "round closed into the open round if its global is at most this many versions old "
+                          "(FedBuff-style; fedit/dense; default 0: refuse late updates)")
+    security.add_argument("--staleness-exponent", type=float, default=0.5,
+                          help="a late update's weight is multiplied by (1 + lag)^-exponent")
     security.add_argument("--metrics-port", type=int, default=None, help="serve /metrics (Prometheus) and /healthz "
                           "on this port (0: any free port)")
     security.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
@@ -151,6 +156,8 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         robust=args.robust,
         trim=args.trim,
         quorum=args.quorum,
+        max_staleness=args.max_staleness,
+        staleness_exponent=args.staleness_exponent,
     )
 
 

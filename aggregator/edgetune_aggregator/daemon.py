@@ -130,6 +130,11 @@ class AggregatorConfig:
     #: close a round early once this fraction of the devices it tasked answered (and at least
     #: ``min_devices``); None: as soon as ``min_devices`` answered
     quorum: float | None = None
+    #: FedBuff-style staleness: an update that arrives after its round closed, trained on a
+    #: global at most this many versions old, is folded into the open round with its weight
+    #: times (1 + lag)^-staleness_exponent; 0: late updates are refused (stale_round)
+    max_staleness: int = 0
+    staleness_exponent: float = 0.5
 
     @property
     def strategy_name(self) -> str:
@@ -174,6 +179,13 @@ class AggregatorConfig:
                                  "exactly: use --strategy fedit (or dense for prompts)")
             if not 0.0 <= self.trim < 0.5:
                 raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.max_staleness < 0 or not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
+            raise ValueError(f"max_staleness must be ≥ 0 and staleness_exponent finite and ≥ 0, got "
+                             f"{self.max_staleness} and {self.staleness_exponent}")
+        if self.max_staleness and strategy.name not in ("fedit", "dense"):
+            raise ValueError(f"late updates are folded in as deltas of an older global, which the averaging "
+                             f"strategies fedit and dense can do; strategy {strategy.name} rebuilds each device's "
+                             "factors from the round's start: use --strategy fedit (or dense for prompts)")
         if self.quorum is not None and not 0.0 < self.quorum <= 1.0:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
 
@@ -190,6 +202,9 @@ class Aggregator:
         #: an ``AggregatorMetrics`` (``edgetune_aggregator.metrics``) to keep current, or None
         self.metrics = metrics
         self._stats_seen = (0, 0)  # transport bytes already counted in the metrics
+        #: (device, round) of every update in a global adapter or the open round, for the
+        #: rounds a late update may still come from: none is counted twice
+        self._counted: set[tuple[str, int]] = set()
         self.transport = transport
         self.topics = Topics(config.fleet)
         self.intake = Intake(self.topics, config.device_keys)
@@ -337,6 +352,9 @@ class Aggregator:
         self.strategy.optimizer.load_state_dict(self.store.load_server_state(state.global_version))
         log.info("resuming fleet %s after round %d (global v%d)", state.fleet, state.round, state.global_version)
         self._set_layout()
+        for record in self.store.rounds()[-(self.config.max_staleness + 1):]:
+            if record["kind"] == TaskKind.TRAIN.value:
+                self._counted |= {(d["device_id"], d.get("from_round") or record["round"]) for d in record["devices"]}
         if state.opened > state.round:
             journaled = self.journal.load()
             if journaled is not None and journaled.number == state.opened:
@@ -646,8 +664,9 @@ class Aggregator:
             delta, _, _ = bound_norm(update.delta, self.config.limits)
             if self.config.robust:
                 deltas.append(delta)
-            else:
-                merge.add(delta, update.num_samples)
+            else:  # a late update weighs less the older the global it trained on (0 lag: 1)
+                lag = self.state.global_version - update.base_version
+                merge.add(delta, update.num_samples * (1.0 + lag) ** -self.config.staleness_exponent)
         if deltas:
             shapes = adapter_shapes(self.state.adapter, self.state.model)
             merge.add(robust_combine(deltas, shapes, self.config.robust, self.config.trim), 1.0)
@@ -708,6 +727,8 @@ class Aggregator:
         if ctx.kind not in (TaskKind.CALIBRATE, TaskKind.INITIALIZE):
             self.store.save_state(self.state)
             self.journal.discard()  # the round is closed: its results live in the global adapter
+            oldest = ctx.number - self.config.max_staleness  # rounds a late update may still come from
+            self._counted = {(d, r) for d, r in self._counted if r >= oldest}
         if record.status is RoundStatus.AGGREGATED:
             self._publish_global()
         scores = ""
@@ -828,7 +849,7 @@ class Aggregator:
         """A device's answer to a round: checked, written to the journal, then acknowledged
         with a ``Receipt`` (a device resends an unanswered result with the same nonce)."""
         message, sender = opened.message, opened.message.device_id
-        refusal = self._check_result(message, opened.nonce, ctx) or self._check_content(message)
+        refusal = self._check_result(message, opened.nonce, ctx) or self._check_content(message, ctx)
         if refusal is not None:
             self.channel.drop(sender, topic, refusal.reason, refusal.detail)
             # an unknown sender gets no answer; a replay got its first answer again
@@ -837,7 +858,7 @@ class Aggregator:
             return
         if ctx.journal:  # on disk before anyone hears of it: a crash after this keeps it
             payload = encode_message(opened.signed if opened.signed is not None else message)
-            self.journal.record(ctx.number, sender, payload)
+            self.journal.record(ctx.number, sender, payload, message.round if message.round < ctx.number else None)
         self._accept(ctx, message, opened.nonce)
         self._receipt(message, opened.nonce, "", ctx)
         if self.metrics is not None:
@@ -845,7 +866,7 @@ class Aggregator:
 
     def _receipt(self, message, nonce: bytes, reason: str, ctx: _Round | None) -> None:
         receipt = Receipt(message.device_id, message.round, nonce, not reason, reason)
-        if ctx is not None and message.round == ctx.number:
+        if ctx is not None:
             ctx.receipts[(message.device_id, nonce)] = receipt
         try:
             self.channel.send(self.topics.receipt(message.device_id), receipt)
@@ -864,7 +885,9 @@ class Aggregator:
                            f"({self.state.left_out[sender]})")
         current = ctx.number if ctx else (self.state.round if self.state else 0) + 1
         if message.round < current or (ctx is None and self.state and message.round <= self.state.round):
-            return Refusal("stale_round", f"{type(message).__name__} for round {message.round}, which is closed")
+            if not (self.config.max_staleness and isinstance(message, Update) and ctx and ctx.kind is TaskKind.TRAIN):
+                return Refusal("stale_round", f"{type(message).__name__} for round {message.round}, which is closed")
+            return self._check_late(message, nonce, ctx)
         if ctx is None or ctx.kind is not expected_kind or message.round != ctx.number:
             open_round = f"round {ctx.number} ({ctx.kind.value})" if ctx else "no round"
             return Refusal("unknown_round", f"{type(message).__name__} for round {message.round}; {open_round} is open")
@@ -877,16 +900,26 @@ class Aggregator:
             return Refusal("duplicate", f"second result for round {ctx.number}")
         return None
 
+    def _check_late(self, update: Update, nonce: bytes, ctx: _Round) -> Refusal | None:
+        """A late update may join the open round (FedBuff): once per device and round."""
+        sender = update.device_id
+        if nonce and (sender, nonce) in ctx.receipts:
+            self._resend_receipt(ctx.receipts[(sender, nonce)])
+            return Refusal("replayed", f"nonce {nonce.hex()[:8]}… was seen in round {ctx.number} already")
+        if (sender, update.round) in self._counted:
+            return Refusal("duplicate", f"{sender}'s update for round {update.round} is counted already")
+        return None
+
     def _resend_receipt(self, receipt: Receipt) -> None:
         try:
             self.channel.send(self.topics.receipt(receipt.device_id), receipt)
         except TransportError as exc:
             log.warning("could not resend %s its receipt: %s", receipt.device_id, exc)
 
-    def _check_content(self, message) -> Refusal | None:
+    def _check_content(self, message, ctx: _Round | None) -> Refusal | None:
         """The result's content fits the fleet: layout, values and the configured bounds."""
         if isinstance(message, Update):
-            return self._check_update(message)
+            return self._check_update(message, late=ctx is not None and message.round < ctx.number)
         if isinstance(message, AdapterInit):
             return check_layout(message.tensors, adapter_shapes(self.state.adapter, self.state.model))
         if isinstance(message, ImportanceReport):
@@ -899,11 +932,15 @@ class Aggregator:
                 return Refusal("bad_scores", "scores must be finite and ≥ 0")
         return None
 
-    def _check_update(self, update: Update) -> Refusal | None:
+    def _check_update(self, update: Update, late: bool = False) -> Refusal | None:
         if update.run_id != self.state.run_id and (update.run_id or self.intake.keyring is not None):
             # (an unsigned fleet accepts older SDKs, which send no run id)
             return Refusal("other_run", f"update for run {update.run_id or '(none)'}, this is run {self.state.run_id}")
-        if update.base_version != self.state.global_version:
+        lag = self.state.global_version - update.base_version
+        if late and not 1 <= lag <= self.config.max_staleness:
+            return Refusal("stale_round", f"late update against v{update.base_version}, {lag} versions behind "
+                           f"v{self.state.global_version} (at most {self.config.max_staleness})")
+        if not late and lag != 0:
             return Refusal("stale_base", f"delta against v{update.base_version}, global is v{self.state.global_version}")
         refusal = check_samples(update.num_samples, self.config.limits)
         if refusal:
@@ -929,11 +966,21 @@ class Aggregator:
         nonce = message.nonce if isinstance(message, Signed) else b""
         message = _unwrap(message)
         self._accept(ctx, message, nonce)
-        ctx.receipts[(device, nonce)] = Receipt(device, message.round, nonce, True)
+        ctx.receipts[(message.device_id, nonce)] = Receipt(message.device_id, message.round, nonce, True)
 
     def _accept(self, ctx: _Round, message, nonce: bytes) -> None:
         sender = message.device_id
+        if isinstance(message, Update) and message.round < ctx.number:  # a late one (FedBuff)
+            self._counted.add((sender, message.round))
+            lag = self.state.global_version - message.base_version
+            ctx.record.devices.append(DeviceRecord(sender, message.num_samples, message.metrics.train_loss,
+                                                   from_round=message.round))
+            log.info("round %d: late update from %s for round %d (%d version(s) behind)", ctx.number, sender,
+                     message.round, lag)
+            return
         ctx.seen.add(sender)
+        if isinstance(message, Update):
+            self._counted.add((sender, ctx.number))
         if isinstance(message, EvalReport):
             ctx.record.devices.append(DeviceRecord(sender, message.num_samples,
                                                    global_ppl=_score(message.metrics.global_ppl, sender),

@@ -11,6 +11,7 @@ Layout (inside the state dir)::
 
     journal/r000007/_round.msgpack        {"round", "kind", "opened_at", "task": <payload>}
     journal/r000007/dev-a.msgpack         the accepted result as it arrived (signed or not)
+    journal/r000007/dev-b@r6.msgpack      a late update for round 6 folded into round 7 (staleness)
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class OpenRound:
     opened_at: float
     #: the task as published (republished unchanged on restart)
     task: bytes
-    #: device id -> the file of its accepted result (read one at a time: memory stays flat)
+    #: device id (``{device}@r{round}`` for a late update) -> the file of its accepted result
+    #: (read one at a time: memory stays flat)
     results: dict[str, Path]
 
 
@@ -59,10 +61,13 @@ class RoundJournal:
         meta = {"round": number, "kind": kind, "opened_at": opened_at, "task": task}
         atomic_write_bytes(directory / _META, msgpack.packb(meta, use_bin_type=True))
 
-    def record(self, number: int, device_id: str, payload: bytes) -> None:
-        """Persist one accepted result (atomic, fsynced) before anyone is told."""
+    def record(self, number: int, device_id: str, payload: bytes, late_from: int | None = None) -> None:
+        """Persist one accepted result (atomic, fsynced) before anyone is told. A late update
+        (trained for round ``late_from``) is ``{device}@r{late_from}``: a device may also
+        send the open round's own ('@' is in no device id)."""
         check_name(device_id, "device id")
-        atomic_write_bytes(self._dir(number) / f"{device_id}.msgpack", payload)
+        name = device_id if late_from is None else f"{device_id}@r{late_from}"
+        atomic_write_bytes(self._dir(number) / f"{name}.msgpack", payload)
 
     def load(self) -> OpenRound | None:
         """The journaled round, or None (a round whose journal is incomplete never went out:

@@ -58,6 +58,8 @@ class DeviceRecord:
     #: robustness: perplexity of the global / trained adapter on the other sites' held-out text
     global_robust_ppl: float | None = None
     local_robust_ppl: float | None = None
+    #: a late update: trained for this earlier round, folded into this one with a staleness weight
+    from_round: int | None = None
 
 
 class RoundStatus(str, Enum):

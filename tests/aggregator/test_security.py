@@ -255,3 +255,45 @@ def test_a_late_update_for_a_closed_round_is_refused_as_stale(tmp_path):
     assert [r["status"] for r in aggregator.store.rounds()] == ["aggregated", "aggregated"]
     device.stop()
     late.close()
+
+
+def test_late_updates_are_folded_in_with_a_staleness_weight_once(tmp_path):
+    fleet = f"buf-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2, round_timeout_s=60,
+                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
+                              strategy="fedit", max_staleness=1, staleness_exponent=0.5)
+    aggregator, thread = start_aggregator(url, config)
+    m1, m2, m3 = (Manual(url, fleet, Signer.generate(d)) for d in ("m1", "m2", "m3"))
+    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
+    for m in (m1, m2, m3):
+        m.run_id = aggregator.state.run_id
+    m1.send(m1.update(1))
+    m2.send(m2.update(1))
+    assert _wait(lambda: aggregator.state.global_version == 1)
+    late = m3.update(1)  # trained on v0 for round 1, arrives in round 2
+    payload = m3.channel.prepare(m3.topics.update("m3"), late)[0]
+    m3.transport.publish(m3.topics.update("m3"), payload)
+    assert _wait(lambda: any(r.accepted and r.round == 1 for r in m3.receipts))
+    m3.transport.publish(m3.topics.update("m3"), payload)  # resent: answered again, counted once
+    m3.send(m3.update(1))  # another update for round 1 from m3
+    m1.send(m1.update(1))  # m1's round 1 is in v1 already
+    assert _wait(lambda: aggregator.drops["replayed"] == 1 and aggregator.drops["duplicate"] == 2, 10)
+    assert sum(r.accepted and r.round == 1 for r in m3.receipts) == 2  # the resend got its receipt again
+    m1.send(m1.update(2, version=1))
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    log = aggregator.store.rounds()
+    assert [(d["device_id"], d["from_round"]) for d in log[1]["devices"]] == [("m3", 1), ("m1", None)]
+    v1, v2 = aggregator.store.load_global(1), aggregator.store.load_global(2)
+    w_late = 10 * 2 ** -0.5  # one version behind
+    for name in SHAPES:
+        expected = (w_late * late.delta[name] + 10 * simulated_delta(SHAPES, "m1", 2)[name]) / (w_late + 10)
+        np.testing.assert_allclose(v2.tensors[name], v1.tensors[name] + expected, rtol=1e-5, atol=1e-7)
+    for m in (m1, m2, m3):
+        m.close()
+
+
+def test_staleness_needs_an_averaging_strategy():
+    with pytest.raises(ValueError, match="fedit"):
+        AggregatorConfig(fleet="f", state_dir="x", adapter=SPEC, strategy="svd", max_staleness=1)
