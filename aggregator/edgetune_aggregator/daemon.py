@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from edgetune.adapters.lora import as_float32, init_lora, rank_of, targets
 from edgetune.adapters.prompt import adapter_shapes, consensus
 from edgetune.planning.layout import (
@@ -58,11 +57,20 @@ from edgetune.wire import (
     decode_message,
     encode_message,
 )
+from edgetune.wire.signing import unwrap
 
+from .inbox import Inbox, message_bytes
 from .intake import Intake
 from .journal import RoundJournal
 from .store import DeviceRecord, FleetState, RoundRecord, RoundStatus, StateStore
-from .strategies import STRATEGIES, RoundMerge, RoundStart, ServerOptimizerConfig, Strategy, make_strategy
+from .strategies import (
+    STRATEGIES,
+    RoundMerge,
+    RoundStart,
+    ServerOptimizerConfig,
+    Strategy,
+    make_strategy,
+)
 from .strategies.robust import ROBUST_METHODS, robust_combine
 from .validation import Refusal, UpdateLimits, bound_norm, check_layout, check_samples
 
@@ -135,6 +143,8 @@ class AggregatorConfig:
     #: times (1 + lag)^-staleness_exponent; 0: late updates are refused (stale_round)
     max_staleness: int = 0
     staleness_exponent: float = 0.5
+    #: decoded messages waiting for the round loop, in bytes: beyond it the broker holds them
+    inbox_bytes: int = 64 << 20
 
     @property
     def strategy_name(self) -> str:
@@ -218,7 +228,7 @@ class Aggregator:
         self.online: set[str] = set()
         self.state: FleetState | None = None
         self.global_adapter: GlobalAdapter | None = None
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox = Inbox(config.inbox_bytes)
         self._stop = threading.Event()
         #: set once the fleet's last round closed and ``finished`` was published
         self.finished = threading.Event()
@@ -298,7 +308,7 @@ class Aggregator:
         self._publish_presence(True)
 
     def _enqueue(self, topic: str, message: object) -> None:
-        self._inbox.put((topic, message))
+        self._inbox.put((topic, message), message_bytes(message))  # blocks while full: see inbox.py
 
     def _tick(self) -> None:
         """Bring the metrics up to date (the serve loop passes here at least twice a second)."""
@@ -498,7 +508,12 @@ class Aggregator:
         if self.config.train.algorithm == "fedsgd":  # one gradient at the full rank: nothing to plan
             return {}, {}
         from edgetune.planning.costmodel import Arch, Calibration
-        from edgetune.planning.planner import PlanOptions, for_capabilities, plan_fleet, ranks_up_to
+        from edgetune.planning.planner import (
+            PlanOptions,
+            for_capabilities,
+            plan_fleet,
+            ranks_up_to,
+        )
 
         if only is not None and self.config.uplink_budget_mb is None:
             # Without a fleet-wide budget each device's optimum is its own: plan just this one.
@@ -566,12 +581,10 @@ class Aggregator:
         return task
 
     def _send_task(self, task: RoundTask) -> None:
+        # Not flushed: waiting for the broker's acknowledgement here could wait on a network
+        # thread that waits for room in the inbox (paho resends it after a reconnection).
         self._task = task
         self.transport.publish(self.topics.task, encode_message(task), retain=True)
-        try:
-            self.transport.flush()
-        except TransportError as exc:  # paho resends after reconnecting; keep serving
-            log.warning("task for round %d not yet acknowledged: %s", task.round, exc)
 
     def _plan_latecomer(self, device: str) -> None:
         """A device with a profile joined an open round: add its plan to the task. Plans
@@ -660,8 +673,10 @@ class Aggregator:
         paths = journaled.results if journaled is not None and journaled.number == ctx.number else {}
         deltas = []
         for device in sorted(paths):
-            update = _unwrap(decode_message(paths[device].read_bytes()))
-            delta, _, _ = bound_norm(update.delta, self.config.limits)
+            update = unwrap(decode_message(paths[device].read_bytes()))
+            delta = update.delta
+            if self.config.limits.max_norm is not None:
+                delta, _, _ = bound_norm(delta, self.config.limits)
             if self.config.robust:
                 deltas.append(delta)
             else:  # a late update weighs less the older the global it trained on (0 lag: 1)
@@ -953,10 +968,12 @@ class Aggregator:
         refusal = check_layout(update.delta, adapter_shapes(spec, self.state.model, rank))
         if refusal:
             return refusal
+        if self.config.limits.max_norm is None:
+            return None
         _, refusal, norm = bound_norm(update.delta, self.config.limits)
         if refusal:
             return refusal
-        if self.config.limits.max_norm is not None and norm > self.config.limits.max_norm:
+        if norm > self.config.limits.max_norm:
             log.info("update from %s has norm %.4g: clipped to %.4g", update.device_id, norm, self.config.limits.max_norm)
         return None
 
@@ -964,7 +981,7 @@ class Aggregator:
         """Re-accept a journaled result after a restart (checked when it first arrived)."""
         message = decode_message(payload)
         nonce = message.nonce if isinstance(message, Signed) else b""
-        message = _unwrap(message)
+        message = unwrap(message)
         self._accept(ctx, message, nonce)
         ctx.receipts[(message.device_id, nonce)] = Receipt(message.device_id, message.round, nonce, True)
 
@@ -1004,11 +1021,6 @@ class Aggregator:
             _score(m.local_robust_ppl, sender),
         ))
         log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, message.num_samples, m.train_loss)
-
-
-def _unwrap(message):
-    """The message inside a journaled ``Signed`` (verified when it arrived)."""
-    return decode_message(message.payload) if isinstance(message, Signed) else message
 
 
 @dataclass

@@ -57,6 +57,8 @@ from .workload import Workload
 log = logging.getLogger(__name__)
 #: what the inbox holds after the broker connection came back
 _RECONNECTED = "<reconnected>"
+#: how long a device waits for the final global adapter after the "finished" task
+_FINAL_ADAPTER_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Device:
         self._closed = False
         self._announced = True  # connect(announce=False): no hello, presence or will to undo
         self._running = False  # run() reads the inbox
+        self._finish_seen: float | None = None  # when a "finished" task came before its adapter
         self._send_lock = threading.Lock()  # close() vs a report being sent
         #: the plan this device last trained with (after any back-off): personalization's too
         self.last_plan: DevicePlan | None = None
@@ -194,7 +197,7 @@ class Device:
         self._running = True
         try:
             while not self._stop.is_set():
-                if self._receive(0.5) and self.task and self._step(self.task):
+                if (self._receive(0.5) or self._finish_seen) and self.task and self._step(self.task):
                     break
         finally:
             self._running = False
@@ -345,6 +348,16 @@ class Device:
     def _step(self, task: RoundTask) -> bool:
         """Act on the task if we can; True when the fleet is finished."""
         if task.kind is TaskKind.FINISHED:
+            # Leave with the final adapter: its chunks travel on other topics than the task,
+            # and a broker need not keep their order across topics.
+            have = self.global_adapter.version if self.global_adapter else -1
+            if have < task.global_version:
+                waited = time.monotonic() - (self._finish_seen or time.monotonic())
+                self._finish_seen = self._finish_seen or time.monotonic()
+                if waited < _FINAL_ADAPTER_WAIT_S:
+                    return False
+                log.warning("%s: the fleet finished with global v%d, which never arrived (have v%d)",
+                            self.config.device_id, task.global_version, have)
             self.finished.set()
             return self.config.exit_when_finished
         run, last = self._last_round

@@ -15,27 +15,25 @@ from collections import defaultdict
 import msgpack
 import numpy as np
 import pytest
-
 from edgetune.data import generate_device_texts, split_heldout
 from edgetune.device import Device, DeviceConfig
 from edgetune.models import load_model
 from edgetune.transport import open_transport
 from edgetune.transport.channel import Channel
-from edgetune.workload import Workload
 from edgetune.wire import (
     SCHEMA_VERSION,
     GlobalAdapter,
     LoraSpec,
     RoundTask,
-    Signed,
     TaskKind,
     Topics,
     TrainMetrics,
     TrainSettings,
     Update,
-    decode_message,
     encode_message,
 )
+from edgetune.wire.signing import unwrap
+from edgetune.workload import Workload
 from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
 from edgetune_aggregator.store import StateStore
 
@@ -66,8 +64,7 @@ class Observer:
         channel.subscribe(self.topics.task, self._on)
 
     def _on(self, topic, message) -> None:
-        if isinstance(message, Signed):  # devices sign what they send
-            message = decode_message(message.payload)
+        message = unwrap(message)  # devices sign what they send
         if isinstance(message, Update):
             self.updates[message.round].append(message)
         elif isinstance(message, GlobalAdapter):

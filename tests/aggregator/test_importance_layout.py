@@ -8,13 +8,18 @@ import time
 import uuid
 
 import numpy as np
-
 from edgetune.adapters.lora import lora_shapes, module_names
 from edgetune.planning.layout import adapter_cost, combine_scores, select_layout
 from edgetune.transport import open_transport
 from edgetune.transport.channel import Channel
-from edgetune.wire import Hello, ImportanceReport, ImportanceSettings, Topics, encode_message
-
+from edgetune.wire import (
+    Hello,
+    ImportanceReport,
+    ImportanceSettings,
+    Topics,
+    encode_message,
+)
+from edgetune.wire.signing import unwrap
 from test_federation import SPEC, fleet_config, join_device, start_aggregator, workload
 
 
@@ -27,7 +32,7 @@ class Scores:
         self.transport.connect()
         self.reports: list[ImportanceReport] = []
         Channel(self.transport, self.topics.sender_of).subscribe(
-            self.topics.all_devices("importance"), lambda _t, m: self.reports.append(m))
+            self.topics.all_devices("importance"), lambda _t, m: self.reports.append(unwrap(m)))
 
 
 def test_calibration_round_chooses_the_layout_devices_then_train(tmp_path):

@@ -108,10 +108,13 @@ def pad_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarr
     padded = {}
     for name, t in tensors.items():
         t = as_float32(t)
-        if name.endswith(".lora_A"):
-            padded[name] = np.pad(t, ((0, rank - t.shape[0]), (0, 0)))
+        missing = rank - (t.shape[0] if name.endswith(".lora_A") else t.shape[1])
+        if missing == 0:  # (np.pad copies, and costs ~50 µs a call: most deltas are full rank)
+            padded[name] = t
+        elif name.endswith(".lora_A"):
+            padded[name] = np.pad(t, ((0, missing), (0, 0)))
         else:
-            padded[name] = np.pad(t, ((0, 0), (0, rank - t.shape[1])))
+            padded[name] = np.pad(t, ((0, 0), (0, missing)))
     return padded
 
 

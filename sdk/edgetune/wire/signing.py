@@ -145,6 +145,14 @@ class KeyRing:
         return None
 
 
+def unwrap(message):
+    """The message inside a ``Signed`` (anything else as is), **without** verifying it: for
+    bystanders (monitors, tests) that trust the broker; the aggregator verifies."""
+    from .codec import decode_message
+
+    return decode_message(message.payload) if isinstance(message, Signed) else message
+
+
 def write_key_file(path: str | Path, fleet: str, keys: dict[str, bytes]) -> None:
     """``device_keys.json`` for raw public keys (tests and provisioning)."""
     from ..atomic import atomic_write_json
