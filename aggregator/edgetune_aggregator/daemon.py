@@ -144,7 +144,7 @@ class AggregatorConfig:
     max_staleness: int = 0
     staleness_exponent: float = 0.5
     #: decoded messages waiting for the round loop, in bytes: beyond it the broker holds them
-    inbox_bytes: int = 64 << 20
+    inbox_bytes: int = 16 << 20
 
     @property
     def strategy_name(self) -> str:
@@ -225,6 +225,7 @@ class Aggregator:
             self.channel.on_drop = metrics.rejected
         self.on_round = on_round
         self.devices: dict[str, Hello] = {}
+        self._manifests: dict[str, object] = {}  # fingerprint -> the first manifest (see _on_hello)
         self.online: set[str] = set()
         self.state: FleetState | None = None
         self.global_adapter: GlobalAdapter | None = None
@@ -852,6 +853,11 @@ class Aggregator:
                 self.channel.drop(hello.device_id, topic, "model_mismatch",
                                   f"model {hello.model.fingerprint} differs from {first.fingerprint}")
                 return
+        # One manifest object per model: a fleet's devices send the same one, and a copy per
+        # device (hundreds of layers each) would make the daemon's memory grow with the fleet.
+        known = self._manifests.setdefault(hello.model.fingerprint, hello.model)
+        if known is not hello.model and known == hello.model:
+            hello = dataclasses.replace(hello, model=known)
         new = hello.device_id not in self.devices
         if new:
             log.info("device %s joined (sdk %s, %d samples)", hello.device_id, hello.sdk_version, hello.num_samples)

@@ -222,6 +222,8 @@ class Device:
             self._on_global(message)
         elif isinstance(message, RoundTask):
             self.task = message
+            if message.kind is not TaskKind.FINISHED:
+                self._finish_seen = None  # (a new run of the fleet)
         else:
             self.channel.drop(AGGREGATOR_ID, topic, "unexpected_kind", type(message).__name__)
             return False
