@@ -745,17 +745,10 @@ def markdown(result: dict) -> str:
 
 
 def write_docs(section: str, docs: Path) -> None:
-    """Replace the marked section of ``docs`` (append it if absent), atomically."""
-    from edgetune.atomic import atomic_write_bytes
+    """Replace this benchmark's marked section of ``docs`` (append it if absent), atomically."""
+    from edgetune.bench.sections import replace_section
 
-    text = docs.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_bytes(docs, text.encode())
+    replace_section(docs, section, BEGIN, END)
 
 
 # --- main ---------------------------------------------------------------------------------------

@@ -385,17 +385,10 @@ def markdown(results: dict, png: str) -> str:
 
 
 def write_docs(section: str, docs: Path) -> None:
-    """Replace the marked section of ``docs`` (append it if absent), atomically."""
-    from ..atomic import atomic_write_bytes
+    """Replace this benchmark's marked section of ``docs`` (append it if absent), atomically."""
+    from .sections import replace_section
 
-    text = docs.read_text() if docs.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_bytes(docs, text.encode())
+    replace_section(docs, section, BEGIN, END)
 
 
 # --- command line -------------------------------------------------------------------------------
