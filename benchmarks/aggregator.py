@@ -642,7 +642,7 @@ def summarize_profile(path: Path, n: int) -> dict:
         ("verify the signature (SHA-256 + Ed25519)", s["verify"]),
         ("decode the signed payload into an Update", s["open"] - s["verify"]),
         ("check layout, dtypes, finite values", s["check_layout"]),
-        ("compute the update's norm (done with no bound set too)", s["bound_norm"]),
+        ("compute the update's norm (only with --max-update-norm)", s.get("bound_norm", 0.0)),
         ("journal: encode again, write, fsync file and folder", s["journal"]),
         ("send the receipt", s["_receipt"]),
     ]
