@@ -61,7 +61,7 @@ from edgetune.wire.signing import unwrap
 
 from .inbox import Inbox, message_bytes
 from .intake import Intake
-from .journal import RoundJournal
+from .journal import RoundJournal, parse_name, result_name
 from .store import DeviceRecord, FleetState, RoundRecord, RoundStatus, StateStore
 from .strategies import (
     STRATEGIES,
@@ -215,6 +215,9 @@ class Aggregator:
         #: (device, round) of every update in a global adapter or the open round, for the
         #: rounds a late update may still come from: none is counted twice
         self._counted: set[tuple[str, int]] = set()
+        #: train round -> the global version it started from, for the rounds a late update may
+        #: still come from (the versions within ``max_staleness`` of the current one)
+        self._round_bases: dict[int, int] = {}
         self.transport = transport
         self.topics = Topics(config.fleet)
         self.intake = Intake(self.topics, config.device_keys)
@@ -247,9 +250,15 @@ class Aggregator:
 
     def serve(self) -> None:
         """Run rounds until ``config.rounds`` are done (or ``stop()``); blocking."""
+        # The state, layout and known devices come first: a persistent session delivers the
+        # updates queued while the daemon was away as soon as it connects.
+        self._inbox.reader = threading.get_ident()
+        resumed = self._load()
         self._connect()
         try:
-            if not self._resume() and not self._start_fleet():
+            if resumed:
+                self._publish_global()
+            elif not self._start_fleet():
                 return
             while not self._stop.is_set():
                 next_round = self.state.round + 1
@@ -263,12 +272,15 @@ class Aggregator:
             evaluation_round = self.state.first_train_round + (self.config.rounds or 0)
             if self.config.evaluate_final and self.state.round < evaluation_round:
                 self._run_round(self.state.round + 1, TaskKind.EVALUATE)
+                if self._stop.is_set():  # (left open: a restarted daemon continues it)
+                    return
             self._publish_task(self.state.round + 1, TaskKind.FINISHED)
             log.info("fleet %s finished: global adapter v%d in %s", self.config.fleet,
                      self.state.global_version, self.store.directory / "adapter")
             self.finished.set()
             self._linger()
         finally:
+            self._inbox.close()  # before closing the connection: see Inbox.close
             if self.artifacts is not None:
                 self.artifacts.withdraw(self.channel, self.topics)
             self._publish_presence(False)
@@ -296,20 +308,23 @@ class Aggregator:
     def _connect(self) -> None:
         will = Will(self.topics.aggregator_status, encode_message(Presence(AGGREGATOR_ID, False)))
         self.transport.on_reconnect(lambda session_present: self._inbox.put((_RECONNECTED, session_present)))
+        # Handlers before the connection: what the persistent session queued while the daemon
+        # was away arrives right after it, and goes through the bounded inbox like the rest.
+        for kind in ("hello", "presence", "update", "eval", "importance", "init", "personal", "error", "artifact_request"):
+            self.channel.subscribe(self.topics.all_devices(kind), self._enqueue, sized=True)
         self.transport.connect(will=will)
         # A retained task left by an earlier run (e.g. "finished") must not steer devices
         # that connect before this run publishes its own.
         self.transport.publish(self.topics.task, b"", retain=True)
-        for kind in ("hello", "presence", "update", "eval", "importance", "init", "personal", "error", "artifact_request"):
-            self.channel.subscribe(self.topics.all_devices(kind), self._enqueue)
         if self.artifacts is not None:
             self.artifacts.publish(self.channel, self.topics)
         else:  # an offer retained by an earlier run must not send devices to a daemon without one
             self.transport.publish(self.topics.artifact_offer("ort") + "/0", b"", retain=True)
         self._publish_presence(True)
 
-    def _enqueue(self, topic: str, message: object) -> None:
-        self._inbox.put((topic, message), message_bytes(message))  # blocks while full: see inbox.py
+    def _enqueue(self, topic: str, message: object, size: int) -> None:
+        # what holding it costs: its payload, or its tensors if they decoded larger
+        self._inbox.put((topic, message), max(size, message_bytes(message)))  # blocks while full: see inbox.py
 
     def _tick(self) -> None:
         """Bring the metrics up to date (the serve loop passes here at least twice a second)."""
@@ -342,7 +357,11 @@ class Aggregator:
             self.topics.aggregator_status, encode_message(Presence(AGGREGATOR_ID, online)), retain=True
         )
 
-    def _resume(self) -> bool:
+    def _load(self) -> bool:
+        """Take up the state dir's fleet, if it has one (no network: see ``serve``)."""
+        self.devices = self.store.load_devices()
+        for hello in self.devices.values():
+            self._manifests.setdefault(hello.model.fingerprint, hello.model)
         state = self.store.load_state()
         if state is None:
             return False
@@ -363,12 +382,15 @@ class Aggregator:
         self.strategy.optimizer.load_state_dict(self.store.load_server_state(state.global_version))
         log.info("resuming fleet %s after round %d (global v%d)", state.fleet, state.round, state.global_version)
         self._set_layout()
-        for record in self.store.rounds()[-(self.config.max_staleness + 1):]:
+        for record in self.store.rounds():
             if record["kind"] == TaskKind.TRAIN.value:
-                self._counted |= {(d["device_id"], d.get("from_round") or record["round"]) for d in record["devices"]}
+                self._round_bases[record["round"]] = record["base_version"]
+                self._counted |= {(d["device_id"], record["round"] if d.get("from_round") is None else d["from_round"])
+                                  for d in record["devices"]}
+        self._forget_old_rounds()
         if state.opened > state.round:
-            journaled = self.journal.load()
-            if journaled is not None and journaled.number == state.opened:
+            journaled = self.journal.load(state.opened)
+            if journaled is not None:
                 # the round goes on: its task and accepted results are on disk (_run_round)
                 log.info("round %d was open with %d accepted result(s): continuing it",
                          journaled.number, len(journaled.results))
@@ -379,7 +401,7 @@ class Aggregator:
                                      status=RoundStatus.FAILED, note="the daemon stopped before the round closed")
                 self.store.append_round(record)
                 self.state = dataclasses.replace(state, round=state.opened)
-        self._publish_global()
+                self.store.save_state(self.state)
         return True
 
     def _set_layout(self) -> None:
@@ -553,7 +575,7 @@ class Aggregator:
         self._send_task(task)
         return task
 
-    def _make_task(self, round_number: int, kind: TaskKind) -> RoundTask:
+    def _make_task(self, round_number: int, kind: TaskKind, sit_out: dict[str, str] | None = None) -> RoundTask:
         train = dataclasses.replace(self.config.train, seed=self.config.train.seed + round_number)
         try:
             plans, excluded = self._plan(kind)
@@ -563,6 +585,8 @@ class Aggregator:
         if self.state.left_out:  # another base: their updates would be dropped anyway
             excluded = {**excluded, **{d: f"computed another starting adapter ({why})"
                                        for d, why in self.state.left_out.items()}}
+        if sit_out:
+            excluded = {**excluded, **sit_out}
         if kind is TaskKind.CALIBRATE:  # scoring needs weight gradients, which only PyTorch computes
             excluded = {**excluded, **{d: "trains with ONNX Runtime, which cannot score weight importance"
                                        for d, h in self.devices.items() if h.capabilities.torch_free}}
@@ -606,32 +630,41 @@ class Aggregator:
     # --- one round --------------------------------------------------------------------------
 
     def _run_round(self, number: int, kind: TaskKind) -> RoundRecord:
-        journaled = self.journal.load() if self.state.opened == number else None
-        if journaled is not None and (journaled.number, journaled.kind) != (number, kind.value):
+        journaled = self.journal.load(number) if self.state.opened == number else None
+        if journaled is not None and journaled.kind != kind.value:
             journaled = None
         opened_at = journaled.opened_at if journaled else time.time()
         record = RoundRecord(number, kind.value, self.state.global_version, started_at=opened_at)
         drops_before = Counter(self.channel.drops)
         bytes_before = Counter(self.channel.bytes_from)
         round_ctx = _Round(number, kind, record)
+        if kind is TaskKind.TRAIN:
+            self._round_bases[number] = self.state.global_version
         journal = kind in (TaskKind.TRAIN, TaskKind.EVALUATE)  # (the others precede the first saved state)
+        carried = self._carried(number) if kind is TaskKind.TRAIN else {}
         if journaled is not None:
             task = decode_message(journaled.task)
-            self._send_task(task)  # the same task again: devices that did the round do not redo it
-            for device, path in sorted(journaled.results.items()):
-                self._replay(round_ctx, device, path.read_bytes())
-            log.info("round %d (%s) resumed on global v%d with %d accepted result(s); %d device(s) online",
-                     number, kind.value, self.state.global_version, len(round_ctx.seen), len(self.online))
         else:
             self.state = dataclasses.replace(self.state, opened=number)
             if journal:
-                self.store.save_state(self.state)  # before the task goes out: see _resume
-            task = self._make_task(number, kind)
+                self.store.save_state(self.state)  # before the task goes out: see _load
+            # a device whose result a failed round carried over has done this round already
+            task = self._make_task(number, kind, {device: f"its result of round {r} counts in this round"
+                                                  for _, (device, r) in carried.values()})
             if journal:  # the journal names the task before devices can answer it
                 self.journal.open(number, kind.value, encode_message(task), opened_at)
-            self._send_task(task)
-            log.info("round %d (%s) open on global v%d; %d device(s) online",
-                     number, kind.value, self.state.global_version, len(self.online))
+        if journal:
+            for name, (path, (device, trained_for)) in carried.items():  # (after a restart: what is there is skipped)
+                if not (self.journal._dir(number) / f"{name}.msgpack").exists():
+                    self.journal.record(number, device, path.read_bytes(), late_from=trained_for)
+            self.journal.discard(keep=number)
+            for name, path in sorted(self.journal.load(number).results.items()):
+                self._replay(round_ctx, name, path.read_bytes())
+        self._send_task(task)  # after a restart, the same task again: devices that did the round do not redo it
+        log.info("round %d (%s) %s on global v%d%s; %d device(s) online", number, kind.value,
+                 "resumed" if journaled else "open", self.state.global_version,
+                 f" with {len(round_ctx.record.devices)} accepted result(s)" if round_ctx.record.devices else "",
+                 len(self.online))
         round_ctx.journal = journal
         if self.metrics is not None:
             self.metrics.round_opened(number)
@@ -655,6 +688,29 @@ class Aggregator:
         self._close_round(round_ctx)
         return record
 
+    def _forget_old_rounds(self) -> None:
+        """Keep only the rounds whose global is young enough for a late update to join."""
+        oldest = self.state.global_version - self.config.max_staleness
+        self._round_bases = {r: base for r, base in self._round_bases.items() if base >= oldest}
+        self._counted = {(d, r) for d, r in self._counted if r in self._round_bases}
+
+    def _carried(self, number: int) -> dict[str, tuple[Path, tuple[str, int]]]:
+        """The accepted results of failed train rounds before ``number``, still journaled:
+        result name in this round -> (file, (device, round it was trained for)). A failed
+        round merged nothing and left the global version as it was, so they belong here."""
+        failed = {r["round"] for r in self.store.rounds() if r["kind"] == TaskKind.TRAIN.value
+                  and r["status"] == RoundStatus.FAILED.value}
+        carried = {}
+        for previous in self.journal.numbers():
+            old = self.journal.load(previous) if previous < number and previous in failed else None
+            if old is None or old.kind != TaskKind.TRAIN.value:
+                continue
+            for name, path in old.results.items():
+                device, trained_for = parse_name(name)
+                trained_for = previous if trained_for is None else trained_for
+                carried[result_name(device, trained_for)] = (path, (device, trained_for))
+        return carried
+
     def _needed(self, kind: TaskKind, task: RoundTask) -> int:
         """Results that close the round before its deadline: ``min_devices``, or the quorum of
         the devices the task asked; every online device for an initialization round."""
@@ -670,8 +726,8 @@ class Aggregator:
         """The round's accepted updates, read back from the journal in device order: a round
         interrupted by restarts merges exactly what an uninterrupted one would, bit for bit."""
         merge = self.strategy.begin(self._round_start(ctx.number))
-        journaled = self.journal.load()
-        paths = journaled.results if journaled is not None and journaled.number == ctx.number else {}
+        journaled = self.journal.load(ctx.number)
+        paths = journaled.results if journaled is not None else {}
         deltas = []
         for device in sorted(paths):
             update = unwrap(decode_message(paths[device].read_bytes()))
@@ -742,9 +798,11 @@ class Aggregator:
         self.store.append_round(record)
         if ctx.kind not in (TaskKind.CALIBRATE, TaskKind.INITIALIZE):
             self.store.save_state(self.state)
-            self.journal.discard()  # the round is closed: its results live in the global adapter
-            oldest = ctx.number - self.config.max_staleness  # rounds a late update may still come from
-            self._counted = {(d, r) for d, r in self._counted if r >= oldest}
+            if ctx.kind is TaskKind.TRAIN and record.status is RoundStatus.FAILED:
+                self.journal.discard(keep=ctx.number)  # its results go on into the next train round
+            else:
+                self.journal.discard()  # the round is closed: its results live in the global adapter
+            self._forget_old_rounds()
         if record.status is RoundStatus.AGGREGATED:
             self._publish_global()
         scores = ""
@@ -774,6 +832,14 @@ class Aggregator:
             return
         if topic is _RECONNECTED:
             return self._republish(message)
+        try:
+            return self._dispatch(topic, message, ctx)
+        except Exception as exc:  # a bug or a full disk must not stop the fleet; no receipt: it is resent
+            log.exception("handling a message on %s failed", topic)
+            return self.channel.drop(self.topics.device_of(topic) or topic, topic, "internal_error",
+                                     f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    def _dispatch(self, topic: str, message: object, ctx: _Round | None) -> None:
         sender = self.topics.device_of(topic) or topic
         opened = self.intake.open(topic, message)
         if isinstance(opened, Refusal):
@@ -784,6 +850,8 @@ class Aggregator:
         if isinstance(message, Hello):
             self._on_hello(topic, message)
         elif isinstance(message, Presence):
+            if sender not in self.devices:  # (it decides quorums: only the fleet's devices count)
+                return None
             (self.online.add if message.online else self.online.discard)(sender)
             log.info("device %s is %s", sender, "online" if message.online else "offline")
         elif isinstance(message, ErrorReport):
@@ -861,6 +929,8 @@ class Aggregator:
         new = hello.device_id not in self.devices
         if new:
             log.info("device %s joined (sdk %s, %d samples)", hello.device_id, hello.sdk_version, hello.num_samples)
+        if self.devices.get(hello.device_id) != hello:  # (retained hellos come again on every restart)
+            self.store.save_device(hello)
         self.devices[hello.device_id] = hello
         self.online.add(hello.device_id)
         if new and hello.profile is not None and self.state is not None:
@@ -888,7 +958,7 @@ class Aggregator:
     def _receipt(self, message, nonce: bytes, reason: str, ctx: _Round | None) -> None:
         receipt = Receipt(message.device_id, message.round, nonce, not reason, reason)
         if ctx is not None:
-            ctx.receipts[(message.device_id, nonce)] = receipt
+            ctx.remember(receipt)
         try:
             self.channel.send(self.topics.receipt(message.device_id), receipt)
         except TransportError as exc:  # the device resends and gets the receipt then
@@ -912,9 +982,9 @@ class Aggregator:
         if ctx is None or ctx.kind is not expected_kind or message.round != ctx.number:
             open_round = f"round {ctx.number} ({ctx.kind.value})" if ctx else "no round"
             return Refusal("unknown_round", f"{type(message).__name__} for round {message.round}; {open_round} is open")
-        if nonce and (sender, nonce) in ctx.receipts:
+        earlier = ctx.answered(sender, nonce)
+        if earlier is not None:
             # the same signed message again: a device resending (the receipt is repeated) or a replay
-            earlier = ctx.receipts[(sender, nonce)]
             self._resend_receipt(earlier)
             return Refusal("replayed", f"nonce {nonce.hex()[:8]}… was seen in round {ctx.number} already")
         if sender in ctx.seen:
@@ -924,9 +994,13 @@ class Aggregator:
     def _check_late(self, update: Update, nonce: bytes, ctx: _Round) -> Refusal | None:
         """A late update may join the open round (FedBuff): once per device and round."""
         sender = update.device_id
-        if nonce and (sender, nonce) in ctx.receipts:
-            self._resend_receipt(ctx.receipts[(sender, nonce)])
+        earlier = ctx.answered(sender, nonce)
+        if earlier is not None:
+            self._resend_receipt(earlier)
             return Refusal("replayed", f"nonce {nonce.hex()[:8]}… was seen in round {ctx.number} already")
+        if self._round_bases.get(update.round) != update.base_version:
+            return Refusal("stale_round", f"no train round {update.round} started from v{update.base_version} "
+                           f"within the last {self.config.max_staleness} version(s)")
         if (sender, update.round) in self._counted:
             return Refusal("duplicate", f"{sender}'s update for round {update.round} is counted already")
         return None
@@ -989,12 +1063,14 @@ class Aggregator:
         nonce = message.nonce if isinstance(message, Signed) else b""
         message = unwrap(message)
         self._accept(ctx, message, nonce)
-        ctx.receipts[(message.device_id, nonce)] = Receipt(message.device_id, message.round, nonce, True)
+        ctx.remember(Receipt(message.device_id, message.round, nonce, True))
 
     def _accept(self, ctx: _Round, message, nonce: bytes) -> None:
         sender = message.device_id
-        if isinstance(message, Update) and message.round < ctx.number:  # a late one (FedBuff)
+        if isinstance(message, Update) and message.round < ctx.number:  # late (FedBuff), or carried over
             self._counted.add((sender, message.round))
+            if message.base_version == self.state.global_version:  # carried from a failed round: it is
+                ctx.seen.add(sender)  # this device's result for this round too
             lag = self.state.global_version - message.base_version
             ctx.record.devices.append(DeviceRecord(sender, message.num_samples, message.metrics.train_loss,
                                                    from_round=message.round))
@@ -1039,6 +1115,22 @@ class _Round:
     seen: set[str] = field(default_factory=set)
     #: (device, nonce) -> the receipt it got: a resent or replayed result gets it again
     receipts: dict[tuple[str, bytes], Receipt] = field(default_factory=dict)
+    #: the latest refusal per device (a device with a key could send refused results without
+    #: end: only its last is kept, so the round's memory follows the fleet, not the traffic)
+    refusals: dict[str, Receipt] = field(default_factory=dict)
+
+    def remember(self, receipt: Receipt) -> None:
+        if receipt.accepted:
+            self.receipts[(receipt.device_id, receipt.nonce)] = receipt
+        else:
+            self.refusals[receipt.device_id] = receipt
+
+    def answered(self, device: str, nonce: bytes) -> Receipt | None:
+        """The receipt this exact message got already in this round, if any."""
+        if not nonce:
+            return None
+        refusal = self.refusals.get(device)
+        return self.receipts.get((device, nonce)) or (refusal if refusal and refusal.nonce == nonce else None)
     reports: list[ImportanceReport] = field(default_factory=list)
     #: initialization rounds: each device's starting adapter
     inits: dict[str, dict] = field(default_factory=dict)

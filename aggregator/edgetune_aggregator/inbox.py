@@ -39,14 +39,32 @@ class Inbox:
         self._items: deque[tuple[object, int]] = deque()
         self._bytes = 0
         self._cond = threading.Condition()
+        self._closed = False
+        #: the thread that reads the inbox: it never waits in ``put`` (a broker may hand it
+        #: retained messages while it subscribes, and it would wait for itself)
+        self.reader: int | None = None
 
-    def put(self, item: object, size: int = _SMALL) -> None:
-        """Enqueue; blocks while the inbox is full (one item always fits, however large)."""
+    def put(self, item: object, size: int = _SMALL) -> bool:
+        """Enqueue; blocks while the inbox is full (one item always fits, however large).
+        False once the inbox is closed: the item is dropped (devices resend what matters)."""
         with self._cond:
-            while self._items and self._bytes + size > self.max_bytes:
+            while (self._items and self._bytes + size > self.max_bytes and not self._closed
+                   and threading.get_ident() != self.reader):
                 self._cond.wait()
+            if self._closed:
+                return False
             self._items.append((item, size))
             self._bytes += size
+            self._cond.notify_all()
+            return True
+
+    def close(self) -> None:
+        """Nobody reads any more (the daemon stops): release a network thread waiting in
+        ``put``, or closing the connection would wait for it for ever."""
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._bytes = 0
             self._cond.notify_all()
 
     def get(self, timeout: float) -> object:

@@ -7,6 +7,10 @@ so a result redelivered after the restart is recognised and never counted twice,
 round is merged from these files in device order at its close, so a round interrupted any
 number of times merges exactly what an uninterrupted one with the same results would.
 
+A train round that fails (too few results by its deadline) merges nothing, so its accepted
+results are carried into the next train round (same global version), where a device's own
+new result supersedes its carried one: an accepted result is never lost, and counts once.
+
 Layout (inside the state dir)::
 
     journal/r000007/_round.msgpack        {"round", "kind", "opened_at", "task": <payload>}
@@ -17,6 +21,7 @@ Layout (inside the state dir)::
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +59,10 @@ class RoundJournal:
         return self.root / f"r{number:06d}"
 
     def open(self, number: int, kind: str, task: bytes, opened_at: float) -> None:
-        """Start the round's journal (and forget any other round's: it is closed or void)."""
-        self.discard(keep=None)
+        """Start the round's journal (other rounds' are left for ``discard``: a failed round's
+        results are carried into the next one first, see the daemon's ``_carry_over``)."""
         directory = self._dir(number)
-        directory.mkdir()
+        directory.mkdir(exist_ok=True)
         meta = {"round": number, "kind": kind, "opened_at": opened_at, "task": task}
         atomic_write_bytes(directory / _META, msgpack.packb(meta, use_bin_type=True))
 
@@ -66,21 +71,32 @@ class RoundJournal:
         (trained for round ``late_from``) is ``{device}@r{late_from}``: a device may also
         send the open round's own ('@' is in no device id)."""
         check_name(device_id, "device id")
-        name = device_id if late_from is None else f"{device_id}@r{late_from}"
-        atomic_write_bytes(self._dir(number) / f"{name}.msgpack", payload)
+        atomic_write_bytes(self._dir(number) / f"{result_name(device_id, late_from)}.msgpack", payload)
 
-    def load(self) -> OpenRound | None:
-        """The journaled round, or None (a round whose journal is incomplete never went out:
-        its metadata is written before its task is published)."""
-        rounds = sorted(p for p in self.root.glob("r*") if p.is_dir())
-        for directory in rounds[:-1]:  # (a crash between open()'s steps): only the newest counts
-            shutil.rmtree(directory, ignore_errors=True)
-        if not rounds or not (rounds[-1] / _META).exists():
+    def forget(self, number: int, name: str) -> None:
+        """Remove one result (a carried one its device superseded), durably."""
+        path = self._dir(number) / f"{name}.msgpack"
+        if path.exists():
+            path.unlink()
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def numbers(self) -> list[int]:
+        """The rounds that have a journal (with its metadata), oldest first."""
+        return sorted(int(p.name[1:]) for p in self.root.glob("r*") if (p / _META).exists())
+
+    def load(self, number: int) -> OpenRound | None:
+        """Round ``number``'s journal, or None (a round whose journal has no metadata never
+        went out: the metadata is written before the task is published)."""
+        directory = self._dir(number)
+        if not (directory / _META).exists():
             return None
-        directory = rounds[-1]
         try:
             meta = msgpack.unpackb((directory / _META).read_bytes(), raw=False)
-            number, kind, opened_at, task = meta["round"], meta["kind"], float(meta["opened_at"]), bytes(meta["task"])
+            kind, opened_at, task = meta["kind"], float(meta["opened_at"]), bytes(meta["task"])
         except Exception as exc:  # written atomically, so only tampering gets here
             raise RuntimeError(f"{directory / _META} is damaged ({exc}); move the journal folder aside to "
                                "restart the round") from None
@@ -92,3 +108,13 @@ class RoundJournal:
         for directory in self.root.glob("r*"):
             if keep is None or directory.name != f"r{keep:06d}":
                 shutil.rmtree(directory, ignore_errors=True)
+
+
+def result_name(device_id: str, late_from: int | None = None) -> str:
+    return device_id if late_from is None else f"{device_id}@r{late_from}"
+
+
+def parse_name(name: str) -> tuple[str, int | None]:
+    """``(device, round it was trained for)`` of a result's name (round None: the journal's own)."""
+    device, _, late = name.partition("@r")
+    return device, int(late) if late else None

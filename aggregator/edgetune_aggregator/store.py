@@ -9,6 +9,9 @@ Layout::
     adapter/                   the current global adapter in PEFT format (load with peft)
     rounds.json                one record per closed round (see RoundRecord)
     personalization.json       each device's personalization scores (PersonalizationReport)
+    devices/{id}.msgpack       each device's accepted hello (a wire Hello message)
+    journal/r000007/           the open round's task and accepted results (journal.py)
+    client_id                  the daemon's MQTT client id (``serve``; not guessable)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 from edgetune.wire import (
     AdapterSpec,
     GlobalAdapter,
+    Hello,
     LoraSpec,
     ModelManifest,
     PromptSpec,
@@ -205,6 +209,27 @@ class StateStore:
             return {}
         raw = msgpack.unpackb(path.read_bytes())
         return {name: decode_tensor(t) for name, t in raw.items()}
+
+    # --- devices ----------------------------------------------------------------------------
+
+    def save_device(self, hello: Hello) -> None:
+        """A device's accepted hello (verified when it came), so a restarted daemon knows the
+        fleet before the broker re-sends retained hellos, or after a broker that lost them."""
+        directory = self.directory / "devices"
+        directory.mkdir(exist_ok=True)
+        atomic_write_bytes(directory / f"{hello.device_id}.msgpack", encode_message(hello))
+
+    def load_devices(self) -> dict[str, Hello]:
+        devices = {}
+        for path in sorted((self.directory / "devices").glob("*.msgpack")):
+            try:
+                hello = decode_message(path.read_bytes())
+            except Exception as exc:  # written atomically: only tampering gets here; the device says hello again
+                log.warning("ignoring %s: %s", path, exc)
+                continue
+            if isinstance(hello, Hello) and hello.device_id == path.stem:
+                devices[hello.device_id] = hello
+        return devices
 
     # --- round log --------------------------------------------------------------------------
 

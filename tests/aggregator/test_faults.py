@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -212,3 +213,42 @@ def test_a_device_killed_while_training_rejoins_and_the_round_counts_it_once(mos
         assert record["status"] == "aggregated"
         assert sorted(d["device_id"] for d in record["devices"]) == ["dev-0", "dev-1"]
     other.stop()
+
+
+def test_updates_queued_while_the_daemon_was_down_are_taken_at_once(mosquitto_url, tmp_path):
+    """The broker holds them in the daemon's persistent session and delivers them right after
+    it reconnects, before any retained hello: the daemon must already know the devices and
+    the layout's size limit (a SmolLM2-sized update is over the 1 MiB default)."""
+    from edgetune.simulate import SMOLLM2_135M
+
+    fleet = f"queued-{uuid.uuid4().hex[:8]}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=2, round_timeout_s=120,
+                              join_timeout_s=60, adapter=SPEC, planning=False, evaluate_final=False)
+
+    def daemon():
+        transport = open_transport(mosquitto_url, client_id=f"agg-{fleet}", connect_timeout=10, clean_session=False)
+        from edgetune_aggregator.daemon import Aggregator
+
+        aggregator = Aggregator(config, transport)
+        thread = threading.Thread(target=aggregator.serve, daemon=True)
+        thread.start()
+        return aggregator, thread
+
+    aggregator, thread = daemon()
+    first, second = (Manual(mosquitto_url, fleet, Signer.generate(d), SMOLLM2_135M) for d in ("dev-0", "dev-1"))
+    assert _wait(lambda: aggregator._task is not None and aggregator._task.round == 1)
+    run_id = aggregator.state.run_id
+    first.run_id = second.run_id = run_id
+    first.send(first.update(1))
+    assert _wait(lambda: any(r.accepted for r in first.receipts))
+    aggregator.stop()
+    thread.join(timeout=30)
+    second.send(second.update(1))  # the daemon is away: the broker keeps it for its session
+    aggregator, thread = daemon()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert not aggregator.drops, dict(aggregator.drops)  # neither unknown_device nor oversize
+    record = aggregator.store.rounds()[0]
+    assert record["status"] == "aggregated" and sorted(d["device_id"] for d in record["devices"]) == ["dev-0", "dev-1"]
+    first.close()
+    second.close()

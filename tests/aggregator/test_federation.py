@@ -384,6 +384,7 @@ def test_a_hello_with_an_unusable_model_is_dropped_and_the_daemon_keeps_serving(
                                                                 evaluate_final=False))
     rogue = open_transport(url, client_id="rogue")
     rogue.connect()
+    assert _wait(lambda: aggregator.transport.stats.messages_sent > 0)  # subscribed (its hello is not retained)
     no_targets = ModelManifest("odd", "f" * 16, {"lm_head": (4, 4)})
     rogue.publish(Topics(fleet).hello("rogue"), encode_message(Hello("rogue", "0", no_targets)))
     assert _wait(lambda: aggregator.drops.get("bad_model") == 1)

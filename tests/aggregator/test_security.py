@@ -51,7 +51,7 @@ class Manual:
     """A device the test drives by hand: it signs (or not) whatever the test makes it send,
     and records the receipts the aggregator answers with."""
 
-    def __init__(self, url: str, fleet: str, signer: Signer):
+    def __init__(self, url: str, fleet: str, signer: Signer, model=TINY):
         self.topics = Topics(fleet)
         self.id = signer.device_id
         self.transport = open_transport(url, client_id=f"manual-{uuid.uuid4().hex[:6]}", connect_timeout=10)
@@ -60,12 +60,13 @@ class Manual:
         self.receipts: list[Receipt] = []
         self.run_id = ""  # the fleet run its updates are for (set once the daemon has one)
         self.channel.subscribe(self.topics.receipt(self.id), lambda t, m: self.receipts.append(m))
-        hello = Hello(self.id, "test", TINY, Capabilities(), 10)
+        self.shapes = adapter_shapes(SPEC, model)
+        hello = Hello(self.id, "test", model, Capabilities(), 10)
         self.transport.publish(self.topics.hello(self.id), self.channel.prepare(self.topics.hello(self.id), hello)[0],
                                retain=True)
 
     def update(self, round_number: int, delta=None, version: int = 0, samples: int = 10) -> Update:
-        delta = simulated_delta(SHAPES, self.id, round_number) if delta is None else delta
+        delta = simulated_delta(self.shapes, self.id, round_number) if delta is None else delta
         return Update(self.id, round_number, version, samples, delta, TrainMetrics(1.0, 0, 0.0, 1.0, 1.0), self.run_id)
 
     def send(self, message) -> None:
@@ -297,3 +298,97 @@ def test_late_updates_are_folded_in_with_a_staleness_weight_once(tmp_path):
 def test_staleness_needs_an_averaging_strategy():
     with pytest.raises(ValueError, match="fedit"):
         AggregatorConfig(fleet="f", state_dir="x", adapter=SPEC, strategy="svd", max_staleness=1)
+
+
+def test_a_late_update_counts_once_even_after_failed_rounds(tmp_path):
+    """Failed rounds do not move the global version: the window is counted in versions."""
+    fleet = f"win-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=4, min_devices=1, round_timeout_s=1.0,
+                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
+                              strategy="fedit", max_staleness=1)
+    aggregator, thread = start_aggregator(url, config)
+    a = Manual(url, fleet, Signer.generate("a"))
+    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
+    a.run_id = aggregator.state.run_id
+    first = a.channel.prepare(a.topics.update("a"), a.update(1))[0]
+    a.transport.publish(a.topics.update("a"), first)
+    assert _wait(lambda: aggregator.state.global_version == 1)
+    assert _wait(lambda: aggregator._task.round == 4, 10)  # rounds 2 and 3 failed: nobody answered them
+    a.transport.publish(a.topics.update("a"), first)  # the same bytes again, in round 4
+    assert _wait(lambda: aggregator.drops["duplicate"] == 1, 10), dict(aggregator.drops)
+    thread.join(timeout=30)
+    assert [r["status"] for r in aggregator.store.rounds()] == ["aggregated", "failed", "failed", "failed"]
+    assert aggregator.state.global_version == 1
+    a.close()
+
+
+def test_the_staleness_window_refuses_recounts_and_invented_rounds(tmp_path):
+    fleet = f"win2-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=4, min_devices=2, round_timeout_s=1.5,
+                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
+                              strategy="fedit", max_staleness=1)
+    aggregator, thread = start_aggregator(url, config)
+    a, b = (Manual(url, fleet, Signer.generate(d)) for d in ("a", "b"))
+    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
+    a.run_id = b.run_id = aggregator.state.run_id
+    a.send(a.update(1))
+    b.send(b.update(1))
+    assert _wait(lambda: aggregator.state.global_version == 1)
+    # round 2 fails (nobody answers); in round 3, a's round-1 update again, and invented rounds
+    assert _wait(lambda: aggregator.state.round >= 2 and aggregator._task.round == 3, 10)
+    a.send(a.update(1))  # a new nonce, but a's round 1 is in v1 already
+    for invented in (-1, 0, 2):  # no train round started from v0 there (round 2 started from v1)
+        b.send(b.update(invented))
+    assert _wait(lambda: aggregator.drops["duplicate"] == 1 and aggregator.drops["stale_round"] == 3, 10), \
+        dict(aggregator.drops)
+    thread.join(timeout=30)
+    assert all(d.get("from_round") is None for r in aggregator.store.rounds() for d in r["devices"])
+    a.close()
+    b.close()
+
+
+def test_accepted_results_of_a_failed_round_count_in_the_next_one(tmp_path):
+    fleet = f"carry-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2, round_timeout_s=1.5,
+                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False)
+    aggregator, thread = start_aggregator(url, config)
+    a, b = (Manual(url, fleet, Signer.generate(d)) for d in ("a", "b"))
+    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
+    a.run_id = b.run_id = aggregator.state.run_id
+    a.send(a.update(1))  # accepted, but round 1 fails: b never answers it
+    assert _wait(lambda: any(r.accepted for r in a.receipts))
+    assert _wait(lambda: aggregator._task.round == 2, 10)
+    assert "a" in aggregator._task.excluded  # its round-1 result counts in round 2: it need not train
+    a.send(a.update(2))  # sent anyway: refused, a counts once
+    b.send(b.update(2))
+    thread.join(timeout=30)
+    log = aggregator.store.rounds()
+    assert [r["status"] for r in log] == ["failed", "aggregated"]
+    assert sorted((d["device_id"], d["from_round"]) for d in log[1]["devices"]) == [("a", 1), ("b", None)]
+    assert aggregator.drops["duplicate"] == 1
+    v0, v1 = aggregator.store.load_global(0), aggregator.store.load_global(1)
+    for name in SHAPES:
+        mean = (simulated_delta(SHAPES, "a", 1)[name] + simulated_delta(SHAPES, "b", 2)[name]) / 2
+        np.testing.assert_allclose(v1.tensors[name], v0.tensors[name] + mean, rtol=1e-5, atol=1e-7)
+    a.close()
+    b.close()
+
+
+def test_a_malformed_update_cannot_crash_the_daemon(tmp_path):
+    fleet = f"crash-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=30,
+                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False)
+    aggregator, thread = start_aggregator(url, config)
+    m = Manual(url, fleet, Signer.generate("m"))
+    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
+    m.run_id = aggregator.state.run_id
+    m.send(m.update(1, {**simulated_delta(SHAPES, "m", 1), "0.lora_A": np.zeros((), np.float32)}))
+    assert _wait(lambda: aggregator.drops["wrong_shape"] == 1, 10)
+    m.send(m.update(1))
+    thread.join(timeout=30)
+    assert not thread.is_alive() and aggregator.store.rounds()[0]["status"] == "aggregated"
+    m.close()

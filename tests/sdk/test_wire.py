@@ -284,3 +284,12 @@ def test_topics():
     for bad in ["", "a/b", "a+", "#", "x" * 65]:
         with pytest.raises(ValueError, match="fleet name"):
             Topics(bad)
+
+
+def test_chunks_cannot_carry_more_than_their_transfer_claims():
+    reassembler = Reassembler()
+    digest = "ab" * 32
+    reassembler.feed("a", Chunk(digest, 0, 3, 3000, b"x" * 2000))
+    with pytest.raises(WireError, match="more than the 3000 bytes"):
+        reassembler.feed("a", Chunk(digest, 1, 3, 3000, b"x" * 2000))
+    assert reassembler.pending_bytes == 0  # the transfer is gone

@@ -86,10 +86,12 @@ def as_float32(array: np.ndarray) -> np.ndarray:
 
 
 def rank_of(tensors: Mapping[str, np.ndarray]) -> int:
-    """The rank of an adapter (rows of its first ``lora_A``); 0 if it has none."""
+    """The rank of an adapter (rows of its first ``lora_A``); 0 if it has none, or if that
+    tensor is not a matrix (whatever sent it, its shapes are then refused)."""
     for name in sorted(tensors):
         if name.endswith(".lora_A"):
-            return int(tensors[name].shape[0])
+            shape = tensors[name].shape
+            return int(shape[0]) if len(shape) == 2 else 0
     return 0
 
 

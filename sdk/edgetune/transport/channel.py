@@ -13,7 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from ..wire import DEFAULT_MAX_PACKET, Reassembler, WireError, chunk_payload, decode_frame
+from ..wire import DEFAULT_MAX_PACKET, Reassembler, WireError, chunk_payload
+from ..wire.chunks import decode_frame_sized
 from ..wire import encode_message, split_payload
 from .base import Transport
 
@@ -85,8 +86,9 @@ class Channel:
             self.transport.publish(f"{prefix}/{index}", b"", qos=1, retain=True)
         return len(frames)
 
-    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
-        """``handler(topic, message)`` for each whole, valid message on the filter."""
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1, sized: bool = False) -> None:
+        """``handler(topic, message)`` for each whole, valid message on the filter;
+        ``sized``: ``handler(topic, message, size)``, with the bytes of the payload it came in."""
 
         def on_frame(topic: str, payload: bytes) -> None:
             if not payload:
@@ -96,7 +98,7 @@ class Channel:
             try:
                 limit = self.limit_of(topic) if self.limit_of else None
                 with self._lock:
-                    message = decode_frame(self._reassembler, sender, payload, limit)
+                    message, size = decode_frame_sized(self._reassembler, sender, payload, limit)
             except WireError as exc:
                 self.drop(sender, topic, exc.reason, exc.detail)
                 return
@@ -105,7 +107,10 @@ class Channel:
                 self.drop(sender, topic, "bad_payload", f"{type(exc).__name__}: {exc}")
                 return
             if message is not None:
-                handler(topic, message)
+                if sized:
+                    handler(topic, message, size)
+                else:
+                    handler(topic, message)
 
         self.transport.subscribe(topic_filter, on_frame, qos=qos)
 

@@ -184,10 +184,19 @@ class MqttTransport(Transport):
     def _on_unmatched(self, client, userdata, message) -> None:
         log.debug("message on %s matched no handler (yet)", message.topic)
         with self._lock:
-            self._early_messages.append((message.topic, message.payload))
-            self._early_bytes += len(message.payload)
-            while self._early_messages and self._early_bytes > _EARLY_BYTES:  # oldest out first
-                self._early_bytes -= len(self._early_messages.popleft()[1])
+            # (subscribe() may have registered one since paho looked: then it is not early)
+            late = next((qos_handler for f, qos_handler in self._subs.items() if topic_matches(f, message.topic)), None)
+            if late is None:
+                self._early_messages.append((message.topic, message.payload))
+                self._early_bytes += len(message.payload)
+                while self._early_messages and self._early_bytes > _EARLY_BYTES:  # oldest out first
+                    self._early_bytes -= len(self._early_messages.popleft()[1])
+        if late is not None:
+            self.stats.received(len(message.payload))
+            try:
+                late[1](message.topic, message.payload)
+            except Exception:
+                log.exception("handler for %s failed", message.topic)
 
     # --- messaging --------------------------------------------------------------------------
 

@@ -48,7 +48,8 @@ class _Pending:
     count: int
     size: int
     parts: dict[int, bytes] = field(default_factory=dict)
-    received: int = 0
+    received: int = 0  # what is charged against the bound: data + CHUNK_OVERHEAD per chunk
+    data_bytes: int = 0  # the chunks' data: never more than the size the transfer claims
     started: float = field(default_factory=time.monotonic)
 
 
@@ -118,6 +119,10 @@ class Reassembler:
             raise WireError("bad_chunk", "chunks of one transfer disagree on count or size")
         if chunk.index in pending.parts:
             return None  # duplicate (QoS 1 redelivery)
+        if pending.data_bytes + len(chunk.data) > pending.size:
+            self._discard(key)
+            raise WireError("bad_chunk", f"chunks carry more than the {pending.size} bytes their transfer claims")
+        pending.data_bytes += len(chunk.data)
         pending.parts[chunk.index] = chunk.data
         charge = len(chunk.data) + CHUNK_OVERHEAD
         pending.received += charge
@@ -160,15 +165,22 @@ class Reassembler:
 def decode_frame(reassembler: Reassembler, sender: str, frame: bytes, max_size: int | None = None):
     """Decode one MQTT payload: a message, or None while a chunked one is incomplete.
     ``max_size`` bounds the whole payload, chunked or not (checked before reassembly)."""
+    return decode_frame_sized(reassembler, sender, frame, max_size)[0]
+
+
+def decode_frame_sized(reassembler: Reassembler, sender: str, frame: bytes,
+                       max_size: int | None = None) -> tuple[object | None, int]:
+    """``decode_frame`` and the size of the whole payload the message came in (what holding
+    it costs a receiver that queues it)."""
     if max_size is not None and len(frame) > max_size + CHUNK_OVERHEAD:
         raise WireError("oversize", f"a payload of {len(frame)} bytes where at most {max_size} fit")
     message = decode_message(frame)
     if not isinstance(message, Chunk):
-        return message
+        return message, len(frame)
     payload = reassembler.feed(sender, message, max_size)
     if payload is None:
-        return None
+        return None, 0
     inner = decode_message(payload)
     if isinstance(inner, Chunk):
         raise WireError("bad_chunk", "a chunked payload may not itself be a chunk")
-    return inner
+    return inner, len(payload)
