@@ -3,8 +3,8 @@ before the round logic sees them.
 
 With the fleet's keys (``device_keys.json``) every message that shapes the fleet (hello,
 results, personalization reports) must arrive signed by its device; presence, progress and
-error reports may be unsigned (the broker's ACL already pins them to their device, and they
-change nothing). A signature is verified before its payload is decoded, so a forger cannot
+error reports may be unsigned (the broker's ACL already pins them to their device; they
+change no adapter, and presence counts only for devices whose hello was accepted). A signature is verified before its payload is decoded, so a forger cannot
 even reach the decoder with a large payload.
 """
 
