@@ -15,192 +15,57 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from edgetune.adapters.lora import as_float32, init_lora, rank_of, targets
+from edgetune.adapters.lora import init_lora, targets
 from edgetune.adapters.prompt import adapter_shapes, consensus
-from edgetune.planning.layout import (
-    GPT2_KINDS,
-    LLAMA_KINDS,
-    adapter_cost,
-    candidate_modules,
-    combine_scores,
-    select_layout,
-)
-from edgetune.transport import Transport, TransportError, Will
+from edgetune.planning.layout import adapter_cost, candidate_modules, combine_scores, select_layout
+from edgetune.transport import Transport, Will
 from edgetune.transport.channel import Channel
 from edgetune.wire import (
     AGGREGATOR_ID,
-    DEFAULT_MAX_PACKET,
     AdapterInit,
-    AdapterSpec,
     ArtifactRequest,
     ErrorReport,
     EvalReport,
     GlobalAdapter,
     Hello,
     ImportanceReport,
-    ImportanceSettings,
     LoraSpec,
     PersonalizationReport,
     Presence,
     PromptSpec,
-    Receipt,
     RoundTask,
-    Signed,
     TaskKind,
     Topics,
-    TrainSettings,
     Update,
     decode_message,
     encode_message,
 )
 from edgetune.wire.signing import unwrap
 
+from .config import DEFAULT_CANDIDATES, LAYOUTS, MAX_ADAPTER_PARAMETERS, AggregatorConfig  # noqa: F401 (re-exported)
 from .inbox import Inbox, message_bytes
 from .intake import Intake
 from .journal import RoundJournal, parse_name, result_name
-from .store import DeviceRecord, FleetState, RoundRecord, RoundStatus, StateStore
+from .results import ResultHandling, RoundContext
+from .store import FleetState, RoundRecord, RoundStatus, StateStore
 from .strategies import (
-    STRATEGIES,
     RoundMerge,
     RoundStart,
-    ServerOptimizerConfig,
     Strategy,
     make_strategy,
 )
-from .strategies.robust import ROBUST_METHODS, robust_combine
-from .validation import Refusal, UpdateLimits, bound_norm, check_layout, check_samples
+from .strategies.robust import robust_combine
+from .validation import Refusal, bound_norm
 
 log = logging.getLogger(__name__)
 
-#: refuse a fleet whose adapter would be larger than this (a hostile or mistaken hello)
-MAX_ADAPTER_PARAMETERS = 200_000_000
-#: weight matrices an importance-based layout chooses among (Llama-style and GPT-2 names)
-DEFAULT_CANDIDATES = LLAMA_KINDS + GPT2_KINDS
-LAYOUTS = ("fixed", "importance")
 #: what the inbox holds after the broker connection came back (see ``_republish``)
 _RECONNECTED = "<reconnected>"
 
 
-@dataclass(frozen=True)
-class AggregatorConfig:
-    fleet: str
-    state_dir: Path
-    #: train rounds to run, then evaluate and finish; None runs until stopped
-    rounds: int | None = None
-    #: updates needed to close a round early and to aggregate at all
-    min_devices: int = 1
-    round_timeout_s: float = 600.0
-    #: how long to wait for the first ``min_devices`` devices (None: forever)
-    join_timeout_s: float | None = None
-    #: a LoRA (LoraSpec) or a soft prompt (PromptSpec)
-    adapter: AdapterSpec = field(default_factory=LoraSpec)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    seed: int = 0
-    max_packet: int = DEFAULT_MAX_PACKET
-    #: after the last round, have every device evaluate the final global adapter
-    evaluate_final: bool = True
-    #: written into the PEFT adapter_config.json so users know which base it belongs to
-    base_model: str = ""
-    #: plan each device's rank, quantization and batch from the profile in its hello
-    planning: bool = True
-    #: fleet-wide MB of updates per round the planner must stay within (None: unlimited)
-    uplink_budget_mb: float | None = None
-    #: how updates are merged: fedit, hetlora, stack, svd, or "auto" (svd — exact for the mixed
-    #: ranks the planner hands out — when planning, else fedit)
-    strategy: str = "auto"
-    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
-    #: "fixed": adapters on adapter.target_modules; "importance": a calibration round scores
-    #: the candidates and picks matrices within adapter_budget (docs/importance.md)
-    layout: str = "fixed"
-    importance: ImportanceSettings = field(default_factory=ImportanceSettings)
-    layout_candidates: tuple[str, ...] = DEFAULT_CANDIDATES
-    #: adapter parameters the importance layout may use (None: as many as the fixed layout)
-    adapter_budget: int | None = None
-    #: ONNX Runtime artifacts (``edgetune build-ort``) to serve to devices without PyTorch
-    ort_artifacts: Path | None = None
-    #: after the fleet finishes, keep recording devices' personalization reports (and serving
-    #: artifacts) this many seconds (None: until stopped)
-    linger_s: float | None = 0.0
-    #: the fleet's device public keys (``device_keys.json``): with them every device message
-    #: that shapes the fleet must be signed (docs/security.md); None: no signatures checked
-    device_keys: Path | None = None
-    #: bounds on every update: norm (clip or reject) and sample count
-    limits: UpdateLimits = field(default_factory=UpdateLimits)
-    #: None: the strategy's weighted mean; "median" or "trimmed_mean": coordinate-wise robust
-    #: combination (fedit and dense strategies only, see strategies/robust.py)
-    robust: str | None = None
-    #: fraction of values dropped at each end of every coordinate by "trimmed_mean"
-    trim: float = 0.1
-    #: close a round early once this fraction of the devices it tasked answered (and at least
-    #: ``min_devices``); None: as soon as ``min_devices`` answered
-    quorum: float | None = None
-    #: FedBuff-style staleness: an update that arrives after its round closed, trained on a
-    #: global at most this many versions old, is folded into the open round with its weight
-    #: times (1 + lag)^-staleness_exponent; 0: late updates are refused (stale_round)
-    max_staleness: int = 0
-    staleness_exponent: float = 0.5
-    #: decoded messages waiting for the round loop, in bytes: beyond it the broker holds them
-    inbox_bytes: int = 16 << 20
-
-    @property
-    def strategy_name(self) -> str:
-        if self.strategy == "auto":
-            if isinstance(self.adapter, PromptSpec):
-                return "dense"
-            # FedSGD averages gradients of the factors: fedit's factor average is that
-            return "svd" if self.planning and self.train.algorithm == "fedavg" else "fedit"
-        return self.strategy
-
-    def __post_init__(self) -> None:
-        if self.strategy != "auto" and self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy {self.strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
-        strategy = make_strategy(self.strategy_name, self.server_optimizer)  # raises for an incompatible optimizer
-        if self.adapter.kind not in strategy.kinds:
-            fits = [name for name, cls in STRATEGIES.items() if self.adapter.kind in cls.kinds]
-            raise ValueError(f"strategy {strategy.name} merges {'/'.join(strategy.kinds)} adapters, not "
-                             f"{self.adapter.kind}: use {' or '.join(fits)} (or auto)")
-        if self.train.algorithm == "fedsgd" and strategy.name not in ("fedit", "dense"):
-            raise ValueError(f"FedSGD sends gradients, which only a plain average combines: strategy "
-                             f"{strategy.name} would treat them as trained factors; use fedit (or auto)")
-        if isinstance(self.adapter, PromptSpec) and self.layout != "fixed":
-            raise ValueError("an importance layout chooses weight matrices for LoRA; a soft prompt has none")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
-        if self.adapter_budget is not None and self.adapter_budget < 1:
-            raise ValueError(f"adapter_budget must be ≥ 1, got {self.adapter_budget}")
-        if self.min_devices < 1:
-            raise ValueError(f"min_devices must be ≥ 1, got {self.min_devices}")
-        if self.rounds is not None and self.rounds < 0:
-            raise ValueError(f"rounds must be ≥ 0, got {self.rounds}")
-        if self.round_timeout_s <= 0:
-            raise ValueError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
-        if self.linger_s is not None and self.linger_s < 0:
-            raise ValueError(f"linger_s must be ≥ 0 (None: until stopped), got {self.linger_s}")
-        if self.robust is not None:
-            if self.robust not in ROBUST_METHODS:
-                raise ValueError(f"robust {self.robust!r} is not one of {', '.join(ROBUST_METHODS)}")
-            if strategy.name not in ("fedit", "dense"):
-                raise ValueError(f"robust aggregation combines deltas coordinate-wise, which the averaging "
-                                 f"strategies fedit and dense do; strategy {strategy.name} merges products "
-                                 "exactly: use --strategy fedit (or dense for prompts)")
-            if not 0.0 <= self.trim < 0.5:
-                raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
-        if self.max_staleness < 0 or not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
-            raise ValueError(f"max_staleness must be ≥ 0 and staleness_exponent finite and ≥ 0, got "
-                             f"{self.max_staleness} and {self.staleness_exponent}")
-        if self.max_staleness and strategy.name not in ("fedit", "dense"):
-            raise ValueError(f"late updates are folded in as deltas of an older global, which the averaging "
-                             f"strategies fedit and dense can do; strategy {strategy.name} rebuilds each device's "
-                             "factors from the round's start: use --strategy fedit (or dense for prompts)")
-        if self.quorum is not None and not 0.0 < self.quorum <= 1.0:
-            raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
-
-
-class Aggregator:
+class Aggregator(ResultHandling):
     def __init__(
         self,
         config: AggregatorConfig,
@@ -236,6 +101,8 @@ class Aggregator:
         self._stop = threading.Event()
         #: set once the fleet's last round closed and ``finished`` was published
         self.finished = threading.Event()
+        #: set once connected and subscribed: messages published from then on are seen
+        self.ready = threading.Event()
         self._task: RoundTask | None = None  # the task now published
         self.strategy: Strategy | None = None  # made once the fleet's state is known
         self._calibration = None  # the cost model's coefficients, read once when first needed
@@ -255,6 +122,7 @@ class Aggregator:
         self._inbox.reader = threading.get_ident()
         resumed = self._load()
         self._connect()
+        self.ready.set()
         try:
             if resumed:
                 self._publish_global()
@@ -498,7 +366,7 @@ class Aggregator:
                                          first_train_round=record.round + 1)
         return chosen
 
-    def _choose_layout(self, ctx: _Round) -> tuple[str, ...]:
+    def _choose_layout(self, ctx: RoundContext) -> tuple[str, ...]:
         """Combine the devices' scores (sample-weighted) and select matrices within the budget."""
         spec, modules = self.config.adapter, self.state.model.modules
         budget = self.config.adapter_budget or adapter_cost(modules, targets(spec, modules), spec.rank)
@@ -637,7 +505,7 @@ class Aggregator:
         record = RoundRecord(number, kind.value, self.state.global_version, started_at=opened_at)
         drops_before = Counter(self.channel.drops)
         bytes_before = Counter(self.channel.bytes_from)
-        round_ctx = _Round(number, kind, record)
+        round_ctx = RoundContext(number, kind, record)
         if kind is TaskKind.TRAIN:
             self._round_bases[number] = self.state.global_version
         journal = kind in (TaskKind.TRAIN, TaskKind.EVALUATE)  # (the others precede the first saved state)
@@ -722,7 +590,7 @@ class Aggregator:
             needed = max(needed, math.ceil(self.config.quorum * len(asked)))
         return needed
 
-    def _merge(self, ctx: _Round) -> RoundMerge:
+    def _merge(self, ctx: RoundContext) -> RoundMerge:
         """The round's accepted updates, read back from the journal in device order: a round
         interrupted by restarts merges exactly what an uninterrupted one would, bit for bit."""
         merge = self.strategy.begin(self._round_start(ctx.number))
@@ -749,7 +617,7 @@ class Aggregator:
         scale = spec.alpha / spec.rank if isinstance(spec, LoraSpec) else 1.0
         return RoundStart(dict(adapter.tensors), dict(adapter.merged), scale, seed=self.config.seed + number)
 
-    def _close_round(self, ctx: _Round) -> None:
+    def _close_round(self, ctx: RoundContext) -> None:
         record = ctx.record
         enough = len(record.devices) >= self.config.min_devices
         if ctx.kind is TaskKind.TRAIN and enough:
@@ -824,7 +692,7 @@ class Aggregator:
 
     # --- inbox ------------------------------------------------------------------------------
 
-    def _handle_next(self, ctx: _Round | None, timeout: float) -> None:
+    def _handle_next(self, ctx: RoundContext | None, timeout: float) -> None:
         self._tick()
         try:
             topic, message = self._inbox.get(timeout=timeout)
@@ -839,7 +707,7 @@ class Aggregator:
             return self.channel.drop(self.topics.device_of(topic) or topic, topic, "internal_error",
                                      f"{type(exc).__name__}: {str(exc)[:200]}")
 
-    def _dispatch(self, topic: str, message: object, ctx: _Round | None) -> None:
+    def _dispatch(self, topic: str, message: object, ctx: RoundContext | None) -> None:
         sender = self.topics.device_of(topic) or topic
         opened = self.intake.open(topic, message)
         if isinstance(opened, Refusal):
@@ -935,214 +803,6 @@ class Aggregator:
         self.online.add(hello.device_id)
         if new and hello.profile is not None and self.state is not None:
             self._plan_latecomer(hello.device_id)
-
-    def _on_result(self, topic: str, opened, ctx: _Round | None) -> None:
-        """A device's answer to a round: checked, written to the journal, then acknowledged
-        with a ``Receipt`` (a device resends an unanswered result with the same nonce)."""
-        message, sender = opened.message, opened.message.device_id
-        refusal = self._check_result(message, opened.nonce, ctx) or self._check_content(message, ctx)
-        if refusal is not None:
-            self.channel.drop(sender, topic, refusal.reason, refusal.detail)
-            # an unknown sender gets no answer; a replay got its first answer again
-            if refusal.reason not in ("unknown_device", "replayed"):
-                self._receipt(message, opened.nonce, refusal.reason, ctx)
-            return
-        if ctx.journal:  # on disk before anyone hears of it: a crash after this keeps it
-            payload = encode_message(opened.signed if opened.signed is not None else message)
-            self.journal.record(ctx.number, sender, payload, message.round if message.round < ctx.number else None)
-        self._accept(ctx, message, opened.nonce)
-        self._receipt(message, opened.nonce, "", ctx)
-        if self.metrics is not None:
-            self.metrics.accepted(ctx.kind.value)
-
-    def _receipt(self, message, nonce: bytes, reason: str, ctx: _Round | None) -> None:
-        receipt = Receipt(message.device_id, message.round, nonce, not reason, reason)
-        if ctx is not None:
-            ctx.remember(receipt)
-        try:
-            self.channel.send(self.topics.receipt(message.device_id), receipt)
-        except TransportError as exc:  # the device resends and gets the receipt then
-            log.warning("could not send %s its receipt: %s", message.device_id, exc)
-
-    def _check_result(self, message, nonce: bytes, ctx: _Round | None) -> Refusal | None:
-        """Whether a result belongs to the open round, from a member, for the first time."""
-        sender = message.device_id
-        expected_kind = {Update: TaskKind.TRAIN, EvalReport: TaskKind.EVALUATE,
-                         ImportanceReport: TaskKind.CALIBRATE, AdapterInit: TaskKind.INITIALIZE}[type(message)]
-        if sender not in self.devices:
-            return Refusal("unknown_device", "no hello received from it")
-        if self.state and sender in self.state.left_out:
-            return Refusal("init_mismatch", f"left out of this fleet: its starting adapter differed "
-                           f"({self.state.left_out[sender]})")
-        current = ctx.number if ctx else (self.state.round if self.state else 0) + 1
-        if message.round < current or (ctx is None and self.state and message.round <= self.state.round):
-            if not (self.config.max_staleness and isinstance(message, Update) and ctx and ctx.kind is TaskKind.TRAIN):
-                return Refusal("stale_round", f"{type(message).__name__} for round {message.round}, which is closed")
-            return self._check_late(message, nonce, ctx)
-        if ctx is None or ctx.kind is not expected_kind or message.round != ctx.number:
-            open_round = f"round {ctx.number} ({ctx.kind.value})" if ctx else "no round"
-            return Refusal("unknown_round", f"{type(message).__name__} for round {message.round}; {open_round} is open")
-        earlier = ctx.answered(sender, nonce)
-        if earlier is not None:
-            # the same signed message again: a device resending (the receipt is repeated) or a replay
-            self._resend_receipt(earlier)
-            return Refusal("replayed", f"nonce {nonce.hex()[:8]}… was seen in round {ctx.number} already")
-        if sender in ctx.seen:
-            return Refusal("duplicate", f"second result for round {ctx.number}")
-        return None
-
-    def _check_late(self, update: Update, nonce: bytes, ctx: _Round) -> Refusal | None:
-        """A late update may join the open round (FedBuff): once per device and round."""
-        sender = update.device_id
-        earlier = ctx.answered(sender, nonce)
-        if earlier is not None:
-            self._resend_receipt(earlier)
-            return Refusal("replayed", f"nonce {nonce.hex()[:8]}… was seen in round {ctx.number} already")
-        if self._round_bases.get(update.round) != update.base_version:
-            return Refusal("stale_round", f"no train round {update.round} started from v{update.base_version} "
-                           f"within the last {self.config.max_staleness} version(s)")
-        if (sender, update.round) in self._counted:
-            return Refusal("duplicate", f"{sender}'s update for round {update.round} is counted already")
-        return None
-
-    def _resend_receipt(self, receipt: Receipt) -> None:
-        try:
-            self.channel.send(self.topics.receipt(receipt.device_id), receipt)
-        except TransportError as exc:
-            log.warning("could not resend %s its receipt: %s", receipt.device_id, exc)
-
-    def _check_content(self, message, ctx: _Round | None) -> Refusal | None:
-        """The result's content fits the fleet: layout, values and the configured bounds."""
-        if isinstance(message, Update):
-            return self._check_update(message, late=ctx is not None and message.round < ctx.number)
-        if isinstance(message, AdapterInit):
-            return check_layout(message.tensors, adapter_shapes(self.state.adapter, self.state.model))
-        if isinstance(message, ImportanceReport):
-            unknown = message.scores.keys() - set(targets(self._task.adapter, self.state.model.modules))
-            if unknown:
-                return Refusal("bad_scores", f"scores for {len(unknown)} unknown matrices, e.g. {sorted(unknown)[:2]}")
-            if not message.scores:
-                return Refusal("bad_scores", "no scores")
-            if not all(math.isfinite(v) and v >= 0 for v in message.scores.values()):
-                return Refusal("bad_scores", "scores must be finite and ≥ 0")
-        return None
-
-    def _check_update(self, update: Update, late: bool = False) -> Refusal | None:
-        if update.run_id != self.state.run_id and (update.run_id or self.intake.keyring is not None):
-            # (an unsigned fleet accepts older SDKs, which send no run id)
-            return Refusal("other_run", f"update for run {update.run_id or '(none)'}, this is run {self.state.run_id}")
-        lag = self.state.global_version - update.base_version
-        if late and not 1 <= lag <= self.config.max_staleness:
-            return Refusal("stale_round", f"late update against v{update.base_version}, {lag} versions behind "
-                           f"v{self.state.global_version} (at most {self.config.max_staleness})")
-        if not late and lag != 0:
-            return Refusal("stale_base", f"delta against v{update.base_version}, global is v{self.state.global_version}")
-        refusal = check_samples(update.num_samples, self.config.limits)
-        if refusal:
-            return refusal
-        spec, rank = self.state.adapter, None
-        if isinstance(spec, LoraSpec):  # devices planned at a lower rank send the leading components
-            rank = rank_of(update.delta)
-            if not 1 <= rank <= spec.rank:
-                return Refusal("wrong_shape", f"rank {rank} is outside 1..{spec.rank}")
-        refusal = check_layout(update.delta, adapter_shapes(spec, self.state.model, rank))
-        if refusal:
-            return refusal
-        if self.config.limits.max_norm is None:
-            return None
-        _, refusal, norm = bound_norm(update.delta, self.config.limits)
-        if refusal:
-            return refusal
-        if norm > self.config.limits.max_norm:
-            log.info("update from %s has norm %.4g: clipped to %.4g", update.device_id, norm, self.config.limits.max_norm)
-        return None
-
-    def _replay(self, ctx: _Round, device: str, payload: bytes) -> None:
-        """Re-accept a journaled result after a restart (checked when it first arrived)."""
-        message = decode_message(payload)
-        nonce = message.nonce if isinstance(message, Signed) else b""
-        message = unwrap(message)
-        self._accept(ctx, message, nonce)
-        ctx.remember(Receipt(message.device_id, message.round, nonce, True))
-
-    def _accept(self, ctx: _Round, message, nonce: bytes) -> None:
-        sender = message.device_id
-        if isinstance(message, Update) and message.round < ctx.number:  # late (FedBuff), or carried over
-            self._counted.add((sender, message.round))
-            if message.base_version == self.state.global_version:  # carried from a failed round: it is
-                ctx.seen.add(sender)  # this device's result for this round too
-            lag = self.state.global_version - message.base_version
-            ctx.record.devices.append(DeviceRecord(sender, message.num_samples, message.metrics.train_loss,
-                                                   from_round=message.round))
-            log.info("round %d: late update from %s for round %d (%d version(s) behind)", ctx.number, sender,
-                     message.round, lag)
-            return
-        ctx.seen.add(sender)
-        if isinstance(message, Update):
-            self._counted.add((sender, ctx.number))
-        if isinstance(message, EvalReport):
-            ctx.record.devices.append(DeviceRecord(sender, message.num_samples,
-                                                   global_ppl=_score(message.metrics.global_ppl, sender),
-                                                   global_robust_ppl=_score(message.metrics.robust_ppl, sender)))
-            return
-        if isinstance(message, AdapterInit):
-            ctx.inits[sender] = {name: np.array(as_float32(t), dtype=np.float32) for name, t in message.tensors.items()}
-            ctx.record.devices.append(DeviceRecord(sender, 1))
-            log.info("round %d: starting adapter from %s", ctx.number, sender)
-            return
-        if isinstance(message, ImportanceReport):
-            ctx.reports.append(message)
-            ctx.record.devices.append(DeviceRecord(sender, message.num_samples, train_tokens=message.tokens,
-                                                   train_seconds=message.seconds))
-            log.info("round %d: importance scores from %s (%d matrices)", ctx.number, sender, len(message.scores))
-            return
-        m = message.metrics
-        ctx.record.devices.append(DeviceRecord(
-            sender, message.num_samples, m.train_loss, _score(m.local_ppl, sender), _score(m.global_ppl, sender),
-            m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received, _score(m.global_robust_ppl, sender),
-            _score(m.local_robust_ppl, sender),
-        ))
-        log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, message.num_samples, m.train_loss)
-
-
-@dataclass
-class _Round:
-    number: int
-    kind: TaskKind
-    record: RoundRecord
-    #: accepted results are written to the round journal (train and evaluate rounds)
-    journal: bool = False
-    seen: set[str] = field(default_factory=set)
-    #: (device, nonce) -> the receipt it got: a resent or replayed result gets it again
-    receipts: dict[tuple[str, bytes], Receipt] = field(default_factory=dict)
-    #: the latest refusal per device (a device with a key could send refused results without
-    #: end: only its last is kept, so the round's memory follows the fleet, not the traffic)
-    refusals: dict[str, Receipt] = field(default_factory=dict)
-
-    def remember(self, receipt: Receipt) -> None:
-        if receipt.accepted:
-            self.receipts[(receipt.device_id, receipt.nonce)] = receipt
-        else:
-            self.refusals[receipt.device_id] = receipt
-
-    def answered(self, device: str, nonce: bytes) -> Receipt | None:
-        """The receipt this exact message got already in this round, if any."""
-        if not nonce:
-            return None
-        refusal = self.refusals.get(device)
-        return self.receipts.get((device, nonce)) or (refusal if refusal and refusal.nonce == nonce else None)
-    reports: list[ImportanceReport] = field(default_factory=list)
-    #: initialization rounds: each device's starting adapter
-    inits: dict[str, dict] = field(default_factory=dict)
-
-
-def _score(value: float | None, device: str) -> float | None:
-    """A reported perplexity, or None if it is not one (finite, > 0): an optional metric must
-    neither poison the round's averages nor cost the device its update."""
-    if value is None or (math.isfinite(value) and value > 0):
-        return value
-    log.warning("device %s reported perplexity %r; ignored", device, value)
-    return None
 
 
 def _check_report(report: PersonalizationReport) -> str | None:

@@ -33,6 +33,7 @@ def serve(url: str, fleet: str, folder, tmp_path, max_packet: int = 32 * 1024) -
     aggregator = Aggregator(config, open_transport(url, client_id=f"agg-{fleet}", connect_timeout=10))
     thread = threading.Thread(target=aggregator.serve, daemon=True)
     thread.start()
+    assert aggregator.ready.wait(30)  # subscribed: requests are not retained
     return aggregator, thread
 
 

@@ -93,6 +93,7 @@ def start_aggregator(url: str, config: AggregatorConfig, **kwargs) -> tuple[Aggr
     aggregator = Aggregator(config, open_transport(url, client_id=f"agg-{config.fleet}", connect_timeout=10), **kwargs)
     thread = threading.Thread(target=aggregator.serve, daemon=True)
     thread.start()
+    assert aggregator.ready.wait(30)  # subscribed: what tests publish from here on is seen
     return aggregator, thread
 
 

@@ -1,0 +1,137 @@
+"""The daemon's settings: one frozen dataclass, checked as a whole when made (a strategy that
+cannot merge the adapter, robust aggregation with an exact strategy, … are refused here with
+a message that says what would work)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetune.planning.layout import GPT2_KINDS, LLAMA_KINDS
+from edgetune.wire import DEFAULT_MAX_PACKET, AdapterSpec, ImportanceSettings, LoraSpec, PromptSpec, TrainSettings
+
+from .strategies import STRATEGIES, ServerOptimizerConfig, make_strategy
+from .strategies.robust import ROBUST_METHODS
+from .validation import UpdateLimits
+
+#: refuse a fleet whose adapter would be larger than this (a hostile or mistaken hello)
+MAX_ADAPTER_PARAMETERS = 200_000_000
+#: weight matrices an importance-based layout chooses among (Llama-style and GPT-2 names)
+DEFAULT_CANDIDATES = LLAMA_KINDS + GPT2_KINDS
+LAYOUTS = ("fixed", "importance")
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    fleet: str
+    state_dir: Path
+    #: train rounds to run, then evaluate and finish; None runs until stopped
+    rounds: int | None = None
+    #: updates needed to close a round early and to aggregate at all
+    min_devices: int = 1
+    round_timeout_s: float = 600.0
+    #: how long to wait for the first ``min_devices`` devices (None: forever)
+    join_timeout_s: float | None = None
+    #: a LoRA (LoraSpec) or a soft prompt (PromptSpec)
+    adapter: AdapterSpec = field(default_factory=LoraSpec)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    seed: int = 0
+    max_packet: int = DEFAULT_MAX_PACKET
+    #: after the last round, have every device evaluate the final global adapter
+    evaluate_final: bool = True
+    #: written into the PEFT adapter_config.json so users know which base it belongs to
+    base_model: str = ""
+    #: plan each device's rank, quantization and batch from the profile in its hello
+    planning: bool = True
+    #: fleet-wide MB of updates per round the planner must stay within (None: unlimited)
+    uplink_budget_mb: float | None = None
+    #: how updates are merged: fedit, hetlora, stack, svd, or "auto" (svd — exact for the mixed
+    #: ranks the planner hands out — when planning, else fedit)
+    strategy: str = "auto"
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    #: "fixed": adapters on adapter.target_modules; "importance": a calibration round scores
+    #: the candidates and picks matrices within adapter_budget (docs/importance.md)
+    layout: str = "fixed"
+    importance: ImportanceSettings = field(default_factory=ImportanceSettings)
+    layout_candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    #: adapter parameters the importance layout may use (None: as many as the fixed layout)
+    adapter_budget: int | None = None
+    #: ONNX Runtime artifacts (``edgetune build-ort``) to serve to devices without PyTorch
+    ort_artifacts: Path | None = None
+    #: after the fleet finishes, keep recording devices' personalization reports (and serving
+    #: artifacts) this many seconds (None: until stopped)
+    linger_s: float | None = 0.0
+    #: the fleet's device public keys (``device_keys.json``): with them every device message
+    #: that shapes the fleet must be signed (docs/security.md); None: no signatures checked
+    device_keys: Path | None = None
+    #: bounds on every update: norm (clip or reject) and sample count
+    limits: UpdateLimits = field(default_factory=UpdateLimits)
+    #: None: the strategy's weighted mean; "median" or "trimmed_mean": coordinate-wise robust
+    #: combination (fedit and dense strategies only, see strategies/robust.py)
+    robust: str | None = None
+    #: fraction of values dropped at each end of every coordinate by "trimmed_mean"
+    trim: float = 0.1
+    #: close a round early once this fraction of the devices it tasked answered (and at least
+    #: ``min_devices``); None: as soon as ``min_devices`` answered
+    quorum: float | None = None
+    #: FedBuff-style staleness: an update that arrives after its round closed, trained on a
+    #: global at most this many versions old, is folded into the open round with its weight
+    #: times (1 + lag)^-staleness_exponent; 0: late updates are refused (stale_round)
+    max_staleness: int = 0
+    staleness_exponent: float = 0.5
+    #: decoded messages waiting for the round loop, in bytes: beyond it the broker holds them
+    inbox_bytes: int = 16 << 20
+
+    @property
+    def strategy_name(self) -> str:
+        if self.strategy == "auto":
+            if isinstance(self.adapter, PromptSpec):
+                return "dense"
+            # FedSGD averages gradients of the factors: fedit's factor average is that
+            return "svd" if self.planning and self.train.algorithm == "fedavg" else "fedit"
+        return self.strategy
+
+    def __post_init__(self) -> None:
+        if self.strategy != "auto" and self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
+        strategy = make_strategy(self.strategy_name, self.server_optimizer)  # raises for an incompatible optimizer
+        if self.adapter.kind not in strategy.kinds:
+            fits = [name for name, cls in STRATEGIES.items() if self.adapter.kind in cls.kinds]
+            raise ValueError(f"strategy {strategy.name} merges {'/'.join(strategy.kinds)} adapters, not "
+                             f"{self.adapter.kind}: use {' or '.join(fits)} (or auto)")
+        if self.train.algorithm == "fedsgd" and strategy.name not in ("fedit", "dense"):
+            raise ValueError(f"FedSGD sends gradients, which only a plain average combines: strategy "
+                             f"{strategy.name} would treat them as trained factors; use fedit (or auto)")
+        if isinstance(self.adapter, PromptSpec) and self.layout != "fixed":
+            raise ValueError("an importance layout chooses weight matrices for LoRA; a soft prompt has none")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.adapter_budget is not None and self.adapter_budget < 1:
+            raise ValueError(f"adapter_budget must be ≥ 1, got {self.adapter_budget}")
+        if self.min_devices < 1:
+            raise ValueError(f"min_devices must be ≥ 1, got {self.min_devices}")
+        if self.rounds is not None and self.rounds < 0:
+            raise ValueError(f"rounds must be ≥ 0, got {self.rounds}")
+        if self.round_timeout_s <= 0:
+            raise ValueError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.linger_s is not None and self.linger_s < 0:
+            raise ValueError(f"linger_s must be ≥ 0 (None: until stopped), got {self.linger_s}")
+        if self.robust is not None:
+            if self.robust not in ROBUST_METHODS:
+                raise ValueError(f"robust {self.robust!r} is not one of {', '.join(ROBUST_METHODS)}")
+            if strategy.name not in ("fedit", "dense"):
+                raise ValueError(f"robust aggregation combines deltas coordinate-wise, which the averaging "
+                                 f"strategies fedit and dense do; strategy {strategy.name} merges products "
+                                 "exactly: use --strategy fedit (or dense for prompts)")
+            if not 0.0 <= self.trim < 0.5:
+                raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.max_staleness < 0 or not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
+            raise ValueError(f"max_staleness must be ≥ 0 and staleness_exponent finite and ≥ 0, got "
+                             f"{self.max_staleness} and {self.staleness_exponent}")
+        if self.max_staleness and strategy.name not in ("fedit", "dense"):
+            raise ValueError(f"late updates are folded in as deltas of an older global, which the averaging "
+                             f"strategies fedit and dense can do; strategy {strategy.name} rebuilds each device's "
+                             "factors from the round's start: use --strategy fedit (or dense for prompts)")
+        if self.quorum is not None and not 0.0 < self.quorum <= 1.0:
+            raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
