@@ -296,15 +296,19 @@ class Listener:
             self.receipts.append((now, decoded))
             self._lock.notify_all()
 
-    def next_task(self, kind: str, timeout: float):
+    def next_task(self, kind: str, timeout: float, alive=None):
+        """The next task of ``kind``; raises if none comes in time, or ``alive()`` turns False
+        (the daemon died: its log says why)."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {kind} task within {timeout:.0f} s")
             try:
-                at, task = self.tasks.get(timeout=left)
-            except queue.Empty:
+                at, task = self.tasks.get(timeout=min(left, 0.5))
+            except queue.Empty:  # (only now: a daemon that finished may have exited already)
+                if alive is not None and not alive():
+                    raise RuntimeError(f"the daemon exited while waiting for a {kind} task: see its daemon.log")
                 continue
             if task.kind.value == kind:
                 return at, task
@@ -501,7 +505,7 @@ def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path,
     sampler = RssSampler(daemon.pid)
     sampler.start()
     try:
-        opened, task = listener.next_task("train", timeout)
+        opened, task = listener.next_task("train", timeout, lambda: daemon.poll() is None)
         updates = fleet.updates(task.round, task.global_version, task.run_id)
         update_bytes = sum(map(len, next(iter(updates.values()))))
         started = publishers.publish([(topics.update(d), frames) for d, frames in updates.items()])
@@ -515,9 +519,9 @@ def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path,
             raise RuntimeError(f"the daemon refused updates: {dict(refused)}; daemon log: {log_path}")
         last = max(t for t, _ in receipts)
         acked_s = publishers.all_acked_at - started if publishers.all_acked_at else None
-        evaluating, evaluate = listener.next_task("evaluate", timeout)
+        evaluating, evaluate = listener.next_task("evaluate", timeout, lambda: daemon.poll() is None)
         publishers.publish(_eval_reports(fleet, evaluate))
-        listener.next_task("finished", timeout)
+        listener.next_task("finished", timeout, lambda: daemon.poll() is None)
         code, usage = _wait_child(daemon, 60)
         exited = time.monotonic()
     finally:
@@ -590,7 +594,7 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
     timers on the steps each update goes through, from the train round's start to its close
     (the merge is not included: ``rounds.json`` has it). Writes the times as JSON to ``out``."""
     import edgetune.transport.channel
-    import edgetune_aggregator.daemon
+    import edgetune_aggregator.results
     from edgetune.transport import open_transport
     from edgetune.wire import TaskKind
     from edgetune_aggregator.cli import build_parser, config_from_args
@@ -598,8 +602,8 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
 
     times = StageTimes()
     # module globals the daemon and the channel look up at call time
-    for module, name in ((edgetune.transport.channel, "decode_frame"), (edgetune_aggregator.daemon, "check_layout"),
-                         (edgetune_aggregator.daemon, "bound_norm"), (os, "fsync")):
+    for module, name in ((edgetune.transport.channel, "decode_frame_sized"), (edgetune_aggregator.results, "check_layout"),
+                         (edgetune_aggregator.results, "bound_norm"), (os, "fsync")):
         setattr(module, name, times.wrap(name, getattr(module, name)))
 
     class Timed(Aggregator):
@@ -651,7 +655,7 @@ def summarize_profile(path: Path, n: int) -> dict:
     rows = [{"what": "round loop: one update's work (waits excluded)", "ms_per_update": loop / n * 1e3}]
     rows += [{"what": f"… {what}", "ms_per_update": seconds / n * 1e3} for what, seconds in steps]
     rows.append({"what": "paho's network thread: decode the chunks, reassemble, SHA-256",
-                 "ms_per_update": s["decode_frame"] / n * 1e3})
+                 "ms_per_update": s["decode_frame_sized"] / n * 1e3})
     return {"n": n, "rows": rows, "measured": measured}
 
 
