@@ -5,14 +5,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import uuid
 
 import pytest
-from test_federation import start_aggregator
-from test_security import SPEC, Manual, _wait
+from test_security import _wait, manuals, memory_fleet
 
-from edgetune.wire.signing import Signer
-from edgetune_aggregator.daemon import AggregatorConfig
 from edgetune_aggregator.inbox import Inbox
 
 
@@ -45,14 +41,8 @@ def test_the_reader_never_waits_for_itself():
 
 
 def test_a_daemon_stopped_during_the_final_evaluation_does_not_announce_the_end(tmp_path):
-    fleet = f"stopev-{uuid.uuid4().hex[:8]}"
-    url = f"memory://{fleet}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=60,
-                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=True)
-    aggregator, thread = start_aggregator(url, config)
-    m = Manual(url, fleet, Signer.generate("m"))
-    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
-    m.run_id = aggregator.state.run_id
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "stopev", round_timeout_s=60, evaluate_final=True)
+    (m,) = manuals(url, fleet, aggregator, "m")
     m.send(m.update(1))
     assert _wait(lambda: aggregator._task.kind.value == "evaluate")
     aggregator.stop()

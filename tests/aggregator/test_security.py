@@ -77,6 +77,26 @@ class Manual:
         self.transport.close()
 
 
+def memory_fleet(tmp_path, name: str, **settings):
+    """``(url, fleet, aggregator, thread)``: a daemon on an in-memory broker with these tests'
+    small defaults (``settings`` override them)."""
+    fleet = f"{name}-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    fields = dict(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=30,
+                  join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False) | settings
+    aggregator, thread = start_aggregator(url, AggregatorConfig(**fields))
+    return url, fleet, aggregator, thread
+
+
+def manuals(url: str, fleet: str, aggregator, *names: str) -> list[Manual]:
+    """Hand-driven devices that send for the daemon's current run (once it has one)."""
+    devices = [Manual(url, fleet, Signer.generate(name)) for name in names]
+    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
+    for device in devices:
+        device.run_id = aggregator.state.run_id
+    return devices
+
+
 def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_honest_ones(mosquitto_url, tmp_path):
     fleet = f"sec-{uuid.uuid4().hex[:8]}"
     signers = {d: Signer.generate(d) for d in ("dev-0", "dev-1", "dev-2")}
@@ -215,12 +235,7 @@ def test_robust_combinations_resist_a_poisoned_minority():
 
 
 def test_robust_aggregation_runs_in_a_fleet_and_ignores_an_outlier(tmp_path):
-    fleet = f"rob-{uuid.uuid4().hex[:8]}"
-    url = f"memory://{fleet}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=3, round_timeout_s=30,
-                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
-                              strategy="fedit", robust="median")
-    aggregator, thread = start_aggregator(url, config)
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "rob", min_devices=3, strategy="fedit", robust="median")
     devices = [LightDevice(open_transport(url, client_id=d), fleet, d, TINY).start() for d in ("a", "b")]
     bad = Manual(url, fleet, Signer.generate("z"))
     bad.channel.signer = None  # (this fleet checks no keys)
@@ -239,11 +254,7 @@ def test_robust_aggregation_runs_in_a_fleet_and_ignores_an_outlier(tmp_path):
 
 
 def test_a_late_update_for_a_closed_round_is_refused_as_stale(tmp_path):
-    fleet = f"late-{uuid.uuid4().hex[:8]}"
-    url = f"memory://{fleet}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=1, round_timeout_s=30,
-                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False)
-    aggregator, thread = start_aggregator(url, config)
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "late", rounds=2)
     device = LightDevice(open_transport(url, client_id="a"), fleet, "a", TINY, skip=lambda r: r == 2).start()
     late = Manual(url, fleet, Signer.generate("b"))
     late.channel.signer = None
@@ -259,16 +270,9 @@ def test_a_late_update_for_a_closed_round_is_refused_as_stale(tmp_path):
 
 
 def test_late_updates_are_folded_in_with_a_staleness_weight_once(tmp_path):
-    fleet = f"buf-{uuid.uuid4().hex[:8]}"
-    url = f"memory://{fleet}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2, round_timeout_s=60,
-                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
-                              strategy="fedit", max_staleness=1, staleness_exponent=0.5)
-    aggregator, thread = start_aggregator(url, config)
-    m1, m2, m3 = (Manual(url, fleet, Signer.generate(d)) for d in ("m1", "m2", "m3"))
-    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
-    for m in (m1, m2, m3):
-        m.run_id = aggregator.state.run_id
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "buf", rounds=2, min_devices=2, round_timeout_s=60,
+                                                  strategy="fedit", max_staleness=1, staleness_exponent=0.5)
+    m1, m2, m3 = manuals(url, fleet, aggregator, "m1", "m2", "m3")
     m1.send(m1.update(1))
     m2.send(m2.update(1))
     assert _wait(lambda: aggregator.state.global_version == 1)
@@ -302,15 +306,9 @@ def test_staleness_needs_an_averaging_strategy():
 
 def test_a_late_update_counts_once_even_after_failed_rounds(tmp_path):
     """Failed rounds do not move the global version: the window is counted in versions."""
-    fleet = f"win-{uuid.uuid4().hex[:8]}"
-    url = f"memory://{fleet}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=4, min_devices=1, round_timeout_s=1.0,
-                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
-                              strategy="fedit", max_staleness=1)
-    aggregator, thread = start_aggregator(url, config)
-    a = Manual(url, fleet, Signer.generate("a"))
-    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
-    a.run_id = aggregator.state.run_id
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "win", rounds=4, round_timeout_s=1.0, strategy="fedit",
+                                                  max_staleness=1)
+    (a,) = manuals(url, fleet, aggregator, "a")
     first = a.channel.prepare(a.topics.update("a"), a.update(1))[0]
     a.transport.publish(a.topics.update("a"), first)
     assert _wait(lambda: aggregator.state.global_version == 1)
@@ -324,15 +322,9 @@ def test_a_late_update_counts_once_even_after_failed_rounds(tmp_path):
 
 
 def test_the_staleness_window_refuses_recounts_and_invented_rounds(tmp_path):
-    fleet = f"win2-{uuid.uuid4().hex[:8]}"
-    url = f"memory://{fleet}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=4, min_devices=2, round_timeout_s=1.5,
-                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
-                              strategy="fedit", max_staleness=1)
-    aggregator, thread = start_aggregator(url, config)
-    a, b = (Manual(url, fleet, Signer.generate(d)) for d in ("a", "b"))
-    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
-    a.run_id = b.run_id = aggregator.state.run_id
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "win2", rounds=4, min_devices=2, round_timeout_s=1.5,
+                                                  strategy="fedit", max_staleness=1)
+    a, b = manuals(url, fleet, aggregator, "a", "b")
     a.send(a.update(1))
     b.send(b.update(1))
     assert _wait(lambda: aggregator.state.global_version == 1)
@@ -350,14 +342,8 @@ def test_the_staleness_window_refuses_recounts_and_invented_rounds(tmp_path):
 
 
 def test_accepted_results_of_a_failed_round_count_in_the_next_one(tmp_path):
-    fleet = f"carry-{uuid.uuid4().hex[:8]}"
-    url = f"memory://{fleet}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2, round_timeout_s=1.5,
-                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False)
-    aggregator, thread = start_aggregator(url, config)
-    a, b = (Manual(url, fleet, Signer.generate(d)) for d in ("a", "b"))
-    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
-    a.run_id = b.run_id = aggregator.state.run_id
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "carry", rounds=2, min_devices=2, round_timeout_s=1.5)
+    a, b = manuals(url, fleet, aggregator, "a", "b")
     a.send(a.update(1))  # accepted, but round 1 fails: b never answers it
     assert _wait(lambda: any(r.accepted for r in a.receipts))
     assert _wait(lambda: aggregator._task.round == 2, 10)
@@ -378,14 +364,8 @@ def test_accepted_results_of_a_failed_round_count_in_the_next_one(tmp_path):
 
 
 def test_a_malformed_update_cannot_crash_the_daemon(tmp_path):
-    fleet = f"crash-{uuid.uuid4().hex[:8]}"
-    url = f"memory://{fleet}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=30,
-                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False)
-    aggregator, thread = start_aggregator(url, config)
-    m = Manual(url, fleet, Signer.generate("m"))
-    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
-    m.run_id = aggregator.state.run_id
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "crash")
+    (m,) = manuals(url, fleet, aggregator, "m")
     m.send(m.update(1, {**simulated_delta(SHAPES, "m", 1), "0.lora_A": np.zeros((), np.float32)}))
     assert _wait(lambda: aggregator.drops["wrong_shape"] == 1, 10)
     m.send(m.update(1))
