@@ -199,7 +199,7 @@ class Aggregator(ResultHandling):
         if self.metrics is None:
             return
         self.metrics.heartbeat()
-        self.metrics.devices(len(self.devices), len(self.online & set(self.devices)))
+        self.metrics.devices(len(self.devices), len(self.online))  # (only known devices are ever online)
         self.metrics.broker_connected(self.transport.connected)
         sent, received = self.transport.stats.snapshot()
         self.metrics.sent_bytes(sent - self._stats_seen[0])
@@ -523,7 +523,7 @@ class Aggregator(ResultHandling):
                 self.journal.open(number, kind.value, encode_message(task), opened_at)
         if journal:
             for name, (path, (device, trained_for)) in carried.items():  # (after a restart: what is there is skipped)
-                if not (self.journal._dir(number) / f"{name}.msgpack").exists():
+                if not self.journal.has(number, name):
                     self.journal.record(number, device, path.read_bytes(), late_from=trained_for)
             self.journal.discard(keep=number)
             for name, path in sorted(self.journal.load(number).results.items()):

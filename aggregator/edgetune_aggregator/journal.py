@@ -21,7 +21,6 @@ Layout (inside the state dir)::
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,16 +72,9 @@ class RoundJournal:
         check_name(device_id, "device id")
         atomic_write_bytes(self._dir(number) / f"{result_name(device_id, late_from)}.msgpack", payload)
 
-    def forget(self, number: int, name: str) -> None:
-        """Remove one result (a carried one its device superseded), durably."""
-        path = self._dir(number) / f"{name}.msgpack"
-        if path.exists():
-            path.unlink()
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def has(self, number: int, name: str) -> bool:
+        """Whether round ``number`` holds the result called ``name`` (see ``result_name``)."""
+        return (self._dir(number) / f"{name}.msgpack").exists()
 
     def numbers(self) -> list[int]:
         """The rounds that have a journal (with its metadata), oldest first."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgetune.adapters.lora import as_float32
+from edgetune.adapters.lora import as_float32, tensor_problem
 
 #: dtypes an adapter tensor may travel in (float64 would double what a round must hold)
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16")
@@ -52,22 +52,9 @@ class Refusal:
 
 
 def check_layout(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> Refusal | None:
-    """Same tensor names and shapes as the layout, float dtypes, finite values."""
-    missing, extra = shapes.keys() - tensors.keys(), tensors.keys() - shapes.keys()
-    if missing or extra:
-        detail = "; ".join(part for part in (f"missing {sorted(missing)[:3]}" if missing else "",
-                                             f"unexpected {sorted(extra)[:3]}" if extra else "") if part)
-        return Refusal("wrong_shape", detail)
-    for name, array in tensors.items():
-        if tuple(array.shape) != tuple(shapes[name]):
-            return Refusal("wrong_shape", f"{name} has shape {list(array.shape)}, expected {list(shapes[name])}")
-        dtype = "bfloat16" if type(array).__name__ == "BFloat16Array" else str(array.dtype)
-        if dtype not in ADAPTER_DTYPES:
-            return Refusal("bad_dtype", f"{name} has dtype {dtype}, expected one of {', '.join(ADAPTER_DTYPES)}")
-    for name, array in tensors.items():
-        if not np.isfinite(as_float32(array)).all():
-            return Refusal("not_finite", f"{name} contains NaN or infinity")
-    return None
+    """Same tensor names and shapes as the layout, one of ``ADAPTER_DTYPES``, finite values."""
+    problem = tensor_problem(tensors, shapes, ADAPTER_DTYPES)
+    return Refusal(*problem) if problem else None
 
 
 def delta_norm(delta: Mapping[str, np.ndarray]) -> float:

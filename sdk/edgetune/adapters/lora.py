@@ -61,22 +61,30 @@ def init_lora(spec: LoraSpec, modules: Mapping[str, tuple[int, int]], seed: int)
 def check_tensors(tensors: Mapping[str, np.ndarray], shapes: Shapes) -> str | None:
     """Why ``tensors`` is not an adapter of ``shapes`` (None if it is): same names, same
     shapes, finite float values."""
-    missing = shapes.keys() - tensors.keys()
-    extra = tensors.keys() - shapes.keys()
+    problem = tensor_problem(tensors, shapes)
+    return problem[1] if problem else None
+
+
+def tensor_problem(tensors: Mapping[str, np.ndarray], shapes: Shapes,
+                   dtypes: tuple[str, ...] | None = None) -> tuple[str, str] | None:
+    """``(reason, detail)`` of what keeps ``tensors`` from being an adapter of ``shapes``, or
+    None. Reasons: ``wrong_shape`` (names or shapes), ``bad_dtype`` (not a float, or not one
+    of ``dtypes``), ``not_finite``; the cheap checks run on every tensor before any value is read."""
+    missing, extra = shapes.keys() - tensors.keys(), tensors.keys() - shapes.keys()
     if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {sorted(missing)[:3]}")
-        if extra:
-            parts.append(f"unexpected {sorted(extra)[:3]}")
-        return "; ".join(parts)
+        parts = [f"missing {sorted(missing)[:3]}"] * bool(missing) + [f"unexpected {sorted(extra)[:3]}"] * bool(extra)
+        return "wrong_shape", "; ".join(parts)
     for name, array in tensors.items():
         if tuple(array.shape) != tuple(shapes[name]):
-            return f"{name} has shape {list(array.shape)}, expected {list(shapes[name])}"
-        if array.dtype.kind != "f" and type(array).__name__ != "BFloat16Array":
-            return f"{name} has dtype {array.dtype}, expected a float type"
+            return "wrong_shape", f"{name} has shape {list(array.shape)}, expected {list(shapes[name])}"
+        dtype = "bfloat16" if type(array).__name__ == "BFloat16Array" else str(array.dtype)
+        if dtypes is not None and dtype not in dtypes:
+            return "bad_dtype", f"{name} has dtype {dtype}, expected one of {', '.join(dtypes)}"
+        if dtype != "bfloat16" and array.dtype.kind != "f":
+            return "bad_dtype", f"{name} has dtype {array.dtype}, expected a float type"
+    for name, array in tensors.items():
         if not np.isfinite(as_float32(array)).all():
-            return f"{name} contains NaN or infinity"
+            return "not_finite", f"{name} contains NaN or infinity"
     return None
 
 
