@@ -70,9 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx: mu/2·‖θ − θ_global‖² in the local loss (default 0: off)")
     group.add_argument("--no-planning", action="store_true", help="ignore device profiles: every device trains with these settings")
+    group.add_argument("--plan", default="auto", choices=["auto", "weakest", "uniform"],
+                       help="auto: each device its best configuration; weakest: the one configuration every device "
+                       "can run; uniform: these settings for all, devices they do not fit sit out (docs/planner.md)")
+    group.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks each device evaluates per round")
     merge = serve.add_argument_group("aggregation")
     merge.add_argument("--strategy", default="auto", choices=["auto", *STRATEGIES],
                        help="how adapters of different ranks are merged (auto: svd when planning, else fedit)")
+    merge.add_argument("--merged-rank", type=int, default=None, help="stack/svd: components per layer of the frozen "
+                       "merged delta devices download (default: --rank, so at most 2× fedit's downlink; -1: unbounded)")
     merge.add_argument("--server-optimizer", default="fedavg", choices=SERVER_OPTIMIZERS)
     merge.add_argument("--server-lr", type=float, default=1.0, help="server learning rate (1 with fedavg is plain FedAvg)")
     merge.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm's beta, fedadam/fedyogi's beta1")
@@ -138,10 +144,13 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
             local_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
             seq_len=args.seq_len, learning_rate=args.lr, seed=args.seed, proximal_mu=args.proximal_mu,
             optimizer=args.client_optimizer, algorithm=args.algorithm, local_epochs=args.local_epochs,
+            eval_blocks=args.eval_blocks,
         ),
         seed=args.seed,
         base_model=args.base_model,
         planning=not args.no_planning,
+        plan=args.plan,
+        merged_rank=args.merged_rank,
         strategy=args.strategy,
         server_optimizer=ServerOptimizerConfig(args.server_optimizer, args.server_lr, args.server_momentum,
                                                args.server_beta2, args.server_tau),

@@ -20,6 +20,7 @@ MAX_ADAPTER_PARAMETERS = 200_000_000
 #: weight matrices an importance-based layout chooses among (Llama-style and GPT-2 names)
 DEFAULT_CANDIDATES = LLAMA_KINDS + GPT2_KINDS
 LAYOUTS = ("fixed", "importance")
+PLAN_MODES = ("auto", "weakest", "uniform")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class AggregatorConfig:
     base_model: str = ""
     #: plan each device's rank, quantization and batch from the profile in its hello
     planning: bool = True
+    #: how: "auto" (each device its best configuration), "weakest" (the one configuration every
+    #: device can run, steps included), "uniform" (the fleet's own settings; devices they do
+    #: not fit in memory sit out). The last two are the baselines docs/benchmarks.md measures.
+    plan: str = "auto"
     #: fleet-wide MB of updates per round the planner must stay within (None: unlimited)
     uplink_budget_mb: float | None = None
     #: how updates are merged: fedit, hetlora, stack, svd, or "auto" (svd — exact for the mixed
@@ -82,6 +87,16 @@ class AggregatorConfig:
     staleness_exponent: float = 0.5
     #: decoded messages waiting for the round loop, in bytes: beyond it the broker holds them
     inbox_bytes: int = 16 << 20
+    #: exact strategies (stack, svd): the most components per layer of the frozen delta a
+    #: device downloads. None: the adapter's rank, so a device downloads at most twice what
+    #: fedit sends; -1: unbounded (exact, but the downlink grows every round)
+    merged_rank: int | None = None
+
+    def merged_rank_for(self, adapter: AdapterSpec) -> int | None:
+        """The cap an exact strategy gets (None: unbounded)."""
+        if self.merged_rank == -1 or not isinstance(adapter, LoraSpec):
+            return None
+        return adapter.rank if self.merged_rank is None else self.merged_rank
 
     @property
     def strategy_name(self) -> str:
@@ -105,6 +120,8 @@ class AggregatorConfig:
                              f"{strategy.name} would treat them as trained factors; use fedit (or auto)")
         if isinstance(self.adapter, PromptSpec) and self.layout != "fixed":
             raise ValueError("an importance layout chooses weight matrices for LoRA; a soft prompt has none")
+        if self.plan not in PLAN_MODES:
+            raise ValueError(f"plan {self.plan!r} is not one of {', '.join(PLAN_MODES)}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if self.adapter_budget is not None and self.adapter_budget < 1:
@@ -133,5 +150,7 @@ class AggregatorConfig:
             raise ValueError(f"late updates are folded in as deltas of an older global, which the averaging "
                              f"strategies fedit and dense can do; strategy {strategy.name} rebuilds each device's "
                              "factors from the round's start: use --strategy fedit (or dense for prompts)")
+        if self.merged_rank is not None and self.merged_rank < -1:
+            raise ValueError(f"merged_rank must be ≥ 0, -1 (unbounded) or None (the adapter's rank), got {self.merged_rank}")
         if self.quorum is not None and not 0.0 < self.quorum <= 1.0:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgetune.adapters.lora import init_lora, targets
+from edgetune.clock import WALL, Clock
 from edgetune.adapters.prompt import adapter_shapes, consensus
 from edgetune.planning.layout import adapter_cost, candidate_modules, combine_scores, select_layout
 from edgetune.transport import Transport, Will
@@ -72,8 +73,11 @@ class Aggregator(ResultHandling):
         transport: Transport,
         on_round: Callable[[RoundRecord], None] | None = None,
         metrics=None,
+        clock: Clock = WALL,
     ):
         self.config = config
+        #: deadlines and round times: the wall clock, or the fleet simulator's virtual time
+        self.clock = clock
         #: an ``AggregatorMetrics`` (``edgetune_aggregator.metrics``) to keep current, or None
         self.metrics = metrics
         self._stats_seen = (0, 0)  # transport bytes already counted in the metrics
@@ -97,7 +101,7 @@ class Aggregator(ResultHandling):
         self.online: set[str] = set()
         self.state: FleetState | None = None
         self.global_adapter: GlobalAdapter | None = None
-        self._inbox = Inbox(config.inbox_bytes)
+        self._inbox = Inbox(config.inbox_bytes, clock)
         self._stop = threading.Event()
         #: set once the fleet's last round closed and ``finished`` was published
         self.finished = threading.Event()
@@ -106,6 +110,8 @@ class Aggregator(ResultHandling):
         self._task: RoundTask | None = None  # the task now published
         self.strategy: Strategy | None = None  # made once the fleet's state is known
         self._calibration = None  # the cost model's coefficients, read once when first needed
+        self._predicted: dict[str, dict] = {}  # the last plan's predicted peak memory and step time
+        self._global_bytes = 0  # payload bytes of the published global adapter
         self._initial: dict | None = None  # a prompt fleet's starting adapter (initialization round)
         self.artifacts = None  # what devices without PyTorch can download (checked before serving)
         if config.ort_artifacts is not None:
@@ -163,8 +169,8 @@ class Aggregator(ResultHandling):
         if linger is not None and linger <= 0:
             return
         log.info("recording personalization reports %s", "until stopped" if linger is None else f"for {linger:.0f} s")
-        deadline = None if linger is None else time.monotonic() + linger
-        while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        deadline = None if linger is None else self.clock.monotonic() + linger
+        while not self._stop.is_set() and (deadline is None or self.clock.monotonic() < deadline):
             self._handle_next(None, timeout=0.5)
 
     @property
@@ -246,7 +252,7 @@ class Aggregator(ResultHandling):
         if state.strategy != self.config.strategy_name:
             log.warning("the state dir's fleet merges with %s; ignoring the configured %s", state.strategy,
                         self.config.strategy_name)
-        self.strategy = make_strategy(state.strategy, self.config.server_optimizer)
+        self.strategy = make_strategy(state.strategy, self.config.server_optimizer, self.config.merged_rank_for(state.adapter))
         self.strategy.optimizer.load_state_dict(self.store.load_server_state(state.global_version))
         log.info("resuming fleet %s after round %d (global v%d)", state.fleet, state.round, state.global_version)
         self._set_layout()
@@ -298,9 +304,9 @@ class Aggregator(ResultHandling):
         """Wait for the first devices, take their model as the fleet's, publish global v0."""
         need = self.config.min_devices
         log.info("waiting for %d device(s) to join fleet %s", need, self.config.fleet)
-        deadline = None if self.config.join_timeout_s is None else time.monotonic() + self.config.join_timeout_s
+        deadline = None if self.config.join_timeout_s is None else self.clock.monotonic() + self.config.join_timeout_s
         while len(self.devices) < need:
-            if self._stop.is_set() or (deadline is not None and time.monotonic() > deadline):
+            if self._stop.is_set() or (deadline is not None and self.clock.monotonic() > deadline):
                 log.error("only %d of %d devices joined; giving up", len(self.devices), need)
                 return False
             self._handle_next(None, timeout=0.5)
@@ -308,7 +314,8 @@ class Aggregator(ResultHandling):
         spec = self.config.adapter
         self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model,
                                 strategy=self.config.strategy_name)
-        self.strategy = make_strategy(self.state.strategy, self.config.server_optimizer)
+        self.strategy = make_strategy(self.state.strategy, self.config.server_optimizer,
+                                      self.config.merged_rank_for(self.state.adapter))
         self._set_layout()
         if self.config.layout == "importance":
             spec = self._calibrate()
@@ -384,13 +391,17 @@ class Aggregator(ResultHandling):
         count = self.channel.send_retained(
             self.topics.global_adapter, self.global_adapter, self.state.global_chunks
         )
+        self._global_bytes = self.channel.last_retained_bytes
         if count != self.state.global_chunks:
             self.state = dataclasses.replace(self.state, global_chunks=count)
             self.store.save_state(self.state)
 
     def _plan(self, kind: TaskKind, only: str | None = None) -> tuple[dict, dict]:
         """Per-device plans and exclusions for the devices that sent a profile (``only``: for
-        that one device, when devices are independent of each other)."""
+        that one device, when devices are independent of each other). ``config.plan`` says
+        how: each device's best configuration (auto), the best one every device can run
+        (weakest), or the fleet's own settings where they fit in memory (uniform)."""
+        self._predicted = {}
         profiles = {d: h.profile for d, h in self.devices.items() if h.profile is not None}
         if not (self.config.planning and profiles) or kind in (TaskKind.FINISHED, TaskKind.INITIALIZE):
             return {}, {}
@@ -398,15 +409,18 @@ class Aggregator(ResultHandling):
             return {}, {}
         if self.config.train.algorithm == "fedsgd":  # one gradient at the full rank: nothing to plan
             return {}, {}
-        from edgetune.planning.costmodel import Arch, Calibration
+        from edgetune.planning.costmodel import Arch, Calibration, Config
         from edgetune.planning.planner import (
             PlanOptions,
             for_capabilities,
             plan_fleet,
+            plan_uniform,
+            plan_weakest,
             ranks_up_to,
         )
 
-        if only is not None and self.config.uplink_budget_mb is None:
+        independent = self.config.uplink_budget_mb is None and self.config.plan in ("auto", "uniform")
+        if only is not None and independent:
             # Without a fleet-wide budget each device's optimum is its own: plan just this one.
             profiles = {only: profiles[only]}
         if self._calibration is None:
@@ -418,6 +432,9 @@ class Aggregator(ResultHandling):
             log.warning("not planning: %s", exc)
             return {}, {}
         spec, train = self.state.adapter, self.config.train
+        # what a device evaluates each round: its own held-out blocks before and after training,
+        # and as often the robustness set (the planner counts the worst case)
+        eval_tokens = 4 * train.eval_blocks * train.seq_len if kind is TaskKind.TRAIN else 0
         options = PlanOptions(
             deadline_s=self.config.round_timeout_s,
             seq_len=train.seq_len,
@@ -425,14 +442,24 @@ class Aggregator(ResultHandling):
             target_modules=spec.target_modules,
             max_local_steps=train.local_steps,
             uplink_budget_bytes=self.config.uplink_budget_mb * 1e6 if self.config.uplink_budget_mb else None,
+            eval_tokens=eval_tokens,
+            download_bytes=float(self._global_bytes),
         )
         narrowed = {d: for_capabilities(options, self.devices[d].capabilities) for d in profiles}
-        plan = plan_fleet(profiles, arch, options, self._calibration,
-                          {d: o for d, o in narrowed.items() if o is not options})
+        device_options = {d: o for d, o in narrowed.items() if o is not options}
+        if self.config.plan == "uniform":
+            config = Config(spec.rank, "float32", train.batch_size, train.seq_len, False, spec.target_modules)
+            plan = plan_uniform(profiles, arch, options, config, train.local_steps, self._calibration)
+        elif self.config.plan == "weakest":
+            plan = plan_weakest(profiles, arch, options, self._calibration, device_options)
+        else:
+            plan = plan_fleet(profiles, arch, options, self._calibration, device_options)
         for device, reason in plan.excluded.items():
             log.warning("planner leaves %s out: %s", device, reason)
         for device, choice in plan.chosen.items():
             c = choice.config
+            self._predicted[device] = {"predicted_peak_bytes": int(choice.memory_bytes),
+                                       "predicted_step_s": round(choice.step_s, 4)}
             log.info("plan for %s: rank %d, %s base, batch %d%s, %d steps (predicted %.0f MiB, %.1f s/step)",
                      device, c.rank, c.quantization, c.batch_size, ", checkpointing" if c.gradient_checkpointing else "",
                      choice.local_steps, choice.memory_bytes / 2**20, choice.step_s)
@@ -470,6 +497,7 @@ class Aggregator(ResultHandling):
             excluded=excluded,
             run_id=self.state.run_id,
             importance=self.config.importance,
+            max_staleness=self.config.max_staleness,
         )
         return task
 
@@ -501,7 +529,7 @@ class Aggregator(ResultHandling):
         journaled = self.journal.load(number) if self.state.opened == number else None
         if journaled is not None and journaled.kind != kind.value:
             journaled = None
-        opened_at = journaled.opened_at if journaled else time.time()
+        opened_at = journaled.opened_at if journaled else self.clock.time()
         record = RoundRecord(number, kind.value, self.state.global_version, started_at=opened_at)
         drops_before = Counter(self.channel.drops)
         bytes_before = Counter(self.channel.bytes_from)
@@ -529,6 +557,10 @@ class Aggregator(ResultHandling):
             for name, path in sorted(self.journal.load(number).results.items()):
                 self._replay(round_ctx, name, path.read_bytes())
         self._send_task(task)  # after a restart, the same task again: devices that did the round do not redo it
+        record.asked = sorted((self.online & set(self.devices)) - set(task.excluded))
+        record.excluded = dict(task.excluded)
+        record.plans = {d: dataclasses.asdict(p) | self._predicted.get(d, {}) for d, p in task.plans.items()}
+        record.downlink_bytes = self._global_bytes + len(encode_message(task))
         log.info("round %d (%s) %s on global v%d%s; %d device(s) online", number, kind.value,
                  "resumed" if journaled else "open", self.state.global_version,
                  f" with {len(round_ctx.record.devices)} accepted result(s)" if round_ctx.record.devices else "",
@@ -536,15 +568,15 @@ class Aggregator(ResultHandling):
         round_ctx.journal = journal
         if self.metrics is not None:
             self.metrics.round_opened(number)
-        start = time.monotonic()
-        deadline = start + max(0.0, opened_at + self.config.round_timeout_s - time.time())
+        start = self.clock.monotonic()
+        deadline = start + max(0.0, opened_at + self.config.round_timeout_s - self.clock.time())
         # (recomputed as devices come and go: one that joins the open round is asked too)
         while len(record.devices) < self._needed(kind, task) and not self._stop.is_set():
-            left = deadline - time.monotonic()
+            left = deadline - self.clock.monotonic()
             if left <= 0:
                 break
             self._handle_next(round_ctx, timeout=min(left, 0.5))
-        record.duration_s = time.time() - opened_at
+        record.duration_s = self.clock.time() - opened_at
         if self._stop.is_set():
             return record  # left open: a resumed daemon continues it, as after a crash
         record.dropped = dict(Counter(self.channel.drops) - drops_before)
@@ -625,6 +657,10 @@ class Aggregator(ResultHandling):
             started = time.perf_counter()
             result = self.strategy.finish(self._merge(ctx))
             record.aggregation_s = time.perf_counter() - started
+            record.truncation_error = result.truncation_error
+            if result.truncation_error:
+                log.info("round %d: the downlink bound cut %.2g of the merged update (relative Frobenius, worst layer)",
+                         ctx.number, result.truncation_error)
             self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint, self.state.adapter,
                                                 result.tensors, result.merged)
             self.store.save_global(self.global_adapter, self.state.base_model)

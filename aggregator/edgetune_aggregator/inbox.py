@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections import deque
 
 import numpy as np
 
+from edgetune.clock import WALL, Clock
 from edgetune.wire import Signed
 
 #: what a small message is charged (its fields, the queue entry)
@@ -34,8 +34,13 @@ def message_bytes(message: object) -> int:
 
 
 class Inbox:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, clock: Clock = WALL):
         self.max_bytes = max_bytes
+        #: whose time ``get``'s timeout is in: the wall clock, or the fleet simulator's
+        self.clock = clock
+        #: (when, until) while the reader waits on an empty inbox, in the clock's time: the
+        #: fleet simulator advances its virtual time only while the daemon waits here
+        self.waiting: tuple[float, float] | None = None
         self._items: deque[tuple[object, int]] = deque()
         self._bytes = 0
         self._cond = threading.Condition()
@@ -68,14 +73,21 @@ class Inbox:
             self._cond.notify_all()
 
     def get(self, timeout: float) -> object:
-        """The oldest item; raises ``queue.Empty`` after ``timeout`` seconds without one."""
-        deadline = time.monotonic() + timeout
+        """The oldest item; raises ``queue.Empty`` after ``timeout`` seconds (of the clock's
+        time) without one."""
+        clock = self.clock
+        deadline = clock.monotonic() + timeout
         with self._cond:
             while not self._items:
-                left = deadline - time.monotonic()
+                now = clock.monotonic()
+                left = deadline - now
                 if left <= 0:
                     raise queue.Empty
-                self._cond.wait(left)
+                self.waiting = (now, deadline)
+                try:
+                    clock.wait(self._cond, left)
+                finally:
+                    self.waiting = None
             item, size = self._items.popleft()
             self._bytes -= size
             self._cond.notify_all()

@@ -93,6 +93,18 @@ class RoundRecord:
     aggregation_s: float = 0.0
     #: calibration rounds: the weight matrices chosen to carry adapters
     layout: list[str] = field(default_factory=list)
+    #: the devices the task asked (online, not excluded) when the round opened
+    asked: list[str] = field(default_factory=list)
+    #: devices the task left out, and why (the planner, the fleet's rules)
+    excluded: dict[str, str] = field(default_factory=dict)
+    #: each planned device's configuration: DevicePlan's fields, with the cost model's
+    #: predicted peak memory (bytes) and step time (s) when the planner made it
+    plans: dict[str, dict] = field(default_factory=dict)
+    #: bytes a device downloads for the round: the global adapter it trains on, and the task
+    downlink_bytes: int = 0
+    #: exact strategies with a bounded downlink: the relative Frobenius error of truncating the
+    #: merged update (‖ΔW − ΔW_kept‖ / ‖ΔW‖, largest over layers; 0 when nothing was cut)
+    truncation_error: float | None = None
 
     @property
     def global_ppl(self) -> float | None:

@@ -2,6 +2,7 @@
 
     edgetune device run --broker mqtt://HOST:PORT --fleet NAME --device-id ID --data FILE [--model REF]
                         [--trainer torch|ort|auto] [--artifacts DIR] [--model-hash SHA256] [--robustness FILE]
+                        [--profile FILE | --emulate CLASS.yaml | --no-plan] [--state-dir DIR] [--reprofile]
     edgetune device personalize (as run) [--lr LR] [--steps N | --epochs E] [--optimizer adamw|sgd]
                         [--l2-to-global λ] [--alpha α] [--out DIR]
     edgetune build-ort [--model REF] --rank R [--alpha A] --targets q_proj,v_proj [--prompt-tokens N] --out DIR
@@ -49,8 +50,21 @@ def _add_device_args(run: argparse.ArgumentParser) -> None:
                      "(a prefix is enough; 'model_hash' in the artifacts' edgetune-ort.json)")
     run.add_argument("--heldout", type=float, default=0.1, help="fraction of records held out for evaluation")
     run.add_argument("--connect-timeout", type=float, default=None, help="give up on the broker after S seconds (default: retry forever)")
-    run.add_argument("--profile", type=Path, help="this device's profile (from 'edgetune profile'): sent to the "
-                     "aggregator for planning; its memory is the budget training stays within")
+    planning = run.add_argument_group("planning (docs/planner.md): by default the device measures itself on its first "
+                                      "start and the aggregator plans its rank, base precision, batch and steps")
+    planning.add_argument("--profile", type=Path, help="announce this profile (from 'edgetune profile') instead of "
+                          "measuring; its memory is the budget training stays within")
+    planning.add_argument("--state-dir", type=Path, help="where the device keeps its measured profile (default: "
+                          "~/.local/state/edgetune/FLEET/DEVICE_ID)")
+    planning.add_argument("--reprofile", action="store_true", help="measure this machine again, even if nothing "
+                          "about it changed")
+    planning.add_argument("--emulate", type=Path, metavar="PROFILE", help="behave as this (slower) device class, "
+                          "e.g. profiles/raspberry-pi-4-4gb-gateway.yaml: its memory budget and speed, no more "
+                          "than this machine's")
+    planning.add_argument("--uplink-mbps", type=float, help="what this site's uplink sustains, Mbit/s (planning "
+                          "counts the upload time of updates)")
+    planning.add_argument("--no-plan", action="store_true", help="send no profile: train the fleet's uniform "
+                          "settings (the behaviour before planning was the default)")
     run.add_argument("--robustness", type=Path, help="held-out text of the other sites (.txt/.jsonl), given by the "
                      "operator: the robustness score is the perplexity on it")
     run.add_argument("--validation", type=float, default=0.1, help="fraction of the training records (with at "
@@ -179,15 +193,18 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
 
 def _device(args: argparse.Namespace):
     """The ``Device`` that 'device run' and 'device personalize' use, connected."""
-    from .device import Device, DeviceConfig, client_id, hash_seed
+    from .device import Device, DeviceConfig, announced_profile, client_id, hash_seed
     from .transport import open_transport
     from .workload import Workload
 
-    profile = None
-    if args.profile:
-        from .profiling import load_profile
-
-        profile = load_profile(args.profile)
+    if args.device_command == "personalize":  # (a second process: its 'device run' announced the profile)
+        profile, clock = (load_profile_arg(args.profile), None)
+    else:
+        if args.uplink_mbps is not None and not args.uplink_mbps > 0:
+            raise ValueError(f"--uplink-mbps must be > 0, got {args.uplink_mbps}")
+        profile, clock = announced_profile(args.fleet, args.device_id, plan=not args.no_plan, profile=args.profile,
+                                           state_dir=args.state_dir, reprofile=args.reprofile, emulate=args.emulate,
+                                           threads=args.threads, uplink_mbps=args.uplink_mbps)
     config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout,
                           exit_when_finished=not getattr(args, "stay", False), profile=profile,
                           signing_key=args.signing_key)
@@ -207,11 +224,19 @@ def _device(args: argparse.Namespace):
     workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads,
                              trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash,
                              robustness=args.robustness, validation_fraction=args.validation)
-    device = Device(config, transport, workload)
+    device = Device(config, transport, workload, clock)
     # personalizing is a second process of a device of the fleet: it must not replace the
     # hello (profile and all) and presence its 'device run' announced
     device.connect(announce=args.device_command != "personalize")
     return device
+
+
+def load_profile_arg(path: Path | None):
+    if path is None:
+        return None
+    from .profiling import load_profile
+
+    return load_profile(path)
 
 
 def _device_run(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 from . import __version__
 from .adapters.lora import as_float32, concat_merged, split_rank, targets
 from .backoff import MemoryBudgetExceeded, is_out_of_memory, next_fallback, resident_bytes
+from .clock import DeviceClock
 from .trainers.result import TrainResult
 from .transport import Transport, TransportError, Will, open_transport
 from .transport.channel import Channel
@@ -40,6 +41,7 @@ from .wire import (
     GlobalAdapter,
     Hello,
     ImportanceReport,
+    LoraSpec,
     Presence,
     Progress,
     PromptSpec,
@@ -59,6 +61,10 @@ log = logging.getLogger(__name__)
 _RECONNECTED = "<reconnected>"
 #: how long a device waits for the final global adapter after the "finished" task
 _FINAL_ADAPTER_WAIT_S = 30.0
+
+
+class DeadlineMissed(Exception):
+    """The round's deadline passes before training could finish: the update would be refused."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,16 @@ class DeviceConfig:
 class Device:
     """One device in a fleet. ``run()`` blocks; ``start()`` runs it on a background thread."""
 
-    def __init__(self, config: DeviceConfig, transport: Transport, workload: Workload):
+    def __init__(self, config: DeviceConfig, transport: Transport, workload: Workload,
+                 clock: DeviceClock | None = None):
         self.config = config
         self.transport = transport
         self.workload = workload
+        #: this device's time: real, stretched to an emulated slower board, or simulated
+        self.clock = clock or DeviceClock()
+        #: resident bytes of this device now, checked against its profile's memory each step
+        #: (the fleet simulator, with several devices in one process, counts each one's own)
+        self.memory_gauge: Callable[[], int] = resident_bytes
         self.topics = Topics(config.fleet)
         from .wire.signing import Signer
 
@@ -96,7 +108,7 @@ class Device:
         signer = (Signer.load(config.device_id, config.signing_key) if config.signing_key is not None
                   else Signer.generate(config.device_id))
         self.channel = Channel(transport, self.topics.sender_of, config.max_packet, signer=signer)
-        self.outbox = Outbox(self.channel, config.resend_after_s)
+        self.outbox = Outbox(self.channel, config.resend_after_s, now=self.clock.now)
         self.global_adapter: GlobalAdapter | None = None
         self.task: RoundTask | None = None
         self.finished = threading.Event()
@@ -120,6 +132,8 @@ class Device:
         self._send_lock = threading.Lock()  # close() vs a report being sent
         #: the plan this device last trained with (after any back-off): personalization's too
         self.last_plan: DevicePlan | None = None
+        self._task_seen_at: dict[tuple[str, int], float] = {}  # (run, round) -> when its task came
+        self._plan_logged: tuple | None = None
 
     @classmethod
     def join(
@@ -136,7 +150,14 @@ class Device:
         ``trainer="ort"`` (or ``"auto"`` without PyTorch) trains ONNX Runtime ``artifacts``,
         downloaded from the aggregator first when the folder holds none (docs/ort.md).
         ``robustness`` (a file or records) is the other sites' held-out text the operator
-        gives this device, for the robustness score (docs/personalization.md)."""
+        gives this device, for the robustness score (docs/personalization.md).
+
+        The device is planned for: without a ``profile`` it measures itself on its first start
+        and caches the result in ``state_dir`` (default ``~/.local/state/edgetune/FLEET/ID``;
+        ``reprofile=True`` measures again), and the aggregator picks its rank, base precision,
+        batch size and steps. ``emulate`` (a profile, or its YAML file) makes it behave as that
+        slower device class: its memory budget and its speed (docs/simulation.md).
+        ``plan=False`` sends no profile: the device trains the fleet's uniform settings."""
         from .workload import choose_backend
 
         trainer, artifacts = options.pop("trainer", "auto"), options.pop("artifacts", None)
@@ -144,18 +165,22 @@ class Device:
         tls = {k: str(options.pop(k)) for k in ("ca_certs", "certfile", "keyfile") if options.get(k) is not None}
         for k in ("ca_certs", "certfile", "keyfile"):
             options.pop(k, None)
-        config = DeviceConfig(fleet, device_id, **options)
+        plan, state_dir = options.pop("plan", True), options.pop("state_dir", None)
+        reprofile, emulate, threads = options.pop("reprofile", False), options.pop("emulate", None), options.pop("threads", None)
+        profile, clock = announced_profile(fleet, device_id, plan=plan, profile=options.pop("profile", None),
+                                           state_dir=state_dir, reprofile=reprofile, emulate=emulate, threads=threads)
+        config = DeviceConfig(fleet, device_id, profile=profile, **options)
         if choose_backend(trainer, artifacts) == "ort":
             from .ort.fetch import ensure_artifacts
 
             ensure_artifacts(broker, fleet, device_id, Path(artifacts), **tls)
         workload = Workload.load(data, model, config.heldout_fraction, seed=hash_seed(device_id), trainer=trainer,
-                                 artifacts=artifacts, model_hash=model_hash, robustness=robustness)
+                                 artifacts=artifacts, model_hash=model_hash, robustness=robustness, threads=threads)
         # A persistent session: the broker queues the task and global adapter for this
         # device while it is offline, and paho resends unacknowledged results on reconnecting.
         transport = open_transport(broker, client_id=client_id(fleet, device_id, config.signing_key),
                                    clean_session=False, **tls)
-        device = cls(config, transport, workload)
+        device = cls(config, transport, workload, clock)
         device.connect()
         return device
 
@@ -197,11 +222,22 @@ class Device:
         self._running = True
         try:
             while not self._stop.is_set():
-                if (self._receive(0.5) or self._finish_seen) and self.task and self._step(self.task):
+                if self.poll(0.5):
                     break
         finally:
             self._running = False
             self.close()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """Take one message (waiting up to ``timeout`` s) and act on the task: one turn of
+        ``run()``'s loop, for a caller that drives the device itself (the fleet simulator).
+        True once the fleet is finished and the device should leave."""
+        return bool((self._receive(timeout) or self._finish_seen) and self.task and self._step(self.task))
+
+    @property
+    def has_messages(self) -> bool:
+        """Messages wait in the inbox (what ``poll`` would take)."""
+        return not self._inbox.empty()
 
     def _receive(self, timeout: float) -> bool:
         """Take one message from the inbox and apply it; False if none came or it was bad."""
@@ -222,6 +258,10 @@ class Device:
             self._on_global(message)
         elif isinstance(message, RoundTask):
             self.task = message
+            # the round's deadline counts from when its task came (devices' clocks are not in sync)
+            self._task_seen_at.setdefault((message.run_id, message.round), self.clock.now())
+            if len(self._task_seen_at) > 16:
+                self._task_seen_at.pop(next(iter(self._task_seen_at)))
             if message.kind is not TaskKind.FINISHED:
                 self._finish_seen = None  # (a new run of the fleet)
         else:
@@ -354,8 +394,9 @@ class Device:
             # and a broker need not keep their order across topics.
             have = self.global_adapter.version if self.global_adapter else -1
             if have < task.global_version:
-                waited = time.monotonic() - (self._finish_seen or time.monotonic())
-                self._finish_seen = self._finish_seen or time.monotonic()
+                now = self.clock.now()
+                waited = now - (self._finish_seen or now)
+                self._finish_seen = self._finish_seen or now
                 if waited < _FINAL_ADAPTER_WAIT_S:
                     return False
                 log.warning("%s: the fleet finished with global v%d, which never arrived (have v%d)",
@@ -386,11 +427,53 @@ class Device:
 
     def _guarded(self, task: RoundTask, action: Callable[[RoundTask], None]) -> None:
         try:
-            with self._trainer_lock:
+            with self._trainer_lock, self.clock.computing(self._compute_dtype(task)):
                 action(task)
+        except DeadlineMissed as exc:
+            log.warning("%s: round %d: %s", self.config.device_id, task.round, exc)
+            self._report_error(task, "deadline_missed", str(exc))
         except Exception as exc:  # the application around us must survive a failed round
             log.exception("%s: round %d failed", self.config.device_id, task.round)
             self._report_error(task, type(exc).__name__, str(exc)[:500])
+
+    def _compute_dtype(self, task: RoundTask) -> str:
+        """The dtype this round's matmuls run in (what an emulated or simulated clock scales)."""
+        from .planning.costmodel import compute_dtype
+
+        plan = task.plans.get(self.config.device_id)
+        return compute_dtype(plan.quantization) if plan else "float32"
+
+    def _eval_blocks(self, task: RoundTask) -> int:
+        return max(1, min(self.config.max_eval_blocks, task.train.eval_blocks))
+
+    def _check_deadline(self, task: RoundTask, step_s: float) -> None:
+        """Stop a round that cannot end before its deadline: the update would be refused, and
+        the device has better uses for its CPU. (With late updates allowed, it goes on.)"""
+        if task.max_staleness:
+            return
+        seen = self._task_seen_at.get((task.run_id, task.round))
+        if seen is None:
+            return
+        elapsed = self.clock.now() - seen
+        if elapsed + step_s > task.deadline_s:
+            raise DeadlineMissed(f"{elapsed:.0f} s into a {task.deadline_s:.0f} s round, another step "
+                                 f"({step_s:.1f} s) would end after the deadline; stopping")
+
+    def _log_plan(self, task: RoundTask, plan: DevicePlan) -> None:
+        """The plan, once per change: rank, base precision, batch, steps and layout size."""
+        key = (task.run_id, plan, task.adapter)
+        if key == self._plan_logged:
+            return
+        self._plan_logged = key
+        source = "the planner's" if self.config.device_id in task.plans else "the fleet's uniform"
+        layout = ""
+        if isinstance(task.adapter, LoraSpec):
+            modules = targets(task.adapter, self.workload.manifest.modules)
+            params = sum(plan.rank * sum(self.workload.manifest.modules[m]) for m in modules)
+            layout = f", adapters on {len(modules)} matrices ({params:,} parameters)"
+        log.info("%s: %s plan: rank %d, %s base, batch %d%s, %d steps%s", self.config.device_id, source, plan.rank,
+                 plan.quantization, plan.batch_size, ", checkpointing" if plan.gradient_checkpointing else "",
+                 plan.local_steps, layout)
 
     def _plan(self, task: RoundTask) -> DevicePlan:
         """The planner's choice for this device, or the fleet's defaults."""
@@ -410,6 +493,7 @@ class Device:
             log.warning("%s: sits out round %d: %s", me, task.round, task.excluded[me])
             return
         plan, grad_accum = self._plan(task), task.train.grad_accum
+        self._log_plan(task, plan)
         torch_backend = self.workload.backend == "torch"  # the others can neither quantize nor checkpoint
         supported = self.config.profile.quantization if self.config.profile and torch_backend else ()
         while True:
@@ -418,6 +502,7 @@ class Device:
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
+                self.clock.checkpoint()  # (the failed attempt took the device's time too)
                 fallback = next_fallback(plan, grad_accum, supported, checkpointing=torch_backend)
                 gc.collect()
                 if fallback is None:
@@ -441,10 +526,12 @@ class Device:
             quantization = plan.quantization
         else:
             quantization = "bfloat16" if "bfloat16" in supported else "float32"
+        self.clock.dtype = "bfloat16" if quantization == "bfloat16" else "float32"
         modules = targets(task.adapter, self.workload.manifest.modules)
         settings = dataclasses.replace(task.train, batch_size=plan.batch_size)
         result = self.workload.importance(modules, settings, task.importance, quantization,
                                           seed=task.train.seed + hash_seed(me))
+        self.clock.checkpoint()
         report = ImportanceReport(me, task.round, self.workload.num_samples, result.scores, result.tokens, result.seconds)
         self.outbox.send(self.topics.importance(me), task.round, report)
         self._flush()
@@ -461,6 +548,7 @@ class Device:
         if not isinstance(task.adapter, PromptSpec):
             raise ValueError(f"an initialization round for a {task.adapter.kind} adapter")
         tensors = self.workload.prompt_init(task.adapter, seed=task.train.seed)
+        self.clock.checkpoint()
         self.outbox.send(self.topics.init(me), task.round, AdapterInit(me, task.round, tensors))
         self._flush()
         log.info("%s: reported the starting prompt (%d virtual tokens, %s init)", me,
@@ -486,20 +574,30 @@ class Device:
         return trainer, start
 
     def _train_with(self, task: RoundTask, plan: DevicePlan, grad_accum: int) -> None:
+        from .planning.costmodel import compute_dtype
+
         me, adapter = self.config.device_id, self.global_adapter
         self.last_plan = plan
+        self.clock.dtype = compute_dtype(plan.quantization)
         trainer, start = self._start_model(task, plan.rank, plan.quantization, plan.gradient_checkpointing)
-        heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
-        robust = self.workload.robustness_blocks(task.train.seq_len, self.config.max_eval_blocks)
+        blocks = self._eval_blocks(task)
+        heldout = self.workload.heldout_blocks(task.train.seq_len)[:blocks]
+        robust = self.workload.robustness_blocks(task.train.seq_len, blocks)
         global_ppl = trainer.perplexity(heldout)
         global_robust = trainer.perplexity(robust) if len(robust) else None
         local_robust = global_robust
         budget = self.config.profile.memory_bytes if self.config.profile else None
 
+        self.clock.checkpoint()  # (loading the model and evaluating the global adapter)
+
         def on_step(step: int, total: int, loss: float) -> None:
-            if budget is not None and resident_bytes() > budget:
-                raise MemoryBudgetExceeded(f"resident memory {resident_bytes() / 2**20:,.0f} MiB is over "
+            resident = self.memory_gauge() if budget is not None else 0
+            if budget is not None and resident > budget:
+                raise MemoryBudgetExceeded(f"resident memory {resident / 2**20:,.0f} MiB is over "
                                            f"the device's budget of {budget / 2**20:,.0f} MiB")
+            step_s = self.clock.checkpoint()
+            if step < total:
+                self._check_deadline(task, step_s)
             progress = Progress(me, task.round, step, total, float(loss))
             self.transport.publish(self.topics.progress(me), encode_message(progress), qos=0)
             if self.on_progress:
@@ -532,6 +630,7 @@ class Device:
             trained = trainer.get_adapter()
             delta = {name: trained[name] - start[name] for name in trained}
             weight = self.workload.num_samples
+        self.clock.checkpoint()
         sent, received = self._bytes_since_report()
         metrics = TrainMetrics(result.mean_loss, result.tokens, result.seconds, local_ppl, global_ppl, sent, received,
                                global_robust, local_robust)
@@ -553,10 +652,12 @@ class Device:
         if self.workload.max_rank:  # ONNX Runtime artifacts hold their own rank; the rest rides frozen
             rank = min(rank, self.workload.max_rank)
         trainer, _ = self._start_model(task, rank, plan.quantization, plan.gradient_checkpointing)
-        heldout = self.workload.heldout_blocks(task.train.seq_len)[: self.config.max_eval_blocks]
-        robust = self.workload.robustness_blocks(task.train.seq_len, self.config.max_eval_blocks)
+        blocks = self._eval_blocks(task)
+        heldout = self.workload.heldout_blocks(task.train.seq_len)[:blocks]
+        robust = self.workload.robustness_blocks(task.train.seq_len, blocks)
         ppl = trainer.perplexity(heldout)
         robust_ppl = trainer.perplexity(robust) if len(robust) else None
+        self.clock.checkpoint()
         report = EvalReport(me, task.round, self.global_adapter.version, self.workload.num_samples,
                             EvalMetrics(ppl, int(heldout.size), robust_ppl))
         self.outbox.send(self.topics.eval(me), task.round, report)
@@ -571,6 +672,7 @@ class Device:
 
     def _report_error(self, task: RoundTask, code: str, message: str) -> None:
         me = self.config.device_id
+        self.clock.checkpoint()
         try:
             self.channel.send(self.topics.error(me), ErrorReport(me, task.round, code, message))
         except Exception:
@@ -581,6 +683,44 @@ class Device:
         last_sent, last_received = self._bytes_reported
         self._bytes_reported = (sent, received)
         return sent - last_sent, received - last_received
+
+
+def announced_profile(fleet: str, device_id: str, *, plan: bool = True, profile=None, state_dir=None,
+                      reprofile: bool = False, emulate=None, threads: int | None = None,
+                      uplink_mbps: float | None = None) -> tuple[DeviceProfile | None, DeviceClock]:
+    """The profile a device sends in its hello (None: not planned) and its clock.
+
+    ``profile`` (a DeviceProfile or a YAML file) is taken as it is; otherwise the device
+    measures itself, cached in ``state_dir`` (``edgetune.profiling.auto``). With ``emulate``
+    (a profile or its file) it announces that class, capped by what it measured, and its
+    clock stretches compute to the class's speed (``edgetune.clock.ThrottledClock``)."""
+    from .clock import ThrottledClock
+    from .profiling import load_profile
+
+    if not plan:
+        if profile is not None or emulate is not None:
+            log.warning("%s: planning is off (--no-plan): the profile is not sent", device_id)
+        return None, DeviceClock()
+    if profile is not None:
+        if emulate is not None:
+            log.warning("%s: a given profile is announced as it is; emulate applies to measured ones", device_id)
+        return (profile if isinstance(profile, DeviceProfile) else load_profile(profile)), DeviceClock()
+    if isinstance(emulate, (str, Path)):
+        emulate = load_profile(emulate)
+    from .profiling.auto import default_state_dir, self_profile
+
+    measured = self_profile(Path(state_dir) if state_dir else default_state_dir(fleet, device_id), device_id,
+                            threads=threads, reprofile=reprofile, emulate=emulate, uplink_mbps=uplink_mbps)
+    found = measured.profile
+    log.info("%s: profile %s%s: %.1f GiB for training, %s GFLOP/s, bases %s", device_id, found.name,
+             " (cached measurement)" if measured.cached else "", found.memory_bytes / 2**30,
+             ", ".join(f"{k} {v:g}" for k, v in found.gflops.items()), ", ".join(("float32", *found.quantization)))
+    if measured.emulated:
+        slow = measured.slowdown("float32")
+        log.info("%s: emulating %s on this machine: memory capped at %.1f GiB, compute stretched %.1f×",
+                 device_id, emulate.name, found.memory_bytes / 2**30, slow)
+        return found, ThrottledClock(measured.slowdown)
+    return found, DeviceClock()
 
 
 def client_id(fleet: str, device_id: str, signing_key: Path | None = None, suffix: str = "") -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .transport.channel import Channel
@@ -31,8 +32,11 @@ class _Sent:
 
 
 class Outbox:
-    def __init__(self, channel: Channel, resend_after_s: float = 30.0, max_backoff_s: float = 300.0):
+    def __init__(self, channel: Channel, resend_after_s: float = 30.0, max_backoff_s: float = 300.0,
+                 now: Callable[[], float] = time.monotonic):
         self.channel = channel
+        #: the device's clock (virtual in the fleet simulator: resends follow the device's time)
+        self.now = now
         self.resend_after_s = resend_after_s
         self.max_backoff_s = max_backoff_s
         self._sent: dict[int, _Sent] = {}  # round -> the result sent for it
@@ -44,7 +48,7 @@ class Outbox:
         """Publish a round result and keep it until it is acknowledged; returns the bytes sent."""
         payload, nonce = self.channel.prepare(topic, message)
         with self._lock:
-            self._sent[round_number] = _Sent(topic, payload, nonce, time.monotonic())
+            self._sent[round_number] = _Sent(topic, payload, nonce, self.now())
         return self.channel.send_payload(topic, payload)
 
     def on_receipt(self, receipt: Receipt) -> None:
@@ -68,7 +72,7 @@ class Outbox:
     def resend(self, current_round: int | None, everything: bool = False) -> int:
         """Resend what is due (``everything``: all of it, e.g. after a reconnection); results
         for rounds other than ``current_round`` are forgotten. Returns how many were resent."""
-        now, due = time.monotonic(), []
+        now, due = self.now(), []
         with self._lock:
             for round_number in list(self._sent):
                 if current_round is not None and round_number != current_round:

@@ -83,8 +83,10 @@ class Observer:
 
 
 def fleet_config(tmp_path, fleet: str, **overrides) -> AggregatorConfig:
+    # (merged_rank=-1: the exact strategies unbounded, so check_rounds can check exactness; the
+    # bounded default is tested in test_strategies.py and test_planned_federation.py)
     fields = dict(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=3, round_timeout_s=120,
-                  join_timeout_s=60, adapter=SPEC, train=TRAIN)
+                  join_timeout_s=60, adapter=SPEC, train=TRAIN, merged_rank=-1)
     fields.update(overrides)
     return AggregatorConfig(**fields)
 

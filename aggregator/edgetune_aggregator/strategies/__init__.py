@@ -24,8 +24,9 @@ from .svd import SVD, redistribute, svd
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, HetLoRA, Stack, SVD, Dense)}
 
 
-def make_strategy(name: str, optimizer: ServerOptimizerConfig | None = None) -> Strategy:
-    """The strategy called ``name``, checked against the optimizer it must work with."""
+def make_strategy(name: str, optimizer: ServerOptimizerConfig | None = None, merged_rank: int | None = None) -> Strategy:
+    """The strategy called ``name``, checked against the optimizer it must work with.
+    ``merged_rank`` bounds an exact strategy's frozen delta (``ExactStrategy``)."""
     if name not in STRATEGIES:
         raise ValueError(f"aggregation strategy {name!r} is not one of {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
@@ -34,6 +35,8 @@ def make_strategy(name: str, optimizer: ServerOptimizerConfig | None = None) -> 
         raise ValueError(f"strategy {name} keeps the global update exactly low-rank and works with the "
                          f"server optimizers {', '.join(LINEAR_OPTIMIZERS)}, not {optimizer.name} "
                          "(element-wise adaptivity would make it dense); use fedit or hetlora with it")
+    if cls.exact and cls.kinds == ("lora",):
+        return cls(optimizer, merged_rank=merged_rank)
     return cls(optimizer)
 
 

@@ -66,6 +66,9 @@ class RoundStart:
 class NextGlobal:
     tensors: dict[str, np.ndarray]
     merged: dict[str, np.ndarray]
+    #: exact strategies with a bounded downlink: ‖ΔW − ΔW_kept‖_F / ‖ΔW‖_F of the layer that
+    #: lost most to the rank cap (None: nothing was truncated, or the strategy keeps no ΔW)
+    truncation_error: float | None = None
 
 
 class RoundMerge(ABC):

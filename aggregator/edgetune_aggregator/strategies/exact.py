@@ -15,7 +15,7 @@ import numpy as np
 from edgetune.adapters.lora import as_float32
 
 from .base import RoundMerge, RoundStart, Strategy, Tensors
-from .lowrank import LowRank, LowRankSum
+from .lowrank import LowRank, LowRankSum, Spectrum
 
 
 class ExactSum(RoundMerge):
@@ -69,10 +69,31 @@ def as_merged(deltas: dict[str, LowRank]) -> dict[str, np.ndarray]:
     return out
 
 
+def truncation_error(spec: Spectrum, keep: int) -> float:
+    """Relative Frobenius error of keeping the leading ``keep`` components of ``spec``:
+    ``√(Σ_{i≥keep} sᵢ²) / √(Σ sᵢ²)`` (Eckart–Young: the best any rank-``keep`` matrix does)."""
+    energy = float(np.sum(spec.s**2))
+    if energy == 0.0 or keep >= spec.rank:
+        return 0.0
+    return float(np.sqrt(np.sum(spec.s[keep:] ** 2) / energy))
+
+
 class ExactStrategy(Strategy):
-    """Base of ``stack`` and ``svd``: the round's exact aggregate, then a linear server step."""
+    """Base of ``stack`` and ``svd``: the round's exact aggregate, then a linear server step.
+
+    ``merged_rank`` bounds the frozen ``merged`` delta a device downloads to that many
+    components per layer (None: unbounded, exact for ever, but the downlink grows each round
+    by up to Σ rₖ components). With a bound the global keeps the best approximation of ΔW of
+    that size (truncated SVD) and reports what it cut (``NextGlobal.truncation_error``).
+    """
 
     exact = True
+
+    def __init__(self, optimizer=None, merged_rank: int | None = None):
+        super().__init__(optimizer)
+        if merged_rank is not None and merged_rank < 0:
+            raise ValueError(f"merged_rank must be ≥ 0 (0: no frozen delta) or None (unbounded), got {merged_rank}")
+        self.merged_rank = merged_rank
 
     def begin(self, start: RoundStart) -> RoundMerge:
         return ExactSum(start)

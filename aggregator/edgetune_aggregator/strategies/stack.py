@@ -9,7 +9,9 @@ delta (``merged``), and every device starts the next round from fresh factors of
 In the daemon a device's update relative to the round start is already a product
 (``edgetune_aggregator.strategies.exact``); stacking those is the same identity. The frozen delta
 is re-factored to its numerical rank after each round (exact), so it grows by at most Σ rₖ a
-round and never beyond ``min(out, in)`` per layer.
+round and never beyond ``min(out, in)`` per layer. With ``merged_rank`` (the daemon's default:
+the fleet's rank) the frozen delta keeps only its best rank-``merged_rank`` approximation, so a
+device downloads at most twice what ``fedit`` sends; the round log records the error of the cut.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from edgetune.adapters.lora import init_lora
 from edgetune.wire.schema import LoraSpec
 
 from .base import NextGlobal, RoundMerge, RoundStart, check_weights
-from .exact import ExactStrategy, as_merged, current_delta
-from .lowrank import LowRank, compress
+from .exact import ExactStrategy, as_merged, current_delta, truncation_error
+from .lowrank import LowRank, compress, spectrum
 
 
 def stack(adapters: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +53,15 @@ class Stack(ExactStrategy):
         start = merge.start
         steps = self.step(merge)
         merged: dict[str, LowRank] = {}
+        worst = None
         for module in start.modules:
             # the whole ΔW so far (merged + s·B₀A₀; B₀ = 0 unless the fleet switched strategy)
-            merged[module] = compress(current_delta(start, module) + steps[module])
-        return NextGlobal(fresh_factors(start, start.seed), as_merged(merged))
+            total = current_delta(start, module) + steps[module]
+            if self.merged_rank is None:
+                merged[module] = compress(total)
+                continue
+            spec = spectrum(total)  # bounded downlink: the best rank-merged_rank approximation
+            error = truncation_error(spec, self.merged_rank)
+            worst = error if worst is None else max(worst, error)
+            merged[module] = spec.factors(0, self.merged_rank)
+        return NextGlobal(fresh_factors(start, start.seed), as_merged(merged), worst)

@@ -13,6 +13,11 @@ the frozen ``merged`` delta. Unlike FlexLoRA's server-only full-rank ΔW, device
 exact global model, and a device of rank r trains the leading r directions of it with the rest
 frozen. The SVD comes from QR factorisations of the stacked factors (``lowrank.spectrum``), never
 from the dense out × in matrix unless the sum is denser than its factors.
+
+The frozen tail grows by up to Σ rₖ components a round. With ``merged_rank`` (the daemon's
+default: the fleet's rank R, so a device downloads at most twice what ``fedit`` sends) only the
+next ``merged_rank`` components are kept: the global is then the best rank-(R + merged_rank)
+approximation of the exact ΔW, and the round log records the relative error of the cut.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .base import NextGlobal, RoundMerge
-from .exact import ExactStrategy, as_merged, current_delta
+from .exact import ExactStrategy, as_merged, current_delta, truncation_error
 from .lowrank import LowRank, Spectrum, spectrum
 from .stack import fresh_factors, stack
 
@@ -50,9 +55,13 @@ class SVD(ExactStrategy):
         R, root_s = start.rank, np.sqrt(start.scale)
         steps = self.step(merge)
         fresh = None
-        tensors, tails = {}, {}
+        tensors, tails, worst = {}, {}, None
+        keep = None if self.merged_rank is None else R + self.merged_rank
         for module in start.modules:
             spec = spectrum(current_delta(start, module) + steps[module])
+            if keep is not None:
+                error = truncation_error(spec, keep)
+                worst = error if worst is None else max(worst, error)
             top = spec.factors(0, R)
             B, A = top.B / root_s, top.A / root_s
             if top.rank < R:
@@ -63,5 +72,5 @@ class SVD(ExactStrategy):
                 A = np.vstack([A, fresh[f"{module}.lora_A"][top.rank:]])
             tensors[f"{module}.lora_B"] = B.astype(np.float32)
             tensors[f"{module}.lora_A"] = A.astype(np.float32)
-            tails[module] = spec.factors(R)
-        return NextGlobal(tensors, as_merged(tails))
+            tails[module] = spec.factors(R, keep)
+        return NextGlobal(tensors, as_merged(tails), worst)

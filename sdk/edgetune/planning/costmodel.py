@@ -204,6 +204,29 @@ def step_gflop(arch: Arch, config: Config) -> float:
     return (forward * passes + lora) / 1e9
 
 
+def eval_gflop(arch: Arch, config: Config, tokens: int) -> float:
+    """GFLOP of evaluating ``tokens`` held-out tokens in blocks of ``config.seq_len``: one
+    forward pass (the base's matmuls, the LM head, attention, the adapter)."""
+    matmuls = 2 * tokens * (arch.linear_parameters + arch.vocab_size * arch.hidden_size)
+    attention = 2 * tokens * config.seq_len * arch.hidden_size * arch.num_layers
+    return (matmuls + attention + 2 * tokens * lora_parameters(arch, config)) / 1e9
+
+
+def estimate_eval_seconds(arch: Arch, config: Config, profile: DeviceProfile, calibration: Calibration,
+                          tokens: int) -> float:
+    """Seconds to evaluate ``tokens`` held-out tokens on ``profile``'s device, timed like a
+    training step's GFLOP (an estimate: inference runs no backward pass and no optimizer)."""
+    if tokens <= 0:
+        return 0.0
+    calibration = calibration.for_backend(config.backend)
+    dtype = compute_dtype(config.quantization)
+    device, reference = profile.gflops.get(dtype), calibration.reference_gflops.get(dtype)
+    per_gflop = calibration.seconds_per_gflop.get(config.quantization)
+    if not device or not reference or per_gflop is None:
+        return 0.0  # (estimate_step_seconds refuses such a configuration with the reason)
+    return eval_gflop(arch, config, tokens) * per_gflop * reference / device
+
+
 def compute_dtype(quantization: str) -> str:
     """The dtype the matmuls of a base run in: bf16 layers multiply in bf16; int8 and nf4
     layers are dequantized to float32 on CPU."""

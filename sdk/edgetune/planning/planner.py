@@ -28,7 +28,16 @@ import math
 from dataclasses import dataclass, field
 
 from ..wire.schema import QUANTIZATIONS, Capabilities, DevicePlan, DeviceProfile
-from .costmodel import Arch, Calibration, Config, compute_dtype, estimate_memory, estimate_step_seconds, lora_parameters
+from .costmodel import (
+    Arch,
+    Calibration,
+    Config,
+    compute_dtype,
+    estimate_eval_seconds,
+    estimate_memory,
+    estimate_step_seconds,
+    lora_parameters,
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,10 @@ class PlanOptions:
     utility_rank: int = 0
     #: the training framework the cost model predicts for ("torch" or "ort")
     backend: str = "torch"
+    #: held-out tokens a device evaluates per round (forward passes): part of its round time
+    eval_tokens: int = 0
+    #: bytes of the global adapter a device downloads before it trains
+    download_bytes: float = 0.0
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0:
@@ -109,7 +122,9 @@ def candidates(arch: Arch, profile: DeviceProfile, options: PlanOptions, calibra
     allowed = [q for q in options.quantizations if q == "float32" or (
         q in profile.quantization and compute_dtype(q) in profile.gflops)]
     budget = profile.memory_bytes * options.memory_margin
-    time_budget = options.deadline_s * options.time_margin
+    downlink = profile.downlink_mbps or profile.uplink_mbps
+    download_s = options.download_bytes * 8 / (downlink * 1e6) if downlink else 0.0
+    time_budget = options.deadline_s * options.time_margin - download_s
     feasible: list[Candidate] = []
     smallest_memory, fastest_step = math.inf, math.inf
     r_max = options.utility_rank or max(options.ranks)
@@ -122,6 +137,7 @@ def candidates(arch: Arch, profile: DeviceProfile, options: PlanOptions, calibra
         step = estimate_step_seconds(arch, config, profile, calibration)
         upload = lora_parameters(arch, config) * 4.0
         upload_s = upload * 8 / (profile.uplink_mbps * 1e6) if profile.uplink_mbps else 0.0
+        upload_s += estimate_eval_seconds(arch, config, profile, calibration, options.eval_tokens)
         smallest_memory = min(smallest_memory, memory)
         if memory > budget:
             continue
@@ -163,6 +179,72 @@ def plan_fleet(
     plan.chosen, extra = _solve_with_budget(options_by_device, options.uplink_budget_bytes)
     plan.excluded.update(extra)
     return plan
+
+
+def plan_uniform(
+    profiles: dict[str, DeviceProfile], arch: Arch, options: PlanOptions, config: Config, steps: int,
+    calibration: Calibration | None = None,
+) -> FleetPlan:
+    """One fixed configuration for every device (the fleet's own settings): a device whose
+    memory it does not fit sits out; nothing is checked against the deadline, so a device too
+    slow for it trains and misses the round. The one-size-fits-all baseline."""
+    calibration = calibration or Calibration.load()
+    plan = FleetPlan(method="uniform")
+    memory = estimate_memory(arch, config, calibration).total
+    for device, profile in sorted(profiles.items()):
+        budget = profile.memory_bytes * options.memory_margin
+        if memory > budget:
+            plan.excluded[device] = (f"the fleet's configuration ({describe(config)}) needs {memory / 2**20:,.0f} MiB but "
+                                     f"this device may use {budget / 2**20:,.0f} MiB")
+            continue
+        step = estimate_step_seconds(arch, config, profile, calibration)
+        plan.chosen[device] = Candidate(config, steps, memory, step, lora_parameters(arch, config) * 4.0,
+                                        steps * config.batch_size * config.seq_len)
+    return plan
+
+
+def plan_weakest(
+    profiles: dict[str, DeviceProfile], arch: Arch, options: PlanOptions, calibration: Calibration | None = None,
+    device_options: dict[str, PlanOptions] | None = None,
+) -> FleetPlan:
+    """The best single configuration, steps included, that every device can run within its
+    memory and the deadline: what a fleet configured by hand for its weakest member trains.
+    Devices that fit no configuration at all sit out (as with the planner)."""
+    calibration = calibration or Calibration.load()
+    per_device: dict[str, dict[Config, Candidate]] = {}
+    plan = FleetPlan(method="weakest")
+    for device, profile in sorted(profiles.items()):
+        found, why = candidates(arch, profile, (device_options or {}).get(device, options), calibration)
+        if found:
+            per_device[device] = {c.config: c for c in found}
+        else:
+            plan.excluded[device] = why
+    if not per_device:
+        return plan
+    shared = set.intersection(*(set(found) for found in per_device.values()))
+    if not shared:
+        for device in per_device:
+            plan.excluded[device] = "no single configuration fits every device"
+        return plan
+    r_max = options.utility_rank or max(options.ranks)
+
+    def total(config: Config) -> tuple:
+        steps = min(found[config].local_steps for found in per_device.values())
+        utility = len(per_device) * steps * config.batch_size * config.seq_len * (config.rank / r_max) ** options.rank_exponent
+        return utility, -max(found[config].step_s for found in per_device.values()), config.rank
+
+    config = max(sorted(shared, key=describe), key=total)
+    steps = min(found[config].local_steps for found in per_device.values())
+    for device, found in per_device.items():
+        c = found[config]
+        plan.chosen[device] = dataclasses.replace(c, local_steps=steps, utility=c.utility * steps / c.local_steps)
+    return plan
+
+
+def describe(config: Config) -> str:
+    """``r8, float32, batch 4[, checkpointing]``."""
+    ckpt = ", checkpointing" if config.gradient_checkpointing else ""
+    return f"r{config.rank}, {config.quantization}, batch {config.batch_size}{ckpt}"
 
 
 def for_capabilities(options: PlanOptions, capabilities: Capabilities) -> PlanOptions:

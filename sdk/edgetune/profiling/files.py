@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16")
 QUANTIZATIONS = ("bfloat16", "int8", "nf4")
-KEYS = ("name", "memory", "gflops", "cores", "quantization", "uplink_mbps", "source")
+KEYS = ("name", "memory", "gflops", "cores", "quantization", "uplink_mbps", "downlink_mbps", "source")
 REQUIRED = ("name", "memory", "gflops")
 
 _UNITS = {
@@ -132,7 +132,7 @@ def profile_from_dict(data: object, where: str = "profile") -> DeviceProfile:
             memory = parse_size(data["memory"])
         except ValueError as exc:
             raise ValueError(f"'memory': {exc}") from None
-        uplink = data.get("uplink_mbps")
+        uplink, downlink = data.get("uplink_mbps"), data.get("downlink_mbps")
         return DeviceProfile(
             name=_text(data["name"], "name"),
             memory_bytes=memory,
@@ -140,6 +140,7 @@ def profile_from_dict(data: object, where: str = "profile") -> DeviceProfile:
             cores=_cores(data.get("cores", 1)),
             quantization=_quantization(data.get("quantization")),
             uplink_mbps=None if uplink is None else _number(uplink, "uplink_mbps"),
+            downlink_mbps=None if downlink is None else _number(downlink, "downlink_mbps"),
             source=_text(data["source"], "source") if data.get("source") is not None else "",
         )
     except ValueError as exc:
@@ -154,6 +155,7 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
         "cores": profile.cores,
         "quantization": list(profile.quantization),
         "uplink_mbps": profile.uplink_mbps,
+        **({"downlink_mbps": profile.downlink_mbps} if profile.downlink_mbps is not None else {}),
         "source": profile.source,
     }
 

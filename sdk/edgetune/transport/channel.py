@@ -49,6 +49,8 @@ class Channel:
         #: payload bytes received per sender (whole MQTT payloads, valid or not)
         self.bytes_from: Counter[str] = Counter()
         self._reassembler = Reassembler()
+        #: payload bytes of the last ``send_retained`` (what each subscriber downloads)
+        self.last_retained_bytes = 0
         self._lock = threading.Lock()  # the reassembler is fed from the network thread(s)
 
     def prepare(self, topic: str, message: Any) -> tuple[bytes, bytes]:
@@ -80,6 +82,7 @@ class Channel:
         a previous, longer message are cleared so late joiners never see stale pieces.
         """
         frames = chunk_payload(encode_message(message), self.max_packet)
+        self.last_retained_bytes = sum(map(len, frames))
         for index, frame in enumerate(frames):
             self.transport.publish(f"{prefix}/{index}", frame, qos=1, retain=True)
         for index in range(len(frames), previous_count):

@@ -152,9 +152,12 @@ class TrainSettings:
     algorithm: str = "fedavg"
     #: > 0: train this many passes over the device's own data instead of local_steps
     local_epochs: int = 0
+    #: held-out blocks (of seq_len tokens) a device evaluates per round, at most: evaluation is
+    #: part of a round's time, which the planner budgets for slow devices
+    eval_blocks: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("local_steps", "batch_size", "grad_accum", "seq_len"):
+        for name in ("local_steps", "batch_size", "grad_accum", "seq_len", "eval_blocks"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"TrainSettings.{name} must be ≥ 1, got {value}")
@@ -235,6 +238,8 @@ class DeviceProfile:
     uplink_mbps: float | None = None
     #: where the figures come from: "measured <date> by edgetune profile" or a datasheet
     source: str = ""
+    #: what the site's downlink sustains (None: as the uplink); the global adapter comes this way
+    downlink_mbps: float | None = None
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
@@ -497,9 +502,14 @@ class RoundTask:
     run_id: str = ""
     #: for CALIBRATE tasks: how to score the candidate matrices (adapter.target_modules)
     importance: ImportanceSettings = field(default_factory=ImportanceSettings)
+    #: the aggregator folds in updates up to this many versions late (FedBuff); 0: an update
+    #: after the deadline is refused, so a device that cannot make it stops training
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         _positive(self.deadline_s, "RoundTask.deadline_s")
+        if self.max_staleness < 0:
+            raise ValueError(f"RoundTask.max_staleness must be ≥ 0, got {self.max_staleness}")
 
 
 @dataclass(frozen=True)
