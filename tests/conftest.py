@@ -8,10 +8,12 @@ amqtt broker (what a laptop without Mosquitto uses), so both stay interchangeabl
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,9 @@ from pathlib import Path
 import pytest
 
 _REPO = Path(__file__).resolve().parent.parent
+# Devices measure themselves and keep the profile in their state dir (~/.local/state/edgetune by
+# default): the suite's devices, and the processes it starts, keep theirs in a folder of its own.
+os.environ.setdefault("XDG_STATE_HOME", tempfile.mkdtemp(prefix="edgetune-test-state-"))
 # Let the suite run from a plain checkout as well as from an editable install.
 if importlib.util.find_spec("edgetune") is None:
     sys.path[:0] = [str(_REPO / "sdk"), str(_REPO / "aggregator")]

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES), help="matrix names an importance layout chooses among")
     layout.add_argument("--adapter-budget", type=int, default=None,
                         help="adapter parameters the importance layout may use (default: those of --targets at --rank)")
-    layout.add_argument("--calibration-batches", type=int, default=8)
+    layout.add_argument("--calibration-batches", type=int, default=8, help="batches each device scores")
+    layout.add_argument("--calibration-batch-size", type=int, default=2, help="blocks per scoring batch, at most")
     serve.add_argument("--linger", type=float, default=0.0, help="after the last round, keep recording devices' "
                        "personalization reports for S seconds (negative: until stopped)")
     serve.add_argument("--base-model", default="", help="recorded in the exported PEFT adapter_config.json")
@@ -157,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         layout=args.layout,
         layout_candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
         adapter_budget=args.adapter_budget,
-        importance=ImportanceSettings(batches=args.calibration_batches),
+        importance=ImportanceSettings(batches=args.calibration_batches, batch_size=args.calibration_batch_size),
         ort_artifacts=args.ort_artifacts,
         linger_s=None if args.linger < 0 else args.linger,
         device_keys=args.device_keys,

@@ -31,6 +31,9 @@ class AggregatorConfig:
     rounds: int | None = None
     #: updates needed to close a round early and to aggregate at all
     min_devices: int = 1
+    #: devices to wait for before the first round (None: min_devices); a fleet that should
+    #: start together (the demo) waits for all, and still closes rounds with fewer
+    start_devices: int | None = None
     round_timeout_s: float = 600.0
     #: how long to wait for the first ``min_devices`` devices (None: forever)
     join_timeout_s: float | None = None
@@ -128,6 +131,8 @@ class AggregatorConfig:
             raise ValueError(f"adapter_budget must be ≥ 1, got {self.adapter_budget}")
         if self.min_devices < 1:
             raise ValueError(f"min_devices must be ≥ 1, got {self.min_devices}")
+        if self.start_devices is not None and self.start_devices < 1:
+            raise ValueError(f"start_devices must be ≥ 1, got {self.start_devices}")
         if self.rounds is not None and self.rounds < 0:
             raise ValueError(f"rounds must be ≥ 0, got {self.rounds}")
         if self.round_timeout_s <= 0:

@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 #: what the inbox holds after the broker connection came back (see ``_republish``)
 _RECONNECTED = "<reconnected>"
+#: error codes of a device that goes on with its round (the rest mean it gave the round up)
+CONTINUING_ERRORS = ("oom_backoff",)
 
 
 class Aggregator(ResultHandling):
@@ -74,6 +76,7 @@ class Aggregator(ResultHandling):
         on_round: Callable[[RoundRecord], None] | None = None,
         metrics=None,
         clock: Clock = WALL,
+        on_task: Callable[[RoundTask, RoundRecord], None] | None = None,
     ):
         self.config = config
         #: deadlines and round times: the wall clock, or the fleet simulator's virtual time
@@ -96,6 +99,8 @@ class Aggregator(ResultHandling):
         if metrics is not None:
             self.channel.on_drop = metrics.rejected
         self.on_round = on_round
+        #: called when a round opens, with its task and its record so far (plans, exclusions)
+        self.on_task = on_task
         self.devices: dict[str, Hello] = {}
         self._manifests: dict[str, object] = {}  # fingerprint -> the first manifest (see _on_hello)
         self.online: set[str] = set()
@@ -112,6 +117,7 @@ class Aggregator(ResultHandling):
         self._calibration = None  # the cost model's coefficients, read once when first needed
         self._predicted: dict[str, dict] = {}  # the last plan's predicted peak memory and step time
         self._global_bytes = 0  # payload bytes of the published global adapter
+        self._open_record: RoundRecord | None = None  # the open round's record (latecomers join it)
         self._initial: dict | None = None  # a prompt fleet's starting adapter (initialization round)
         self.artifacts = None  # what devices without PyTorch can download (checked before serving)
         if config.ort_artifacts is not None:
@@ -302,7 +308,7 @@ class Aggregator(ResultHandling):
 
     def _start_fleet(self) -> bool:
         """Wait for the first devices, take their model as the fleet's, publish global v0."""
-        need = self.config.min_devices
+        need = self.config.start_devices or self.config.min_devices
         log.info("waiting for %d device(s) to join fleet %s", need, self.config.fleet)
         deadline = None if self.config.join_timeout_s is None else self.clock.monotonic() + self.config.join_timeout_s
         while len(self.devices) < need:
@@ -310,6 +316,9 @@ class Aggregator(ResultHandling):
                 log.error("only %d of %d devices joined; giving up", len(self.devices), need)
                 return False
             self._handle_next(None, timeout=0.5)
+        # hellos that arrived together (retained ones, on connecting) all count for round 1's plan
+        while not self._inbox.empty and not self._stop.is_set():
+            self._handle_next(None, timeout=0.0)
         model = next(iter(self.devices.values())).model
         spec = self.config.adapter
         self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model,
@@ -485,6 +494,8 @@ class Aggregator(ResultHandling):
         if kind is TaskKind.CALIBRATE:  # scoring needs weight gradients, which only PyTorch computes
             excluded = {**excluded, **{d: "trains with ONNX Runtime, which cannot score weight importance"
                                        for d, h in self.devices.items() if h.capabilities.torch_free}}
+            excluded = {**excluded, **{d: why for d, why in self._scoring_misfits(plans).items() if d not in excluded}}
+            plans = {d: p for d, p in plans.items() if d not in excluded}
         task = RoundTask(
             round=round_number,
             kind=kind,
@@ -500,6 +511,32 @@ class Aggregator(ResultHandling):
             max_staleness=self.config.max_staleness,
         )
         return task
+
+    def _scoring_misfits(self, plans: dict) -> dict[str, str]:
+        """Devices whose memory cannot hold importance scoring (a state for every candidate
+        weight), and why: they sit the calibration round out rather than run out of memory."""
+        from edgetune.planning.costmodel import Arch, Calibration, estimate_scoring_memory
+
+        try:
+            arch = Arch.from_manifest(self.state.model)
+        except ValueError:
+            return {}
+        if self._calibration is None:
+            self._calibration = Calibration.load()
+        modules = self.state.model.modules
+        candidates = sum(modules[m][0] * modules[m][1] for m in targets(self.state.adapter, modules))
+        out = {}
+        for device, hello in self.devices.items():
+            if hello.profile is None:
+                continue
+            batch = min(plans[device].batch_size if device in plans else self.config.train.batch_size,
+                        self.config.importance.batch_size)
+            need = estimate_scoring_memory(arch, candidates, batch, self.config.train.seq_len, self._calibration)
+            allowed = hello.profile.memory_bytes * 0.85
+            if need > allowed:
+                out[device] = (f"importance scoring needs about {need / 2**20:,.0f} MiB (moving averages for "
+                               f"{candidates:,} candidate weights) but this device may use {allowed / 2**20:,.0f} MiB")
+        return out
 
     def _send_task(self, task: RoundTask) -> None:
         # Not flushed: waiting for the broker's acknowledgement here could wait on a network
@@ -522,6 +559,13 @@ class Aggregator(ResultHandling):
             added_plans = {**task.plans, **({device: plans[device]} if device in plans else {})}
             added_excluded = {**task.excluded, **({device: excluded[device]} if device in excluded else {})}
             self._send_task(dataclasses.replace(task, plans=added_plans, excluded=added_excluded))
+            record = self._open_record
+            if record is not None and record.round == task.round:  # the round log says so too
+                if device in plans:
+                    record.plans[device] = dataclasses.asdict(plans[device]) | self._predicted.get(device, {})
+                    record.asked = sorted({*record.asked, device})
+                else:
+                    record.excluded[device] = excluded[device]
 
     # --- one round --------------------------------------------------------------------------
 
@@ -557,10 +601,16 @@ class Aggregator(ResultHandling):
             for name, path in sorted(self.journal.load(number).results.items()):
                 self._replay(round_ctx, name, path.read_bytes())
         self._send_task(task)  # after a restart, the same task again: devices that did the round do not redo it
+        self._open_record = record
         record.asked = sorted((self.online & set(self.devices)) - set(task.excluded))
         record.excluded = dict(task.excluded)
         record.plans = {d: dataclasses.asdict(p) | self._predicted.get(d, {}) for d, p in task.plans.items()}
         record.downlink_bytes = self._global_bytes + len(encode_message(task))
+        if self.on_task:
+            try:  # (a dashboard's bug must not stop the fleet)
+                self.on_task(task, record)
+            except Exception:
+                log.exception("the on_task callback failed for round %d", number)
         log.info("round %d (%s) %s on global v%d%s; %d device(s) online", number, kind.value,
                  "resumed" if journaled else "open", self.state.global_version,
                  f" with {len(round_ctx.record.devices)} accepted result(s)" if round_ctx.record.devices else "",
@@ -571,7 +621,7 @@ class Aggregator(ResultHandling):
         start = self.clock.monotonic()
         deadline = start + max(0.0, opened_at + self.config.round_timeout_s - self.clock.time())
         # (recomputed as devices come and go: one that joins the open round is asked too)
-        while len(record.devices) < self._needed(kind, task) and not self._stop.is_set():
+        while len(record.devices) < self._needed(kind, task, round_ctx) and not self._stop.is_set():
             left = deadline - self.clock.monotonic()
             if left <= 0:
                 break
@@ -580,6 +630,7 @@ class Aggregator(ResultHandling):
         if self._stop.is_set():
             return record  # left open: a resumed daemon continues it, as after a crash
         record.dropped = dict(Counter(self.channel.drops) - drops_before)
+        record.declined = dict(round_ctx.declined)
         # What each device sent in this round, as measured here (its own report can only
         # count what it sent before the update that carries the report).
         sent = Counter(self.channel.bytes_from) - bytes_before
@@ -611,11 +662,12 @@ class Aggregator(ResultHandling):
                 carried[result_name(device, trained_for)] = (path, (device, trained_for))
         return carried
 
-    def _needed(self, kind: TaskKind, task: RoundTask) -> int:
+    def _needed(self, kind: TaskKind, task: RoundTask, ctx: RoundContext | None = None) -> int:
         """Results that close the round before its deadline: ``min_devices``, or the quorum of
-        the devices the task asked; every online device for an initialization round."""
+        the devices the task asked (less those that said they gave up on it); every online
+        device for an initialization round."""
         needed = self.config.min_devices
-        asked = (self.online & set(self.devices)) - set(task.excluded)
+        asked = (self.online & set(self.devices)) - set(task.excluded) - set(ctx.declined if ctx else ())
         if kind is TaskKind.INITIALIZE:  # every device online gets a say in the fleet's start
             needed = max(needed, len(self.online & set(self.devices)))
         elif self.config.quorum is not None:
@@ -760,6 +812,11 @@ class Aggregator(ResultHandling):
             log.info("device %s is %s", sender, "online" if message.online else "offline")
         elif isinstance(message, ErrorReport):
             log.warning("device %s reports %s in round %d: %s", sender, message.code, message.round, message.message)
+            # A device that gave up on the open round (missed its deadline, ran out of memory,
+            # failed) will not answer: the quorum stops waiting for it. Backing off is no giving up.
+            if (ctx is not None and message.round == ctx.number and message.code not in CONTINUING_ERRORS
+                    and sender in self.devices and (self.intake.keyring is None or opened.signed is not None)):
+                ctx.declined[sender] = f"{message.code}: {message.message}"[:300]
         elif isinstance(message, (Update, EvalReport, ImportanceReport, AdapterInit)):
             self._on_result(topic, opened, ctx)
         elif isinstance(message, ArtifactRequest):

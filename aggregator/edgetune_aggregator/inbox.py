@@ -96,3 +96,7 @@ class Inbox:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+    @property
+    def empty(self) -> bool:
+        return not self._items

@@ -238,6 +238,8 @@ class RoundContext:
     reports: list[ImportanceReport] = field(default_factory=list)
     #: initialization rounds: each device's starting adapter
     inits: dict[str, dict] = field(default_factory=dict)
+    #: devices that reported giving this round up (an error report), and why: not waited for
+    declined: dict[str, str] = field(default_factory=dict)
 
 
 def _score(value: float | None, device: str) -> float | None:

@@ -100,6 +100,8 @@ class RoundRecord:
     #: each planned device's configuration: DevicePlan's fields, with the cost model's
     #: predicted peak memory (bytes) and step time (s) when the planner made it
     plans: dict[str, dict] = field(default_factory=dict)
+    #: asked devices that gave the round up, and why (their error report: deadline, memory, …)
+    declined: dict[str, str] = field(default_factory=dict)
     #: bytes a device downloads for the round: the global adapter it trains on, and the task
     downlink_bytes: int = 0
     #: exact strategies with a bounded downlink: the relative Frobenius error of truncating the

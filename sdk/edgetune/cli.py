@@ -7,6 +7,8 @@
                         [--l2-to-global λ] [--alpha α] [--out DIR]
     edgetune build-ort [--model REF] --rank R [--alpha A] --targets q_proj,v_proj [--prompt-tokens N] --out DIR
     edgetune demo [--devices 3] [--rounds 2] [--out demo-out] [--data DIR]
+    edgetune simulate --fleet FLEET.yaml [--out DIR] [--broker URL] [--rounds N] [--model REF]
+    edgetune report STATE_DIR [--out DIR]
     edgetune export --merged|--onnx --state-dir DIR [--version N] [--model REF] --out FOLDER [--force]
     edgetune bench personalization [--model REF] [--categories a,b,c] [--out DIR] [--docs docs/benchmarks.md]
     edgetune generate --onnx FOLDER --prompt TEXT [--max-new-tokens N] [--temperature T]
@@ -123,6 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_common(add_bench_parser(commands))
 
+    simulate = commands.add_parser("simulate", help="a fleet of device classes on this machine in simulated time: "
+                                   "real training, real daemon, each device as slow as its class (docs/simulation.md)")
+    simulate.add_argument("--fleet", type=Path, required=True, help="the fleet's YAML (e.g. profiles/fleets/fedpipe-8.yaml)")
+    simulate.add_argument("--out", type=Path, default=Path("sim-out"), help="state dir, report and logs go here")
+    simulate.add_argument("--broker", help="an MQTT broker (mqtt://HOST:PORT) instead of the in-memory one")
+    simulate.add_argument("--rounds", type=int, help="override the fleet file's rounds")
+    simulate.add_argument("--seed", type=int, help="override the fleet file's seed")
+    simulate.add_argument("--model", help="override the fleet file's model (e.g. tiny-llama)")
+    simulate.add_argument("--threads", type=int, help="training threads (default: all cores)")
+    simulate.add_argument("--no-plan", action="store_true", help="devices send no profile: the fleet's uniform settings")
+    simulate.add_argument("--no-report", action="store_true", help="do not write the HTML report")
+    _add_common(simulate)
+
+    report = commands.add_parser("report", help="an offline HTML page with plots of a run, from the aggregator's state dir")
+    report.add_argument("state_dir", type=Path, help="the aggregator's --state-dir (the demo's: demo-out/state)")
+    report.add_argument("--out", type=Path, help="folder for index.html and the PNGs (default: STATE_DIR/../report)")
+    _add_common(report)
+
     demo = commands.add_parser("demo", help="a whole federation on this machine: broker, aggregator, devices")
     demo.add_argument("--devices", type=int, default=3)
     demo.add_argument("--rounds", type=int, default=2)
@@ -137,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train LoRA (r=8 on q,v) or a soft prompt of 20 virtual tokens")
     demo.add_argument("--personalize", action="store_true", help="after the last round, personalize every device "
                       "and show its own and the others' perplexity (docs/personalization.md)")
+    demo.add_argument("--classes", help="device classes from profiles/ the devices emulate in turn, comma separated "
+                      "(default: raspberry-pi-4-4gb-gateway, jetson-orin-nano-8gb, intel-n100-16gb, ...)")
+    demo.add_argument("--deadline", type=float, default=90.0, help="round deadline in seconds: the planner fits each "
+                      "device's steps to it (default 90)")
+    demo.add_argument("--eval-blocks", type=int, default=2, help="held-out blocks each device scores per round "
+                      "(scoring is part of a slow device's round time)")
+    demo.add_argument("--no-plan", action="store_true", help="devices send no profile: one uniform configuration, "
+                      "as before planning was the default")
     _add_common(demo)
 
     build = commands.add_parser("build-ort", help="ONNX Runtime training artifacts for devices without PyTorch "
@@ -195,22 +223,11 @@ def _device(args: argparse.Namespace):
     """The ``Device`` that 'device run' and 'device personalize' use, connected."""
     from .device import Device, DeviceConfig, announced_profile, client_id, hash_seed
     from .transport import open_transport
-    from .workload import Workload
+    from .workload import Workload, choose_backend
 
-    if args.device_command == "personalize":  # (a second process: its 'device run' announced the profile)
-        profile, clock = (load_profile_arg(args.profile), None)
-    else:
-        if args.uplink_mbps is not None and not args.uplink_mbps > 0:
-            raise ValueError(f"--uplink-mbps must be > 0, got {args.uplink_mbps}")
-        profile, clock = announced_profile(args.fleet, args.device_id, plan=not args.no_plan, profile=args.profile,
-                                           state_dir=args.state_dir, reprofile=args.reprofile, emulate=args.emulate,
-                                           threads=args.threads, uplink_mbps=args.uplink_mbps)
-    config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout,
-                          exit_when_finished=not getattr(args, "stay", False), profile=profile,
-                          signing_key=args.signing_key)
+    if getattr(args, "uplink_mbps", None) is not None and not args.uplink_mbps > 0:
+        raise ValueError(f"--uplink-mbps must be > 0, got {args.uplink_mbps}")
     tls = {k: v for k, v in (("ca_certs", args.ca), ("certfile", args.cert), ("keyfile", args.key)) if v}
-    from .workload import choose_backend
-
     if choose_backend(args.trainer, args.artifacts) == "ort":  # fetched from the aggregator if absent
         from .ort.fetch import ensure_artifacts
 
@@ -224,6 +241,15 @@ def _device(args: argparse.Namespace):
     workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads,
                              trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash,
                              robustness=args.robustness, validation_fraction=args.validation)
+    if suffix:  # (a second process of a device: its 'device run' announced the profile)
+        profile, clock = load_profile_arg(args.profile), None
+    else:  # measured now, once the cheap mistakes (URL, files, model) have been ruled out
+        profile, clock = announced_profile(args.fleet, args.device_id, plan=not args.no_plan, profile=args.profile,
+                                           state_dir=args.state_dir, reprofile=args.reprofile, emulate=args.emulate,
+                                           threads=args.threads, uplink_mbps=args.uplink_mbps)
+    config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout,
+                          exit_when_finished=not getattr(args, "stay", False), profile=profile,
+                          signing_key=args.signing_key)
     device = Device(config, transport, workload, clock)
     # personalizing is a second process of a device of the fleet: it must not replace the
     # hello (profile and all) and presence its 'device run' announced
@@ -309,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .export import ExportError
     from .models import ModelError
+    from .report import ReportError
+    from .sim.fleet import FleetError
     from .transport import TransportError
 
     try:
@@ -328,6 +356,16 @@ def main(argv: list[str] | None = None) -> int:
             return _build_ort(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "simulate":
+            from .sim.cli import run_simulate
+
+            return run_simulate(args)
+        if args.command == "report":
+            from .report import write_report
+
+            out = args.out or args.state_dir.resolve().parent / "report"
+            print(f"report: {write_report(args.state_dir, out)}")
+            return 0
         if args.command == "bench":
             from .bench.personalization import main as bench_personalization
 
@@ -335,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(args)
-    except (TransportError, ModelError, DataError, ExportError, ValueError, FileExistsError, FileNotFoundError,
-            ImportError) as exc:
+    except (TransportError, ModelError, DataError, ExportError, ReportError, FleetError, ValueError, FileExistsError,
+            FileNotFoundError, ImportError) as exc:
         print(f"edgetune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ round and shows what it gained and what it cost (docs/personalization.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FLEET = "demo"
+#: the device classes (profiles/) the demo's devices emulate, in turn: memory and speed budgets
+#: the planner plans for and the devices keep to (``edgetune device run --emulate``)
+CLASSES = ("raspberry-pi-4-4gb-gateway", "jetson-orin-nano-8gb", "intel-n100-16gb", "raspberry-pi-5-8gb",
+           "xeon-d-8core-32gb")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -87,15 +92,22 @@ def run_demo(args: argparse.Namespace) -> int:
         url = broker.url
         print(f"embedded MQTT broker at {url}")
 
+    plan = not getattr(args, "no_plan", False)
+    classes = device_classes(sorted(files), getattr(args, "classes", None)) if plan else {}
     config = AggregatorConfig(
         fleet=FLEET,
         state_dir=out / "state",
         rounds=args.rounds,
-        min_devices=len(files),
-        round_timeout_s=900,
+        # every device joins before round 1; a round closes once all it asked answered, or at the
+        # deadline with those that did (a slow device can miss one)
+        start_devices=len(files),
+        min_devices=1,
+        quorum=1.0,
+        round_timeout_s=getattr(args, "deadline", 900.0),
         join_timeout_s=600,
         adapter=spec,
-        train=TrainSettings(local_steps=args.steps, batch_size=4, seq_len=128, learning_rate=2e-3),
+        train=TrainSettings(local_steps=args.steps, batch_size=4, seq_len=128, learning_rate=2e-3,
+                            eval_blocks=getattr(args, "eval_blocks", 16)),
         base_model=model_name,
         ort_artifacts=artifacts,
         linger_s=None if getattr(args, "personalize", False) else 0.0,  # stopped once all have personalized
@@ -111,8 +123,20 @@ def run_demo(args: argparse.Namespace) -> int:
             bars.clear()
             tqdm.write(format_round(record))
 
+    shown_plans: dict = {}
+
+    def on_task(task, record) -> None:
+        if task.kind.value not in ("train", "calibrate") or not (record.plans or record.excluded):
+            return
+        plans = {d: {k: v for k, v in p.items() if not k.startswith("predicted")} for d, p in record.plans.items()}
+        if (plans, record.excluded) == shown_plans.get("last"):
+            return
+        shown_plans["last"] = (plans, record.excluded)
+        with bars_lock:
+            tqdm.write(format_plans(record, aggregator, classes))
+
     transport = open_transport(url, client_id="edgetune-demo-aggregator", clean_session=False)
-    aggregator = Aggregator(config, transport, on_round=on_round)
+    aggregator = Aggregator(config, transport, on_round=on_round, on_task=on_task)
     daemon = threading.Thread(target=aggregator.serve, name="aggregator", daemon=True)
     daemon.start()
 
@@ -143,6 +167,9 @@ def run_demo(args: argparse.Namespace) -> int:
                "--device-id", device_id, "--data", str(path), "--model", str(model_dir),
                "--threads", str(threads), "--log-file", str(out / "logs" / log_name),
                "--robustness", str(robustness[device_id])]
+        if command == "run":  # its measured profile is kept in its own state dir
+            cmd += ["--state-dir", str(out / "devices" / device_id)]
+            cmd += ["--emulate", str(classes[device_id])] if device_id in classes else ["--no-plan"]
         if device_id in ort_devices:  # starts empty: downloads the artifacts from the aggregator
             cmd += ["--trainer", "ort", "--artifacts", str(out / "devices" / device_id / "artifacts")]
         else:
@@ -150,9 +177,13 @@ def run_demo(args: argparse.Namespace) -> int:
         return cmd
 
     procs = {}
+    # One at a time: each device measures this machine when it starts, which others would disturb.
     for device_id, path in files.items():
         procs[device_id] = subprocess.Popen(device_command("run", device_id, path, f"{device_id}.log"),
                                             stdin=subprocess.DEVNULL)
+        _wait_for_hello(aggregator, device_id, procs[device_id], timeout=600)
+        where = f" as {classes[device_id].stem}" if device_id in classes else " (not planned)"
+        print(f"  {device_id} joined{where}")
     kinds = f", {len(ort_devices)} of them with ONNX Runtime" if ort_devices else ""
     print(f"started {len(procs)} device processes ({threads} thread(s) each{kinds}); logs in {out / 'logs'}")
 
@@ -214,9 +245,72 @@ def run_demo(args: argparse.Namespace) -> int:
         print(format_personalization(aggregator.store.personalizations(), out / "personal"))
     adapter_dir = out / "state" / "adapter"
     print(f"\nglobal adapter (PEFT format): {adapter_dir}")
+    try:
+        from .report import write_report
+
+        print(f"report: {write_report(out / 'state', out / 'report')}")
+    except ImportError as exc:  # (matplotlib is an extra)
+        print(f"no report ({exc}): pip install 'edgetune[bench]'", file=sys.stderr)
     print(f"round log: {out / 'state' / 'rounds.json'}; total {time.monotonic() - t0:.0f} s")
     print(f"load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{adapter_dir}')")
     return 0
+
+
+def device_classes(devices: list[str], names: str | None = None) -> dict[str, Path]:
+    """Each device's class profile (``profiles/NAME.yaml``), in turn from ``names`` (comma
+    separated) or ``CLASSES``; none where the checkout's profiles/ is not there."""
+    from .sim.fleet import PROFILES
+
+    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else list(CLASSES)
+    missing = [n for n in chosen if not (PROFILES / f"{n}.yaml").is_file()]
+    if missing:
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml"))) or "none (no profiles/ folder)"
+        raise ValueError(f"no device class {', '.join(missing)} in {PROFILES}; known: {known}")
+    return {device: PROFILES / f"{chosen[i % len(chosen)]}.yaml" for i, device in enumerate(devices)}
+
+
+def _wait_for_hello(aggregator, device_id: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while device_id not in aggregator.devices:
+        if proc.poll() is not None:
+            raise RuntimeError(f"device {device_id} exited with status {proc.returncode} before joining; see its log")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"device {device_id} did not join within {timeout:.0f} s; see its log")
+        time.sleep(0.2)
+
+
+def format_plans(record, aggregator, classes: dict[str, Path]) -> str:
+    """The planner's choice per device, for people: class and budget, then rank, base
+    precision, batch, steps, layout size and the cost model's predictions; or why not."""
+    from .adapters.lora import lora_shapes
+
+    spec = aggregator.state.adapter if aggregator.state else None
+    modules = aggregator.state.model.modules if aggregator.state else {}
+    title = "calibration" if record.kind == "calibrate" else f"round {record.round}"
+    lines = [f"\nplan for {title} (deadline {aggregator.config.round_timeout_s:.0f} s)",
+             f"  {'device':<10}{'class':<28}{'memory':>8}{'GFLOP/s':>9}{'rank':>6}{'base':>10}{'batch':>7}"
+             f"{'steps':>7}{'adapted':>9}{'params':>10}{'peak':>9}{'s/step':>8}"]
+    for device in sorted(set(record.plans) | set(record.excluded) | set(aggregator.devices)):
+        hello = aggregator.devices.get(device)
+        profile = hello.profile if hello else None
+        name = profile.name if profile else (classes[device].stem if device in classes else "(no profile)")
+        budget = (f"{profile.memory_bytes / 2**30:.1f}G" if profile else "")
+        speed = f"{profile.gflops.get('float32', 0):.0f}" if profile else ""
+        head = f"  {device:<10}{name[:27]:<28}{budget:>8}{speed:>9}"
+        plan = record.plans.get(device)
+        if plan is None:
+            why = record.excluded.get(device, "no profile: the fleet's settings")
+            lines.append(f"{head}  {'left out: ' if device in record.excluded else ''}{why}")
+            continue
+        layout = ""
+        if spec is not None and getattr(spec, "kind", "") == "lora":
+            shapes = lora_shapes(dataclasses.replace(spec, rank=plan["rank"]), modules)
+            layout = f"{len(shapes) // 2:>9}{sum(a * b for a, b in shapes.values()):>10,}"
+        peak = f"{plan['predicted_peak_bytes'] / 2**20:,.0f}M" if plan.get("predicted_peak_bytes") else ""
+        step = f"{plan['predicted_step_s']:.1f}" if plan.get("predicted_step_s") else ""
+        lines.append(f"{head}{plan['rank']:>6}{plan['quantization']:>10}{plan['batch_size']:>7}{plan['local_steps']:>7}"
+                     f"{layout}{peak:>9}{step:>8}" + ("  checkpointing" if plan.get("gradient_checkpointing") else ""))
+    return "\n".join(lines)
 
 
 def write_robustness_sets(files: dict[str, Path], folder: Path) -> dict[str, Path]:
@@ -265,14 +359,25 @@ def format_round(record) -> str:
         title += f" -> global adapter v{record.new_version}"
     lines = [f"\n{title}, {record.duration_s:.0f} s"]
     if record.kind == "train":
-        lines.append(f"  {'device':<12}{'samples':>8}{'train loss':>12}{'ppl global->local':>20}"
+        lines.append(f"  {'device':<12}{'samples':>8}{'plan':>14}{'train loss':>12}{'ppl global->local':>20}"
                      f"{'others global->local':>23}{'sent':>11}{'received':>11}")
         for d in sorted(record.devices, key=lambda d: d.device_id):
-            ppl = f"{d.global_ppl:.2f} -> {d.local_ppl:.2f}"
+            plan = record.plans.get(d.device_id)
+            shown = f"r{plan['rank']} b{plan['batch_size']}×{plan['local_steps']}" if plan else "uniform"
+            ppl = (f"{d.global_ppl:.2f} -> {d.local_ppl:.2f}"
+                   if d.global_ppl is not None and d.local_ppl is not None else "")
             robust = (f"{d.global_robust_ppl:.2f} -> {d.local_robust_ppl:.2f}"
                       if d.global_robust_ppl is not None and d.local_robust_ppl is not None else "")
-            lines.append(f"  {d.device_id:<12}{d.num_samples:>8}{d.train_loss:>12.3f}{ppl:>20}{robust:>23}"
+            loss = f"{d.train_loss:.3f}" if d.train_loss is not None else ""
+            lines.append(f"  {d.device_id:<12}{d.num_samples:>8}{shown:>14}{loss:>12}{ppl:>20}{robust:>23}"
                          f"{_size(d.bytes_sent):>11}{_size(d.bytes_received):>11}")
+        answered = {d.device_id for d in record.devices}
+        for device, why in sorted(record.declined.items()):
+            lines.append(f"  {device:<12} gave the round up: {why}")
+        for device in sorted(set(record.asked) - answered - set(record.declined)):
+            lines.append(f"  {device:<12} missed the deadline")
+        for device, why in sorted(record.excluded.items()):
+            lines.append(f"  {device:<12} left out: {why}")
         if record.global_ppl is not None:
             lines.append(f"  held-out ppl of global v{record.base_version} (sample-weighted): {record.global_ppl:.2f}"
                          + (f", on the others' data {record.global_robust_ppl:.2f}"

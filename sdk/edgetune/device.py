@@ -167,9 +167,8 @@ class Device:
             options.pop(k, None)
         plan, state_dir = options.pop("plan", True), options.pop("state_dir", None)
         reprofile, emulate, threads = options.pop("reprofile", False), options.pop("emulate", None), options.pop("threads", None)
-        profile, clock = announced_profile(fleet, device_id, plan=plan, profile=options.pop("profile", None),
-                                           state_dir=state_dir, reprofile=reprofile, emulate=emulate, threads=threads)
-        config = DeviceConfig(fleet, device_id, profile=profile, **options)
+        given = options.pop("profile", None)
+        config = DeviceConfig(fleet, device_id, **options)
         if choose_backend(trainer, artifacts) == "ort":
             from .ort.fetch import ensure_artifacts
 
@@ -180,7 +179,9 @@ class Device:
         # device while it is offline, and paho resends unacknowledged results on reconnecting.
         transport = open_transport(broker, client_id=client_id(fleet, device_id, config.signing_key),
                                    clean_session=False, **tls)
-        device = cls(config, transport, workload, clock)
+        profile, clock = announced_profile(fleet, device_id, plan=plan, profile=given, state_dir=state_dir,
+                                           reprofile=reprofile, emulate=emulate, threads=threads)
+        device = cls(dataclasses.replace(config, profile=profile), transport, workload, clock)
         device.connect()
         return device
 
@@ -444,7 +445,10 @@ class Device:
         return compute_dtype(plan.quantization) if plan else "float32"
 
     def _eval_blocks(self, task: RoundTask) -> int:
-        return max(1, min(self.config.max_eval_blocks, task.train.eval_blocks))
+        """Held-out blocks to score this round (0 in a train round: none, the fleet is scored
+        elsewhere; an evaluation round always scores at least one)."""
+        blocks = min(self.config.max_eval_blocks, task.train.eval_blocks)
+        return blocks if task.kind is TaskKind.TRAIN else max(1, blocks)
 
     def _check_deadline(self, task: RoundTask, step_s: float) -> None:
         """Stop a round that cannot end before its deadline: the update would be refused, and
@@ -528,7 +532,7 @@ class Device:
             quantization = "bfloat16" if "bfloat16" in supported else "float32"
         self.clock.dtype = "bfloat16" if quantization == "bfloat16" else "float32"
         modules = targets(task.adapter, self.workload.manifest.modules)
-        settings = dataclasses.replace(task.train, batch_size=plan.batch_size)
+        settings = dataclasses.replace(task.train, batch_size=min(plan.batch_size, task.importance.batch_size))
         result = self.workload.importance(modules, settings, task.importance, quantization,
                                           seed=task.train.seed + hash_seed(me))
         self.clock.checkpoint()
@@ -580,11 +584,15 @@ class Device:
         self.last_plan = plan
         self.clock.dtype = compute_dtype(plan.quantization)
         trainer, start = self._start_model(task, plan.rank, plan.quantization, plan.gradient_checkpointing)
-        blocks = self._eval_blocks(task)
+        blocks = self._eval_blocks(task)  # (0: the fleet is evaluated elsewhere; no scores)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[:blocks]
-        robust = self.workload.robustness_blocks(task.train.seq_len, blocks)
-        global_ppl = trainer.perplexity(heldout)
-        global_robust = trainer.perplexity(robust) if len(robust) else None
+        robust = self.workload.robustness_blocks(task.train.seq_len, blocks) if blocks else heldout[:0]
+
+        def score(data):
+            return trainer.perplexity(data) if len(data) else None
+
+        global_ppl = score(heldout)
+        global_robust = score(robust)
         local_robust = global_robust
         budget = self.config.profile.memory_bytes if self.config.profile else None
 
@@ -625,8 +633,8 @@ class Device:
                     steps = plan.local_steps
                 settings = dataclasses.replace(settings, local_steps=max(1, steps))
             result = trainer.train(batches, settings, on_step)
-            local_ppl = trainer.perplexity(heldout)
-            local_robust = trainer.perplexity(robust) if len(robust) else None
+            local_ppl = score(heldout)
+            local_robust = score(robust)
             trained = trainer.get_adapter()
             delta = {name: trained[name] - start[name] for name in trained}
             weight = self.workload.num_samples
@@ -638,9 +646,9 @@ class Device:
         size = self.outbox.send(self.topics.update(me), task.round, update)
         self._flush()
         self.rounds_done.append(task.round)
-        log.info("%s: round %d (rank %d, %s, batch %d) loss %.3f, held-out ppl %.2f -> %.2f, sent %d bytes",
-                 me, task.round, plan.rank, plan.quantization, plan.batch_size, result.mean_loss, global_ppl,
-                 local_ppl, size)
+        scores = f", held-out ppl {global_ppl:.2f} -> {local_ppl:.2f}" if global_ppl is not None else ""
+        log.info("%s: round %d (rank %d, %s, batch %d, %d steps) loss %.3f%s, sent %d bytes", me, task.round,
+                 plan.rank, plan.quantization, plan.batch_size, result.steps, result.mean_loss, scores, size)
 
     def _evaluate(self, task: RoundTask) -> None:
         me = self.config.device_id

@@ -332,3 +332,69 @@ def test_incompatible_choices_are_refused():
         fedit([], [])
     with pytest.raises(ValueError, match="no updates"):
         make_strategy("svd").finish(make_strategy("svd").begin(round_start(np.random.default_rng(0))))
+
+
+@pytest.mark.parametrize("name", ["stack", "svd"])
+@pytest.mark.parametrize("cap", [0, 4, 16])
+def test_a_bounded_merged_delta_is_the_best_approximation_of_its_size(name, cap):
+    """With ``merged_rank`` the global is the truncated SVD of the exact ΔW (computed densely
+    here), the frozen delta has at most ``cap`` components per layer, and the reported error is
+    the relative Frobenius norm of what was cut."""
+    rng = np.random.default_rng(5)
+    start = round_start(rng, merged=True)
+    deltas = [random_delta(rng, r) for r in RANKS]
+    weights = [5, 1, 3, 2]
+    strategy = make_strategy(name, merged_rank=cap)
+    merge = strategy.begin(start)
+    for delta, weight in zip(deltas, weights):
+        merge.add(delta, weight)
+    result = strategy.finish(merge)
+    keep = cap + (16 if name == "svd" else 0)  # svd also keeps the trainable rank-16 part
+    worst = 0.0
+    for module in MODULES:
+        exact = sum(w * device_model(start, d, module) for d, w in zip(deltas, weights)) / sum(weights)
+        U, s, Vt = np.linalg.svd(exact, full_matrices=False)
+        best = (U[:, :keep] * s[:keep]) @ Vt[:keep]
+        got = effective(result.tensors, result.merged, module)
+        assert np.linalg.norm(got - best) <= 1e-5 * np.linalg.norm(exact)
+        merged_rank = result.merged[f"{module}.merged_A"].shape[0] if f"{module}.merged_A" in result.merged else 0
+        assert merged_rank <= cap
+        worst = max(worst, float(np.sqrt(np.sum(s[keep:] ** 2) / np.sum(s**2))))
+    assert result.truncation_error == pytest.approx(worst, rel=1e-6, abs=1e-12)
+
+
+def test_the_default_bound_keeps_the_downlink_within_twice_fedits():
+    """The daemon's default cap (the fleet's rank): whatever the rounds did, a device downloads
+    the trainable factors plus at most as much again; unbounded, the frozen delta outgrows them."""
+    from edgetune_aggregator.config import AggregatorConfig
+    from edgetune.wire import LoraSpec
+
+    rng = np.random.default_rng(6)
+    rank, shapes = 4, {"q": (96, 80), "v": (64, 80)}
+    spec = LoraSpec(rank=rank, target_modules=tuple(shapes))
+    assert AggregatorConfig(fleet="f", state_dir=None, adapter=spec).merged_rank_for(spec) == rank
+    assert AggregatorConfig(fleet="f", state_dir=None, adapter=spec, merged_rank=-1).merged_rank_for(spec) is None
+
+    def start_of(tensors, merged):
+        return RoundStart(tensors, merged, SCALE, seed=7)
+
+    def delta(r):
+        return {**{f"{m}.lora_A": (0.1 * rng.standard_normal((r, i))).astype(np.float32) for m, (o, i) in shapes.items()},
+                **{f"{m}.lora_B": (0.1 * rng.standard_normal((o, r))).astype(np.float32) for m, (o, i) in shapes.items()}}
+
+    tensors = {**{f"{m}.lora_A": rng.standard_normal((rank, i)).astype(np.float32) for m, (o, i) in shapes.items()},
+               **{f"{m}.lora_B": np.zeros((o, rank), np.float32) for m, (o, i) in shapes.items()}}
+    fedit_bytes = sum(t.nbytes for t in tensors.values())
+    for name in ("svd", "stack"):
+        for cap, bounded in ((rank, True), (None, False)):
+            strategy = make_strategy(name, merged_rank=cap)
+            start = start_of(dict(tensors), {})
+            for _ in range(4):  # rounds of 4 devices at ranks 1..4: up to 10 new components a layer
+                merge = strategy.begin(start)
+                for r in (1, 2, 3, 4):
+                    merge.add(delta(r), 1.0)
+                result = strategy.finish(merge)
+                start = start_of(result.tensors, result.merged)
+            total = sum(t.nbytes for t in result.tensors.values()) + sum(t.nbytes for t in result.merged.values())
+            assert (total <= 2 * fedit_bytes) == bounded, (name, cap, total, fedit_bytes)
+            assert (result.truncation_error is not None and result.truncation_error > 0) == bounded

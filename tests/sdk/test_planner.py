@@ -55,7 +55,7 @@ def test_step_time_follows_flops_and_device_speed():
     config = Config(8, "float32", 4, 128)
     slow = estimate_step_seconds(ARCH, config, profile("a", 8, 10.0), CAL)
     fast = estimate_step_seconds(ARCH, config, profile("b", 8, 40.0), CAL)
-    assert (slow - CAL.step_overhead_s) == pytest.approx(4 * (fast - CAL.step_overhead_s))
+    assert slow == pytest.approx(4 * fast)  # (the fixed part of a step runs on the same, slower cores)
     assert step_gflop(ARCH, Config(8, "float32", 4, 128, True)) > 1.4 * step_gflop(ARCH, config)
 
 
@@ -117,3 +117,47 @@ def test_more_memory_never_plans_less_training():
     options = PlanOptions(deadline_s=120)
     totals = [plan_fleet({"d": profile("d", m, 10.0)}, ARCH, options, CAL).tokens for m in (0.5, 1, 2, 4, 8)]
     assert totals == sorted(totals) and totals[-1] > totals[0]
+
+
+def test_the_weakest_plan_is_the_best_single_configuration_every_device_runs():
+    """Brute force over the configurations feasible on every device: the same one for all,
+    with the steps the slowest can take, and the most tokens among those."""
+    from edgetune.planning.planner import plan_weakest
+
+    profiles = {"small": profile("small", 0.45, 5.0), "mid": profile("mid", 2, 20.0), "big": profile("big", 8, 80.0)}
+    options = PlanOptions(deadline_s=120, ranks=(2, 4, 8), batch_sizes=(1, 2, 4, 8), quantizations=("float32",))
+    plan = plan_weakest(profiles, ARCH, options, CAL)
+    configs = {c.config for c in plan.chosen.values()}
+    steps = {c.local_steps for c in plan.chosen.values()}
+    assert len(configs) == 1 and len(steps) == 1 and set(plan.chosen) == set(profiles)
+    (config,), (chosen_steps,) = configs, steps
+    per_device = {d: {c.config: c for c in candidates(ARCH, p, options, CAL)[0]} for d, p in profiles.items()}
+    shared = set.intersection(*(set(found) for found in per_device.values()))
+    best = max(min(found[c].local_steps for found in per_device.values()) * c.batch_size * (c.rank / 8) ** 0.1
+               for c in shared)
+    assert chosen_steps * config.batch_size * (config.rank / 8) ** 0.1 == pytest.approx(best)
+    assert chosen_steps == min(per_device[d][config].local_steps for d in profiles)
+    # the weakest caps everyone: the big device trains far less than the planner would give it
+    auto = plan_fleet(profiles, ARCH, options, CAL)
+    assert auto.chosen["big"].tokens > 2 * plan.chosen["big"].tokens
+
+
+def test_the_uniform_plan_drops_only_those_it_does_not_fit_in_memory():
+    from edgetune.planning.planner import plan_uniform
+
+    profiles = {"tiny": profile("tiny", 0.3, 1.0), "slow": profile("slow", 8, 0.5), "big": profile("big", 8, 80.0)}
+    options = PlanOptions(deadline_s=60)
+    config = Config(8, "float32", 4, 128)
+    plan = plan_uniform(profiles, ARCH, options, config, 10, CAL)
+    assert set(plan.chosen) == {"slow", "big"}  # slow does not make the deadline, but is not dropped for it
+    assert all(c.config == config and c.local_steps == 10 for c in plan.chosen.values())
+    assert "needs" in plan.excluded["tiny"] and "may use" in plan.excluded["tiny"]
+
+
+def test_evaluation_and_the_download_come_out_of_a_devices_time():
+    slow = {"d": profile("d", 8, 10.0, uplink=1.0)}
+    base = PlanOptions(deadline_s=120, max_local_steps=1000)
+    plain = plan_fleet(slow, ARCH, base, CAL).chosen["d"]
+    busy = plan_fleet(slow, ARCH, PlanOptions(deadline_s=120, max_local_steps=1000, eval_tokens=4096,
+                                              download_bytes=2e6), CAL).chosen["d"]
+    assert busy.local_steps < plain.local_steps

@@ -204,6 +204,16 @@ def step_gflop(arch: Arch, config: Config) -> float:
     return (forward * passes + lora) / 1e9
 
 
+def estimate_scoring_memory(arch: Arch, candidates: int, batch_size: int, seq_len: int,
+                            calibration: Calibration) -> float:
+    """Peak bytes of importance scoring (a calibration round) on a float32 base: the training
+    estimate of a tiny adapter, plus the two bfloat16 moving averages kept for each of the
+    ``candidates`` weights scored (gradients are folded in and dropped one matrix at a time,
+    ``edgetune.trainers.importance``). An estimate from the structure, not a calibrated fit."""
+    base = estimate_memory(arch, Config(1, "float32", batch_size, seq_len), calibration).total
+    return base + candidates * (2 + 2)
+
+
 def eval_gflop(arch: Arch, config: Config, tokens: int) -> float:
     """GFLOP of evaluating ``tokens`` held-out tokens in blocks of ``config.seq_len``: one
     forward pass (the base's matmuls, the LM head, attention, the adapter)."""
@@ -234,9 +244,10 @@ def compute_dtype(quantization: str) -> str:
 
 
 def estimate_step_seconds(arch: Arch, config: Config, profile: DeviceProfile, calibration: Calibration) -> float:
-    """Seconds per optimizer step on ``profile``'s device: measured seconds per GFLOP on the
-    calibration machine, scaled by how much faster or slower the device's matmuls are in the
-    dtype that quantization computes in (an assumption: the kernels scale alike)."""
+    """Seconds per optimizer step on ``profile``'s device: the calibration machine's measured
+    fixed seconds per step and seconds per GFLOP, scaled by how much faster or slower the
+    device's matmuls are in the dtype that quantization computes in (an assumption: the kernels
+    and the interpreter scale alike, as the fleet simulator also assumes)."""
     calibration = calibration.for_backend(config.backend)
     dtype = compute_dtype(config.quantization)
     device = profile.gflops.get(dtype)
@@ -246,4 +257,6 @@ def estimate_step_seconds(arch: Arch, config: Config, profile: DeviceProfile, ca
     per_gflop = calibration.seconds_per_gflop.get(config.quantization)
     if per_gflop is None:
         raise ValueError(f"no calibration for quantization {config.quantization!r}")
-    return calibration.step_overhead_s + step_gflop(arch, config) * per_gflop * reference / device
+    # The fixed part (Python, the optimizer, data) runs on the same cores, so it scales with the
+    # device's speed too: a Raspberry Pi's interpreter is as much slower as its matmuls.
+    return (calibration.step_overhead_s + step_gflop(arch, config) * per_gflop) * reference / device

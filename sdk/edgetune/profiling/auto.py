@@ -52,7 +52,8 @@ class SelfProfile:
 
     def slowdown(self, dtype: str) -> float:
         """How many times slower than this machine the announced device computes in ``dtype``
-        (1 without emulation; a dtype the class has no figure for is timed as float32)."""
+        (1 without emulation). A dtype the class has no figure for runs there at its float32
+        speed: it has no fast path for it."""
         if not self.emulated:
             return 1.0
         here = self.measured.gflops.get(dtype) or self.measured.gflops["float32"]

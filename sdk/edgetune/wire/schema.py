@@ -153,11 +153,14 @@ class TrainSettings:
     #: > 0: train this many passes over the device's own data instead of local_steps
     local_epochs: int = 0
     #: held-out blocks (of seq_len tokens) a device evaluates per round, at most: evaluation is
-    #: part of a round's time, which the planner budgets for slow devices
+    #: part of a round's time, which the planner budgets for slow devices. 0: train rounds
+    #: score nothing (the fleet is evaluated elsewhere); evaluation rounds score one block
     eval_blocks: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("local_steps", "batch_size", "grad_accum", "seq_len", "eval_blocks"):
+        if not 0 <= self.eval_blocks <= 100_000:
+            raise ValueError(f"TrainSettings.eval_blocks must be in 0..100000, got {self.eval_blocks}")
+        for name in ("local_steps", "batch_size", "grad_accum", "seq_len"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"TrainSettings.{name} must be ≥ 1, got {value}")
@@ -182,10 +185,15 @@ class ImportanceSettings:
     batches: int = 8
     beta1: float = 0.85
     beta2: float = 0.85
+    #: blocks per scoring batch, at most (a device planned smaller uses its planned batch):
+    #: scoring keeps every candidate's weight gradient, so it is slower and larger than a step
+    batch_size: int = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.batches <= 10_000:
             raise ValueError(f"ImportanceSettings.batches must be in 1..10000, got {self.batches}")
+        if not 1 <= self.batch_size <= 1_024:
+            raise ValueError(f"ImportanceSettings.batch_size must be in 1..1024, got {self.batch_size}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ImportanceSettings.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -306,10 +314,11 @@ class TrainMetrics:
     train_loss: float
     train_tokens: int
     train_seconds: float
-    #: perplexity of the adapter this device just trained, on its own held-out split
-    local_ppl: float
+    #: perplexity of the adapter this device just trained, on its own held-out split (None:
+    #: the task asked for no scores, ``TrainSettings.eval_blocks`` = 0)
+    local_ppl: float | None
     #: perplexity of the global adapter it started from, on the same split
-    global_ppl: float
+    global_ppl: float | None
     #: transport bytes since the previous report (whole MQTT payloads)
     bytes_sent: int = 0
     bytes_received: int = 0
