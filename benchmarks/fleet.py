@@ -159,7 +159,7 @@ class Bench:
         self.results = load_results(args.results)
         log.info("loading %d devices' models and text", len(self.spec.devices))
         self.workloads = build_workloads(self.spec, args.threads)
-        self.speed = MachineSpeed(args.threads)
+        self.speed = PausableSpeed(args.threads, pause_file=args.pause_file)
         self.evaluator = Evaluator(self.spec.model, self.workloads, self.spec.seq_len, args.eval_blocks)
         self.scratch = Path(tempfile.mkdtemp(prefix="edgetune-fleet-"))
 
@@ -241,6 +241,33 @@ class Bench:
             log.info("centralized seed %d round %d: ppl %.2f", seed, r, points[-1]["everyone"])
         return {"seed": seed, "steps_per_round": steps, "batch": batch, "tokens_per_round": steps * batch * self.spec.seq_len,
                 "points": points, "wall_s": round(time.monotonic() - started, 1)}
+
+
+def _pausable():
+    from edgetune.sim import MachineSpeed
+
+    class PausableSpeed(MachineSpeed):
+        """Waits before a device's block of compute while ``pause_file`` exists: the simulated
+        times assume the machine does nothing else, so other heavy work on it can wait for a
+        pause between two blocks instead of slowing one down."""
+
+        def __init__(self, threads, pause_file: Path | None = None):
+            super().__init__(threads)
+            self.pause_file = pause_file
+
+        def before_compute(self, dtype: str) -> None:
+            if self.pause_file is not None and self.pause_file.exists():
+                log.info("paused (%s exists)", self.pause_file)
+                while self.pause_file.exists():
+                    time.sleep(2)
+                log.info("resumed")
+            super().before_compute(dtype)
+
+    return PausableSpeed
+
+
+def PausableSpeed(threads, pause_file=None):  # noqa: N802 (a class made lazily: no torch at import)
+    return _pausable()(threads, pause_file)
 
 
 def _small_trace(trace: dict) -> dict:
@@ -431,6 +458,8 @@ def main() -> int:
     parser.add_argument("--docs", type=Path, default=DOCS, help="where the section goes (--no-docs: nowhere)")
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--images", type=Path, default=IMAGES)
+    parser.add_argument("--pause-file", type=Path, help="while this file exists, wait before each device's next "
+                        "block of compute (to run something heavy on the machine without skewing the timings)")
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.arms = [a for a in args.arms.split(",") if a]
