@@ -316,9 +316,6 @@ class Aggregator(ResultHandling):
                 log.error("only %d of %d devices joined; giving up", len(self.devices), need)
                 return False
             self._handle_next(None, timeout=0.5)
-        # hellos that arrived together (retained ones, on connecting) all count for round 1's plan
-        while not self._inbox.empty and not self._stop.is_set():
-            self._handle_next(None, timeout=0.0)
         model = next(iter(self.devices.values())).model
         spec = self.config.adapter
         self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model,

@@ -37,6 +37,8 @@ _NO_LIMIT = 1 << 60
 _MIB = 1 << 20
 #: smallest matrix worth timing: below it, call overhead dominates the figure
 _MIN_N = 256
+#: a dtype slower than this share of float32 has no fast path here (it is emulated)
+_FAST_PATH = 0.5
 
 
 # --- memory: pure parsers -------------------------------------------------------------------
@@ -227,8 +229,18 @@ def time_square_matmul(make_step: Callable[[int], Callable[[], object]], budget_
 
     The warm-up call starts the thread pool and picks kernels; if one call then takes more
     than an eighth of the budget (a slow board, or an emulated dtype), ``n`` is halved so the
-    figure still averages several calls.
+    figure still averages several calls. A first call at the smallest size says how fast this
+    is, so an emulated dtype (bfloat16 without bf16 instructions: 100× slower) does not spend
+    a minute in warm-ups of the largest size.
     """
+    if n > _MIN_N:
+        probe = make_step(_MIN_N)
+        probe()
+        start = time.perf_counter()
+        probe()
+        rate = 2 * _MIN_N**3 / max(time.perf_counter() - start, 1e-9)  # flop/s
+        while n > _MIN_N and 2 * n**3 / rate > budget_s / 8:
+            n //= 2
     while True:
         step = make_step(n)
         step()
@@ -320,7 +332,12 @@ def measure_gflops(seconds: float, has_torch: bool, bf16: bool) -> dict[str, flo
         timing = time_square_matmul(_torch_step(dtype), budget)
         log.info("%s: %d× %d² matmul in %.2f s = %.1f GFLOP/s", dtype, timing.iterations, timing.n,
                  timing.seconds, timing.gflops)
-        result[dtype] = round(timing.gflops, 1)
+        if dtype != "float32" and timing.gflops < _FAST_PATH * result["float32"]:
+            # emulated (no bf16 instructions): no fast path, and the planner must not time one
+            log.info("%s runs at %.0f%% of float32 here: emulated, left out of the profile", dtype,
+                     100 * timing.gflops / result["float32"])
+            continue
+        result[dtype] = max(0.1, round(timing.gflops, 1))
     return result
 
 

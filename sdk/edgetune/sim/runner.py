@@ -91,7 +91,7 @@ def build_workloads(spec: FleetSpec, threads: int | None = None, texts: dict[str
     return workloads
 
 
-def aggregator_config(spec: FleetSpec, state_dir: Path, **overrides):
+def aggregator_config(spec: FleetSpec, state_dir: Path, devices: int | None = None, **overrides):
     """The daemon's settings for ``spec`` (its ``aggregator`` section, then ``overrides``)."""
     from edgetune_aggregator.config import AggregatorConfig
     from edgetune_aggregator.strategies import ServerOptimizerConfig
@@ -120,6 +120,8 @@ def aggregator_config(spec: FleetSpec, state_dir: Path, **overrides):
         seed=spec.seed,
         server_optimizer=optimizer,
         min_devices=int(agg.pop("min_devices", 1)),
+        # the whole simulated fleet is there before round 1 (their hellos were delivered first)
+        start_devices=int(agg.pop("start_devices", len(spec.devices) if devices is None else devices)),
         # close a round as soon as every device it asked answered, else at the deadline
         quorum=agg.pop("quorum", 1.0),
         linger_s=0.0,
@@ -186,7 +188,7 @@ class Simulation:
 
         from ..transport import open_transport
 
-        config = aggregator_config(self.spec, self.out / "state", **self.overrides)
+        config = aggregator_config(self.spec, self.out / "state", len(self.sim_devices), **self.overrides)
         transport = CountingTransport(open_transport(url, client_id=f"sim-{self.spec.name}-aggregator",
                                                      connect_timeout=30), self.network)
         self.aggregator = Aggregator(config, transport, clock=self.time)
