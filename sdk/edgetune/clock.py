@@ -58,6 +58,7 @@ class DeviceClock:
         self.slowdown = slowdown or (lambda dtype: 1.0)
         self.dtype = "float32"
         self._mark: float | None = None
+        self._cpu = 0.0
         #: device seconds of compute accounted in the current ``computing`` block
         self.spent = 0.0
 
@@ -66,7 +67,7 @@ class DeviceClock:
 
     @contextlib.contextmanager
     def computing(self, dtype: str = "float32") -> Iterator[DeviceClock]:
-        self.dtype, self.spent, self._mark = dtype, 0.0, time.perf_counter()
+        self.dtype, self.spent, self._mark, self._cpu = dtype, 0.0, time.perf_counter(), time.process_time()
         try:
             yield self
         finally:
@@ -78,11 +79,15 @@ class DeviceClock:
         if self._mark is None:
             return 0.0
         real = time.perf_counter() - self._mark
-        device = real * self.factor()
+        device = self._device_seconds(real, time.process_time() - self._cpu)
         self._advance(device, real)
         self.spent += device
-        self._mark = time.perf_counter()  # (after any sleep: sleeping is not compute)
+        self._mark, self._cpu = time.perf_counter(), time.process_time()  # (after any sleep: not compute)
         return device
+
+    def _device_seconds(self, real_s: float, cpu_s: float) -> float:
+        """What ``real_s`` of compute here (``cpu_s`` of CPU time) stands for on the device."""
+        return real_s * self.factor()
 
     def factor(self) -> float:
         """How many times slower than this machine the current compute is on the device."""
@@ -94,10 +99,22 @@ class DeviceClock:
 
 class ThrottledClock(DeviceClock):
     """A slower device emulated in real time: compute is stretched by sleeping. A device
-    faster than this machine cannot be emulated faster than it is (the factor is at least 1)."""
+    faster than this machine cannot be emulated faster than it is (the factor is at least 1).
+
+    The work done is measured in CPU time (per training thread), not wall time: when other
+    processes share this machine (the demo's devices do), the wall time of the same work grows
+    but the device should take its class's time for it, so the sleep shrinks to make up for it.
+    Only when this machine is too busy to keep up does the device run late."""
+
+    def __init__(self, slowdown: Slowdown | None = None, threads: int = 1):
+        super().__init__(slowdown)
+        self.threads = max(1, threads)
 
     def factor(self) -> float:
         return max(1.0, float(self.slowdown(self.dtype)))
+
+    def _device_seconds(self, real_s: float, cpu_s: float) -> float:
+        return max(real_s, cpu_s / self.threads * self.factor())
 
     def _advance(self, device_s: float, real_s: float) -> None:
         if device_s > real_s:

@@ -94,6 +94,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     plan = not getattr(args, "no_plan", False)
     classes = device_classes(sorted(files), getattr(args, "classes", None)) if plan else {}
+    if classes:
+        classes = fair_shares(classes, out / "devices", threads=max(1, (os.cpu_count() or 1) // len(files)))
     config = AggregatorConfig(
         fleet=FLEET,
         state_dir=out / "state",
@@ -267,6 +269,38 @@ def device_classes(devices: list[str], names: str | None = None) -> dict[str, Pa
         known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml"))) or "none (no profiles/ folder)"
         raise ValueError(f"no device class {', '.join(missing)} in {PROFILES}; known: {known}")
     return {device: PROFILES / f"{chosen[i % len(chosen)]}.yaml" for i, device in enumerate(devices)}
+
+
+def fair_shares(classes: dict[str, Path], folder: Path, threads: int, share: float = 0.8) -> dict[str, Path]:
+    """The demo's devices share this machine: a class faster than its share of it (this
+    machine's throughput on the device's threads, times the cores per device, times ``share``
+    for headroom) gets a copy of its profile capped at that share. Otherwise the devices that
+    are not slowed down would compete for the cores and miss the deadlines they were planned for."""
+    import dataclasses as dc
+
+    from .profiling import load_profile, save_profile
+    from .profiling.measure import _torch_available, _torch_step, cpu_count, time_square_matmul
+
+    if not _torch_available():
+        return classes
+    import torch
+
+    torch.set_num_threads(threads)
+    here = time_square_matmul(_torch_step("float32"), 0.5).gflops
+    fair = here * min(1.0, cpu_count() / (threads * len(classes))) * share
+    out = {}
+    for device, path in classes.items():
+        profile = load_profile(path)
+        if profile.gflops.get("float32", 0) <= fair:
+            out[device] = path
+            continue
+        capped = dc.replace(profile, gflops={"float32": round(fair, 1)},
+                            source=f"{profile.name} capped at its share of the demo's machine; {profile.source}")
+        out[device] = folder / device / f"{profile.name}.yaml"
+        save_profile(capped, out[device])
+        print(f"  {device}: {profile.name} capped at {fair:.0f} GFLOP/s, its share of this machine's {here:.0f} "
+              f"(the devices share {cpu_count()} cores)")
+    return out
 
 
 def _wait_for_hello(aggregator, device_id: str, proc: subprocess.Popen, timeout: float) -> None:

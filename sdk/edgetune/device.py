@@ -727,8 +727,17 @@ def announced_profile(fleet: str, device_id: str, *, plan: bool = True, profile=
         slow = measured.slowdown("float32")
         log.info("%s: emulating %s on this machine: memory capped at %.1f GiB, compute stretched %.1f×",
                  device_id, emulate.name, found.memory_bytes / 2**30, slow)
-        return found, ThrottledClock(measured.slowdown)
+        return found, ThrottledClock(measured.slowdown, threads or _torch_threads())
     return found, DeviceClock()
+
+
+def _torch_threads() -> int:
+    """The threads training will use when none were given (torch's default, else 1)."""
+    try:
+        import torch
+    except ImportError:
+        return 1
+    return torch.get_num_threads()
 
 
 def client_id(fleet: str, device_id: str, signing_key: Path | None = None, suffix: str = "") -> str:

@@ -33,8 +33,17 @@ def test_demo_end_to_end_writes_a_peft_adapter(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for expected in ("round 1 (train) aggregated", "round 2 (train) aggregated", "round 3 (evaluate) evaluated",
                      "line-1", "line-2", "ppl global->local", "global adapter (PEFT format)",
-                     "1 of them with ONNX Runtime"):
+                     "1 of them with ONNX Runtime", "plan for round 1",
+                     "line-1 joined as raspberry-pi-4-4gb-gateway", "line-2 joined as jetson-orin-nano-8gb"):
         assert expected in result.stdout, expected
+    # the plan comes before round 1, one row per device with its class, rank, batch and steps
+    table = result.stdout.split("plan for round 1", 1)[1].split("round 1 (train)", 1)[0]
+    rows = [line.split() for line in table.splitlines() if line.strip().startswith("line-") and "joined" not in line]
+    assert [r[:2] for r in rows] == [["line-1", "raspberry-pi-4-4gb-gateway"], ["line-2", "jetson-orin-nano-8gb"]]
+    report = out / "report" / "index.html"
+    assert f"report: {report}" in result.stdout and report.is_file()
+    for device in ("line-1", "line-2"):  # each measured itself once and kept the profile
+        assert (out / "devices" / device / "profile.yaml").is_file()
     ort_log = (out / "logs" / "line-2.log").read_text()
     assert "downloaded ONNX Runtime artifacts" in ort_log and "(onnxruntime)" in ort_log
     rounds = json.loads((out / "state" / "rounds.json").read_text())

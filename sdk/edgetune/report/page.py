@@ -93,6 +93,8 @@ def _devices(run: RunData) -> str:
                 if profile else "no profile (uniform settings)")
         plans, last = [], None
         for r in run.rounds:
+            if r["kind"] not in ("train", "calibrate"):
+                continue  # (what a train round plans is what matters; an evaluation only scores)
             plan = r.get("plans", {}).get(device)
             why = r.get("excluded", {}).get(device)
             text = (f"rank {plan['rank']}, {plan['quantization']}, batch {plan['batch_size']}, {plan['local_steps']} steps"

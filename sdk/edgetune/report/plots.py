@@ -25,6 +25,11 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:  # rounds and versions are whole numbers
+        if ax.get_xlabel() in ("round", "global adapter version"):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
@@ -97,7 +102,7 @@ def participation(run: RunData, out: Path) -> Figure | None:
     if not rounds:
         return None
     plt = _pyplot()
-    labels = [f"{r['round']}\n{r['kind'][:5]}" for r in rounds]
+    labels = [f"{r['round']}\n{r['kind']}" for r in rounds]
     answered = [len(r["devices"]) for r in rounds]
     declined = [len(set(r.get("declined", {})) - {d["device_id"] for d in r["devices"]}) for r in rounds]
     missed = [max(0, len(set(r.get("asked", [])) - {d["device_id"] for d in r["devices"]}) - n)
