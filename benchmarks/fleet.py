@@ -350,6 +350,23 @@ def run_arms(bench: Bench) -> None:
             bench.save(key, run)
 
 
+def run_ablation(bench: Bench) -> None:
+    """Arm (a) with the fixed q,v layout instead of the importance layout (seed 0, the arms'
+    strategy): what the calibration round buys, for the default ``--layout``."""
+    winner = bench.results.get("winner") or {}
+    if not winner:
+        raise SystemExit("run the arms first: the ablation uses their strategy")
+    seed = bench.args.seeds[0]
+    key = f"ablation/fixed-layout/seed{seed}"
+    if key in bench.results["runs"]:
+        return
+    log.info("ablation: fixed layout, seed %d", seed)
+    run = bench.simulate(f"ablation-fixed-{seed}", seed, strategy=winner["strategy"],
+                         server_optimizer=winner["server_optimizer"], layout="fixed", **winner.get("server_settings", {}))
+    run.update(arm="automatic, fixed layout", strategy=winner["strategy"], server_optimizer=winner["server_optimizer"])
+    bench.save(key, run)
+
+
 # --- headlines ------------------------------------------------------------------------------
 
 
@@ -443,7 +460,7 @@ def atomic_json(path: Path, data: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=["all", "sweep", "arms", "report"], default="all")
+    parser.add_argument("--stage", choices=["all", "sweep", "arms", "ablation", "report"], default="all")
     parser.add_argument("--fleet", type=Path, default=FLEET)
     parser.add_argument("--model", help="override the fleet file's model (e.g. tiny-llama for a smoke run)")
     parser.add_argument("--rounds", type=int, help="override the fleet file's rounds")
@@ -474,8 +491,11 @@ def main() -> int:
             run_sweep(bench, optimizers=("fedavg",))
             run_arms(bench)
             run_sweep(bench)
+            run_ablation(bench)
         elif args.stage == "sweep":
             run_sweep(bench)
+        elif args.stage == "ablation":
+            run_ablation(bench)
         else:
             run_arms(bench)
         results = bench.results

@@ -202,6 +202,15 @@ def markdown(results: dict, heads: dict, spread) -> str:
             lines.append(f"\nThe arms ran (a) with **{winner['strategy']} + {winner['server_optimizer']}**, the best "
                          f"strategy with FedAvg on the server; the best of the whole sweep is **{best_name}**.")
         lines += ["", "![the sweep](images/fleet-sweep.png)"]
+    ablation = [r for k, r in sorted(results["runs"].items()) if k.startswith("ablation/fixed-layout/")]
+    if ablation and auto:
+        same = next((r for r in auto if r["seed"] == ablation[0]["seed"]), None)
+        if same is not None:
+            fixed, chosen = ablation[0]["points"][-1]["everyone"], same["points"][-1]["everyone"]
+            lines += ["", f"**The layout.** (a) with the fixed q,v layout instead of the importance layout "
+                      f"(seed {ablation[0]['seed']}, no calibration round): final perplexity {fixed:.2f} against "
+                      f"{chosen:.2f} ({chosen / fixed:.3f}×), after {ablation[0]['points'][-1]['time_s']:.0f} s "
+                      f"against {same['points'][-1]['time_s']:.0f} s."]
     lines.append("<!-- fleet:end -->")
     return "\n".join(lines) + "\n"
 

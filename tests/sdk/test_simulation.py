@@ -150,3 +150,28 @@ def test_a_simulation_over_mosquitto(mosquitto_url, tmp_path):
     assert all(len(r["devices"]) == 2 for r in trains)
     devices = result.trace["devices"]
     assert devices["slower"]["slowdown_float32"] == pytest.approx(2.0)
+
+
+def test_edgetune_report_draws_any_state_dir_and_says_what_is_wrong(tmp_path, capsys):
+    from edgetune.cli import main
+
+    fast = write_profile(tmp_path, "fast", 1e6)
+    spec = fleet_from_dict(tiny_fleet(tmp_path, [{"class": fast, "name": "one"}]))
+    result = Simulation(spec, tmp_path / "out", speed=fixed_speed()).run()
+    assert main(["report", str(result.state_dir), "--out", str(tmp_path / "r")]) == 0
+    assert f"report: {tmp_path / 'r' / 'index.html'}" in capsys.readouterr().out
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "<script" not in page and "one" in page and "timeline.png" in page
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
+    assert "is not an aggregator state dir" in capsys.readouterr().err
+
+
+def test_what_devices_sent_is_shown_as_text_not_markup(tmp_path):
+    from edgetune.report.data import RunData
+    from edgetune.report.page import render
+
+    record = {"round": 1, "kind": "train", "status": "aggregated", "base_version": 0, "new_version": 1,
+              "duration_s": 3.0, "devices": [], "asked": ["d"], "excluded": {}, "dropped": {},
+              "declined": {"d": "deadline_missed: <img src=x onerror=alert(1)>"}, "note": "<b>n</b>", "plans": {}}
+    page = render(RunData(tmp_path, "f", [record]), [("participation.png", "who answered")])
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page and "<b>n</b>" not in page
