@@ -42,6 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
 
+    from .cli import log_details_to_file
     from .data import discover_device_files, write_demo_data
     from .models import prepare_model
     from .transport import open_transport
@@ -52,7 +53,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if (out / "state").exists():
         raise ValueError(f"{out} holds an earlier demo run: remove it or pass --out elsewhere")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    _log_to_file(out / "logs" / "demo.log")
+    log_details_to_file(out / "logs" / "demo.log")
     if args.data:
         files = discover_device_files(args.data)
     else:
@@ -372,18 +373,6 @@ def format_personalization(entries: list[dict], folder: Path) -> str:
                      f"   others' {robust}")
     lines.append(f"  personal adapters (PEFT format): {folder}/<device>")
     return "\n".join(lines)
-
-
-def _log_to_file(path: Path) -> None:
-    """Details go to the log file; the console keeps the progress bars, tables and warnings."""
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(file_handler)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def format_round(record) -> str:

@@ -24,17 +24,28 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _whole_numbers(*axes) -> None:
+    """Rounds and versions are whole numbers: no ticks between them."""
     from matplotlib.ticker import MaxNLocator
 
-    for ax in fig.axes:  # rounds and versions are whole numbers
-        if ax.get_xlabel() in ("round", "global adapter version"):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def _stacked(ax, labels: list[str], series: list[tuple[list[int], str, str | None]]) -> None:
+    """Bars stacked per label: (values, legend label, colour or None) from the bottom up."""
+    bottom = [0] * len(labels)
+    for values, label, color in series:
+        ax.bar(labels, values, bottom=bottom, label=label, color=color)
+        bottom = [b + v for b, v in zip(bottom, values)]
 
 
 def draw_all(run: RunData, out: Path) -> list[Figure]:
@@ -92,6 +103,7 @@ def quality(run: RunData, out: Path) -> Figure | None:
     ppl_ax.set_xlabel("global adapter version")
     ppl_ax.set_ylabel("perplexity")
     ppl_ax.grid(alpha=0.3)
+    _whole_numbers(loss_ax, ppl_ax)
     _save(fig, out / "quality.png")
     return "quality.png", "Training loss per device and round; held-out perplexity of each global version (fleet, robustness, per device)."
 
@@ -109,11 +121,8 @@ def participation(run: RunData, out: Path) -> Figure | None:
               for r, n in zip(rounds, declined)]
     excluded = [len(r.get("excluded", {})) for r in rounds]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rounds) + 3), 3.8))
-    bottom = [0] * len(rounds)
-    for values, label, color in ((answered, "answered", "tab:green"), (declined, "gave up (reported)", "tab:orange"),
-                                 (missed, "missed the deadline", "tab:red"), (excluded, "left out by plan", "tab:gray")):
-        ax.bar(labels, values, bottom=bottom, label=label, color=color)
-        bottom = [b + v for b, v in zip(bottom, values)]
+    _stacked(ax, labels, [(answered, "answered", "tab:green"), (declined, "gave up (reported)", "tab:orange"),
+                          (missed, "missed the deadline", "tab:red"), (excluded, "left out by plan", "tab:gray")])
     ax.set_ylabel("devices")
     ax.set_title("participation per round")
     ax.legend(fontsize=8)
@@ -138,6 +147,7 @@ def traffic(run: RunData, out: Path) -> Figure | None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _whole_numbers(ax)
     _save(fig, out / "traffic.png")
     return "traffic.png", "Bytes each device sent (its update, as the aggregator received it) and downloaded (the global adapter it trained on, and the task), per round."
 
@@ -170,12 +180,8 @@ def refusals(run: RunData, out: Path) -> Figure | None:
     plt = _pyplot()
     reasons = sorted(totals)
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(run.rounds) + 3), 3.6))
-    bottom = [0] * len(run.rounds)
-    labels = [str(r["round"]) for r in run.rounds]
-    for reason in reasons:
-        values = [r.get("dropped", {}).get(reason, 0) for r in run.rounds]
-        ax.bar(labels, values, bottom=bottom, label=reason)
-        bottom = [b + v for b, v in zip(bottom, values)]
+    _stacked(ax, [str(r["round"]) for r in run.rounds],
+             [([r.get("dropped", {}).get(reason, 0) for r in run.rounds], reason, None) for reason in reasons])
     ax.set_xlabel("round")
     ax.set_ylabel("messages")
     ax.set_title("refused messages by reason")

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from ..cli import log_details_to_file
     from .fleet import load_fleet
     from .runner import Simulation
 
@@ -27,7 +28,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if (out / "state").exists():
         raise ValueError(f"{out} holds an earlier simulation: remove it or pass --out elsewhere")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    _log_to_file(out / "logs" / "simulate.log")
+    log_details_to_file(out / "logs" / "simulate.log")
     print(f"edgetune simulate: fleet {spec.name}, {len(spec.devices)} devices of "
           f"{len({d.profile.name for d in spec.devices})} classes, {spec.rounds} rounds of {spec.deadline_s:.0f} s "
           f"(simulated){' over ' + args.broker if args.broker else ''}; output in {out}")
@@ -65,17 +66,6 @@ def format_round(record: dict) -> str:
     if record.get("global_ppl") is not None:
         line += f"; held-out ppl of global v{record['base_version']}: {record['global_ppl']:.2f}"
     return line
-
-
-def _log_to_file(path: Path) -> None:
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(file_handler)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 __all__ = ["format_round", "run_simulate"]

@@ -141,30 +141,14 @@ class Network:
             return self._in_flight == 0 and quiet_for >= self.settle_s
 
 
-class CountingTransport(Transport):
-    """The aggregator's transport in the simulator: no delay, deliveries counted."""
+class _Wrapped(Transport):
+    """A transport around another one, leaving the network (``Network.left``) when it closes."""
 
     def __init__(self, inner: Transport, network: Network):
         self.inner, self.network = inner, network
-        self.stats = inner.stats
 
     def connect(self, will: Will | None = None) -> None:
         self.inner.connect(will)
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        self.network.publishing(topic)
-        self.inner.publish(topic, payload, qos=qos, retain=retain)
-
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        self.network.subscribed(self, topic_filter)
-
-        def counted(topic: str, payload: bytes) -> None:
-            try:
-                handler(topic, payload)
-            finally:
-                self.network.delivered()
-
-        self.inner.subscribe(topic_filter, counted, qos=qos)
 
     def flush(self, timeout: float = 30.0) -> None:
         self.inner.flush(timeout)
@@ -181,22 +165,40 @@ class CountingTransport(Transport):
         self.inner.on_reconnect(callback)
 
 
-class SimTransport(Transport):
+class CountingTransport(_Wrapped):
+    """The aggregator's transport in the simulator: no delay, deliveries counted."""
+
+    def __init__(self, inner: Transport, network: Network):
+        super().__init__(inner, network)
+        self.stats = inner.stats
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.network.publishing(topic)
+        self.inner.publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        self.network.subscribed(self, topic_filter)
+
+        def counted(topic: str, payload: bytes) -> None:
+            try:
+                handler(topic, payload)
+            finally:
+                self.network.delivered()
+
+        self.inner.subscribe(topic_filter, counted, qos=qos)
+
+
+class SimTransport(_Wrapped):
     """A device's transport behind its simulated access link (see the module docstring)."""
 
-    def __init__(self, inner: Transport, network: Network, clock: SimulatedDeviceClock, link: Link,
-                 on_delivery: Callable[[], None] | None = None):
-        self.inner, self.network, self.clock, self.link = inner, network, clock, link
+    def __init__(self, inner: Transport, network: Network, clock: SimulatedDeviceClock, link: Link):
+        super().__init__(inner, network)
+        self.clock, self.link = clock, link
         self.stats = TransportStats()
-        #: called after a message was handed to the device (it has work)
-        self.on_delivery = on_delivery
         #: (topic, bytes, handed to the link at, left it at, the device's round) of everything sent
         self.sent: list[tuple[str, int, float, float, int | None]] = []
         #: the round the device is in (for the trace)
         self.round_of: Callable[[], int | None] = lambda: None
-
-    def connect(self, will: Will | None = None) -> None:
-        self.inner.connect(will)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         payload = bytes(payload)
@@ -225,8 +227,6 @@ class SimTransport(Transport):
                 def deliver() -> None:
                     self.stats.received(len(payload))
                     handler(topic, payload)
-                    if self.on_delivery is not None:
-                        self.on_delivery()
 
                 self.network.scheduler.at(arrives, deliver)
             finally:
@@ -236,17 +236,6 @@ class SimTransport(Transport):
 
     def flush(self, timeout: float = 30.0) -> None:
         return None  # (what was published leaves the link at its own virtual time)
-
-    def close(self) -> None:
-        self.network.left(self)
-        self.inner.close()
-
-    @property
-    def connected(self) -> bool:
-        return self.inner.connected
-
-    def on_reconnect(self, callback) -> None:
-        self.inner.on_reconnect(callback)
 
 
 __all__ = ["CountingTransport", "Event", "Link", "Network", "Scheduler", "SimTransport"]
