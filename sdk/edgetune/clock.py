@@ -65,6 +65,11 @@ class DeviceClock:
     def now(self) -> float:
         return time.monotonic()
 
+    def arrival(self) -> float:
+        """The time, on this device's timeline, of a message arriving now (read on the network
+        thread, while the device may be busy)."""
+        return self.now()
+
     @contextlib.contextmanager
     def computing(self, dtype: str = "float32") -> Iterator[DeviceClock]:
         self.dtype, self.spent, self._mark, self._cpu = dtype, 0.0, time.perf_counter(), time.process_time()

@@ -193,7 +193,7 @@ class Device:
         must not replace what the first announced."""
         me = self.config.device_id
         will = Will(self.topics.presence(me), encode_message(Presence(me, False))) if announce else None
-        self.transport.on_reconnect(lambda session_present: self._inbox.put((_RECONNECTED, session_present)))
+        self.transport.on_reconnect(lambda session_present: self._inbox.put((_RECONNECTED, session_present, 0.0)))
         self.transport.connect(will=will)
         self._announced = announce
         self.channel.subscribe(self.topics.task, self._enqueue)
@@ -243,7 +243,7 @@ class Device:
     def _receive(self, timeout: float) -> bool:
         """Take one message from the inbox and apply it; False if none came or it was bad."""
         try:
-            topic, message = self._inbox.get(timeout=timeout)
+            topic, message, arrived = self._inbox.get(timeout=timeout)
         except queue.Empty:
             self.outbox.resend(self.task.round if self.task else None)
             return False
@@ -260,7 +260,7 @@ class Device:
         elif isinstance(message, RoundTask):
             self.task = message
             # the round's deadline counts from when its task came (devices' clocks are not in sync)
-            self._task_seen_at.setdefault((message.run_id, message.round), self.clock.now())
+            self._task_seen_at.setdefault((message.run_id, message.round), arrived)
             if len(self._task_seen_at) > 16:
                 self._task_seen_at.pop(next(iter(self._task_seen_at)))
             if message.kind is not TaskKind.FINISHED:
@@ -374,7 +374,8 @@ class Device:
     # --- protocol ---------------------------------------------------------------------------
 
     def _enqueue(self, topic: str, message: object) -> None:
-        self._inbox.put((topic, message))
+        # when it came, not when the loop gets to it: a device busy with the last round is late
+        self._inbox.put((topic, message, self.clock.arrival()))
 
     def _on_global(self, adapter: GlobalAdapter) -> None:
         if adapter.model_fingerprint != self.workload.manifest.fingerprint:
@@ -597,6 +598,7 @@ class Device:
         budget = self.config.profile.memory_bytes if self.config.profile else None
 
         self.clock.checkpoint()  # (loading the model and evaluating the global adapter)
+        self._check_deadline(task, 0.0)  # (a task that waited while the device was busy may be over)
 
         def on_step(step: int, total: int, loss: float) -> None:
             resident = self.memory_gauge() if budget is not None else 0

@@ -75,6 +75,10 @@ class SimulatedDeviceClock(DeviceClock):
     def now(self) -> float:
         return max(self._local, self.fleet_time.monotonic())
 
+    def arrival(self) -> float:
+        # delivered at the fleet's time; the device may still be busy (ahead) then
+        return self.fleet_time.monotonic()
+
     def factor(self) -> float:
         return float(self.slowdown(self.dtype))
 
