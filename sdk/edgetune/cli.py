@@ -219,19 +219,6 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def log_details_to_file(path: Path) -> None:
-    """Details go to the log file; the console keeps the progress, tables and warnings (the
-    demo's and the simulator's way of logging)."""
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(file_handler)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
 def _device(args: argparse.Namespace):
     """The ``Device`` that 'device run' and 'device personalize' use, connected."""
     from .device import Device, DeviceConfig, announced_profile, client_id, hash_seed

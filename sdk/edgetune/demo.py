@@ -42,7 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
 
-    from .cli import log_details_to_file
+    from .logfile import log_details_to_file
     from .data import discover_device_files, write_demo_data
     from .models import prepare_model
     from .transport import open_transport

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from ..cli import log_details_to_file
+    from ..logfile import log_details_to_file
     from .fleet import load_fleet
     from .runner import Simulation
 
