@@ -293,6 +293,8 @@ def run_sweep(bench: Bench, optimizers: tuple[str, ...] | None = None) -> None:
             continue
         if optimizers is not None and optimizer not in optimizers:
             continue
+        if bench.args.optimizers and optimizer not in bench.args.optimizers:
+            continue
         key = sweep_key(strategy, optimizer, seed)
         if key in bench.results["runs"]:
             continue
@@ -469,6 +471,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--arms", default="", help="comma-separated subset of " + ",".join(ARMS))
     parser.add_argument("--strategies", default="", help="comma-separated subset of the sweep's strategies")
+    parser.add_argument("--optimizers", default="", help="comma-separated subset of the sweep's server optimizers")
     parser.add_argument("--eval-blocks", type=int, default=6, help="held-out blocks per device each version is scored on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -481,6 +484,7 @@ def main() -> int:
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.arms = [a for a in args.arms.split(",") if a]
     args.strategies = [s for s in args.strategies.split(",") if s]
+    args.optimizers = [s for s in args.optimizers.split(",") if s]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "edgetune.device", "edgetune_aggregator.daemon", "edgetune.trainers.torch_base",
                   "edgetune.trainers.importance", "edgetune.planning", "edgetune.models.loading"):
