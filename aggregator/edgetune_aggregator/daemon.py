@@ -582,14 +582,18 @@ class Aggregator(ResultHandling):
         if journaled is not None:
             task = decode_message(journaled.task)
         else:
-            self.state = dataclasses.replace(self.state, opened=number)
-            if journal:
-                self.store.save_state(self.state)  # before the task goes out: see _load
             # a device whose result a failed round carried over has done this round already
             task = self._make_task(number, kind, {device: f"its result of round {r} counts in this round"
                                                   for _, (device, r) in carried.values()})
-            if journal:  # the journal names the task before devices can answer it
+            # Journal, then state, then the task goes out. A daemon killed between the first two
+            # has a journal the state does not name: the task never left, and the round opens
+            # afresh on restart. (State first would leave an open round without a journal, which
+            # _load must treat as possibly answered and skip, losing a round.)
+            if journal:
                 self.journal.open(number, kind.value, encode_message(task), opened_at)
+            self.state = dataclasses.replace(self.state, opened=number)
+            if journal:
+                self.store.save_state(self.state)
         if journal:
             for name, (path, (device, trained_for)) in carried.items():  # (after a restart: what is there is skipped)
                 if not self.journal.has(number, name):

@@ -4,6 +4,7 @@ with the honest devices' updates only (and exactly them)."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -372,3 +373,43 @@ def test_a_malformed_update_cannot_crash_the_daemon(tmp_path):
     thread.join(timeout=30)
     assert not thread.is_alive() and aggregator.store.rounds()[0]["status"] == "aggregated"
     m.close()
+
+
+class _Killed(BaseException):
+    """Ends the daemon's thread at a chosen line, as SIGKILL would end its process."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # (the simulated kill)
+def test_a_daemon_killed_between_the_journal_and_the_state_loses_no_round(tmp_path, monkeypatch):
+    """The journal is written before the state names the round as open: a kill between the two
+    leaves a round whose task never went out, which a restart opens afresh (not a failed round)."""
+    from edgetune_aggregator.store import StateStore
+
+    real_save = StateStore.save_state
+    killed = threading.Event()
+
+    def save_state(store, state):
+        if state.opened == 2 and state.round == 1 and not killed.is_set():
+            killed.set()
+            raise _Killed  # round 2's journal is on disk, the state still says round 1 closed
+        real_save(store, state)
+
+    monkeypatch.setattr(StateStore, "save_state", save_state)
+    fleet = f"kill-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{fleet}"
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=3, min_devices=2, round_timeout_s=30,
+                              join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False)
+    devices = [LightDevice(open_transport(url, client_id=d), fleet, d, TINY, resend_after_s=0.5).start() for d in "ab"]
+    first, thread = start_aggregator(url, config)
+    thread.join(timeout=60)
+    assert killed.is_set() and not thread.is_alive()
+    assert (tmp_path / "state" / "journal" / "r000002").exists()
+    first.transport.close()
+    second, thread = start_aggregator(url, config)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    log = second.store.rounds()
+    assert [(r["round"], r["status"]) for r in log] == [(1, "aggregated"), (2, "aggregated"), (3, "aggregated")]
+    assert second.state.global_version == 3
+    for device in devices:
+        device.stop()
