@@ -428,6 +428,31 @@ def spread(values: list[float | None], fmt: str = "{:.2f}") -> str:
 # --- the doc --------------------------------------------------------------------------------
 
 
+#: the seeds the issue's headlines are defined over (``--seeds`` default)
+PLANNED_SEEDS = (0, 1, 2)
+
+
+def coverage(results: dict) -> str:
+    """What the results hold of the full benchmark, and what they lack: a partial run says so."""
+    runs = results["runs"]
+    missing = []
+    for seed in PLANNED_SEEDS:
+        arms = [arm for arm in ARMS if f"{arm}/seed{seed}" not in runs]
+        if arms:
+            missing.append(f"seed {seed}: " + ("every arm" if len(arms) == len(ARMS) else ", ".join(arms)))
+    sweep_missing = [f"{s}+{o}" for s, o, _ in SWEEP if sweep_key(s, o, PLANNED_SEEDS[0]) not in runs]
+    if not any(k.startswith("ablation/") for k in runs):
+        sweep_missing.append("the layout ablation")
+    if not missing and not sweep_missing:
+        return "Complete: every arm for every seed, the whole sweep and the ablation."
+    parts = []
+    if missing:
+        parts.append("arms (" + "; ".join(missing) + ")")
+    if sweep_missing:
+        parts.append("sweep (" + ", ".join(sweep_missing) + ")")
+    return "**Partial run.** Not yet measured: " + "; ".join(parts) + ". Headlines below are over the seeds present only."
+
+
 def write_docs(results: dict, docs: Path, images: Path) -> None:
     from edgetune.bench.sections import replace_section
 
@@ -435,7 +460,7 @@ def write_docs(results: dict, docs: Path, images: Path) -> None:
 
     images.mkdir(parents=True, exist_ok=True)
     fleet_plots.plot_all(results, images)
-    section = fleet_plots.markdown(results, headlines(results), spread)
+    section = fleet_plots.markdown(results, headlines(results), spread, coverage(results))
     replace_section(docs, section, "<!-- fleet:begin -->", "<!-- fleet:end -->")
 
 

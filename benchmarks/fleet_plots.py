@@ -104,7 +104,7 @@ def plot_all(results: dict, images: Path) -> None:
         plt.close(fig)
 
 
-def markdown(results: dict, heads: dict, spread) -> str:
+def markdown(results: dict, heads: dict, spread, coverage: str = "") -> str:
     fleet = results.get("fleet", {})
     m = results.get("machine", {})
     lines = ["<!-- fleet:begin -->", "## The FedPipe benchmark: automatic vs one setting for all (issue 14)", "",
@@ -117,6 +117,8 @@ def markdown(results: dict, heads: dict, spread) -> str:
              "\"everyone's\" is the perplexity over all of them together. Times are simulated: each device's "
              "measured compute scaled to its class's speed, plus its traffic over its link "
              "(`docs/simulation.md`).", ""]
+    if coverage:
+        lines += [coverage, ""]
     lines += ["| device | class | data | training records |", "|---|---|---|---:|"]
     for device, info in sorted(fleet.get("devices", {}).items()):
         lines.append(f"| {device} | {info['class']} | {info['data']} | {info['train_samples']:,} |")
@@ -199,8 +201,13 @@ def markdown(results: dict, heads: dict, spread) -> str:
         winner = results.get("winner")
         best_name = min(sweep, key=lambda n: sweep[n]["points"][-1]["everyone"])
         if winner:
-            lines.append(f"\nThe arms ran (a) with **{winner['strategy']} + {winner['server_optimizer']}**, the best "
-                         f"strategy with FedAvg on the server; the best of the whole sweep is **{best_name}**.")
+            fedavg = {n: r for n, r in sweep.items() if n.endswith("+fedavg")}
+            best_fedavg = min(fedavg, key=lambda n: fedavg[n]["points"][-1]["everyone"])
+            ran = f"{winner['strategy']}+{winner['server_optimizer']}"
+            why = ("the best strategy with FedAvg on the server" if ran == best_fedavg else
+                   f"the best of the sweep when the arms ran; {best_fedavg} has since done better")
+            lines.append(f"\nThe arms ran (a) with **{winner['strategy']} + {winner['server_optimizer']}**, {why}; "
+                         f"the best of the sweep so far is **{best_name}**.")
         lines += ["", "![the sweep](images/fleet-sweep.png)"]
     ablation = [r for k, r in sorted(results["runs"].items()) if k.startswith("ablation/fixed-layout/")]
     if ablation and auto:
@@ -230,6 +237,8 @@ def _verdict(values, ok) -> str:
 def _missed(results: dict) -> str:
     parts = []
     for arm in ("automatic", "weakest", "uniform"):
+        if not _runs(results, arm):
+            continue
         missed, excluded = {}, {}
         for run in _runs(results, arm):
             for r in run["rounds"]:
