@@ -204,8 +204,12 @@ def markdown(results: dict, heads: dict, spread, coverage: str = "") -> str:
             fedavg = {n: r for n, r in sweep.items() if n.endswith("+fedavg")}
             best_fedavg = min(fedavg, key=lambda n: fedavg[n]["points"][-1]["everyone"])
             ran = f"{winner['strategy']}+{winner['server_optimizer']}"
-            why = ("the best strategy with FedAvg on the server" if ran == best_fedavg else
-                   f"the best of the sweep when the arms ran; {best_fedavg} has since done better")
+            if len(fedavg) == 1:
+                why = "the only strategy of the sweep measured so far (the others are still to run)"
+            elif ran == best_fedavg:
+                why = "the best strategy with FedAvg on the server"
+            else:
+                why = f"the best of the sweep when the arms ran; {best_fedavg} has since done better"
             lines.append(f"\nThe arms ran (a) with **{winner['strategy']} + {winner['server_optimizer']}**, {why}; "
                          f"the best of the sweep so far is **{best_name}**.")
         lines += ["", "![the sweep](images/fleet-sweep.png)"]
