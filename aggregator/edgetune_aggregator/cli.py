@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks each device evaluates per round")
     merge = serve.add_argument_group("aggregation")
     merge.add_argument("--strategy", default="auto", choices=["auto", *STRATEGIES],
-                       help="how adapters of different ranks are merged (auto: svd when planning, else fedit)")
+                       help="how adapters of different ranks are merged (auto: hetlora when planning, else fedit)")
     merge.add_argument("--merged-rank", type=int, default=None, help="stack/svd: components per layer of the frozen "
                        "merged delta devices download (default: --rank, so at most 2× fedit's downlink; -1: unbounded)")
     merge.add_argument("--server-optimizer", default="fedavg", choices=SERVER_OPTIMIZERS)

@@ -131,3 +131,14 @@ def test_profiles_travel_in_the_hello_with_their_new_fields():
     profile = DeviceProfile("pi", 2 << 30, {"float32": 16.0}, 4, ("int8",), 5.0, "a class", downlink_mbps=50.0)
     hello = Hello("d", "0.1.0", TINY, Capabilities(), 10, profile)
     assert decode_message(encode_message(hello)).profile == profile
+
+
+@pytest.mark.parametrize("fields, strategy", [
+    ({}, "hetlora"),  # planning: mixed ranks, the FedPipe sweep's best (docs/benchmarks.md)
+    ({"planning": False}, "fedit"),  # one rank for all: plain FedAvg
+    ({"robust": "median"}, "fedit"),  # coordinate-wise combination needs plain factors
+    ({"train": TrainSettings(algorithm="fedsgd")}, "fedit"),  # gradients are averaged
+], ids=["planning", "no-plan", "robust", "fedsgd"])
+def test_strategy_auto_follows_the_benchmark_and_what_the_fleet_needs(tmp_path, fields, strategy):
+    config = AggregatorConfig(fleet="f", state_dir=tmp_path, adapter=LoraSpec(rank=8), **fields)
+    assert config.strategy == "auto" and config.strategy_name == strategy

@@ -172,7 +172,9 @@ def expected_exact(previous: GlobalAdapter, updates: list[Update], module: str) 
     return result
 
 
-def check_rounds(store: StateStore, observer: Observer, rounds: int, devices: int, strategy: str = "svd") -> None:
+def check_rounds(store: StateStore, observer: Observer, rounds: int, devices: int, strategy: str | None = None) -> None:
+    """Every round's global is the strategy's merge of what was seen (default: the fleet's own)."""
+    strategy = strategy or store.load_state().strategy
     for r in range(1, rounds + 1):
         seen = observer.updates[r]
         assert len(seen) == devices, f"round {r}: saw {len(seen)} updates"
