@@ -25,6 +25,7 @@ from edgetune.transport import TransportError, open_transport
 from edgetune.wire import ALGORITHMS, CLIENT_OPTIMIZERS, PROMPT_INITS, ImportanceSettings, LoraSpec, PromptSpec, TrainSettings
 
 from .daemon import DEFAULT_CANDIDATES, Aggregator, AggregatorConfig
+from .influence import InfluenceBounds
 from .strategies import SERVER_OPTIMIZERS, STRATEGIES, ServerOptimizerConfig
 from .strategies.robust import ROBUST_METHODS
 from .validation import NORM_ACTIONS, UpdateLimits
@@ -110,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--min-samples", type=int, default=1, help="fewest samples an update may claim")
     security.add_argument("--max-samples", type=int, default=10_000_000,
                           help="most samples an update may claim (its weight in the average)")
+    security.add_argument("--max-sample-ratio", type=float, default=4.0, help="an update's claimed samples count at "
+                          "most this multiple of the round's median claim (0: unbounded, the old behaviour)")
+    security.add_argument("--max-norm-ratio", type=float, default=5.0, help="an update's delta is clipped at this "
+                          "multiple of the round's median norm (0: unbounded, the old behaviour)")
+    security.add_argument("--max-global-change", type=float, default=10.0, help="refuse to publish a global that "
+                          "moves more than this multiple of the round's largest accepted update (0: check only "
+                          "that it is finite and of the fleet's layout)")
     security.add_argument("--robust", default=None, choices=ROBUST_METHODS,
                           help="coordinate-wise median or trimmed mean instead of the weighted mean (fedit, dense)")
     security.add_argument("--trim", type=float, default=0.1, help="fraction trimmed at each end by --robust trimmed_mean")
@@ -163,6 +171,8 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         linger_s=None if args.linger < 0 else args.linger,
         device_keys=args.device_keys,
         limits=UpdateLimits(args.max_update_norm, args.norm_action, args.min_samples, args.max_samples),
+        influence=InfluenceBounds(args.max_sample_ratio or None, args.max_norm_ratio or None),
+        max_global_change=args.max_global_change or None,
         robust=args.robust,
         trim=args.trim,
         quorum=args.quorum,

@@ -13,6 +13,8 @@ from edgetune.wire import DEFAULT_MAX_PACKET, AdapterSpec, ImportanceSettings, L
 
 from .strategies import STRATEGIES, ServerOptimizerConfig, make_strategy
 from .strategies.robust import ROBUST_METHODS
+from .guard import DEFAULT_CHANGE_RATIO
+from .influence import InfluenceBounds
 from .validation import UpdateLimits
 
 #: refuse a fleet whose adapter would be larger than this (a hostile or mistaken hello)
@@ -75,6 +77,12 @@ class AggregatorConfig:
     device_keys: Path | None = None
     #: bounds on every update: norm (clip or reject) and sample count
     limits: UpdateLimits = field(default_factory=UpdateLimits)
+    #: bounds relative to the round: claimed samples and update norm against the round's
+    #: median (influence.py); on by default, so one device cannot dominate a round
+    influence: InfluenceBounds = field(default_factory=InfluenceBounds)
+    #: the candidate global may move at most this multiple of what the round's largest accepted
+    #: update would move alone (guard.py); None: only finiteness and layout are checked
+    max_global_change: float | None = DEFAULT_CHANGE_RATIO
     #: None: the strategy's weighted mean; "median" or "trimmed_mean": coordinate-wise robust
     #: combination (fedit and dense strategies only, see strategies/robust.py)
     robust: str | None = None
@@ -162,5 +170,9 @@ class AggregatorConfig:
                              "factors from the round's start: use --strategy fedit (or dense for prompts)")
         if self.merged_rank is not None and self.merged_rank < -1:
             raise ValueError(f"merged_rank must be ≥ 0, -1 (unbounded) or None (the adapter's rank), got {self.merged_rank}")
+        if self.max_global_change is not None and not (math.isfinite(self.max_global_change)
+                                                       and self.max_global_change >= 1.0):
+            raise ValueError(f"max_global_change must be a finite number ≥ 1 (None: unbounded), got "
+                             f"{self.max_global_change}")
         if self.quorum is not None and not 0.0 < self.quorum <= 1.0:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")

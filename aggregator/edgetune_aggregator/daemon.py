@@ -17,7 +17,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from edgetune.adapters.lora import init_lora, targets
+import numpy as np
+
+from edgetune.adapters.lora import as_float32, init_lora, targets
 from edgetune.clock import WALL, Clock
 from edgetune.adapters.prompt import adapter_shapes, consensus
 from edgetune.planning.layout import adapter_cost, candidate_modules, combine_scores, select_layout
@@ -48,6 +50,8 @@ from edgetune.wire.signing import unwrap
 from .config import DEFAULT_CANDIDATES, LAYOUTS, MAX_ADAPTER_PARAMETERS, AggregatorConfig  # noqa: F401 (re-exported)
 from .inbox import Inbox, message_bytes
 from .intake import Intake
+from .guard import check_candidate, lora_update_change
+from .influence import bound_influence, lower_median
 from .journal import RoundJournal, parse_name, result_name
 from .results import ResultHandling, RoundContext
 from .store import FleetState, RoundRecord, RoundStatus, StateStore
@@ -58,7 +62,7 @@ from .strategies import (
     make_strategy,
 )
 from .strategies.robust import robust_combine
-from .validation import Refusal, bound_norm
+from .validation import Refusal, delta_norm
 
 log = logging.getLogger(__name__)
 
@@ -675,27 +679,65 @@ class Aggregator(ResultHandling):
             needed = max(needed, math.ceil(self.config.quorum * len(asked)))
         return needed
 
-    def _merge(self, ctx: RoundContext) -> RoundMerge:
-        """The round's accepted updates, read back from the journal in device order: a round
-        interrupted by restarts merges exactly what an uninterrupted one would, bit for bit."""
-        merge = self.strategy.begin(self._round_start(ctx.number))
+    def _merge(self, ctx: RoundContext) -> tuple[RoundMerge, float]:
+        """The round's accepted updates, read back from the journal in device order (a round
+        interrupted by restarts merges exactly what an uninterrupted one would, bit for bit),
+        within the influence bounds (``influence.py``), and the change a typical one (the lower
+        median) would make alone: what ``guard.py`` measures the candidate global against."""
+        start = self._round_start(ctx.number)
+        merge = self.strategy.begin(start)
         journaled = self.journal.load(ctx.number)
         paths = journaled.results if journaled is not None else {}
-        deltas = []
-        for device in sorted(paths):
-            update = unwrap(decode_message(paths[device].read_bytes()))
-            delta = update.delta
-            if self.config.limits.max_norm is not None:
-                delta, _, _ = bound_norm(delta, self.config.limits)
+        names = sorted(paths)
+        records = {(d.device_id, d.from_round): d for d in ctx.record.devices}
+        rows = [records.get(parse_name(name)) for name in names]
+        updates = [None if row is not None and row.norm is not None else unwrap(decode_message(paths[n].read_bytes()))
+                   for n, row in zip(names, rows)]  # (a record without a norm: from before norms were kept)
+        samples = [row.num_samples if u is None else u.num_samples for row, u in zip(rows, updates)]
+        norms = [row.norm if u is None else delta_norm(u.delta) for row, u in zip(rows, updates)]
+        max_norm = self.config.limits.max_norm
+        absolute = [1.0 if max_norm is None or n <= max_norm else max_norm / n for n in norms]
+        bounded = bound_influence(samples, [n * a for n, a in zip(norms, absolute)], self.config.influence)
+        spec = self.state.adapter
+        deltas, weights, changes = [], [], []
+        for name, row, update, a, b in zip(names, rows, updates, absolute, bounded):
+            update = update or unwrap(decode_message(paths[name].read_bytes()))
+            scale = a * b.scale
+            delta = update.delta if scale == 1.0 else {k: as_float32(t) * np.float32(scale) for k, t in update.delta.items()}
+            changes.append(delta_norm(delta) if isinstance(spec, PromptSpec)
+                           else lora_update_change(start.tensors, delta, start.scale))
+            # a late update weighs less the older the global it trained on (0 lag: 1)
+            lag = self.state.global_version - update.base_version
+            weight = b.samples * (1.0 + lag) ** -self.config.staleness_exponent
             if self.config.robust:
                 deltas.append(delta)
-            else:  # a late update weighs less the older the global it trained on (0 lag: 1)
-                lag = self.state.global_version - update.base_version
-                merge.add(delta, update.num_samples * (1.0 + lag) ** -self.config.staleness_exponent)
+            else:
+                merge.add(delta, weight)
+            weights.append(weight)
+            if row is not None:
+                row.counted_samples = b.samples if b.samples < update.num_samples else None
+                row.norm_scale = scale if scale < 1.0 else None
         if deltas:
             shapes = adapter_shapes(self.state.adapter, self.state.model)
             merge.add(robust_combine(deltas, shapes, self.config.robust, self.config.trim), 1.0)
-        return merge
+        total = sum(weights)
+        for row, weight in zip(rows, weights):
+            if row is not None and total > 0:
+                row.weight = weight / total
+        capped = [r.device_id for r in rows if r is not None and (r.counted_samples is not None or r.norm_scale)]
+        if capped:
+            log.info("round %d: influence bounded for %s (samples counted at most %s× the round's median, norms at most "
+                     "%s× its median)", ctx.number, ", ".join(capped), self.config.influence.sample_ratio,
+                     self.config.influence.norm_ratio)
+        return merge, lower_median(changes) if changes else 0.0
+
+    def _check_global(self, ctx: RoundContext, result, typical: float) -> str | None:
+        """Why the round's candidate global must not be published (None: it may)."""
+        spec, adapter = self.state.adapter, self.global_adapter
+        scale = spec.alpha / spec.rank if isinstance(spec, LoraSpec) else None
+        return check_candidate(adapter_shapes(spec, self.state.model), (adapter.tensors, adapter.merged),
+                               (result.tensors, result.merged), scale, typical, self.config.max_global_change,
+                               self.config.server_optimizer)
 
     def _round_start(self, number: int) -> RoundStart:
         spec, adapter = self.state.adapter, self.global_adapter
@@ -708,18 +750,31 @@ class Aggregator(ResultHandling):
         if ctx.kind is TaskKind.TRAIN and enough:
             version = self.state.global_version + 1
             started = time.perf_counter()
-            result = self.strategy.finish(self._merge(ctx))
+            optimizer_state = self.strategy.optimizer.state_dict()  # (kept if the candidate is refused)
+            merge, typical = self._merge(ctx)
+            result = self.strategy.finish(merge)
             record.aggregation_s = time.perf_counter() - started
             record.truncation_error = result.truncation_error
             if result.truncation_error:
                 log.info("round %d: the downlink bound cut %.2g of the merged update (relative Frobenius, worst layer)",
                          ctx.number, result.truncation_error)
-            self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint, self.state.adapter,
-                                                result.tensors, result.merged)
-            self.store.save_global(self.global_adapter, self.state.base_model)
-            self.store.save_server_state(version, self.strategy.optimizer.state_dict())
-            self.state = dataclasses.replace(self.state, global_version=version)
-            record.new_version, record.status = version, RoundStatus.AGGREGATED
+            problem = self._check_global(ctx, result, typical)
+            if problem is None:
+                self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint,
+                                                    self.state.adapter, result.tensors, result.merged)
+                self.store.save_global(self.global_adapter, self.state.base_model)
+                self.store.save_server_state(version, self.strategy.optimizer.state_dict())
+                self.state = dataclasses.replace(self.state, global_version=version)
+                record.new_version, record.status = version, RoundStatus.AGGREGATED
+            else:
+                self.strategy.optimizer.load_state_dict(optimizer_state)
+                contributors = ", ".join(sorted(d.device_id for d in record.devices))
+                record.status = RoundStatus.REJECTED
+                record.note = f"candidate v{version} not published: {problem}; contributors: {contributors}"
+                log.error("round %d: %s; the global adapter stays at v%d", ctx.number, record.note,
+                          self.state.global_version)
+                if self.metrics is not None:
+                    self.metrics.global_rejected()
         elif ctx.kind is TaskKind.INITIALIZE and ctx.inits:
             initial, disagree = consensus(ctx.inits)
             if initial is None:

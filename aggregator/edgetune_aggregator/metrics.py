@@ -106,6 +106,8 @@ class AggregatorMetrics:
                                  ["kind"], registry=r)
         self._rejected = Counter("edgetune_updates_rejected", "Device messages dropped, by reason",
                                  ["reason"], registry=r)
+        self._globals_rejected = Counter("edgetune_globals_rejected", "Merged candidates not published: non-finite, "
+                                         "off the fleet's layout or moved too far (guard.py)", registry=r)
         self._received = Counter("edgetune_received_bytes", "Payload bytes received from devices", registry=r)
         self._sent = Counter("edgetune_sent_bytes", "Payload bytes published to devices", registry=r)
         self._known = Gauge("edgetune_devices_known", "Devices that have said hello to this fleet", registry=r)
@@ -150,6 +152,9 @@ class AggregatorMetrics:
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(reason=self._rejected_reason(reason)).inc()
+
+    def global_rejected(self) -> None:
+        self._globals_rejected.inc()
 
     def received_bytes(self, n: int) -> None:
         self._received.inc(n)

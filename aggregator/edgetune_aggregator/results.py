@@ -31,7 +31,7 @@ from edgetune.wire import (
 from edgetune.wire.signing import unwrap
 
 from .store import DeviceRecord, RoundRecord
-from .validation import Refusal, bound_norm, check_layout, check_samples
+from .validation import Refusal, bound_norm, check_layout, check_samples, delta_norm
 
 log = logging.getLogger("edgetune_aggregator.daemon")
 
@@ -177,7 +177,7 @@ class ResultHandling:
                 ctx.seen.add(sender)  # this device's result for this round too
             lag = self.state.global_version - message.base_version
             ctx.record.devices.append(DeviceRecord(sender, message.num_samples, message.metrics.train_loss,
-                                                   from_round=message.round))
+                                                   from_round=message.round, norm=delta_norm(message.delta)))
             log.info("round %d: late update from %s for round %d (%d version(s) behind)", ctx.number, sender,
                      message.round, lag)
             return
@@ -204,7 +204,7 @@ class ResultHandling:
         ctx.record.devices.append(DeviceRecord(
             sender, message.num_samples, m.train_loss, _score(m.local_ppl, sender), _score(m.global_ppl, sender),
             m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received, _score(m.global_robust_ppl, sender),
-            _score(m.local_robust_ppl, sender),
+            _score(m.local_robust_ppl, sender), norm=delta_norm(message.delta),
         ))
         log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, message.num_samples, m.train_loss)
 

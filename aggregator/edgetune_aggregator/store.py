@@ -64,6 +64,14 @@ class DeviceRecord:
     local_robust_ppl: float | None = None
     #: a late update: trained for this earlier round, folded into this one with a staleness weight
     from_round: int | None = None
+    #: train rounds: the L2 norm of the update's delta as sent
+    norm: float | None = None
+    #: the samples it counted with, where the influence bound cut its claim (None: as claimed)
+    counted_samples: float | None = None
+    #: the factor its delta was scaled by, where a norm bound clipped it (None: untouched)
+    norm_scale: float | None = None
+    #: its share of the round's merge weight (samples counted × staleness, normalised)
+    weight: float | None = None
 
 
 class RoundStatus(str, Enum):
@@ -73,6 +81,8 @@ class RoundStatus(str, Enum):
     CALIBRATED = "calibrated"
     INITIALIZED = "initialized"
     FAILED = "failed"
+    #: the merged candidate failed the check before publication (guard.py): nothing changed
+    REJECTED = "rejected"
 
 
 @dataclass
