@@ -419,6 +419,15 @@ class Aggregator(ResultHandling):
             return {}, {}
         if self.config.train.algorithm == "fedsgd":  # one gradient at the full rank: nothing to plan
             return {}, {}
+        from edgetune.planning.profile_check import profile_problem
+
+        # an impossible profile (NaN, zero, beyond any hardware) excludes its device, not the fleet
+        unusable = {d: f"its profile is unusable: {why}" for d, p in profiles.items() if (why := profile_problem(p))}
+        profiles = {d: p for d, p in profiles.items() if d not in unusable}
+        if only is not None and only in unusable:
+            return {}, {only: unusable[only]}
+        if not profiles:
+            return {}, unusable
         from edgetune.planning.costmodel import Arch, Calibration, Config
         from edgetune.planning.planner import (
             PlanOptions,
@@ -464,7 +473,8 @@ class Aggregator(ResultHandling):
             plan = plan_weakest(profiles, arch, options, self._calibration, device_options)
         else:
             plan = plan_fleet(profiles, arch, options, self._calibration, device_options)
-        for device, reason in plan.excluded.items():
+        excluded = {**plan.excluded, **unusable}
+        for device, reason in excluded.items():
             log.warning("planner leaves %s out: %s", device, reason)
         for device, choice in plan.chosen.items():
             c = choice.config
@@ -473,7 +483,7 @@ class Aggregator(ResultHandling):
             log.info("plan for %s: rank %d, %s base, batch %d%s, %d steps (predicted %.0f MiB, %.1f s/step)",
                      device, c.rank, c.quantization, c.batch_size, ", checkpointing" if c.gradient_checkpointing else "",
                      choice.local_steps, choice.memory_bytes / 2**20, choice.step_s)
-        return plan.plans(), plan.excluded
+        return plan.plans(), excluded
 
     def _publish_task(self, round_number: int, kind: TaskKind) -> RoundTask:
         task = self._make_task(round_number, kind)

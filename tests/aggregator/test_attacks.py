@@ -104,3 +104,38 @@ def test_with_the_bounds_switched_off_the_guard_still_refuses_to_publish(mosquit
     for name in SHAPES:  # v1 is round 2's honest mean: round 1's poison left nothing behind
         mean = np.mean([simulated_delta(SHAPES, d, 2)[name] for d in ("dev-0", "dev-1", "dev-2")], axis=0)
         np.testing.assert_allclose(v1.tensors[name], v0.tensors[name] + mean, rtol=1e-5, atol=1e-7)
+
+
+def test_an_impossible_profile_excludes_only_its_device(mosquitto_url, tmp_path):
+    """One profile with a NaN uplink, one with a throughput no hardware has: those two sit out
+    with a short reason naming the field; the honest device is planned and the round merges."""
+    from edgetune.device import Device, DeviceConfig
+    from edgetune.wire import DeviceProfile
+    from test_federation import Observer, fleet_config, workload
+
+    fleet = f"profiles-{uuid.uuid4().hex[:8]}"
+    aggregator, thread = start_aggregator(mosquitto_url, fleet_config(tmp_path, fleet, rounds=1, min_devices=1,
+                                                                      start_devices=3, evaluate_final=False,
+                                                                      round_timeout_s=60))
+    tasks = Observer(mosquitto_url, fleet)
+    profiles = [DeviceProfile("roomy", 8 << 30, {"float32": 50.0}, 2, ()),
+                DeviceProfile("nan", 8 << 30, {"float32": 50.0}, 2, (), uplink_mbps=float("nan")),
+                DeviceProfile("slow", 8 << 30, {"float32": 1e-300}, 2, ())]
+    devices = []
+    for i, profile in enumerate(profiles):
+        device = Device(DeviceConfig(fleet, f"dev-{i}", profile=profile),
+                        open_transport(mosquitto_url, client_id=f"{fleet}-{i}", connect_timeout=10), workload(i))
+        device.connect()
+        devices.append(device.start())
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    task = [t for t in tasks.tasks if t.round == 1][-1]
+    assert set(task.plans) == {"dev-0"}
+    assert "uplink_mbps is nan" in task.excluded["dev-1"], task.excluded
+    assert "gflops[float32] is 1e-300" in task.excluded["dev-2"], task.excluded
+    assert all(len(reason) < 200 for reason in task.excluded.values())
+    (record,) = aggregator.store.rounds()
+    assert record["status"] == "aggregated" and [d["device_id"] for d in record["devices"]] == ["dev-0"]
+    for device in devices:
+        device.stop()
+    tasks.close()
