@@ -21,6 +21,7 @@ import numpy as np
 
 from edgetune.adapters.lora import as_float32, init_lora, targets
 from edgetune.clock import WALL, Clock
+from edgetune.logsafe import shown
 from edgetune.adapters.prompt import adapter_shapes, consensus
 from edgetune.planning.layout import adapter_cost, candidate_modules, combine_scores, select_layout
 from edgetune.transport import Transport, Will
@@ -45,11 +46,13 @@ from edgetune.wire import (
     decode_message,
     encode_message,
 )
+from edgetune.wire.manifest_file import mismatch
 from edgetune.wire.signing import unwrap
 
 from .config import DEFAULT_CANDIDATES, LAYOUTS, MAX_ADAPTER_PARAMETERS, AggregatorConfig  # noqa: F401 (re-exported)
 from .inbox import Inbox, message_bytes
-from .intake import Intake
+from .fleet_model import pinned_model
+from .intake import Intake, hello_limit
 from .guard import check_candidate, lora_update_change
 from .influence import bound_influence, lower_median
 from .journal import RoundJournal, parse_name, result_name
@@ -68,6 +71,8 @@ log = logging.getLogger(__name__)
 
 #: what the inbox holds after the broker connection came back (see ``_republish``)
 _RECONNECTED = "<reconnected>"
+#: device topics whose payloads are results: large, chunked, and only a known device's
+RESULT_KINDS = frozenset({"update", "init", "importance", "eval", "personal"})
 #: error codes of a device that goes on with its round (the rest mean it gave the round up)
 CONTINUING_ERRORS = ("oom_backoff",)
 
@@ -91,6 +96,10 @@ class Aggregator(ResultHandling):
         #: (device, round) of every update in a global adapter or the open round, for the
         #: rounds a late update may still come from: none is counted twice
         self._counted: set[tuple[str, int]] = set()
+        #: devices that answered a task of this run (a result, or an error report saying why
+        #: not): in an open fleet only they hold a round open (see ``_needed``)
+        self.answered: dict[str, int] = {}  # device -> the round it first answered in
+        self._hellos_heard: set[str] = set()  # senders of a hello the channel passed on
         #: train round -> the global version it started from, for the rounds a late update may
         #: still come from (the versions within ``max_staleness`` of the current one)
         self._round_bases: dict[int, int] = {}
@@ -102,11 +111,17 @@ class Aggregator(ResultHandling):
         self.journal = RoundJournal(config.state_dir)
         if metrics is not None:
             self.channel.on_drop = metrics.rejected
+        self.channel.admit = self._admit_payload
+        self.channel.reassembler.max_pending_bytes = config.reassembly_bytes
         self.on_round = on_round
         #: called when a round opens, with its task and its record so far (plans, exclusions)
         self.on_task = on_task
         self.devices: dict[str, Hello] = {}
         self._manifests: dict[str, object] = {}  # fingerprint -> the first manifest (see _on_hello)
+        #: the fleet's model, pinned by the operator (fleet_model.py); None: the first hello's
+        self.pinned = pinned_model(config.model, config.model_from_first_hello)
+        if self.pinned is not None:  # a hello is a manifest and a profile: no need for 8 MiB
+            self.intake.hello_limit = hello_limit(self.pinned)
         self.online: set[str] = set()
         self.state: FleetState | None = None
         self.global_adapter: GlobalAdapter | None = None
@@ -122,6 +137,8 @@ class Aggregator(ResultHandling):
         self._predicted: dict[str, dict] = {}  # the last plan's predicted peak memory and step time
         self._global_bytes = 0  # payload bytes of the published global adapter
         self._open_record: RoundRecord | None = None  # the open round's record (latecomers join it)
+        self._problem_probe = 0.0  # when the state dir was last found unwritable or probed
+        self._unsaved: set[str] = set()  # devices whose hello could not be written yet (disk full)
         self._initial: dict | None = None  # a prompt fleet's starting adapter (initialization round)
         self.artifacts = None  # what devices without PyTorch can download (checked before serving)
         if config.ort_artifacts is not None:
@@ -210,10 +227,21 @@ class Aggregator(ResultHandling):
         # what holding it costs: its payload, or its tensors if they decoded larger
         self._inbox.put((topic, message), max(size, message_bytes(message)))  # blocks while full: see inbox.py
 
+    def _problem(self, cause: str, why: str | None) -> None:
+        """A condition /healthz reports as degraded (None: it is over)."""
+        if self.metrics is not None:
+            self.metrics.problem(cause, why)
+        if why is not None:
+            self._problem_probe = self.clock.monotonic()
+
     def _tick(self) -> None:
         """Bring the metrics up to date (the serve loop passes here at least twice a second)."""
         if self.metrics is None:
             return
+        if "storage" in self.metrics.problems and self.clock.monotonic() - self._problem_probe >= 2.0:
+            self._problem_probe = self.clock.monotonic()
+            if self.store.writable():  # the disk has room again (or is writable again)
+                self._storage_recovered()
         self.metrics.heartbeat()
         self.metrics.devices(len(self.devices), len(self.online))  # (only known devices are ever online)
         self.metrics.broker_connected(self.transport.connected)
@@ -221,6 +249,18 @@ class Aggregator(ResultHandling):
         self.metrics.sent_bytes(sent - self._stats_seen[0])
         self.metrics.received_bytes(received - self._stats_seen[1])
         self._stats_seen = (sent, received)
+
+    def _storage_recovered(self) -> None:
+        """The state dir took a write again: save what waited for room, and say so."""
+        try:
+            for device in sorted(self._unsaved):
+                self.store.save_device(self.devices[device])
+        except OSError as exc:
+            self._problem("storage", f"writing {self.store.directory} failed: {exc}")
+            return
+        self._unsaved.clear()
+        log.info("the state dir %s is writable again", self.store.directory)
+        self._problem("storage", None)
 
     def _republish(self, session_present: bool) -> None:
         """After a reconnection: a broker restarted without persistence lost the retained
@@ -244,11 +284,21 @@ class Aggregator(ResultHandling):
     def _load(self) -> bool:
         """Take up the state dir's fleet, if it has one (no network: see ``serve``)."""
         self.devices = self.store.load_devices()
+        if self.pinned is not None:  # (admitted under another pin or none: they say hello again)
+            self.devices = {d: h for d, h in self.devices.items() if mismatch(self.pinned, h.model) is None}
+        if self.config.admit is not None:
+            self.devices = {d: h for d, h in self.devices.items() if d in self.config.admit}
         for hello in self.devices.values():
             self._manifests.setdefault(hello.model.fingerprint, hello.model)
         state = self.store.load_state()
         if state is None:
             return False
+        if self.pinned is not None and mismatch(self.pinned, state.model):
+            raise RuntimeError(
+                f"state dir {self.store.directory} holds a fleet of {state.model.name} ({state.model.fingerprint}), "
+                f"not the configured {self.pinned.name} ({self.pinned.fingerprint}): use another --state-dir, "
+                "or pin that model with --model-manifest"
+            )
         if state.fleet != self.config.fleet:
             raise RuntimeError(
                 f"state dir {self.store.directory} belongs to fleet {state.fleet!r}, not "
@@ -271,6 +321,8 @@ class Aggregator(ResultHandling):
                 self._round_bases[record["round"]] = record["base_version"]
                 self._counted |= {(d["device_id"], record["round"] if d.get("from_round") is None else d["from_round"])
                                   for d in record["devices"]}
+            for device in [d["device_id"] for d in record["devices"]] + list(record.get("declined") or {}):
+                self.answered.setdefault(device, record["round"])
         self._forget_old_rounds()
         if state.opened > state.round:
             journaled = self.journal.load(state.opened)
@@ -293,6 +345,8 @@ class Aggregator(ResultHandling):
         from .validation import max_result_bytes
 
         self.intake.result_limit = max_result_bytes(adapter_shapes(self.state.adapter, self.state.model))
+        # room for a few devices' results to arrive at once, chunk by chunk
+        self.channel.reassembler.max_pending_bytes = max(self.config.reassembly_bytes, 4 * self.intake.result_limit)
 
     def _check_model(self, hello: Hello) -> str | None:
         """Why the fleet cannot train on this device's model (None if it can)."""
@@ -320,7 +374,7 @@ class Aggregator(ResultHandling):
                 log.error("only %d of %d devices joined; giving up", len(self.devices), need)
                 return False
             self._handle_next(None, timeout=0.5)
-        model = next(iter(self.devices.values())).model
+        model = self.pinned or next(iter(self.devices.values())).model
         spec = self.config.adapter
         self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model,
                                 strategy=self.config.strategy_name)
@@ -494,8 +548,10 @@ class Aggregator(ResultHandling):
         train = dataclasses.replace(self.config.train, seed=self.config.train.seed + round_number)
         try:
             plans, excluded = self._plan(kind)
-        except Exception:  # planning is an optimisation: without it, devices use the defaults
+            self._problem("planning", None)
+        except Exception as exc:  # planning is an optimisation: without it, devices use the defaults
             log.exception("planning round %d failed; devices train with the fleet's defaults", round_number)
+            self._problem("planning", f"round {round_number}: {type(exc).__name__}: {exc}")
             plans, excluded = {}, {}
         if self.state.left_out:  # another base: their updates would be dropped anyway
             excluded = {**excluded, **{d: f"computed another starting adapter ({why})"
@@ -683,6 +739,13 @@ class Aggregator(ResultHandling):
         device for an initialization round."""
         needed = self.config.min_devices
         asked = (self.online & set(self.devices)) - set(task.excluded) - set(ctx.declined if ctx else ())
+        heard = {d for d, first in self.answered.items() if first < task.round}
+        if self.open_fleet and asked & heard:
+            # Anyone can say hello to an open fleet (no --device-keys, no --admit): a device not
+            # heard from in an earlier round of this run is asked and its result counts, but it
+            # does not hold the round open, or 2,000 made-up hellos would keep every round
+            # waiting for its deadline.
+            asked &= heard
         if kind is TaskKind.INITIALIZE:  # every device online gets a say in the fleet's start
             needed = max(needed, len(self.online & set(self.devices)))
         elif self.config.quorum is not None:
@@ -857,7 +920,9 @@ class Aggregator(ResultHandling):
         try:
             return self._dispatch(topic, message, ctx)
         except Exception as exc:  # a bug or a full disk must not stop the fleet; no receipt: it is resent
-            log.exception("handling a message on %s failed", topic)
+            log.exception("handling a message on %s failed", shown(topic, 200))
+            if isinstance(exc, OSError):
+                self._problem("storage", f"writing {self.store.directory} failed: {exc}")
             return self.channel.drop(self.topics.device_of(topic) or topic, topic, "internal_error",
                                      f"{type(exc).__name__}: {str(exc)[:200]}")
 
@@ -875,14 +940,16 @@ class Aggregator(ResultHandling):
             if sender not in self.devices:  # (it decides quorums: only the fleet's devices count)
                 return None
             (self.online.add if message.online else self.online.discard)(sender)
-            log.info("device %s is %s", sender, "online" if message.online else "offline")
+            log.info("device %s is %s", shown(sender, 64), "online" if message.online else "offline")
         elif isinstance(message, ErrorReport):
-            log.warning("device %s reports %s in round %d: %s", sender, message.code, message.round, message.message)
+            log.warning("device %s reports %s in round %d: %s", shown(sender, 64), shown(message.code, 32), message.round,
+                        shown(message.message, 300))
             # A device that gave up on the open round (missed its deadline, ran out of memory,
             # failed) will not answer: the quorum stops waiting for it. Backing off is no giving up.
             if (ctx is not None and message.round == ctx.number and message.code not in CONTINUING_ERRORS
                     and sender in self.devices and (self.intake.keyring is None or opened.signed is not None)):
-                ctx.declined[sender] = f"{message.code}: {message.message}"[:300]
+                ctx.declined[sender] = f"{shown(message.code, 32)}: {shown(message.message, 260)}"
+                self.answered.setdefault(sender, ctx.number)
         elif isinstance(message, (Update, EvalReport, ImportanceReport, AdapterInit)):
             self._on_result(topic, opened, ctx)
         elif isinstance(message, ArtifactRequest):
@@ -931,7 +998,36 @@ class Aggregator(ResultHandling):
         self.channel.send(self.topics.artifact_data(request.device_id), answer)
         return None
 
+    def _admit_payload(self, sender: str, topic: str) -> tuple[str, str] | None:
+        """(On the network thread.) A result (the large payloads) from a device the daemon
+        has no hello from is refused before it is decoded or reassembled. Hellos, presence and
+        error reports are small, and may overtake the hello on its way to the round loop; an
+        artifact request comes before any hello (a device without PyTorch fetches first)."""
+        kind = self.intake.kind_of(topic)
+        if kind == "hello":  # (its result may come before the round loop has read the hello)
+            if len(self._hellos_heard) >= 100_000:
+                self._hellos_heard.clear()
+            self._hellos_heard.add(sender)
+        if kind not in RESULT_KINDS or sender in self.devices or sender in self._hellos_heard:
+            return None
+        return "unknown_device", "no hello received from it"
+
+    @property
+    def open_fleet(self) -> bool:
+        """Anyone who can publish may join: no device keys, no admission list."""
+        return self.intake.keyring is None and self.config.admit is None
+
     def _on_hello(self, topic: str, hello: Hello) -> None:
+        if self.config.admit is not None and hello.device_id not in self.config.admit:
+            self.channel.drop(hello.device_id, topic, "not_admitted", "not on the fleet's --admit list")
+            return
+        if self.pinned is not None:
+            why = mismatch(self.pinned, hello.model)
+            if why:
+                self.channel.drop(hello.device_id, topic, "model_mismatch", why)
+                return
+            if hello.model is not self.pinned:  # the operator's sizes, not the device's claims
+                hello = dataclasses.replace(hello, model=self.pinned)
         why = self._check_model(hello)
         if why:
             self.channel.drop(hello.device_id, topic, "bad_model", why)
@@ -955,9 +1051,16 @@ class Aggregator(ResultHandling):
             hello = dataclasses.replace(hello, model=known)
         new = hello.device_id not in self.devices
         if new:
-            log.info("device %s joined (sdk %s, %d samples)", hello.device_id, hello.sdk_version, hello.num_samples)
+            log.info("device %s joined (sdk %s, %d samples)", shown(hello.device_id, 64), shown(hello.sdk_version, 32),
+                     hello.num_samples)
         if self.devices.get(hello.device_id) != hello:  # (retained hellos come again on every restart)
-            self.store.save_device(hello)
+            try:
+                self.store.save_device(hello)
+                self._unsaved.discard(hello.device_id)
+            except OSError as exc:  # a full disk: it joins now, and is saved once there is room
+                log.error("could not save %s's hello: %s", hello.device_id, exc)
+                self._unsaved.add(hello.device_id)
+                self._problem("storage", f"writing {self.store.directory} failed: {exc}")
         self.devices[hello.device_id] = hello
         self.online.add(hello.device_id)
         if new and hello.profile is not None and self.state is not None:

@@ -130,6 +130,8 @@ class AggregatorMetrics:
         self.devices_connected = 0
         self.is_broker_connected = False
         self._last_beat: float | None = None  # time.monotonic(), immune to clock changes
+        #: cause ("storage", "planning") -> what is wrong: the daemon serves, but not fully
+        self.problems: dict[str, str] = {}
 
     def round_opened(self, number: int) -> None:
         self.round, self.round_open = number, True
@@ -171,13 +173,22 @@ class AggregatorMetrics:
         self.is_broker_connected = bool(up)
         self._broker.set(1 if up else 0)
 
+    def problem(self, cause: str, why: str | None) -> None:
+        """Report (``why``) or clear (None) a condition that degrades the daemon."""
+        if why is None:
+            self.problems.pop(cause, None)
+        else:
+            self.problems[cause] = why[:300]
+
     def heartbeat(self) -> None:
         self._last_beat = time.monotonic()
         self._heartbeat.set(time.time())
 
     def health(self, stale_after_s: float) -> dict:
         """The ``/healthz`` document. Nothing reported yet counts as unhealthy: a daemon whose
-        serve loop has not started, or that has not reached the broker, cannot run rounds."""
+        serve loop has not started, or that has not reached the broker, cannot run rounds.
+        "degraded": it runs rounds, but something it needs is failing (the state dir cannot be
+        written, so results are refused; planning fails, so devices train with the defaults)."""
         beat = self._last_beat
         age = None if beat is None else time.monotonic() - beat
         reasons = []
@@ -187,8 +198,9 @@ class AggregatorMetrics:
             reasons.append(f"the serve loop's last heartbeat is {age:.1f} s old (limit {stale_after_s:g} s)")
         if not self.is_broker_connected:
             reasons.append("not connected to the MQTT broker")
+        degraded = [f"{cause}: {why}" for cause, why in sorted(self.problems.items())]
         return {
-            "status": "unhealthy" if reasons else "ok",
+            "status": "unhealthy" if reasons else "degraded" if degraded else "ok",
             "fleet": self.fleet,
             "round": self.round,
             "round_open": self.round_open,
@@ -196,7 +208,7 @@ class AggregatorMetrics:
             "devices_connected": self.devices_connected,
             "broker_connected": self.is_broker_connected,
             "last_heartbeat_age_s": None if age is None else round(age, 3),
-            "reasons": reasons,
+            "reasons": reasons + degraded,
         }
 
 

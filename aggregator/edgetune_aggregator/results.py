@@ -38,7 +38,7 @@ log = logging.getLogger("edgetune_aggregator.daemon")
 
 class ResultHandling:
     """Expects the daemon's ``state``, ``config``, ``devices``, ``journal``, ``channel``,
-    ``topics``, ``intake``, ``metrics``, ``_task``, ``_counted`` and ``_round_bases``."""
+    ``topics``, ``intake``, ``metrics``, ``_task``, ``_counted``, ``answered`` and ``_round_bases``."""
 
     def _on_result(self, topic: str, opened, ctx: RoundContext | None) -> None:
         """A device's answer to a round: checked, written to the journal, then acknowledged
@@ -54,6 +54,8 @@ class ResultHandling:
         if ctx.journal:  # on disk before anyone hears of it: a crash after this keeps it
             payload = encode_message(opened.signed if opened.signed is not None else message)
             self.journal.record(ctx.number, sender, payload, message.round if message.round < ctx.number else None)
+            if self.metrics is not None and "storage" in self.metrics.problems:
+                self._storage_recovered()
         self._accept(ctx, message, opened.nonce)
         self._receipt(message, opened.nonce, "", ctx)
         if self.metrics is not None:
@@ -171,6 +173,7 @@ class ResultHandling:
 
     def _accept(self, ctx: RoundContext, message, nonce: bytes) -> None:
         sender = message.device_id
+        self.answered.setdefault(sender, ctx.number)
         if isinstance(message, Update) and message.round < ctx.number:  # late (FedBuff), or carried over
             self._counted.add((sender, message.round))
             if message.base_version == self.state.global_version:  # carried from a failed round: it is

@@ -257,6 +257,14 @@ class StateStore:
 
     # --- round log --------------------------------------------------------------------------
 
+    def writable(self) -> bool:
+        """Whether a small file can be written here now (a full or read-only disk: False)."""
+        try:
+            atomic_write_bytes(self.directory / ".probe", b"ok")
+            return True
+        except OSError:
+            return False
+
     def rounds(self) -> list[dict]:
         path = self.directory / "rounds.json"
         return json.loads(path.read_text()) if path.exists() else []
