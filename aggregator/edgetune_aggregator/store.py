@@ -25,6 +25,7 @@ from pathlib import Path
 
 from edgetune.adapters.peft_format import write_peft_adapter
 from edgetune.atomic import atomic_write_bytes, atomic_write_json
+from edgetune.wire.manifest_file import manifest_from_dict
 import msgpack
 import numpy as np
 
@@ -179,10 +180,9 @@ class StateStore:
         raw = json.loads(path.read_text())
         if raw.get("format") != STATE_FORMAT:
             raise RuntimeError(f"{path} has format {raw.get('format')}; expected {STATE_FORMAT}")
-        model = raw["model"]
         return FleetState(
             fleet=raw["fleet"],
-            model=ModelManifest(**{**model, "modules": {k: tuple(v) for k, v in model["modules"].items()}}),
+            model=manifest_from_dict(raw["model"]),
             adapter=_adapter_spec(raw["adapter"]),
             round=raw["round"],
             opened=raw.get("opened", raw["round"]),

@@ -191,8 +191,11 @@ class Simulation:
 
         from ..transport import open_transport
 
+        # the simulated fleet is a known list of devices (an admitted fleet: each one it asks holds
+        # a round open until the deadline, as a provisioned deployment's devices do)
+        admit = frozenset(d.device_id for d in self.sim_devices)
         config = aggregator_config(self.spec, self.out / "state", len(self.sim_devices),
-                                   **{"model": self.fleet_model, **self.overrides})
+                                   **{"model": self.fleet_model, "admit": admit, **self.overrides})
         transport = CountingTransport(open_transport(url, client_id=f"sim-{self.spec.name}-aggregator",
                                                      connect_timeout=30), self.network)
         self.aggregator = Aggregator(config, transport, clock=self.time)
