@@ -171,20 +171,23 @@ def _seal(signer, topic: str, message) -> bytes:
 
 def _hello(device: str, signer) -> bytes:
     from edgetune import __version__
-    from edgetune.simulate import SMOLLM2_135M
     from edgetune.wire import Capabilities, Hello
+    from edgetune_aggregator.fleet_model import default_manifest
 
-    return _seal(signer, _topics().hello(device), Hello(device, __version__, SMOLLM2_135M, Capabilities(), num_samples=10))
+    # the real default model's manifest: the daemon's default pin (fleet_model.py)
+    return _seal(signer, _topics().hello(device), Hello(device, __version__, default_manifest(), Capabilities(),
+                                                        num_samples=10))
 
 
 def make_fleet(n: int) -> Fleet:
     """N signed devices with their random round-1 deltas (``simulated_delta``, seeded by device)."""
     from edgetune.adapters.prompt import adapter_shapes
-    from edgetune.simulate import SMOLLM2_135M, simulated_delta
+    from edgetune.simulate import simulated_delta
     from edgetune.wire import LoraSpec
     from edgetune.wire.signing import Signer
+    from edgetune_aggregator.fleet_model import default_manifest
 
-    shapes = adapter_shapes(LoraSpec(rank=8, target_modules=("q_proj", "v_proj")), SMOLLM2_135M)
+    shapes = adapter_shapes(LoraSpec(rank=8, target_modules=("q_proj", "v_proj")), default_manifest())
     devices = [f"dev-{i:04d}" for i in range(n)]
     signers = {d: Signer.generate(d) for d in devices}
     return Fleet(devices, signers, {d: _hello(d, signers[d]) for d in devices},

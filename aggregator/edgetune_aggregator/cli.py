@@ -25,6 +25,7 @@ from edgetune.transport import TransportError, open_transport
 from edgetune.wire import ALGORITHMS, CLIENT_OPTIMIZERS, PROMPT_INITS, ImportanceSettings, LoraSpec, PromptSpec, TrainSettings
 
 from .daemon import DEFAULT_CANDIDATES, Aggregator, AggregatorConfig
+from .influence import InfluenceBounds
 from .strategies import SERVER_OPTIMIZERS, STRATEGIES, ServerOptimizerConfig
 from .strategies.robust import ROBUST_METHODS
 from .validation import NORM_ACTIONS, UpdateLimits
@@ -104,12 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--tls-ca", help="CA certificate of an mqtts:// broker")
     security.add_argument("--tls-cert", help="this daemon's client certificate (brokers that require one)")
     security.add_argument("--tls-key", help="the private key of --tls-cert")
+    security.add_argument("--admit", type=Path, help="a file of device ids, one a line: only they may join "
+                          "(for fleets without --device-keys; with them, the key file is the list)")
+    security.add_argument("--model-manifest", type=Path, help="the fleet's model: a file 'edgetune manifest --model M' "
+                          "wrote; hellos for another model are refused (default: SmolLM2-135M-Instruct, the default model)")
+    security.add_argument("--model-from-first-hello", action="store_true", help="take the fleet's model from the "
+                          "first device that says hello (trusted labs only: one device then decides for all)")
     security.add_argument("--max-update-norm", type=float, default=None, help="L2 bound on each update's delta")
     security.add_argument("--norm-action", default="clip", choices=NORM_ACTIONS,
                           help="an update over --max-update-norm is scaled onto the bound (clip) or refused")
     security.add_argument("--min-samples", type=int, default=1, help="fewest samples an update may claim")
     security.add_argument("--max-samples", type=int, default=10_000_000,
                           help="most samples an update may claim (its weight in the average)")
+    security.add_argument("--max-sample-ratio", type=float, default=4.0, help="an update's claimed samples count at "
+                          "most this multiple of the round's median claim (0: unbounded, the old behaviour)")
+    security.add_argument("--max-norm-ratio", type=float, default=5.0, help="an update's delta is clipped at this "
+                          "multiple of the round's median norm (0: unbounded, the old behaviour)")
+    security.add_argument("--max-global-change", type=float, default=10.0, help="refuse to publish a global that "
+                          "moves more than this multiple of what the round's typical (lower median) update moves alone (0: check only "
+                          "that it is finite and of the fleet's layout)")
     security.add_argument("--robust", default=None, choices=ROBUST_METHODS,
                           help="coordinate-wise median or trimmed mean instead of the weighted mean (fedit, dense)")
     security.add_argument("--trim", type=float, default=0.1, help="fraction trimmed at each end by --robust trimmed_mean")
@@ -163,12 +177,34 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         linger_s=None if args.linger < 0 else args.linger,
         device_keys=args.device_keys,
         limits=UpdateLimits(args.max_update_norm, args.norm_action, args.min_samples, args.max_samples),
+        influence=InfluenceBounds(args.max_sample_ratio or None, args.max_norm_ratio or None),
+        max_global_change=args.max_global_change or None,
+        model=_read_manifest(args.model_manifest) if args.model_manifest else None,
+        model_from_first_hello=args.model_from_first_hello,
+        admit=_read_admit(args.admit) if args.admit else None,
         robust=args.robust,
         trim=args.trim,
         quorum=args.quorum,
         max_staleness=args.max_staleness,
         staleness_exponent=args.staleness_exponent,
     )
+
+
+def _read_admit(path: Path) -> frozenset[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise SystemExit(f"--admit: {exc}") from None
+    return frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def _read_manifest(path: Path):
+    from edgetune.wire.manifest_file import read_manifest
+
+    try:
+        return read_manifest(path)
+    except ValueError as exc:
+        raise SystemExit(f"--model-manifest: {exc}") from None
 
 
 def client_id(state_dir: Path, fleet: str) -> str:

@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetune.planning.layout import GPT2_KINDS, LLAMA_KINDS
-from edgetune.wire import DEFAULT_MAX_PACKET, AdapterSpec, ImportanceSettings, LoraSpec, PromptSpec, TrainSettings
+from edgetune.wire import (DEFAULT_MAX_PACKET, AdapterSpec, ImportanceSettings, LoraSpec, ModelManifest, PromptSpec,
+                           TrainSettings)
 
 from .strategies import STRATEGIES, ServerOptimizerConfig, make_strategy
 from .strategies.robust import ROBUST_METHODS
+from .guard import DEFAULT_CHANGE_RATIO
+from .influence import InfluenceBounds
 from .validation import UpdateLimits
 
 #: refuse a fleet whose adapter would be larger than this (a hostile or mistaken hello)
@@ -73,8 +76,21 @@ class AggregatorConfig:
     #: the fleet's device public keys (``device_keys.json``): with them every device message
     #: that shapes the fleet must be signed (docs/security.md); None: no signatures checked
     device_keys: Path | None = None
+    #: the fleet's model, pinned (fleet_model.py); None: the default model's manifest, or the
+    #: first admitted hello's when ``model_from_first_hello`` (trusted labs only)
+    model: ModelManifest | None = None
+    model_from_first_hello: bool = False
+    #: the devices that may join (None: any device, or those of ``device_keys`` when signing);
+    #: for fleets without keys that still want to know who is theirs (docs/security.md)
+    admit: frozenset[str] | None = None
     #: bounds on every update: norm (clip or reject) and sample count
     limits: UpdateLimits = field(default_factory=UpdateLimits)
+    #: bounds relative to the round: claimed samples and update norm against the round's
+    #: median (influence.py); on by default, so one device cannot dominate a round
+    influence: InfluenceBounds = field(default_factory=InfluenceBounds)
+    #: the candidate global may move at most this multiple of what the round's typical accepted
+    #: update (the lower median) would move alone (guard.py); None: only finiteness and layout are checked
+    max_global_change: float | None = DEFAULT_CHANGE_RATIO
     #: None: the strategy's weighted mean; "median" or "trimmed_mean": coordinate-wise robust
     #: combination (fedit and dense strategies only, see strategies/robust.py)
     robust: str | None = None
@@ -90,6 +106,9 @@ class AggregatorConfig:
     staleness_exponent: float = 0.5
     #: decoded messages waiting for the round loop, in bytes: beyond it the broker holds them
     inbox_bytes: int = 16 << 20
+    #: unfinished chunked payloads held, in bytes (at least 4 results' worth); with the inbox,
+    #: what bounds the daemon's memory under a flood (docs/security.md)
+    reassembly_bytes: int = 32 << 20
     #: exact strategies (stack, svd): the most components per layer of the frozen delta a
     #: device downloads. None: the adapter's rank, so a device downloads at most twice what
     #: fedit sends; -1: unbounded (exact, but the downlink grows every round)
@@ -162,5 +181,11 @@ class AggregatorConfig:
                              "factors from the round's start: use --strategy fedit (or dense for prompts)")
         if self.merged_rank is not None and self.merged_rank < -1:
             raise ValueError(f"merged_rank must be ≥ 0, -1 (unbounded) or None (the adapter's rank), got {self.merged_rank}")
+        if self.max_global_change is not None and not (math.isfinite(self.max_global_change)
+                                                       and self.max_global_change >= 1.0):
+            raise ValueError(f"max_global_change must be a finite number ≥ 1 (None: unbounded), got "
+                             f"{self.max_global_change}")
+        if self.model is not None and self.model_from_first_hello:
+            raise ValueError("pin the fleet's model (model) or take the first hello's (model_from_first_hello), not both")
         if self.quorum is not None and not 0.0 < self.quorum <= 1.0:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")

@@ -17,8 +17,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from edgetune.adapters.lora import init_lora, targets
+import numpy as np
+
+from edgetune.adapters.lora import as_float32, init_lora, targets
 from edgetune.clock import WALL, Clock
+from edgetune.logsafe import shown
 from edgetune.adapters.prompt import adapter_shapes, consensus
 from edgetune.planning.layout import adapter_cost, candidate_modules, combine_scores, select_layout
 from edgetune.transport import Transport, Will
@@ -43,11 +46,15 @@ from edgetune.wire import (
     decode_message,
     encode_message,
 )
+from edgetune.wire.manifest_file import mismatch
 from edgetune.wire.signing import unwrap
 
 from .config import DEFAULT_CANDIDATES, LAYOUTS, MAX_ADAPTER_PARAMETERS, AggregatorConfig  # noqa: F401 (re-exported)
 from .inbox import Inbox, message_bytes
-from .intake import Intake
+from .fleet_model import pinned_model
+from .intake import Intake, hello_limit
+from .guard import check_candidate, lora_update_change
+from .influence import bound_influence, lower_median
 from .journal import RoundJournal, parse_name, result_name
 from .results import ResultHandling, RoundContext
 from .store import FleetState, RoundRecord, RoundStatus, StateStore
@@ -58,12 +65,14 @@ from .strategies import (
     make_strategy,
 )
 from .strategies.robust import robust_combine
-from .validation import Refusal, bound_norm
+from .validation import Refusal, delta_norm
 
 log = logging.getLogger(__name__)
 
 #: what the inbox holds after the broker connection came back (see ``_republish``)
 _RECONNECTED = "<reconnected>"
+#: device topics whose payloads are results: large, chunked, and only a known device's
+RESULT_KINDS = frozenset({"update", "init", "importance", "eval", "personal"})
 #: error codes of a device that goes on with its round (the rest mean it gave the round up)
 CONTINUING_ERRORS = ("oom_backoff",)
 
@@ -87,6 +96,10 @@ class Aggregator(ResultHandling):
         #: (device, round) of every update in a global adapter or the open round, for the
         #: rounds a late update may still come from: none is counted twice
         self._counted: set[tuple[str, int]] = set()
+        #: devices that answered a task of this run (a result, or an error report saying why
+        #: not): in an open fleet only they hold a round open (see ``_needed``)
+        self.answered: dict[str, int] = {}  # device -> the round it first answered in
+        self._hellos_heard: set[str] = set()  # senders of a hello the channel passed on
         #: train round -> the global version it started from, for the rounds a late update may
         #: still come from (the versions within ``max_staleness`` of the current one)
         self._round_bases: dict[int, int] = {}
@@ -98,11 +111,17 @@ class Aggregator(ResultHandling):
         self.journal = RoundJournal(config.state_dir)
         if metrics is not None:
             self.channel.on_drop = metrics.rejected
+        self.channel.admit = self._admit_payload
+        self.channel.reassembler.max_pending_bytes = config.reassembly_bytes
         self.on_round = on_round
         #: called when a round opens, with its task and its record so far (plans, exclusions)
         self.on_task = on_task
         self.devices: dict[str, Hello] = {}
         self._manifests: dict[str, object] = {}  # fingerprint -> the first manifest (see _on_hello)
+        #: the fleet's model, pinned by the operator (fleet_model.py); None: the first hello's
+        self.pinned = pinned_model(config.model, config.model_from_first_hello)
+        if self.pinned is not None:  # a hello is a manifest and a profile: no need for 8 MiB
+            self.intake.hello_limit = hello_limit(self.pinned)
         self.online: set[str] = set()
         self.state: FleetState | None = None
         self.global_adapter: GlobalAdapter | None = None
@@ -118,6 +137,8 @@ class Aggregator(ResultHandling):
         self._predicted: dict[str, dict] = {}  # the last plan's predicted peak memory and step time
         self._global_bytes = 0  # payload bytes of the published global adapter
         self._open_record: RoundRecord | None = None  # the open round's record (latecomers join it)
+        self._problem_probe = 0.0  # when the state dir was last found unwritable or probed
+        self._unsaved: set[str] = set()  # devices whose hello could not be written yet (disk full)
         self._initial: dict | None = None  # a prompt fleet's starting adapter (initialization round)
         self.artifacts = None  # what devices without PyTorch can download (checked before serving)
         if config.ort_artifacts is not None:
@@ -206,10 +227,21 @@ class Aggregator(ResultHandling):
         # what holding it costs: its payload, or its tensors if they decoded larger
         self._inbox.put((topic, message), max(size, message_bytes(message)))  # blocks while full: see inbox.py
 
+    def _problem(self, cause: str, why: str | None) -> None:
+        """A condition /healthz reports as degraded (None: it is over)."""
+        if self.metrics is not None:
+            self.metrics.problem(cause, why)
+        if why is not None:
+            self._problem_probe = self.clock.monotonic()
+
     def _tick(self) -> None:
         """Bring the metrics up to date (the serve loop passes here at least twice a second)."""
         if self.metrics is None:
             return
+        if "storage" in self.metrics.problems and self.clock.monotonic() - self._problem_probe >= 2.0:
+            self._problem_probe = self.clock.monotonic()
+            if self.store.writable():  # the disk has room again (or is writable again)
+                self._storage_recovered()
         self.metrics.heartbeat()
         self.metrics.devices(len(self.devices), len(self.online))  # (only known devices are ever online)
         self.metrics.broker_connected(self.transport.connected)
@@ -217,6 +249,18 @@ class Aggregator(ResultHandling):
         self.metrics.sent_bytes(sent - self._stats_seen[0])
         self.metrics.received_bytes(received - self._stats_seen[1])
         self._stats_seen = (sent, received)
+
+    def _storage_recovered(self) -> None:
+        """The state dir took a write again: save what waited for room, and say so."""
+        try:
+            for device in sorted(self._unsaved):
+                self.store.save_device(self.devices[device])
+        except OSError as exc:
+            self._problem("storage", f"writing {self.store.directory} failed: {exc}")
+            return
+        self._unsaved.clear()
+        log.info("the state dir %s is writable again", self.store.directory)
+        self._problem("storage", None)
 
     def _republish(self, session_present: bool) -> None:
         """After a reconnection: a broker restarted without persistence lost the retained
@@ -240,11 +284,21 @@ class Aggregator(ResultHandling):
     def _load(self) -> bool:
         """Take up the state dir's fleet, if it has one (no network: see ``serve``)."""
         self.devices = self.store.load_devices()
+        if self.pinned is not None:  # (admitted under another pin or none: they say hello again)
+            self.devices = {d: h for d, h in self.devices.items() if mismatch(self.pinned, h.model) is None}
+        if self.config.admit is not None:
+            self.devices = {d: h for d, h in self.devices.items() if d in self.config.admit}
         for hello in self.devices.values():
             self._manifests.setdefault(hello.model.fingerprint, hello.model)
         state = self.store.load_state()
         if state is None:
             return False
+        if self.pinned is not None and mismatch(self.pinned, state.model):
+            raise RuntimeError(
+                f"state dir {self.store.directory} holds a fleet of {state.model.name} ({state.model.fingerprint}), "
+                f"not the configured {self.pinned.name} ({self.pinned.fingerprint}): use another --state-dir, "
+                "or pin that model with --model-manifest"
+            )
         if state.fleet != self.config.fleet:
             raise RuntimeError(
                 f"state dir {self.store.directory} belongs to fleet {state.fleet!r}, not "
@@ -267,6 +321,8 @@ class Aggregator(ResultHandling):
                 self._round_bases[record["round"]] = record["base_version"]
                 self._counted |= {(d["device_id"], record["round"] if d.get("from_round") is None else d["from_round"])
                                   for d in record["devices"]}
+            for device in [d["device_id"] for d in record["devices"]] + list(record.get("declined") or {}):
+                self.answered.setdefault(device, record["round"])
         self._forget_old_rounds()
         if state.opened > state.round:
             journaled = self.journal.load(state.opened)
@@ -289,6 +345,8 @@ class Aggregator(ResultHandling):
         from .validation import max_result_bytes
 
         self.intake.result_limit = max_result_bytes(adapter_shapes(self.state.adapter, self.state.model))
+        # room for a few devices' results to arrive at once, chunk by chunk
+        self.channel.reassembler.max_pending_bytes = max(self.config.reassembly_bytes, 4 * self.intake.result_limit)
 
     def _check_model(self, hello: Hello) -> str | None:
         """Why the fleet cannot train on this device's model (None if it can)."""
@@ -316,7 +374,7 @@ class Aggregator(ResultHandling):
                 log.error("only %d of %d devices joined; giving up", len(self.devices), need)
                 return False
             self._handle_next(None, timeout=0.5)
-        model = next(iter(self.devices.values())).model
+        model = self.pinned or next(iter(self.devices.values())).model
         spec = self.config.adapter
         self.state = FleetState(self.config.fleet, model, spec, base_model=self.config.base_model,
                                 strategy=self.config.strategy_name)
@@ -415,6 +473,15 @@ class Aggregator(ResultHandling):
             return {}, {}
         if self.config.train.algorithm == "fedsgd":  # one gradient at the full rank: nothing to plan
             return {}, {}
+        from edgetune.planning.profile_check import profile_problem
+
+        # an impossible profile (NaN, zero, beyond any hardware) excludes its device, not the fleet
+        unusable = {d: f"its profile is unusable: {why}" for d, p in profiles.items() if (why := profile_problem(p))}
+        profiles = {d: p for d, p in profiles.items() if d not in unusable}
+        if only is not None and only in unusable:
+            return {}, {only: unusable[only]}
+        if not profiles:
+            return {}, unusable
         from edgetune.planning.costmodel import Arch, Calibration, Config
         from edgetune.planning.planner import (
             PlanOptions,
@@ -460,7 +527,8 @@ class Aggregator(ResultHandling):
             plan = plan_weakest(profiles, arch, options, self._calibration, device_options)
         else:
             plan = plan_fleet(profiles, arch, options, self._calibration, device_options)
-        for device, reason in plan.excluded.items():
+        excluded = {**plan.excluded, **unusable}
+        for device, reason in excluded.items():
             log.warning("planner leaves %s out: %s", device, reason)
         for device, choice in plan.chosen.items():
             c = choice.config
@@ -469,7 +537,7 @@ class Aggregator(ResultHandling):
             log.info("plan for %s: rank %d, %s base, batch %d%s, %d steps (predicted %.0f MiB, %.1f s/step)",
                      device, c.rank, c.quantization, c.batch_size, ", checkpointing" if c.gradient_checkpointing else "",
                      choice.local_steps, choice.memory_bytes / 2**20, choice.step_s)
-        return plan.plans(), plan.excluded
+        return plan.plans(), excluded
 
     def _publish_task(self, round_number: int, kind: TaskKind) -> RoundTask:
         task = self._make_task(round_number, kind)
@@ -480,8 +548,10 @@ class Aggregator(ResultHandling):
         train = dataclasses.replace(self.config.train, seed=self.config.train.seed + round_number)
         try:
             plans, excluded = self._plan(kind)
-        except Exception:  # planning is an optimisation: without it, devices use the defaults
+            self._problem("planning", None)
+        except Exception as exc:  # planning is an optimisation: without it, devices use the defaults
             log.exception("planning round %d failed; devices train with the fleet's defaults", round_number)
+            self._problem("planning", f"round {round_number}: {type(exc).__name__}: {exc}")
             plans, excluded = {}, {}
         if self.state.left_out:  # another base: their updates would be dropped anyway
             excluded = {**excluded, **{d: f"computed another starting adapter ({why})"
@@ -669,33 +739,78 @@ class Aggregator(ResultHandling):
         device for an initialization round."""
         needed = self.config.min_devices
         asked = (self.online & set(self.devices)) - set(task.excluded) - set(ctx.declined if ctx else ())
+        heard = {d for d, first in self.answered.items() if first < task.round}
+        if self.open_fleet and asked & heard:
+            # Anyone can say hello to an open fleet (no --device-keys, no --admit): a device not
+            # heard from in an earlier round of this run is asked and its result counts, but it
+            # does not hold the round open, or 2,000 made-up hellos would keep every round
+            # waiting for its deadline.
+            asked &= heard
         if kind is TaskKind.INITIALIZE:  # every device online gets a say in the fleet's start
             needed = max(needed, len(self.online & set(self.devices)))
         elif self.config.quorum is not None:
             needed = max(needed, math.ceil(self.config.quorum * len(asked)))
         return needed
 
-    def _merge(self, ctx: RoundContext) -> RoundMerge:
-        """The round's accepted updates, read back from the journal in device order: a round
-        interrupted by restarts merges exactly what an uninterrupted one would, bit for bit."""
-        merge = self.strategy.begin(self._round_start(ctx.number))
+    def _merge(self, ctx: RoundContext) -> tuple[RoundMerge, float]:
+        """The round's accepted updates, read back from the journal in device order (a round
+        interrupted by restarts merges exactly what an uninterrupted one would, bit for bit),
+        within the influence bounds (``influence.py``), and the change a typical one (the lower
+        median) would make alone: what ``guard.py`` measures the candidate global against."""
+        start = self._round_start(ctx.number)
+        merge = self.strategy.begin(start)
         journaled = self.journal.load(ctx.number)
         paths = journaled.results if journaled is not None else {}
-        deltas = []
-        for device in sorted(paths):
-            update = unwrap(decode_message(paths[device].read_bytes()))
-            delta = update.delta
-            if self.config.limits.max_norm is not None:
-                delta, _, _ = bound_norm(delta, self.config.limits)
+        names = sorted(paths)
+        records = {(d.device_id, d.from_round): d for d in ctx.record.devices}
+        rows = [records.get(parse_name(name)) for name in names]
+        updates = [None if row is not None and row.norm is not None else unwrap(decode_message(paths[n].read_bytes()))
+                   for n, row in zip(names, rows)]  # (a record without a norm: from before norms were kept)
+        samples = [row.num_samples if u is None else u.num_samples for row, u in zip(rows, updates)]
+        norms = [row.norm if u is None else delta_norm(u.delta) for row, u in zip(rows, updates)]
+        max_norm = self.config.limits.max_norm
+        absolute = [1.0 if max_norm is None or n <= max_norm else max_norm / n for n in norms]
+        bounded = bound_influence(samples, [n * a for n, a in zip(norms, absolute)], self.config.influence)
+        spec = self.state.adapter
+        deltas, weights, changes = [], [], []
+        for name, row, update, a, b in zip(names, rows, updates, absolute, bounded):
+            update = update or unwrap(decode_message(paths[name].read_bytes()))
+            scale = a * b.scale
+            delta = update.delta if scale == 1.0 else {k: as_float32(t) * np.float32(scale) for k, t in update.delta.items()}
+            changes.append(delta_norm(delta) if isinstance(spec, PromptSpec)
+                           else lora_update_change(start.tensors, delta, start.scale))
+            # a late update weighs less the older the global it trained on (0 lag: 1)
+            lag = self.state.global_version - update.base_version
+            weight = b.samples * (1.0 + lag) ** -self.config.staleness_exponent
             if self.config.robust:
                 deltas.append(delta)
-            else:  # a late update weighs less the older the global it trained on (0 lag: 1)
-                lag = self.state.global_version - update.base_version
-                merge.add(delta, update.num_samples * (1.0 + lag) ** -self.config.staleness_exponent)
+            else:
+                merge.add(delta, weight)
+            weights.append(weight)
+            if row is not None:
+                row.counted_samples = b.samples if b.samples < update.num_samples else None
+                row.norm_scale = scale if scale < 1.0 else None
         if deltas:
             shapes = adapter_shapes(self.state.adapter, self.state.model)
             merge.add(robust_combine(deltas, shapes, self.config.robust, self.config.trim), 1.0)
-        return merge
+        total = sum(weights)
+        for row, weight in zip(rows, weights):
+            if row is not None and total > 0:
+                row.weight = weight / total
+        capped = [r.device_id for r in rows if r is not None and (r.counted_samples is not None or r.norm_scale)]
+        if capped:
+            log.info("round %d: influence bounded for %s (samples counted at most %s× the round's median, norms at most "
+                     "%s× its median)", ctx.number, ", ".join(capped), self.config.influence.sample_ratio,
+                     self.config.influence.norm_ratio)
+        return merge, lower_median(changes) if changes else 0.0
+
+    def _check_global(self, ctx: RoundContext, result, typical: float) -> str | None:
+        """Why the round's candidate global must not be published (None: it may)."""
+        spec, adapter = self.state.adapter, self.global_adapter
+        scale = spec.alpha / spec.rank if isinstance(spec, LoraSpec) else None
+        return check_candidate(adapter_shapes(spec, self.state.model), (adapter.tensors, adapter.merged),
+                               (result.tensors, result.merged), scale, typical, self.config.max_global_change,
+                               self.config.server_optimizer)
 
     def _round_start(self, number: int) -> RoundStart:
         spec, adapter = self.state.adapter, self.global_adapter
@@ -708,18 +823,31 @@ class Aggregator(ResultHandling):
         if ctx.kind is TaskKind.TRAIN and enough:
             version = self.state.global_version + 1
             started = time.perf_counter()
-            result = self.strategy.finish(self._merge(ctx))
+            optimizer_state = self.strategy.optimizer.state_dict()  # (kept if the candidate is refused)
+            merge, typical = self._merge(ctx)
+            result = self.strategy.finish(merge)
             record.aggregation_s = time.perf_counter() - started
             record.truncation_error = result.truncation_error
             if result.truncation_error:
                 log.info("round %d: the downlink bound cut %.2g of the merged update (relative Frobenius, worst layer)",
                          ctx.number, result.truncation_error)
-            self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint, self.state.adapter,
-                                                result.tensors, result.merged)
-            self.store.save_global(self.global_adapter, self.state.base_model)
-            self.store.save_server_state(version, self.strategy.optimizer.state_dict())
-            self.state = dataclasses.replace(self.state, global_version=version)
-            record.new_version, record.status = version, RoundStatus.AGGREGATED
+            problem = self._check_global(ctx, result, typical)
+            if problem is None:
+                self.global_adapter = GlobalAdapter(version, ctx.number, self.state.model.fingerprint,
+                                                    self.state.adapter, result.tensors, result.merged)
+                self.store.save_global(self.global_adapter, self.state.base_model)
+                self.store.save_server_state(version, self.strategy.optimizer.state_dict())
+                self.state = dataclasses.replace(self.state, global_version=version)
+                record.new_version, record.status = version, RoundStatus.AGGREGATED
+            else:
+                self.strategy.optimizer.load_state_dict(optimizer_state)
+                contributors = ", ".join(sorted(d.device_id for d in record.devices))
+                record.status = RoundStatus.REJECTED
+                record.note = f"candidate v{version} not published: {problem}; contributors: {contributors}"
+                log.error("round %d: %s; the global adapter stays at v%d", ctx.number, record.note,
+                          self.state.global_version)
+                if self.metrics is not None:
+                    self.metrics.global_rejected()
         elif ctx.kind is TaskKind.INITIALIZE and ctx.inits:
             initial, disagree = consensus(ctx.inits)
             if initial is None:
@@ -792,7 +920,9 @@ class Aggregator(ResultHandling):
         try:
             return self._dispatch(topic, message, ctx)
         except Exception as exc:  # a bug or a full disk must not stop the fleet; no receipt: it is resent
-            log.exception("handling a message on %s failed", topic)
+            log.exception("handling a message on %s failed", shown(topic, 200))
+            if isinstance(exc, OSError):
+                self._problem("storage", f"writing {self.store.directory} failed: {exc}")
             return self.channel.drop(self.topics.device_of(topic) or topic, topic, "internal_error",
                                      f"{type(exc).__name__}: {str(exc)[:200]}")
 
@@ -810,14 +940,16 @@ class Aggregator(ResultHandling):
             if sender not in self.devices:  # (it decides quorums: only the fleet's devices count)
                 return None
             (self.online.add if message.online else self.online.discard)(sender)
-            log.info("device %s is %s", sender, "online" if message.online else "offline")
+            log.info("device %s is %s", shown(sender, 64), "online" if message.online else "offline")
         elif isinstance(message, ErrorReport):
-            log.warning("device %s reports %s in round %d: %s", sender, message.code, message.round, message.message)
+            log.warning("device %s reports %s in round %d: %s", shown(sender, 64), shown(message.code, 32), message.round,
+                        shown(message.message, 300))
             # A device that gave up on the open round (missed its deadline, ran out of memory,
             # failed) will not answer: the quorum stops waiting for it. Backing off is no giving up.
             if (ctx is not None and message.round == ctx.number and message.code not in CONTINUING_ERRORS
                     and sender in self.devices and (self.intake.keyring is None or opened.signed is not None)):
-                ctx.declined[sender] = f"{message.code}: {message.message}"[:300]
+                ctx.declined[sender] = f"{shown(message.code, 32)}: {shown(message.message, 260)}"
+                self.answered.setdefault(sender, ctx.number)
         elif isinstance(message, (Update, EvalReport, ImportanceReport, AdapterInit)):
             self._on_result(topic, opened, ctx)
         elif isinstance(message, ArtifactRequest):
@@ -866,7 +998,36 @@ class Aggregator(ResultHandling):
         self.channel.send(self.topics.artifact_data(request.device_id), answer)
         return None
 
+    def _admit_payload(self, sender: str, topic: str) -> tuple[str, str] | None:
+        """(On the network thread.) A result (the large payloads) from a device the daemon
+        has no hello from is refused before it is decoded or reassembled. Hellos, presence and
+        error reports are small, and may overtake the hello on its way to the round loop; an
+        artifact request comes before any hello (a device without PyTorch fetches first)."""
+        kind = self.intake.kind_of(topic)
+        if kind == "hello":  # (its result may come before the round loop has read the hello)
+            if len(self._hellos_heard) >= 100_000:
+                self._hellos_heard.clear()
+            self._hellos_heard.add(sender)
+        if kind not in RESULT_KINDS or sender in self.devices or sender in self._hellos_heard:
+            return None
+        return "unknown_device", "no hello received from it"
+
+    @property
+    def open_fleet(self) -> bool:
+        """Anyone who can publish may join: no device keys, no admission list."""
+        return self.intake.keyring is None and self.config.admit is None
+
     def _on_hello(self, topic: str, hello: Hello) -> None:
+        if self.config.admit is not None and hello.device_id not in self.config.admit:
+            self.channel.drop(hello.device_id, topic, "not_admitted", "not on the fleet's --admit list")
+            return
+        if self.pinned is not None:
+            why = mismatch(self.pinned, hello.model)
+            if why:
+                self.channel.drop(hello.device_id, topic, "model_mismatch", why)
+                return
+            if hello.model is not self.pinned:  # the operator's sizes, not the device's claims
+                hello = dataclasses.replace(hello, model=self.pinned)
         why = self._check_model(hello)
         if why:
             self.channel.drop(hello.device_id, topic, "bad_model", why)
@@ -890,9 +1051,16 @@ class Aggregator(ResultHandling):
             hello = dataclasses.replace(hello, model=known)
         new = hello.device_id not in self.devices
         if new:
-            log.info("device %s joined (sdk %s, %d samples)", hello.device_id, hello.sdk_version, hello.num_samples)
+            log.info("device %s joined (sdk %s, %d samples)", shown(hello.device_id, 64), shown(hello.sdk_version, 32),
+                     hello.num_samples)
         if self.devices.get(hello.device_id) != hello:  # (retained hellos come again on every restart)
-            self.store.save_device(hello)
+            try:
+                self.store.save_device(hello)
+                self._unsaved.discard(hello.device_id)
+            except OSError as exc:  # a full disk: it joins now, and is saved once there is room
+                log.error("could not save %s's hello: %s", hello.device_id, exc)
+                self._unsaved.add(hello.device_id)
+                self._problem("storage", f"writing {self.store.directory} failed: {exc}")
         self.devices[hello.device_id] = hello
         self.online.add(hello.device_id)
         if new and hello.profile is not None and self.state is not None:

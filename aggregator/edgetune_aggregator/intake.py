@@ -2,24 +2,29 @@
 before the round logic sees them.
 
 With the fleet's keys (``device_keys.json``) every message that shapes the fleet (hello,
-results, personalization reports) must arrive signed by its device; presence, progress and
-error reports may be unsigned (the broker's ACL already pins them to their device; they
+results, personalization reports, error reports) must arrive signed by its device; presence
+and progress may be unsigned (the broker's ACL already pins them to their device; they
 change no adapter, and presence counts only for devices whose hello was accepted). A signature is verified before its payload is decoded, so a forger cannot
 even reach the decoder with a large payload.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgetune.wire import (
     AdapterInit,
+    ArtifactRequest,
     Chunk,
+    ErrorReport,
     EvalReport,
     Hello,
     ImportanceReport,
+    ModelManifest,
     PersonalizationReport,
+    Presence,
     Signed,
     Topics,
     Update,
@@ -29,11 +34,23 @@ from edgetune.wire import (
 
 from .validation import Refusal
 
-#: the messages a fleet with keys accepts only signed
-MUST_BE_SIGNED = (Hello, Update, EvalReport, ImportanceReport, AdapterInit, PersonalizationReport)
+#: the messages a fleet with keys accepts only signed (error reports too: they end a device's
+#: round early, so a forged one would make the quorum stop waiting for it)
+MUST_BE_SIGNED = (Hello, Update, EvalReport, ImportanceReport, AdapterInit, PersonalizationReport, ErrorReport)
+#: device topic kind -> the one message type it carries: anything else there is refused
+#: (``unexpected_kind``), so a signed result cannot be passed off on another topic
+TOPIC_KINDS = {"hello": Hello, "presence": Presence, "update": Update, "eval": EvalReport,
+               "importance": ImportanceReport, "init": AdapterInit, "personal": PersonalizationReport,
+               "error": ErrorReport, "artifact_request": ArtifactRequest}
 #: payload limits of device messages whose size does not follow from the adapter's layout
 _FIXED_LIMITS = {"hello": 8 << 20, "importance": 4 << 20}
 _DEFAULT_LIMIT = 1 << 20
+
+
+def hello_limit(model: ModelManifest) -> int:
+    """Bytes a hello for ``model`` can need: its manifest (smaller in msgpack than in JSON),
+    twice over for slack, plus the profile, capabilities and a signature's envelope."""
+    return 2 * len(json.dumps(asdict(model))) + (64 << 10)
 
 
 @dataclass(frozen=True)
@@ -54,19 +71,37 @@ class Intake:
             self.keyring = KeyRing.load(device_keys, topics.fleet)
         #: the most bytes an update or a starting adapter may have (set once the layout is known)
         self.result_limit: int = _DEFAULT_LIMIT
+        #: the most bytes a hello may have (tightened once the fleet's model is pinned)
+        self.hello_limit: int = _FIXED_LIMITS["hello"]
+
+    def kind_of(self, topic: str) -> str:
+        """``update`` of ``edgetune/v1/{fleet}/update/{device}``."""
+        return topic[len(self.topics.base) + 1:].split("/", 1)[0]
 
     def limit_of(self, topic: str) -> int | None:
         """The payload limit of a device topic (None for the aggregator's own)."""
         device = self.topics.device_of(topic)
         if device is None:
             return None
-        kind = topic[len(self.topics.base) + 1:].split("/", 1)[0]
+        kind = self.kind_of(topic)
         if kind in ("update", "init"):
             return self.result_limit
+        if kind == "hello":
+            return self.hello_limit
         return _FIXED_LIMITS.get(kind, _DEFAULT_LIMIT)
 
     def open(self, topic: str, message: object) -> Opened | Refusal:
         """The message to act on (unwrapped and verified if signed), or why it is refused."""
+        opened = self._open(topic, message)
+        if isinstance(opened, Refusal):
+            return opened
+        kind = self.kind_of(topic)
+        expected = TOPIC_KINDS.get(kind)
+        if expected is None or type(opened.message) is not expected:
+            return Refusal("unexpected_kind", f"{type(opened.message).__name__} on a {kind[:32]!r} topic")
+        return opened
+
+    def _open(self, topic: str, message: object) -> Opened | Refusal:
         if not isinstance(message, Signed):
             if self.keyring is not None and isinstance(message, MUST_BE_SIGNED):
                 return Refusal("unsigned", f"{type(message).__name__} without a signature")

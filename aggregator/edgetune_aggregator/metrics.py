@@ -106,6 +106,8 @@ class AggregatorMetrics:
                                  ["kind"], registry=r)
         self._rejected = Counter("edgetune_updates_rejected", "Device messages dropped, by reason",
                                  ["reason"], registry=r)
+        self._globals_rejected = Counter("edgetune_globals_rejected", "Merged candidates not published: non-finite, "
+                                         "off the fleet's layout or moved too far (guard.py)", registry=r)
         self._received = Counter("edgetune_received_bytes", "Payload bytes received from devices", registry=r)
         self._sent = Counter("edgetune_sent_bytes", "Payload bytes published to devices", registry=r)
         self._known = Gauge("edgetune_devices_known", "Devices that have said hello to this fleet", registry=r)
@@ -128,6 +130,8 @@ class AggregatorMetrics:
         self.devices_connected = 0
         self.is_broker_connected = False
         self._last_beat: float | None = None  # time.monotonic(), immune to clock changes
+        #: cause ("storage", "planning") -> what is wrong: the daemon serves, but not fully
+        self.problems: dict[str, str] = {}
 
     def round_opened(self, number: int) -> None:
         self.round, self.round_open = number, True
@@ -151,6 +155,9 @@ class AggregatorMetrics:
     def rejected(self, reason: str) -> None:
         self._rejected.labels(reason=self._rejected_reason(reason)).inc()
 
+    def global_rejected(self) -> None:
+        self._globals_rejected.inc()
+
     def received_bytes(self, n: int) -> None:
         self._received.inc(n)
 
@@ -166,13 +173,22 @@ class AggregatorMetrics:
         self.is_broker_connected = bool(up)
         self._broker.set(1 if up else 0)
 
+    def problem(self, cause: str, why: str | None) -> None:
+        """Report (``why``) or clear (None) a condition that degrades the daemon."""
+        if why is None:
+            self.problems.pop(cause, None)
+        else:
+            self.problems[cause] = why[:300]
+
     def heartbeat(self) -> None:
         self._last_beat = time.monotonic()
         self._heartbeat.set(time.time())
 
     def health(self, stale_after_s: float) -> dict:
         """The ``/healthz`` document. Nothing reported yet counts as unhealthy: a daemon whose
-        serve loop has not started, or that has not reached the broker, cannot run rounds."""
+        serve loop has not started, or that has not reached the broker, cannot run rounds.
+        "degraded": it runs rounds, but something it needs is failing (the state dir cannot be
+        written, so results are refused; planning fails, so devices train with the defaults)."""
         beat = self._last_beat
         age = None if beat is None else time.monotonic() - beat
         reasons = []
@@ -182,8 +198,9 @@ class AggregatorMetrics:
             reasons.append(f"the serve loop's last heartbeat is {age:.1f} s old (limit {stale_after_s:g} s)")
         if not self.is_broker_connected:
             reasons.append("not connected to the MQTT broker")
+        degraded = [f"{cause}: {why}" for cause, why in sorted(self.problems.items())]
         return {
-            "status": "unhealthy" if reasons else "ok",
+            "status": "unhealthy" if reasons else "degraded" if degraded else "ok",
             "fleet": self.fleet,
             "round": self.round,
             "round_open": self.round_open,
@@ -191,7 +208,7 @@ class AggregatorMetrics:
             "devices_connected": self.devices_connected,
             "broker_connected": self.is_broker_connected,
             "last_heartbeat_age_s": None if age is None else round(age, 3),
-            "reasons": reasons,
+            "reasons": reasons + degraded,
         }
 
 

@@ -31,14 +31,14 @@ from edgetune.wire import (
 from edgetune.wire.signing import unwrap
 
 from .store import DeviceRecord, RoundRecord
-from .validation import Refusal, bound_norm, check_layout, check_samples
+from .validation import Refusal, bound_norm, check_layout, check_samples, delta_norm
 
 log = logging.getLogger("edgetune_aggregator.daemon")
 
 
 class ResultHandling:
     """Expects the daemon's ``state``, ``config``, ``devices``, ``journal``, ``channel``,
-    ``topics``, ``intake``, ``metrics``, ``_task``, ``_counted`` and ``_round_bases``."""
+    ``topics``, ``intake``, ``metrics``, ``_task``, ``_counted``, ``answered`` and ``_round_bases``."""
 
     def _on_result(self, topic: str, opened, ctx: RoundContext | None) -> None:
         """A device's answer to a round: checked, written to the journal, then acknowledged
@@ -54,6 +54,8 @@ class ResultHandling:
         if ctx.journal:  # on disk before anyone hears of it: a crash after this keeps it
             payload = encode_message(opened.signed if opened.signed is not None else message)
             self.journal.record(ctx.number, sender, payload, message.round if message.round < ctx.number else None)
+            if self.metrics is not None and "storage" in self.metrics.problems:
+                self._storage_recovered()
         self._accept(ctx, message, opened.nonce)
         self._receipt(message, opened.nonce, "", ctx)
         if self.metrics is not None:
@@ -171,13 +173,14 @@ class ResultHandling:
 
     def _accept(self, ctx: RoundContext, message, nonce: bytes) -> None:
         sender = message.device_id
+        self.answered.setdefault(sender, ctx.number)
         if isinstance(message, Update) and message.round < ctx.number:  # late (FedBuff), or carried over
             self._counted.add((sender, message.round))
             if message.base_version == self.state.global_version:  # carried from a failed round: it is
                 ctx.seen.add(sender)  # this device's result for this round too
             lag = self.state.global_version - message.base_version
             ctx.record.devices.append(DeviceRecord(sender, message.num_samples, message.metrics.train_loss,
-                                                   from_round=message.round))
+                                                   from_round=message.round, norm=delta_norm(message.delta)))
             log.info("round %d: late update from %s for round %d (%d version(s) behind)", ctx.number, sender,
                      message.round, lag)
             return
@@ -204,7 +207,7 @@ class ResultHandling:
         ctx.record.devices.append(DeviceRecord(
             sender, message.num_samples, m.train_loss, _score(m.local_ppl, sender), _score(m.global_ppl, sender),
             m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received, _score(m.global_robust_ppl, sender),
-            _score(m.local_robust_ppl, sender),
+            _score(m.local_robust_ppl, sender), norm=delta_norm(message.delta),
         ))
         log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, message.num_samples, m.train_loss)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from edgetune.adapters.peft_format import write_peft_adapter
 from edgetune.atomic import atomic_write_bytes, atomic_write_json
+from edgetune.wire.manifest_file import manifest_from_dict
 import msgpack
 import numpy as np
 
@@ -64,6 +65,14 @@ class DeviceRecord:
     local_robust_ppl: float | None = None
     #: a late update: trained for this earlier round, folded into this one with a staleness weight
     from_round: int | None = None
+    #: train rounds: the L2 norm of the update's delta as sent
+    norm: float | None = None
+    #: the samples it counted with, where the influence bound cut its claim (None: as claimed)
+    counted_samples: float | None = None
+    #: the factor its delta was scaled by, where a norm bound clipped it (None: untouched)
+    norm_scale: float | None = None
+    #: its share of the round's merge weight (samples counted × staleness, normalised)
+    weight: float | None = None
 
 
 class RoundStatus(str, Enum):
@@ -73,6 +82,8 @@ class RoundStatus(str, Enum):
     CALIBRATED = "calibrated"
     INITIALIZED = "initialized"
     FAILED = "failed"
+    #: the merged candidate failed the check before publication (guard.py): nothing changed
+    REJECTED = "rejected"
 
 
 @dataclass
@@ -169,10 +180,9 @@ class StateStore:
         raw = json.loads(path.read_text())
         if raw.get("format") != STATE_FORMAT:
             raise RuntimeError(f"{path} has format {raw.get('format')}; expected {STATE_FORMAT}")
-        model = raw["model"]
         return FleetState(
             fleet=raw["fleet"],
-            model=ModelManifest(**{**model, "modules": {k: tuple(v) for k, v in model["modules"].items()}}),
+            model=manifest_from_dict(raw["model"]),
             adapter=_adapter_spec(raw["adapter"]),
             round=raw["round"],
             opened=raw.get("opened", raw["round"]),
@@ -246,6 +256,14 @@ class StateStore:
         return devices
 
     # --- round log --------------------------------------------------------------------------
+
+    def writable(self) -> bool:
+        """Whether a small file can be written here now (a full or read-only disk: False)."""
+        try:
+            atomic_write_bytes(self.directory / ".probe", b"ok")
+            return True
+        except OSError:
+            return False
 
     def rounds(self) -> list[dict]:
         path = self.directory / "rounds.json"

@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--uplink-budget-mb", type=float, help="fleet-wide MB of updates per round (solved as a MILP)")
     _add_common(plan)
 
+    manifest = commands.add_parser("manifest", help="write the model's manifest (layers, fingerprint) for the "
+                                   "aggregator's --model-manifest, which pins the fleet to that model")
+    manifest.add_argument("--model", help="as for 'device run' (default: SmolLM2-135M-Instruct GGUF)")
+    manifest.add_argument("--out", type=Path, help="write it here (default: print it)")
+    _add_common(manifest)
+
     from .bench.personalization import add_parser as add_bench_parser
 
     _add_common(add_bench_parser(commands))
@@ -257,6 +263,22 @@ def _device(args: argparse.Namespace):
     return device
 
 
+def _manifest(args: argparse.Namespace) -> int:
+    """The manifest the device sends in its hello for this model, as the aggregator reads it."""
+    import json
+
+    from .models import load_model
+    from .wire.manifest_file import manifest_to_dict, write_manifest
+
+    manifest = load_model(args.model).manifest
+    if args.out:
+        write_manifest(args.out, manifest)
+        print(f"{args.out}: {manifest.name}, fingerprint {manifest.fingerprint}, {len(manifest.modules)} layers")
+    else:
+        print(json.dumps(manifest_to_dict(manifest), indent=2, sort_keys=True))
+    return 0
+
+
 def load_profile_arg(path: Path | None):
     if path is None:
         return None
@@ -350,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             from .planning.report import run_plan
 
             return run_plan(args)
+        if args.command == "manifest":
+            return _manifest(args)
         if args.command == "export":
             return _export(args)
         if args.command == "build-ort":

@@ -37,6 +37,20 @@ CLASSES = ("raspberry-pi-4-4gb-gateway", "jetson-orin-nano-8gb", "intel-n100-16g
            "xeon-d-8core-32gb")
 
 
+def fleet_manifest(model: str | None, model_dir: str):
+    """The demo is the fleet's operator: it pins the daemon to the model its devices load
+    (docs/security.md), as ``--model-manifest`` does for a deployed daemon. The default model's
+    manifest ships with the aggregator (a test keeps it equal to the model's); another model is
+    loaded once to read its own."""
+    if model is None:
+        from edgetune_aggregator.fleet_model import default_manifest
+
+        return default_manifest()
+    from .models import load_model
+
+    return load_model(model_dir).manifest
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -112,6 +126,8 @@ def run_demo(args: argparse.Namespace) -> int:
         train=TrainSettings(local_steps=args.steps, batch_size=4, seq_len=128, learning_rate=2e-3,
                             eval_blocks=getattr(args, "eval_blocks", 16)),
         base_model=model_name,
+        model=fleet_manifest(args.model, model_dir),
+        admit=frozenset(files),  # the demo's own devices: nobody else holds a round open
         ort_artifacts=artifacts,
         linger_s=None if getattr(args, "personalize", False) else 0.0,  # stopped once all have personalized
     )

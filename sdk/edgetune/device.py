@@ -25,6 +25,7 @@ from . import __version__
 from .adapters.lora import as_float32, concat_merged, split_rank, targets
 from .backoff import MemoryBudgetExceeded, is_out_of_memory, next_fallback, resident_bytes
 from .clock import DeviceClock
+from .logsafe import shown
 from .trainers.result import TrainResult
 from .transport import Transport, TransportError, Will, open_transport
 from .transport.channel import Channel
@@ -133,6 +134,9 @@ class Device:
         #: the plan this device last trained with (after any back-off): personalization's too
         self.last_plan: DevicePlan | None = None
         self._task_seen_at: dict[tuple[str, int], float] = {}  # (run, round) -> when its task came
+        #: runs this device saw a task of other than "finished": only their end makes it leave
+        self._runs_seen: set[str] = set()
+        self._waiting_for_run: str | None = None  # a finished run it took no part in (logged once)
         self._plan_logged: tuple | None = None
 
     @classmethod
@@ -265,6 +269,7 @@ class Device:
                 self._task_seen_at.pop(next(iter(self._task_seen_at)))
             if message.kind is not TaskKind.FINISHED:
                 self._finish_seen = None  # (a new run of the fleet)
+                self._runs_seen.add(message.run_id)
         else:
             self.channel.drop(AGGREGATOR_ID, topic, "unexpected_kind", type(message).__name__)
             return False
@@ -391,6 +396,14 @@ class Device:
 
     def _step(self, task: RoundTask) -> bool:
         """Act on the task if we can; True when the fleet is finished."""
+        if task.kind is TaskKind.FINISHED and task.run_id not in self._runs_seen:
+            # A retained "finished" of a run this device took no part in: the previous run's,
+            # read before the new run's daemon is up. Leaving on it would miss the new run.
+            if self._waiting_for_run != task.run_id:
+                self._waiting_for_run = task.run_id
+                log.info("%s: the fleet's run %s finished before this device joined it; waiting for the next "
+                         "run", self.config.device_id, shown(task.run_id, 32))
+            return False
         if task.kind is TaskKind.FINISHED:
             # Leave with the final adapter: its chunks travel on other topics than the task,
             # and a broker need not keep their order across topics.

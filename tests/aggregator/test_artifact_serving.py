@@ -28,7 +28,7 @@ def artifacts(tmp_path_factory):
 
 def serve(url: str, fleet: str, folder, tmp_path, max_packet: int = 32 * 1024) -> tuple[Aggregator, threading.Thread]:
     """A daemon that only waits for devices (none will join), serving ``folder`` meanwhile."""
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", min_devices=1, join_timeout_s=60,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", min_devices=1, join_timeout_s=60,
                               ort_artifacts=folder, max_packet=max_packet)
     aggregator = Aggregator(config, open_transport(url, client_id=f"agg-{fleet}", connect_timeout=10))
     thread = threading.Thread(target=aggregator.serve, daemon=True)

@@ -33,7 +33,7 @@ def device_run(url: str, fleet: str, device_id: str, data: Path, state: Path, lo
 
 
 def serve_one_round(url: str, tmp_path: Path, fleet: str) -> tuple[Aggregator, threading.Thread]:
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / f"state-{fleet}", rounds=1, min_devices=1,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / f"state-{fleet}", rounds=1, min_devices=1,
                               round_timeout_s=120, join_timeout_s=600, evaluate_final=False,
                               adapter=LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj")),
                               train=TrainSettings(local_steps=2, batch_size=2, seq_len=32, eval_blocks=2))
@@ -140,5 +140,5 @@ def test_profiles_travel_in_the_hello_with_their_new_fields():
     ({"train": TrainSettings(algorithm="fedsgd")}, "fedit"),  # gradients are averaged
 ], ids=["planning", "no-plan", "robust", "fedsgd"])
 def test_strategy_auto_follows_the_benchmark_and_what_the_fleet_needs(tmp_path, fields, strategy):
-    config = AggregatorConfig(fleet="f", state_dir=tmp_path, adapter=LoraSpec(rank=8), **fields)
+    config = AggregatorConfig(model_from_first_hello=True, fleet="f", state_dir=tmp_path, adapter=LoraSpec(rank=8), **fields)
     assert config.strategy == "auto" and config.strategy_name == strategy

@@ -29,7 +29,7 @@ def test_rounds_updates_rejections_bytes_and_devices_are_counted(mosquitto_url, 
     metrics = AggregatorMetrics(fleet)
     server = HealthServer(metrics, port=0, stale_after_s=10)
     port = server.start()
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2, round_timeout_s=60,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2, round_timeout_s=60,
                               join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False, linger_s=2.0)
     aggregator, thread = start_aggregator(mosquitto_url, config, metrics=metrics)
     devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-a", connect_timeout=10), fleet, "a",

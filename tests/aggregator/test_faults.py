@@ -33,12 +33,21 @@ ROUNDS = 8
 DEVICES = [f"dev-{i}" for i in range(4)]
 
 
+def _tiny_manifest(state_dir: Path) -> Path:
+    """The devices' model as ``edgetune manifest`` writes it: the daemon is pinned to it."""
+    from edgetune.wire.manifest_file import write_manifest
+
+    path = state_dir.parent / "tiny-manifest.json"
+    write_manifest(path, TINY)
+    return path
+
+
 def _daemon(url: str, fleet: str, state_dir: Path, keys: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO / "sdk"), str(_REPO / "aggregator")])}
     command = [sys.executable, "-m", "edgetune_aggregator.cli", "serve", "--broker", url, "--fleet", fleet,
                "--state-dir", str(state_dir), "--rounds", str(ROUNDS), "--min-devices", str(len(DEVICES)),
                "--no-planning", "--round-timeout", "120", "--join-timeout", "120", "--rank", "4", "--alpha", "8",
-               "--device-keys", str(keys), "--connect-timeout", "30"]
+               "--device-keys", str(keys), "--connect-timeout", "30", "--model-manifest", str(_tiny_manifest(state_dir))]
     with log.open("ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -113,7 +122,7 @@ def test_a_broker_restart_mid_round_is_survived_without_an_operator(mosquitto_fa
     url, stop = mosquitto_factory()
     port = int(url.rsplit(":", 1)[1])
     fleet = f"brk-{uuid.uuid4().hex[:8]}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=3, min_devices=3, round_timeout_s=120,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=3, min_devices=3, round_timeout_s=120,
                               join_timeout_s=60, adapter=SPEC, planning=False, evaluate_final=False)
     aggregator, thread = start_aggregator(url, config)
     devices = [LightDevice(open_transport(url, client_id=f"{fleet}-{d}", connect_timeout=10, clean_session=False),
@@ -149,7 +158,7 @@ def test_rounds_complete_when_30_percent_of_devices_drop_each_round(mosquitto_ur
     def dropped(round_number: int) -> set[str]:
         return set(random.Random(round_number).sample(names, 3))
 
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=3, min_devices=5, quorum=1.0,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=3, min_devices=5, quorum=1.0,
                               round_timeout_s=4.0, join_timeout_s=60, adapter=SPEC, planning=False,
                               evaluate_final=False)
     devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d,
@@ -194,7 +203,7 @@ def test_a_device_killed_while_training_rejoins_and_the_round_counts_it_once(mos
         assert process.stdout.readline().strip() == b"joined"
         return process
 
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2, round_timeout_s=120,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2, round_timeout_s=120,
                               join_timeout_s=60, adapter=SPEC, planning=False, evaluate_final=False)
     aggregator, thread = start_aggregator(mosquitto_url, config)
     other = LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-dev-0", connect_timeout=10), fleet, "dev-0",
@@ -222,7 +231,7 @@ def test_updates_queued_while_the_daemon_was_down_are_taken_at_once(mosquitto_ur
     from edgetune.simulate import SMOLLM2_135M
 
     fleet = f"queued-{uuid.uuid4().hex[:8]}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=2, round_timeout_s=120,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=2, round_timeout_s=120,
                               join_timeout_s=60, adapter=SPEC, planning=False, evaluate_final=False)
 
     def daemon():

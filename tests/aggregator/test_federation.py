@@ -88,6 +88,8 @@ def fleet_config(tmp_path, fleet: str, **overrides) -> AggregatorConfig:
     fields = dict(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=3, round_timeout_s=120,
                   join_timeout_s=60, adapter=SPEC, train=TRAIN, merged_rank=-1)
     fields.update(overrides)
+    if "model" not in fields:  # (these fleets' tiny models are not the default one pinned by default)
+        fields.setdefault("model_from_first_hello", True)
     return AggregatorConfig(**fields)
 
 

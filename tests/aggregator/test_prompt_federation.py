@@ -117,7 +117,7 @@ def test_a_device_with_another_base_is_left_out_of_a_prompt_fleet(tmp_path):
     from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
 
     url = "memory://init-mismatch"
-    config = AggregatorConfig(fleet="mismatch", state_dir=tmp_path / "state", rounds=0, min_devices=3,
+    config = AggregatorConfig(model_from_first_hello=True, fleet="mismatch", state_dir=tmp_path / "state", rounds=0, min_devices=3,
                               round_timeout_s=60, join_timeout_s=60, adapter=SPEC, evaluate_final=False)
     aggregator = Aggregator(config, open_transport(url, client_id="agg"))
     thread = threading.Thread(target=aggregator.serve, daemon=True)
@@ -153,7 +153,7 @@ def test_a_resumed_prompt_fleet_checks_devices_against_its_own_adapter(tmp_path)
 
     manifest = load_model("tiny-llama").manifest
     StateStore(tmp_path / "state").save_state(FleetState("resume", manifest, SPEC, strategy="dense"))
-    config = AggregatorConfig(fleet="resume", state_dir=tmp_path / "state", adapter=LoraSpec())
+    config = AggregatorConfig(model_from_first_hello=True, fleet="resume", state_dir=tmp_path / "state", adapter=LoraSpec())
     aggregator = Aggregator(config, open_transport("memory://resume", client_id="agg"))
     aggregator.state = aggregator.store.load_state()
     assert aggregator.state.adapter == SPEC

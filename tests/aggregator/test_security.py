@@ -85,6 +85,8 @@ def memory_fleet(tmp_path, name: str, **settings):
     url = f"memory://{fleet}"
     fields = dict(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=30,
                   join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False) | settings
+    if "model" not in fields:  # (these fleets' tiny models are not the default one pinned by default)
+        fields.setdefault("model_from_first_hello", True)
     aggregator, thread = start_aggregator(url, AggregatorConfig(**fields))
     return url, fleet, aggregator, thread
 
@@ -102,7 +104,7 @@ def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_hone
     fleet = f"sec-{uuid.uuid4().hex[:8]}"
     signers = {d: Signer.generate(d) for d in ("dev-0", "dev-1", "dev-2")}
     write_key_file(tmp_path / "keys.json", fleet, {d: s.public_key for d, s in signers.items()})
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=3, round_timeout_s=120,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=3, round_timeout_s=120,
                               join_timeout_s=60, adapter=SPEC, train=TrainSettings(), planning=False,
                               evaluate_final=False, device_keys=tmp_path / "keys.json",
                               limits=UpdateLimits(max_norm=5.0, norm_action="reject"))
@@ -190,7 +192,7 @@ def test_a_device_without_a_fleet_key_does_not_join(tmp_path):
     url = f"memory://{fleet}"
     signer = Signer.generate("dev-0")
     write_key_file(tmp_path / "keys.json", fleet, {"dev-0": signer.public_key})
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=30,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=30,
                               join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False,
                               device_keys=tmp_path / "keys.json")
     aggregator, thread = start_aggregator(url, config)
@@ -302,7 +304,7 @@ def test_late_updates_are_folded_in_with_a_staleness_weight_once(tmp_path):
 
 def test_staleness_needs_an_averaging_strategy():
     with pytest.raises(ValueError, match="fedit"):
-        AggregatorConfig(fleet="f", state_dir="x", adapter=SPEC, strategy="svd", max_staleness=1)
+        AggregatorConfig(model_from_first_hello=True, fleet="f", state_dir="x", adapter=SPEC, strategy="svd", max_staleness=1)
 
 
 def test_a_late_update_counts_once_even_after_failed_rounds(tmp_path):
@@ -397,7 +399,7 @@ def test_a_daemon_killed_between_the_journal_and_the_state_loses_no_round(tmp_pa
     monkeypatch.setattr(StateStore, "save_state", save_state)
     fleet = f"kill-{uuid.uuid4().hex[:8]}"
     url = f"memory://{fleet}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=3, min_devices=2, round_timeout_s=30,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=3, min_devices=2, round_timeout_s=30,
                               join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False)
     devices = [LightDevice(open_transport(url, client_id=d), fleet, d, TINY, resend_after_s=0.5).start() for d in "ab"]
     first, thread = start_aggregator(url, config)

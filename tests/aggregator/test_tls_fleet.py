@@ -28,7 +28,7 @@ def test_a_signed_fleet_trains_over_tls_through_the_provisioned_broker(tmp_path)
     url = f"mqtts://127.0.0.1:{port}"
     try:
         agg_dir = out / "aggregator"
-        config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2,
+        config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2,
                                   round_timeout_s=120, join_timeout_s=60, adapter=SPEC, train=TRAIN,
                                   device_keys=agg_dir / "device_keys.json")
         transport = open_transport(url, client_id=f"edgetune-aggregator-{fleet}", connect_timeout=10,
@@ -60,5 +60,77 @@ def test_a_signed_fleet_trains_over_tls_through_the_provisioned_broker(tmp_path)
         stranger = open_transport(url, client_id="stranger", connect_timeout=3, ca_certs=str(agg_dir / "ca.crt"))
         with pytest.raises(TransportError):
             stranger.connect()
+    finally:
+        _stop_process(broker)
+
+
+def test_a_provisioned_liar_over_tls_is_refused_and_bounded(tmp_path):
+    """The issue's setting: a provisioned TLS/ACL fleet, one legitimate, correctly signed device
+    that lies (a hello for another model, an Update on its presence topic, 10,000,000 samples);
+    the daemon's defaults (pinned model, one kind per topic, bounded influence) hold."""
+    import numpy as np
+    from conftest import _stop_process
+    from test_security import SHAPES
+    from test_security import SPEC as SMALL
+    from test_security import _wait
+
+    from edgetune.simulate import TINY, LightDevice, manifest, simulated_delta
+    from edgetune.transport.channel import Channel
+    from edgetune.wire import Capabilities, Hello, Topics, Update
+    from edgetune.wire.schema import TrainMetrics
+    from edgetune.wire.signing import Signer
+
+    fleet = f"tlsliar-{uuid.uuid4().hex[:6]}"
+    out = tmp_path / "fleet"
+    names = ("dev-0", "dev-1", "dev-2")
+    provision(ProvisionConfig(fleet=fleet, out=out, device_ids=names, broker_hosts=("127.0.0.1",)))
+    broker, port = start_broker(out, tmp_path)
+    url = f"mqtts://127.0.0.1:{port}"
+
+    def tls(folder, client_id):
+        return open_transport(url, client_id=client_id, connect_timeout=10, ca_certs=str(folder / "ca.crt"),
+                              certfile=str(folder / "client.crt"), keyfile=str(folder / "client.key"))
+
+    try:
+        agg_dir = out / "aggregator"
+        config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=3,
+                                  round_timeout_s=120, join_timeout_s=60, adapter=SMALL, planning=False,
+                                  evaluate_final=False, device_keys=agg_dir / "device_keys.json", model=TINY)
+        aggregator = Aggregator(config, tls(agg_dir, f"edgetune-aggregator-{fleet}"))
+        thread = threading.Thread(target=aggregator.serve, daemon=True)
+        thread.start()
+        assert aggregator.ready.wait(30)
+        signers = {n: Signer.load(n, out / "devices" / n / "signing.key") for n in names}
+        topics = Topics(fleet)
+        liar = tls(out / "devices" / "dev-2", f"edgetune-{fleet}-dev-2")
+        liar.connect()
+        channel = Channel(liar, topics.sender_of, signer=signers["dev-2"])
+        channel.send(topics.hello("dev-2"), Hello("dev-2", "x", manifest("another", 4, 64, 32, 128, 256),
+                                                  Capabilities(), 10))
+        liar.flush()
+        assert _wait(lambda: aggregator.drops["model_mismatch"] == 1, 30), dict(aggregator.drops)
+        channel.send(topics.hello("dev-2"), Hello("dev-2", "x", TINY, Capabilities(), 10))
+        honest = [LightDevice(tls(out / "devices" / n, f"edgetune-{fleet}-{n}"), fleet, n, TINY,
+                              signer=signers[n]).start() for n in names[:2]]
+        assert _wait(lambda: aggregator._task is not None, 60)
+        run = aggregator.state.run_id
+        update = Update("dev-2", 1, 0, 10_000_000, simulated_delta(SHAPES, "dev-2", 1),
+                        TrainMetrics(1.0, 0, 0.0, 1.0, 1.0), run)
+        channel.send(topics.presence("dev-2"), update)  # a result where presence goes
+        liar.flush()
+        assert _wait(lambda: aggregator.drops["unexpected_kind"] == 1, 30), dict(aggregator.drops)
+        channel.send(topics.update("dev-2"), update)
+        liar.flush()
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        (record,) = aggregator.store.rounds()
+        devices = {d["device_id"]: d for d in record["devices"]}
+        assert record["status"] == "aggregated" and set(devices) == set(names)
+        assert devices["dev-2"]["counted_samples"] == 40 and devices["dev-2"]["weight"] == 40 / 60
+        v1 = aggregator.store.load_global(1)
+        assert all(np.all(np.isfinite(t)) for t in v1.tensors.values())
+        for device in honest:
+            device.stop()
+        liar.close()
     finally:
         _stop_process(broker)

@@ -125,7 +125,7 @@ def test_minimal_app_joins_a_fleet_over_mosquitto(mosquitto_url, tmp_path):
     assert len(app.read_text().splitlines()) < 40
     (data,) = write_demo_data(tmp_path / "data", 1, n_records=40)
     fleet = f"app-{uuid.uuid4().hex[:6]}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1,
                               round_timeout_s=120, join_timeout_s=120,
                               adapter=LoraSpec(rank=2, target_modules=("q_proj",)),
                               train=TrainSettings(local_steps=1, batch_size=2, seq_len=32))
@@ -151,7 +151,7 @@ def test_torch_free_app_downloads_artifacts_and_trains_over_mosquitto(mosquitto_
     build_artifacts("tiny-llama", tmp_path / "artifacts", rank=spec.rank, alpha=spec.alpha, targets=spec.target_modules)
     (data,) = write_demo_data(tmp_path / "data", 1, n_records=40)
     fleet = f"app-{uuid.uuid4().hex[:6]}"
-    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1,
+    config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1,
                               round_timeout_s=120, join_timeout_s=120, adapter=spec,
                               train=TrainSettings(local_steps=1, batch_size=2, seq_len=32),
                               ort_artifacts=tmp_path / "artifacts")

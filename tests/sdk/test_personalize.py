@@ -174,7 +174,7 @@ def test_personalize_picks_the_alpha_that_is_best_on_the_validation_split(spec):
 def test_fedsgd_equals_centralized_sgd_on_the_union_of_the_batches(spec, tmp_path):
     lr = 0.3
     train = TrainSettings(batch_size=2, grad_accum=2, seq_len=32, algorithm="fedsgd", seed=5)
-    config = AggregatorConfig(fleet="fedsgd", state_dir=tmp_path / "state", rounds=1, min_devices=3,
+    config = AggregatorConfig(model_from_first_hello=True, fleet="fedsgd", state_dir=tmp_path / "state", rounds=1, min_devices=3,
                               round_timeout_s=120, join_timeout_s=60, adapter=spec, train=train,
                               server_optimizer=ServerOptimizerConfig("fedavg", lr=lr), evaluate_final=False)
     assert config.strategy_name == ("fedit" if spec is LORA else "dense")
@@ -216,7 +216,7 @@ def test_local_epochs_make_a_device_take_one_pass_over_its_data(tmp_path):
     """``local_epochs`` (sent in the task) makes a device take one pass over its own data,
     however many steps that is, here with the client's SGD."""
     train = TrainSettings(batch_size=2, seq_len=32, local_epochs=1, optimizer="sgd", learning_rate=0.5)
-    config = AggregatorConfig(fleet="epochs", state_dir=tmp_path / "state", rounds=1, min_devices=1,
+    config = AggregatorConfig(model_from_first_hello=True, fleet="epochs", state_dir=tmp_path / "state", rounds=1, min_devices=1,
                               round_timeout_s=120, join_timeout_s=60, adapter=PROMPT_SPEC, train=train,
                               evaluate_final=False)
     url = "memory://epochs"

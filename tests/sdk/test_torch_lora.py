@@ -210,6 +210,10 @@ def test_default_gguf_loads_through_the_cache(tmp_path):
     second = load_model(None, cache_dir=tmp_path)
     assert (folders[0] / "config.json").stat().st_mtime_ns == stamp  # read, not rewritten
     assert second.manifest == first.manifest
+    from edgetune.wire.manifest_file import mismatch
+    from edgetune_aggregator.fleet_model import default_manifest
+
+    assert mismatch(default_manifest(), first.manifest) is None  # the daemon's default pin is this model
 
 
 # --- frozen merged delta --------------------------------------------------------------------

@@ -55,8 +55,10 @@ class FedAvg:
         if weight <= 0:
             raise ValueError(f"update weight must be > 0, got {weight}")
         for name, acc in self._sums.items():
-            # float64 accumulation: the order updates arrive in must not change the result
-            acc += weight * as_float32(delta[name])
+            # float64 accumulation: the order updates arrive in must not change the result, and
+            # finite float32 deltas cannot overflow in the product (a Python float times a
+            # float32 array would stay float32: 1e38 × 13 is inf there)
+            acc += np.float64(weight) * as_float32(delta[name])
         self.total_weight += weight
         self.count += 1
 

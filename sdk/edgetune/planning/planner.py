@@ -152,8 +152,13 @@ def candidates(arch: Arch, profile: DeviceProfile, options: PlanOptions, calibra
     if smallest_memory > budget:
         return [], (f"needs at least {smallest_memory / 2**20:,.0f} MiB for the smallest configuration but may use "
                     f"{budget / 2**20:,.0f} MiB ({options.memory_margin:.0%} of {profile.memory_bytes / 2**20:,.0f} MiB)")
-    return [], (f"{options.min_local_steps} step(s) take at least {fastest_step * options.min_local_steps:,.0f} s, "
-                f"over the {time_budget:,.0f} s the deadline leaves")
+    return [], (f"{options.min_local_steps} step(s) take at least {_seconds(fastest_step * options.min_local_steps)}, "
+                f"over the {_seconds(time_budget)} the deadline leaves")
+
+
+def _seconds(value: float) -> str:
+    """A duration for a reason: ``1,234 s``, or ``3.1e+12 s`` for one no device could wait out."""
+    return f"{value:,.0f} s" if abs(value) < 1e7 else f"{value:.3g} s"
 
 
 def plan_fleet(

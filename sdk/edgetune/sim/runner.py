@@ -152,6 +152,7 @@ class Simulation:
         self.clocks: dict[str, SimulatedDeviceClock] = {}
         self.transports: dict[str, SimTransport] = {}
         self.aggregator = None
+        self.fleet_model = None  # the manifest the daemon is pinned to (the devices' model)
         self._thread: threading.Thread | None = None
         self._active: dict[str, object] = {}
         self._done_at: float | None = None
@@ -168,6 +169,8 @@ class Simulation:
         from ..transport import open_transport
 
         workloads = self.workloads or build_workloads(self.spec, self.threads)
+        # the simulator is the fleet's operator: it pins the model its devices load
+        self.fleet_model = workloads[self.sim_devices[0].device_id].manifest
         for sim in self.sim_devices:
             clock = SimulatedDeviceClock(self.time, self.speed.slowdown(sim.profile))
             inner = open_transport(url, client_id=f"sim-{self.spec.name}-{sim.device_id}", connect_timeout=30)
@@ -188,7 +191,11 @@ class Simulation:
 
         from ..transport import open_transport
 
-        config = aggregator_config(self.spec, self.out / "state", len(self.sim_devices), **self.overrides)
+        # the simulated fleet is a known list of devices (an admitted fleet: each one it asks holds
+        # a round open until the deadline, as a provisioned deployment's devices do)
+        admit = frozenset(d.device_id for d in self.sim_devices)
+        config = aggregator_config(self.spec, self.out / "state", len(self.sim_devices),
+                                   **{"model": self.fleet_model, "admit": admit, **self.overrides})
         transport = CountingTransport(open_transport(url, client_id=f"sim-{self.spec.name}-aggregator",
                                                      connect_timeout=30), self.network)
         self.aggregator = Aggregator(config, transport, clock=self.time)

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from ..logsafe import DropLog, shown
 from ..wire import DEFAULT_MAX_PACKET, Reassembler, WireError, chunk_payload
 from ..wire.chunks import decode_frame_sized
 from ..wire import encode_message, split_payload
@@ -43,12 +44,19 @@ class Channel:
         #: the most payload bytes a message on a topic may have (None: no limit), checked
         #: before a chunked payload is reassembled
         self.limit_of = limit_of
+        #: ``admit(sender, topic)``: (reason, detail) of refusing a payload before it is decoded
+        #: or held (None: go on). The aggregator refuses senders that never said hello here, so a flood
+        #: from made-up devices costs neither reassembly memory nor decoding.
+        self.admit: Callable[[str, str], tuple[str, str] | None] | None = None
         #: called with each drop's reason (the aggregator's metrics)
         self.on_drop: Callable[[str], None] | None = None
         self.drops: Counter[str] = Counter()
+        #: which drops reach the log (a flood of them is counted, not written out line by line)
+        self.drop_log = DropLog()
         #: payload bytes received per sender (whole MQTT payloads, valid or not)
         self.bytes_from: Counter[str] = Counter()
-        self._reassembler = Reassembler()
+        #: holds unfinished chunked transfers (bounded in bytes, per sender and in age)
+        self.reassembler = Reassembler()
         #: payload bytes of the last ``send_retained`` (what each subscriber downloads)
         self.last_retained_bytes = 0
         self._lock = threading.Lock()  # the reassembler is fed from the network thread(s)
@@ -97,11 +105,15 @@ class Channel:
             if not payload:
                 return  # a cleared retained topic
             sender = self.sender_of(topic) or topic
+            refused = self.admit(sender, topic) if self.admit is not None else None
+            if refused is not None:
+                self.drop(sender, topic, *refused)
+                return
             self.bytes_from[sender] += len(payload)
             try:
                 limit = self.limit_of(topic) if self.limit_of else None
                 with self._lock:
-                    message, size = decode_frame_sized(self._reassembler, sender, payload, limit)
+                    message, size = decode_frame_sized(self.reassembler, sender, payload, limit)
             except WireError as exc:
                 self.drop(sender, topic, exc.reason, exc.detail)
                 return
@@ -123,4 +135,7 @@ class Channel:
             self.drops[reason] += 1
         if self.on_drop is not None:
             self.on_drop(reason)
-        log.warning("dropped message from %s on %s: %s (%s)", sender, topic, reason, detail)
+        admit, suppressed = self.drop_log.admit(sender, reason)
+        if admit:
+            log.warning("dropped message from %s on %s: %s (%s)%s", shown(sender, 64), shown(topic, 200), shown(reason, 64),
+                        shown(detail, 300), f"; {suppressed} more like it not logged" if suppressed else "")
