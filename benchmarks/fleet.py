@@ -24,8 +24,11 @@ Every global adapter version of every arm is scored here, on the same held-out b
 device (``--eval-blocks`` per device): perplexity per device, and on everyone's held-out text
 (exp of the token-weighted mean NLL). The time axis is the simulated wall clock of the round
 log. A **sweep** runs arm (a) with every strategy (FedAvg on the server) and then with every
-server optimizer that applies (seed 0); the arms use the best strategy of the first part, and
-``--strategy auto`` picks what the whole sweep found best.
+server optimizer that applies (seed 0). The arms use the sweep's best (strategy, server
+optimizer); every federated arm has that server optimizer (a device alone, arm (e), has no
+server: FedAvg, its adapter goes on from where it was), and ``--strategy auto`` and the daemon's
+default server optimizer are what the whole sweep found best (the report says whether they
+still are). Runs made before the server default changed are kept under ``fedavg-server/``.
 
 Usage::
 
@@ -188,7 +191,8 @@ class Bench:
         points = curve(result.state_dir, self.evaluator, every)
         run = {"seed": seed, "overrides": {k: v for k, v in overrides.items() if not isinstance(v, Path)},
                "points": points, "rounds": round_summaries(result.rounds), "virtual_s": round(result.duration_s, 1),
-               "wall_s": round(time.monotonic() - started, 1), "trace": _small_trace(result.trace)}
+               "wall_s": round(time.monotonic() - started, 1), "trace": _small_trace(result.trace),
+               "commit": commit()}
         shutil.rmtree(out, ignore_errors=True)
         return run
 
@@ -196,11 +200,13 @@ class Bench:
         return self.simulate(f"auto-{strategy}-{optimizer}-{seed}", seed, strategy=strategy,
                              server_optimizer=optimizer, **extra)
 
-    def weakest(self, seed: int) -> dict:
-        return self.simulate(f"weakest-{seed}", seed, strategy="fedit", plan_mode="weakest", layout="fixed")
+    def weakest(self, seed: int, optimizer: str, extra: dict) -> dict:
+        return self.simulate(f"weakest-{seed}", seed, strategy="fedit", plan_mode="weakest", layout="fixed",
+                             server_optimizer=optimizer, **extra)
 
-    def uniform(self, seed: int) -> dict:
-        return self.simulate(f"uniform-{seed}", seed, strategy="fedit", plan_mode="uniform", layout="fixed")
+    def uniform(self, seed: int, optimizer: str, extra: dict) -> dict:
+        return self.simulate(f"uniform-{seed}", seed, strategy="fedit", plan_mode="uniform", layout="fixed",
+                             server_optimizer=optimizer, **extra)
 
     def local(self, seed: int, strategy_of_a: str) -> dict:
         """Each device alone: a fleet of one, edgetune's automation (planner, layout), fedit
@@ -209,7 +215,8 @@ class Bench:
         for device in self.spec.devices:
             spec = dataclasses.replace(self.spec, name=f"local-{device.device_id}")
             sim = self.simulate(f"local-{device.device_id}-{seed}", seed, devices=[device],
-                                every=max(1, self.spec.rounds // 2), strategy="fedit", spec=spec)
+                                every=max(1, self.spec.rounds // 2), strategy="fedit", spec=spec,
+                                server_optimizer="fedavg")
             runs[device.device_id] = sim
         return {"seed": seed, "devices": runs}
 
@@ -328,16 +335,15 @@ def run_arms(bench: Bench) -> None:
             key = f"{arm}/seed{seed}"
             if key in bench.results["runs"]:
                 continue
-            swept = bench.results["runs"].get(sweep_key(strategy, optimizer, seed))
             log.info("arm %s, seed %d", arm, seed)
-            if arm == "automatic" and swept is not None:
-                run = dict(swept)  # the sweep ran exactly this
-            elif arm == "automatic":
+            # (a) runs again rather than reusing the sweep's run of the same setting: the sweep
+            # may be older than the code the arms measure (its commit is in each run)
+            if arm == "automatic":
                 run = bench.automatic(seed, strategy, optimizer, extra)
             elif arm == "weakest":
-                run = bench.weakest(seed)
+                run = bench.weakest(seed, optimizer, extra)
             elif arm == "uniform":
-                run = bench.uniform(seed)
+                run = bench.uniform(seed, optimizer, extra)
             elif arm == "centralized":
                 auto = bench.results["runs"].get(f"automatic/seed{seed}")
                 if auto is None:
@@ -349,6 +355,8 @@ def run_arms(bench: Bench) -> None:
             run["arm"] = arm
             if arm == "automatic":
                 run.update(strategy=strategy, server_optimizer=optimizer, server_settings=extra)
+            elif arm in ("weakest", "uniform"):
+                run.update(strategy="fedit", server_optimizer=optimizer, server_settings=extra)
             bench.save(key, run)
 
 
@@ -416,6 +424,42 @@ def headlines(results: dict) -> dict:
     return out
 
 
+#: where runs of the arms made with FedAvg on the server (before it stopped being the default) are kept
+EARLIER = "fedavg-server/"
+
+
+def earlier_results(results: dict) -> dict | None:
+    """The arms as first run, with FedAvg on the server, beside the same (d) and (e) (whose runs do
+    not depend on the server optimizer): what the change of default bought."""
+    runs = {k[len(EARLIER):]: r for k, r in results["runs"].items() if k.startswith(EARLIER)}
+    if not any(k.startswith("automatic/") for k in runs):
+        return None
+    for key, run in results["runs"].items():
+        if key.startswith(("centralized/", "local/")):
+            runs.setdefault(key, run)
+    return {**results, "runs": runs}
+
+
+def defaults_agree(results: dict) -> dict:
+    """Whether the daemon's defaults for a planned fleet are the sweep's best: ``--strategy
+    auto`` (as ``AggregatorConfig`` resolves it when planning) and the default server optimizer
+    with its settings."""
+    from edgetune_aggregator.config import AggregatorConfig
+    from edgetune_aggregator.strategies import ServerOptimizerConfig
+
+    config = AggregatorConfig(fleet="check", state_dir=Path("unused"))
+    default = {"strategy": config.strategy_name, **dataclasses.asdict(config.server_optimizer)}
+    winner = sweep_winner(results)
+    if winner is None:
+        return {"default": default, "winner": None, "agree": None}
+    strategy, optimizer, extra = winner
+    best = {"strategy": strategy, **dataclasses.asdict(ServerOptimizerConfig(
+        optimizer, float(extra.get("server_lr", 1.0)), extra.get("server_momentum")))}
+    agree = all(best[k] == default[k] for k in ("strategy", "name", "lr")) and (
+        optimizer == "fedavg" or math.isclose(best["momentum"], default["momentum"]))
+    return {"default": default, "winner": best, "agree": agree}
+
+
 def spread(values: list[float | None], fmt: str = "{:.2f}") -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -460,8 +504,22 @@ def write_docs(results: dict, docs: Path, images: Path) -> None:
 
     images.mkdir(parents=True, exist_ok=True)
     fleet_plots.plot_all(results, images)
-    section = fleet_plots.markdown(results, headlines(results), spread, coverage(results))
+    earlier = earlier_results(results)
+    section = fleet_plots.markdown(results, headlines(results), spread, coverage(results),
+                                   earlier=headlines(earlier) if earlier else None, defaults=defaults_agree(results))
     replace_section(docs, section, "<!-- fleet:begin -->", "<!-- fleet:end -->")
+
+
+def commit() -> str:
+    """The code a run measured: ``git describe`` of the checkout (``+dirty`` with local changes)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def machine() -> dict:

@@ -104,7 +104,8 @@ def plot_all(results: dict, images: Path) -> None:
         plt.close(fig)
 
 
-def markdown(results: dict, heads: dict, spread, coverage: str = "") -> str:
+def markdown(results: dict, heads: dict, spread, coverage: str = "", earlier: dict | None = None,
+             defaults: dict | None = None) -> str:
     fleet = results.get("fleet", {})
     m = results.get("machine", {})
     lines = ["<!-- fleet:begin -->", "## The FedPipe benchmark: automatic vs one setting for all (issue 14)", "",
@@ -159,6 +160,16 @@ def markdown(results: dict, heads: dict, spread, coverage: str = "") -> str:
                          f"((e) {spread(col('e_everyone_mean'))} averaged over devices); on each device's own data "
                          f"{spread(col('a_over_e_own'), '{:.3f}')} ((a) {spread(col('a_own_mean'))}, (e) "
                          f"{spread(col('e_own_mean'))}).")
+    before = list((earlier or {}).get("per_seed", {}).values())
+    if before:
+        def was(name):
+            return [r.get(name) for r in before]
+
+        lines.append(f"- With FedAvg on the server instead (every federated arm as first run, before FedAvgM became "
+                     f"the default; same (d) and (e), {len(before)} seed(s)): (a) ends at {spread(was('a_final'))}, "
+                     f"reaches (b)'s final perplexity {spread(was('speedup_vs_b'), '{:.1f}')}× faster, "
+                     f"(a)/(d) {spread(was('a_over_d'), '{:.3f}')}, (a)/(e) on everyone's data "
+                     f"{spread(was('a_over_e_everyone'), '{:.3f}')}.")
     lines += ["", "![perplexity against simulated time](images/fleet-curves.png)", "",
               "| arm | final ppl, everyone's | simulated time | devices answering per train round | tokens per round |",
               "|---|---:|---:|---:|---:|"]
@@ -201,17 +212,17 @@ def markdown(results: dict, heads: dict, spread, coverage: str = "") -> str:
         winner = results.get("winner")
         best_name = min(sweep, key=lambda n: sweep[n]["points"][-1]["everyone"])
         if winner:
-            fedavg = {n: r for n, r in sweep.items() if n.endswith("+fedavg")}
-            best_fedavg = min(fedavg, key=lambda n: fedavg[n]["points"][-1]["everyone"])
             ran = f"{winner['strategy']}+{winner['server_optimizer']}"
-            if len(fedavg) == 1:
-                why = "the only strategy of the sweep measured so far (the others are still to run)"
-            elif ran == best_fedavg:
-                why = "the best strategy with FedAvg on the server"
-            else:
-                why = f"the best of the sweep when the arms ran; {best_fedavg} has since done better"
+            why = ("the best of the sweep" if ran == best_name else
+                   f"the best of the sweep when the arms ran; {best_name} has since done better")
             lines.append(f"\nThe arms ran (a) with **{winner['strategy']} + {winner['server_optimizer']}**, {why}; "
-                         f"the best of the sweep so far is **{best_name}**.")
+                         "(b) and (c) with fedit and the same server optimizer.")
+        if defaults and defaults.get("agree") is not None:
+            d = defaults["default"]
+            said = (f"`--strategy auto` → {d['strategy']} for a planned fleet, server optimizer {d['name']} "
+                    f"(lr {d['lr']:g}" + (f", β {d['momentum']:g})" if d["name"] != "fedavg" else ")"))
+            lines.append(f"The daemon's defaults ({said}) {'are' if defaults['agree'] else '**are not**'} "
+                         f"the sweep's best{'.' if defaults['agree'] else ': change them, or say why not.'}")
         lines += ["", "![the sweep](images/fleet-sweep.png)"]
     ablation = [r for k, r in sorted(results["runs"].items()) if k.startswith("ablation/fixed-layout/")]
     if ablation and auto:

@@ -26,7 +26,7 @@ from edgetune.wire import ALGORITHMS, CLIENT_OPTIMIZERS, PROMPT_INITS, Importanc
 
 from .daemon import DEFAULT_CANDIDATES, Aggregator, AggregatorConfig
 from .influence import InfluenceBounds
-from .strategies import SERVER_OPTIMIZERS, STRATEGIES, ServerOptimizerConfig
+from .strategies import DEFAULT_SERVER_OPTIMIZER, SERVER_OPTIMIZERS, STRATEGIES, ServerOptimizerConfig
 from .strategies.robust import ROBUST_METHODS
 from .validation import NORM_ACTIONS, UpdateLimits
 
@@ -80,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how adapters of different ranks are merged (auto: hetlora when planning, else fedit)")
     merge.add_argument("--merged-rank", type=int, default=None, help="stack/svd: components per layer of the frozen "
                        "merged delta devices download (default: --rank, so at most 2× fedit's downlink; -1: unbounded)")
-    merge.add_argument("--server-optimizer", default="fedavg", choices=SERVER_OPTIMIZERS)
-    merge.add_argument("--server-lr", type=float, default=1.0, help="server learning rate (1 with fedavg is plain FedAvg)")
-    merge.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm's beta, fedadam/fedyogi's beta1")
+    merge.add_argument("--server-optimizer", default=DEFAULT_SERVER_OPTIMIZER.name, choices=SERVER_OPTIMIZERS,
+                       help="how a round's merged update moves the global (default fedavgm: server momentum, "
+                       "the fleet benchmark's best; fedavg with --server-lr 1 is plain FedAvg)")
+    merge.add_argument("--server-lr", type=float, default=1.0, help="server learning rate")
+    merge.add_argument("--server-momentum", type=float, default=None,
+                       help="fedavgm's beta (default 0.5), fedadam/fedyogi's beta1 (default 0.9)")
     merge.add_argument("--server-beta2", type=float, default=0.99)
     merge.add_argument("--server-tau", type=float, default=1e-3)
     layout = serve.add_argument_group("adapter layout")

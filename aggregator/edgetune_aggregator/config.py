@@ -12,7 +12,7 @@ from edgetune.planning.layout import GPT2_KINDS, LLAMA_KINDS
 from edgetune.wire import (DEFAULT_MAX_PACKET, AdapterSpec, ImportanceSettings, LoraSpec, ModelManifest, PromptSpec,
                            TrainSettings)
 
-from .strategies import STRATEGIES, ServerOptimizerConfig, make_strategy
+from .strategies import DEFAULT_SERVER_OPTIMIZER, STRATEGIES, ServerOptimizerConfig, make_strategy
 from .strategies.robust import ROBUST_METHODS
 from .guard import DEFAULT_CHANGE_RATIO
 from .influence import InfluenceBounds
@@ -60,7 +60,8 @@ class AggregatorConfig:
     #: how updates are merged: fedit, hetlora, stack, svd, or "auto" (hetlora when planning, else
     #: fedit: what the FedPipe benchmark's strategy sweep found best, docs/benchmarks.md)
     strategy: str = "auto"
-    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    #: how a round's merged update moves the global (default FedAvgM β 0.5: the fleet benchmark's best)
+    server_optimizer: ServerOptimizerConfig = DEFAULT_SERVER_OPTIMIZER
     #: "fixed": adapters on adapter.target_modules; "importance": a calibration round scores
     #: the candidates and picks matrices within adapter_budget (docs/importance.md)
     layout: str = "fixed"

@@ -398,3 +398,24 @@ def test_the_default_bound_keeps_the_downlink_within_twice_fedits():
             total = sum(t.nbytes for t in result.tensors.values()) + sum(t.nbytes for t in result.merged.values())
             assert (total <= 2 * fedit_bytes) == bounded, (name, cap, total, fedit_bytes)
             assert (result.truncation_error is not None and result.truncation_error > 0) == bounded
+
+
+def test_the_daemon_defaults_to_the_fleet_benchmarks_server_optimizer():
+    """FedAvgM (lr 1, β 0.5) by default, in the config and on the command line; β defaults per
+    optimizer when not given; ``--server-optimizer fedavg`` is plain FedAvg again."""
+    from edgetune_aggregator.cli import build_parser, config_from_args
+    from edgetune_aggregator.config import AggregatorConfig
+    from edgetune_aggregator.strategies import DEFAULT_SERVER_OPTIMIZER
+
+    assert DEFAULT_SERVER_OPTIMIZER == ServerOptimizerConfig("fedavgm", lr=1.0, momentum=0.5)
+    assert AggregatorConfig(fleet="f", state_dir="s").server_optimizer == DEFAULT_SERVER_OPTIMIZER
+    base = ["serve", "--broker", "mqtt://localhost:1883", "--fleet", "f", "--state-dir", "s"]
+    assert config_from_args(build_parser().parse_args(base)).server_optimizer == DEFAULT_SERVER_OPTIMIZER
+    adam = config_from_args(build_parser().parse_args([*base, "--server-optimizer", "fedadam", "--server-lr", "0.01"]))
+    assert (adam.server_optimizer.name, adam.server_optimizer.momentum) == ("fedadam", 0.9)
+    plain = config_from_args(build_parser().parse_args([*base, "--server-optimizer", "fedavg"]))
+    opt = ServerOptimizer(plain.server_optimizer)
+    x, g = {"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}
+    assert np.array_equal(opt.step(opt.step(x, g), g)["w"], np.full(3, 2.0, np.float32))  # no momentum
+    momentum = ServerOptimizer(DEFAULT_SERVER_OPTIMIZER)
+    assert np.array_equal(momentum.step(momentum.step(x, g), g)["w"], np.full(3, 2.5, np.float32))  # 1, then 1.5

@@ -17,7 +17,8 @@ from .dense import Dense
 from .fedavg import FedAvg, fedavg
 from .fedit import FedIT, fedit
 from .hetlora import HetLoRA, hetlora
-from .optimizers import LINEAR_OPTIMIZERS, SERVER_OPTIMIZERS, ServerOptimizer, ServerOptimizerConfig
+from .optimizers import (DEFAULT_SERVER_OPTIMIZER, LINEAR_OPTIMIZERS, SERVER_OPTIMIZERS, ServerOptimizer,
+                         ServerOptimizerConfig)
 from .stack import Stack, stack
 from .svd import SVD, redistribute, svd
 
@@ -41,7 +42,7 @@ def make_strategy(name: str, optimizer: ServerOptimizerConfig | None = None, mer
 
 
 __all__ = [
-    "Dense", "FedAvg", "FedIT", "HetLoRA", "LINEAR_OPTIMIZERS", "NextGlobal", "RoundMerge", "RoundStart", "SERVER_OPTIMIZERS",
+    "DEFAULT_SERVER_OPTIMIZER", "Dense", "FedAvg", "FedIT", "HetLoRA", "LINEAR_OPTIMIZERS", "NextGlobal", "RoundMerge", "RoundStart", "SERVER_OPTIMIZERS",
     "SVD", "STRATEGIES", "ServerOptimizer", "ServerOptimizerConfig", "Stack", "Strategy", "fedavg", "fedit",
     "hetlora", "make_strategy", "redistribute", "stack", "svd",
 ]

@@ -94,7 +94,7 @@ def build_workloads(spec: FleetSpec, threads: int | None = None, texts: dict[str
 def aggregator_config(spec: FleetSpec, state_dir: Path, devices: int | None = None, **overrides):
     """The daemon's settings for ``spec`` (its ``aggregator`` section, then ``overrides``)."""
     from edgetune_aggregator.config import AggregatorConfig
-    from edgetune_aggregator.strategies import ServerOptimizerConfig
+    from edgetune_aggregator.strategies import DEFAULT_SERVER_OPTIMIZER, ServerOptimizerConfig
 
     from ..wire import LoraSpec, TrainSettings
 
@@ -105,8 +105,9 @@ def aggregator_config(spec: FleetSpec, state_dir: Path, devices: int | None = No
         agg["importance"] = ImportanceSettings(batches=int(agg.pop("calibration_batches")))
     if "plan_mode" in agg:  # (a Simulation's own ``plan`` says whether devices send profiles)
         agg["plan"] = agg.pop("plan_mode")
-    optimizer = ServerOptimizerConfig(agg.pop("server_optimizer", "fedavg"), float(agg.pop("server_lr", 1.0)),
-                                      float(agg.pop("server_momentum", 0.9)))
+    momentum = agg.pop("server_momentum", None)
+    optimizer = ServerOptimizerConfig(agg.pop("server_optimizer", DEFAULT_SERVER_OPTIMIZER.name),
+                                      float(agg.pop("server_lr", 1.0)), None if momentum is None else float(momentum))
     return AggregatorConfig(
         fleet=spec.name,
         state_dir=state_dir,
