@@ -36,6 +36,7 @@ from edgetune.wire.signing import unwrap
 from edgetune.workload import Workload
 from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
 from edgetune_aggregator.store import StateStore
+from edgetune_aggregator.strategies import DEFAULT_SERVER_OPTIMIZER, ServerOptimizerConfig
 
 SPEC = LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
 TRAIN = TrainSettings(local_steps=2, batch_size=2, seq_len=32, learning_rate=1e-2)
@@ -174,23 +175,33 @@ def expected_exact(previous: GlobalAdapter, updates: list[Update], module: str) 
     return result
 
 
-def check_rounds(store: StateStore, observer: Observer, rounds: int, devices: int, strategy: str | None = None) -> None:
-    """Every round's global is the strategy's merge of what was seen (default: the fleet's own)."""
+def check_rounds(store: StateStore, observer: Observer, rounds: int, devices: int, strategy: str | None = None,
+                 optimizer: ServerOptimizerConfig = DEFAULT_SERVER_OPTIMIZER) -> None:
+    """Every round's global is the strategy's merge of what was seen (default: the fleet's own),
+    stepped by the server optimizer (default: the daemon's, FedAvgM: the merge plus β times the
+    previous round's step; one round's step is the difference of two stored globals)."""
+    assert optimizer.name in ("fedavg", "fedavgm") and optimizer.lr == 1.0, "recomputed here for those only"
+    beta = optimizer.momentum if optimizer.name == "fedavgm" else 0.0
     strategy = strategy or store.load_state().strategy
     for r in range(1, rounds + 1):
         seen = observer.updates[r]
         assert len(seen) == devices, f"round {r}: saw {len(seen)} updates"
         previous, merged = store.load_global(r - 1), store.load_global(r)
+        before = store.load_global(r - 2) if r >= 2 else None
         assert all(u.base_version == r - 1 for u in seen)
         if strategy in ("fedit", "hetlora"):
             expected = (expected_fedavg if strategy == "fedit" else expected_hetlora)(previous, seen)
             for name, value in expected.items():
+                if before is not None:
+                    value = value + beta * (previous.tensors[name].astype(np.float64) - before.tensors[name])
                 np.testing.assert_allclose(merged.tensors[name], value, rtol=1e-5, atol=1e-7)
         else:
             for name in previous.tensors:
                 if name.endswith(".lora_A"):
                     module = name.rsplit(".", 1)[0]
                     want = expected_exact(previous, seen, module)
+                    if before is not None:
+                        want = want + beta * (effective_delta(previous, module) - effective_delta(before, module))
                     got = effective_delta(merged, module)
                     assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want) + 1e-7, module
         for name in merged.tensors:

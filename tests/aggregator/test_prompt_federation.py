@@ -93,6 +93,9 @@ def test_a_prompt_fleet_then_personalization_with_both_scores_reported(mosquitto
         total = sum(u.num_samples for u in seen)
         expected = previous.tensors[PROMPT].astype(np.float64) + sum(
             u.num_samples / total * u.delta[PROMPT].astype(np.float64) for u in seen)
+        if r >= 2:  # the default FedAvgM adds β × the previous round's step
+            expected = expected + config.server_optimizer.momentum * (
+                previous.tensors[PROMPT].astype(np.float64) - store.load_global(r - 2).tensors[PROMPT])
         np.testing.assert_allclose(merged.tensors[PROMPT], expected, rtol=1e-6, atol=1e-7)
         assert not np.allclose(merged.tensors[PROMPT], previous.tensors[PROMPT])
     # the round log shows the prompt learning: held-out perplexity of the global prompt falls,

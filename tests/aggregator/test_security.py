@@ -293,11 +293,14 @@ def test_late_updates_are_folded_in_with_a_staleness_weight_once(tmp_path):
     assert not thread.is_alive()
     log = aggregator.store.rounds()
     assert [(d["device_id"], d["from_round"]) for d in log[1]["devices"]] == [("m3", 1), ("m1", None)]
-    v1, v2 = aggregator.store.load_global(1), aggregator.store.load_global(2)
+    v0, v1, v2 = (aggregator.store.load_global(v) for v in (0, 1, 2))
     w_late = 10 * 2 ** -0.5  # one version behind
+    beta = aggregator.config.server_optimizer.momentum  # (the default FedAvgM: plus β × round 1's step)
+    assert aggregator.config.server_optimizer.name == "fedavgm"
     for name in SHAPES:
         expected = (w_late * late.delta[name] + 10 * simulated_delta(SHAPES, "m1", 2)[name]) / (w_late + 10)
-        np.testing.assert_allclose(v2.tensors[name], v1.tensors[name] + expected, rtol=1e-5, atol=1e-7)
+        step = expected + beta * (v1.tensors[name].astype(np.float64) - v0.tensors[name])
+        np.testing.assert_allclose(v2.tensors[name], v1.tensors[name] + step, rtol=1e-5, atol=1e-7)
     for m in (m1, m2, m3):
         m.close()
 
