@@ -485,16 +485,21 @@ def coverage(results: dict) -> str:
         if arms:
             missing.append(f"seed {seed}: " + ("every arm" if len(arms) == len(ARMS) else ", ".join(arms)))
     sweep_missing = [f"{s}+{o}" for s, o, _ in SWEEP if sweep_key(s, o, PLANNED_SEEDS[0]) not in runs]
+    note = ""
     if not any(k.startswith("ablation/") for k in runs):
-        sweep_missing.append("the layout ablation")
+        if any(k.startswith(EARLIER + "ablation/") for k in runs):
+            note = " (The layout ablation: with FedAvg on the server only, run before FedAvgM became the default.)"
+        else:
+            sweep_missing.append("the layout ablation")
     if not missing and not sweep_missing:
-        return "Complete: every arm for every seed, the whole sweep and the ablation."
+        return "Complete: every arm for every seed, the whole sweep and the ablation." + note
     parts = []
     if missing:
         parts.append("arms (" + "; ".join(missing) + ")")
     if sweep_missing:
         parts.append("sweep (" + ", ".join(sweep_missing) + ")")
-    return "**Partial run.** Not yet measured: " + "; ".join(parts) + ". Headlines below are over the seeds present only."
+    return ("**Partial run.** Not yet measured: " + "; ".join(parts) + ". Headlines below are over the seeds present only."
+            + note)
 
 
 def write_docs(results: dict, docs: Path, images: Path) -> None:

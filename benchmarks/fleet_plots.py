@@ -225,12 +225,18 @@ def markdown(results: dict, heads: dict, spread, coverage: str = "", earlier: di
                          f"the sweep's best{'.' if defaults['agree'] else ': change them, or say why not.'}")
         lines += ["", "![the sweep](images/fleet-sweep.png)"]
     ablation = [r for k, r in sorted(results["runs"].items()) if k.startswith("ablation/fixed-layout/")]
+    server = ""
+    if not ablation:  # only the one made with FedAvg on the server: compare it with (a) as run then
+        prefix = "fedavg-server/"
+        ablation = [r for k, r in sorted(results["runs"].items()) if k.startswith(prefix + "ablation/fixed-layout/")]
+        auto = [r for k, r in sorted(results["runs"].items()) if k.startswith(prefix + "automatic/")]
+        server = ", both with FedAvg on the server"
     if ablation and auto:
         same = next((r for r in auto if r["seed"] == ablation[0]["seed"]), None)
         if same is not None:
             fixed, chosen = ablation[0]["points"][-1]["everyone"], same["points"][-1]["everyone"]
             lines += ["", f"**The layout.** (a) with the fixed q,v layout instead of the importance layout "
-                      f"(seed {ablation[0]['seed']}, no calibration round): final perplexity {fixed:.2f} against "
+                      f"(seed {ablation[0]['seed']}, no calibration round{server}): final perplexity {fixed:.2f} against "
                       f"{chosen:.2f} ({chosen / fixed:.3f}×), after {ablation[0]['points'][-1]['time_s']:.0f} s "
                       f"against {same['points'][-1]['time_s']:.0f} s."]
     lines.append("<!-- fleet:end -->")
