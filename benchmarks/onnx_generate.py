@@ -79,7 +79,7 @@ def prepare(root: Path) -> tuple[Path, Path]:
     from edgetune.adapters.lora import lora_shapes
     from edgetune.export import export_merged, export_onnx
     from edgetune.models import load_model
-    from edgetune.wire.schema import GlobalAdapter, LoraSpec
+    from edgetune.wire import GlobalAdapter, LoraSpec
     from edgetune_aggregator.store import FleetState, StateStore
 
     loaded = load_model(None)

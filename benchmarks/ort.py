@@ -64,7 +64,7 @@ def child(backend: str, artifacts: str, steps: int, threads: int, batch: int, se
 
     from edgetune.adapters.lora import init_lora
     from edgetune.data import pack_blocks
-    from edgetune.wire.schema import LoraSpec, TrainSettings
+    from edgetune.wire import LoraSpec, TrainSettings
 
     spec = LoraSpec(rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
     started = time.perf_counter()
@@ -139,7 +139,7 @@ def run_child(backend: str, args: argparse.Namespace) -> dict:
 CHECK = """
 import sys, numpy as np
 from edgetune.trainers.ort_lora import OrtLoraTrainer
-from edgetune.wire.schema import LoraSpec, TrainSettings
+from edgetune.wire import LoraSpec, TrainSettings
 trainer = OrtLoraTrainer(sys.argv[1], LoraSpec(rank=4, alpha=8.0))
 settings = TrainSettings(local_steps=3, batch_size=2, seq_len=16)
 rng = np.random.default_rng(0)

@@ -62,7 +62,7 @@ def child(config: str, steps: int, threads: int, batch: int, seq_len: int) -> di
     from edgetune.models import load_model
     from edgetune.trainers.quantize import quantize_base, weight_bytes
     from edgetune.trainers.torch_lora import TorchLoraTrainer
-    from edgetune.wire.schema import LoraSpec, TrainSettings
+    from edgetune.wire import LoraSpec, TrainSettings
 
     mode, _, flag = config.partition("+")
     torch.set_num_threads(threads)

@@ -28,6 +28,8 @@ from edgetune.transport import Transport, Will
 from edgetune.transport.channel import Channel
 from edgetune.wire import (
     AGGREGATOR_ID,
+    DEVICE_KINDS,
+    RESULT_KINDS,
     AdapterInit,
     ArtifactRequest,
     ErrorReport,
@@ -72,7 +74,6 @@ log = logging.getLogger(__name__)
 #: what the inbox holds after the broker connection came back (see ``_republish``)
 _RECONNECTED = "<reconnected>"
 #: device topics whose payloads are results: large, chunked, and only a known device's
-RESULT_KINDS = frozenset({"update", "init", "importance", "eval", "personal"})
 #: error codes of a device that goes on with its round (the rest mean it gave the round up)
 CONTINUING_ERRORS = ("oom_backoff",)
 
@@ -211,8 +212,9 @@ class Aggregator(ResultHandling):
         self.transport.on_reconnect(lambda session_present: self._inbox.put((_RECONNECTED, session_present)))
         # Handlers before the connection: what the persistent session queued while the daemon
         # was away arrives right after it, and goes through the bounded inbox like the rest.
-        for kind in ("hello", "presence", "update", "eval", "importance", "init", "personal", "error", "artifact_request"):
-            self.channel.subscribe(self.topics.all_devices(kind), self._enqueue, sized=True)
+        for kind in DEVICE_KINDS:
+            if kind.aggregator_reads:
+                self.channel.subscribe(kind.pattern(self.topics.base), self._enqueue, qos=kind.qos, sized=True)
         self.transport.connect(will=will)
         # A retained task left by an earlier run (e.g. "finished") must not steer devices
         # that connect before this run publishes its own.

@@ -14,37 +14,14 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgetune.wire import (
-    AdapterInit,
-    ArtifactRequest,
-    Chunk,
-    ErrorReport,
-    EvalReport,
-    Hello,
-    ImportanceReport,
-    ModelManifest,
-    PersonalizationReport,
-    Presence,
-    Signed,
-    Topics,
-    Update,
-    WireError,
-    decode_message,
-)
+from edgetune.wire import BY_NAME, MUST_BE_SIGNED, Chunk, Limit, ModelManifest, Signed, Topics, WireError, decode_message
 
 from .validation import Refusal
 
-#: the messages a fleet with keys accepts only signed (error reports too: they end a device's
-#: round early, so a forged one would make the quorum stop waiting for it)
-MUST_BE_SIGNED = (Hello, Update, EvalReport, ImportanceReport, AdapterInit, PersonalizationReport, ErrorReport)
-#: device topic kind -> the one message type it carries: anything else there is refused
-#: (``unexpected_kind``), so a signed result cannot be passed off on another topic
-TOPIC_KINDS = {"hello": Hello, "presence": Presence, "update": Update, "eval": EvalReport,
-               "importance": ImportanceReport, "init": AdapterInit, "personal": PersonalizationReport,
-               "error": ErrorReport, "artifact_request": ArtifactRequest}
-#: payload limits of device messages whose size does not follow from the adapter's layout
-_FIXED_LIMITS = {"hello": 8 << 20, "importance": 4 << 20}
-_DEFAULT_LIMIT = 1 << 20
+#: a hello's limit until the fleet's model is pinned (then ``hello_limit(model)``)
+_UNPINNED_HELLO = 8 << 20
+#: an update's limit until the fleet's adapter layout is known
+_UNKNOWN_LAYOUT = 1 << 20
 
 
 def hello_limit(model: ModelManifest) -> int:
@@ -70,25 +47,25 @@ class Intake:
 
             self.keyring = KeyRing.load(device_keys, topics.fleet)
         #: the most bytes an update or a starting adapter may have (set once the layout is known)
-        self.result_limit: int = _DEFAULT_LIMIT
+        self.result_limit: int = _UNKNOWN_LAYOUT
         #: the most bytes a hello may have (tightened once the fleet's model is pinned)
-        self.hello_limit: int = _FIXED_LIMITS["hello"]
+        self.hello_limit: int = _UNPINNED_HELLO
 
     def kind_of(self, topic: str) -> str:
         """``update`` of ``edgetune/v1/{fleet}/update/{device}``."""
         return topic[len(self.topics.base) + 1:].split("/", 1)[0]
 
     def limit_of(self, topic: str) -> int | None:
-        """The payload limit of a device topic (None for the aggregator's own)."""
-        device = self.topics.device_of(topic)
-        if device is None:
+        """The payload limit of a device topic (None for the aggregator's own): the kind's
+        (``kinds.py``), or the fleet's for results and hellos."""
+        if self.topics.device_of(topic) is None:
             return None
-        kind = self.kind_of(topic)
-        if kind in ("update", "init"):
+        limit = BY_NAME[self.kind_of(topic)].max_bytes
+        if limit is Limit.RESULT:
             return self.result_limit
-        if kind == "hello":
+        if limit is Limit.HELLO:
             return self.hello_limit
-        return _FIXED_LIMITS.get(kind, _DEFAULT_LIMIT)
+        return limit
 
     def open(self, topic: str, message: object) -> Opened | Refusal:
         """The message to act on (unwrapped and verified if signed), or why it is refused."""
@@ -96,8 +73,8 @@ class Intake:
         if isinstance(opened, Refusal):
             return opened
         kind = self.kind_of(topic)
-        expected = TOPIC_KINDS.get(kind)
-        if expected is None or type(opened.message) is not expected:
+        expected = BY_NAME.get(kind)
+        if expected is None or type(opened.message) is not expected.message:
             return Refusal("unexpected_kind", f"{type(opened.message).__name__} on a {kind[:32]!r} topic")
         return opened
 

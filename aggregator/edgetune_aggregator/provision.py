@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgetune.atomic import atomic_write_bytes
-from edgetune.wire.schema import AGGREGATOR_ID, DEVICE_TOPIC_KINDS, Topics, check_name
+from edgetune.wire import AGGREGATOR_ID, AGGREGATOR_KINDS, DEVICE_KINDS, Topics, check_name
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +194,10 @@ def acl_text(fleet: str, devices: list[str]) -> str:
         lines += [
             "",
             f"user {device_id}",
-            *(f"topic write {topics.base}/{kind}/{device_id}" for kind in DEVICE_TOPIC_KINDS),
-            f"topic read {topics.task}",
-            f"topic read {topics.global_adapter}/#",
-            f"topic read {topics.aggregator_status}",
-            f"topic read {topics.artifact_offer('#')}",
-            f"topic read {topics.artifact_data(device_id)}",
-            f"topic read {topics.receipt(device_id)}",
+            # (from the table of kinds: its own device topics to write, the fleet's and its own
+            # aggregator topics to read)
+            *(f"topic write {kind.pattern(topics.base, device_id)}" for kind in DEVICE_KINDS),
+            *(f"topic read {kind.pattern(topics.base, device_id)}" for kind in AGGREGATOR_KINDS),
         ]
     return "\n".join(lines) + "\n"
 

@@ -31,7 +31,7 @@ from edgetune.wire import (
 from edgetune.wire.signing import unwrap
 
 from .store import DeviceRecord, RoundRecord
-from .validation import Refusal, bound_norm, check_layout, check_samples, delta_norm
+from .validation import Refusal, check_layout, check_norm, check_samples, delta_norm
 
 log = logging.getLogger("edgetune_aggregator.daemon")
 
@@ -45,6 +45,12 @@ class ResultHandling:
         with a ``Receipt`` (a device resends an unanswered result with the same nonce)."""
         message, sender = opened.message, opened.message.device_id
         refusal = self._check_result(message, opened.nonce, ctx) or self._check_content(message, ctx)
+        norm = None
+        if refusal is None and isinstance(message, Update):
+            # its norm, computed once (on a delta whose layout passed): checked here, recorded
+            # with the round, and what the merge bounds it by
+            norm = delta_norm(message.delta)
+            refusal = self._check_norm(message, norm)
         if refusal is not None:
             self.channel.drop(sender, topic, refusal.reason, refusal.detail)
             # an unknown sender gets no answer; a replay got its first answer again
@@ -56,7 +62,7 @@ class ResultHandling:
             self.journal.record(ctx.number, sender, payload, message.round if message.round < ctx.number else None)
             if self.metrics is not None and "storage" in self.metrics.problems:
                 self._storage_recovered()
-        self._accept(ctx, message, opened.nonce)
+        self._accept(ctx, message, opened.nonce, norm)
         self._receipt(message, opened.nonce, "", ctx)
         if self.metrics is not None:
             self.metrics.accepted(ctx.kind.value)
@@ -151,27 +157,23 @@ class ResultHandling:
             rank = rank_of(update.delta)
             if not 1 <= rank <= spec.rank:
                 return Refusal("wrong_shape", f"rank {rank} is outside 1..{spec.rank}")
-        refusal = check_layout(update.delta, adapter_shapes(spec, self.state.model, rank))
-        if refusal:
-            return refusal
-        if self.config.limits.max_norm is None:
-            return None
-        _, refusal, norm = bound_norm(update.delta, self.config.limits)
-        if refusal:
-            return refusal
-        if norm > self.config.limits.max_norm:
+        return check_layout(update.delta, adapter_shapes(spec, self.state.model, rank))
+
+    def _check_norm(self, update: Update, norm: float) -> Refusal | None:
+        refusal = check_norm(norm, self.config.limits)
+        if refusal is None and self.config.limits.max_norm is not None and norm > self.config.limits.max_norm:
             log.info("update from %s has norm %.4g: clipped to %.4g", update.device_id, norm, self.config.limits.max_norm)
-        return None
+        return refusal
 
     def _replay(self, ctx: RoundContext, device: str, payload: bytes) -> None:
         """Re-accept a journaled result after a restart (checked when it first arrived)."""
         message = decode_message(payload)
         nonce = message.nonce if isinstance(message, Signed) else b""
         message = unwrap(message)
-        self._accept(ctx, message, nonce)
+        self._accept(ctx, message, nonce, delta_norm(message.delta) if isinstance(message, Update) else None)
         ctx.remember(Receipt(message.device_id, message.round, nonce, True))
 
-    def _accept(self, ctx: RoundContext, message, nonce: bytes) -> None:
+    def _accept(self, ctx: RoundContext, message, nonce: bytes, norm: float | None = None) -> None:
         sender = message.device_id
         self.answered.setdefault(sender, ctx.number)
         if isinstance(message, Update) and message.round < ctx.number:  # late (FedBuff), or carried over
@@ -180,7 +182,7 @@ class ResultHandling:
                 ctx.seen.add(sender)  # this device's result for this round too
             lag = self.state.global_version - message.base_version
             ctx.record.devices.append(DeviceRecord(sender, message.num_samples, message.metrics.train_loss,
-                                                   from_round=message.round, norm=delta_norm(message.delta)))
+                                                   from_round=message.round, norm=norm))
             log.info("round %d: late update from %s for round %d (%d version(s) behind)", ctx.number, sender,
                      message.round, lag)
             return
@@ -207,7 +209,7 @@ class ResultHandling:
         ctx.record.devices.append(DeviceRecord(
             sender, message.num_samples, m.train_loss, _score(m.local_ppl, sender), _score(m.global_ppl, sender),
             m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received, _score(m.global_robust_ppl, sender),
-            _score(m.local_robust_ppl, sender), norm=delta_norm(message.delta),
+            _score(m.local_robust_ppl, sender), norm=norm,
         ))
         log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, message.num_samples, m.train_loss)
 

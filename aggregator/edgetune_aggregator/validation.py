@@ -68,10 +68,19 @@ def bound_norm(delta: Mapping[str, np.ndarray], limits: UpdateLimits) -> tuple[d
     norm = delta_norm(delta)
     if limits.max_norm is None or norm <= limits.max_norm:
         return dict(delta), None, norm
-    if limits.norm_action == "reject":
-        return dict(delta), Refusal("norm_exceeded", f"norm {norm:.4g} > bound {limits.max_norm:.4g}"), norm
+    refusal = check_norm(norm, limits)
+    if refusal is not None:
+        return dict(delta), refusal, norm
     scale = np.float32(limits.max_norm / norm)
     return {name: as_float32(t) * scale for name, t in delta.items()}, None, norm
+
+
+def check_norm(norm: float, limits: UpdateLimits) -> Refusal | None:
+    """A refusal for a delta of L2 norm ``norm`` above the bound when the limits reject such
+    deltas (``norm_action="reject"``); None when it passes or is to be clipped (at the merge)."""
+    if limits.max_norm is not None and norm > limits.max_norm and limits.norm_action == "reject":
+        return Refusal("norm_exceeded", f"norm {norm:.4g} > bound {limits.max_norm:.4g}")
+    return None
 
 
 def check_samples(num_samples: int, limits: UpdateLimits) -> Refusal | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .wire.schema import DevicePlan
+from .wire import DevicePlan
 
 _STRONGER = {"float32": "bfloat16", "bfloat16": "int8", "int8": "nf4"}
 

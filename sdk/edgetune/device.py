@@ -31,6 +31,7 @@ from .transport import Transport, TransportError, Will, open_transport
 from .transport.channel import Channel
 from .wire import (
     AGGREGATOR_ID,
+    BY_NAME,
     AdapterInit,
     DEFAULT_MAX_PACKET,
     Capabilities,
@@ -622,7 +623,7 @@ class Device:
             if step < total:
                 self._check_deadline(task, step_s)
             progress = Progress(me, task.round, step, total, float(loss))
-            self.transport.publish(self.topics.progress(me), encode_message(progress), qos=0)
+            self.transport.publish(self.topics.progress(me), encode_message(progress), qos=BY_NAME["progress"].qos)
             if self.on_progress:
                 self.on_progress(progress)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .adapters.lora import as_float32, concat_merged, module_names
-from .wire.schema import CLIENT_OPTIMIZERS, AdapterSpec, LoraSpec
+from .wire import CLIENT_OPTIMIZERS, AdapterSpec, LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str
     import dataclasses
 
     from .adapters.lora import split_rank
-    from .wire.schema import PersonalizationReport, TrainSettings
+    from .wire import PersonalizationReport, TrainSettings
 
     spec = adapter.adapter
     start, frozen = dict(adapter.tensors), dict(adapter.merged)

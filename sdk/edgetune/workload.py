@@ -19,7 +19,7 @@ import numpy as np
 
 from .data import BlockSampler, DataError, load_texts, pack_blocks, split_heldout
 from .wire import ImportanceSettings, ModelManifest, TrainSettings
-from .wire.schema import AdapterSpec, PromptSpec
+from .wire import AdapterSpec, PromptSpec
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from test_security import _wait
 
 from edgetune.transport import open_transport
 from edgetune.wire import Capabilities, Hello, Presence, Topics, Update, encode_message, split_payload
-from edgetune.wire.schema import TrainMetrics
+from edgetune.wire import TrainMetrics
 from edgetune_aggregator.fleet_model import default_manifest
 
 _REPO = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ from conftest import _free_port, _mosquitto_binary, _stop_process, _wait_for_por
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from edgetune.wire.schema import DEVICE_TOPIC_KINDS, Topics
+from edgetune.wire import DEVICE_TOPIC_KINDS, Topics
 from edgetune_aggregator.provision import (
     ProvisionConfig,
     acl_text,

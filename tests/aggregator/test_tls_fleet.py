@@ -77,7 +77,7 @@ def test_a_provisioned_liar_over_tls_is_refused_and_bounded(tmp_path):
     from edgetune.simulate import TINY, LightDevice, manifest, simulated_delta
     from edgetune.transport.channel import Channel
     from edgetune.wire import Capabilities, Hello, Topics, Update
-    from edgetune.wire.schema import TrainMetrics
+    from edgetune.wire import TrainMetrics
     from edgetune.wire.signing import Signer
 
     fleet = f"tlsliar-{uuid.uuid4().hex[:6]}"

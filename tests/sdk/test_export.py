@@ -15,7 +15,7 @@ from edgetune.cli import main  # noqa: E402
 from edgetune.export import RECORD_FILE, weight_deltas  # noqa: E402
 from edgetune.models import ByteTokenizer, load_model  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
-from edgetune.wire.schema import GlobalAdapter  # noqa: E402
+from edgetune.wire import GlobalAdapter  # noqa: E402
 from edgetune_aggregator.store import FleetState, StateStore  # noqa: E402
 from lora_data import blocks  # noqa: E402
 from test_torch_lora import merged_for, spec_for  # noqa: E402

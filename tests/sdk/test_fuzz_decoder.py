@@ -24,7 +24,7 @@ from edgetune.wire import (
     Reassembler, WireError, chunk_payload, decode_frame, decode_message, encode_message, to_bfloat16,
 )
 from edgetune.wire.chunks import CHUNK_OVERHEAD
-from edgetune.wire.schema import (
+from edgetune.wire import (
     KIND_OF,
     MESSAGE_KINDS,
     SCHEMA_VERSION,
@@ -561,7 +561,7 @@ def test_chunk_floods(bursts):
             assert 0 <= reassembler.pending_bytes <= reassembler.max_pending_bytes
 
 
-# --- found by fuzzing in schema.py and chunks.py, fixed there --------------------------------
+# --- found by fuzzing in the schema (now specs.py/messages.py) and chunks.py, fixed there --------------------------------
 
 
 def test_a_long_device_id_costs_no_more_than_its_bytes():

@@ -19,7 +19,7 @@ from edgetune.planning.layout import (
     fixed_layout_budget,
     select_layout,
 )
-from edgetune.wire.schema import ImportanceSettings
+from edgetune.wire import ImportanceSettings
 
 torch = pytest.importorskip("torch")
 

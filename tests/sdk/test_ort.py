@@ -19,7 +19,7 @@ from edgetune.ort.artifacts import MANIFEST_FILE, ArtifactError, load_manifest  
 from edgetune.ort.build import build_artifacts  # noqa: E402
 from edgetune.trainers.ort_lora import OrtLoraTrainer, load_artifacts  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
-from edgetune.wire.schema import LoraSpec, TrainSettings  # noqa: E402
+from edgetune.wire import LoraSpec, TrainSettings  # noqa: E402
 
 LLAMA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 GPT2 = LoraSpec(rank=4, alpha=8.0, target_modules=("c_attn",))
@@ -224,7 +224,7 @@ def test_the_backend_choice(monkeypatch, tmp_path):
 
 def test_torch_free_devices_are_planned_within_what_onnx_runtime_can_do():
     from edgetune.planning.planner import PlanOptions, for_capabilities
-    from edgetune.wire.schema import Capabilities
+    from edgetune.wire import Capabilities
 
     options = PlanOptions(deadline_s=60, ranks=(2, 4, 8, 16))
     assert for_capabilities(options, Capabilities()) is options
@@ -378,7 +378,7 @@ def test_the_cost_model_predicts_ort_devices_with_onnx_runtime_coefficients():
     (``benchmarks/calibrate_costmodel.py --backend ort``); a torch-free device is planned
     with them, a torch device as before."""
     from edgetune.planning.costmodel import Arch, Calibration, Config, estimate_memory, estimate_step_seconds
-    from edgetune.wire.schema import DeviceProfile, ModelManifest
+    from edgetune.wire import DeviceProfile, ModelManifest
 
     calibration = Calibration.load()
     assert "ort" in calibration.backends and calibration.for_backend("torch") is calibration

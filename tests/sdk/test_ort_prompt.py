@@ -18,7 +18,7 @@ from edgetune.ort.build import build_artifacts  # noqa: E402
 from edgetune.trainers.ort_lora import OrtLoraTrainer  # noqa: E402
 from edgetune.trainers.ort_prompt import OrtPromptTrainer  # noqa: E402
 from edgetune.trainers.torch_prompt import TorchPromptTrainer, embedding_rows  # noqa: E402
-from edgetune.wire.schema import LoraSpec, PromptSpec, TrainSettings  # noqa: E402
+from edgetune.wire import LoraSpec, PromptSpec, TrainSettings  # noqa: E402
 from edgetune.workload import OrtWorkload, Workload  # noqa: E402
 
 SPEC = PromptSpec(num_virtual_tokens=5)

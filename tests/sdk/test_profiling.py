@@ -29,7 +29,7 @@ from edgetune.profiling.measure import (
     time_square_matmul,
     usable_memory,
 )
-from edgetune.wire.schema import DeviceProfile
+from edgetune.wire import DeviceProfile
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 GiB = 2**30

@@ -20,7 +20,7 @@ from edgetune.adapters.lora import init_lora  # noqa: E402
 from edgetune.models import load_model  # noqa: E402
 from edgetune.trainers.quantize import MODES, quantization_of, quantize_base, weight_bytes  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
-from edgetune.wire.schema import LoraSpec, TrainSettings  # noqa: E402
+from edgetune.wire import LoraSpec, TrainSettings  # noqa: E402
 from lora_data import TEXT, batches, blocks  # noqa: E402,F401
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))

@@ -20,7 +20,7 @@ from edgetune.adapters.lora import init_lora  # noqa: E402
 from edgetune.adapters.peft_format import write_peft_adapter  # noqa: E402
 from edgetune.models import ByteTokenizer, ModelError, default_targets, load_model  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
-from edgetune.wire.schema import LoraSpec, TrainSettings  # noqa: E402
+from edgetune.wire import LoraSpec, TrainSettings  # noqa: E402
 from lora_data import TEXT, batches, blocks  # noqa: E402,F401
 
 TINY = ["tiny-llama", "tiny-gpt2"]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgetune.adapters.lora import init_lora
-from edgetune.wire.schema import LoraSpec
+from edgetune.wire import LoraSpec
 
 from .base import NextGlobal, RoundMerge, RoundStart, check_weights
 from .exact import ExactStrategy, as_merged, current_delta, truncation_error

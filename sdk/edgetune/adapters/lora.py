@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..wire.schema import LoraSpec
+from ..wire import LoraSpec
 
 Shapes = dict[str, tuple[int, ...]]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_bytes
-from ..wire.schema import AdapterSpec, LoraSpec, PromptSpec
+from ..wire import AdapterSpec, LoraSpec, PromptSpec
 from .lora import as_float32, module_names
 
 _PEFT_PREFIX = "base_model.model."

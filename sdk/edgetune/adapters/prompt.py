@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from ..wire.schema import AdapterSpec, LoraSpec, ModelManifest, PromptSpec
+from ..wire import AdapterSpec, LoraSpec, ModelManifest, PromptSpec
 from .lora import Shapes, lora_shapes
 
 #: the prompt's tensor name, as PEFT saves it (``adapter_model.safetensors``)

@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from edgetune.wire.schema import check_name
+from edgetune.wire import check_name
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..wire.schema import ModelManifest
+from ..wire import ModelManifest
 
 if TYPE_CHECKING:
     import torch

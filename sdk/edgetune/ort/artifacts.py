@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..wire.schema import LoraSpec, ModelManifest, PromptSpec
+from ..wire import LoraSpec, ModelManifest, PromptSpec
 
 __all__ = [
     "ArtifactError",

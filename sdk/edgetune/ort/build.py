@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import replace_dir
-from ..wire.schema import LoraSpec, PromptSpec
+from ..wire import LoraSpec, PromptSpec
 from .artifacts import (
     CHECKPOINT,
     EVAL_MODEL,

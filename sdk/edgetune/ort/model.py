@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..wire.schema import ModelManifest
+from ..wire import ModelManifest
 from .artifacts import TOKENIZER, ArtifactManifest
 
 __all__ = ["OrtModel", "FileTokenizer"]

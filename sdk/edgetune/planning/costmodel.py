@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..adapters.lora import lora_shapes
-from ..wire.schema import DevicePlan, DeviceProfile, LoraSpec, ModelManifest
+from ..wire import DevicePlan, DeviceProfile, LoraSpec, ModelManifest
 
 FLOAT = 4  # bytes: activations, LoRA factors, optimizer state and logits are float32
 

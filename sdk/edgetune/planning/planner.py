@@ -27,7 +27,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from ..wire.schema import QUANTIZATIONS, Capabilities, DevicePlan, DeviceProfile
+from ..wire import QUANTIZATIONS, Capabilities, DevicePlan, DeviceProfile
 from .costmodel import (
     Arch,
     Calibration,

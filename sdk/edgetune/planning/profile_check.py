@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from edgetune.wire.schema import DeviceProfile
+from edgetune.wire import DeviceProfile
 
 MIN_MEMORY_BYTES = 1 << 20
 MAX_MEMORY_BYTES = 64 << 40

@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes
-from ..wire.schema import DeviceProfile
+from ..wire import DeviceProfile
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from ..wire.schema import DeviceProfile
+from ..wire import DeviceProfile
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_bytes
-from ..wire.schema import DeviceProfile
+from ..wire import DeviceProfile
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 from .. import __version__
-from ..wire.schema import DeviceProfile
+from ..wire import DeviceProfile
 
 log = logging.getLogger(__name__)
 

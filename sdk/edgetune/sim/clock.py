@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from ..clock import Clock, DeviceClock, Slowdown
-from ..wire.schema import DeviceProfile
+from ..wire import DeviceProfile
 
 
 class SimTime(Clock):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..wire.schema import DeviceProfile, check_name
+from ..wire import DeviceProfile, check_name
 
 log = logging.getLogger(__name__)
 

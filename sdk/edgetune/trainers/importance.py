@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..wire.schema import ImportanceSettings
+from ..wire import ImportanceSettings
 
 log = logging.getLogger(__name__)
 

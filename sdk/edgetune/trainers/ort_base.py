@@ -37,7 +37,7 @@ from ..ort.artifacts import (
     weights_digest,
 )
 from ..ort.runtime import training
-from ..wire.schema import TrainSettings
+from ..wire import TrainSettings
 from .adamw import SGD, AdamW, clip_by_global_norm
 from .penalty import prox_to_anchor
 from .result import TrainResult

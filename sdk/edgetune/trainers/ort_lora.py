@@ -25,7 +25,7 @@ import numpy as np
 
 from ..adapters.lora import as_float32, check_merged, check_tensors, lora_shapes, targets
 from ..ort.artifacts import ArtifactError, ArtifactManifest, check_layout
-from ..wire.schema import LoraSpec
+from ..wire import LoraSpec
 from .ort_base import OrtTrainer, contiguous_order, load_artifacts
 
 log = logging.getLogger(__name__)

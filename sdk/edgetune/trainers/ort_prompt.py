@@ -18,7 +18,7 @@ import numpy as np
 from ..adapters.lora import as_float32, check_tensors
 from ..adapters.prompt import PROMPT, chunked_std, prompt_shapes
 from ..ort.artifacts import ArtifactError, ArtifactManifest, check_prompt_layout
-from ..wire.schema import PromptSpec
+from ..wire import PromptSpec
 from .ort_base import OrtTrainer
 
 log = logging.getLogger(__name__)

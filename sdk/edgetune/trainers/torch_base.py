@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..wire.schema import TrainSettings
+from ..wire import TrainSettings
 from .result import TrainResult
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..adapters.lora import as_float32, check_merged, check_tensors, lora_shapes
 from ..models.loading import LoadedModel
-from ..wire.schema import LoraSpec
+from ..wire import LoraSpec
 from .quantize import quantization_of, quantize_base
 from .result import TrainResult
 from .torch_base import TorchTrainer, proximal_term

@@ -22,7 +22,7 @@ import torch
 from ..adapters.lora import as_float32, check_tensors
 from ..adapters.prompt import PROMPT, chunked_std, prompt_shapes
 from ..models.loading import LoadedModel
-from ..wire.schema import PromptSpec
+from ..wire import PromptSpec
 from .quantize import quantize_base
 from .torch_base import TorchTrainer
 

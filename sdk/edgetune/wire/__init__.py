@@ -1,15 +1,25 @@
-"""What goes on the wire: the schema (``schema``), msgpack encoding (``codec``), tensors as
-``{dtype, shape, data}`` (``tensors``) and chunking of large payloads (``chunks``)."""
+"""What goes on the wire: specs and settings (``specs``), messages (``messages``), topics
+(``topics``) and the table of topic kinds (``kinds``), msgpack encoding (``codec``), tensors as
+``{dtype, shape, data}`` (``tensors``) and chunking of large payloads (``chunks``). Import from
+here: the split into modules is for readers, not for callers."""
 
 from .chunks import DEFAULT_MAX_PACKET, Reassembler, chunk_payload, decode_frame, split_payload
 from .codec import decode_message, encode_message
 from .errors import WireError
-from .schema import *  # noqa: F401,F403  (the schema is the public vocabulary)
-from .schema import SCHEMA_VERSION, Topics
+from .kinds import *  # noqa: F401,F403
+from .kinds import __all__ as _kinds
+from .messages import *  # noqa: F401,F403
+from .messages import __all__ as _messages
+from .names import check_name, check_positive
+from .specs import *  # noqa: F401,F403
+from .specs import __all__ as _specs
 from .tensors import BFloat16Array, decode_tensor, encode_tensor, to_bfloat16
+from .topics import *  # noqa: F401,F403
+from .topics import __all__ as _topics
 
 __all__ = [
     "DEFAULT_MAX_PACKET", "Reassembler", "chunk_payload", "decode_frame", "split_payload",
-    "decode_message", "encode_message", "WireError", "SCHEMA_VERSION", "Topics",
+    "decode_message", "encode_message", "WireError", "check_name", "check_positive",
     "BFloat16Array", "decode_tensor", "encode_tensor", "to_bfloat16",
+    *_specs, *_messages, *_topics, *_kinds,
 ]

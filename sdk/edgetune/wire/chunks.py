@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from .codec import decode_message, encode_message
 from .errors import WireError
-from .schema import DEFAULT_MAX_PACKET, Chunk
+from .messages import Chunk
+from .specs import DEFAULT_MAX_PACKET
 
 #: Room left in each packet for the MQTT fixed header, topic name and the chunk's own fields;
 #: also what the reassembler charges per held chunk, so empty chunks are not free.

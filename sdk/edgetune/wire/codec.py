@@ -1,7 +1,7 @@
 """Messages <-> msgpack bytes, with every field type-checked on the way in.
 
 One generic walker driven by the dataclasses' type hints, so the schema is written once (in
-``schema.py``) and a new field needs no converter. Decoding never trusts the sender: wrong
+``specs.py`` and ``messages.py``) and a new field needs no converter. Decoding never trusts the sender: wrong
 types, missing fields, bad tensors and failed ``__post_init__`` checks all become a
 :class:`WireError` that names the field, which the receiver logs and counts.
 """
@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 
 from .errors import WireError
-from .schema import KIND_OF, MESSAGE_KINDS, SCHEMA_VERSION
+from .messages import KIND_OF, MESSAGE_KINDS, SCHEMA_VERSION
 from .tensors import decode_tensor, encode_tensor
 
 #: Refuse maps/arrays larger than this while unpacking (a hostile payload cannot make us

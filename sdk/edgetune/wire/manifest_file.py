@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .schema import ModelManifest
+from .specs import ModelManifest
 
 FORMAT = "edgetune-model-manifest/1"
 

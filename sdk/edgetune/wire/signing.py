@@ -25,7 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .schema import Signed, check_name
+from .messages import Signed
+from .names import check_name
 
 DOMAIN = b"edgetune-signed-v1\x00"
 KEYS_FORMAT = 1
