@@ -516,13 +516,17 @@ def write_docs(results: dict, docs: Path, images: Path) -> None:
 
 
 def commit() -> str:
-    """The code a run measured: ``git describe`` of the checkout (``+dirty`` with local changes)."""
+    """The code a run measured: the checkout's commit, ``+dirty`` if the code differs from it
+    (the results file this benchmark writes is not code: it does not count)."""
     import subprocess
 
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=30)
-        return out.stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "sdk", "aggregator", "profiles", "benchmarks",
+                                  f":(exclude){RESULTS.relative_to(ROOT)}"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=30).stdout.strip()
+        return (head or "unknown") + ("+dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
