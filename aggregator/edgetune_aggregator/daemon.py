@@ -29,7 +29,6 @@ from edgetune.transport.channel import Channel
 from edgetune.wire import (
     AGGREGATOR_ID,
     DEVICE_KINDS,
-    RESULT_KINDS,
     AdapterInit,
     ArtifactRequest,
     ErrorReport,
@@ -67,13 +66,12 @@ from .strategies import (
     make_strategy,
 )
 from .strategies.robust import robust_combine
-from .validation import Refusal, delta_norm
+from .validation import Refusal, clip_scale, delta_norm
 
 log = logging.getLogger(__name__)
 
 #: what the inbox holds after the broker connection came back (see ``_republish``)
 _RECONNECTED = "<reconnected>"
-#: device topics whose payloads are results: large, chunked, and only a known device's
 #: error codes of a device that goes on with its round (the rest mean it gave the round up)
 CONTINUING_ERRORS = ("oom_backoff",)
 
@@ -770,8 +768,7 @@ class Aggregator(ResultHandling):
                    for n, row in zip(names, rows)]  # (a record without a norm: from before norms were kept)
         samples = [row.num_samples if u is None else u.num_samples for row, u in zip(rows, updates)]
         norms = [row.norm if u is None else delta_norm(u.delta) for row, u in zip(rows, updates)]
-        max_norm = self.config.limits.max_norm
-        absolute = [1.0 if max_norm is None or n <= max_norm else max_norm / n for n in norms]
+        absolute = [clip_scale(n, self.config.limits) for n in norms]
         bounded = bound_influence(samples, [n * a for n, a in zip(norms, absolute)], self.config.influence)
         spec = self.state.adapter
         deltas, weights, changes = [], [], []
@@ -1005,12 +1002,12 @@ class Aggregator(ResultHandling):
         has no hello from is refused before it is decoded or reassembled. Hellos, presence and
         error reports are small, and may overtake the hello on its way to the round loop; an
         artifact request comes before any hello (a device without PyTorch fetches first)."""
-        kind = self.intake.kind_of(topic)
-        if kind == "hello":  # (its result may come before the round loop has read the hello)
+        kind = self.topics.device_kind(topic)
+        if kind is not None and kind.name == "hello":  # (its result may come before the round loop has read the hello)
             if len(self._hellos_heard) >= 100_000:
                 self._hellos_heard.clear()
             self._hellos_heard.add(sender)
-        if kind not in RESULT_KINDS or sender in self.devices or sender in self._hellos_heard:
+        if kind is None or not kind.result or sender in self.devices or sender in self._hellos_heard:
             return None
         return "unknown_device", "no hello received from it"
 

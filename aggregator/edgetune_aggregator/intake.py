@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgetune.wire import BY_NAME, MUST_BE_SIGNED, Chunk, Limit, ModelManifest, Signed, Topics, WireError, decode_message
+from edgetune.wire import MUST_BE_SIGNED, Chunk, Limit, ModelManifest, Signed, Topics, WireError, decode_message
 
 from .validation import Refusal
 
@@ -51,16 +51,13 @@ class Intake:
         #: the most bytes a hello may have (tightened once the fleet's model is pinned)
         self.hello_limit: int = _UNPINNED_HELLO
 
-    def kind_of(self, topic: str) -> str:
-        """``update`` of ``edgetune/v1/{fleet}/update/{device}``."""
-        return topic[len(self.topics.base) + 1:].split("/", 1)[0]
-
     def limit_of(self, topic: str) -> int | None:
         """The payload limit of a device topic (None for the aggregator's own): the kind's
         (``kinds.py``), or the fleet's for results and hellos."""
-        if self.topics.device_of(topic) is None:
+        kind = self.topics.device_kind(topic)
+        if kind is None:
             return None
-        limit = BY_NAME[self.kind_of(topic)].max_bytes
+        limit = kind.max_bytes
         if limit is Limit.RESULT:
             return self.result_limit
         if limit is Limit.HELLO:
@@ -72,10 +69,10 @@ class Intake:
         opened = self._open(topic, message)
         if isinstance(opened, Refusal):
             return opened
-        kind = self.kind_of(topic)
-        expected = BY_NAME.get(kind)
-        if expected is None or type(opened.message) is not expected.message:
-            return Refusal("unexpected_kind", f"{type(opened.message).__name__} on a {kind[:32]!r} topic")
+        kind = self.topics.device_kind(topic)
+        if kind is None or type(opened.message) is not kind.message:
+            level = topic[len(self.topics.base) + 1:].split("/", 1)[0]
+            return Refusal("unexpected_kind", f"{type(opened.message).__name__} on a {level[:32]!r} topic")
         return opened
 
     def _open(self, topic: str, message: object) -> Opened | Refusal:

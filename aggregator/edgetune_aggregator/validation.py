@@ -71,8 +71,13 @@ def bound_norm(delta: Mapping[str, np.ndarray], limits: UpdateLimits) -> tuple[d
     refusal = check_norm(norm, limits)
     if refusal is not None:
         return dict(delta), refusal, norm
-    scale = np.float32(limits.max_norm / norm)
+    scale = np.float32(clip_scale(norm, limits))
     return {name: as_float32(t) * scale for name, t in delta.items()}, None, norm
+
+
+def clip_scale(norm: float, limits: UpdateLimits) -> float:
+    """The factor that puts a delta of L2 norm ``norm`` onto the absolute bound (1.0 within it)."""
+    return 1.0 if limits.max_norm is None or norm <= limits.max_norm else limits.max_norm / norm
 
 
 def check_norm(norm: float, limits: UpdateLimits) -> Refusal | None:

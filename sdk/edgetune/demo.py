@@ -39,13 +39,11 @@ CLASSES = ("raspberry-pi-4-4gb-gateway", "jetson-orin-nano-8gb", "intel-n100-16g
 
 def fleet_manifest(model: str | None, model_dir: str):
     """The demo is the fleet's operator: it pins the daemon to the model its devices load
-    (docs/security.md), as ``--model-manifest`` does for a deployed daemon. The default model's
-    manifest ships with the aggregator (a test keeps it equal to the model's); another model is
-    loaded once to read its own."""
+    (docs/security.md), as ``--model-manifest`` does for a deployed daemon. For the default
+    model that is the daemon's own default pin (None here: ``fleet_model.py``); another model is
+    loaded once to read its manifest."""
     if model is None:
-        from edgetune_aggregator.fleet_model import default_manifest
-
-        return default_manifest()
+        return None
     from .models import load_model
 
     return load_model(model_dir).manifest

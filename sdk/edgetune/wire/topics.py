@@ -110,6 +110,11 @@ class Topics:
             return None
         return kind, parts
 
+    def device_kind(self, topic: str) -> TopicKind | None:
+        """The kind of a device topic (``update`` of ``…/update/{device}``), None if not one."""
+        found = self.kind_of(topic)
+        return found[0] if found is not None and found[0].direction is Direction.UP else None
+
     def device_of(self, topic: str) -> str | None:
         """The device id a device topic names, or None if ``topic`` is not one."""
         found = self.kind_of(topic)
