@@ -203,6 +203,16 @@ class Aggregator(ResultHandling):
     def drops(self) -> Counter:
         return self.channel.drops
 
+    @property
+    def task(self) -> RoundTask | None:
+        """The task published now (retained on the broker), None before the first."""
+        return self._task
+
+    @property
+    def inbox(self) -> Inbox:
+        """Decoded messages waiting for the round loop (the fleet simulator watches it wait)."""
+        return self._inbox
+
     # --- setup ------------------------------------------------------------------------------
 
     def _connect(self) -> None:
@@ -348,7 +358,7 @@ class Aggregator(ResultHandling):
         # room for a few devices' results to arrive at once, chunk by chunk
         self.channel.reassembler.max_pending_bytes = max(self.config.reassembly_bytes, 4 * self.intake.result_limit)
 
-    def _check_model(self, hello: Hello) -> str | None:
+    def check_model(self, hello: Hello) -> str | None:
         """Why the fleet cannot train on this device's model (None if it can)."""
         spec = self.state.adapter if self.state else self.config.adapter  # a resumed fleet keeps its own
         kind = spec.kind
@@ -1027,7 +1037,7 @@ class Aggregator(ResultHandling):
                 return
             if hello.model is not self.pinned:  # the operator's sizes, not the device's claims
                 hello = dataclasses.replace(hello, model=self.pinned)
-        why = self._check_model(hello)
+        why = self.check_model(hello)
         if why:
             self.channel.drop(hello.device_id, topic, "bad_model", why)
             return

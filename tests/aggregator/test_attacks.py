@@ -34,7 +34,7 @@ def _signed_fleet(url: str, tmp_path, name: str, honest=("dev-0", "dev-1"), liar
     devices = [LightDevice(open_transport(url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d, TINY,
                            signer=signers[d]).start() for d in honest]
     manual = Manual(url, fleet, signers[liar])
-    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
+    assert _wait(lambda: aggregator.state is not None and aggregator.task is not None)
     manual.run_id = aggregator.state.run_id
     return aggregator, thread, metrics, devices, manual
 
@@ -231,7 +231,7 @@ def test_healthz_says_degraded_while_the_disk_is_full_and_recovers(mosquitto_url
         devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d,
                                TINY, resend_after_s=2.0) for d in ("dev-0", "dev-1")]
         devices[0].start()
-        assert _wait(lambda: aggregator._task is not None, 60)
+        assert _wait(lambda: aggregator.task is not None, 60)
         filler = mount / "filler"
         with open(filler, "wb") as f:  # fill the disk to the last byte
             try:

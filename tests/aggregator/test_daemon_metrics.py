@@ -35,7 +35,7 @@ def test_rounds_updates_rejections_bytes_and_devices_are_counted(mosquitto_url, 
     devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-a", connect_timeout=10), fleet, "a",
                            TINY).start()]
     bad = Manual(mosquitto_url, fleet, Signer.generate("b"))
-    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
+    assert _wait(lambda: aggregator.state is not None and aggregator.task is not None)
     bad.run_id = aggregator.state.run_id
     bad.send(bad.update(1, {n: np.full(s, np.nan, np.float32) for n, s in SHAPES.items()}))
     bad.send(bad.update(1))

@@ -245,7 +245,7 @@ def test_updates_queued_while_the_daemon_was_down_are_taken_at_once(mosquitto_ur
 
     aggregator, thread = daemon()
     first, second = (Manual(mosquitto_url, fleet, Signer.generate(d), SMOLLM2_135M) for d in ("dev-0", "dev-1"))
-    assert _wait(lambda: aggregator._task is not None and aggregator._task.round == 1)
+    assert _wait(lambda: aggregator.task is not None and aggregator.task.round == 1)
     run_id = aggregator.state.run_id
     first.run_id = second.run_id = run_id
     first.send(first.update(1))

@@ -44,9 +44,9 @@ def test_a_daemon_stopped_during_the_final_evaluation_does_not_announce_the_end(
     url, fleet, aggregator, thread = memory_fleet(tmp_path, "stopev", round_timeout_s=60, evaluate_final=True)
     (m,) = manuals(url, fleet, aggregator, "m")
     m.send(m.update(1))
-    assert _wait(lambda: aggregator._task.kind.value == "evaluate")
+    assert _wait(lambda: aggregator.task.kind.value == "evaluate")
     aggregator.stop()
     thread.join(timeout=30)
     assert not thread.is_alive() and not aggregator.finished.is_set()
-    assert aggregator._task.kind.value == "evaluate"  # devices are not told the fleet is over
+    assert aggregator.task.kind.value == "evaluate"  # devices are not told the fleet is over
     m.close()

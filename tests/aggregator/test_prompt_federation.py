@@ -142,7 +142,7 @@ def test_a_device_with_another_base_is_left_out_of_a_prompt_fleet(tmp_path):
     ids = loaded.tokenizer.encode(SPEC.init_text)
     want = embedding_rows(loaded.model, [ids[i % len(ids)] for i in range(SPEC.num_virtual_tokens)])
     np.testing.assert_array_equal(aggregator.global_adapter.tensors[PROMPT], want)
-    assert "dev-1" in aggregator._task.excluded  # (the finished task lists it too)
+    assert "dev-1" in aggregator.task.excluded  # (the finished task lists it too)
     for device in devices:
         device.stop()
 
@@ -161,9 +161,9 @@ def test_a_resumed_prompt_fleet_checks_devices_against_its_own_adapter(tmp_path)
     aggregator.state = aggregator.store.load_state()
     assert aggregator.state.adapter == SPEC
     prompt_only = Hello("dev-0", "0", manifest, Capabilities(backends=("ort",), adapters=("prompt",)))
-    assert aggregator._check_model(prompt_only) is None
+    assert aggregator.check_model(prompt_only) is None
     lora_only = Hello("dev-1", "0", manifest, Capabilities(backends=("ort",), adapters=("lora",)))
-    assert "trains prompt adapters" in aggregator._check_model(lora_only)
+    assert "trains prompt adapters" in aggregator.check_model(lora_only)
 
 
 def test_the_starting_adapter_needs_a_strict_majority():

@@ -94,7 +94,7 @@ def memory_fleet(tmp_path, name: str, **settings):
 def manuals(url: str, fleet: str, aggregator, *names: str) -> list[Manual]:
     """Hand-driven devices that send for the daemon's current run (once it has one)."""
     devices = [Manual(url, fleet, Signer.generate(name)) for name in names]
-    assert _wait(lambda: aggregator.state is not None and aggregator._task is not None)
+    assert _wait(lambda: aggregator.state is not None and aggregator.task is not None)
     for device in devices:
         device.run_id = aggregator.state.run_id
     return devices
@@ -318,7 +318,7 @@ def test_a_late_update_counts_once_even_after_failed_rounds(tmp_path):
     first = a.channel.prepare(a.topics.update("a"), a.update(1))[0]
     a.transport.publish(a.topics.update("a"), first)
     assert _wait(lambda: aggregator.state.global_version == 1)
-    assert _wait(lambda: aggregator._task.round == 4, 10)  # rounds 2 and 3 failed: nobody answered them
+    assert _wait(lambda: aggregator.task.round == 4, 10)  # rounds 2 and 3 failed: nobody answered them
     a.transport.publish(a.topics.update("a"), first)  # the same bytes again, in round 4
     assert _wait(lambda: aggregator.drops["duplicate"] == 1, 10), dict(aggregator.drops)
     thread.join(timeout=30)
@@ -335,7 +335,7 @@ def test_the_staleness_window_refuses_recounts_and_invented_rounds(tmp_path):
     b.send(b.update(1))
     assert _wait(lambda: aggregator.state.global_version == 1)
     # round 2 fails (nobody answers); in round 3, a's round-1 update again, and invented rounds
-    assert _wait(lambda: aggregator.state.round >= 2 and aggregator._task.round == 3, 10)
+    assert _wait(lambda: aggregator.state.round >= 2 and aggregator.task.round == 3, 10)
     a.send(a.update(1))  # a new nonce, but a's round 1 is in v1 already
     for invented in (-1, 0, 2):  # no train round started from v0 there (round 2 started from v1)
         b.send(b.update(invented))
@@ -352,8 +352,8 @@ def test_accepted_results_of_a_failed_round_count_in_the_next_one(tmp_path):
     a, b = manuals(url, fleet, aggregator, "a", "b")
     a.send(a.update(1))  # accepted, but round 1 fails: b never answers it
     assert _wait(lambda: any(r.accepted for r in a.receipts))
-    assert _wait(lambda: aggregator._task.round == 2, 10)
-    assert "a" in aggregator._task.excluded  # its round-1 result counts in round 2: it need not train
+    assert _wait(lambda: aggregator.task.round == 2, 10)
+    assert "a" in aggregator.task.excluded  # its round-1 result counts in round 2: it need not train
     a.send(a.update(2))  # sent anyway: refused, a counts once
     b.send(b.update(2))
     thread.join(timeout=30)

@@ -112,7 +112,7 @@ def test_a_provisioned_liar_over_tls_is_refused_and_bounded(tmp_path):
         channel.send(topics.hello("dev-2"), Hello("dev-2", "x", TINY, Capabilities(), 10))
         honest = [LightDevice(tls(out / "devices" / n, f"edgetune-{fleet}-{n}"), fleet, n, TINY,
                               signer=signers[n]).start() for n in names[:2]]
-        assert _wait(lambda: aggregator._task is not None, 60)
+        assert _wait(lambda: aggregator.task is not None, 60)
         run = aggregator.state.run_id
         update = Update("dev-2", 1, 0, 10_000_000, simulated_delta(SHAPES, "dev-2", 1),
                         TrainMetrics(1.0, 0, 0.0, 1.0, 1.0), run)

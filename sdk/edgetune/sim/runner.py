@@ -284,14 +284,14 @@ class Simulation:
     def _aggregator_idle(self) -> bool:
         if self.aggregator is None or self._thread is None or not self._thread.is_alive():
             return True
-        inbox = self.aggregator._inbox
+        inbox = self.aggregator.inbox
         waiting = inbox.waiting
         return waiting is not None and waiting[0] == self.time.monotonic() and inbox.empty
 
     def _aggregator_wake(self) -> float:
         if self.aggregator is None or self._thread is None or not self._thread.is_alive():
             return float("inf")
-        waiting = self.aggregator._inbox.waiting
+        waiting = self.aggregator.inbox.waiting
         return waiting[1] if waiting is not None else self.time.monotonic()
 
     # --- what happened ----------------------------------------------------------------------
