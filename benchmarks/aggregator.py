@@ -181,7 +181,7 @@ def _hello(device: str, signer) -> bytes:
 
 def make_fleet(n: int) -> Fleet:
     """N signed devices with their random round-1 deltas (``simulated_delta``, seeded by device)."""
-    from edgetune.adapters.prompt import adapter_shapes
+    from edgetune.adapters.registry import adapter_shapes
     from edgetune.simulate import simulated_delta
     from edgetune.wire import LoraSpec
     from edgetune.wire.signing import Signer

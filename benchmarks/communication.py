@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sizes(manifest, spec, merged_rank: int = 0) -> dict:
-    from edgetune.adapters.prompt import adapter_shapes
+    from edgetune.adapters.registry import adapter_shapes
     from edgetune.transport.channel import Channel
     from edgetune.transport.memory import MemoryBroker, MemoryTransport
     from edgetune.wire import GlobalAdapter, RoundTask, TaskKind, Topics, TrainMetrics, Update, encode_message

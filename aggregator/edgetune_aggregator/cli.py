@@ -22,7 +22,8 @@ from pathlib import Path
 
 from edgetune import __version__
 from edgetune.transport import TransportError, open_transport
-from edgetune.wire import ALGORITHMS, CLIENT_OPTIMIZERS, PROMPT_INITS, ImportanceSettings, LoraSpec, PromptSpec, TrainSettings
+from edgetune.adapters.registry import KINDS, spec_from_dict
+from edgetune.wire import ALGORITHMS, CLIENT_OPTIMIZERS, PROMPT_INITS, ImportanceSettings, TrainSettings
 
 from .daemon import DEFAULT_CANDIDATES, Aggregator, AggregatorConfig
 from .influence import InfluenceBounds
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rounds", type=int, default=None, help="train rounds, then evaluate and exit (default: run forever)")
     serve.add_argument("--connect-timeout", type=float, default=None, help="give up on the broker after S seconds (default: retry forever)")
     group = serve.add_argument_group("adapter and local training (sent to devices in each task)")
-    group.add_argument("--adapter", default="lora", choices=["lora", "prompt"],
+    group.add_argument("--adapter", default="lora", choices=list(KINDS),
                        help="lora: low-rank factors on --targets; prompt: a soft prompt of --prompt-tokens")
     group.add_argument("--rank", type=int, default=8)
     group.add_argument("--alpha", type=float, default=16.0)
@@ -156,8 +157,10 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         min_devices=args.min_devices,
         round_timeout_s=args.round_timeout,
         join_timeout_s=args.join_timeout,
-        adapter=(PromptSpec(args.prompt_tokens, args.prompt_init, args.prompt_init_text) if args.adapter == "prompt"
-                 else LoraSpec(rank=args.rank, alpha=args.alpha, target_modules=targets)),
+        # each kind takes the flags that are its fields (a LoRA its rank, a prompt its tokens)
+        adapter=spec_from_dict({"kind": args.adapter, "rank": args.rank, "alpha": args.alpha, "target_modules": targets,
+                                "num_virtual_tokens": args.prompt_tokens, "init": args.prompt_init,
+                                "init_text": args.prompt_init_text}),
         train=TrainSettings(
             local_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
             seq_len=args.seq_len, learning_rate=args.lr, seed=args.seed, proximal_mu=args.proximal_mu,

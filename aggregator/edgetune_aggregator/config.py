@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetune.planning.layout import GPT2_KINDS, LLAMA_KINDS
-from edgetune.wire import (DEFAULT_MAX_PACKET, AdapterSpec, ImportanceSettings, LoraSpec, ModelManifest, PromptSpec,
-                           TrainSettings)
+from edgetune.adapters.registry import adapter_kind
+from edgetune.wire import DEFAULT_MAX_PACKET, AdapterSpec, ImportanceSettings, LoraSpec, ModelManifest, TrainSettings
 
 from .strategies import DEFAULT_SERVER_OPTIMIZER, STRATEGIES, ServerOptimizerConfig, make_strategy
 from .strategies.robust import ROBUST_METHODS
@@ -117,22 +117,19 @@ class AggregatorConfig:
 
     def merged_rank_for(self, adapter: AdapterSpec) -> int | None:
         """The cap an exact strategy gets (None: unbounded)."""
-        if self.merged_rank == -1 or not isinstance(adapter, LoraSpec):
+        rank = adapter_kind(adapter).rank(adapter)
+        if self.merged_rank == -1 or rank is None:
             return None
-        return adapter.rank if self.merged_rank is None else self.merged_rank
+        return rank if self.merged_rank is None else self.merged_rank
 
     @property
     def strategy_name(self) -> str:
         if self.strategy == "auto":
-            if isinstance(self.adapter, PromptSpec):
-                return "dense"
-            # Mixed ranks (planning): hetlora ended 6.8 % below svd at 10 rounds of the FedPipe
-            # benchmark and first in the 3-round strategy benchmark, with fedit's downlink (the
-            # exact strategies download up to twice that). Uniform ranks: plain FedAvg. FedSGD
-            # averages gradients of the factors: fedit's factor average is that.
-            # Robust combination is coordinate-wise over plain factors: fedit.
+            # The kind decides (``AdapterKind.auto_strategy``). Ranks are mixed only when planning
+            # with FedAvg: FedSGD averages gradients of the factors, which fedit's factor average
+            # is, and robust combination is coordinate-wise over plain factors (fedit) too.
             mixed = self.planning and self.train.algorithm == "fedavg" and self.robust is None
-            return "hetlora" if mixed else "fedit"
+            return adapter_kind(self.adapter).auto_strategy(mixed)
         return self.strategy
 
     def __post_init__(self) -> None:
@@ -146,8 +143,9 @@ class AggregatorConfig:
         if self.train.algorithm == "fedsgd" and strategy.name not in ("fedit", "dense"):
             raise ValueError(f"FedSGD sends gradients, which only a plain average combines: strategy "
                              f"{strategy.name} would treat them as trained factors; use fedit (or auto)")
-        if isinstance(self.adapter, PromptSpec) and self.layout != "fixed":
-            raise ValueError("an importance layout chooses weight matrices for LoRA; a soft prompt has none")
+        if self.layout != "fixed" and not adapter_kind(self.adapter).has_layout:
+            raise ValueError(f"an importance layout chooses weight matrices for LoRA; a {self.adapter.kind} adapter "
+                             "has none")
         if self.plan not in PLAN_MODES:
             raise ValueError(f"plan {self.plan!r} is not one of {', '.join(PLAN_MODES)}")
         if self.layout not in LAYOUTS:

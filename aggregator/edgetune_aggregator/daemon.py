@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.adapters.lora import as_float32, init_lora, targets
+from edgetune.adapters.tensors import as_float32
+from edgetune.adapters.lora import targets
 from edgetune.clock import WALL, Clock
 from edgetune.logsafe import shown
-from edgetune.adapters.prompt import adapter_shapes, consensus
+from edgetune.adapters.registry import adapter_kind, adapter_shapes
+from edgetune.adapters.tensors import consensus
 from edgetune.planning.layout import adapter_cost, candidate_modules, combine_scores, select_layout
 from edgetune.transport import Transport, Will
 from edgetune.transport.channel import Channel
@@ -39,7 +41,6 @@ from edgetune.wire import (
     LoraSpec,
     PersonalizationReport,
     Presence,
-    PromptSpec,
     RoundTask,
     TaskKind,
     Topics,
@@ -54,7 +55,7 @@ from .config import DEFAULT_CANDIDATES, LAYOUTS, MAX_ADAPTER_PARAMETERS, Aggrega
 from .inbox import Inbox, message_bytes
 from .fleet_model import pinned_model
 from .intake import Intake, hello_limit
-from .guard import check_candidate, lora_update_change
+from .guard import check_candidate
 from .influence import bound_influence, lower_median
 from .journal import RoundJournal, parse_name, result_name
 from .results import ResultHandling, RoundContext
@@ -396,19 +397,18 @@ class Aggregator(ResultHandling):
             self._set_layout()
             if self._stop.is_set():
                 return False
-        if isinstance(spec, PromptSpec):
+        kind = adapter_kind(spec)
+        tensors = kind.initial(spec, model, self.config.seed)
+        if tensors is None:  # (a kind that starts from the base's weights: devices propose it)
             tensors = self._initialize()
             if tensors is None:
                 return False
-        else:
-            tensors = init_lora(spec, model.modules, self.config.seed)
         self.global_adapter = GlobalAdapter(0, 0, model.fingerprint, spec, tensors)
         self.store.save_global(self.global_adapter, self.config.base_model)
         self.store.save_state(self.state)
         self._publish_global()
         n = sum(t.size for t in tensors.values())
-        what = (f"soft prompt of {spec.num_virtual_tokens} virtual tokens ({spec.init} init)" if isinstance(spec, PromptSpec)
-                else f"LoRA r={spec.rank} on {len(tensors) // 2} matrices ({self.state.layout} layout)")
+        what = kind.describe(spec, model) + (f" ({self.state.layout} layout)" if kind.has_layout else "")
         log.info("fleet model %s (%s); adapter: %s, %d parameters; merging with %s",
                  model.name, model.fingerprint, what, n, self.state.strategy)
         return True
@@ -479,7 +479,7 @@ class Aggregator(ResultHandling):
         profiles = {d: h.profile for d, h in self.devices.items() if h.profile is not None}
         if not (self.config.planning and profiles) or kind in (TaskKind.FINISHED, TaskKind.INITIALIZE):
             return {}, {}
-        if not isinstance(self.state.adapter, LoraSpec):  # the cost model knows LoRA only (docs/planner.md)
+        if not adapter_kind(self.state.adapter).plannable:  # the cost model knows LoRA only (docs/planner.md)
             return {}, {}
         if self.config.train.algorithm == "fedsgd":  # one gradient at the full rank: nothing to plan
             return {}, {}
@@ -781,13 +781,13 @@ class Aggregator(ResultHandling):
         absolute = [clip_scale(n, self.config.limits) for n in norms]
         bounded = bound_influence(samples, [n * a for n, a in zip(norms, absolute)], self.config.influence)
         spec = self.state.adapter
+        kind = adapter_kind(spec)
         deltas, weights, changes = [], [], []
         for name, row, update, a, b in zip(names, rows, updates, absolute, bounded):
             update = update or unwrap(decode_message(paths[name].read_bytes()))
             scale = a * b.scale
             delta = update.delta if scale == 1.0 else {k: as_float32(t) * np.float32(scale) for k, t in update.delta.items()}
-            changes.append(delta_norm(delta) if isinstance(spec, PromptSpec)
-                           else lora_update_change(start.tensors, delta, start.scale))
+            changes.append(kind.update_change(start.tensors, delta, start.scale))
             # a late update weighs less the older the global it trained on (0 lag: 1)
             lag = self.state.global_version - update.base_version
             weight = b.samples * (1.0 + lag) ** -self.config.staleness_exponent
@@ -816,14 +816,13 @@ class Aggregator(ResultHandling):
     def _check_global(self, ctx: RoundContext, result, typical: float) -> str | None:
         """Why the round's candidate global must not be published (None: it may)."""
         spec, adapter = self.state.adapter, self.global_adapter
-        scale = spec.alpha / spec.rank if isinstance(spec, LoraSpec) else None
-        return check_candidate(adapter_shapes(spec, self.state.model), (adapter.tensors, adapter.merged),
-                               (result.tensors, result.merged), scale, typical, self.config.max_global_change,
-                               self.config.server_optimizer)
+        return check_candidate(adapter_kind(spec), spec, adapter_shapes(spec, self.state.model),
+                               (adapter.tensors, adapter.merged), (result.tensors, result.merged), typical,
+                               self.config.max_global_change, self.config.server_optimizer)
 
     def _round_start(self, number: int) -> RoundStart:
         spec, adapter = self.state.adapter, self.global_adapter
-        scale = spec.alpha / spec.rank if isinstance(spec, LoraSpec) else 1.0
+        scale = adapter_kind(spec).scale(spec)
         return RoundStart(dict(adapter.tensors), dict(adapter.merged), scale, seed=self.config.seed + number)
 
     def _close_round(self, ctx: RoundContext) -> None:

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgetune.adapters.lora import as_float32, rank_of, targets
-from edgetune.adapters.prompt import adapter_shapes
+from edgetune.adapters.tensors import as_float32
+from edgetune.adapters.lora import targets
+from edgetune.adapters.registry import adapter_kind, adapter_shapes
 from edgetune.transport import TransportError
 from edgetune.wire import (
     AdapterInit,
     EvalReport,
     ImportanceReport,
-    LoraSpec,
     Receipt,
     Signed,
     TaskKind,
@@ -152,12 +152,12 @@ class ResultHandling:
         refusal = check_samples(update.num_samples, self.config.limits)
         if refusal:
             return refusal
-        spec, rank = self.state.adapter, None
-        if isinstance(spec, LoraSpec):  # devices planned at a lower rank send the leading components
-            rank = rank_of(update.delta)
-            if not 1 <= rank <= spec.rank:
-                return Refusal("wrong_shape", f"rank {rank} is outside 1..{spec.rank}")
-        return check_layout(update.delta, adapter_shapes(spec, self.state.model, rank))
+        spec = self.state.adapter
+        try:  # (a low-rank kind: devices planned at a lower rank send the leading components)
+            shapes = adapter_kind(spec).update_shapes(spec, self.state.model, update.delta)
+        except ValueError as exc:
+            return Refusal("wrong_shape", str(exc))
+        return check_layout(update.delta, shapes)
 
     def _check_norm(self, update: Update, norm: float) -> Refusal | None:
         refusal = check_norm(norm, self.config.limits)

@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 
 from edgetune.adapters.peft_format import write_peft_adapter
+from edgetune.adapters.registry import spec_from_dict
 from edgetune.atomic import atomic_write_bytes, atomic_write_json
 from edgetune.wire.manifest_file import manifest_from_dict
 import msgpack
@@ -33,9 +34,7 @@ from edgetune.wire import (
     AdapterSpec,
     GlobalAdapter,
     Hello,
-    LoraSpec,
     ModelManifest,
-    PromptSpec,
     decode_message,
     decode_tensor,
     encode_message,
@@ -157,12 +156,6 @@ class FleetState:
     left_out: dict[str, str] = field(default_factory=dict)
 
 
-def _adapter_spec(raw: dict) -> AdapterSpec:
-    if raw.get("kind", "lora") == "prompt":
-        return PromptSpec(**raw)
-    return LoraSpec(**{**raw, "target_modules": tuple(raw["target_modules"])})
-
-
 class StateStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -183,7 +176,7 @@ class StateStore:
         return FleetState(
             fleet=raw["fleet"],
             model=manifest_from_dict(raw["model"]),
-            adapter=_adapter_spec(raw["adapter"]),
+            adapter=spec_from_dict(raw["adapter"]),
             round=raw["round"],
             opened=raw.get("opened", raw["round"]),
             global_version=raw["global_version"],

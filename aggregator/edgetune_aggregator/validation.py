@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgetune.adapters.lora import as_float32, tensor_problem
+from edgetune.adapters.tensors import as_float32, dense_norm, tensor_problem
 
 #: dtypes an adapter tensor may travel in (float64 would double what a round must hold)
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16")
@@ -57,9 +57,8 @@ def check_layout(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[i
     return Refusal(*problem) if problem else None
 
 
-def delta_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """L2 norm over all tensors, accumulated in float64."""
-    return math.sqrt(sum(float(np.square(as_float32(t), dtype=np.float64).sum()) for t in delta.values()))
+#: the L2 norm of an update's delta, all tensors together, accumulated in float64
+delta_norm = dense_norm
 
 
 def bound_norm(delta: Mapping[str, np.ndarray], limits: UpdateLimits) -> tuple[dict[str, np.ndarray], Refusal | None, float]:

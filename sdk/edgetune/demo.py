@@ -18,15 +18,17 @@ round and shows what it gained and what it cost (docs/personalization.md).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from .adapters.registry import adapter_kind
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .models import prepare_model
     from .transport import open_transport
     from .transport.channel import Channel
-    from .wire import LoraSpec, Progress, PromptSpec, Topics, TrainSettings
+    from .wire import Progress, Topics, TrainSettings
 
     out: Path = args.out.resolve()
     if (out / "state").exists():
@@ -79,8 +81,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if not 0 <= args.ort_devices <= len(files):
         raise ValueError(f"--ort-devices must be between 0 and the {len(files)} devices")
-    prompt = getattr(args, "adapter", "lora") == "prompt"
-    spec = PromptSpec(20, "vocab") if prompt else LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "v_proj"))
+    # the kind's own defaults: LoRA r=8, alpha 16 on q_proj, v_proj; a 20-token prompt from vocabulary embeddings
+    spec = adapter_kind(getattr(args, "adapter", "lora")).spec_class()
     ort_devices = set(sorted(files)[len(files) - args.ort_devices:]) if args.ort_devices else set()
     artifacts = None
     if ort_devices:
@@ -88,11 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         t1 = time.monotonic()
         artifacts = out / "ort-artifacts"
-        if prompt:
-            build_artifacts(str(model_dir), artifacts, prompt_tokens=spec.num_virtual_tokens, force=True)
-        else:
-            build_artifacts(str(model_dir), artifacts, rank=spec.rank, alpha=spec.alpha, targets=spec.target_modules,
-                            force=True)
+        build_artifacts(str(model_dir), artifacts, spec=spec, force=True)
         print(f"ONNX Runtime artifacts for {', '.join(sorted(ort_devices))} built in {time.monotonic() - t1:.1f} s")
 
     broker = None
@@ -331,7 +329,7 @@ def _wait_for_hello(aggregator, device_id: str, proc: subprocess.Popen, timeout:
 def format_plans(record, aggregator, classes: dict[str, Path]) -> str:
     """The planner's choice per device, for people: class and budget, then rank, base
     precision, batch, steps, layout size and the cost model's predictions; or why not."""
-    from .adapters.lora import lora_shapes
+    from .adapters.lora import targets
 
     spec = aggregator.state.adapter if aggregator.state else None
     modules = aggregator.state.model.modules if aggregator.state else {}
@@ -352,9 +350,9 @@ def format_plans(record, aggregator, classes: dict[str, Path]) -> str:
             lines.append(f"{head}  {'left out: ' if device in record.excluded else ''}{why}")
             continue
         layout = ""
-        if spec is not None and getattr(spec, "kind", "") == "lora":
-            shapes = lora_shapes(dataclasses.replace(spec, rank=plan["rank"]), modules)
-            layout = f"{len(shapes) // 2:>9}{sum(a * b for a, b in shapes.values()):>10,}"
+        if spec is not None and adapter_kind(spec).has_layout:  # (matrices adapted, parameters at its rank)
+            shapes = adapter_kind(spec).shapes(spec, aggregator.state.model, plan["rank"])
+            layout = f"{len(targets(spec, modules)):>9}{sum(math.prod(s) for s in shapes.values()):>10,}"
         peak = f"{plan['predicted_peak_bytes'] / 2**20:,.0f}M" if plan.get("predicted_peak_bytes") else ""
         step = f"{plan['predicted_step_s']:.1f}" if plan.get("predicted_step_s") else ""
         lines.append(f"{head}{plan['rank']:>6}{plan['quantization']:>10}{plan['batch_size']:>7}{plan['local_steps']:>7}"

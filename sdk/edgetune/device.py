@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from . import __version__
-from .adapters.lora import as_float32, concat_merged, split_rank, targets
+from .adapters.lora import targets
+from .adapters.registry import adapter_kind
 from .backoff import MemoryBudgetExceeded, is_out_of_memory, next_fallback, resident_bytes
 from .clock import DeviceClock
 from .logsafe import shown
@@ -43,10 +43,8 @@ from .wire import (
     GlobalAdapter,
     Hello,
     ImportanceReport,
-    LoraSpec,
     Presence,
     Progress,
-    PromptSpec,
     Receipt,
     RoundTask,
     TaskKind,
@@ -485,11 +483,7 @@ class Device:
             return
         self._plan_logged = key
         source = "the planner's" if self.config.device_id in task.plans else "the fleet's uniform"
-        layout = ""
-        if isinstance(task.adapter, LoraSpec):
-            modules = targets(task.adapter, self.workload.manifest.modules)
-            params = sum(plan.rank * sum(self.workload.manifest.modules[m]) for m in modules)
-            layout = f", adapters on {len(modules)} matrices ({params:,} parameters)"
+        layout = adapter_kind(task.adapter).plan_note(task.adapter, self.workload.manifest, plan.rank)
         log.info("%s: %s plan: rank %d, %s base, batch %d%s, %d steps%s", self.config.device_id, source, plan.rank,
                  plan.quantization, plan.batch_size, ", checkpointing" if plan.gradient_checkpointing else "",
                  plan.local_steps, layout)
@@ -499,7 +493,7 @@ class Device:
         plan = task.plans.get(self.config.device_id)
         if plan is not None:
             return plan
-        rank = 1 if isinstance(task.adapter, PromptSpec) else task.adapter.rank  # (a prompt has no rank)
+        rank = adapter_kind(task.adapter).rank(task.adapter) or 1  # (a kind without a rank: 1, unused)
         if self.workload.max_rank:  # ONNX Runtime artifacts train up to their own rank
             rank = min(rank, self.workload.max_rank)
         return DevicePlan(rank, "float32", task.train.batch_size, task.train.local_steps)
@@ -564,14 +558,14 @@ class Device:
         if me in task.excluded:
             log.warning("%s: sits out initialization round %d: %s", me, task.round, task.excluded[me])
             return
-        if not isinstance(task.adapter, PromptSpec):
+        kind = adapter_kind(task.adapter)
+        if not kind.initialized_on_devices:
             raise ValueError(f"an initialization round for a {task.adapter.kind} adapter")
-        tensors = self.workload.prompt_init(task.adapter, seed=task.train.seed)
+        tensors = self.workload.initial_adapter(task.adapter, seed=task.train.seed)
         self.clock.checkpoint()
         self.outbox.send(self.topics.init(me), task.round, AdapterInit(me, task.round, tensors))
         self._flush()
-        log.info("%s: reported the starting prompt (%d virtual tokens, %s init)", me,
-                 task.adapter.num_virtual_tokens, task.adapter.init)
+        log.info("%s: reported the starting adapter (%s)", me, kind.describe(task.adapter))
 
     def _start_model(self, task: RoundTask, rank: int, quantization: str, checkpointing: bool):
         """A trainer holding the global model with its leading ``rank`` components trainable:
@@ -579,18 +573,11 @@ class Device:
         merged delta, so training starts from exactly the global model at any rank. (A soft
         prompt is trained whole.)"""
         adapter, spec = self.global_adapter, task.adapter
-        if isinstance(spec, PromptSpec):
-            trainer = self.workload.trainer(spec, quantization, checkpointing)
-            start = {name: np.array(as_float32(t), dtype=np.float32) for name, t in adapter.tensors.items()}
-            trainer.set_adapter(start)
-            return trainer, start
-        # Alpha scales with the rank so every device's update has the same scale, alpha / rank.
-        local_spec = dataclasses.replace(spec, rank=rank, alpha=spec.alpha * rank / spec.rank)
-        start, rest = split_rank(adapter.tensors, rank, spec.alpha / spec.rank)
-        trainer = self.workload.trainer(local_spec, quantization, checkpointing)
-        trainer.set_adapter(start)
-        trainer.set_merged(concat_merged(adapter.merged, rest))
-        return trainer, start
+        begin = adapter_kind(spec).training_start(spec, adapter.tensors, adapter.merged, rank)
+        trainer = self.workload.trainer(begin.spec, quantization, checkpointing)
+        trainer.set_adapter(begin.tensors)
+        trainer.set_merged(begin.merged)
+        return trainer, begin.tensors
 
     def _train_with(self, task: RoundTask, plan: DevicePlan, grad_accum: int) -> None:
         from .planning.costmodel import compute_dtype
@@ -672,7 +659,7 @@ class Device:
             log.warning("%s: sits out evaluation round %d: %s", me, task.round, task.excluded[me])
             return
         plan = self._plan(task)  # evaluate at full rank, on the base precision this device can afford
-        rank = plan.rank if isinstance(task.adapter, PromptSpec) else task.adapter.rank
+        rank = adapter_kind(task.adapter).rank(task.adapter) or plan.rank
         if self.workload.max_rank:  # ONNX Runtime artifacts hold their own rank; the rest rides frozen
             rank = min(rank, self.workload.max_rank)
         trainer, _ = self._start_model(task, rank, plan.quantization, plan.gradient_checkpointing)

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .adapters.registry import adapter_kind
 from .atomic import replace_dir
-from .adapters.lora import as_float32, check_merged, check_tensors, lora_shapes, module_names
 from .wire import GlobalAdapter, WireError, decode_message
 
 if TYPE_CHECKING:
@@ -78,30 +78,24 @@ def load_global(state_dir: Path, version: int | None = None) -> GlobalAdapter:
         raise ExportError(f"cannot read {path}: {e}") from None
     if not isinstance(message, GlobalAdapter):
         raise ExportError(f"{path} holds a {type(message).__name__}, not a global adapter")
-    if message.adapter.kind != "lora":
-        raise ExportError(f"{path} is a soft prompt: it changes the model's input, not its weights, so there is "
-                          f"nothing to merge; load {state_dir / 'adapter'} with peft.PeftModel.from_pretrained instead")
+    kind = adapter_kind(message.adapter)
+    if not kind.changes_weights:
+        raise ExportError(f"{path} holds {kind.describe(message.adapter)}: it changes no weight of the base, so "
+                          f"there is nothing to merge; load {state_dir / 'adapter'} with peft.PeftModel.from_pretrained "
+                          "instead")
     return message
 
 
 def weight_deltas(adapter: GlobalAdapter, modules: Mapping[str, tuple[int, int]]) -> dict[str, np.ndarray]:
-    """Module -> the dense (out, in) float32 change ``adapter`` makes to its weight,
-    ``merged_B @ merged_A + (alpha / rank) · lora_B @ lora_A`` (exact). ``modules`` is the
-    base's manifest, name -> (out_features, in_features); a misfit raises ``ValueError``."""
+    """Module -> the dense (out, in) float32 change ``adapter`` makes to its weight, as its kind
+    computes it (LoRA: ``merged_B @ merged_A + (alpha / rank) · lora_B @ lora_A``, exact).
+    ``modules`` is the base's manifest, name -> (out_features, in_features); a misfit, or a kind
+    that changes no weight, raises ``ValueError``."""
     spec = adapter.adapter
-    problem = check_tensors(adapter.tensors, lora_shapes(spec, modules)) or check_merged(adapter.merged, modules)
-    if problem:
-        raise ValueError(problem)
-    deltas: dict[str, np.ndarray] = {}
-    for module in sorted({name.rsplit(".", 1)[0] for name in adapter.merged}):
-        b, a = as_float32(adapter.merged[f"{module}.merged_B"]), as_float32(adapter.merged[f"{module}.merged_A"])
-        if a.shape[0]:  # k = 0 changes nothing
-            deltas[module] = b @ a
-    scale = np.float32(spec.alpha / spec.rank)
-    for module in module_names(adapter.tensors):
-        lora = scale * (as_float32(adapter.tensors[f"{module}.lora_B"]) @ as_float32(adapter.tensors[f"{module}.lora_A"]))
-        deltas[module] = deltas[module] + lora if module in deltas else lora
-    return {module: np.asarray(delta, dtype=np.float32) for module, delta in deltas.items()}
+    deltas = adapter_kind(spec).weight_deltas(spec, adapter.tensors, adapter.merged, modules)
+    if deltas is None:
+        raise ValueError(f"{adapter_kind(spec).describe(spec)} changes no weight of the base")
+    return deltas
 
 
 def merge_into(model: torch.nn.Module, adapter: GlobalAdapter) -> list[str]:

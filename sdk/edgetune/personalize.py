@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adapters.lora import as_float32, concat_merged, module_names
-from .wire import CLIENT_OPTIMIZERS, AdapterSpec, LoraSpec
+from .adapters.registry import adapter_kind
+from .wire import CLIENT_OPTIMIZERS, AdapterSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +94,11 @@ class PersonalAdapter:
 def interpolate(spec: AdapterSpec, global_tensors: Mapping[str, np.ndarray], global_merged: Mapping[str, np.ndarray],
                 local_tensors: Mapping[str, np.ndarray], alpha: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(tensors, merged)`` of the model ``(1 − α)·global + α·local`` (see the module
-    docstring). ``local_tensors`` were trained from ``global_tensors`` with the global's merged
-    delta frozen, at the same rank."""
+    docstring; each kind does its own, ``AdapterKind.interpolate``). ``local_tensors`` were
+    trained from ``global_tensors`` with the global's merged delta frozen, at the same rank."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"α must be in [0, 1], got {alpha}")
-    if not isinstance(spec, LoraSpec):
-        tensors = {name: ((1.0 - alpha) * np.asarray(as_float32(g), np.float64)
-                          + alpha * np.asarray(as_float32(local_tensors[name]), np.float64)).astype(np.float32)
-                   for name, g in global_tensors.items()}
-        return tensors, {}
-    scale = spec.alpha / spec.rank
-    tensors, folded = {}, {}
-    for module in module_names(global_tensors):
-        tensors[f"{module}.lora_A"] = as_float32(local_tensors[f"{module}.lora_A"]).copy()
-        tensors[f"{module}.lora_B"] = (alpha * as_float32(local_tensors[f"{module}.lora_B"])).astype(np.float32)
-        folded[f"{module}.merged_A"] = as_float32(global_tensors[f"{module}.lora_A"]).copy()
-        folded[f"{module}.merged_B"] = ((1.0 - alpha) * scale * as_float32(global_tensors[f"{module}.lora_B"])
-                                        ).astype(np.float32)
-    return tensors, concat_merged(global_merged, folded)
+    return adapter_kind(spec).interpolate(spec, global_tensors, global_merged, local_tensors, alpha)
 
 
 def choose_alpha(evaluate: Callable[[float], float], alphas: Sequence[float]) -> tuple[float, dict[float, float]]:
@@ -139,18 +126,12 @@ def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str
     remaining components frozen in the merged delta, as in a round."""
     import dataclasses
 
-    from .adapters.lora import split_rank
     from .wire import PersonalizationReport, TrainSettings
 
-    spec = adapter.adapter
-    start, frozen = dict(adapter.tensors), dict(adapter.merged)
     caps = [r for r in (rank, workload.max_rank) if r]
-    cap = min(caps) if caps else None
-    if isinstance(spec, LoraSpec) and cap and cap < spec.rank:
-        rank = cap
-        start, rest = split_rank(adapter.tensors, rank, spec.alpha / spec.rank)
-        frozen = concat_merged(adapter.merged, rest)
-        spec = dataclasses.replace(spec, rank=rank, alpha=spec.alpha * rank / spec.rank)  # same scale
+    begin = adapter_kind(adapter.adapter).training_start(adapter.adapter, adapter.tensors, adapter.merged,
+                                                         min(caps) if caps else None)
+    spec, start, frozen = begin.spec, begin.tensors, begin.merged
     trainer = workload.trainer(spec, quantization, checkpointing)
     train_blocks, val_blocks = workload.personal_split(settings.seq_len, settings.validation_fraction, settings.seed)
     heldout = workload.heldout_blocks(settings.seq_len)[:max_eval_blocks]

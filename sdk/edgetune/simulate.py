@@ -17,7 +17,7 @@ import threading
 import numpy as np
 
 from . import __version__
-from .adapters.prompt import adapter_shapes
+from .adapters.registry import adapter_shapes
 from .outbox import Outbox
 from .transport import Transport, Will
 from .transport.channel import Channel

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .data import BlockSampler, DataError, load_texts, pack_blocks, split_heldout
-from .wire import ImportanceSettings, ModelManifest, TrainSettings
-from .wire import AdapterSpec, PromptSpec
+from .adapters.kind import BaseEmbeddings
+from .adapters.registry import KINDS, adapter_kind
+from .trainers import trainer_class
+from .wire import AdapterSpec, ImportanceSettings, ModelManifest, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,11 @@ class Workload:
     backend = "torch"
     #: the highest adapter rank this backend trains (0: any)
     max_rank = 0
-    #: adapter kinds this backend trains
-    adapters: tuple[str, ...] = ("lora", "prompt")
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Adapter kinds this backend trains (announced in the hello's capabilities)."""
+        return tuple(name for name, kind in KINDS.items() if self.backend in kind.trainers)
 
     def __init__(
         self,
@@ -118,26 +124,26 @@ class Workload:
         key = (spec, quantization, gradient_checkpointing)
         if self._trainer is not None and key == self._trainer_key:
             return self._trainer
-        if isinstance(spec, PromptSpec):
-            from .trainers.torch_prompt import TorchPromptTrainer as Trainer
-        else:
-            from .trainers.torch_lora import TorchLoraTrainer as Trainer
-
+        Trainer = trainer_class(self.backend, spec)
         self._plain_base(quantization)
         self._trainer = Trainer(self.loaded, spec, threads=self.threads, quantization=quantization,
                                 gradient_checkpointing=gradient_checkpointing)
         self._trainer_key = key
         return self._trainer
 
-    def prompt_init(self, spec: PromptSpec, seed: int) -> dict[str, np.ndarray]:
-        """A prompt fleet's starting prompt from this base's token embeddings (an
-        initialization round; ``edgetune.adapters.prompt``)."""
-        from .adapters.prompt import prompt_from_embeddings
+    def initial_adapter(self, spec: AdapterSpec, seed: int) -> dict[str, np.ndarray]:
+        """This device's proposal for the fleet's starting adapter, for a kind that starts from
+        the base (an initialization round: a soft prompt from its token embeddings)."""
+        return adapter_kind(spec).initial_from_base(spec, self.embeddings(spec), seed)
+
+    def embeddings(self, spec: AdapterSpec) -> BaseEmbeddings:
+        """The base's token embeddings and tokenizer, as a trainer of ``spec`` sees them
+        (adapters leave the input embeddings as they are)."""
         from .trainers.torch_prompt import embedding_rows, embedding_std
 
-        model = self.loaded.model  # (adapters leave the input embeddings as they are)
-        return prompt_from_embeddings(spec, lambda ids: embedding_rows(model, ids), self.loaded.tokenizer.encode,
-                                      self.manifest.vocab_size, seed, std=lambda: embedding_std(model))
+        model = self.loaded.model
+        return _Embeddings(lambda ids: embedding_rows(model, ids), lambda: embedding_std(model),
+                           self.loaded.tokenizer.encode, self.manifest.vocab_size)
 
     def train_blocks(self, seq_len: int) -> int:
         """How many training blocks of ``seq_len`` tokens this device holds (an epoch)."""
@@ -165,7 +171,7 @@ class Workload:
         from .trainers.quantize import quantization_of, quantize_base
 
         if self._trainer is not None:
-            if self._trainer_key[1] == "float32" or isinstance(self._trainer_key[0], PromptSpec):
+            if self._trainer.restores_base:
                 self._trainer.unload()
             self._trainer = None  # (drop the old PEFT wrapper before building the next)
             self._trainer_key = None
@@ -284,11 +290,7 @@ class OrtWorkload(Workload):
         key = (spec,)
         if self._trainer is not None and key == self._trainer_key:
             return self._trainer
-        if isinstance(spec, PromptSpec):
-            from .trainers.ort_prompt import OrtPromptTrainer as Trainer
-        else:
-            from .trainers.ort_lora import OrtLoraTrainer as Trainer
-
+        Trainer = trainer_class(self.backend, spec)
         if self._trainer is not None:
             self._trainer.unload()
             self._trainer = None
@@ -304,16 +306,24 @@ class OrtWorkload(Workload):
     def max_rank(self) -> int:  # type: ignore[override]
         return self.loaded.artifacts.adapter.rank
 
-    def prompt_init(self, spec: PromptSpec, seed: int) -> dict[str, np.ndarray]:
-        from .adapters.prompt import prompt_from_embeddings
-
+    def embeddings(self, spec: AdapterSpec) -> BaseEmbeddings:
         trainer = self.trainer(spec)  # reads the embedding matrix from the checkpoint
-        return prompt_from_embeddings(spec, trainer.embedding_rows, self.loaded.tokenizer.encode,
-                                      self.manifest.vocab_size, seed, std=trainer.embedding_std)
+        return _Embeddings(trainer.embedding_rows, trainer.embedding_std, self.loaded.tokenizer.encode,
+                           self.manifest.vocab_size)
 
     def importance(self, modules, settings, importance, quantization="float32", seed=0):
         raise ValueError("importance scoring (a calibration round) needs the torch backend: the ONNX Runtime "
                          "artifacts compute gradients of the LoRA factors only")
+
+
+@dataclass(frozen=True)
+class _Embeddings:
+    """``BaseEmbeddings`` over a backend's own lookups."""
+
+    rows: Callable[[np.ndarray], np.ndarray]
+    std: Callable[[], float]
+    encode: Callable[[str], list[int]]
+    vocab_size: int
 
 
 def choose_backend(trainer: str, artifacts: str | Path | None) -> str:

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from edgetune.adapters.lora import init_lora
-from edgetune.adapters.prompt import adapter_shapes
+from edgetune.adapters.registry import adapter_shapes
 from edgetune.simulate import TINY
 from edgetune.wire import LoraSpec
-from edgetune_aggregator.guard import DEFAULT_CHANGE_RATIO, check_candidate, lora_change, lora_update_change
+from edgetune.adapters.lora import KIND, lora_change, lora_update_change
+from edgetune_aggregator.guard import DEFAULT_CHANGE_RATIO, check_candidate
 from edgetune_aggregator.influence import InfluenceBounds, bound_influence, lower_median
 from edgetune_aggregator.strategies import RoundStart, make_strategy
 from edgetune_aggregator.strategies.optimizers import ServerOptimizerConfig
@@ -115,13 +116,13 @@ def test_honest_rounds_pass_the_default_check_with_every_strategy(strategy, opti
     settings = {"fedavgm": dict(lr=1.0, momentum=0.5), "fedadam": dict(lr=3e-3), "fedyogi": dict(lr=3e-3)}
     config = ServerOptimizerConfig(optimizer, **settings.get(optimizer, {}))
     for parent, candidate, typical in _rounds(strategy, config):
-        assert check_candidate(SHAPES, parent, candidate, SCALE, typical, DEFAULT_CHANGE_RATIO, config) is None
+        assert check_candidate(KIND, SPEC, SHAPES, parent, candidate, typical, DEFAULT_CHANGE_RATIO, config) is None
 
 
 def test_a_huge_delta_among_honest_ones_is_never_published_even_without_influence_bounds():
     config = ServerOptimizerConfig()
     parent, candidate, typical = next(_rounds("fedit", config, rounds=1, poison=1e38))
-    why = check_candidate(SHAPES, parent, candidate, SCALE, typical, DEFAULT_CHANGE_RATIO, config)
+    why = check_candidate(KIND, SPEC, SHAPES, parent, candidate, typical, DEFAULT_CHANGE_RATIO, config)
     assert why is not None and ("moves" in why or "overflows" in why or "non-finite" in why), why
 
 
@@ -132,21 +133,21 @@ def test_a_non_finite_global_is_refused_even_with_the_change_bound_off():
     name = sorted(broken)[0]
     broken[name] = broken[name].copy()
     broken[name][0, 0] = np.inf
-    assert "non-finite" in check_candidate(SHAPES, parent, (broken, {}), SCALE, typical, None, config)
+    assert "non-finite" in check_candidate(KIND, SPEC, SHAPES, parent, (broken, {}), typical, None, config)
     merged = {f"{name.rsplit('.', 1)[0]}.merged_B": np.full((SHAPES[name][0], 1), np.nan, np.float32)}
-    assert "non-finite" in check_candidate(SHAPES, parent, (candidate[0], merged), SCALE, typical, None, config)
+    assert "non-finite" in check_candidate(KIND, SPEC, SHAPES, parent, (candidate[0], merged), typical, None, config)
 
 
 def test_a_global_that_moves_far_more_than_its_updates_is_refused():
     config = ServerOptimizerConfig()
     parent, candidate, typical = next(_rounds("fedit", config, rounds=1))
     runaway = {n: parent[0][n] + 100 * (candidate[0][n] - parent[0][n]) for n in parent[0]}
-    why = check_candidate(SHAPES, parent, (runaway, {}), SCALE, typical, DEFAULT_CHANGE_RATIO, config)
+    why = check_candidate(KIND, SPEC, SHAPES, parent, (runaway, {}), typical, DEFAULT_CHANGE_RATIO, config)
     assert why is not None and "more than 10" in why, why
-    assert check_candidate(SHAPES, parent, (runaway, {}), SCALE, typical, None, config) is None
+    assert check_candidate(KIND, SPEC, SHAPES, parent, (runaway, {}), typical, None, config) is None
     wrong = dict(candidate[0])
     wrong.pop(sorted(wrong)[0])
-    assert "layout" in check_candidate(SHAPES, parent, (wrong, {}), SCALE, typical, None, config)
+    assert "layout" in check_candidate(KIND, SPEC, SHAPES, parent, (wrong, {}), typical, None, config)
 
 
 def test_update_change_of_a_zero_delta_is_zero_and_grows_with_the_delta():

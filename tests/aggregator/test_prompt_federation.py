@@ -167,7 +167,7 @@ def test_a_resumed_prompt_fleet_checks_devices_against_its_own_adapter(tmp_path)
 
 
 def test_the_starting_adapter_needs_a_strict_majority():
-    from edgetune.adapters.prompt import consensus as _consensus
+    from edgetune.adapters.tensors import consensus as _consensus
 
     a, b = {PROMPT: np.ones((2, 3), np.float32)}, {PROMPT: np.full((2, 3), 2.0, np.float32)}
     assert _consensus({"x": a})[0] is a

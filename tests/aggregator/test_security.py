@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_federation import Observer, start_aggregator
 
-from edgetune.adapters.prompt import adapter_shapes
+from edgetune.adapters.registry import adapter_shapes
 from edgetune.simulate import TINY, LightDevice, simulated_delta
 from edgetune.transport import open_transport
 from edgetune.transport.channel import Channel

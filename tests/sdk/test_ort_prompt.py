@@ -92,7 +92,7 @@ def test_the_starting_prompt_is_read_from_the_checkpoint(prompt_artifacts):
     ort_side = OrtWorkload.load(texts, trainer="ort", artifacts=folder)
     assert isinstance(ort_side, OrtWorkload) and ort_side.adapters == ("prompt",)
     for spec in (PromptSpec(5, "vocab"), PromptSpec(5, "random"), PromptSpec(5, "text", "Reply:")):
-        np.testing.assert_array_equal(ort_side.prompt_init(spec, seed=3)[PROMPT], torch_side.prompt_init(spec, 3)[PROMPT])
+        np.testing.assert_array_equal(ort_side.initial_adapter(spec, seed=3)[PROMPT], torch_side.initial_adapter(spec, 3)[PROMPT])
 
 
 def test_mismatched_prompt_artifacts_are_refused(prompt_artifacts):

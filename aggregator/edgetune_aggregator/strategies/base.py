@@ -22,7 +22,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgetune.adapters.lora import as_float32, module_names
+from edgetune.adapters.tensors import as_float32
+from edgetune.adapters.lora import module_names
 
 from .optimizers import ServerOptimizer, ServerOptimizerConfig
 

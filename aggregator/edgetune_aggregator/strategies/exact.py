@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgetune.adapters.lora import as_float32
+from edgetune.adapters.tensors import as_float32
 
 from .base import RoundMerge, RoundStart, Strategy, Tensors
 from .lowrank import LowRank, LowRankSum, Spectrum

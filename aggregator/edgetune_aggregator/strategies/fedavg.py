@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from edgetune.adapters.lora import as_float32
+from edgetune.adapters.tensors import as_float32
 
 Tensors = Mapping[str, np.ndarray]
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from edgetune.adapters.lora import as_float32
+from edgetune.adapters.tensors import as_float32
 
 ROBUST_METHODS = ("median", "trimmed_mean")
 

@@ -1,2 +1,7 @@
-"""Adapter kinds. Each kind is one module of pure numpy functions (shapes, initialisation,
-export) that both sides share; trainers that need a framework live in ``edgetune.trainers``."""
+"""Adapter kinds: each a package (``lora/``, ``prompt/``) behind one interface (``kind.py``),
+listed in one registry (``registry.py``). What every kind shares, tensor checks and norms, is in
+``tensors.py``; PEFT's file format in ``peft_format.py``. Pure numpy and no torch: both sides use
+them, and trainers that need a framework are found through the kinds (``edgetune.trainers``).
+
+Nothing here imports ``edgetune.wire`` at import time: the wire builds its ``AdapterSpec`` from
+the registry."""

@@ -82,32 +82,30 @@ def _workloads(config: BenchConfig, texts: dict[str, list[str]]):
 
 
 def _spec(config: BenchConfig):
-    from ..wire import LoraSpec, PromptSpec
+    from ..adapters.registry import spec_from_dict
 
-    if config.adapter == "prompt":
-        return PromptSpec(config.prompt_tokens, "vocab")
-    return LoraSpec(rank=config.rank, alpha=2.0 * config.rank, target_modules=config.targets)
+    # each kind takes the options that are its fields
+    return spec_from_dict({"kind": config.adapter, "num_virtual_tokens": config.prompt_tokens, "init": "vocab",
+                           "rank": config.rank, "alpha": 2.0 * config.rank, "target_modules": config.targets})
 
 
 def _federate(config: BenchConfig, workloads, spec):
     """FedAvg rounds with the aggregator's own strategy; the global adapter after them."""
     from edgetune_aggregator.strategies import RoundStart, make_strategy
 
-    from ..adapters.lora import init_lora
-    from ..wire import GlobalAdapter, LoraSpec, TrainSettings
+    from ..adapters.registry import adapter_kind
+    from ..wire import GlobalAdapter, TrainSettings
 
     first = next(iter(workloads.values()))
-    if isinstance(spec, LoraSpec):
-        tensors = init_lora(spec, first.manifest.modules, config.seed)
-        strategy = make_strategy("fedit")
-    else:
-        tensors = first.prompt_init(spec, config.seed)
-        strategy = make_strategy("dense")
+    kind = adapter_kind(spec)
+    tensors = kind.initial(spec, first.manifest, config.seed)
+    if tensors is None:  # (a kind that starts from the base: this device's proposal)
+        tensors = first.initial_adapter(spec, config.seed)
+    strategy = make_strategy(kind.auto_strategy(mixed=False))
     settings = TrainSettings(local_steps=config.fed_steps, batch_size=config.batch_size, seq_len=config.seq_len,
                              learning_rate=config.fed_lr)
     for r in range(1, config.rounds + 1):
-        scale = spec.alpha / spec.rank if isinstance(spec, LoraSpec) else 1.0
-        merge = strategy.begin(RoundStart(dict(tensors), {}, scale, seed=r))
+        merge = strategy.begin(RoundStart(dict(tensors), {}, kind.scale(spec), seed=r))
         for i, workload in enumerate(workloads.values()):
             trainer = workload.trainer(spec)
             trainer.set_adapter(tensors)

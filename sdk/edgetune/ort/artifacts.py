@@ -16,8 +16,8 @@ fingerprint and a hash of the frozen weights), which adapter layout (rank, alpha
 the checkpoint's parameter names map to the fleet's ``{module}.lora_A``/``lora_B`` names and in
 which order ``get_contiguous_parameters`` lays them out, each file's SHA-256, and the versions
 that built it. :func:`load_manifest` refuses a folder whose files do not match it, and
-:func:`check_layout` a round whose adapter the graphs cannot train, each with a message that
-says what to rebuild.
+:func:`check_kind` a round of another adapter kind (each kind's ONNX Runtime trainer checks the
+rest of its layout), each with a message that says what to rebuild.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..wire import LoraSpec, ModelManifest, PromptSpec
+from ..adapters.registry import adapter_kind, spec_from_dict
+from ..wire import ModelManifest
 
 __all__ = [
     "ArtifactError",
@@ -39,8 +40,7 @@ __all__ = [
     "FORMAT",
     "OptimizerSettings",
     "ParamEntry",
-    "check_layout",
-    "check_prompt_layout",
+    "check_kind",
     "file_digest",
     "load_manifest",
     "weights_digest",
@@ -92,10 +92,13 @@ class AdapterLayout:
     def scale(self) -> float:
         return self.alpha / self.rank if self.rank else 0.0
 
+    def spec(self):
+        """The adapter spec these graphs train (each kind takes the fields that are its own)."""
+        return spec_from_dict(asdict(self))
+
     def describe(self) -> str:
-        if self.kind == "prompt":
-            return f"a soft prompt of {self.num_virtual_tokens} virtual tokens"
-        return f"LoRA r={self.rank} on {len(self.modules)} modules"
+        spec = self.spec()
+        return adapter_kind(spec).describe(spec)
 
 
 @dataclass(frozen=True)
@@ -220,43 +223,10 @@ def load_manifest(folder: Path, *, verify_files: bool = True) -> ArtifactManifes
     return manifest
 
 
-def check_prompt_layout(manifest: ArtifactManifest, spec: PromptSpec) -> None:
-    """Refuse a prompt round the graphs cannot train: LoRA artifacts, or another prompt length."""
+def check_kind(manifest: ArtifactManifest, spec, rebuild: str) -> None:
+    """Refuse a round of another adapter kind than the graphs train (``rebuild``: the
+    ``edgetune build-ort`` options that would make the right ones)."""
     built = manifest.adapter
-    if built.kind != "prompt":
-        raise ArtifactError(f"the round trains a soft prompt of {spec.num_virtual_tokens} virtual tokens but the "
-                            f"artifacts train {built.describe()}: rebuild with `edgetune build-ort --prompt-tokens "
-                            f"{spec.num_virtual_tokens}`")
-    if built.num_virtual_tokens != spec.num_virtual_tokens:
-        raise ArtifactError(f"the round trains a soft prompt of {spec.num_virtual_tokens} virtual tokens but the "
-                            f"artifacts were built for {built.num_virtual_tokens}: rebuild with `edgetune build-ort "
-                            f"--prompt-tokens {spec.num_virtual_tokens}`")
-
-
-def check_layout(manifest: ArtifactManifest, spec: LoraSpec, modules: Iterable[str], rank: int) -> None:
-    """Refuse a round the graphs cannot train: other modules, a rank above the artifacts',
-    another scale (alpha / rank), or dropout (the graphs are built without it)."""
-    wanted = tuple(sorted(modules))
-    built = manifest.adapter
-    if built.kind != "lora":
-        raise ArtifactError(f"the round trains LoRA but the artifacts train {built.describe()}: rebuild with "
-                            f"`edgetune build-ort --rank {spec.rank} --targets {','.join(spec.target_modules)}`")
-    if wanted != tuple(sorted(built.modules)):
-        extra = sorted(set(wanted) - set(built.modules))[:3]
-        lacking = sorted(set(built.modules) - set(wanted))[:3]
-        raise ArtifactError(
-            f"the round trains LoRA on {len(wanted)} modules (targets {list(spec.target_modules)}) but the "
-            f"artifacts were built for {len(built.modules)} (targets {list(built.target_modules)}); not built: "
-            f"{extra}, not trained: {lacking}. Rebuild with `edgetune build-ort --targets "
-            f"{','.join(spec.target_modules)}`"
-        )
-    if rank > built.rank:
-        raise ArtifactError(f"the round trains rank {rank} but the artifacts were built for rank {built.rank}: "
-                            f"rebuild with `edgetune build-ort --rank {rank}`")
-    scale = spec.alpha / spec.rank
-    if not math.isclose(scale, built.scale, rel_tol=1e-6):
-        raise ArtifactError(f"the round scales LoRA by alpha/rank = {scale:g} but the artifacts by {built.scale:g}: "
-                            f"rebuild with `edgetune build-ort --rank {spec.rank} --alpha {spec.alpha:g}`")
-    if spec.dropout:
-        raise ArtifactError(f"the round uses LoRA dropout {spec.dropout:g}; the ONNX Runtime graphs are built "
-                            "without dropout: train this fleet with dropout 0 or on the torch backend")
+    if built.kind != spec.kind:
+        raise ArtifactError(f"the round trains {adapter_kind(spec).describe(spec)} but the artifacts train "
+                            f"{built.describe()}: rebuild with `edgetune build-ort {rebuild}`")

@@ -37,7 +37,8 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import replace_dir
-from ..wire import LoraSpec, PromptSpec
+from ..adapters.registry import adapter_kind
+from ..wire import AdapterSpec, LoraSpec, PromptSpec
 from .artifacts import (
     CHECKPOINT,
     EVAL_MODEL,
@@ -75,11 +76,13 @@ def build_artifacts(
     seed: int = 0,
     force: bool = False,
     prompt_tokens: int | None = None,
+    spec: AdapterSpec | None = None,
 ) -> ArtifactManifest:
     """Build the artifacts for ``model_ref`` (as for ``load_model``) into ``out``.
 
-    ``prompt_tokens`` N builds a soft prompt of N virtual tokens instead of LoRA (``rank``,
-    ``alpha`` and ``targets`` are then unused).
+    ``spec`` is the adapter to train (of a kind in ``_GRAPHS``); without it, the command line's
+    options make one: ``prompt_tokens`` N a soft prompt of N virtual tokens, otherwise LoRA of
+    ``rank``, ``alpha`` and ``targets``.
 
     ``rank`` and ``alpha`` must be the fleet's (the aggregator's ``--rank``/``--alpha``; both
     default alike): a device trains any rank up to ``rank`` at scale alpha / rank.
@@ -88,9 +91,7 @@ def build_artifacts(
     """
     import torch
 
-    from ..adapters.lora import init_lora, targets as select_targets
     from ..models import default_targets, load_model
-    from ..trainers.torch_lora import TorchLoraTrainer
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -99,32 +100,24 @@ def build_artifacts(
         raise FileExistsError(f"{out} is not empty: pass --force to replace it")
     started = time.perf_counter()
     loaded = load_model(model_ref)
-    if prompt_tokens is not None:
-        from ..trainers.torch_prompt import TorchPromptTrainer
-
-        prompt = PromptSpec(num_virtual_tokens=prompt_tokens)
-        trainer: Any = TorchPromptTrainer(loaded, prompt)  # the very PEFT model the torch backend trains
-        graph: Any = _PromptGraph(trainer)
-        layout = AdapterLayout(0, 0.0, (), (), "prompt", prompt_tokens)
-        described = f"a soft prompt of {prompt_tokens} virtual tokens"
-    else:
-        spec = LoraSpec(rank=rank, alpha=float(alpha),
-                        target_modules=tuple(targets or default_targets(loaded)), dropout=0.0)
-        modules = select_targets(spec, loaded.manifest.modules)
-        trainer = TorchLoraTrainer(loaded, spec)  # the very PEFT model the torch backend trains
-        trainer.set_adapter(init_lora(spec, loaded.manifest.modules, seed))
-        graph = _TrainingGraph(trainer)
-        layout = AdapterLayout(spec.rank, spec.alpha, spec.target_modules, tuple(modules))
-        described = f"LoRA r={spec.rank} on {len(modules)} modules"
+    if spec is None:  # (the command line's options)
+        spec = (PromptSpec(num_virtual_tokens=prompt_tokens) if prompt_tokens is not None else
+                LoraSpec(rank=rank, alpha=float(alpha), target_modules=tuple(targets or default_targets(loaded))))
+    kind = adapter_kind(spec)
+    if kind.name not in _GRAPHS:
+        raise ValueError(f"no ONNX Runtime graph is built for {kind.name} adapters (only {', '.join(_GRAPHS)})")
+    graph, layout = _GRAPHS[kind.name](loaded, spec, seed)
+    described = kind.describe(spec, loaded.manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         exported = _export(graph, tmp / "exported.onnx")
         parameters, base_weights, initializers = _generate(exported, graph, tmp, optimizer)
-        if layout.kind == "prompt":
+        if kind.initialized_on_devices:  # (its start reads rows of the input embedding matrix)
             embedding = next((n for n in graph.embedding_names if n in initializers), None)
             if embedding is None:
-                raise RuntimeError("the exported graph lost the input embedding matrix's name: cannot initialize prompts")
+                raise RuntimeError(f"the exported graph lost the input embedding matrix's name: cannot initialize "
+                                   f"{kind.name} adapters")
             layout = dataclasses.replace(layout, embedding=embedding)
         (tmp / "exported.onnx").unlink()
         tokenizer = _save_tokenizer(loaded.tokenizer, tmp)
@@ -252,6 +245,29 @@ class _PromptGraph:
         weight = peft_model.base_model.get_input_embeddings().weight
         self.embedding_names = [name for name, p in self.module.named_parameters(remove_duplicate=False)
                                 if p is weight]
+
+
+def _lora_graph(loaded: Any, spec: LoraSpec, seed: int) -> tuple[_TrainingGraph, AdapterLayout]:
+    from ..adapters.lora import init_lora, targets
+    from ..trainers.torch_lora import TorchLoraTrainer
+
+    spec = dataclasses.replace(spec, dropout=0.0)  # (the graphs train without dropout)
+    trainer = TorchLoraTrainer(loaded, spec)  # the very PEFT model the torch backend trains
+    trainer.set_adapter(init_lora(spec, loaded.manifest.modules, seed))
+    modules = targets(spec, loaded.manifest.modules)
+    return _TrainingGraph(trainer), AdapterLayout(spec.rank, spec.alpha, spec.target_modules, tuple(modules))
+
+
+def _prompt_graph(loaded: Any, spec: PromptSpec, seed: int) -> tuple[_PromptGraph, AdapterLayout]:
+    from ..trainers.torch_prompt import TorchPromptTrainer
+
+    trainer = TorchPromptTrainer(loaded, spec)  # the very PEFT model the torch backend trains
+    return _PromptGraph(trainer), AdapterLayout(0, 0.0, (), (), "prompt", spec.num_virtual_tokens)
+
+
+#: the exported training graph of each adapter kind that trains with ONNX Runtime: a function
+#: of (loaded model, spec, seed) giving the graph and the layout the manifest records
+_GRAPHS = {"lora": _lora_graph, "prompt": _prompt_graph}
 
 
 def _fleet_name(torch_name: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ import html
 from collections import Counter
 from pathlib import Path
 
+from ..adapters.registry import adapter_kind, spec_from_dict
 from ..atomic import atomic_write_bytes
 from .data import RunData, load_run
 from .plots import draw_all
@@ -74,12 +75,13 @@ def render(run: RunData, figures: list[tuple[str, str]]) -> str:
 
 
 def _adapter(adapter: dict) -> str:
-    if adapter.get("kind") == "prompt":
-        return f"soft prompt of {adapter.get('num_virtual_tokens')} tokens"
     if not adapter:
         return "?"
-    targets = adapter.get("target_modules", [])
-    return f"LoRA r={adapter.get('rank')} on {len(targets)} target(s)"
+    try:
+        spec = spec_from_dict(adapter)
+    except (TypeError, ValueError) as exc:  # (a state dir of a kind or version this SDK does not know)
+        return f"{adapter.get('kind', '?')} adapter ({exc})"
+    return adapter_kind(spec).describe(spec)
 
 
 def _devices(run: RunData) -> str:

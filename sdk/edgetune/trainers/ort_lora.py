@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..adapters.lora import as_float32, check_merged, check_tensors, lora_shapes, targets
-from ..ort.artifacts import ArtifactError, ArtifactManifest, check_layout
+from ..adapters.tensors import as_float32, check_tensors
+from ..adapters.lora import check_merged, lora_shapes, targets
+from ..ort.artifacts import ArtifactError, ArtifactManifest, check_kind
 from ..wire import LoraSpec
 from .ort_base import OrtTrainer, contiguous_order, load_artifacts
 
@@ -46,7 +47,7 @@ class OrtLoraTrainer(OrtTrainer):
                  manifest: ArtifactManifest | None = None, *, verify_weights: bool = True) -> None:
         super().__init__(folder, threads, manifest)
         modules = self.manifest.model.modules
-        check_layout(self.manifest, spec, targets(spec, modules), spec.rank)
+        _check_layout(self.manifest, spec, targets(spec, modules), spec.rank)
         self.spec = spec
         self.shapes = lora_shapes(spec, modules)
         self._entries = {p.name: p for p in self.manifest.parameters}
@@ -119,3 +120,30 @@ class OrtLoraTrainer(OrtTrainer):
         rank = self.spec.rank
         return ({name: g[:rank] if name.endswith(".lora_A") else g[:, :rank]
                  for name, g in grads.items() if name in self.shapes}, loss, tokens)
+
+
+def _check_layout(manifest: ArtifactManifest, spec: LoraSpec, modules: Iterable[str], rank: int) -> None:
+    """Refuse a round the graphs cannot train: other modules, a rank above the artifacts',
+    another scale (alpha / rank), or dropout (the graphs are built without it)."""
+    check_kind(manifest, spec, f"--rank {spec.rank} --targets {','.join(spec.target_modules)}")
+    wanted = tuple(sorted(modules))
+    built = manifest.adapter
+    if wanted != tuple(sorted(built.modules)):
+        extra = sorted(set(wanted) - set(built.modules))[:3]
+        lacking = sorted(set(built.modules) - set(wanted))[:3]
+        raise ArtifactError(
+            f"the round trains LoRA on {len(wanted)} modules (targets {list(spec.target_modules)}) but the "
+            f"artifacts were built for {len(built.modules)} (targets {list(built.target_modules)}); not built: "
+            f"{extra}, not trained: {lacking}. Rebuild with `edgetune build-ort --targets "
+            f"{','.join(spec.target_modules)}`"
+        )
+    if rank > built.rank:
+        raise ArtifactError(f"the round trains rank {rank} but the artifacts were built for rank {built.rank}: "
+                            f"rebuild with `edgetune build-ort --rank {rank}`")
+    scale = spec.alpha / spec.rank
+    if not math.isclose(scale, built.scale, rel_tol=1e-6):
+        raise ArtifactError(f"the round scales LoRA by alpha/rank = {scale:g} but the artifacts by {built.scale:g}: "
+                            f"rebuild with `edgetune build-ort --rank {spec.rank} --alpha {spec.alpha:g}`")
+    if spec.dropout:
+        raise ArtifactError(f"the round uses LoRA dropout {spec.dropout:g}; the ONNX Runtime graphs are built "
+                            "without dropout: train this fleet with dropout 0 or on the torch backend")

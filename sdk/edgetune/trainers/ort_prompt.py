@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters.lora import as_float32, check_tensors
+from ..adapters.tensors import as_float32, check_tensors
 from ..adapters.prompt import PROMPT, chunked_std, prompt_shapes
-from ..ort.artifacts import ArtifactError, ArtifactManifest, check_prompt_layout
+from ..ort.artifacts import ArtifactError, ArtifactManifest, check_kind
 from ..wire import PromptSpec
 from .ort_base import OrtTrainer
 
@@ -33,7 +33,7 @@ class OrtPromptTrainer(OrtTrainer):
     def __init__(self, folder: Path, spec: PromptSpec, threads: int | None = None,
                  manifest: ArtifactManifest | None = None, *, verify_weights: bool = True) -> None:
         super().__init__(folder, threads, manifest)
-        check_prompt_layout(self.manifest, spec)
+        _check_layout(self.manifest, spec)
         self.spec = spec
         self.shapes = prompt_shapes(spec, self.manifest.model)
         entries = {p.name: p for p in self.manifest.parameters}
@@ -74,3 +74,13 @@ class OrtPromptTrainer(OrtTrainer):
         """The embedding matrix's standard deviation, as ``torch_prompt.embedding_std``."""
         matrix = self._embedding()
         return chunked_std(lambda start, stop: matrix[start:stop].astype(np.float64), matrix.shape[0])
+
+
+def _check_layout(manifest: ArtifactManifest, spec: PromptSpec) -> None:
+    """Refuse a prompt round the graphs cannot train: other artifacts, or another prompt length."""
+    check_kind(manifest, spec, f"--prompt-tokens {spec.num_virtual_tokens}")
+    built = manifest.adapter
+    if built.num_virtual_tokens != spec.num_virtual_tokens:
+        raise ArtifactError(f"the round trains a soft prompt of {spec.num_virtual_tokens} virtual tokens but the "
+                            f"artifacts were built for {built.num_virtual_tokens}: rebuild with `edgetune build-ort "
+                            f"--prompt-tokens {spec.num_virtual_tokens}`")

@@ -40,6 +40,12 @@ class TorchTrainer:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self._params)
 
+    @property
+    def restores_base(self) -> bool:
+        """``unload()`` leaves the plain base it was given, for a trainer of another
+        configuration to wrap next (False: the workload loads the base again)."""
+        return True
+
     def _logits(self, batch: np.ndarray) -> torch.Tensor:
         """(B, T, V) logits of a (B, T) token batch: position t predicts token t + 1."""
         raise NotImplementedError

@@ -24,7 +24,8 @@ import peft
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from ..adapters.lora import as_float32, check_merged, check_tensors, lora_shapes
+from ..adapters.tensors import as_float32, check_tensors
+from ..adapters.lora import check_merged, lora_shapes
 from ..models.loading import LoadedModel
 from ..wire import LoraSpec
 from .quantize import quantization_of, quantize_base
@@ -91,6 +92,11 @@ class TorchLoraTrainer(TorchTrainer):
         if len(self._params) != sum(p.requires_grad for p in self.model.parameters()):
             raise RuntimeError("PEFT made other parameters trainable than the LoRA factors")
         self._merged_hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def restores_base(self) -> bool:
+        """A quantized base stays quantized when unloaded (see ``unload``)."""
+        return self.quantization == "float32"
 
     def unload(self) -> None:
         """Take the LoRA layers out again, leaving ``loaded.model`` the plain frozen base, so a

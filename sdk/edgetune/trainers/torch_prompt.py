@@ -19,7 +19,7 @@ import numpy as np
 import peft
 import torch
 
-from ..adapters.lora import as_float32, check_tensors
+from ..adapters.tensors import as_float32, check_tensors
 from ..adapters.prompt import PROMPT, chunked_std, prompt_shapes
 from ..models.loading import LoadedModel
 from ..wire import PromptSpec

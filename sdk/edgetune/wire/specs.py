@@ -1,12 +1,16 @@
-"""What configures training and describes a device or a model: adapter specs, training
-settings, model manifests, device profiles and capabilities, and the planner's per-device plan.
-They travel inside messages (``messages.py``) and in files (profiles, manifests)."""
+"""What configures training and describes a device or a model: adapter specs (each kind's own,
+re-exported here), training settings, model manifests, device profiles and capabilities, and
+the planner's per-device plan. They travel inside messages (``messages.py``) and in files
+(profiles, manifests)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .names import check_name, check_positive
+from ..adapters.lora.spec import LoraSpec
+from ..adapters.prompt.spec import PROMPT_INITS, PromptSpec
+from ..adapters.registry import KINDS, spec_union
+from .names import check_positive
 
 __all__ = ["DEFAULT_MAX_PACKET", "MAX_MANIFEST_MODULES", "MAX_LAYER_DIM", "LoraSpec", "PROMPT_INITS", "PromptSpec", "AdapterSpec", "ADAPTER_KINDS", "CLIENT_OPTIMIZERS", "ALGORITHMS", "TrainSettings", "ImportanceSettings", "ModelManifest", "DeviceProfile", "Capabilities", "QUANTIZATIONS", "DevicePlan"]
 
@@ -17,73 +21,10 @@ MAX_MANIFEST_MODULES = 10_000
 MAX_LAYER_DIM = 1 << 17
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    """Which linear layers get LoRA factors, and their rank.
-
-    A module named ``m`` gets ``m.lora_A`` of shape (rank, in) and ``m.lora_B`` of shape
-    (out, rank); the update it makes to the frozen weight is ``(alpha / rank) · B @ A``.
-    ``target_modules`` match the last component(s) of a module name, as in PEFT.
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    dropout: float = 0.0
-    #: the adapter kind on the wire (``AdapterSpec`` is a union told apart by it)
-    kind: str = "lora"
-
-    def __post_init__(self) -> None:
-        if self.kind != "lora":
-            raise ValueError(f"LoraSpec.kind must be 'lora', got {self.kind!r}")
-        if not 1 <= self.rank <= 1024:
-            raise ValueError(f"LoraSpec.rank must be in 1..1024, got {self.rank}")
-        check_positive(self.alpha, "LoraSpec.alpha")
-        if not self.target_modules:
-            raise ValueError("LoraSpec.target_modules must name at least one module")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout}")
-
-
-PROMPT_INITS = ("vocab", "random", "text")
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """A soft prompt (PEFT prompt tuning): ``num_virtual_tokens`` trainable embeddings put
-    before every input; the frozen model is otherwise untouched. One tensor,
-    ``prompt_embeddings`` of shape (num_virtual_tokens, hidden_size).
-
-    Its start needs the base's token embeddings, which only devices hold, so a prompt fleet
-    begins with an initialization round (``TaskKind.INITIALIZE``): ``init="vocab"`` takes the
-    embeddings of ``num_virtual_tokens`` vocabulary tokens drawn with the task's seed,
-    ``init="random"`` Gaussian vectors (seeded) with the embedding matrix's standard deviation,
-    ``init="text"`` the embeddings of ``init_text``'s tokens, repeated or cut to length (PEFT's
-    SAMPLE_VOCAB, RANDOM and TEXT initialisations; PEFT's RANDOM uses a unit Gaussian, which is
-    far larger than a small model's embeddings).
-    """
-
-    num_virtual_tokens: int = 20
-    init: str = "vocab"
-    init_text: str = ""
-    kind: str = "prompt"
-
-    def __post_init__(self) -> None:
-        if self.kind != "prompt":
-            raise ValueError(f"PromptSpec.kind must be 'prompt', got {self.kind!r}")
-        if not 1 <= self.num_virtual_tokens <= 1024:
-            raise ValueError(f"PromptSpec.num_virtual_tokens must be in 1..1024, got {self.num_virtual_tokens}")
-        if self.init not in PROMPT_INITS:
-            raise ValueError(f"PromptSpec.init {self.init!r} is not one of {', '.join(PROMPT_INITS)}")
-        if self.init == "text" and not self.init_text.strip():
-            raise ValueError("PromptSpec.init 'text' needs a non-empty init_text")
-        if len(self.init_text) > 10_000:
-            raise ValueError("PromptSpec.init_text is longer than 10,000 characters")
-
-
-#: an adapter of either kind; on the wire the ``kind`` field tells which
-AdapterSpec = LoraSpec | PromptSpec
-ADAPTER_KINDS = ("lora", "prompt")
+#: an adapter of any registered kind (``edgetune.adapters.registry``); on the wire its ``kind``
+#: field tells which. The specs are their kinds' own (``edgetune.adapters.lora.spec``, …).
+AdapterSpec = spec_union()
+ADAPTER_KINDS = tuple(KINDS)
 CLIENT_OPTIMIZERS = ("adamw", "sgd")
 #: fedavg: local steps, the update is trained − global; fedsgd: one gradient per round, the
 #: update is −gradient and the server steps with its own learning rate

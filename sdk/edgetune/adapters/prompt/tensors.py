@@ -11,12 +11,16 @@ device looks their rows up.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..wire import AdapterSpec, LoraSpec, ModelManifest, PromptSpec
-from .lora import Shapes, lora_shapes
+from ..tensors import Shapes
+from .spec import PromptSpec
+
+if TYPE_CHECKING:
+    from ...wire import ModelManifest
 
 #: the prompt's tensor name, as PEFT saves it (``adapter_model.safetensors``)
 PROMPT = "prompt_embeddings"
@@ -27,16 +31,6 @@ def prompt_shapes(spec: PromptSpec, model: ModelManifest) -> Shapes:
         raise ValueError(f"model {model.name} does not report its hidden size (a device with an older SDK): "
                          "it cannot train a soft prompt")
     return {PROMPT: (spec.num_virtual_tokens, model.hidden_size)}
-
-
-def adapter_shapes(spec: AdapterSpec, model: ModelManifest, rank: int | None = None) -> Shapes:
-    """Name -> shape of every tensor of an adapter of ``spec`` (a LoRA at ``rank``, if given)
-    on ``model``."""
-    if isinstance(spec, PromptSpec):
-        return prompt_shapes(spec, model)
-    if rank is not None and rank != spec.rank:
-        spec = LoraSpec(rank, spec.alpha, spec.target_modules, spec.dropout)
-    return lora_shapes(spec, model.modules)
 
 
 def init_token_ids(spec: PromptSpec, encode: Callable[[str], list[int]], vocab_size: int, seed: int) -> np.ndarray:
@@ -84,32 +78,3 @@ def chunked_std(rows: Callable[[int, int], np.ndarray], count: int, chunk: int =
         total, squares, n = total + float(block.sum()), squares + float((block * block).sum()), n + block.size
     mean = total / n
     return float(np.sqrt(max(squares / n - mean * mean, 0.0)))
-
-
-def agree(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], rtol: float = 1e-3) -> str | None:
-    """Why two devices' starting adapters differ (None if they agree within ``rtol`` of the
-    tensors' scale): they should be computed from the same base."""
-    if a.keys() != b.keys():
-        return f"tensors {sorted(a)} vs {sorted(b)}"
-    for name in a:
-        x, y = np.asarray(a[name], np.float32), np.asarray(b[name], np.float32)
-        if x.shape != y.shape:
-            return f"{name} has shape {list(y.shape)}, expected {list(x.shape)}"
-        scale = float(np.abs(x).max()) or 1.0
-        diff = float(np.abs(x - y).max())
-        if diff > rtol * scale:
-            return f"{name} differs by {diff:.3g} (scale {scale:.3g}): another base model?"
-    return None
-
-
-def consensus(inits: dict[str, dict]) -> tuple[dict | None, dict[str, str]]:
-    """The starting adapter a strict majority of devices agree on, and why each other device's
-    differs. Devices of one fleet share the base, so all should agree; one that does not runs
-    another base (or lies), and must not decide the fleet's start. Without a strict majority
-    (say one against one) nobody can tell which is right: ``(None, {device: "disagrees"})``."""
-    devices = list(inits)
-    agreeing = {d: [e for e in devices if agree(inits[d], inits[e]) is None] for d in devices}
-    chosen = max(devices, key=lambda d: (len(agreeing[d]), -devices.index(d)))
-    if 2 * len(agreeing[chosen]) <= len(devices):
-        return None, {d: f"agrees with {len(agreeing[d])} of {len(devices)}" for d in devices}
-    return inits[chosen], {d: agree(inits[chosen], inits[d]) for d in devices if d not in agreeing[chosen]}

@@ -1,7 +1,10 @@
 """LoRA adapters as plain arrays: ``{module}.lora_A`` (rank, in) and ``{module}.lora_B`` (out, rank).
 
 Pure numpy, no torch, so the aggregator can build, validate and merge adapters without a
-framework, and any trainer (PyTorch, ONNX Runtime) gets the same bytes.
+framework, and any trainer (PyTorch, ONNX Runtime) gets the same bytes. This module is where the
+rank contract lives: a device planned below the fleet's rank R trains the leading r components
+(``split_rank``), at the same scale alpha / R (``LoraSpec.at_rank``); its delta is zero-padded
+back to R where it is merged (``pad_rank``).
 """
 
 from __future__ import annotations
@@ -11,9 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..wire import LoraSpec
-
-Shapes = dict[str, tuple[int, ...]]
+from ..tensors import Shapes, as_float32, check_tensors
+from .spec import LoraSpec
 
 
 def targets(spec: LoraSpec, modules: Mapping[str, tuple[int, int]]) -> list[str]:
@@ -56,41 +58,6 @@ def init_lora(spec: LoraSpec, modules: Mapping[str, tuple[int, int]], seed: int)
             rng = np.random.default_rng(key)
             tensors[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
     return tensors
-
-
-def check_tensors(tensors: Mapping[str, np.ndarray], shapes: Shapes) -> str | None:
-    """Why ``tensors`` is not an adapter of ``shapes`` (None if it is): same names, same
-    shapes, finite float values."""
-    problem = tensor_problem(tensors, shapes)
-    return problem[1] if problem else None
-
-
-def tensor_problem(tensors: Mapping[str, np.ndarray], shapes: Shapes,
-                   dtypes: tuple[str, ...] | None = None) -> tuple[str, str] | None:
-    """``(reason, detail)`` of what keeps ``tensors`` from being an adapter of ``shapes``, or
-    None. Reasons: ``wrong_shape`` (names or shapes), ``bad_dtype`` (not a float, or not one
-    of ``dtypes``), ``not_finite``; the cheap checks run on every tensor before any value is read."""
-    missing, extra = shapes.keys() - tensors.keys(), tensors.keys() - shapes.keys()
-    if missing or extra:
-        parts = [f"missing {sorted(missing)[:3]}"] * bool(missing) + [f"unexpected {sorted(extra)[:3]}"] * bool(extra)
-        return "wrong_shape", "; ".join(parts)
-    for name, array in tensors.items():
-        if tuple(array.shape) != tuple(shapes[name]):
-            return "wrong_shape", f"{name} has shape {list(array.shape)}, expected {list(shapes[name])}"
-        dtype = "bfloat16" if type(array).__name__ == "BFloat16Array" else str(array.dtype)
-        if dtypes is not None and dtype not in dtypes:
-            return "bad_dtype", f"{name} has dtype {dtype}, expected one of {', '.join(dtypes)}"
-        if dtype != "bfloat16" and array.dtype.kind != "f":
-            return "bad_dtype", f"{name} has dtype {array.dtype}, expected a float type"
-    for name, array in tensors.items():
-        if not np.isfinite(as_float32(array)).all():
-            return "not_finite", f"{name} contains NaN or infinity"
-    return None
-
-
-def as_float32(array: np.ndarray) -> np.ndarray:
-    to_float32 = getattr(array, "to_float32", None)
-    return to_float32() if to_float32 else np.asarray(array, dtype=np.float32)
 
 
 def rank_of(tensors: Mapping[str, np.ndarray]) -> int:
@@ -181,3 +148,22 @@ def check_merged(merged: Mapping[str, np.ndarray], modules: Mapping[str, tuple[i
         if not np.isfinite(as_float32(array)).all():
             return f"{name} contains NaN or infinity"
     return None
+
+
+def weight_deltas(spec: LoraSpec, tensors: Mapping[str, np.ndarray], merged: Mapping[str, np.ndarray],
+                  modules: Mapping[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Module -> the dense (out, in) float32 change to its weight,
+    ``merged_B @ merged_A + (alpha / rank) · lora_B @ lora_A`` (exact); ValueError on a misfit."""
+    problem = check_tensors(tensors, lora_shapes(spec, modules)) or check_merged(merged, modules)
+    if problem:
+        raise ValueError(problem)
+    deltas: dict[str, np.ndarray] = {}
+    for module in sorted({name.rsplit(".", 1)[0] for name in merged}):
+        b, a = as_float32(merged[f"{module}.merged_B"]), as_float32(merged[f"{module}.merged_A"])
+        if a.shape[0]:  # k = 0 changes nothing
+            deltas[module] = b @ a
+    scale = np.float32(spec.scale)
+    for module in module_names(tensors):
+        lora = scale * (as_float32(tensors[f"{module}.lora_B"]) @ as_float32(tensors[f"{module}.lora_A"]))
+        deltas[module] = deltas[module] + lora if module in deltas else lora
+    return {module: np.asarray(delta, dtype=np.float32) for module, delta in deltas.items()}
