@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetune.planning.layout import GPT2_KINDS, LLAMA_KINDS
-from edgetune.adapters.registry import adapter_kind
+from edgetune.adapters.registry import KINDS, adapter_kind
 from edgetune.wire import DEFAULT_MAX_PACKET, AdapterSpec, ImportanceSettings, LoraSpec, ModelManifest, TrainSettings
 
 from .strategies import DEFAULT_SERVER_OPTIMIZER, STRATEGIES, ServerOptimizerConfig, make_strategy
@@ -136,9 +136,11 @@ class AggregatorConfig:
         if self.strategy != "auto" and self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
         strategy = make_strategy(self.strategy_name, self.server_optimizer)  # raises for an incompatible optimizer
-        if self.adapter.kind not in strategy.kinds:
-            fits = [name for name, cls in STRATEGIES.items() if self.adapter.kind in cls.kinds]
-            raise ValueError(f"strategy {strategy.name} merges {'/'.join(strategy.kinds)} adapters, not "
+        kind = adapter_kind(self.adapter)
+        if strategy.name not in kind.strategies:
+            fits = [name for name in STRATEGIES if name in kind.strategies]
+            merges = [name for name, other in KINDS.items() if strategy.name in other.strategies]
+            raise ValueError(f"strategy {strategy.name} merges {'/'.join(merges)} adapters, not "
                              f"{self.adapter.kind}: use {' or '.join(fits)} (or auto)")
         if self.train.algorithm == "fedsgd" and strategy.name not in ("fedit", "dense"):
             raise ValueError(f"FedSGD sends gradients, which only a plain average combines: strategy "

@@ -14,6 +14,7 @@ dense      yes     average of dense deltas (soft prompts; the only one for them)
 
 from .base import NextGlobal, RoundMerge, RoundStart, Strategy
 from .dense import Dense
+from .exact import ExactStrategy
 from .fedavg import FedAvg, fedavg
 from .fedit import FedIT, fedit
 from .hetlora import HetLoRA, hetlora
@@ -32,11 +33,12 @@ def make_strategy(name: str, optimizer: ServerOptimizerConfig | None = None, mer
         raise ValueError(f"aggregation strategy {name!r} is not one of {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
     optimizer = optimizer or ServerOptimizerConfig()
-    if cls.exact and cls.kinds == ("lora",) and optimizer.name not in LINEAR_OPTIMIZERS:
+    low_rank_exact = issubclass(cls, ExactStrategy)
+    if low_rank_exact and optimizer.name not in LINEAR_OPTIMIZERS:
         raise ValueError(f"strategy {name} keeps the global update exactly low-rank and works with the "
                          f"server optimizers {', '.join(LINEAR_OPTIMIZERS)}, not {optimizer.name} "
                          "(element-wise adaptivity would make it dense); use fedit or hetlora with it")
-    if cls.exact and cls.kinds == ("lora",):
+    if low_rank_exact:
         return cls(optimizer, merged_rank=merged_rank)
     return cls(optimizer)
 

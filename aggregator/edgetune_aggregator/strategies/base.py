@@ -98,8 +98,6 @@ class RoundMerge(ABC):
 class Strategy(ABC):
     name: ClassVar[str]
     exact: ClassVar[bool]
-    #: the adapter kinds it can merge
-    kinds: ClassVar[tuple[str, ...]] = ("lora",)
 
     def __init__(self, optimizer: ServerOptimizerConfig | None = None):
         self.optimizer = ServerOptimizer(optimizer)

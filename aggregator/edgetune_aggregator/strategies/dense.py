@@ -30,8 +30,6 @@ class _Mean(RoundMerge):
 class Dense(Strategy):
     name = "dense"
     exact = True
-    #: adapter kinds it merges (the LoRA strategies take only "lora")
-    kinds = ("prompt",)
 
     def begin(self, start: RoundStart) -> RoundMerge:
         return _Mean(start)

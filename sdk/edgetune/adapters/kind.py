@@ -69,6 +69,8 @@ class AdapterKind(ABC):
     plannable: ClassVar[bool] = False
     #: it sits on weight matrices an importance layout chooses (a calibration round)
     has_layout: ClassVar[bool] = False
+    #: the aggregator's merge strategies that can merge it (``edgetune_aggregator.strategies``)
+    strategies: ClassVar[tuple[str, ...]] = ("dense",)
     #: it changes the base's weights (``weight_deltas``), so it can be merged into them
     #: (``edgetune export --merged``)
     changes_weights: ClassVar[bool] = False

@@ -22,6 +22,7 @@ class LoraKind(AdapterKind):
     spec_class = LoraSpec
     trainers = {"torch": "edgetune.trainers.torch_lora:TorchLoraTrainer",
                 "ort": "edgetune.trainers.ort_lora:OrtLoraTrainer"}
+    strategies = ("fedit", "hetlora", "stack", "svd")
     plannable = True
     has_layout = True
     changes_weights = True
