@@ -36,6 +36,8 @@ class Opened:
     #: the signature's nonce (b"" for an unsigned message)
     nonce: bytes = b""
     signed: Signed | None = None
+    #: the payload as received (signed or not): what the round journal writes down
+    payload: bytes = b""
 
 
 class Intake:
@@ -64,9 +66,10 @@ class Intake:
             return self.hello_limit
         return limit
 
-    def open(self, topic: str, message: object) -> Opened | Refusal:
-        """The message to act on (unwrapped and verified if signed), or why it is refused."""
-        opened = self._open(topic, message)
+    def open(self, topic: str, message: object, payload: bytes) -> Opened | Refusal:
+        """The message to act on (unwrapped and verified if signed), or why it is refused;
+        ``payload`` is what it was decoded from, kept with it for the journal."""
+        opened = self._open(topic, message, payload)
         if isinstance(opened, Refusal):
             return opened
         kind = self.topics.device_kind(topic)
@@ -75,11 +78,11 @@ class Intake:
             return Refusal("unexpected_kind", f"{type(opened.message).__name__} on a {level[:32]!r} topic")
         return opened
 
-    def _open(self, topic: str, message: object) -> Opened | Refusal:
+    def _open(self, topic: str, message: object, payload: bytes) -> Opened | Refusal:
         if not isinstance(message, Signed):
             if self.keyring is not None and isinstance(message, MUST_BE_SIGNED):
                 return Refusal("unsigned", f"{type(message).__name__} without a signature")
-            return Opened(message)
+            return Opened(message, payload=payload)
         sender = self.topics.device_of(topic)
         if sender is None or message.device_id != sender:
             return Refusal("sender_mismatch", f"signed by {message.device_id!r} on {topic}")
@@ -95,4 +98,4 @@ class Intake:
             return Refusal(exc.reason, exc.detail)
         if isinstance(inner, (Signed, Chunk)):
             return Refusal("bad_payload", f"a signed {type(inner).__name__} is not a device message")
-        return Opened(inner, message.nonce, message)
+        return Opened(inner, message.nonce, message, payload)

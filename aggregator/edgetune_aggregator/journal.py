@@ -70,6 +70,8 @@ class RoundJournal:
         (trained for round ``late_from``) is ``{device}@r{late_from}``: a device may also
         send the open round's own ('@' is in no device id)."""
         check_name(device_id, "device id")
+        if not payload:
+            raise ValueError(f"no payload to journal for {device_id}'s result in round {number}")
         atomic_write_bytes(self._dir(number) / f"{result_name(device_id, late_from)}.msgpack", payload)
 
     def has(self, number: int, name: str) -> bool:

@@ -336,7 +336,7 @@ def test_by_default_the_fleet_is_the_default_models_and_a_resume_keeps_its_pin(t
 
     StateStore(tmp_path / "c").save_state(FleetState("f", TINY, SPEC))
     with pytest.raises(RuntimeError, match="--model-manifest"):
-        Aggregator(AggregatorConfig(fleet="f", state_dir=tmp_path / "c", adapter=SPEC), memory)._load()
+        Aggregator(AggregatorConfig(fleet="f", state_dir=tmp_path / "c", adapter=SPEC), memory).startup.resume()
 
 
 def test_a_previous_runs_retained_finished_task_does_not_send_a_device_home(mosquitto_url, tmp_path):

@@ -158,7 +158,7 @@ def test_a_resumed_prompt_fleet_checks_devices_against_its_own_adapter(tmp_path)
     StateStore(tmp_path / "state").save_state(FleetState("resume", manifest, SPEC, strategy="dense"))
     config = AggregatorConfig(model_from_first_hello=True, fleet="resume", state_dir=tmp_path / "state", adapter=LoraSpec())
     aggregator = Aggregator(config, open_transport("memory://resume", client_id="agg"))
-    aggregator.state = aggregator.store.load_state()
+    aggregator.fleet.state = aggregator.store.load_state()
     assert aggregator.state.adapter == SPEC
     prompt_only = Hello("dev-0", "0", manifest, Capabilities(backends=("ort",), adapters=("prompt",)))
     assert aggregator.check_model(prompt_only) is None

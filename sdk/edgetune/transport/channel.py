@@ -15,7 +15,7 @@ from typing import Any
 
 from ..logsafe import DropLog, shown
 from ..wire import DEFAULT_MAX_PACKET, Reassembler, WireError, chunk_payload
-from ..wire.chunks import decode_frame_sized
+from ..wire.chunks import decode_frame_payload
 from ..wire import encode_message, split_payload
 from .base import Transport
 
@@ -97,9 +97,9 @@ class Channel:
             self.transport.publish(f"{prefix}/{index}", b"", qos=1, retain=True)
         return len(frames)
 
-    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1, sized: bool = False) -> None:
-        """``handler(topic, message)`` for each whole, valid message on the filter;
-        ``sized``: ``handler(topic, message, size)``, with the bytes of the payload it came in."""
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1, raw: bool = False) -> None:
+        """``handler(topic, message)`` for each whole, valid message on the filter; ``raw``:
+        ``handler(topic, message, payload)``, with the payload it was decoded from, as received."""
 
         def on_frame(topic: str, payload: bytes) -> None:
             if not payload:
@@ -113,7 +113,7 @@ class Channel:
             try:
                 limit = self.limit_of(topic) if self.limit_of else None
                 with self._lock:
-                    message, size = decode_frame_sized(self.reassembler, sender, payload, limit)
+                    message, whole = decode_frame_payload(self.reassembler, sender, payload, limit)
             except WireError as exc:
                 self.drop(sender, topic, exc.reason, exc.detail)
                 return
@@ -122,8 +122,8 @@ class Channel:
                 self.drop(sender, topic, "bad_payload", f"{type(exc).__name__}: {exc}")
                 return
             if message is not None:
-                if sized:
-                    handler(topic, message, size)
+                if raw:
+                    handler(topic, message, whole)
                 else:
                     handler(topic, message)
 

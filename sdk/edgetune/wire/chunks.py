@@ -166,22 +166,23 @@ class Reassembler:
 def decode_frame(reassembler: Reassembler, sender: str, frame: bytes, max_size: int | None = None):
     """Decode one MQTT payload: a message, or None while a chunked one is incomplete.
     ``max_size`` bounds the whole payload, chunked or not (checked before reassembly)."""
-    return decode_frame_sized(reassembler, sender, frame, max_size)[0]
+    return decode_frame_payload(reassembler, sender, frame, max_size)[0]
 
 
-def decode_frame_sized(reassembler: Reassembler, sender: str, frame: bytes,
-                       max_size: int | None = None) -> tuple[object | None, int]:
-    """``decode_frame`` and the size of the whole payload the message came in (what holding
-    it costs a receiver that queues it)."""
+def decode_frame_payload(reassembler: Reassembler, sender: str, frame: bytes,
+                         max_size: int | None = None) -> tuple[object | None, bytes]:
+    """``decode_frame`` and the whole payload the message was decoded from, as received (the
+    frame, or the reassembled chunks): what a receiver that keeps the message writes down
+    instead of encoding it again (the aggregator's journal)."""
     if max_size is not None and len(frame) > max_size + CHUNK_OVERHEAD:
         raise WireError("oversize", f"a payload of {len(frame)} bytes where at most {max_size} fit")
     message = decode_message(frame)
     if not isinstance(message, Chunk):
-        return message, len(frame)
+        return message, bytes(frame)
     payload = reassembler.feed(sender, message, max_size)
     if payload is None:
-        return None, 0
+        return None, b""
     inner = decode_message(payload)
     if isinstance(inner, Chunk):
         raise WireError("bad_chunk", "a chunked payload may not itself be a chunk")
-    return inner, len(payload)
+    return inner, payload

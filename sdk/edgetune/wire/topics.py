@@ -94,6 +94,10 @@ class Topics:
         """The aggregator's receipts for one device's results (only that device reads them)."""
         return f"{self.base}/receipt/{device_id}"
 
+    def of(self, kind: str, device_id: str) -> str:
+        """The topic of one device's messages of ``kind`` (a name in ``kinds.py``)."""
+        return BY_NAME[kind].pattern(self.base, device_id)
+
     def all_devices(self, kind: str) -> str:
         """Subscription filter for one device-message kind from every device."""
         return f"{self.base}/{kind}/+"

@@ -1,0 +1,139 @@
+"""The result desk: a device's answer to a round is checked (for this round, from a member, the
+first time, its content fitting the fleet), written to the journal as received, recorded, and
+acknowledged with a receipt; a refused one gets a refusal receipt with its reason.
+
+What a result must contain and how it is recorded is its task kind's handler's business
+(``tasks/``); the desk keeps the rules every result shares. Every refusal is a counted reason
+(docs/security.md). A device resends an unanswered result with the same nonce: the desk
+answers it with the receipt it got the first time and counts it once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from edgetune.logsafe import shown
+from edgetune.transport import TransportError
+from edgetune.transport.channel import Channel
+from edgetune.wire import TASK_OF_RESULT, Receipt, Signed, TaskKind, Topics, decode_message
+from edgetune.wire.signing import unwrap
+
+from .fleet import Fleet
+from .health import Health
+from .journal import RoundJournal
+from .membership import Membership
+from .tasks.base import RoundContext, TaskHandler
+from .validation import Refusal
+
+log = logging.getLogger("edgetune_aggregator.daemon")
+
+#: error codes of a device that goes on with its round (the rest mean it gave the round up)
+CONTINUING_ERRORS = ("oom_backoff",)
+
+
+class ResultDesk:
+    def __init__(self, fleet: Fleet, members: Membership, handlers: dict[TaskKind, TaskHandler], journal: RoundJournal,
+                 channel: Channel, topics: Topics, health: Health, signed_fleet: bool, metrics=None):
+        self.fleet = fleet
+        #: the fleet has device keys: results and error reports count only signed
+        self.signed_fleet = signed_fleet
+        self.members = members
+        self.handlers = handlers
+        self.journal = journal
+        self.channel = channel
+        self.topics = topics
+        self.health = health
+        self.metrics = metrics
+
+    def on_result(self, topic: str, opened, ctx: RoundContext | None) -> None:
+        """A device's answer to a round: checked, written to the journal, then acknowledged
+        with a ``Receipt`` (a device resends an unanswered result with the same nonce)."""
+        message, sender = opened.message, opened.message.device_id
+        handler = self.handlers[TASK_OF_RESULT[type(message)]]
+        refusal = self._check_round(handler, message, opened.nonce, ctx) or handler.check(message, ctx)
+        norm = None
+        if refusal is None:  # (measured once, on content whose layout passed)
+            norm, refusal = handler.measure(message)
+        if refusal is not None:
+            self.channel.drop(sender, topic, refusal.reason, refusal.detail)
+            # an unknown sender gets no answer; a replay got its first answer again
+            if refusal.reason not in ("unknown_device", "replayed"):
+                self._receipt(message, opened.nonce, refusal.reason, ctx)
+            return
+        if ctx.journal:  # on disk, as received, before anyone hears of it: a crash after this keeps it
+            self.journal.record(ctx.number, sender, opened.payload, message.round if message.round < ctx.number else None)
+            self.health.wrote()
+        self._accept(ctx, handler, message, opened.nonce, norm)
+        self._receipt(message, opened.nonce, "", ctx)
+        if self.metrics is not None:
+            self.metrics.accepted(ctx.kind.value)
+
+    def on_error(self, topic: str, opened, ctx: RoundContext | None) -> None:
+        """A device reports an error in a round. One that gave up on the open round (missed its
+        deadline, ran out of memory, failed) will not answer: the quorum stops waiting for it.
+        Backing off is no giving up; in a fleet with keys only a signed report counts."""
+        report, sender = opened.message, opened.message.device_id
+        log.warning("device %s reports %s in round %d: %s", shown(sender, 64), shown(report.code, 32), report.round,
+                    shown(report.message, 300))
+        if (ctx is not None and report.round == ctx.number and report.code not in CONTINUING_ERRORS
+                and sender in self.members.devices and (not self.signed_fleet or opened.signed is not None)):
+            ctx.declined[sender] = f"{shown(report.code, 32)}: {shown(report.message, 260)}"
+            self.members.answer(sender, ctx.number)
+
+    def replay(self, ctx: RoundContext, payload: bytes) -> None:
+        """Re-accept a journaled result after a restart (checked when it first arrived)."""
+        message = decode_message(payload)
+        nonce = message.nonce if isinstance(message, Signed) else b""
+        message = unwrap(message)
+        handler = self.handlers[TASK_OF_RESULT[type(message)]]
+        self._accept(ctx, handler, message, nonce, handler.measure(message)[0])
+        ctx.remember(Receipt(message.device_id, message.round, nonce, True))
+
+    def _accept(self, ctx: RoundContext, handler: TaskHandler, message, nonce: bytes, norm: float | None) -> None:
+        self.members.answer(message.device_id, ctx.number)
+        handler.accept(ctx, message, norm)
+
+    # --- the rules every result shares ----------------------------------------------------
+
+    def _check_round(self, handler: TaskHandler, message, nonce: bytes, ctx: RoundContext | None) -> Refusal | None:
+        """Whether a result belongs to the open round, from a member, for the first time."""
+        sender, state = message.device_id, self.fleet.state
+        if sender not in self.members.devices:
+            return Refusal("unknown_device", "no hello received from it")
+        if state and sender in state.left_out:
+            return Refusal("init_mismatch", f"left out of this fleet: its starting adapter differed "
+                           f"({state.left_out[sender]})")
+        current = ctx.number if ctx else (state.round if state else 0) + 1
+        if message.round < current or (ctx is None and state and message.round <= state.round):
+            if ctx is None or ctx.kind is not handler.kind or not handler.accepts_late:
+                return Refusal("stale_round", f"{type(message).__name__} for round {message.round}, which is closed")
+            return self._replayed(ctx, sender, nonce) or handler.late(message, ctx)
+        if ctx is None or ctx.kind is not handler.kind or message.round != ctx.number:
+            open_round = f"round {ctx.number} ({ctx.kind.value})" if ctx else "no round"
+            return Refusal("unknown_round", f"{type(message).__name__} for round {message.round}; {open_round} is open")
+        replayed = self._replayed(ctx, sender, nonce)
+        if replayed is not None:
+            return replayed
+        if sender in ctx.seen:
+            return Refusal("duplicate", f"second result for round {ctx.number}")
+        return None
+
+    def _replayed(self, ctx: RoundContext, sender: str, nonce: bytes) -> Refusal | None:
+        """The same signed message again: a device resending (the receipt is repeated) or a replay."""
+        earlier = ctx.answered(sender, nonce)
+        if earlier is None:
+            return None
+        self._send_receipt(earlier, "resend")
+        return Refusal("replayed", f"nonce {nonce.hex()[:8]}… was seen in round {ctx.number} already")
+
+    def _receipt(self, message, nonce: bytes, reason: str, ctx: RoundContext | None) -> None:
+        receipt = Receipt(message.device_id, message.round, nonce, not reason, reason)
+        if ctx is not None:
+            ctx.remember(receipt)
+        self._send_receipt(receipt, "send")
+
+    def _send_receipt(self, receipt: Receipt, verb: str) -> None:
+        try:
+            self.channel.send(self.topics.receipt(receipt.device_id), receipt)
+        except TransportError as exc:  # the device resends and gets the receipt then
+            log.warning("could not %s %s its receipt: %s", verb, receipt.device_id, exc)

@@ -1,0 +1,93 @@
+"""What the daemon keeps on the broker for devices: its presence (with a last will), the task
+and the global adapter (retained, so a device that connects late reads them), and the offer
+of ONNX Runtime artifacts. After a reconnection it publishes them all again: a broker restarted
+without persistence lost them, and devices need them to go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from edgetune.transport import Transport, Will
+from edgetune.transport.channel import Channel
+from edgetune.wire import AGGREGATOR_ID, DEVICE_KINDS, Presence, RoundTask, Topics, encode_message
+
+from .fleet import Fleet
+
+log = logging.getLogger("edgetune_aggregator.daemon")
+
+
+class Publisher:
+    def __init__(self, transport: Transport, channel: Channel, topics: Topics, fleet: Fleet, artifacts=None):
+        self.transport = transport
+        self.channel = channel
+        self.topics = topics
+        self.fleet = fleet
+        #: an ``ArtifactServer`` for devices without PyTorch, or None
+        self.artifacts = artifacts
+        #: the task published now (retained)
+        self.task: RoundTask | None = None
+        #: payload bytes of the published global adapter (what each device downloads)
+        self.global_bytes = 0
+
+    def connect(self, receive: Callable[[str, object, bytes], None], on_reconnect: Callable[[bool], None]) -> None:
+        """Subscribe ``receive`` to every device kind the aggregator reads, connect with a last
+        will, clear what an earlier run left retained, and say the aggregator is online."""
+        will = Will(self.topics.aggregator_status, encode_message(Presence(AGGREGATOR_ID, False)))
+        self.transport.on_reconnect(on_reconnect)
+        # Handlers before the connection: what the persistent session queued while the daemon
+        # was away arrives right after it, and goes through the bounded inbox like the rest.
+        for kind in DEVICE_KINDS:
+            if kind.aggregator_reads:
+                self.channel.subscribe(kind.pattern(self.topics.base), receive, qos=kind.qos, raw=True)
+        self.transport.connect(will=will)
+        # A retained task left by an earlier run (e.g. "finished") must not steer devices
+        # that connect before this run publishes its own.
+        self.transport.publish(self.topics.task, b"", retain=True)
+        if self.artifacts is not None:
+            self.artifacts.publish(self.channel, self.topics)
+        else:  # an offer retained by an earlier run must not send devices to a daemon without one
+            self.transport.publish(self.topics.artifact_offer("ort") + "/0", b"", retain=True)
+        self.presence(True)
+
+    def presence(self, online: bool) -> None:
+        self.transport.publish(self.topics.aggregator_status, encode_message(Presence(AGGREGATOR_ID, online)),
+                               retain=True)
+
+    def publish_task(self, task: RoundTask) -> None:
+        # Not flushed: waiting for the broker's acknowledgement here could wait on a network
+        # thread that waits for room in the inbox (paho resends it after a reconnection).
+        self.task = task
+        self.transport.publish(self.topics.task, encode_message(task), retain=True)
+
+    def publish_global(self) -> None:
+        """Publish the current adapter (retained). The state naming it is on disk already, so
+        a crash here republishes the same version on restart."""
+        state = self.fleet.state
+        count = self.channel.send_retained(self.topics.global_adapter, self.fleet.global_adapter, state.global_chunks)
+        self.global_bytes = self.channel.last_retained_bytes
+        if count != state.global_chunks:
+            self.fleet.update(save=True, global_chunks=count)
+
+    def republish(self, session_present: bool) -> None:
+        """After a reconnection: a broker restarted without persistence lost the retained
+        task, global adapter and status, which devices need to go on; publishing them again
+        is harmless when it kept them."""
+        log.info("reconnected to the broker (%s); republishing the task and global adapter",
+                 "session kept" if session_present else "session lost")
+        self.presence(True)
+        if self.task is not None:
+            self.transport.publish(self.topics.task, encode_message(self.task), retain=True)
+        if self.fleet.global_adapter is not None and self.fleet.state is not None:
+            self.channel.send_retained(self.topics.global_adapter, self.fleet.global_adapter,
+                                       self.fleet.state.global_chunks)
+        if self.artifacts is not None:
+            self.artifacts.publish(self.channel, self.topics)
+
+    def close(self) -> None:
+        """Withdraw the artifact offer, say the aggregator is offline, disconnect."""
+        if self.artifacts is not None:
+            self.artifacts.withdraw(self.channel, self.topics)
+        self.presence(False)
+        self.transport.close()
