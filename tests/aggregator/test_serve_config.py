@@ -4,9 +4,13 @@ dataclasses' alone."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -233,3 +237,77 @@ def test_cli_errors_from_a_file_are_one_line(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"edgetune-aggregator: error: {path}: round_timeout_s must be a number, got 'long'"
+
+
+@pytest.mark.slow
+def test_serve_and_device_run_from_config_files_finish_a_round_over_mosquitto(mosquitto_url, tmp_path):
+    """The real commands, each with a --config file (and one flag over it), over Mosquitto."""
+    from edgetune.data import write_demo_data
+
+    fleet = f"conf-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "data").mkdir()
+    write_demo_data(tmp_path / "data", 1, n_records=40)
+    (data,) = sorted((tmp_path / "data").iterdir())
+    aggregator_toml = write(tmp_path, f"""
+fleet = "{fleet}"
+state_dir = "state"                 # relative: next to this file
+rounds = 1
+evaluate_final = false
+round_timeout_s = 120
+join_timeout_s = 120
+planning = false
+model_from_first_hello = true
+from_a_newer_version = 1
+[adapter]
+rank = 2
+target_modules = ["q_proj"]
+[train]
+local_steps = 2
+batch_size = 2
+seq_len = 32
+eval_blocks = 1
+[serve]
+broker = "mqtt://127.0.0.1:1"       # unreachable: the --broker flag overrides it
+connect_timeout_s = 30
+""", "aggregator.toml")
+    device_toml = write(tmp_path, f"""
+broker = "{mosquitto_url}"
+fleet = "{fleet}"
+device_id = "line-1"
+data = "data/{data.name}"
+model = "tiny-llama"
+threads = 1
+plan = false
+connect_timeout_s = 30
+state_dir = "device-state"
+log_file = "device.log"
+""", "device.toml")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "sdk"), str(REPO / "aggregator")])}
+    daemon_log, device_out = tmp_path / "daemon.out", tmp_path / "device.out"
+    with daemon_log.open("wb") as out:
+        daemon = subprocess.Popen([sys.executable, "-m", "edgetune_aggregator", "serve", "--config",
+                                   str(aggregator_toml), "--broker", mosquitto_url], stdout=out,
+                                  stderr=subprocess.STDOUT, env=env)
+    with device_out.open("wb") as out:
+        device = subprocess.Popen([sys.executable, "-m", "edgetune", "device", "run", "--config", str(device_toml)],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:  # until both finish, or one of them fails
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and None in (daemon.poll(), device.poll()):
+            if daemon.poll() or device.poll():
+                break
+            time.sleep(0.2)
+    finally:
+        for process in (daemon, device):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    daemon_output = daemon_log.read_text()
+    device_log = (tmp_path / "device.log").read_text() if (tmp_path / "device.log").exists() else ""
+    assert (daemon.returncode, device.returncode) == (0, 0), (f"daemon:\n{daemon_output}\ndevice:\n"
+                                                               f"{device_out.read_text()}{device_log}")
+    assert "unknown key 'from_a_newer_version'" in daemon_output
+    rounds = json.loads((tmp_path / "state" / "rounds.json").read_text())
+    assert [(r["kind"], r["status"]) for r in rounds] == [("train", "aggregated")]
+    assert [d["device_id"] for d in rounds[0]["devices"]] == ["line-1"]
+    assert "line-1" in device_log  # it logged where its file said

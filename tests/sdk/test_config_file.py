@@ -1,19 +1,25 @@
-"""The settings-file loader (``edgetune.config_file``): types checked by the dataclasses'
-hints, errors naming the file and the field, unknown keys warned about, flags over the file
-over the defaults."""
+"""The settings-file loader (``edgetune.config_file``) and ``edgetune device run|personalize
+--config``: types checked by the dataclasses' hints, errors naming the file and the field,
+unknown keys warned about, flags over the file over the defaults."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from edgetune.cli import build_parser, device_settings
 from edgetune.config_file import SettingsFile, default_of, flags_given
+from edgetune.personalize import PersonalizeSettings
+from edgetune.run_config import DeviceRunSettings
 from edgetune.wire import AdapterSpec, LoraSpec, PromptSpec
 
+REPO = Path(__file__).resolve().parents[2]
 MOMENTUM = {"plain": 0.0, "heavy": 0.5}
 
 
@@ -169,3 +175,112 @@ def test_default_of_reads_nested_defaults():
     assert default_of(Settings, "optimizer.momentum") == 0.5
     with pytest.raises(KeyError):
         default_of(Settings, "name")
+
+
+# --- edgetune device run / personalize --config ------------------------------------------------
+
+REQUIRED = ["--broker", "memory://x", "--fleet", "f", "--device-id", "d", "--data", "d.txt"]
+
+
+def device(command: str, *argv: str) -> DeviceRunSettings:
+    return device_settings(build_parser().parse_args(["device", command, *argv]))
+
+
+def _parser(command: str):
+    device_parser = build_parser()._subparsers._group_actions[0].choices["device"]
+    return device_parser._subparsers._group_actions[0].choices[command]
+
+
+@pytest.mark.parametrize("command", ["run", "personalize"])
+def test_device_flags_have_no_defaults_of_their_own(command):
+    defaults = {a.dest: a.default for a in _parser(command)._actions if a.dest != "help"}
+    assert defaults and all(v is None for v in defaults.values()), defaults
+    assert device(command, *REQUIRED) == DeviceRunSettings("memory://x", "f", "d", Path("d.txt"))
+    assert device(command, *REQUIRED).personalize == PersonalizeSettings()  # its defaults, once
+
+
+DEVICE_FILE = """
+broker = "mqtt://b:1"
+fleet = "f"
+device_id = "line-1"
+data = "/data/line-1.jsonl"
+model = "tiny-llama"
+threads = 2
+trainer = "torch"
+heldout_fraction = 0.2
+validation_fraction = 0.05
+connect_timeout_s = 30
+fetch_timeout_s = 20
+plan = false
+state_dir = "/state"
+uplink_mbps = 5
+tls_ca = "/tls/ca.crt"
+log_level = "DEBUG"
+global_wait_s = 5
+personal_out = "/out"
+[personalize]
+learning_rate = 1e-3
+steps = 5
+optimizer = "sgd"
+l2_to_global = 1
+alphas = [0, 0.5, 1]
+seq_len = 32
+"""
+DEVICE_FLAGS = ["--broker", "mqtt://b:1", "--fleet", "f", "--device-id", "line-1", "--data", "/data/line-1.jsonl",
+                "--model", "tiny-llama", "--threads", "2", "--trainer", "torch", "--heldout", "0.2", "--validation",
+                "0.05", "--connect-timeout", "30", "--fetch-timeout", "20", "--no-plan", "--state-dir", "/state",
+                "--uplink-mbps", "5", "--ca", "/tls/ca.crt", "--log-level", "DEBUG", "--wait", "5", "--out", "/out",
+                "--lr", "1e-3", "--steps", "5", "--optimizer", "sgd", "--l2-to-global", "1", "--alphas", "0,0.5,1",
+                "--seq-len", "32"]
+
+
+def test_a_device_file_gives_the_same_settings_as_the_equivalent_flags(tmp_path):
+    path = tmp_path / "device.toml"
+    path.write_text(DEVICE_FILE)
+    from_file = device("personalize", "--config", str(path))
+    assert from_file == device("personalize", *DEVICE_FLAGS)
+    assert from_file.plan is False and from_file.tls == {"ca_certs": "/tls/ca.crt"}
+    assert from_file.personalize == PersonalizeSettings(learning_rate=1e-3, steps=5, optimizer="sgd", l2_to_global=1.0,
+                                                        alphas=(0.0, 0.5, 1.0), seq_len=32)
+
+
+def test_device_flags_override_the_file(tmp_path):
+    path = tmp_path / "device.toml"
+    path.write_text(DEVICE_FILE)
+    got = device("personalize", "--config", str(path), "--device-id", "line-9", "--steps", "9", "--trainer", "auto")
+    assert (got.device_id, got.personalize.steps, got.trainer, got.threads) == ("line-9", 9, "auto", 2)
+    assert device("run", "--config", str(path), "--stay").stay is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ('trainer = "tf"', "device.toml: trainer 'tf' is not one of torch, ort, auto"),
+    ('threads = "many"', "device.toml: threads must be an integer, got 'many'"),
+    ("plan = 0", "device.toml: plan must be true or false, got 0"),
+    ("[personalize]\nlearning_rate = 0", "device.toml: [personalize]: learning_rate must be > 0, got 0.0"),
+    ('[personalize]\noptimizer = "adam"', "device.toml: [personalize]: optimizer 'adam' is not one of adamw, sgd"),
+])
+def test_a_wrong_device_setting_names_the_file_and_the_field(tmp_path, text, message):
+    path = tmp_path / "device.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        device("run", *REQUIRED, "--config", str(path))
+    assert str(error.value) == str(tmp_path / message)
+
+
+def test_device_required_settings_come_from_either_place(tmp_path):
+    with pytest.raises(ValueError) as error:
+        device("run", "--fleet", "f")
+    assert str(error.value) == ("--broker, --device-id and --data are required: give them as flags, or in the "
+                                "--config file (broker, device_id, data)")
+    path = tmp_path / "device.toml"
+    path.write_text('broker = "memory://x"\nfleet = "f"\ndevice_id = "d"\ndata = "d.txt"\n')
+    assert device("run", "--config", str(path)).data == tmp_path / "d.txt"  # relative to the file
+
+
+def test_device_cli_errors_from_a_file_are_one_line(tmp_path):
+    path = tmp_path / "device.toml"
+    path.write_text('broker = "memory://x"\nfleet = "f"\ndevice_id = "d"\ndata = "d.txt"\nheldout_fraction = "a tenth"\n')
+    result = subprocess.run([sys.executable, "-m", "edgetune", "device", "run", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"edgetune: error: {path}: heldout_fraction must be a number, got 'a tenth'"
