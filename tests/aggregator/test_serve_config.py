@@ -4,9 +4,11 @@ dataclasses' alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -229,6 +231,63 @@ def test_file_paths_are_relative_to_the_file_and_the_manifest_is_read(tmp_path):
     assert config.admit == frozenset({"line-1", "line-2"})
     assert config.model == default_manifest()
     assert settings(*REQUIRED, "--state-dir", "rel", config=path)[0].state_dir == Path("rel")  # a flag's: as given
+
+
+def test_the_example_file_parses_without_warnings(caplog):
+    with caplog.at_level(logging.WARNING):
+        config, process = settings(config=REPO / "docs" / "config" / "aggregator.toml")
+    assert not caplog.records, caplog.text
+    assert (config.fleet, config.rounds, config.min_devices, config.adapter.rank) == ("plant-7", 10, 3, 8)
+    assert process.broker.startswith("mqtt://") and process.metrics_port == 9100
+
+
+def _doc_tables() -> dict[str, dict[str, str]]:
+    """docs/configuration.md's key tables: {dataclass named in the heading: {key: default cell}}."""
+    tables: dict[str, dict[str, str]] = {}
+    current = None
+    for line in (REPO / "docs" / "configuration.md").read_text().splitlines():
+        if line.startswith("#"):
+            named = re.findall(r"\(`(\w+)`", line)
+            current = tables.setdefault(named[0], {}) if named else None
+        elif current is not None and (row := re.match(r"\| `(\w+)` \|([^|]*)\|", line)):
+            current[row[1]] = row[2].strip()
+    return tables
+
+
+def test_the_configuration_doc_lists_every_key_with_its_default():
+    """Every field of every settings dataclass has a row, and a default in backticks is the
+    dataclass's (read back as TOML)."""
+    import tomllib
+
+    from edgetune.personalize import PersonalizeSettings
+    from edgetune.run_config import DeviceRunSettings
+    from edgetune.wire import ImportanceSettings
+    from edgetune_aggregator.strategies import ServerOptimizerConfig
+
+    defaults = AggregatorConfig(fleet="f", state_dir=Path("s"))
+    owners = {AggregatorConfig: None, LoraSpec: defaults.adapter, PromptSpec: PromptSpec(), TrainSettings: defaults.train,
+              ServerOptimizerConfig: defaults.server_optimizer, ImportanceSettings: defaults.importance,
+              UpdateLimits: defaults.limits, InfluenceBounds: defaults.influence, ServeSettings: None,
+              DeviceRunSettings: None, PersonalizeSettings: PersonalizeSettings()}
+    tables = _doc_tables()
+    checked = 0
+    for cls, instance in owners.items():
+        rows = tables.get(cls.__name__, {})
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in rows and not (cls is PromptSpec and f.name == "kind")]
+        assert not missing, f"docs/configuration.md: no row for {cls.__name__}'s {missing}"
+        for f in dataclasses.fields(cls):
+            cell = rows.get(f.name)
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            assert (cell == "required") == (not has_default), (cls.__name__, f.name, cell)
+            if cell is None or not (cell.startswith("`") and cell.endswith("`")):
+                continue
+            value = getattr(instance, f.name) if instance is not None else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+            written = tomllib.loads(f"v = {cell.strip('`')}")["v"]
+            expected = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
+            assert (None if written == "none" else written) == expected, (cls.__name__, f.name, cell, value)
+            checked += 1
+    assert checked > 80
 
 
 def test_cli_errors_from_a_file_are_one_line(tmp_path):

@@ -277,6 +277,13 @@ def test_device_required_settings_come_from_either_place(tmp_path):
     assert device("run", "--config", str(path)).data == tmp_path / "d.txt"  # relative to the file
 
 
+def test_the_device_example_parses_without_warnings(caplog):
+    with caplog.at_level(logging.WARNING):
+        got = device("personalize", "--config", str(REPO / "docs" / "config" / "device.toml"))
+    assert not caplog.records, caplog.text
+    assert (got.fleet, got.device_id, got.threads, got.personalize.l2_to_global) == ("plant-7", "line-1", 4, 1.0)
+
+
 def test_device_cli_errors_from_a_file_are_one_line(tmp_path):
     path = tmp_path / "device.toml"
     path.write_text('broker = "memory://x"\nfleet = "f"\ndevice_id = "d"\ndata = "d.txt"\nheldout_fraction = "a tenth"\n')
