@@ -600,7 +600,7 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
     import edgetune_aggregator.tasks.train
     from edgetune.transport import open_transport
     from edgetune.wire import TaskKind
-    from edgetune_aggregator.cli import build_parser, config_from_args
+    from edgetune_aggregator.cli import build_parser, settings_from_args
     from edgetune_aggregator.daemon import Aggregator
 
     times = StageTimes()
@@ -635,13 +635,13 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
 
             self.runner.run, train.close = timed_run, timed_close
 
-    args = build_parser().parse_args(argv)
-    if args.device_keys is None:
+    config, settings = settings_from_args(build_parser().parse_args(argv))
+    if config.device_keys is None:
         raise SystemExit("--profile times the signature check: run it with device keys")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    transport = open_transport(args.broker, client_id=f"edgetune-aggregator-{args.fleet}",
-                               connect_timeout=args.connect_timeout, clean_session=False)
-    aggregator = Timed(config_from_args(args), transport)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    transport = open_transport(settings.broker, client_id=f"edgetune-aggregator-{config.fleet}",
+                               connect_timeout=settings.connect_timeout_s, clean_session=False)
+    aggregator = Timed(config, transport)
     signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
     aggregator.serve()
 

@@ -1,6 +1,6 @@
 """``edgetune``: the device-side command line.
 
-    edgetune device run --broker mqtt://HOST:PORT --fleet NAME --device-id ID --data FILE [--model REF]
+    edgetune device run [--config DEVICE.toml] --broker mqtt://HOST:PORT --fleet NAME --device-id ID --data FILE [--model REF]
                         [--trainer torch|ort|auto] [--artifacts DIR] [--model-hash SHA256] [--robustness FILE]
                         [--profile FILE | --emulate CLASS.yaml | --no-plan] [--state-dir DIR] [--reprofile]
     edgetune device personalize (as run) [--lr LR] [--steps N | --epochs E] [--optimizer adamw|sgd]
@@ -35,49 +35,96 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_device_args(run: argparse.ArgumentParser) -> None:
-    """What 'device run' and 'device personalize' share: the fleet, the data, the model."""
-    run.add_argument("--broker", required=True, help="mqtt://HOST:PORT, mqtts://HOST:PORT or memory://NAME")
-    run.add_argument("--fleet", required=True)
-    run.add_argument("--device-id", required=True)
-    run.add_argument("--data", required=True, type=Path, help=".txt (one record a line) or .jsonl ({'text': ...})")
+    """What 'device run' and 'device personalize' share: the fleet, the data, the model. No
+    flag has a default of its own: it is ``DeviceRunSettings``'s (or the --config file's)."""
+    from .config_file import default_of
+    from .run_config import LOG_LEVELS, TRAINERS, DeviceRunSettings
+
+    def d(path: str):
+        return default_of(DeviceRunSettings, path)
+
+    run.add_argument("--config", type=Path, help="a TOML file of these settings (docs/configuration.md); flags "
+                     "given as well override it")
+    run.add_argument("--broker", help="mqtt://HOST:PORT, mqtts://HOST:PORT or memory://NAME (required, here or in the file)")
+    run.add_argument("--fleet", help="the fleet's name (required, here or in the file)")
+    run.add_argument("--device-id", help="this device's id in the fleet (required, here or in the file)")
+    run.add_argument("--data", type=Path, help=".txt (one record a line) or .jsonl ({'text': ...}) (required, here "
+                     "or in the file)")
     run.add_argument("--model", help="GGUF file, model folder, or tiny-llama/tiny-gpt2 (default: SmolLM2-135M-Instruct GGUF)")
     run.add_argument("--threads", type=int, help="training threads (default: all cores)")
-    run.add_argument("--trainer", choices=["torch", "ort", "auto"], default="auto",
-                     help="PyTorch, or ONNX Runtime artifacts (no PyTorch needed); auto: torch when installed")
+    run.add_argument("--trainer", choices=TRAINERS, help="PyTorch, or ONNX Runtime artifacts (no PyTorch needed); "
+                     f"auto: torch when installed (default {d('trainer')})")
     run.add_argument("--artifacts", type=Path, help="ONNX Runtime training artifacts from 'edgetune build-ort' "
                      "(the ort trainer's model: --model is then not loaded)")
-    run.add_argument("--fetch-timeout", type=float, default=600.0, help="when --artifacts holds none, wait this long "
-                     "for the aggregator to offer them (its --ort-artifacts) and for each download to progress")
+    run.add_argument("--fetch-timeout", type=float, help="when --artifacts holds none, wait this long "
+                     "for the aggregator to offer them (its --ort-artifacts) and for each download to progress "
+                     f"(default {d('fetch_timeout_s'):g} s)")
     run.add_argument("--model-hash", help="refuse artifacts whose base weights do not have this SHA-256 "
                      "(a prefix is enough; 'model_hash' in the artifacts' edgetune-ort.json)")
-    run.add_argument("--heldout", type=float, default=0.1, help="fraction of records held out for evaluation")
-    run.add_argument("--connect-timeout", type=float, default=None, help="give up on the broker after S seconds (default: retry forever)")
+    run.add_argument("--heldout", type=float, help="fraction of records held out for evaluation "
+                     f"(default {d('heldout_fraction'):g})")
+    run.add_argument("--connect-timeout", type=float, help="give up on the broker after S seconds (default: retry forever)")
     planning = run.add_argument_group("planning (docs/planner.md): by default the device measures itself on its first "
                                       "start and the aggregator plans its rank, base precision, batch and steps")
     planning.add_argument("--profile", type=Path, help="announce this profile (from 'edgetune profile') instead of "
                           "measuring; its memory is the budget training stays within")
     planning.add_argument("--state-dir", type=Path, help="where the device keeps its measured profile (default: "
                           "~/.local/state/edgetune/FLEET/DEVICE_ID)")
-    planning.add_argument("--reprofile", action="store_true", help="measure this machine again, even if nothing "
-                          "about it changed")
+    planning.add_argument("--reprofile", action="store_true", default=None, help="measure this machine again, even "
+                          "if nothing about it changed")
     planning.add_argument("--emulate", type=Path, metavar="PROFILE", help="behave as this (slower) device class, "
                           "e.g. profiles/raspberry-pi-4-4gb-gateway.yaml: its memory budget and speed, no more "
                           "than this machine's")
     planning.add_argument("--uplink-mbps", type=float, help="what this site's uplink sustains, Mbit/s (planning "
                           "counts the upload time of updates)")
-    planning.add_argument("--no-plan", action="store_true", help="send no profile: train the fleet's uniform "
-                          "settings (the behaviour before planning was the default)")
+    planning.add_argument("--no-plan", action="store_true", default=None, help="send no profile: train the fleet's "
+                          "uniform settings (the behaviour before planning was the default)")
     run.add_argument("--robustness", type=Path, help="held-out text of the other sites (.txt/.jsonl), given by the "
                      "operator: the robustness score is the perplexity on it")
-    run.add_argument("--validation", type=float, default=0.1, help="fraction of the training records (with at "
-                     "least 10) that neither rounds nor personalization train on: where α is chosen (0: none)")
+    run.add_argument("--validation", type=float, help="fraction of the training records (with at least 10) that "
+                     "neither rounds nor personalization train on: where α is chosen (0: none; default "
+                     f"{d('validation_fraction'):g})")
     security = run.add_argument_group("security (files from 'edgetune-aggregator provision', docs/security.md)")
     security.add_argument("--signing-key", type=Path, help="this device's Ed25519 key (signing.key): everything it "
                           "sends is signed")
-    security.add_argument("--ca", help="CA certificate of an mqtts:// broker (ca.crt)")
-    security.add_argument("--cert", help="this device's client certificate (client.crt)")
-    security.add_argument("--key", help="the private key of --cert (client.key)")
-    _add_common(run)
+    security.add_argument("--ca", type=Path, help="CA certificate of an mqtts:// broker (ca.crt)")
+    security.add_argument("--cert", type=Path, help="this device's client certificate (client.crt)")
+    security.add_argument("--key", type=Path, help="the private key of --cert (client.key)")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help=f"default {d('log_level')}")
+    run.add_argument("--log-file", type=Path, help="log here instead of stderr")
+
+
+#: the flags of 'device run' and 'device personalize' that set a DeviceRunSettings field
+DEVICE_FLAGS = (
+    ("broker", "broker", None), ("fleet", "fleet", None), ("device_id", "device_id", None), ("data", "data", None),
+    ("model", "model", None), ("threads", "threads", None), ("trainer", "trainer", None),
+    ("artifacts", "artifacts", None), ("fetch_timeout", "fetch_timeout_s", None), ("model_hash", "model_hash", None),
+    ("heldout", "heldout_fraction", None), ("validation", "validation_fraction", None),
+    ("robustness", "robustness", None), ("connect_timeout", "connect_timeout_s", None),
+    ("no_plan", "plan", lambda v: not v), ("profile", "profile", None), ("state_dir", "state_dir", None),
+    ("reprofile", "reprofile", None), ("emulate", "emulate", None), ("uplink_mbps", "uplink_mbps", None),
+    ("signing_key", "signing_key", None), ("ca", "tls_ca", None), ("cert", "tls_cert", None), ("key", "tls_key", None),
+    ("log_level", "log_level", None), ("log_file", "log_file", None), ("stay", "stay", None),
+    ("lr", "personalize.learning_rate", None), ("steps", "personalize.steps", None),
+    ("epochs", "personalize.epochs", None), ("optimizer", "personalize.optimizer", None),
+    ("l2_to_global", "personalize.l2_to_global", None), ("alpha", "personalize.alpha", None),
+    ("alphas", "personalize.alphas", lambda text: tuple(float(a) for a in text.split(",") if a.strip())),
+    ("batch_size", "personalize.batch_size", None), ("seq_len", "personalize.seq_len", None),
+    ("wait", "global_wait_s", None), ("out", "personal_out", None),
+)
+#: what a device cannot start without: (field, flag)
+DEVICE_REQUIRED = (("broker", "--broker"), ("fleet", "--fleet"), ("device_id", "--device-id"), ("data", "--data"))
+
+
+def device_settings(args: argparse.Namespace):
+    """``DeviceRunSettings`` from (last wins) its defaults, the --config file, the flags given."""
+    from .config_file import SettingsFile, flags_given
+    from .run_config import DeviceRunSettings
+
+    source = SettingsFile(args.config)
+    source.override(flags_given(args, DEVICE_FLAGS))
+    source.require(DEVICE_REQUIRED)
+    return source.build(DeviceRunSettings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,21 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     device_commands = device.add_subparsers(dest="device_command", required=True)
     run = device_commands.add_parser("run", help="join a fleet and train when told")
     _add_device_args(run)
-    run.add_argument("--stay", action="store_true", help="keep running after the fleet finishes")
+    run.add_argument("--stay", action="store_true", default=None, help="keep running after the fleet finishes")
     personal = device_commands.add_parser("personalize", help="fine-tune the fleet's global adapter on this "
                                           "device's data; keep and report the personal adapter (docs/personalization.md)")
     _add_device_args(personal)
-    personal.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4: small, as Profit advises)")
-    personal.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
-    personal.add_argument("--epochs", type=int, default=0, help="passes over the device's data instead of --steps")
-    personal.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    personal.add_argument("--l2-to-global", type=float, default=0.0, help="λ of λ/2·‖θ − θ_global‖² (default 0)")
+    from .config_file import default_of
+    from .run_config import DeviceRunSettings
+    from .wire import CLIENT_OPTIMIZERS
+
+    def p(name: str):
+        return default_of(DeviceRunSettings, f"personalize.{name}")
+
+    personal.add_argument("--lr", type=float, help=f"learning rate (default {p('learning_rate'):g}: small, as Profit advises)")
+    personal.add_argument("--steps", type=int, help=f"optimizer steps (default {p('steps')})")
+    personal.add_argument("--epochs", type=int, help="passes over the device's data instead of --steps")
+    personal.add_argument("--optimizer", choices=CLIENT_OPTIMIZERS, help=f"default {p('optimizer')}")
+    personal.add_argument("--l2-to-global", type=float, help=f"λ of λ/2·‖θ − θ_global‖² (default {p('l2_to_global'):g})")
     personal.add_argument("--alpha", type=float, help="serve (1−α)·global + α·local (default: α chosen on a "
                           "validation split from --alphas)")
-    personal.add_argument("--alphas", default=",".join(str(a / 10) for a in range(11)), help="α values to choose from")
-    personal.add_argument("--batch-size", type=int, default=4)
-    personal.add_argument("--seq-len", type=int, default=128)
-    personal.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the fleet's global adapter")
+    personal.add_argument("--alphas", help="comma-separated α values to choose from (default "
+                          f"{','.join(f'{a:g}' for a in p('alphas'))})")
+    personal.add_argument("--batch-size", type=int, help=f"default {p('batch_size')}")
+    personal.add_argument("--seq-len", type=int, help=f"default {p('seq_len')}")
+    personal.add_argument("--wait", type=float, help="seconds to wait for the fleet's global adapter "
+                          f"(default {default_of(DeviceRunSettings, 'global_wait_s'):g})")
     personal.add_argument("--out", type=Path, help="write the personal adapter here in PEFT format")
 
     from .profiling.cli import add_profile_parser
@@ -225,41 +281,37 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def _device(args: argparse.Namespace):
+def _device(settings, command: str):
     """The ``Device`` that 'device run' and 'device personalize' use, connected."""
     from .device import Device, DeviceConfig, announced_profile, client_id, hash_seed
     from .transport import open_transport
     from .workload import Workload, choose_backend
 
-    if getattr(args, "uplink_mbps", None) is not None and not args.uplink_mbps > 0:
-        raise ValueError(f"--uplink-mbps must be > 0, got {args.uplink_mbps}")
-    tls = {k: v for k, v in (("ca_certs", args.ca), ("certfile", args.cert), ("keyfile", args.key)) if v}
-    if choose_backend(args.trainer, args.artifacts) == "ort":  # fetched from the aggregator if absent
+    s = settings
+    if choose_backend(s.trainer, s.artifacts) == "ort":  # fetched from the aggregator if absent
         from .ort.fetch import ensure_artifacts
 
-        ensure_artifacts(args.broker, args.fleet, args.device_id, args.artifacts, args.fetch_timeout,
-                         args.connect_timeout, **tls)
+        ensure_artifacts(s.broker, s.fleet, s.device_id, s.artifacts, s.fetch_timeout_s, s.connect_timeout_s, **s.tls)
     # (its own client id: personalizing must not disconnect a 'device run' of the same device)
-    suffix = "-personalize" if args.device_command == "personalize" else ""
+    suffix = "-personalize" if command == "personalize" else ""
     # a persistent session for 'device run': the broker keeps its tasks while it is away
-    transport = open_transport(args.broker, client_id=client_id(args.fleet, args.device_id, args.signing_key, suffix),
-                               connect_timeout=args.connect_timeout, clean_session=bool(suffix), **tls)
-    workload = Workload.load(args.data, args.model, args.heldout, seed=hash_seed(args.device_id), threads=args.threads,
-                             trainer=args.trainer, artifacts=args.artifacts, model_hash=args.model_hash,
-                             robustness=args.robustness, validation_fraction=args.validation)
+    transport = open_transport(s.broker, client_id=client_id(s.fleet, s.device_id, s.signing_key, suffix),
+                               connect_timeout=s.connect_timeout_s, clean_session=bool(suffix), **s.tls)
+    workload = Workload.load(s.data, s.model, s.heldout_fraction, seed=hash_seed(s.device_id), threads=s.threads,
+                             trainer=s.trainer, artifacts=s.artifacts, model_hash=s.model_hash,
+                             robustness=s.robustness, validation_fraction=s.validation_fraction)
     if suffix:  # (a second process of a device: its 'device run' announced the profile)
-        profile, clock = load_profile_arg(args.profile), None
+        profile, clock = load_profile_arg(s.profile), None
     else:  # measured now, once the cheap mistakes (URL, files, model) have been ruled out
-        profile, clock = announced_profile(args.fleet, args.device_id, plan=not args.no_plan, profile=args.profile,
-                                           state_dir=args.state_dir, reprofile=args.reprofile, emulate=args.emulate,
-                                           threads=args.threads, uplink_mbps=args.uplink_mbps)
-    config = DeviceConfig(args.fleet, args.device_id, heldout_fraction=args.heldout,
-                          exit_when_finished=not getattr(args, "stay", False), profile=profile,
-                          signing_key=args.signing_key)
+        profile, clock = announced_profile(s.fleet, s.device_id, plan=s.plan, profile=s.profile,
+                                           state_dir=s.state_dir, reprofile=s.reprofile, emulate=s.emulate,
+                                           threads=s.threads, uplink_mbps=s.uplink_mbps)
+    config = DeviceConfig(s.fleet, s.device_id, heldout_fraction=s.heldout_fraction,
+                          exit_when_finished=not s.stay, profile=profile, signing_key=s.signing_key)
     device = Device(config, transport, workload, clock)
     # personalizing is a second process of a device of the fleet: it must not replace the
     # hello (profile and all) and presence its 'device run' announced
-    device.connect(announce=args.device_command != "personalize")
+    device.connect(announce=command != "personalize")
     return device
 
 
@@ -287,10 +339,10 @@ def load_profile_arg(path: Path | None):
     return load_profile(path)
 
 
-def _device_run(args: argparse.Namespace) -> int:
-    if args.device_command == "personalize":
-        return _device_personalize(args)
-    device = _device(args)
+def _device_run(settings, command: str) -> int:
+    if command == "personalize":
+        return _device_personalize(settings)
+    device = _device(settings, command)
     try:
         device.run()
     except KeyboardInterrupt:
@@ -298,26 +350,21 @@ def _device_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_personalize(args: argparse.Namespace) -> int:
-    from .personalize import PersonalizeSettings
-
-    alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
-    settings = PersonalizeSettings(learning_rate=args.lr, steps=args.steps, epochs=args.epochs, optimizer=args.optimizer,
-                                   l2_to_global=args.l2_to_global, alpha=args.alpha, alphas=alphas,
-                                   batch_size=args.batch_size, seq_len=args.seq_len)
-    device = _device(args)
+def _device_personalize(settings) -> int:
+    device = _device(settings, "personalize")
+    out = settings.personal_out
     try:
-        adapter = device.wait_for_global(args.wait)
-        report = device.personalize(settings)
-        if args.out:
-            device.save_adapter(args.out)
+        adapter = device.wait_for_global(settings.global_wait_s)
+        report = device.personalize(settings.personalize)
+        if out:
+            device.save_adapter(out)
     finally:
         device.close()
     robust = (f"; others' data {report.global_robust_ppl:.2f} -> {report.personal_robust_ppl:.2f}"
               if report.global_robust_ppl is not None else "")
     print(f"personalized global v{adapter.version} with α={report.alpha:g}: own held-out ppl "
           f"{report.global_ppl:.2f} -> {report.personal_ppl:.2f} (local only {report.local_ppl:.2f}){robust}"
-          + (f"; personal adapter in {args.out}" if args.out else ""))
+          + (f"; personal adapter in {out}" if out else ""))
     return 0
 
 
@@ -353,7 +400,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, args.log_file)
+    if args.command == "device":  # (its log settings may come from its --config file)
+        from .config_file import default_of
+        from .run_config import DeviceRunSettings
+
+        setup_logging(args.log_level or default_of(DeviceRunSettings, "log_level"), args.log_file)
+    else:
+        setup_logging(args.log_level, args.log_file)
     from .data import DataError
     from .export import ExportError
     from .models import ModelError
@@ -363,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "device":
-            return _device_run(args)
+            settings = device_settings(args)
+            if (settings.log_level, settings.log_file) != (args.log_level, args.log_file):
+                setup_logging(settings.log_level, settings.log_file)
+            return _device_run(settings, args.device_command)
         if args.command == "profile":
             from .profiling.cli import run_profile
 
