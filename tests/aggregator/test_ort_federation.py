@@ -25,7 +25,8 @@ from edgetune.data import generate_device_texts  # noqa: E402
 from edgetune.ort.build import build_artifacts  # noqa: E402
 from edgetune.wire import Update  # noqa: E402
 
-from test_federation import SPEC, Observer, check_rounds, fleet_config, join_device, start_aggregator  # noqa: E402
+from helpers.fleet import SPEC, Observer, fleet_config, join_device, start_aggregator  # noqa: E402
+from helpers.merges import check_rounds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
