@@ -17,8 +17,8 @@ from edgetune.models import ByteTokenizer, load_model  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
 from edgetune.wire import GlobalAdapter  # noqa: E402
 from edgetune_aggregator.store import FleetState, StateStore  # noqa: E402
-from lora_data import blocks  # noqa: E402
-from test_torch_lora import merged_for, spec_for  # noqa: E402
+
+from helpers.lora import blocks, merged_for, spec_for  # noqa: E402
 
 # seeded: the export loads the base again, so the test's base must be the same weights
 REFS = ["tiny-llama:seed=3", "tiny-gpt2:seed=3"]
