@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+#: ``python TORCH_FREE ARGS`` runs the command line (or a script) with torch and its kin hidden
+TORCH_FREE = Path(__file__).resolve().parent / "torch_free.py"
 
 
 def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
 from edgetune.transport import open_transport
 from edgetune.wire import LoraSpec, TrainSettings
 
-from helpers.commands import run_python
+from helpers.commands import TORCH_FREE, run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,7 +154,7 @@ def test_torch_free_app_downloads_artifacts_and_trains_over_mosquitto(mosquitto_
     aggregator = Aggregator(config, open_transport(mosquitto_url, client_id="agg", connect_timeout=10))
     thread = threading.Thread(target=aggregator.serve, daemon=True)
     thread.start()
-    result = run_python(str(ROOT / "tests" / "torch_free.py"), str(app), mosquitto_url, fleet, "gw-1", str(data),
+    result = run_python(str(TORCH_FREE), str(app), mosquitto_url, fleet, "gw-1", str(data),
                         str(tmp_path / "device-artifacts"), timeout=180)
     thread.join(timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
