@@ -1,6 +1,6 @@
-"""Dependencies point one way: the device SDK does not import the aggregator, and the aggregator
+"""Dependencies point one way: the device SDK does not import the aggregator, the aggregator
 does not import the training stack (torch, transformers, PEFT), which an aggregator host need
-not install.
+not install, and test modules import what they share from ``tests/helpers/``, not each other.
 
 The source is read with ``ast``, not imported: an import inside a function, which runs only on
 some paths and so slips past a test that imports the package, is found like one at the top.
@@ -9,11 +9,13 @@ some paths and so slips past a test that imports the package, is found like one 
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SDK = REPO / "sdk" / "edgetune"
 AGGREGATOR = REPO / "aggregator" / "edgetune_aggregator"
+TESTS = REPO / "tests"
 
 #: the sdk modules that run both sides in one process, so import the aggregator on purpose
 RUNS_BOTH_SIDES = {
@@ -46,23 +48,23 @@ def _is_dynamic_import(call: ast.Call) -> bool:
             and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str))
 
 
-def imports_of(package: Path, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+def imports_of(package: Path, forbidden: Callable[[str], bool]) -> dict[str, list[str]]:
     """``{file: ["file:line imports module", …]}`` for the package's files that import a module
-    of one of the ``forbidden`` top-level packages."""
+    whose top-level name is ``forbidden``."""
     files = sorted(package.rglob("*.py"))
     assert files, f"no Python files under {package}"
     found: dict[str, list[str]] = {}
     for path in files:
         name = path.relative_to(REPO).as_posix()
         hits = [f"{name}:{line} imports {module}" for line, module in imported_modules(path)
-                if module.split(".")[0] in forbidden]
+                if forbidden(module.split(".")[0])]
         if hits:
             found[name] = hits
     return found
 
 
 def test_the_sdk_does_not_import_the_aggregator():
-    found = imports_of(SDK, ("edgetune_aggregator",))
+    found = imports_of(SDK, lambda top: top == "edgetune_aggregator")
     unexpected = [hit for name, hits in found.items() if name not in RUNS_BOTH_SIDES for hit in hits]
     assert not unexpected, ("the device SDK must not depend on the aggregator (a device installs only edgetune); "
                             "move the shared code into edgetune:\n" + "\n".join(unexpected))
@@ -71,9 +73,15 @@ def test_the_sdk_does_not_import_the_aggregator():
 
 
 def test_the_aggregator_does_not_import_the_training_stack():
-    found = [hit for hits in imports_of(AGGREGATOR, TRAINING_STACK).values() for hit in hits]
+    found = [hit for hits in imports_of(AGGREGATOR, lambda top: top in TRAINING_STACK).values() for hit in hits]
     assert not found, ("the aggregator must run without torch, transformers and PEFT; do that work on the "
                        "device side or with numpy:\n" + "\n".join(found))
+
+
+def test_test_modules_share_code_through_helpers_only():
+    found = [hit for hits in imports_of(TESTS, lambda top: top.startswith("test_") or top == "conftest").values() for hit in hits]
+    assert not found, ("a test module or helper imports a test module or conftest; move what is shared into "
+                       "tests/helpers/:\n" + "\n".join(found))
 
 
 def test_imports_inside_functions_and_by_name_are_found(tmp_path):
