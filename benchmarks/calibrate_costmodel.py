@@ -95,7 +95,7 @@ CHILD_ORT = r"""
 import json, resource, statistics, sys, time
 args = json.loads(sys.argv[1])
 sys.path.insert(0, args["tests"])
-from torch_free import hide
+from helpers.torch_free import hide
 hide()
 from pathlib import Path
 from edgetune.data import generate_device_texts, pack_blocks
@@ -154,7 +154,7 @@ def _reference_gflops(backend: str) -> dict:
         from edgetune.profiling import measure_profile
 
         return measure_profile(seconds=4.0).gflops
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from torch_free import hide; hide(); "
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from helpers.torch_free import hide; hide(); "
             "from edgetune.profiling import measure_profile; print(json.dumps(measure_profile(seconds=4.0).gflops))")
     tests = str(Path(__file__).resolve().parent.parent / "tests")
     out = subprocess.run([sys.executable, "-c", code, tests], capture_output=True, text=True, check=True)

@@ -150,7 +150,7 @@ def round_summaries(rounds: list[dict]) -> list[dict]:
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
-        from edgetune.sim import MachineSpeed, build_workloads, load_fleet
+        from edgetune.sim import build_workloads, load_fleet
 
         self.args = args
         spec = load_fleet(args.fleet)

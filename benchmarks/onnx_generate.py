@@ -37,7 +37,7 @@ def child(kind: str, folder: str, new_tokens: int, threads: int) -> dict:
     started = time.perf_counter()
     if kind == "onnx":
         sys.path.insert(0, str(REPO / "tests"))
-        from torch_free import hide, loaded_forbidden
+        from helpers.torch_free import hide, loaded_forbidden
 
         hide()
         from edgetune.ort.generate import OnnxGenerator

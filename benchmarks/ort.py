@@ -8,7 +8,7 @@ tokens/s over the steps after the first (which warms up allocators and kernels),
 time, peak RSS over the whole process and over training alone, the time to get ready (model
 load for torch; file digests, checkpoint, sessions and the weights hash for ORT), held-out
 perplexity after training, and how far the two backends' step losses are apart. The ORT child
-runs with torch and transformers hidden (``tests/torch_free.py``), as on a device without them:
+runs with torch and transformers hidden (``tests/helpers/torch_free.py``), as on a device without them:
 with torch merely installed, ``import onnxruntime`` imports it (``onnxruntime.tools``).
 
 ``--envs`` also builds two virtual environments with pip and measures their installed size:
@@ -54,7 +54,7 @@ def _reset_peak_rss() -> None:
 def child(backend: str, artifacts: str, steps: int, threads: int, batch: int, seq_len: int) -> dict:
     if backend == "ort":  # before anything imports torch
         sys.path.insert(0, str(REPO / "tests"))
-        from torch_free import hide
+        from helpers.torch_free import hide
 
         hide()
     import numpy as np

@@ -13,6 +13,9 @@ Each device also gets the other devices' held-out records as its robustness set,
 shows both scores (own held-out data, others'). ``--adapter prompt`` trains a soft prompt instead
 of LoRA; ``--personalize`` runs ``edgetune device personalize`` on every device after the last
 round and shows what it gained and what it cost (docs/personalization.md).
+
+It is one of the few ``edgetune`` modules that import ``edgetune_aggregator``, on purpose: it runs
+both sides in one process (``tests/test_layering.py`` lists them).
 """
 
 from __future__ import annotations

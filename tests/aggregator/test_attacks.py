@@ -9,8 +9,6 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
-from test_federation import start_aggregator
-from test_security import SHAPES, SPEC, Manual, _wait
 
 from edgetune.simulate import TINY, LightDevice, simulated_delta
 from edgetune.transport import open_transport
@@ -19,6 +17,10 @@ from edgetune.wire.signing import Signer, write_key_file
 from edgetune_aggregator.daemon import AggregatorConfig
 from edgetune_aggregator.influence import InfluenceBounds
 from edgetune_aggregator.metrics import AggregatorMetrics
+
+from helpers.fleet import SPEC, Observer, fleet_config, join_device, start_aggregator, workload
+from helpers.manual import SHAPES, Manual, memory_fleet
+from helpers.waiting import wait_for
 
 
 def _signed_fleet(url: str, tmp_path, name: str, honest=("dev-0", "dev-1"), liar="dev-2", **settings):
@@ -34,7 +36,7 @@ def _signed_fleet(url: str, tmp_path, name: str, honest=("dev-0", "dev-1"), liar
     devices = [LightDevice(open_transport(url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d, TINY,
                            signer=signers[d]).start() for d in honest]
     manual = Manual(url, fleet, signers[liar])
-    assert _wait(lambda: aggregator.state is not None and aggregator.task is not None)
+    assert wait_for(lambda: aggregator.state is not None and aggregator.task is not None)
     manual.run_id = aggregator.state.run_id
     return aggregator, thread, metrics, devices, manual
 
@@ -54,7 +56,7 @@ def _rejected_globals(metrics: AggregatorMetrics) -> float:
 def test_a_ten_million_sample_liar_and_a_1e38_delta_are_bounded_by_default(mosquitto_url, tmp_path):
     aggregator, thread, metrics, devices, liar = _signed_fleet(mosquitto_url, tmp_path, "liar")
     liar.send(liar.update(1, samples=10_000_000))  # within --max-samples: only the relative cap stops it
-    assert _wait(lambda: aggregator.state.global_version >= 1, 60)
+    assert wait_for(lambda: aggregator.state.global_version >= 1, 60)
     huge = {n: np.full(s, 1e38, np.float32) for n, s in SHAPES.items()}  # finite, far beyond anyone's norm
     liar.send(liar.update(2, huge, version=1))
     _stop(thread, devices, liar)
@@ -88,7 +90,7 @@ def test_with_the_bounds_switched_off_the_guard_still_refuses_to_publish(mosquit
         mosquitto_url, tmp_path, "guard", rounds=2, influence=InfluenceBounds(sample_ratio=None, norm_ratio=None))
     huge = {n: np.full(s, 1e38, np.float32) for n, s in SHAPES.items()}
     liar.send(liar.update(1, huge))
-    assert _wait(lambda: any(r["round"] == 1 for r in aggregator.store.rounds()), 60)
+    assert wait_for(lambda: any(r["round"] == 1 for r in aggregator.store.rounds()), 60)
     liar.send(liar.update(2, version=0))  # the fleet is still on v0: round 1 published nothing
     _stop(thread, devices, liar)
 
@@ -111,7 +113,6 @@ def test_an_impossible_profile_excludes_only_its_device(mosquitto_url, tmp_path)
     with a short reason naming the field; the honest device is planned and the round merges."""
     from edgetune.device import Device, DeviceConfig
     from edgetune.wire import DeviceProfile
-    from test_federation import Observer, fleet_config, workload
 
     fleet = f"profiles-{uuid.uuid4().hex[:8]}"
     aggregator, thread = start_aggregator(mosquitto_url, fleet_config(tmp_path, fleet, rounds=1, min_devices=1,
@@ -154,7 +155,7 @@ def test_a_signed_result_on_another_topic_and_an_unsigned_error_report_are_refus
     # an error report without a signature would make the round stop waiting for dev-2
     liar.transport.publish(topics.error(liar.id), encode_message(ErrorReport(liar.id, 1, "deadline_missed", "x")))
     liar.transport.flush()
-    assert _wait(lambda: aggregator.drops["unexpected_kind"] >= 1 and aggregator.drops["unsigned"] >= 1, 30), \
+    assert wait_for(lambda: aggregator.drops["unexpected_kind"] >= 1 and aggregator.drops["unsigned"] >= 1, 30), \
         dict(aggregator.drops)
     assert not (tmp_path / "state" / "journal" / "r000001" / "dev-2.msgpack").exists()
     liar.send(liar.update(1))  # the real result still counts: min_devices is 3
@@ -178,8 +179,8 @@ def test_device_chosen_strings_cannot_forge_or_flood_the_log(mosquitto_url, tmp_
     for _ in range(50):  # a flood of one drop: a few lines, then a count
         liar.transport.publish(long_topic, b"\x00not msgpack")
     liar.transport.flush()
-    assert _wait(lambda: aggregator.drops.total() >= 40, 30), dict(aggregator.drops)
-    assert _wait(lambda: "oom_backoff" in caplog.text, 30)
+    assert wait_for(lambda: aggregator.drops.total() >= 40, 30), dict(aggregator.drops)
+    assert wait_for(lambda: "oom_backoff" in caplog.text, 30)
     liar.send(liar.update(1))
     _stop(thread, devices, liar)
     lines = caplog.text.splitlines()
@@ -231,7 +232,7 @@ def test_healthz_says_degraded_while_the_disk_is_full_and_recovers(mosquitto_url
         devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d,
                                TINY, resend_after_s=2.0) for d in ("dev-0", "dev-1")]
         devices[0].start()
-        assert _wait(lambda: aggregator.task is not None, 60)
+        assert wait_for(lambda: aggregator.task is not None, 60)
         filler = mount / "filler"
         with open(filler, "wb") as f:  # fill the disk to the last byte
             try:
@@ -241,12 +242,12 @@ def test_healthz_says_degraded_while_the_disk_is_full_and_recovers(mosquitto_url
             except OSError:
                 pass
         devices[1].start()
-        assert _wait(lambda: aggregator.drops["internal_error"] >= 1, 60), dict(aggregator.drops)
-        assert _wait(lambda: health()["status"] == "degraded", 10), health()["reasons"]
+        assert wait_for(lambda: aggregator.drops["internal_error"] >= 1, 60), dict(aggregator.drops)
+        assert wait_for(lambda: health()["status"] == "degraded", 10), health()["reasons"]
         report = health()
         assert any("storage" in r and "No space left" in r for r in report["reasons"]), report
         filler.unlink()
-        assert _wait(lambda: health()["status"] == "ok", 20), health()
+        assert wait_for(lambda: health()["status"] == "ok", 20), health()
         thread.join(timeout=120)
         assert not thread.is_alive()
         (record,) = aggregator.store.rounds()
@@ -294,7 +295,7 @@ def test_a_hostile_first_hello_does_not_stop_honest_devices(mosquitto_url, tmp_p
     say(dataclasses.replace(huge, fingerprint=TINY.fingerprint))
     padded = dict(TINY.modules) | {f"pad.{i}.{'p' * 40}": (1, 1) for i in range(3_000)}
     say(dataclasses.replace(TINY, modules=padded))  # > the pinned hello limit: not even decoded
-    assert _wait(lambda: aggregator.drops["model_mismatch"] >= 2 and aggregator.drops["oversize"] >= 1, 30), \
+    assert wait_for(lambda: aggregator.drops["model_mismatch"] >= 2 and aggregator.drops["oversize"] >= 1, 30), \
         dict(aggregator.drops)
     assert aggregator.devices == {} and aggregator.state is None
     assert _state_bytes(tmp_path / "state") < 64 << 10
@@ -343,8 +344,6 @@ def test_a_previous_runs_retained_finished_task_does_not_send_a_device_home(mosq
     """Run A finishes (its "finished" task and final adapter stay retained); a device that
     connects before run B's daemon is up waits, then trains in B and leaves when B finishes."""
     import time
-
-    from test_federation import fleet_config, join_device
 
     fleet = f"runs-{uuid.uuid4().hex[:8]}"
     first, thread = start_aggregator(mosquitto_url, fleet_config(tmp_path / "a", fleet, rounds=1, min_devices=1,
@@ -397,9 +396,9 @@ def test_made_up_hellos_cannot_hold_an_open_fleets_rounds_open(mosquitto_url, tm
     aggregator, thread = start_aggregator(mosquitto_url, config)
     devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d,
                            TINY, think_s=1.0).start() for d in ("dev-0", "dev-1")]
-    assert _wait(lambda: aggregator.state is not None and aggregator.state.round >= 1, 60)
+    assert wait_for(lambda: aggregator.state is not None and aggregator.state.round >= 1, 60)
     _fake_hellos(mosquitto_url, fleet, 300)
-    assert _wait(lambda: len(aggregator.online) >= 302, 30), len(aggregator.online)
+    assert wait_for(lambda: len(aggregator.online) >= 302, 30), len(aggregator.online)
     thread.join(timeout=120)
     assert not thread.is_alive()
     rounds = aggregator.store.rounds()
@@ -422,6 +421,4 @@ def test_an_admission_list_keeps_everyone_else_out(tmp_path):
 
 
 def _memory_open_fleet(tmp_path, **settings):
-    from test_security import memory_fleet
-
     return memory_fleet(tmp_path, "admit", model=TINY, **settings)

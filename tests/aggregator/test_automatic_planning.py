@@ -20,7 +20,7 @@ from edgetune.transport.channel import Channel
 from edgetune.wire import DeviceProfile, ErrorReport, LoraSpec, RoundTask, TaskKind, Topics, TrainSettings
 from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
 
-from test_federation import fleet_config, join_device, start_aggregator
+from helpers.fleet import fleet_config, join_device, start_aggregator
 
 ROOT = Path(__file__).resolve().parents[2]
 

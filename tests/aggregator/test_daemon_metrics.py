@@ -8,14 +8,16 @@ import uuid
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
-from test_federation import start_aggregator
-from test_security import SHAPES, SPEC, Manual, _wait
 
 from edgetune.simulate import TINY, LightDevice
 from edgetune.transport import open_transport
 from edgetune.wire.signing import Signer
 from edgetune_aggregator.daemon import AggregatorConfig
 from edgetune_aggregator.metrics import AggregatorMetrics, HealthServer
+
+from helpers.fleet import SPEC, start_aggregator
+from helpers.manual import SHAPES, Manual
+from helpers.waiting import wait_for
 
 
 def _samples(port: int) -> dict[tuple[str, tuple], float]:
@@ -35,15 +37,15 @@ def test_rounds_updates_rejections_bytes_and_devices_are_counted(mosquitto_url, 
     devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-a", connect_timeout=10), fleet, "a",
                            TINY).start()]
     bad = Manual(mosquitto_url, fleet, Signer.generate("b"))
-    assert _wait(lambda: aggregator.state is not None and aggregator.task is not None)
+    assert wait_for(lambda: aggregator.state is not None and aggregator.task is not None)
     bad.run_id = aggregator.state.run_id
     bad.send(bad.update(1, {n: np.full(s, np.nan, np.float32) for n, s in SHAPES.items()}))
     bad.send(bad.update(1))
-    assert _wait(lambda: aggregator.state.global_version == 1, 30)
+    assert wait_for(lambda: aggregator.state.global_version == 1, 30)
     health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5))
     assert health["status"] == "ok" and health["broker_connected"] and health["devices_connected"] >= 1
     bad.send(bad.update(2, version=1))
-    assert _wait(lambda: aggregator.finished.is_set(), 60)
+    assert wait_for(lambda: aggregator.finished.is_set(), 60)
     samples = _samples(port)
     assert samples[("edgetune_rounds_total", (("kind", "train"), ("status", "aggregated")))] == 2
     assert samples[("edgetune_updates_accepted_total", (("kind", "train"),))] == 4

@@ -18,14 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_federation import start_aggregator
-from test_security import SHAPES, SPEC, Manual, _wait
 
 from edgetune.simulate import TINY, LightDevice, simulated_delta
 from edgetune.transport import open_transport
 from edgetune.wire.signing import Signer, write_key_file
 from edgetune_aggregator.daemon import AggregatorConfig
 from edgetune_aggregator.store import StateStore
+
+from helpers.brokers import start_mosquitto, stop_process
+from helpers.fleet import SPEC, start_aggregator
+from helpers.manual import SHAPES, Manual
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 _REPO = Path(__file__).resolve().parents[2]
@@ -89,14 +92,12 @@ def _run_fleet(url: str, tmp: Path, name: str, kill_after: list[float]) -> tuple
 @pytest.fixture(scope="module")
 def undisturbed(tmp_path_factory) -> dict:
     """One fault-free run (its own broker): the reference every killed run must match."""
-    from conftest import _start_mosquitto, _stop_process
-
     tmp = tmp_path_factory.mktemp("reference")
-    process, port = _start_mosquitto(tmp)
+    process, port = start_mosquitto(tmp)
     try:
         tensors, rounds, _, seconds = _run_fleet(f"mqtt://127.0.0.1:{port}", tmp, "ref", [])
     finally:
-        _stop_process(process)
+        stop_process(process)
     return {"tensors": tensors, "rounds": rounds, "seconds": seconds}
 
 
@@ -130,16 +131,16 @@ def test_a_broker_restart_mid_round_is_survived_without_an_operator(mosquitto_fa
     manual = Manual(url, fleet, Signer.generate("dev-2"))
     manual.channel.signer = None  # (this fleet checks no keys)
     journal = tmp_path / "state" / "journal"
-    assert _wait(lambda: (journal / "r000001" / "dev-0.msgpack").exists())
+    assert wait_for(lambda: (journal / "r000001" / "dev-0.msgpack").exists())
     manual.send(manual.update(1))
-    assert _wait(lambda: (journal / "r000002" / "dev-0.msgpack").exists() and (journal / "r000002" / "dev-1.msgpack").exists())
+    assert wait_for(lambda: (journal / "r000002" / "dev-0.msgpack").exists() and (journal / "r000002" / "dev-1.msgpack").exists())
     stop()  # round 2 is open, two of three updates in: the broker dies (no persistence: it forgets everything)
     time.sleep(1.5)
     mosquitto_factory(port)
     # the daemon republishes its task and global adapter, devices their hellos; dev-2 goes on
-    assert _wait(lambda: manual.transport.connected, 30)
+    assert wait_for(lambda: manual.transport.connected, 30)
     manual.send(manual.update(2, version=1))
-    assert _wait(lambda: (journal / "r000003").exists(), 60)
+    assert wait_for(lambda: (journal / "r000003").exists(), 60)
     manual.send(manual.update(3, version=2))
     thread.join(timeout=120)
     assert not thread.is_alive()
@@ -163,7 +164,7 @@ def test_rounds_complete_when_30_percent_of_devices_drop_each_round(mosquitto_ur
                               evaluate_final=False)
     devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d,
                            TINY, skip=lambda r, d=d: d in dropped(r)).start() for d in names]
-    assert _wait(lambda: True)
+    assert wait_for(lambda: True)
     aggregator, thread = start_aggregator(mosquitto_url, config)
     thread.join(timeout=120)
     assert not thread.is_alive()
@@ -210,7 +211,7 @@ def test_a_device_killed_while_training_rejoins_and_the_round_counts_it_once(mos
                         TINY).start()
     slow = device_process(think=600.0)  # "trains" round 1 for ever
     journal = tmp_path / "state" / "journal" / "r000001"
-    assert _wait(lambda: (journal / "dev-0.msgpack").exists())
+    assert wait_for(lambda: (journal / "dev-0.msgpack").exists())
     slow.kill()  # SIGKILL mid-training: its last will says it is offline
     slow.wait(timeout=10)
     assert not (journal / "dev-1.msgpack").exists()
@@ -245,11 +246,11 @@ def test_updates_queued_while_the_daemon_was_down_are_taken_at_once(mosquitto_ur
 
     aggregator, thread = daemon()
     first, second = (Manual(mosquitto_url, fleet, Signer.generate(d), SMOLLM2_135M) for d in ("dev-0", "dev-1"))
-    assert _wait(lambda: aggregator.task is not None and aggregator.task.round == 1)
+    assert wait_for(lambda: aggregator.task is not None and aggregator.task.round == 1)
     run_id = aggregator.state.run_id
     first.run_id = second.run_id = run_id
     first.send(first.update(1))
-    assert _wait(lambda: any(r.accepted for r in first.receipts))
+    assert wait_for(lambda: any(r.accepted for r in first.receipts))
     aggregator.stop()
     thread.join(timeout=30)
     second.send(second.update(1))  # the daemon is away: the broker keeps it for its session

@@ -10,206 +10,17 @@ import logging
 import shutil
 import threading
 import uuid
-from collections import defaultdict
 
 import msgpack
 import numpy as np
 import pytest
-from edgetune.data import generate_device_texts, split_heldout
-from edgetune.device import Device, DeviceConfig
-from edgetune.models import load_model
+from edgetune.device import Device
 from edgetune.transport import open_transport
-from edgetune.transport.channel import Channel
-from edgetune.wire import (
-    SCHEMA_VERSION,
-    GlobalAdapter,
-    LoraSpec,
-    RoundTask,
-    TaskKind,
-    Topics,
-    TrainMetrics,
-    TrainSettings,
-    Update,
-    encode_message,
-)
-from edgetune.wire.signing import unwrap
-from edgetune.workload import Workload
-from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
-from edgetune_aggregator.store import StateStore
-from edgetune_aggregator.strategies import DEFAULT_SERVER_OPTIMIZER, ServerOptimizerConfig
+from edgetune.wire import SCHEMA_VERSION, RoundTask, TaskKind, Topics, TrainMetrics, Update, encode_message
 
-SPEC = LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
-TRAIN = TrainSettings(local_steps=2, batch_size=2, seq_len=32, learning_rate=1e-2)
-
-
-def workload(index: int, records: int = 40) -> Workload:
-    texts = generate_device_texts(index, records)
-    train, heldout = split_heldout(texts, 0.25, seed=index)
-    return Workload(load_model("tiny-llama"), train, heldout, threads=1)
-
-
-class Observer:
-    """A bystander on the broker that records every update and global adapter it sees."""
-
-    def __init__(self, url: str, fleet: str):
-        self.topics = Topics(fleet)
-        self.transport = open_transport(url, client_id=f"observer-{uuid.uuid4().hex[:6]}", connect_timeout=10)
-        self.transport.connect()
-        channel = Channel(self.transport, self.topics.sender_of)
-        self.updates: dict[int, list[Update]] = defaultdict(list)
-        self.globals: dict[int, GlobalAdapter] = {}
-        self.tasks: list[RoundTask] = []
-        self.task_seen = threading.Condition()
-        channel.subscribe(self.topics.all_devices("update"), self._on)
-        channel.subscribe(self.topics.global_adapter + "/+", self._on)
-        channel.subscribe(self.topics.task, self._on)
-
-    def _on(self, topic, message) -> None:
-        message = unwrap(message)  # devices sign what they send
-        if isinstance(message, Update):
-            self.updates[message.round].append(message)
-        elif isinstance(message, GlobalAdapter):
-            self.globals[message.version] = message
-        elif isinstance(message, RoundTask):
-            with self.task_seen:
-                self.tasks.append(message)
-                self.task_seen.notify_all()
-
-    def close(self) -> None:
-        self.transport.close()
-
-    def wait_task(self, round_number: int, timeout: float = 60) -> None:
-        with self.task_seen:
-            assert self.task_seen.wait_for(lambda: any(t.round == round_number for t in self.tasks), timeout)
-
-
-def fleet_config(tmp_path, fleet: str, **overrides) -> AggregatorConfig:
-    # (merged_rank=-1: the exact strategies unbounded, so check_rounds can check exactness; the
-    # bounded default is tested in test_strategies.py and test_planned_federation.py)
-    fields = dict(fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=3, round_timeout_s=120,
-                  join_timeout_s=60, adapter=SPEC, train=TRAIN, merged_rank=-1)
-    fields.update(overrides)
-    if "model" not in fields:  # (these fleets' tiny models are not the default one pinned by default)
-        fields.setdefault("model_from_first_hello", True)
-    return AggregatorConfig(**fields)
-
-
-def start_aggregator(url: str, config: AggregatorConfig, **kwargs) -> tuple[Aggregator, threading.Thread]:
-    aggregator = Aggregator(config, open_transport(url, client_id=f"agg-{config.fleet}", connect_timeout=10), **kwargs)
-    thread = threading.Thread(target=aggregator.serve, daemon=True)
-    thread.start()
-    assert aggregator.ready.wait(30)  # subscribed: what tests publish from here on is seen
-    return aggregator, thread
-
-
-def join_device(url: str, fleet: str, index: int, start: bool = True) -> Device:
-    device_id = f"dev-{index}"
-    transport = open_transport(url, client_id=f"{fleet}-{device_id}", connect_timeout=10)
-    device = Device(DeviceConfig(fleet, device_id), transport, workload(index))
-    device.connect()
-    return device.start() if start else device
-
-
-def expected_fedavg(previous: GlobalAdapter, updates: list[Update]) -> dict[str, np.ndarray]:
-    """FedAvg of (zero-padded) deltas recomputed here, independently of the strategy modules."""
-    total = sum(u.num_samples for u in updates)
-    out = {}
-    for name, value in previous.tensors.items():
-        acc = value.astype(np.float64)
-        for u in updates:
-            d = u.delta[name].astype(np.float64)
-            padded = np.zeros_like(acc)
-            padded[: d.shape[0], : d.shape[1]] = d
-            acc = acc + u.num_samples * padded / total
-        out[name] = acc
-    return out
-
-
-def trained_factors(previous: GlobalAdapter, update: Update, module: str) -> tuple[np.ndarray, np.ndarray]:
-    dA, dB = (update.delta[f"{module}.{f}"].astype(np.float64) for f in ("lora_A", "lora_B"))
-    r = dA.shape[0]
-    A0 = previous.tensors[f"{module}.lora_A"].astype(np.float64)[:r]
-    B0 = previous.tensors[f"{module}.lora_B"].astype(np.float64)[:, :r]
-    return B0 + dB, A0 + dA
-
-
-def expected_hetlora(previous: GlobalAdapter, updates: list[Update]) -> dict[str, np.ndarray]:
-    """Per module: deltas weighted by samples × ‖Bₖ·Aₖ‖_F (dense here)."""
-    out = {}
-    for name in previous.tensors:
-        module = name.rsplit(".", 1)[0]
-        weights = [u.num_samples * np.linalg.norm(np.matmul(*trained_factors(previous, u, module))) for u in updates]
-        acc = previous.tensors[name].astype(np.float64)
-        for u, w in zip(updates, weights):
-            d = u.delta[name].astype(np.float64)
-            padded = np.zeros_like(acc)
-            padded[: d.shape[0], : d.shape[1]] = d
-            acc = acc + w * padded / sum(weights)
-        out[name] = acc
-    return out
-
-
-def effective_delta(adapter: GlobalAdapter, module: str) -> np.ndarray:
-    """The weight update a global adapter makes to one layer: merged + (alpha/rank)·B·A."""
-    spec = adapter.adapter
-    B = adapter.tensors[f"{module}.lora_B"].astype(np.float64)
-    A = adapter.tensors[f"{module}.lora_A"].astype(np.float64)
-    total = spec.alpha / spec.rank * B @ A
-    if f"{module}.merged_B" in adapter.merged:
-        total = total + adapter.merged[f"{module}.merged_B"].astype(np.float64) @ adapter.merged[f"{module}.merged_A"]
-    return total
-
-
-def expected_exact(previous: GlobalAdapter, updates: list[Update], module: str) -> np.ndarray:
-    """Σ pₖ·ΔWₖ: each device's whole model update (its frozen rest included), densely."""
-    spec = previous.adapter
-    s = spec.alpha / spec.rank
-    total = sum(u.num_samples for u in updates)
-    result = effective_delta(previous, module)
-    for u in updates:
-        B, A = trained_factors(previous, u, module)
-        r = A.shape[0]
-        B0 = previous.tensors[f"{module}.lora_B"].astype(np.float64)[:, :r]
-        A0 = previous.tensors[f"{module}.lora_A"].astype(np.float64)[:r]
-        result = result + u.num_samples / total * s * (B @ A - B0 @ A0)
-    return result
-
-
-def check_rounds(store: StateStore, observer: Observer, rounds: int, devices: int, strategy: str | None = None,
-                 optimizer: ServerOptimizerConfig = DEFAULT_SERVER_OPTIMIZER) -> None:
-    """Every round's global is the strategy's merge of what was seen (default: the fleet's own),
-    stepped by the server optimizer (default: the daemon's, FedAvgM: the merge plus β times the
-    previous round's step; one round's step is the difference of two stored globals)."""
-    assert optimizer.name in ("fedavg", "fedavgm") and optimizer.lr == 1.0, "recomputed here for those only"
-    beta = optimizer.momentum if optimizer.name == "fedavgm" else 0.0
-    strategy = strategy or store.load_state().strategy
-    for r in range(1, rounds + 1):
-        seen = observer.updates[r]
-        assert len(seen) == devices, f"round {r}: saw {len(seen)} updates"
-        previous, merged = store.load_global(r - 1), store.load_global(r)
-        before = store.load_global(r - 2) if r >= 2 else None
-        assert all(u.base_version == r - 1 for u in seen)
-        if strategy in ("fedit", "hetlora"):
-            expected = (expected_fedavg if strategy == "fedit" else expected_hetlora)(previous, seen)
-            for name, value in expected.items():
-                if before is not None:
-                    value = value + beta * (previous.tensors[name].astype(np.float64) - before.tensors[name])
-                np.testing.assert_allclose(merged.tensors[name], value, rtol=1e-5, atol=1e-7)
-        else:
-            for name in previous.tensors:
-                if name.endswith(".lora_A"):
-                    module = name.rsplit(".", 1)[0]
-                    want = expected_exact(previous, seen, module)
-                    if before is not None:
-                        want = want + beta * (effective_delta(previous, module) - effective_delta(before, module))
-                    got = effective_delta(merged, module)
-                    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want) + 1e-7, module
-        for name in merged.tensors:
-            # what was published on the broker is what was written to disk
-            np.testing.assert_array_equal(observer.globals[r].tensors[name], merged.tensors[name])
-        for name in merged.merged:
-            np.testing.assert_array_equal(observer.globals[r].merged[name], merged.merged[name])
-        assert any(not np.allclose(merged.tensors[n], previous.tensors[n]) for n in previous.tensors)
+from helpers.fleet import Observer, fleet_config, join_device, start_aggregator
+from helpers.merges import check_rounds
+from helpers.waiting import wait_for
 
 
 def run_federation(url: str, tmp_path, fleet: str):
@@ -345,25 +156,15 @@ def test_bad_input_is_logged_counted_and_dropped(broker_url, tmp_path, caplog):
     observer.close()
 
 
-
-def _wait(predicate, timeout: float = 30) -> bool:
-    event = threading.Event()
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return True
-        event.wait(0.05)
-    return predicate()
-
-
 def test_last_will_marks_a_vanished_device_offline(tmp_path, caplog):
     fleet = f"will-{uuid.uuid4().hex[:8]}"
     url = f"memory://{fleet}"
     caplog.set_level(logging.INFO, logger="edgetune_aggregator.daemon")
     aggregator, thread = start_aggregator(url, fleet_config(tmp_path, fleet, min_devices=2))
     device = join_device(url, fleet, 0, start=False)
-    assert _wait(lambda: "dev-0" in aggregator.online)
+    assert wait_for(lambda: "dev-0" in aggregator.online, 30)
     device.transport.crash()  # power cut: no goodbye, the broker publishes the will
-    assert _wait(lambda: "dev-0" not in aggregator.online)
+    assert wait_for(lambda: "dev-0" not in aggregator.online, 30)
     aggregator.stop()
     thread.join(timeout=10)
     assert "device dev-0 is offline" in caplog.text
@@ -403,10 +204,10 @@ def test_a_hello_with_an_unusable_model_is_dropped_and_the_daemon_keeps_serving(
                                                                 evaluate_final=False))
     rogue = open_transport(url, client_id="rogue")
     rogue.connect()
-    assert _wait(lambda: aggregator.transport.stats.messages_sent > 0)  # subscribed (its hello is not retained)
+    assert wait_for(lambda: aggregator.transport.stats.messages_sent > 0, 30)  # subscribed (its hello is not retained)
     no_targets = ModelManifest("odd", "f" * 16, {"lm_head": (4, 4)})
     rogue.publish(Topics(fleet).hello("rogue"), encode_message(Hello("rogue", "0", no_targets)))
-    assert _wait(lambda: aggregator.drops.get("bad_model") == 1)
+    assert wait_for(lambda: aggregator.drops.get("bad_model") == 1, 30)
     device = join_device(url, fleet, 0)
     thread.join(timeout=60)
     assert not thread.is_alive() and aggregator.state.global_version == 1
@@ -422,8 +223,8 @@ def test_a_round_left_open_by_a_stopped_daemon_continues_on_resume(tmp_path, jou
     device = join_device(url, fleet, 0)
     idle = join_device(url, fleet, 1, start=False)  # says hello, never trains
     # round 1 opens but cannot close (one update of two); dev-0 trains it
-    assert _wait(lambda: device.rounds_done == [1])
-    assert _wait(lambda: len(list((tmp_path / "state" / "journal").glob("r000001/dev-0.msgpack"))) == 1)
+    assert wait_for(lambda: device.rounds_done == [1], 30)
+    assert wait_for(lambda: len(list((tmp_path / "state" / "journal").glob("r000001/dev-0.msgpack"))) == 1, 30)
     aggregator.stop()
     thread.join(timeout=30)
     if not journal:  # a state dir from before round journals: the round's number is skipped
@@ -454,7 +255,7 @@ def test_a_stale_finished_task_does_not_send_new_devices_home(tmp_path):
     leftover.publish(Topics(fleet).task, encode_message(RoundTask(9, TaskKind.FINISHED, 3, "x" * 16)), retain=True)
     aggregator, thread = start_aggregator(url, fleet_config(tmp_path, fleet, rounds=1, min_devices=1,
                                                                 evaluate_final=False))
-    assert _wait(lambda: aggregator.online is not None and aggregator.transport.stats.messages_sent > 0)
+    assert wait_for(lambda: aggregator.online is not None and aggregator.transport.stats.messages_sent > 0, 30)
     device = join_device(url, fleet, 0)
     thread.join(timeout=60)
     assert not thread.is_alive() and device.rounds_done == [1]

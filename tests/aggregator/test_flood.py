@@ -12,12 +12,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from test_security import _wait
 
 from edgetune.transport import open_transport
 from edgetune.wire import Capabilities, Hello, Presence, Topics, Update, encode_message, split_payload
 from edgetune.wire import TrainMetrics
 from edgetune_aggregator.fleet_model import default_manifest
+
+from helpers.waiting import wait_for
 
 _REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -55,7 +56,7 @@ def test_a_flood_on_the_update_topics_stays_under_the_documented_rss_ceiling(mos
                                 retain=True)
             flooders[0].publish(topics.presence(device), encode_message(Presence(device, True)), retain=True)
         flooders[0].flush()
-        assert _wait(lambda: (tmp_path / "state" / "state.json").exists(), 60), (tmp_path / "daemon.log").read_text()
+        assert wait_for(lambda: (tmp_path / "state" / "state.json").exists(), 60), (tmp_path / "daemon.log").read_text()
         time.sleep(2.0)
         opened = _status(daemon.pid, "VmRSS")
 

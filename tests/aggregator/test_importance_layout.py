@@ -20,7 +20,8 @@ from edgetune.wire import (
     encode_message,
 )
 from edgetune.wire.signing import unwrap
-from test_federation import SPEC, fleet_config, join_device, start_aggregator, workload
+
+from helpers.fleet import SPEC, fleet_config, join_device, start_aggregator, workload
 
 
 class Scores:

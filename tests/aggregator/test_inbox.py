@@ -7,9 +7,11 @@ import threading
 import time
 
 import pytest
-from test_security import _wait, manuals, memory_fleet
 
 from edgetune_aggregator.inbox import Inbox
+
+from helpers.manual import manuals, memory_fleet
+from helpers.waiting import wait_for
 
 
 def test_a_full_inbox_blocks_writers_until_read_and_close_releases_them():
@@ -44,7 +46,7 @@ def test_a_daemon_stopped_during_the_final_evaluation_does_not_announce_the_end(
     url, fleet, aggregator, thread = memory_fleet(tmp_path, "stopev", round_timeout_s=60, evaluate_final=True)
     (m,) = manuals(url, fleet, aggregator, "m")
     m.send(m.update(1))
-    assert _wait(lambda: aggregator.task.kind.value == "evaluate")
+    assert wait_for(lambda: aggregator.task.kind.value == "evaluate")
     aggregator.stop()
     thread.join(timeout=30)
     assert not thread.is_alive() and not aggregator.finished.is_set()

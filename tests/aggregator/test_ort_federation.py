@@ -1,7 +1,7 @@
 """A fleet of one PyTorch device and one ONNX Runtime device over Mosquitto.
 
 The ONNX Runtime device runs the real command line in a subprocess in which torch,
-transformers and PEFT cannot be imported (``tests/torch_free.py``); it downloads the artifacts
+transformers and PEFT cannot be imported (``tests/helpers/torch_free.py``); it downloads the artifacts
 ``build_artifacts`` made for the tiny Llama from the aggregator (``--ort-artifacts``), in
 chunks over the broker, and trains them. The test recomputes each global adapter from the
 updates seen on the broker (``check_rounds``), so both devices' updates were merged as
@@ -25,14 +25,16 @@ from edgetune.data import generate_device_texts  # noqa: E402
 from edgetune.ort.build import build_artifacts  # noqa: E402
 from edgetune.wire import Update  # noqa: E402
 
-from test_federation import SPEC, Observer, check_rounds, fleet_config, join_device, start_aggregator  # noqa: E402
+from helpers.fleet import SPEC, Observer, fleet_config, join_device, start_aggregator  # noqa: E402
+from helpers.commands import TORCH_FREE  # noqa: E402
+from helpers.merges import check_rounds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def start_torch_free_device(url: str, fleet: str, device_id: str, data: Path, artifacts: Path, log: Path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "sdk"), str(REPO / "aggregator")])}
-    command = [sys.executable, str(REPO / "tests" / "torch_free.py"), "device", "run", "--broker", url,
+    command = [sys.executable, str(TORCH_FREE), "device", "run", "--broker", url,
                "--fleet", fleet, "--device-id", device_id, "--data", str(data), "--trainer", "auto",
                "--artifacts", str(artifacts), "--threads", "1", "--heldout", "0.25", "--connect-timeout", "30",
                "--log-file", str(log)]

@@ -11,7 +11,8 @@ import pytest
 from edgetune.wire import DevicePlan, DeviceProfile
 from edgetune_aggregator.daemon import Aggregator
 
-from test_federation import Observer, _wait, check_rounds, fleet_config, join_device, start_aggregator, workload  # noqa: F401
+from helpers.fleet import Observer, fleet_config, join_device, start_aggregator, workload
+from helpers.merges import check_rounds
 
 
 class FixedPlans(Aggregator):

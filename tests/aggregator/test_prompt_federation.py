@@ -20,7 +20,8 @@ from edgetune.trainers.torch_prompt import embedding_rows  # noqa: E402
 from edgetune.wire import PromptSpec, TrainSettings  # noqa: E402
 from edgetune_aggregator.store import StateStore  # noqa: E402
 
-from test_federation import Observer, _wait, fleet_config, start_aggregator  # noqa: E402
+from helpers.fleet import Observer, fleet_config, start_aggregator  # noqa: E402
+from helpers.waiting import wait_for  # noqa: E402
 
 SPEC = PromptSpec(num_virtual_tokens=6, init="text", init_text="Answer briefly:")
 
@@ -54,7 +55,7 @@ def test_a_prompt_fleet_then_personalization_with_both_scores_reported(mosquitto
     settings = PersonalizeSettings(learning_rate=5e-2, steps=8, batch_size=2, seq_len=32)
     reports = [device.personalize(settings) for device in devices]
     store = StateStore(tmp_path / "state")
-    _wait(lambda: len(store.personalizations()) == 3, 60)
+    wait_for(lambda: len(store.personalizations()) == 3, 60)
     aggregator.stop()
     thread.join(timeout=30)
     for device in devices:

@@ -8,7 +8,6 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import queue
 import shutil
 import signal
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import _free_port, _mosquitto_binary, _stop_process, _wait_for_port
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -37,6 +35,8 @@ from edgetune_aggregator.provision import (
     run_provision,
 )
 
+from helpers.brokers import start_provisioned_broker, stop_process
+
 pytestmark = pytest.mark.timeout(60)
 
 FLEET = "prov"
@@ -47,29 +47,6 @@ ACCEPTED = (0x00, 0x10)  # success, or "no matching subscribers" when nobody lis
 
 
 # --- a broker and clients -----------------------------------------------------------------
-
-
-def start_broker(out: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Run the generated mosquitto.conf, changed only where a test must: its own free port on
-    loopback, and (as root) ``user root``, because Mosquitto would otherwise switch to the user
-    'mosquitto', who cannot enter pytest's 0700 temporary folders."""
-    text = (out / "broker" / "mosquitto.conf").read_text()
-    assert "\nuser mosquitto\n" in text
-    if os.geteuid() == 0:
-        text = text.replace("\nuser mosquitto\n", "\nuser root\n")
-    port_line = next(line for line in text.splitlines() if line.startswith("listener "))
-    log_path = workdir / "mosquitto.log"
-    for _ in range(3):  # a free port can be taken between probing and binding
-        port = _free_port()
-        config = workdir / "mosquitto-test.conf"
-        config.write_text(text.replace(port_line, f"listener {port} 127.0.0.1"))
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen([_mosquitto_binary(), "-c", str(config)], stdout=log_file,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        if _wait_for_port(port, process, 10.0):
-            return process, port
-        _stop_process(process)
-    pytest.fail(f"mosquitto did not start; its log:\n{log_path.read_text(errors='replace')}")
 
 
 @dataclass
@@ -83,11 +60,11 @@ class Broker:
 def _broker(tmp_path: Path, auth: str, devices: tuple[str, ...] = ("device-000", "device-001")) -> Iterator[Broker]:
     out = tmp_path / "fleet"
     provision(ProvisionConfig(FLEET, out, devices, broker_hosts=("127.0.0.1",), port=8883, auth=auth))
-    process, port = start_broker(out, tmp_path)
+    process, port = start_provisioned_broker(out, tmp_path)
     try:
         yield Broker(out, port, auth, process)
     finally:
-        _stop_process(process)
+        stop_process(process)
 
 
 @pytest.fixture

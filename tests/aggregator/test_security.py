@@ -5,99 +5,23 @@ with the honest devices' updates only (and exactly them)."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import numpy as np
 import pytest
-from test_federation import Observer, start_aggregator
 
-from edgetune.adapters.registry import adapter_shapes
 from edgetune.simulate import TINY, LightDevice, simulated_delta
 from edgetune.transport import open_transport
 from edgetune.transport.channel import Channel
-from edgetune.wire import (
-    Capabilities,
-    Chunk,
-    Hello,
-    LoraSpec,
-    Receipt,
-    Signed,
-    Topics,
-    TrainMetrics,
-    TrainSettings,
-    Update,
-    decode_message,
-    encode_message,
-)
+from edgetune.wire import Chunk, Signed, Topics, TrainSettings, decode_message, encode_message
 from edgetune.wire.signing import Signer, write_key_file
 from edgetune_aggregator.daemon import AggregatorConfig
 from edgetune_aggregator.strategies.robust import robust_combine, trimmed_mean
 from edgetune_aggregator.validation import UpdateLimits, bound_norm
 
-SPEC = LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
-SHAPES = adapter_shapes(SPEC, TINY)
-
-
-def _wait(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-class Manual:
-    """A device the test drives by hand: it signs (or not) whatever the test makes it send,
-    and records the receipts the aggregator answers with."""
-
-    def __init__(self, url: str, fleet: str, signer: Signer, model=TINY):
-        self.topics = Topics(fleet)
-        self.id = signer.device_id
-        self.transport = open_transport(url, client_id=f"manual-{uuid.uuid4().hex[:6]}", connect_timeout=10)
-        self.transport.connect()
-        self.channel = Channel(self.transport, self.topics.sender_of, signer=signer)
-        self.receipts: list[Receipt] = []
-        self.run_id = ""  # the fleet run its updates are for (set once the daemon has one)
-        self.channel.subscribe(self.topics.receipt(self.id), lambda t, m: self.receipts.append(m))
-        self.shapes = adapter_shapes(SPEC, model)
-        hello = Hello(self.id, "test", model, Capabilities(), 10)
-        self.transport.publish(self.topics.hello(self.id), self.channel.prepare(self.topics.hello(self.id), hello)[0],
-                               retain=True)
-
-    def update(self, round_number: int, delta=None, version: int = 0, samples: int = 10) -> Update:
-        delta = simulated_delta(self.shapes, self.id, round_number) if delta is None else delta
-        return Update(self.id, round_number, version, samples, delta, TrainMetrics(1.0, 0, 0.0, 1.0, 1.0), self.run_id)
-
-    def send(self, message) -> None:
-        self.channel.send(self.topics.update(self.id), message)
-        self.transport.flush()
-
-    def close(self) -> None:
-        self.transport.close()
-
-
-def memory_fleet(tmp_path, name: str, **settings):
-    """``(url, fleet, aggregator, thread)``: a daemon on an in-memory broker with these tests'
-    small defaults (``settings`` override them)."""
-    fleet = f"{name}-{uuid.uuid4().hex[:8]}"
-    url = f"memory://{fleet}"
-    fields = dict(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=30,
-                  join_timeout_s=30, adapter=SPEC, planning=False, evaluate_final=False) | settings
-    if "model" not in fields:  # (these fleets' tiny models are not the default one pinned by default)
-        fields.setdefault("model_from_first_hello", True)
-    aggregator, thread = start_aggregator(url, AggregatorConfig(**fields))
-    return url, fleet, aggregator, thread
-
-
-def manuals(url: str, fleet: str, aggregator, *names: str) -> list[Manual]:
-    """Hand-driven devices that send for the daemon's current run (once it has one)."""
-    devices = [Manual(url, fleet, Signer.generate(name)) for name in names]
-    assert _wait(lambda: aggregator.state is not None and aggregator.task is not None)
-    for device in devices:
-        device.run_id = aggregator.state.run_id
-    return devices
+from helpers.fleet import SPEC, Observer, start_aggregator
+from helpers.manual import SHAPES, Manual, manuals, memory_fleet
+from helpers.waiting import wait_for
 
 
 def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_honest_ones(mosquitto_url, tmp_path):
@@ -119,7 +43,7 @@ def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_hone
                           signer=signers[d]).start() for d in ("dev-0", "dev-1")]
     manual = Manual(mosquitto_url, fleet, signers["dev-2"])
     journal = tmp_path / "state" / "journal" / "r000001"
-    assert _wait(lambda: (journal / "dev-0.msgpack").exists() and (journal / "dev-1.msgpack").exists())
+    assert wait_for(lambda: (journal / "dev-0.msgpack").exists() and (journal / "dev-1.msgpack").exists())
     assert raw["dev-0"]
     manual.run_id = aggregator.state.run_id
 
@@ -154,19 +78,19 @@ def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_hone
     expected = {"unknown_key": 1, "unsigned": 1, "bad_signature": 1, "sender_mismatch": 1,
                 "replayed": len(raw["dev-0"]) and 1, "not_finite": 1, "wrong_shape": 1, "norm_exceeded": 1,
                 "stale_round": 1, "oversize": 1, "other_run": 1}
-    assert _wait(lambda: all(aggregator.drops[k] >= v for k, v in expected.items()), 30), dict(aggregator.drops)
+    assert wait_for(lambda: all(aggregator.drops[k] >= v for k, v in expected.items()), 30), dict(aggregator.drops)
     assert not (journal / "dev-2.msgpack").exists()  # nothing of that got in
     told = {"not_finite", "wrong_shape", "norm_exceeded", "stale_round", "other_run"}  # (signed by dev-2)
-    assert _wait(lambda: told <= {r.reason for r in manual.receipts if not r.accepted}, 30), manual.receipts
+    assert wait_for(lambda: told <= {r.reason for r in manual.receipts if not r.accepted}, 30), manual.receipts
 
     round1 = manual.update(1)
     manual.send(round1)
-    assert _wait(lambda: any(r.accepted and r.round == 1 for r in manual.receipts))
+    assert wait_for(lambda: any(r.accepted and r.round == 1 for r in manual.receipts))
     observer.wait_task(2)
     for frame in raw["dev-0"][:1]:  # round 1's update in round 2
         spy.publish(topics.update("dev-0"), frame)
     spy.flush()
-    assert _wait(lambda: aggregator.drops["stale_round"] >= 2, 30)
+    assert wait_for(lambda: aggregator.drops["stale_round"] >= 2, 30)
     manual.send(manual.update(2, version=1))
     thread.join(timeout=120)
     assert not thread.is_alive()
@@ -198,7 +122,7 @@ def test_a_device_without_a_fleet_key_does_not_join(tmp_path):
     aggregator, thread = start_aggregator(url, config)
     # no provisioned key: it signs with a key of its own run, which the fleet does not know
     stranger = LightDevice(open_transport(url, client_id="x"), fleet, "dev-1", TINY).start()
-    assert _wait(lambda: aggregator.drops["unknown_key"] >= 1, 10)
+    assert wait_for(lambda: aggregator.drops["unknown_key"] >= 1, 10)
     assert not aggregator.devices
     member = LightDevice(open_transport(url, client_id="y"), fleet, "dev-0", TINY, signer=signer).start()
     thread.join(timeout=60)
@@ -261,10 +185,10 @@ def test_a_late_update_for_a_closed_round_is_refused_as_stale(tmp_path):
     device = LightDevice(open_transport(url, client_id="a"), fleet, "a", TINY, skip=lambda r: r == 2).start()
     late = Manual(url, fleet, Signer.generate("b"))
     late.channel.signer = None
-    assert _wait(lambda: aggregator.store.rounds() and aggregator.store.rounds()[0]["status"] == "aggregated")
+    assert wait_for(lambda: aggregator.store.rounds() and aggregator.store.rounds()[0]["status"] == "aggregated")
     late.send(late.update(1))  # round 1 closed with device a alone
-    assert _wait(lambda: aggregator.drops["stale_round"] == 1, 10)
-    assert _wait(lambda: any(r.reason == "stale_round" for r in late.receipts), 10)
+    assert wait_for(lambda: aggregator.drops["stale_round"] == 1, 10)
+    assert wait_for(lambda: any(r.reason == "stale_round" for r in late.receipts), 10)
     late.send(late.update(2, version=1))
     thread.join(timeout=60)
     assert [r["status"] for r in aggregator.store.rounds()] == ["aggregated", "aggregated"]
@@ -278,15 +202,15 @@ def test_late_updates_are_folded_in_with_a_staleness_weight_once(tmp_path):
     m1, m2, m3 = manuals(url, fleet, aggregator, "m1", "m2", "m3")
     m1.send(m1.update(1))
     m2.send(m2.update(1))
-    assert _wait(lambda: aggregator.state.global_version == 1)
+    assert wait_for(lambda: aggregator.state.global_version == 1)
     late = m3.update(1)  # trained on v0 for round 1, arrives in round 2
     payload = m3.channel.prepare(m3.topics.update("m3"), late)[0]
     m3.transport.publish(m3.topics.update("m3"), payload)
-    assert _wait(lambda: any(r.accepted and r.round == 1 for r in m3.receipts))
+    assert wait_for(lambda: any(r.accepted and r.round == 1 for r in m3.receipts))
     m3.transport.publish(m3.topics.update("m3"), payload)  # resent: answered again, counted once
     m3.send(m3.update(1))  # another update for round 1 from m3
     m1.send(m1.update(1))  # m1's round 1 is in v1 already
-    assert _wait(lambda: aggregator.drops["replayed"] == 1 and aggregator.drops["duplicate"] == 2, 10)
+    assert wait_for(lambda: aggregator.drops["replayed"] == 1 and aggregator.drops["duplicate"] == 2, 10)
     assert sum(r.accepted and r.round == 1 for r in m3.receipts) == 2  # the resend got its receipt again
     m1.send(m1.update(2, version=1))
     thread.join(timeout=60)
@@ -317,10 +241,10 @@ def test_a_late_update_counts_once_even_after_failed_rounds(tmp_path):
     (a,) = manuals(url, fleet, aggregator, "a")
     first = a.channel.prepare(a.topics.update("a"), a.update(1))[0]
     a.transport.publish(a.topics.update("a"), first)
-    assert _wait(lambda: aggregator.state.global_version == 1)
-    assert _wait(lambda: aggregator.task.round == 4, 10)  # rounds 2 and 3 failed: nobody answered them
+    assert wait_for(lambda: aggregator.state.global_version == 1)
+    assert wait_for(lambda: aggregator.task.round == 4, 10)  # rounds 2 and 3 failed: nobody answered them
     a.transport.publish(a.topics.update("a"), first)  # the same bytes again, in round 4
-    assert _wait(lambda: aggregator.drops["duplicate"] == 1, 10), dict(aggregator.drops)
+    assert wait_for(lambda: aggregator.drops["duplicate"] == 1, 10), dict(aggregator.drops)
     thread.join(timeout=30)
     assert [r["status"] for r in aggregator.store.rounds()] == ["aggregated", "failed", "failed", "failed"]
     assert aggregator.state.global_version == 1
@@ -333,13 +257,13 @@ def test_the_staleness_window_refuses_recounts_and_invented_rounds(tmp_path):
     a, b = manuals(url, fleet, aggregator, "a", "b")
     a.send(a.update(1))
     b.send(b.update(1))
-    assert _wait(lambda: aggregator.state.global_version == 1)
+    assert wait_for(lambda: aggregator.state.global_version == 1)
     # round 2 fails (nobody answers); in round 3, a's round-1 update again, and invented rounds
-    assert _wait(lambda: aggregator.state.round >= 2 and aggregator.task.round == 3, 10)
+    assert wait_for(lambda: aggregator.state.round >= 2 and aggregator.task.round == 3, 10)
     a.send(a.update(1))  # a new nonce, but a's round 1 is in v1 already
     for invented in (-1, 0, 2):  # no train round started from v0 there (round 2 started from v1)
         b.send(b.update(invented))
-    assert _wait(lambda: aggregator.drops["duplicate"] == 1 and aggregator.drops["stale_round"] == 3, 10), \
+    assert wait_for(lambda: aggregator.drops["duplicate"] == 1 and aggregator.drops["stale_round"] == 3, 10), \
         dict(aggregator.drops)
     thread.join(timeout=30)
     assert all(d.get("from_round") is None for r in aggregator.store.rounds() for d in r["devices"])
@@ -351,8 +275,8 @@ def test_accepted_results_of_a_failed_round_count_in_the_next_one(tmp_path):
     url, fleet, aggregator, thread = memory_fleet(tmp_path, "carry", rounds=2, min_devices=2, round_timeout_s=1.5)
     a, b = manuals(url, fleet, aggregator, "a", "b")
     a.send(a.update(1))  # accepted, but round 1 fails: b never answers it
-    assert _wait(lambda: any(r.accepted for r in a.receipts))
-    assert _wait(lambda: aggregator.task.round == 2, 10)
+    assert wait_for(lambda: any(r.accepted for r in a.receipts))
+    assert wait_for(lambda: aggregator.task.round == 2, 10)
     assert "a" in aggregator.task.excluded  # its round-1 result counts in round 2: it need not train
     a.send(a.update(2))  # sent anyway: refused, a counts once
     b.send(b.update(2))
@@ -373,7 +297,7 @@ def test_a_malformed_update_cannot_crash_the_daemon(tmp_path):
     url, fleet, aggregator, thread = memory_fleet(tmp_path, "crash")
     (m,) = manuals(url, fleet, aggregator, "m")
     m.send(m.update(1, {**simulated_delta(SHAPES, "m", 1), "0.lora_A": np.zeros((), np.float32)}))
-    assert _wait(lambda: aggregator.drops["wrong_shape"] == 1, 10)
+    assert wait_for(lambda: aggregator.drops["wrong_shape"] == 1, 10)
     m.send(m.update(1))
     thread.join(timeout=30)
     assert not thread.is_alive() and aggregator.store.rounds()[0]["status"] == "aggregated"

@@ -7,24 +7,25 @@ import threading
 import uuid
 
 import pytest
-from test_federation import SPEC, TRAIN, workload
-from test_provision import start_broker
 
 from edgetune.device import Device, DeviceConfig
 from edgetune.transport import TransportError, open_transport
 from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
 from edgetune_aggregator.provision import ProvisionConfig, provision
 
+from helpers.brokers import start_provisioned_broker, stop_process
+from helpers.fleet import SPEC, TRAIN, workload
+from helpers.manual import SHAPES
+from helpers.waiting import wait_for
+
 pytestmark = pytest.mark.slow
 
 
 def test_a_signed_fleet_trains_over_tls_through_the_provisioned_broker(tmp_path):
-    from conftest import _stop_process
-
     fleet = f"tls-{uuid.uuid4().hex[:6]}"
     out = tmp_path / "fleet"
     provision(ProvisionConfig(fleet=fleet, out=out, device_ids=("dev-0", "dev-1"), broker_hosts=("127.0.0.1",)))
-    broker, port = start_broker(out, tmp_path)
+    broker, port = start_provisioned_broker(out, tmp_path)
     url = f"mqtts://127.0.0.1:{port}"
     try:
         agg_dir = out / "aggregator"
@@ -61,7 +62,7 @@ def test_a_signed_fleet_trains_over_tls_through_the_provisioned_broker(tmp_path)
         with pytest.raises(TransportError):
             stranger.connect()
     finally:
-        _stop_process(broker)
+        stop_process(broker)
 
 
 def test_a_provisioned_liar_over_tls_is_refused_and_bounded(tmp_path):
@@ -69,10 +70,6 @@ def test_a_provisioned_liar_over_tls_is_refused_and_bounded(tmp_path):
     that lies (a hello for another model, an Update on its presence topic, 10,000,000 samples);
     the daemon's defaults (pinned model, one kind per topic, bounded influence) hold."""
     import numpy as np
-    from conftest import _stop_process
-    from test_security import SHAPES
-    from test_security import SPEC as SMALL
-    from test_security import _wait
 
     from edgetune.simulate import TINY, LightDevice, manifest, simulated_delta
     from edgetune.transport.channel import Channel
@@ -84,7 +81,7 @@ def test_a_provisioned_liar_over_tls_is_refused_and_bounded(tmp_path):
     out = tmp_path / "fleet"
     names = ("dev-0", "dev-1", "dev-2")
     provision(ProvisionConfig(fleet=fleet, out=out, device_ids=names, broker_hosts=("127.0.0.1",)))
-    broker, port = start_broker(out, tmp_path)
+    broker, port = start_provisioned_broker(out, tmp_path)
     url = f"mqtts://127.0.0.1:{port}"
 
     def tls(folder, client_id):
@@ -94,7 +91,7 @@ def test_a_provisioned_liar_over_tls_is_refused_and_bounded(tmp_path):
     try:
         agg_dir = out / "aggregator"
         config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=3,
-                                  round_timeout_s=120, join_timeout_s=60, adapter=SMALL, planning=False,
+                                  round_timeout_s=120, join_timeout_s=60, adapter=SPEC, planning=False,
                                   evaluate_final=False, device_keys=agg_dir / "device_keys.json", model=TINY)
         aggregator = Aggregator(config, tls(agg_dir, f"edgetune-aggregator-{fleet}"))
         thread = threading.Thread(target=aggregator.serve, daemon=True)
@@ -108,17 +105,17 @@ def test_a_provisioned_liar_over_tls_is_refused_and_bounded(tmp_path):
         channel.send(topics.hello("dev-2"), Hello("dev-2", "x", manifest("another", 4, 64, 32, 128, 256),
                                                   Capabilities(), 10))
         liar.flush()
-        assert _wait(lambda: aggregator.drops["model_mismatch"] == 1, 30), dict(aggregator.drops)
+        assert wait_for(lambda: aggregator.drops["model_mismatch"] == 1, 30), dict(aggregator.drops)
         channel.send(topics.hello("dev-2"), Hello("dev-2", "x", TINY, Capabilities(), 10))
         honest = [LightDevice(tls(out / "devices" / n, f"edgetune-{fleet}-{n}"), fleet, n, TINY,
                               signer=signers[n]).start() for n in names[:2]]
-        assert _wait(lambda: aggregator.task is not None, 60)
+        assert wait_for(lambda: aggregator.task is not None, 60)
         run = aggregator.state.run_id
         update = Update("dev-2", 1, 0, 10_000_000, simulated_delta(SHAPES, "dev-2", 1),
                         TrainMetrics(1.0, 0, 0.0, 1.0, 1.0), run)
         channel.send(topics.presence("dev-2"), update)  # a result where presence goes
         liar.flush()
-        assert _wait(lambda: aggregator.drops["unexpected_kind"] == 1, 30), dict(aggregator.drops)
+        assert wait_for(lambda: aggregator.drops["unexpected_kind"] == 1, 30), dict(aggregator.drops)
         channel.send(topics.update("dev-2"), update)
         liar.flush()
         thread.join(timeout=120)
@@ -133,4 +130,4 @@ def test_a_provisioned_liar_over_tls_is_refused_and_bounded(tmp_path):
             device.stop()
         liar.close()
     finally:
-        _stop_process(broker)
+        stop_process(broker)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -17,19 +15,17 @@ from edgetune_aggregator.daemon import Aggregator, AggregatorConfig
 from edgetune.transport import open_transport
 from edgetune.wire import LoraSpec, TrainSettings
 
+from helpers.commands import TORCH_FREE, run_python
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_writes_a_peft_adapter(tmp_path):
     """Two devices, one of them on ONNX Runtime with artifacts downloaded from the aggregator."""
     out = tmp_path / "demo"
-    result = run("-m", "edgetune", "demo", "--model", "tiny-llama", "--devices", "2", "--rounds", "2",
-                 "--steps", "2", "--ort-devices", "1", "--out", str(out))
+    result = run_python("-m", "edgetune", "demo", "--model", "tiny-llama", "--devices", "2", "--rounds", "2",
+                        "--steps", "2", "--ort-devices", "1", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     for expected in ("round 1 (train) aggregated", "round 2 (train) aggregated", "round 3 (evaluate) evaluated",
                      "line-1", "line-2", "ppl global->local", "global adapter (PEFT format)",
@@ -68,8 +64,8 @@ def test_demo_with_a_soft_prompt_then_personalization(tmp_path):
     """Both scores every round (each device's robustness set is the other's held-out split),
     then `device personalize` on every device, recorded by the aggregator."""
     out = tmp_path / "demo"
-    result = run("-m", "edgetune", "demo", "--model", "tiny-llama", "--devices", "2", "--rounds", "1",
-                 "--steps", "2", "--adapter", "prompt", "--personalize", "--out", str(out))
+    result = run_python("-m", "edgetune", "demo", "--model", "tiny-llama", "--devices", "2", "--rounds", "1",
+                        "--steps", "2", "--adapter", "prompt", "--personalize", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     for expected in ("round 1 (initialize) initialized", "round 2 (train) aggregated", "others global->local",
                      "personalization (own held-out ppl", "personal adapters (PEFT format)"):
@@ -84,7 +80,7 @@ def test_demo_with_a_soft_prompt_then_personalization(tmp_path):
 
 def test_demo_refuses_to_overwrite_an_earlier_run(tmp_path):
     (tmp_path / "state").mkdir()
-    result = run("-m", "edgetune", "demo", "--model", "tiny-llama", "--out", str(tmp_path))
+    result = run_python("-m", "edgetune", "demo", "--model", "tiny-llama", "--out", str(tmp_path))
     assert result.returncode == 2 and "earlier demo run" in result.stderr
 
 
@@ -104,7 +100,7 @@ def test_device_cli_errors_are_one_line(tmp_path, args, message):
     for key, value in zip(args[::2], args[1::2]):
         base[key] = value
     argv = [item for pair in base.items() for item in pair]
-    result = run("-m", "edgetune", "device", "run", *argv, timeout=120)
+    result = run_python("-m", "edgetune", "device", "run", *argv, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = [l for l in result.stderr.splitlines() if l.startswith("edgetune: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -112,11 +108,11 @@ def test_device_cli_errors_are_one_line(tmp_path, args, message):
 
 
 def test_aggregator_cli_errors_are_one_line(tmp_path):
-    result = run("-m", "edgetune_aggregator", "serve", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f",
-                 "--state-dir", str(tmp_path), "--connect-timeout", "2", timeout=60)
+    result = run_python("-m", "edgetune_aggregator", "serve", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f",
+                        "--state-dir", str(tmp_path), "--connect-timeout", "2", timeout=60)
     assert result.returncode == 2 and "unreachable" in result.stderr and "Traceback" not in result.stderr
-    result = run("-m", "edgetune_aggregator", "serve", "--broker", "mqtt://h", "--fleet", "bad/name",
-                 "--state-dir", str(tmp_path), timeout=60)
+    result = run_python("-m", "edgetune_aggregator", "serve", "--broker", "mqtt://h", "--fleet", "bad/name",
+                        "--state-dir", str(tmp_path), timeout=60)
     assert result.returncode == 2 and "fleet name" in result.stderr
 
 
@@ -132,7 +128,7 @@ def test_minimal_app_joins_a_fleet_over_mosquitto(mosquitto_url, tmp_path):
     aggregator = Aggregator(config, open_transport(mosquitto_url, client_id="agg", connect_timeout=10))
     thread = threading.Thread(target=aggregator.serve, daemon=True)
     thread.start()
-    result = run(str(app), mosquitto_url, fleet, "line-1", str(data), "tiny-llama", timeout=180)
+    result = run_python(str(app), mosquitto_url, fleet, "line-1", str(data), "tiny-llama", timeout=180)
     thread.join(timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "line-1: global adapter v1" in result.stdout
@@ -158,8 +154,8 @@ def test_torch_free_app_downloads_artifacts_and_trains_over_mosquitto(mosquitto_
     aggregator = Aggregator(config, open_transport(mosquitto_url, client_id="agg", connect_timeout=10))
     thread = threading.Thread(target=aggregator.serve, daemon=True)
     thread.start()
-    result = run(str(ROOT / "tests" / "torch_free.py"), str(app), mosquitto_url, fleet, "gw-1", str(data),
-                 str(tmp_path / "device-artifacts"), timeout=180)
+    result = run_python(str(TORCH_FREE), str(app), mosquitto_url, fleet, "gw-1", str(data),
+                        str(tmp_path / "device-artifacts"), timeout=180)
     thread.join(timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "gw-1: global adapter v1" in result.stdout and "trained with ort" in result.stdout

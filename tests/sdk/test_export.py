@@ -17,8 +17,9 @@ from edgetune.models import ByteTokenizer, load_model  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
 from edgetune.wire import GlobalAdapter  # noqa: E402
 from edgetune_aggregator.store import FleetState, StateStore  # noqa: E402
-from lora_data import blocks  # noqa: E402
-from test_torch_lora import merged_for, spec_for  # noqa: E402
+
+from helpers.commands import TORCH_FREE  # noqa: E402
+from helpers.lora import blocks, merged_for, spec_for  # noqa: E402
 
 # seeded: the export loads the base again, so the test's base must be the same weights
 REFS = ["tiny-llama:seed=3", "tiny-gpt2:seed=3"]
@@ -228,14 +229,12 @@ def test_generate_runs_without_torch(tmp_path):
     pytest.importorskip("optimum.exporters.onnx")
     import subprocess
     import sys
-    from pathlib import Path
 
     ref = REFS[0]
     write_state(tmp_path / "state", ref, [global_adapter(ref, 1)])
     out = tmp_path / "onnx"
     assert main(["export", "--onnx", "--state-dir", str(tmp_path / "state"), "--model", ref, "--out", str(out)]) == 0
-    repo = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, str(repo / "tests" / "torch_free.py"), "generate", "--onnx", str(out),
+    done = subprocess.run([sys.executable, str(TORCH_FREE), "generate", "--onnx", str(out),
                            "--prompt", "replace bearing", "--max-new-tokens", "6", "--threads", "1"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -25,7 +25,8 @@ torch = pytest.importorskip("torch")
 
 from edgetune.models import load_model  # noqa: E402
 from edgetune.trainers.importance import score_matrices  # noqa: E402
-from lora_data import batches, blocks  # noqa: E402
+
+from helpers.lora import batches, blocks  # noqa: E402
 
 KINDS = {"tiny-llama": LLAMA_KINDS, "tiny-gpt2": GPT2_KINDS}
 # unequal betas: a swapped pair, or Ū taken against the previous Ī, moves scores by ≫ 1 %

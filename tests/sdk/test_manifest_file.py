@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_demo_and_app import run
 
 from edgetune.models import load_model
 from edgetune.wire.manifest_file import manifest_from_dict, mismatch, read_manifest
 
+from helpers.commands import run_python
+
 
 def test_the_manifest_command_writes_what_the_daemon_pins(tmp_path):
     path = tmp_path / "model.json"
-    result = run("-m", "edgetune", "manifest", "--model", "tiny-llama", "--out", str(path))
+    result = run_python("-m", "edgetune", "manifest", "--model", "tiny-llama", "--out", str(path))
     assert result.returncode == 0, result.stderr
     written = read_manifest(path)
     assert written == load_model("tiny-llama").manifest  # exactly what a device says in its hello

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 
@@ -11,16 +10,12 @@ import pytest
 
 from edgetune.transport import TransportError, open_transport
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers.brokers import free_port
 
 
 def test_connect_retries_with_backoff_until_the_broker_appears(mosquitto_factory, caplog):
     caplog.set_level(logging.WARNING, logger="edgetune.transport.mqtt")
-    port = _free_port()
+    port = free_port()
     transport = open_transport(f"mqtt://127.0.0.1:{port}", client_id="early", connect_timeout=30)
     done = threading.Event()
     threading.Thread(target=lambda: (transport.connect(), done.set()), daemon=True).start()
@@ -35,7 +30,7 @@ def test_connect_retries_with_backoff_until_the_broker_appears(mosquitto_factory
 
 
 def test_connect_timeout_gives_a_clear_error():
-    transport = open_transport(f"mqtt://127.0.0.1:{_free_port()}", client_id="x", connect_timeout=1.5)
+    transport = open_transport(f"mqtt://127.0.0.1:{free_port()}", client_id="x", connect_timeout=1.5)
     with pytest.raises(TransportError, match="unreachable after 2 s .* is the broker running"):
         transport.connect()
 

@@ -21,7 +21,8 @@ from edgetune.models import load_model  # noqa: E402
 from edgetune.trainers.quantize import MODES, quantization_of, quantize_base, weight_bytes  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
 from edgetune.wire import LoraSpec, TrainSettings  # noqa: E402
-from lora_data import TEXT, batches, blocks  # noqa: E402,F401
+
+from helpers.lora import batches, blocks  # noqa: E402
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 STEPS = TrainSettings(local_steps=3, learning_rate=1e-2, seed=1)

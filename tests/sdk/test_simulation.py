@@ -108,7 +108,7 @@ def test_fleet_files_say_what_is_wrong(tmp_path):
 def test_edgetune_simulate_runs_a_fleet_and_writes_a_report_that_renders(tmp_path):
     """The command line, as a user runs it: 4 devices of 4 classes, 2 rounds, a tiny model; the
     report's every image loads in a real Chromium."""
-    from browser import Page
+    from helpers.browser import Page
 
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(json.dumps(tiny_fleet(tmp_path, [

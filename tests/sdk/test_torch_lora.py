@@ -21,14 +21,10 @@ from edgetune.adapters.peft_format import write_peft_adapter  # noqa: E402
 from edgetune.models import ByteTokenizer, ModelError, default_targets, load_model  # noqa: E402
 from edgetune.trainers.torch_lora import TorchLoraTrainer  # noqa: E402
 from edgetune.wire import LoraSpec, TrainSettings  # noqa: E402
-from lora_data import TEXT, batches, blocks  # noqa: E402,F401
+
+from helpers.lora import batches, blocks, merged_for, spec_for  # noqa: E402
 
 TINY = ["tiny-llama", "tiny-gpt2"]
-
-
-def spec_for(ref: str, rank: int = 4) -> LoraSpec:
-    targets = ("c_attn",) if ref.startswith("tiny-gpt2") else ("q_proj", "v_proj")
-    return LoraSpec(rank=rank, alpha=2.0 * rank, target_modules=targets)
 
 
 def make_trainer(ref: str, rank: int = 4) -> TorchLoraTrainer:
@@ -217,23 +213,6 @@ def test_default_gguf_loads_through_the_cache(tmp_path):
 
 
 # --- frozen merged delta --------------------------------------------------------------------
-
-
-def merged_for(ref: str, seed: int = 0, scale: float = 0.05) -> dict[str, np.ndarray]:
-    """A frozen delta on a LoRA target and on a layer LoRA does not touch, with a different k
-    each, plus a module with k = 0 (allowed: it contributes nothing)."""
-    if ref.startswith("tiny-gpt2"):
-        ks = {"transformer.h.0.attn.c_attn": 3, "transformer.h.1.mlp.c_fc": 2, "transformer.h.1.attn.c_proj": 0}
-    else:
-        ks = {"model.layers.0.self_attn.q_proj": 3, "model.layers.1.mlp.down_proj": 2, "model.layers.1.self_attn.o_proj": 0}
-    modules = load_model(ref).manifest.modules
-    rng = np.random.default_rng(seed)
-    merged = {}
-    for name, k in ks.items():
-        out_features, in_features = modules[name]
-        merged[f"{name}.merged_B"] = rng.normal(0, scale, (out_features, k)).astype(np.float32)
-        merged[f"{name}.merged_A"] = rng.normal(0, scale * 4, (k, in_features)).astype(np.float32)
-    return merged
 
 
 def bake(loaded, merged: dict[str, np.ndarray]) -> None:

@@ -17,6 +17,9 @@ Output: ``personalization.json`` (every point), ``personalization.png`` (robustn
 personalization, one point per setting) and a markdown section, which ``--docs`` writes into
 ``docs/benchmarks.md`` between ``<!-- personalization:begin -->`` and ``<!-- ...:end -->``.
 The section's verdicts on the paper's findings are computed from the points, not written.
+
+It is one of the few ``edgetune`` modules that import ``edgetune_aggregator``, on purpose: it runs
+both sides in one process (``tests/test_layering.py`` lists them).
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ The method follows FedScale's device traces (Lai et al., "FedScale: Benchmarking
 System Performance of Federated Learning at Scale", ICML 2022): a device's round time is its
 compute time on its hardware plus its communication time over its link; here the compute is
 measured on real training, not drawn from a trace. ``docs/simulation.md`` has the details.
+
+It is one of the few ``edgetune`` modules that import ``edgetune_aggregator``, on purpose: it runs
+both sides in one process (``tests/test_layering.py`` lists them).
 """
 
 from __future__ import annotations

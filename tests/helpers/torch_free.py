@@ -2,12 +2,12 @@
 PEFT and their kin look uninstalled (``importlib.util.find_spec`` finds nothing and an import
 raises ``ModuleNotFoundError``), although they are in this environment.
 
-    python tests/torch_free.py device run --trainer ort --artifacts DIR ...
-    python tests/torch_free.py firmware_examples/torch_free_app/app.py ARGS...
+    python tests/helpers/torch_free.py device run --trainer ort --artifacts DIR ...
+    python tests/helpers/torch_free.py firmware_examples/torch_free_app/app.py ARGS...
 
 On exit it prints ``LOADED-FORBIDDEN: <modules>`` (empty when none was ever imported), so a
-test can check both that the run worked and that it never reached for PyTorch. ``hide()`` is
-also used by ``benchmarks/ort.py`` to measure a torch-free device in this environment.
+test can check both that the run worked and that it never reached for PyTorch. The benchmarks
+call ``hide()`` too (``benchmarks/ort.py``, …), to measure a torch-free device in this environment.
 """
 
 import sys
