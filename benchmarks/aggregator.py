@@ -162,11 +162,11 @@ class Fleet:
 
 
 def _seal(signer, topic: str, message) -> bytes:
-    """The payload a device publishes: the message, signed for ``topic`` if it has a key."""
-    from edgetune.wire import encode_message
+    """The payload a device publishes: the message, signed for ``topic`` if it has a key (the
+    device's own ``Channel.prepare``; its outbox publishes these bytes, split as below)."""
+    from edgetune.transport.channel import seal
 
-    payload = encode_message(message)
-    return payload if signer is None else encode_message(signer.sign(topic, payload))
+    return seal(topic, message, signer)[0]
 
 
 def _hello(device: str, signer) -> bytes:

@@ -1,6 +1,8 @@
 """Dependencies point one way: the device SDK does not import the aggregator, the aggregator
 does not import the training stack (torch, transformers, PEFT), which an aggregator host need
 not install, and test modules import what they share from ``tests/helpers/``, not each other.
+And one place per concern: only the adapter kinds' packages know which kind an adapter is, and
+no source file grows past 500 lines.
 
 The source is read with ``ast``, not imported: an import inside a function, which runs only on
 some paths and so slips past a test that imports the package, is found like one at the top.
@@ -90,3 +92,52 @@ def test_imports_inside_functions_and_by_name_are_found(tmp_path):
                       "    from edgetune_aggregator.daemon import Aggregator\n"
                       "    return importlib.import_module('torch'), __import__('peft')\n")
     assert sorted(imported_modules(source)) == [(1, "os.path"), (6, "edgetune_aggregator.daemon"), (7, "peft"), (7, "torch")]
+
+
+# --- one place per concern ------------------------------------------------------------------
+
+ADAPTERS = SDK / "adapters"
+#: the adapter kinds' specs and names: code outside ``sdk/edgetune/adapters/`` asks the registry
+#: (``adapter_kind(spec)``) instead of testing which of them it holds
+KIND_SPECS, KIND_NAMES = {"LoraSpec", "PromptSpec"}, {"lora", "prompt"}
+#: the size past which a file should be split (docs/architecture.md, ../shared/STYLE.md)
+MAX_LINES = 500
+
+
+def kind_branches(path: Path) -> list[tuple[int, str]]:
+    """``(line, what)`` for each test of an adapter's kind in the file: ``isinstance`` with a
+    kind's spec class, or a comparison with a kind's name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
+                and len(node.args) == 2):
+            classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            names = {c.id if isinstance(c, ast.Name) else c.attr if isinstance(c, ast.Attribute) else "" for c in classes}
+            if names & KIND_SPECS:
+                found.append((node.lineno, f"isinstance(…, {'/'.join(sorted(names & KIND_SPECS))})"))
+        elif isinstance(node, ast.Compare):
+            for side in (node.left, *node.comparators):
+                if isinstance(side, ast.Constant) and side.value in KIND_NAMES:
+                    found.append((node.lineno, f"a comparison with {side.value!r}"))
+    return found
+
+
+def test_only_the_adapter_kinds_know_which_kind_they_are():
+    found = [f"{path.relative_to(REPO).as_posix()}:{line} {what}"
+             for package in (SDK, AGGREGATOR) for path in sorted(package.rglob("*.py"))
+             if ADAPTERS not in path.parents for line, what in kind_branches(path)]
+    assert not found, ("code outside sdk/edgetune/adapters/ tests which adapter kind it holds; ask the kind "
+                       "instead (adapter_kind(spec), docs/architecture.md):\n" + "\n".join(found))
+
+
+def test_kind_branches_are_found(tmp_path):
+    source = tmp_path / "module.py"
+    source.write_text("def f(spec, w):\n    if isinstance(spec, (LoraSpec, int)):\n        return 1\n"
+                      "    return spec.kind == 'prompt' or 'lora' != w or isinstance(spec, wire.PromptSpec)\n")
+    assert [line for line, _ in kind_branches(source)] == [2, 4, 4, 4]
+
+
+def test_no_source_file_is_over_500_lines():
+    long = [f"{path.relative_to(REPO).as_posix()}: {n} lines" for package in (SDK, AGGREGATOR)
+            for path in sorted(package.rglob("*.py")) if (n := len(path.read_text().splitlines())) > MAX_LINES]
+    assert not long, f"split these along their jobs (at most {MAX_LINES} lines a file):\n" + "\n".join(long)

@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import hashlib
-import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import tempfile
@@ -35,10 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from edgetune.atomic import atomic_write_bytes
+
+from . import certificates
+from .certificates import CA_DAYS, Ca, ca_for_issuing, load_ca, make_ca, san_entry
 from edgetune.wire import AGGREGATOR_ID, AGGREGATOR_KINDS, DEVICE_KINDS, Topics, check_name
 
 log = logging.getLogger(__name__)
@@ -51,16 +50,12 @@ __all__ = [
 
 AUTH_MODES = ("cert", "password")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
-#: the CA outlives the certificates it signs, so devices added in a year still get full terms
-CA_DAYS = 3650
 #: Mosquitto 2.0's ``$7$`` hash (what ``mosquitto_passwd`` writes): PBKDF2-HMAC-SHA512 with
 #: 101 iterations and a 12-byte salt. The count is low, but the passwords are 192 random bits:
 #: no iteration count makes guessing them cheaper or dearer in any way that matters.
 PASSWORD_ITERATIONS = 101
 PASSWORD_SALT_BYTES = 12
 DEVICE_FILES = ("ca.crt", "client.crt", "client.key", "password", "signing.key", "signing.pub")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 
 
 @dataclass(frozen=True)
@@ -85,7 +80,7 @@ class ProvisionConfig:
         if not self.broker_hosts:
             raise ValueError("--broker-host: give at least one host name or IP address of the broker")
         for host in self.broker_hosts:
-            _san_entry(host)
+            san_entry(host)
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
         if self.auth not in AUTH_MODES:
@@ -146,17 +141,6 @@ def _check_device_ids(ids: tuple[str, ...]) -> None:
     duplicates = sorted(d for d, n in Counter(ids).items() if n > 1)
     if duplicates:
         raise ValueError(f"--device-ids names {', '.join(duplicates)} more than once")
-
-
-def _san_entry(host: str) -> x509.GeneralName:
-    """An IP literal becomes an IPAddress entry (clients compare IPs against those), else a DNS name."""
-    try:
-        return x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    if not _DNS_NAME.match(host):
-        raise ValueError(f"--broker-host {host!r} is neither an IP address nor a DNS name")
-    return x509.DNSName(host.lower())
 
 
 # --- Mosquitto files --------------------------------------------------------------------------
@@ -271,84 +255,6 @@ device_keys.json), with ca/ca.key back in place.
 """
 
 
-# --- certificates -----------------------------------------------------------------------------
-
-
-def _new_tls_key() -> ec.EllipticCurvePrivateKey:
-    """EC P-256: every OpenSSL-based broker and client supports it (Ed25519 TLS certs are not)."""
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _name(fleet: str, common_name: str) -> x509.Name:
-    # the fleet goes into OU, so a rerun can tell whose CA a folder holds
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgetune"),
-        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, fleet),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-    ])
-
-
-def _key_usage(ca: bool) -> x509.KeyUsage:
-    """Signing only: ECDHE needs no key encipherment; a CA also signs certificates and CRLs."""
-    return x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, content_commitment=False,
-                         key_encipherment=False, data_encipherment=False, key_agreement=False,
-                         encipher_only=False, decipher_only=False)
-
-
-def _make_ca(fleet: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = _new_tls_key()
-    now = dt.datetime.now(dt.UTC)
-    name = _name(fleet, f"edgetune {fleet} CA")
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(ca=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-@dataclass(frozen=True)
-class _Ca:
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-    def issue(self, fleet: str, common_name: str, days: int,
-              server_hosts: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
-        """(key PEM, certificate PEM) of a leaf: a server certificate naming ``server_hosts``,
-        or a client certificate whose CN is the MQTT username. Never outlives the CA."""
-        key = _new_tls_key()
-        now = dt.datetime.now(dt.UTC)
-        not_after = min(now + dt.timedelta(days=days), self.cert.not_valid_after_utc)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server_hosts else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = (
-            x509.CertificateBuilder().subject_name(_name(fleet, common_name)).issuer_name(self.cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(ca=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-        )
-        if server_hosts:
-            builder = builder.add_extension(x509.SubjectAlternativeName([_san_entry(h) for h in server_hosts]),
-                                            critical=False)
-        return _key_pem(key), _cert_pem(builder.sign(self.key, hashes.SHA256()))
-
-
 # --- writing ----------------------------------------------------------------------------------
 
 
@@ -359,34 +265,7 @@ def _write(path: Path, data: bytes, secret: bool = False) -> None:
         os.chmod(path, 0o644)
 
 
-def _load_ca(ca_dir: Path, fleet: str) -> x509.Certificate | None:
-    """The CA certificate already in ``ca_dir``, refusing one that belongs to another fleet."""
-    path = ca_dir / "ca.crt"
-    if not path.exists():
-        if (ca_dir / "ca.key").exists():
-            raise ValueError(f"--out: {ca_dir} has ca.key but no ca.crt; restore ca.crt or remove the folder")
-        return None
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
-    units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    owner = units[0].value if units else None
-    if owner != fleet:
-        raise ValueError(f"--out: {path.parent.parent} holds the CA of fleet {owner!r}, not {fleet!r}; "
-                         "use another --out folder or the matching --fleet")
-    return cert
-
-
-def _ca_for_issuing(ca_dir: Path, cert: x509.Certificate) -> _Ca:
-    key_path = ca_dir / "ca.key"
-    if not key_path.exists():
-        raise ValueError(f"--out: new credentials need the fleet CA's key, {key_path}, which is missing; "
-                         "copy ca.key back from where you keep it offline and run again")
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
-        raise ValueError(f"--out: {key_path} does not belong to {ca_dir / 'ca.crt'}; restore the matching pair")
-    return _Ca(key, cert)
-
-
-def _ensure_client(directory: Path, ca: Callable[[], _Ca], fleet: str, username: str, days: int,
+def _ensure_client(directory: Path, ca: Callable[[], Ca], fleet: str, username: str, days: int,
                    ca_pem: bytes) -> bool:
     """Issue ``client.key``/``client.crt``/``password`` in ``directory`` unless all are there.
     The certificate is written last, so a run killed halfway leaves no complete-looking set."""
@@ -405,14 +284,14 @@ def _ensure_client(directory: Path, ca: Callable[[], _Ca], fleet: str, username:
     return True
 
 
-def _new_device(devices_dir: Path, device_id: str, ca: _Ca, config: ProvisionConfig, ca_pem: bytes) -> None:
+def _new_device(devices_dir: Path, device_id: str, ca: Ca, config: ProvisionConfig, ca_pem: bytes) -> None:
     """Build the device's folder under a temporary name and rename it into place, so a device
     folder is either complete or absent."""
     tmp = Path(tempfile.mkdtemp(dir=devices_dir, prefix=f".{device_id}."))
     try:
         _ensure_client(tmp, lambda: ca, config.fleet, device_id, config.days, ca_pem)
         signing = ed25519.Ed25519PrivateKey.generate()
-        _write(tmp / "signing.key", _key_pem(signing), secret=True)
+        _write(tmp / "signing.key", certificates.key_pem(signing), secret=True)
         _write(tmp / "signing.pub", signing.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         os.chmod(tmp, 0o700)
@@ -448,7 +327,7 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
     dirs = {name: out / name for name in ("ca", "broker", "aggregator", "devices")}
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
-    ca_cert = _load_ca(dirs["ca"], config.fleet) if dirs["ca"].is_dir() else None
+    ca_cert = load_ca(dirs["ca"], config.fleet) if dirs["ca"].is_dir() else None
     for path in dirs.values():
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o700)
@@ -458,20 +337,20 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
     if created_ca and (any(dirs["devices"].iterdir()) or (dirs["broker"] / "server.crt").exists()):
         raise ValueError(f"--out: {out} holds credentials but no ca/ca.crt, so a new CA would split the fleet; "
                          "restore ca/ca.crt (and ca.key) or use an empty --out folder")
-    issuer: _Ca | None = None
+    issuer: Ca | None = None
     if created_ca:
-        key, ca_cert = _make_ca(config.fleet)
-        issuer = _Ca(key, ca_cert)
-        _write(dirs["ca"] / "ca.key", _key_pem(key), secret=True)
-        _write(dirs["ca"] / "ca.crt", _cert_pem(ca_cert))
+        key, ca_cert = make_ca(config.fleet)
+        issuer = Ca(key, ca_cert)
+        _write(dirs["ca"] / "ca.key", certificates.key_pem(key), secret=True)
+        _write(dirs["ca"] / "ca.crt", certificates.cert_pem(ca_cert))
         log.info("created the CA of fleet %r in %s", config.fleet, dirs["ca"])
 
-    def ca() -> _Ca:  # the key is loaded only if something must be signed
+    def ca() -> Ca:  # the key is loaded only if something must be signed
         nonlocal issuer
-        issuer = issuer or _ca_for_issuing(dirs["ca"], ca_cert)
+        issuer = issuer or ca_for_issuing(dirs["ca"], ca_cert)
         return issuer
 
-    ca_pem = _cert_pem(ca_cert)
+    ca_pem = certificates.cert_pem(ca_cert)
     broker = dirs["broker"]
     _write(broker / "ca.crt", ca_pem)
     if not ((broker / "server.key").exists() and (broker / "server.crt").exists()):
@@ -516,7 +395,7 @@ def _write_fleet_files(config: ProvisionConfig, devices: list[str]) -> None:
 def _warn_if_hosts_differ(server_crt: Path, hosts: tuple[str, ...]) -> None:
     cert = x509.load_pem_x509_certificate(server_crt.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    if set(san) != {_san_entry(h) for h in hosts}:
+    if set(san) != {san_entry(h) for h in hosts}:
         log.warning("keeping the broker certificate %s, which names %s; to name other hosts, remove "
                     "server.crt and server.key and run again", server_crt, ", ".join(str(n.value) for n in san))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgetune.adapters.tensors import as_float32, dense_norm, tensor_problem
+from edgetune.adapters.tensors import dense_norm, tensor_problem
 
 #: dtypes an adapter tensor may travel in (float64 would double what a round must hold)
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16")
@@ -61,21 +61,10 @@ def check_layout(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[i
 delta_norm = dense_norm
 
 
-def bound_norm(delta: Mapping[str, np.ndarray], limits: UpdateLimits) -> tuple[dict[str, np.ndarray], Refusal | None, float]:
-    """The delta within the norm bound (clipped: scaled onto it) and its original norm, or a
-    refusal. Clipping keeps the direction and caps any one device's pull on the average."""
-    norm = delta_norm(delta)
-    if limits.max_norm is None or norm <= limits.max_norm:
-        return dict(delta), None, norm
-    refusal = check_norm(norm, limits)
-    if refusal is not None:
-        return dict(delta), refusal, norm
-    scale = np.float32(clip_scale(norm, limits))
-    return {name: as_float32(t) * scale for name, t in delta.items()}, None, norm
-
-
 def clip_scale(norm: float, limits: UpdateLimits) -> float:
-    """The factor that puts a delta of L2 norm ``norm`` onto the absolute bound (1.0 within it)."""
+    """The factor that puts a delta of L2 norm ``norm`` onto the absolute bound (1.0 within it).
+    Clipping keeps the direction and caps any one device's pull on the average (``weighting.py``
+    applies it at the merge)."""
     return 1.0 if limits.max_norm is None or norm <= limits.max_norm else limits.max_norm / norm
 
 

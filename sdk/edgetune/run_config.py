@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data.split import HELDOUT_FRACTION, VALIDATION_FRACTION
+from .ort.fetch import FETCH_TIMEOUT_S
 from .personalize import PersonalizeSettings
 
 TRAINERS = ("torch", "ort", "auto")
@@ -34,13 +36,13 @@ class DeviceRunSettings:
     #: ONNX Runtime training artifacts from ``edgetune build-ort`` (the ort trainer's model)
     artifacts: Path | None = None
     #: when ``artifacts`` holds none, wait this long for the aggregator to offer them
-    fetch_timeout_s: float = 600.0
+    fetch_timeout_s: float = FETCH_TIMEOUT_S
     #: refuse artifacts whose base weights do not have this SHA-256 (a prefix is enough)
     model_hash: str | None = None
     #: fraction of records held out for evaluation
-    heldout_fraction: float = 0.1
+    heldout_fraction: float = HELDOUT_FRACTION
     #: fraction of the training records (with at least 10) kept out of training to choose α on (0: none)
-    validation_fraction: float = 0.1
+    validation_fraction: float = VALIDATION_FRACTION
     #: held-out text of the other sites (.txt/.jsonl): the robustness score is the perplexity on it
     robustness: Path | None = None
     #: give up on the broker after this many seconds (None: retry forever)

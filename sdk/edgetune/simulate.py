@@ -1,44 +1,26 @@
-"""Light simulated devices: the whole device protocol, no model.
+"""Light simulated devices: the device protocol users run, with a worker that loads no model.
 
-A ``LightDevice`` says hello with a model manifest, follows the fleet's tasks and answers each
-train round with a random delta of the right shapes (seeded by device and round, so a run
-can be repeated exactly) through the same channel, signing and outbox as a real device. The
-aggregator's fault-injection tests and its benchmark (``benchmarks/aggregator.py``) run
-fleets of them where loading a model per device would be too slow.
+A ``LightDevice`` is ``edgetune.protocol.DeviceProtocol`` (the protocol ``Device`` runs: hello,
+tasks, outbox, resends, reconnections, the fleet's end) driven by a ``LightWorker``, which
+answers each train round with a random delta of the right shapes (seeded by device and round,
+so a run can be repeated exactly) and each evaluation with a fixed score. The aggregator's
+fault-injection tests and its benchmark (``benchmarks/aggregator.py``) run fleets of them where
+loading a model per device would be too slow, and so test the protocol's real code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
-from . import __version__
 from .adapters.registry import adapter_shapes
-from .outbox import Outbox
-from .transport import Transport, Will
-from .transport.channel import Channel
-from .wire import (
-    AGGREGATOR_ID,
-    Capabilities,
-    EvalMetrics,
-    EvalReport,
-    GlobalAdapter,
-    Hello,
-    ModelManifest,
-    Presence,
-    Receipt,
-    RoundTask,
-    TaskKind,
-    Topics,
-    TrainMetrics,
-    Update,
-    encode_message,
-)
-from .wire.signing import Signer
+from .protocol import DeviceConfig, DeviceProtocol, RoundEnv, Worker
+from .transport import Transport
+from .wire import EvalMetrics, EvalReport, ModelManifest, RoundTask, TrainMetrics, Update
 
 log = logging.getLogger(__name__)
 
@@ -69,98 +51,67 @@ def simulated_delta(shapes: dict, device_id: str, round_number: int, scale: floa
     return {name: (rng.standard_normal(shape) * scale).astype(np.float32) for name, shape in sorted(shapes.items())}
 
 
-class LightDevice:
-    """A device that trains nothing. ``skip`` (round -> bool) makes it sit rounds out, e.g.
-    to drop a share of the fleet each round."""
+class LightWorker(Worker):
+    """Trains nothing: a seeded random delta of the task's shapes (at the device's planned
+    rank). ``skip`` (round -> bool) makes it sit rounds out, e.g. to drop a share of the fleet
+    each round; ``think_s`` is the most it "trains" before each answer (spread by device and
+    round). Calibration and initialization rounds it sits out."""
+
+    def __init__(self, device_id: str, model: ModelManifest = None, num_samples: int = 10,
+                 skip: Callable[[int], bool] | None = None, think_s: float = 0.0):
+        self.device_id = device_id
+        self.model = model or TINY
+        self._num_samples = num_samples
+        self.skip = skip or (lambda round_number: False)
+        self.think_s = think_s
+        #: set to stop "thinking" at once (the device stops)
+        self.stopping = threading.Event()
+
+    @property
+    def manifest(self) -> ModelManifest:
+        return self.model
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    def _think(self, task: RoundTask) -> bool:
+        """Take the round's time; False if the round is to be sat out."""
+        if self.skip(task.round):
+            return False
+        if self.think_s:
+            fraction = hashlib.sha256(f"{self.device_id}/{task.round}/think".encode()).digest()[0] / 255
+            self.stopping.wait(self.think_s * fraction)
+        return True
+
+    def train(self, task: RoundTask, env: RoundEnv) -> Update | None:
+        if not self._think(task):
+            return None
+        plan = task.plans.get(self.device_id)
+        shapes = adapter_shapes(task.adapter, self.model, plan.rank if plan else None)
+        return Update(self.device_id, task.round, task.global_version, self.num_samples,
+                      simulated_delta(shapes, self.device_id, task.round), TrainMetrics(1.0, 0, 0.0, 1.0, 1.0),
+                      task.run_id)
+
+    def evaluate(self, task: RoundTask, env: RoundEnv) -> EvalReport | None:
+        if not self._think(task):
+            return None
+        return EvalReport(self.device_id, task.round, task.global_version, self.num_samples, EvalMetrics(1.0, 1))
+
+
+class LightDevice(DeviceProtocol):
+    """The device protocol with a ``LightWorker``: ``start()`` connects and runs it on a thread;
+    it stays connected after the fleet finishes (``finished`` is set) until ``stop()``."""
 
     def __init__(self, transport: Transport, fleet: str, device_id: str, model: ModelManifest = TINY,
                  signer=None, num_samples: int = 10, skip=None, resend_after_s: float = 5.0, think_s: float = 0.0):
-        self.transport = transport
-        self.device_id = device_id
-        self.model = model
-        self.num_samples = num_samples
-        self.skip = skip or (lambda round_number: False)
-        #: at most this long "training" before each answer (spread by device and round)
-        self.think_s = think_s
-        self.topics = Topics(fleet)
-        # (a key of this run without a provisioned one: nonces make resends idempotent)
-        self.channel = Channel(transport, self.topics.sender_of, signer=signer or Signer.generate(device_id))
-        self.outbox = Outbox(self.channel, resend_after_s=resend_after_s)
-        self.rounds_done: list[int] = []
-        self.finished = threading.Event()
-        self._inbox: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._global: GlobalAdapter | None = None
-        self._task: RoundTask | None = None
-        self._done: set[tuple[str, int]] = set()
-        self._thread: threading.Thread | None = None
+        config = DeviceConfig(fleet, device_id, exit_when_finished=False, resend_after_s=resend_after_s)
+        super().__init__(config, transport, LightWorker(device_id, model, num_samples, skip, think_s), signer=signer)
 
     def start(self) -> LightDevice:
-        me = self.device_id
-        self.transport.on_reconnect(lambda present: self._inbox.put(("<reconnected>", present)))
-        self.transport.connect(will=Will(self.topics.presence(me), encode_message(Presence(me, False))))
-        for topic in (self.topics.task, self.topics.global_adapter + "/+", self.topics.receipt(me)):
-            self.channel.subscribe(topic, lambda t, m: self._inbox.put((t, m)))
-        self._announce()
-        self._thread = threading.Thread(target=self._run, name=f"light-{me}", daemon=True)
-        self._thread.start()
-        return self
-
-    def _announce(self) -> None:
-        me = self.device_id
-        hello = Hello(me, __version__, self.model, Capabilities(), self.num_samples)
-        self.transport.publish(self.topics.presence(me), encode_message(Presence(me, True)), retain=True)
-        self.transport.publish(self.topics.hello(me), self.channel.prepare(self.topics.hello(me), hello)[0], retain=True)
+        self.connect()
+        return super().start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout)
-        self.transport.close()
-
-    def _run(self) -> None:
-        while not self._stop.is_set() and not self.finished.is_set():
-            try:
-                topic, message = self._inbox.get(timeout=0.2)
-            except queue.Empty:
-                self.outbox.resend(self._task.round if self._task else None)
-                continue
-            if topic == "<reconnected>":
-                self._announce()
-                self.outbox.resend(self._task.round if self._task else None, everything=True)
-            elif isinstance(message, Receipt):
-                self.outbox.on_receipt(message)
-            elif isinstance(message, GlobalAdapter):
-                self._global = message
-            elif isinstance(message, RoundTask):
-                self._task = message
-            else:
-                self.channel.drop(AGGREGATOR_ID, topic, "unexpected_kind", type(message).__name__)
-            if self._task is not None:
-                self._act(self._task)
-
-    def _act(self, task: RoundTask) -> None:
-        if task.kind is TaskKind.FINISHED:
-            self.finished.set()
-            return
-        key = (task.run_id, task.round)
-        if key in self._done or self._global is None or self._global.version != task.global_version:
-            return
-        self._done.add(key)
-        if self.skip(task.round) or self.device_id in task.excluded:
-            return
-        me = self.device_id
-        if self.think_s:
-            fraction = hashlib.sha256(f"{me}/{task.round}/think".encode()).digest()[0] / 255
-            self._stop.wait(self.think_s * fraction)
-        if task.kind is TaskKind.TRAIN:
-            plan = task.plans.get(me)
-            shapes = adapter_shapes(task.adapter, self.model, plan.rank if plan else None)
-            metrics = TrainMetrics(1.0, 0, 0.0, 1.0, 1.0)
-            update = Update(me, task.round, task.global_version, self.num_samples,
-                            simulated_delta(shapes, me, task.round), metrics, task.run_id)
-            self.outbox.send(self.topics.update(me), task.round, update)
-        elif task.kind is TaskKind.EVALUATE:
-            report = EvalReport(me, task.round, task.global_version, self.num_samples, EvalMetrics(1.0, 1))
-            self.outbox.send(self.topics.eval(me), task.round, report)
-        self.rounds_done.append(task.round)
+        self.worker.stopping.set()
+        super().stop(timeout)

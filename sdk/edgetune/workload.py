@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import BlockSampler, DataError, load_texts, pack_blocks, split_heldout
+from .data import (HELDOUT_FRACTION, VALIDATION_FRACTION, BlockSampler, DataError, load_texts, pack_blocks,
+                   split_heldout)
 from .adapters.kind import BaseEmbeddings
 from .adapters.registry import KINDS, adapter_kind
 from .trainers import trainer_class
@@ -72,7 +73,7 @@ class Workload:
         cls,
         data: str | Path | list[str],
         model: str | None = None,
-        heldout_fraction: float = 0.1,
+        heldout_fraction: float = HELDOUT_FRACTION,
         seed: int = 0,
         threads: int | None = None,
         *,
@@ -80,7 +81,7 @@ class Workload:
         artifacts: str | Path | None = None,
         model_hash: str | None = None,
         robustness: str | Path | list[str] | None = None,
-        validation_fraction: float = 0.1,
+        validation_fraction: float = VALIDATION_FRACTION,
     ) -> Workload:
         """``data`` is a ``.txt``/``.jsonl`` file or a list of records; ``model`` a model ref
         for :func:`edgetune.models.load_model` (default: SmolLM2-135M-Instruct GGUF).

@@ -167,7 +167,7 @@ def test_a_signed_result_on_another_topic_and_an_unsigned_error_report_are_refus
 def test_device_chosen_strings_cannot_forge_or_flood_the_log(mosquitto_url, tmp_path, caplog):
     import logging
 
-    from edgetune.wire import ErrorReport, encode_message
+    from edgetune.wire import ErrorReport
 
     caplog.set_level(logging.INFO)
     aggregator, thread, metrics, devices, liar = _signed_fleet(mosquitto_url, tmp_path, "logs", rounds=1)

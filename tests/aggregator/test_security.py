@@ -17,7 +17,10 @@ from edgetune.wire import Chunk, Signed, Topics, TrainSettings, decode_message, 
 from edgetune.wire.signing import Signer, write_key_file
 from edgetune_aggregator.daemon import AggregatorConfig
 from edgetune_aggregator.strategies.robust import robust_combine, trimmed_mean
-from edgetune_aggregator.validation import UpdateLimits, bound_norm
+from edgetune_aggregator.influence import InfluenceBounds
+from edgetune_aggregator.strategies import RoundStart, make_strategy
+from edgetune_aggregator.validation import UpdateLimits, check_norm, delta_norm
+from edgetune_aggregator.weighting import Entry, Weighting
 
 from helpers.fleet import SPEC, Observer, start_aggregator
 from helpers.manual import SHAPES, Manual, manuals, memory_fleet
@@ -135,14 +138,18 @@ def test_a_device_without_a_fleet_key_does_not_join(tmp_path):
 def test_norm_clipping_scales_onto_the_bound_and_keeps_the_direction():
     delta = {"a": np.full((2, 2), 3.0, np.float32), "b": np.full((3,), 4.0, np.float32)}
     norm = np.sqrt(4 * 9 + 3 * 16)
-    clipped, refusal, seen = bound_norm(delta, UpdateLimits(max_norm=1.0))
-    assert refusal is None and seen == pytest.approx(norm)
+    start = RoundStart({n: np.zeros_like(t) for n, t in delta.items()}, {}, 1.0)
+    clipping = Weighting(UpdateLimits(max_norm=1.0), InfluenceBounds(None, None))
+    merge = clipping.begin(make_strategy("dense"), start, [Entry(10, delta_norm(delta))], {})
+    clipped = merge.add(0, delta)
+    assert delta_norm(delta) == pytest.approx(norm)
     assert np.sqrt(sum(float((t.astype(np.float64) ** 2).sum()) for t in clipped.values())) == pytest.approx(1.0, rel=1e-6)
     np.testing.assert_allclose(clipped["a"], delta["a"] / norm, rtol=1e-6)
-    _, refusal, _ = bound_norm(delta, UpdateLimits(max_norm=1.0, norm_action="reject"))
-    assert refusal.reason == "norm_exceeded"
-    same, refusal, _ = bound_norm(delta, UpdateLimits(max_norm=100.0))
-    assert refusal is None and same["a"] is delta["a"]
+    np.testing.assert_allclose(merge.finish().tensors["b"], delta["b"] / norm, rtol=1e-6)  # what the round merges
+    assert check_norm(norm, UpdateLimits(max_norm=1.0, norm_action="reject")).reason == "norm_exceeded"
+    within = Weighting(UpdateLimits(max_norm=100.0), InfluenceBounds(None, None))
+    same = within.begin(make_strategy("dense"), start, [Entry(10, norm)], {}).add(0, delta)
+    assert same["a"] is delta["a"]
 
 
 def test_robust_combinations_resist_a_poisoned_minority():

@@ -342,7 +342,7 @@ def test_an_ort_device_plans_within_its_artifacts_and_backs_off_without_torch_ru
     work = Workload.load(["a line of text %d" % i for i in range(20)], trainer="ort", artifacts=llama_artifacts)
     device = Device(DeviceConfig("plan-test", "gw-1"), open_transport("memory://plan-test", client_id="gw-1"), work)
     task = RoundTask(1, TaskKind.TRAIN, 0, work.manifest.fingerprint, adapter=LoraSpec(rank=16, alpha=64.0))
-    assert device._plan(task).rank == 4  # the fleet trains rank 16; these artifacts hold rank 4
+    assert device.worker.plan(task).rank == 4  # the fleet trains rank 16; these artifacts hold rank 4
 
     class Fail(Exception):  # ONNX Runtime's errors derive from Exception, in its own module
         __module__ = "onnxruntime.capi.onnxruntime_pybind11_state"

@@ -85,11 +85,16 @@ def _workloads(config: BenchConfig, texts: dict[str, list[str]]):
 
 
 def _spec(config: BenchConfig):
+    return _spec_of(asdict(config))
+
+
+def _spec_of(config: dict):
+    """The adapter of a benchmark's settings (as ``asdict`` or the results file has them): each
+    kind takes the options that are its fields."""
     from ..adapters.registry import spec_from_dict
 
-    # each kind takes the options that are its fields
-    return spec_from_dict({"kind": config.adapter, "num_virtual_tokens": config.prompt_tokens, "init": "vocab",
-                           "rank": config.rank, "alpha": 2.0 * config.rank, "target_modules": config.targets})
+    return spec_from_dict({"kind": config["adapter"], "num_virtual_tokens": config["prompt_tokens"], "init": "vocab",
+                           "rank": config["rank"], "alpha": 2.0 * config["rank"], "target_modules": config["targets"]})
 
 
 def _federate(config: BenchConfig, workloads, spec):
@@ -349,6 +354,14 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def _described(config: dict) -> str:
+    """The benchmark's adapter for people (as its kind describes itself)."""
+    from ..adapters.registry import adapter_kind
+
+    spec = _spec_of(config)
+    return adapter_kind(spec).describe(spec)
+
+
 def markdown(results: dict, png: str) -> str:
     c = results["config"]
     table = sorted(settings_table(results), key=lambda r: (r["optimizer"], r["lr"], r["steps"], r["l2"], r["alpha"]))
@@ -357,7 +370,7 @@ def markdown(results: dict, png: str) -> str:
         "## Personalization vs robustness (issue 6)",
         "",
         f"`edgetune bench personalization` on {results['date']} ({results['machine']}): {results['model']}, "
-        f"{'a soft prompt of ' + str(c['prompt_tokens']) + ' virtual tokens' if c['adapter'] == 'prompt' else 'LoRA r=' + str(c['rank'])} "
+        f"{_described(c)} "
         f"({results['trainable_parameters']:,} parameters), {len(results['global'])} devices with one `fortunes` "
         f"category each ({', '.join(results['global'])}), batch {c['batch_size']} × {c['seq_len']} tokens. "
         f"{c['rounds']} FedAvg rounds of {c['fed_steps']} AdamW steps (lr {c['fed_lr']:g}) make the global adapter; then "

@@ -6,7 +6,7 @@ Pure Python and numpy (no torch), so data can be prepared, checked and tested on
 """
 
 from edgetune.data.files import DATA_SUFFIXES, DataError, discover_device_files, load_texts
-from edgetune.data.split import BlockSampler, pack_blocks, split_heldout
+from edgetune.data.split import HELDOUT_FRACTION, VALIDATION_FRACTION, BlockSampler, pack_blocks, split_heldout
 from edgetune.data.synthetic import (
     DEFAULT_RECORDS_PER_DEVICE,
     PROFILES,
@@ -19,6 +19,7 @@ from edgetune.data.synthetic import (
 )
 
 __all__ = [
+    "HELDOUT_FRACTION", "VALIDATION_FRACTION",
     "DATA_SUFFIXES",
     "DEFAULT_RECORDS_PER_DEVICE",
     "PROFILES",

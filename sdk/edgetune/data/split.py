@@ -10,7 +10,12 @@ import numpy as np
 
 from edgetune.data.files import DataError
 
-__all__ = ["BlockSampler", "pack_blocks", "split_heldout"]
+__all__ = ["HELDOUT_FRACTION", "VALIDATION_FRACTION", "BlockSampler", "pack_blocks", "split_heldout"]
+
+#: a device's records held out to evaluate on (never trained on)
+HELDOUT_FRACTION = 0.1
+#: of its training records (with at least 10), those set aside for personalization to choose α on
+VALIDATION_FRACTION = 0.1
 
 
 def split_heldout(

@@ -28,12 +28,15 @@ from ..transport.channel import Channel
 from ..wire import ArtifactData, ArtifactOffer, ArtifactRequest, Topics
 from .artifacts import MANIFEST_FILE, ArtifactError, ArtifactManifest, file_digest, load_manifest
 
+#: how long a device waits for the aggregator's offer, and for each download to progress
+FETCH_TIMEOUT_S = 600.0
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ensure_artifacts", "fetch_artifacts"]
 
 
-def ensure_artifacts(broker: str, fleet: str, device_id: str, folder: Path, timeout_s: float = 600.0,
+def ensure_artifacts(broker: str, fleet: str, device_id: str, folder: Path, timeout_s: float = FETCH_TIMEOUT_S,
                      connect_timeout: float | None = None, **tls: str) -> None:
     """Download the artifacts into ``folder`` unless it holds some already (they are verified
     when loaded), over a connection of its own that is closed afterwards (``tls``: the

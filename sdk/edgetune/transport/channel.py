@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, Any], None]
 
 
+def seal(topic: str, message: Any, signer=None) -> tuple[bytes, bytes]:
+    """``(payload, nonce)``: the encoded message, signed for ``topic`` by ``signer`` (an
+    ``edgetune.wire.signing.Signer``) if given (nonce b"" if not): the bytes a device publishes."""
+    payload = encode_message(message)
+    if signer is None:
+        return payload, b""
+    signed = signer.sign(topic, payload)
+    return encode_message(signed), signed.nonce
+
+
 class Channel:
     """``sender_of(topic)`` names who sent a message on ``topic`` (for logs, counters and
     keeping one sender's chunks apart from another's)."""
@@ -62,14 +72,9 @@ class Channel:
         self._lock = threading.Lock()  # the reassembler is fed from the network thread(s)
 
     def prepare(self, topic: str, message: Any) -> tuple[bytes, bytes]:
-        """``(payload, nonce)``: what ``send`` publishes, the encoded message, signed for
-        ``topic`` if this channel has a signer (nonce b"" if not). A device keeps it to resend
+        """``(payload, nonce)``: what ``send`` publishes (``seal``). A device keeps it to resend
         the same bytes, same nonce, until the aggregator acknowledges them."""
-        payload = encode_message(message)
-        if self.signer is None:
-            return payload, b""
-        signed = self.signer.sign(topic, payload)
-        return encode_message(signed), signed.nonce
+        return seal(topic, message, self.signer)
 
     def send(self, topic: str, message: Any, qos: int = 1) -> int:
         """Publish a message, in chunks on the same topic if it is over the packet limit.

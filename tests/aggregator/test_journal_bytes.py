@@ -1,0 +1,45 @@
+"""The round journal keeps each accepted result as it arrived: the very bytes the device
+published (reassembled from chunks), not an encoding of what the daemon decoded. So a field the
+daemon does not know (a newer device's) survives in the journal, and a restarted daemon replays
+exactly what came in."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from edgetune.wire import DEFAULT_MAX_PACKET, Update, decode_message, encode_message
+from edgetune.wire.signing import unwrap
+
+from helpers.manual import SHAPES, manuals, memory_fleet
+from helpers.waiting import wait_for
+
+
+def _with_unknown_field(payload: bytes) -> bytes:
+    """The message as a newer device would send it: one more field, which this version ignores."""
+    envelope = msgpack.unpackb(payload, raw=False)
+    envelope["body"]["from_a_newer_sdk"] = "ignored here, kept in the journal"
+    return msgpack.packb(envelope, use_bin_type=True)
+
+
+@pytest.mark.parametrize("packet", [DEFAULT_MAX_PACKET, 4096], ids=["one frame", "chunked"])
+def test_the_journal_holds_the_payload_exactly_as_the_device_published_it(tmp_path, packet):
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "journal", min_devices=2, round_timeout_s=60)
+    try:
+        device, _ = manuals(url, fleet, aggregator, "dev-0", "dev-1")  # dev-1 said hello: the round stays open
+        device.channel.max_packet = packet
+        update = device.update(1)
+        payload = _with_unknown_field(encode_message(update))  # (unsigned: the fleet has no device keys)
+        assert payload != encode_message(update)
+        device.channel.send_payload(device.topics.update(device.id), payload)
+        assert wait_for(lambda: any(r.accepted for r in device.receipts), 30)
+        journaled = (tmp_path / "state" / "journal" / "r000001" / "dev-0.msgpack").read_bytes()
+        assert journaled == payload  # as received, not re-encoded (which would drop the unknown field)
+        again = unwrap(decode_message(journaled))
+        assert isinstance(again, Update) and again.device_id == "dev-0"
+        for name in SHAPES:
+            np.testing.assert_array_equal(again.delta[name], update.delta[name])
+    finally:
+        aggregator.stop()
+        thread.join(timeout=30)
