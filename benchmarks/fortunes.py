@@ -6,15 +6,14 @@ separated by lines holding only ``%``). Categories differ in topic and style, so
 one category per device is non-IID in a way real deployments are.
 
 Rounds are played in process, without the daemon or a transport, but each device follows the
-device-side rule of ``edgetune.device.Device._start_model``: a device of rank r in a fleet of
+device-side rule of ``edgetune.worker.WorkloadWorker._start_model`` (``AdapterKind.training_start``): a device of rank r in a fleet of
 rank R trains the leading r components of the global adapter with alpha·r/R, the rest and the
 global's frozen ``merged`` delta applied frozen, and sends ``trained − start``. The global model
-is evaluated at the fleet rank, as ``Device._evaluate`` does.
+is evaluated at the fleet rank, as ``WorkloadWorker.evaluate`` does.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,15 +69,14 @@ def make_devices(categories: Sequence[str], ranks: Sequence[int], seq_len: int, 
 
 def start_model(device: Device, spec, tensors: dict, merged: dict):
     """The device's trainer holding the global model with its leading ``device.rank``
-    components trainable, and the starting factors (``Device._start_model``)."""
-    from edgetune.adapters.lora import concat_merged, split_rank
+    components trainable, and the starting factors (``WorkloadWorker._start_model``)."""
+    from edgetune.adapters.registry import adapter_kind
 
-    local = dataclasses.replace(spec, rank=device.rank, alpha=spec.alpha * device.rank / spec.rank)
-    start, rest = split_rank(tensors, device.rank, spec.alpha / spec.rank)
-    trainer = device.workload.trainer(local)
-    trainer.set_adapter(start)
-    trainer.set_merged(concat_merged(merged, rest))
-    return trainer, start
+    begin = adapter_kind(spec).training_start(spec, tensors, merged, device.rank)
+    trainer = device.workload.trainer(begin.spec)
+    trainer.set_adapter(begin.tensors)
+    trainer.set_merged(begin.merged)
+    return trainer, begin.tensors
 
 
 def train_round(devices: Sequence[Device], spec, tensors: dict, merged: dict, streams: dict[str, Iterator],
@@ -88,7 +86,7 @@ def train_round(devices: Sequence[Device], spec, tensors: dict, merged: dict, st
     ``(tensors, merged)`` and per-round figures (seconds, bytes up and down, losses)."""
     from edgetune_aggregator.strategies import RoundStart
 
-    round_start = RoundStart(dict(tensors), dict(merged), spec.alpha / spec.rank, seed=seed)
+    round_start = RoundStart(dict(tensors), dict(merged), spec.scale, seed=seed)
     merge = strategy.begin(round_start)
     figures = {"train_s": 0.0, "uplink_bytes": {}, "mean_loss": {}}
     for device in devices:

@@ -108,11 +108,12 @@ class Aggregator:
         self.members = Membership(config, self.fleet, self.channel, self.topics, self.intake, self.health)
         self.publisher = Publisher(transport, self.channel, self.topics, self.fleet, self.artifacts)
         self.tasks = TaskMaker(config, self.fleet, self.members, self.publisher, self.health)
-        train, initialize = TrainHandler(config, self.fleet, self.journal, metrics), InitializeHandler(self.fleet)
+        train = TrainHandler(config, self.fleet, self.journal, signed_fleet=self.intake.signed, metrics=metrics)
+        initialize = InitializeHandler(self.fleet)
         handlers = {handler.kind: handler for handler in (train, EvaluateHandler(), CalibrateHandler(config, self.fleet),
                                                            initialize)}
         self.desk = ResultDesk(self.fleet, self.members, handlers, self.journal, self.channel, self.topics, self.health,
-                               signed_fleet=self.intake.keyring is not None, metrics=metrics)
+                               signed_fleet=self.intake.signed, metrics=metrics)
         self.personalization = PersonalizationLog(self.fleet, self.members, self.channel)
         self.runner = RoundRunner(config, clock, self.fleet, self.members, self.tasks, self.publisher, self.desk,
                                   self.journal, self.channel, handlers, self._receive, self._stop, metrics)

@@ -86,7 +86,7 @@ class ResultDesk:
         nonce = message.nonce if isinstance(message, Signed) else b""
         message = unwrap(message)
         handler = self.handlers[TASK_OF_RESULT[type(message)]]
-        self._accept(ctx, handler, message, nonce, handler.measure(message)[0])
+        self._accept(ctx, handler, message, nonce, handler.measure(message, replayed=True)[0])
         ctx.remember(Receipt(message.device_id, message.round, nonce, True))
 
     def _accept(self, ctx: RoundContext, handler: TaskHandler, message, nonce: bytes, norm: float | None) -> None:

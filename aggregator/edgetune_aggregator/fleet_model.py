@@ -10,7 +10,7 @@ came. Now the manifest is pinned before any device is heard:
 - nothing: the default model's manifest, shipped in this package (SmolLM2-135M-Instruct, the
   model ``edgetune device run`` trains when given no ``--model``);
 - ``--model-from-first-hello`` (``model_from_first_hello``): the old behaviour, for trusted
-  labs that switch models often. The adapter-size bound of ``_check_model`` still applies.
+  labs that switch models often. The adapter-size bound of ``Membership.check_model`` still applies.
 
 A hello for another model is refused as ``model_mismatch`` and affects no other device.
 """

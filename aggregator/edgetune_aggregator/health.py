@@ -35,12 +35,17 @@ class Health:
         self.device_counts: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._stats_seen = (0, 0)  # transport bytes already counted in the metrics
         self._probed = 0.0  # when the state dir was last found unwritable or probed
+        #: the conditions the daemon lives with now (cause -> why), with or without metrics
+        self.problems: dict[str, str] = {}
 
     def problem(self, cause: str, why: str | None) -> None:
         """A condition /healthz reports as degraded (None: it is over)."""
         if self.metrics is not None:
             self.metrics.problem(cause, why)
-        if why is not None:
+        if why is None:
+            self.problems.pop(cause, None)
+        else:
+            self.problems[cause] = why
             self._probed = self.clock.monotonic()
 
     def storage_failed(self, exc: OSError) -> None:
@@ -48,7 +53,7 @@ class Health:
 
     @property
     def storage_degraded(self) -> bool:
-        return self.metrics is not None and "storage" in self.metrics.problems
+        return "storage" in self.problems
 
     def wrote(self) -> None:
         """A write to the state dir succeeded: if it was degraded, it is not any more."""
@@ -67,13 +72,13 @@ class Health:
         self.problem("storage", None)
 
     def tick(self) -> None:
-        """Bring the metrics up to date."""
-        if self.metrics is None:
-            return
+        """Retry what a full disk held back, and bring the metrics up to date."""
         if self.storage_degraded and self.clock.monotonic() - self._probed >= _PROBE_S:
             self._probed = self.clock.monotonic()
             if self.store.writable():  # the disk has room again (or is writable again)
                 self.storage_recovered()
+        if self.metrics is None:
+            return
         self.metrics.heartbeat()
         self.metrics.devices(*self.device_counts())  # (only known devices are ever online)
         self.metrics.broker_connected(self.transport.connected)

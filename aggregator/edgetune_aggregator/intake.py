@@ -53,6 +53,11 @@ class Intake:
         #: the most bytes a hello may have (tightened once the fleet's model is pinned)
         self.hello_limit: int = _UNPINNED_HELLO
 
+    @property
+    def signed(self) -> bool:
+        """The fleet has device keys: what shapes the fleet counts only signed by its device."""
+        return self.keyring is not None
+
     def limit_of(self, topic: str) -> int | None:
         """The payload limit of a device topic (None for the aggregator's own): the kind's
         (``kinds.py``), or the fleet's for results and hellos."""

@@ -59,7 +59,7 @@ class Membership:
     @property
     def open_fleet(self) -> bool:
         """Anyone who can publish may join: no device keys, no admission list."""
-        return self.intake.keyring is None and self.config.admit is None
+        return not self.intake.signed and self.config.admit is None
 
     def load(self) -> None:
         """The devices the state dir knows (those admitted under another pin, or no longer on

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 
 from edgetune.adapters.lora import targets
-from edgetune.adapters.registry import adapter_kind
 from edgetune.wire import RoundTask, TaskKind
 
 from .config import AggregatorConfig
@@ -74,7 +73,7 @@ class TaskMaker:
         profiles = {d: h.profile for d, h in self.members.devices.items() if h.profile is not None}
         if not (self.config.planning and profiles) or kind in (TaskKind.FINISHED, TaskKind.INITIALIZE):
             return {}, {}
-        if not adapter_kind(self.fleet.state.adapter).plannable:  # the cost model knows LoRA only (docs/planner.md)
+        if not self.fleet.kind.plannable:  # the cost model knows LoRA only (docs/planner.md)
             return {}, {}
         if self.config.train.algorithm == "fedsgd":  # one gradient at the full rank: nothing to plan
             return {}, {}
@@ -144,7 +143,6 @@ class TaskMaker:
                      choice.local_steps, choice.memory_bytes / 2**20, choice.step_s)
         return plan.plans(), excluded
 
-
     def make(self, round_number: int, kind: TaskKind, sit_out: dict[str, str] | None = None) -> RoundTask:
         train = dataclasses.replace(self.config.train, seed=self.config.train.seed + round_number)
         try:
@@ -179,7 +177,6 @@ class TaskMaker:
             max_staleness=self.config.max_staleness,
         )
         return task
-
 
     def _scoring_misfits(self, plans: dict) -> dict[str, str]:
         """Devices whose memory cannot hold importance scoring (a state for every candidate

@@ -23,7 +23,6 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
-
 def check_positive(value: float, what: str, allow_zero: bool = False) -> None:
     """``value`` > 0 (or ≥ 0), finite: written so that NaN fails, every comparison with it being False."""
     if not math.isfinite(value) or not (value > 0 or (allow_zero and value == 0)):

@@ -138,18 +138,15 @@ class Device(DeviceProtocol):
                 self._flush()
         return result
 
-
     def use_personal(self) -> None:
         """Serve the personal adapter (after ``personalize``)."""
         if self.personal_adapter is None:
             raise RuntimeError("no personal adapter: call personalize() first")
         self.serving = "personal"
 
-
     def rollback(self) -> None:
         """Serve the global adapter again; the personal one is kept (``use_personal``)."""
         self.serving = "global"
-
 
     def serving_adapter(self) -> tuple[object, dict, dict]:
         """``(spec, tensors, merged)`` of the adapter this device serves now."""
@@ -161,14 +158,12 @@ class Device(DeviceProtocol):
         g = self.global_adapter
         return g.adapter, g.tensors, g.merged
 
-
     def save_adapter(self, directory: Path, base_model: str = "") -> Path:
         """Write the adapter served now in PEFT format (``PeftModel.from_pretrained`` loads it)."""
         from .adapters.peft_format import write_peft_adapter
 
         spec, tensors, merged = self.serving_adapter()
         return write_peft_adapter(Path(directory), spec, tensors, base_model, merged)
-
 
 
 def announced_profile(fleet: str, device_id: str, *, plan: bool = True, profile=None, state_dir=None,

@@ -380,8 +380,9 @@ class DeviceProtocol:
             self._finish_seen = self._finish_seen or now
             if waited < _FINAL_ADAPTER_WAIT_S:
                 return False
-            log.warning("%s: the fleet finished with global v%d, which never arrived (have v%d)",
-                        self.config.device_id, task.global_version, have)
+            if not self.finished.is_set():  # (once: a device that stays polls on)
+                log.warning("%s: the fleet finished with global v%d, which never arrived (have v%d)",
+                            self.config.device_id, task.global_version, have)
         self.finished.set()
         return self.config.exit_when_finished
 
@@ -397,21 +398,21 @@ class DeviceProtocol:
         try:
             with self.worker.computing(task):
                 answer = getattr(self.worker, task.kind.value)(task, env)
+            if answer is None:
+                return
+            size = self.outbox.send(self.topics.of(spec.topic, me), task.round, answer)
         except DeadlineMissed as exc:
             log.warning("%s: round %d: %s", me, task.round, exc)
             self._report_error(task, "deadline_missed", str(exc))
             return
-        except Exception as exc:  # the application around us must survive a failed round
+        except Exception as exc:  # the application around us must survive a failed round (or send)
             log.exception("%s: round %d failed", me, task.round)
             self._report_error(task, type(exc).__name__, str(exc)[:500])
             return
-        if answer is None:
-            return
-        size = self.outbox.send(self.topics.of(spec.topic, me), task.round, answer)
         self._flush()
         if task.kind is TaskKind.TRAIN:
             self.rounds_done.append(task.round)
-        log.debug("%s: sent its %s answer for round %d (%d bytes)", me, task.kind.value, task.round, size)
+        log.info("%s: sent its %s answer for round %d (%d bytes)", me, task.kind.value, task.round, size)
 
     def _progress(self, progress: Progress) -> None:
         self.transport.publish(self.topics.progress(progress.device_id), encode_message(progress),

@@ -100,8 +100,12 @@ class LightWorker(Worker):
 
 
 class LightDevice(DeviceProtocol):
-    """The device protocol with a ``LightWorker``: ``start()`` connects and runs it on a thread;
-    it stays connected after the fleet finishes (``finished`` is set) until ``stop()``."""
+    """The device protocol with a ``LightWorker``: ``start()`` connects and runs it on a thread.
+
+    Being the protocol ``Device`` runs, it behaves as one: ``finished`` is set when a run it took
+    part in finishes and its final adapter has arrived (or 30 s of waiting for it passed);
+    ``rounds_done`` lists the train rounds it answered; it stays connected after the fleet
+    finishes until ``stop()``, which publishes its offline presence before disconnecting."""
 
     def __init__(self, transport: Transport, fleet: str, device_id: str, model: ModelManifest = TINY,
                  signer=None, num_samples: int = 10, skip=None, resend_after_s: float = 5.0, think_s: float = 0.0):

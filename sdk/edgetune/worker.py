@@ -17,8 +17,8 @@ import gc
 import hashlib
 import logging
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from .adapters.lora import targets
 from .adapters.registry import adapter_kind
@@ -80,11 +80,10 @@ class WorkloadWorker(Worker):
         return Capabilities(backends=(self.workload.backend,), adapters=self.workload.adapters,
                             max_packet=max_packet, max_rank=self.workload.max_rank)
 
-    def computing(self, task: RoundTask) -> AbstractContextManager:
-        stack = ExitStack()
-        stack.enter_context(self.lock)
-        stack.enter_context(self.clock.computing(self._compute_dtype(task)))
-        return stack
+    @contextmanager
+    def computing(self, task: RoundTask) -> Iterator[None]:
+        with self.lock, self.clock.computing(self._compute_dtype(task)):
+            yield
 
     def _compute_dtype(self, task: RoundTask) -> str:
         """The dtype this round's matmuls run in (what an emulated or simulated clock scales)."""
@@ -93,13 +92,11 @@ class WorkloadWorker(Worker):
         plan = task.plans.get(self.device_id)
         return compute_dtype(plan.quantization) if plan else "float32"
 
-
     def _eval_blocks(self, task: RoundTask) -> int:
         """Held-out blocks to score this round (0 in a train round: none, the fleet is scored
         elsewhere; an evaluation round always scores at least one)."""
         blocks = min(self.max_eval_blocks, task.train.eval_blocks)
         return blocks if task.kind is TaskKind.TRAIN else max(1, blocks)
-
 
     def _log_plan(self, task: RoundTask, plan: DevicePlan) -> None:
         """The plan, once per change: rank, base precision, batch, steps and layout size."""
@@ -113,7 +110,6 @@ class WorkloadWorker(Worker):
                  plan.quantization, plan.batch_size, ", checkpointing" if plan.gradient_checkpointing else "",
                  plan.local_steps, layout)
 
-
     def plan(self, task: RoundTask) -> DevicePlan:
         """The planner's choice for this device, or the fleet's defaults."""
         plan = task.plans.get(self.device_id)
@@ -123,7 +119,6 @@ class WorkloadWorker(Worker):
         if self.workload.max_rank:  # ONNX Runtime artifacts train up to their own rank
             rank = min(rank, self.workload.max_rank)
         return DevicePlan(rank, "float32", task.train.batch_size, task.train.local_steps)
-
 
     def calibrate(self, task: RoundTask, env: RoundEnv) -> ImportanceReport:
         """Score the candidate weight matrices (``task.adapter.target_modules``) on local data
@@ -146,7 +141,6 @@ class WorkloadWorker(Worker):
                  result.seconds)
         return ImportanceReport(me, task.round, self.workload.num_samples, result.scores, result.tokens, result.seconds)
 
-
     def initialize(self, task: RoundTask, env: RoundEnv) -> AdapterInit:
         """Compute the fleet's starting adapter from this device's base (a soft prompt's token
         embeddings) and report it; the aggregator publishes it as global v0."""
@@ -158,7 +152,6 @@ class WorkloadWorker(Worker):
         self.clock.checkpoint()
         log.info("%s: proposes the starting adapter (%s)", me, kind.describe(task.adapter))
         return AdapterInit(me, task.round, tensors)
-
 
     def train(self, task: RoundTask, env: RoundEnv) -> Update | None:
         """Train this round, backing off (smaller batch, checkpointing, lower rank, stronger
@@ -184,7 +177,6 @@ class WorkloadWorker(Worker):
                 log.warning("%s: round %d out of memory (%s); backing off: %s", me, task.round, exc, change)
                 env.report_error("oom_backoff", f"{change} after {type(exc).__name__}: {exc}"[:500])
 
-
     def _start_model(self, task: RoundTask, adapter: GlobalAdapter, rank: int, quantization: str, checkpointing: bool):
         """A trainer holding the global model with its leading ``rank`` components trainable:
         the components beyond ``rank`` and the global's frozen delta are applied as a frozen
@@ -196,7 +188,6 @@ class WorkloadWorker(Worker):
         trainer.set_adapter(begin.tensors)
         trainer.set_merged(begin.merged)
         return trainer, begin.tensors
-
 
     def _train_with(self, task: RoundTask, env: RoundEnv, plan: DevicePlan, grad_accum: int) -> Update:
         from .planning.costmodel import compute_dtype
@@ -265,7 +256,6 @@ class WorkloadWorker(Worker):
         log.info("%s: round %d (rank %d, %s, batch %d, %d steps) loss %.3f%s", me, task.round,
                  plan.rank, plan.quantization, plan.batch_size, result.steps, result.mean_loss, scores)
         return Update(me, task.round, adapter.version, weight, delta, metrics, task.run_id)
-
 
     def evaluate(self, task: RoundTask, env: RoundEnv) -> EvalReport:
         me, adapter = self.device_id, env.global_adapter

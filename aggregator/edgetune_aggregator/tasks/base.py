@@ -66,9 +66,10 @@ class TaskHandler:
         """Whether the result's content fits the fleet (layout, values, configured bounds)."""
         return None
 
-    def measure(self, message) -> tuple[float | None, Refusal | None]:
+    def measure(self, message, replayed: bool = False) -> tuple[float | None, Refusal | None]:
         """``(norm, refusal)``: the result's size where the kind bounds it (train: the delta's L2
-        norm, computed once here and kept with the round), and a refusal if it is over."""
+        norm, computed once here and kept with the round), and a refusal if it is over
+        (``replayed``: a journaled result read again after a restart, measured quietly)."""
         return None, None
 
     @property

@@ -36,8 +36,11 @@ log = logging.getLogger("edgetune_aggregator.daemon")
 class TrainHandler(TaskHandler):
     kind = TaskKind.TRAIN
 
-    def __init__(self, config: AggregatorConfig, fleet: Fleet, journal: RoundJournal, metrics=None):
+    def __init__(self, config: AggregatorConfig, fleet: Fleet, journal: RoundJournal, signed_fleet: bool = False,
+                 metrics=None):
         self.config = config
+        #: the fleet has device keys: an update must name this run (an unsigned fleet accepts older SDKs)
+        self.signed_fleet = signed_fleet
         self.fleet = fleet
         self.journal = journal
         self.metrics = metrics
@@ -95,7 +98,7 @@ class TrainHandler(TaskHandler):
 
     def check(self, update: Update, ctx: RoundContext | None) -> Refusal | None:
         state, late = self.fleet.state, ctx is not None and update.round < ctx.number
-        if update.run_id != state.run_id and (update.run_id or self.config.device_keys is not None):
+        if update.run_id != state.run_id and (update.run_id or self.signed_fleet):
             # (an unsigned fleet accepts older SDKs, which send no run id)
             return Refusal("other_run", f"update for run {update.run_id or '(none)'}, this is run {state.run_id}")
         lag = state.global_version - update.base_version
@@ -113,11 +116,12 @@ class TrainHandler(TaskHandler):
             return Refusal("wrong_shape", str(exc))
         return check_layout(update.delta, shapes)
 
-    def measure(self, update: Update) -> tuple[float | None, Refusal | None]:
+    def measure(self, update: Update, replayed: bool = False) -> tuple[float | None, Refusal | None]:
         # its norm, computed once: checked here, recorded with the round, what the merge bounds it by
         norm = delta_norm(update.delta)
         refusal = check_norm(norm, self.config.limits)
-        if refusal is None and self.config.limits.max_norm is not None and norm > self.config.limits.max_norm:
+        if (refusal is None and not replayed and self.config.limits.max_norm is not None
+                and norm > self.config.limits.max_norm):
             log.info("update from %s has norm %.4g: clipped to %.4g", update.device_id, norm,
                      self.config.limits.max_norm)
         return norm, refusal
