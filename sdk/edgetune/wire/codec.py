@@ -4,14 +4,23 @@ One generic walker driven by the dataclasses' type hints, so the schema is writt
 ``specs.py`` and ``messages.py``) and a new field needs no converter. Decoding never trusts the sender: wrong
 types, missing fields, bad tensors and failed ``__post_init__`` checks all become a
 :class:`WireError` that names the field, which the receiver logs and counts.
+
+Wire v2 (``SCHEMA_VERSION``): ``{"v": 2, "kind": KIND, "body": {...}, "data": <bin>}``, where
+every tensor of the message lies in ``data`` and the body's tensor fields are indexes into it
+(``packed.py``). ``data`` is the envelope's last entry, so the encoder writes the envelope and
+joins the tensors after it, copying each once. Peers decode only v2; ``decode_message(...,
+versions=(1, 2))`` reads wire v1 too (``{dtype, shape, data}`` per tensor), for files written
+before v2 (a state dir's global versions).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import types
 import typing
 from enum import Enum
+from contextvars import ContextVar
 from functools import cache
 from typing import Any
 
@@ -20,50 +29,123 @@ import numpy as np
 
 from .errors import WireError
 from .messages import KIND_OF, MESSAGE_KINDS, SCHEMA_VERSION
-from .tensors import decode_tensor, encode_tensor
+from .packed import Blob, Cursor, pack_tensors, unpack_tensors
+from .quantize import QuantizedTensor
+from .tensors import decode_tensor
 
 #: Refuse maps/arrays larger than this while unpacking (a hostile payload cannot make us
 #: allocate huge containers); tensors are single bin fields so this does not limit them.
 _MAX_CONTAINER = 100_000
 #: Payloads up to this size (one packet) are walked once without building anything first.
 _PREFLIGHT_MAX = 1 << 20
+#: bytes the envelope's reader takes at a time (the tensors after the head are viewed, not read)
+_HEAD_READ = 1 << 16
+
+
+#: wire versions each side reads from peers; older ones are refused with a reason naming the upgrade
+PEER_VERSIONS = (SCHEMA_VERSION,)
+#: what files written by earlier versions may hold
+FILE_VERSIONS = (1, SCHEMA_VERSION)
+#: the sdk release that brought each wire version (what a refusal tells the sender to upgrade to)
+RELEASE_OF = {1: "0.1", 2: "0.2"}
 
 
 def encode_message(message: Any) -> bytes:
-    """``{"v": SCHEMA_VERSION, "kind": ..., "body": {...}}`` packed with msgpack."""
+    """``{"v": 2, "kind": ..., "body": {...}, "data": <the tensors>}`` packed with msgpack."""
     kind = KIND_OF.get(type(message))
     if kind is None:
         raise TypeError(f"{type(message).__name__} is not a wire message")
-    envelope = {"v": SCHEMA_VERSION, "kind": kind, "body": _to_wire(message)}
-    return msgpack.packb(envelope, use_bin_type=True)
+    blob = Blob()
+    body = _to_wire(message, blob)
+    envelope = {"v": SCHEMA_VERSION, "kind": kind, "body": body}
+    if not blob.size:
+        return msgpack.packb(envelope, use_bin_type=True)
+    # the map's 4th entry, written by hand so the tensors are copied once: into the result
+    head = msgpack.packb(envelope, use_bin_type=True)
+    return b"".join([b"\x84", head[1:], _DATA_KEY, b"\xc6", blob.size.to_bytes(4, "big"), *blob.pieces])
 
 
-def decode_message(payload: bytes | bytearray | memoryview) -> Any:
-    """Parse and validate one message; raises :class:`WireError` saying what is wrong."""
+_DATA_KEY = msgpack.packb("data")
+
+
+def decode_message(payload: bytes | bytearray | memoryview, versions: tuple[int, ...] = PEER_VERSIONS) -> Any:
+    """Parse and validate one message; raises :class:`WireError` saying what is wrong. A wire
+    version not in ``versions`` is refused (``schema_version``) with what to upgrade."""
     try:
         if len(payload) <= _PREFLIGHT_MAX:
             _check_complete(payload)
-        envelope = msgpack.unpackb(
-            payload,
-            raw=False,
-            strict_map_key=True,
-            max_map_len=_MAX_CONTAINER,
-            max_array_len=_MAX_CONTAINER,
-        )
+        envelope, data = _unpack_envelope(payload)
+    except WireError:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise WireError("bad_msgpack", f"not a msgpack payload ({type(exc).__name__}: {exc})") from None
-    if not isinstance(envelope, dict) or not {"v", "kind", "body"} <= set(envelope):
+    if not {"v", "kind", "body"} <= set(envelope):
         raise WireError("bad_field", "envelope must be a map with 'v', 'kind' and 'body'")
     version = envelope["v"]
     # (type first: True and 1.0 compare equal to 1, but no peer of ours sends them)
-    if type(version) is not int or version != SCHEMA_VERSION:
-        raise WireError(
-            "schema_version", f"schema version {shown(version)}; this side speaks {SCHEMA_VERSION}"
-        )
+    if type(version) is not int or version not in versions:
+        raise WireError("schema_version", _version_refusal(version, versions))
     cls = MESSAGE_KINDS.get(envelope["kind"]) if isinstance(envelope["kind"], str) else None
     if cls is None:
         raise WireError("unknown_kind", f"unknown message kind {shown(envelope['kind'])}")
-    return _from_wire(cls, envelope["body"], cls.__name__)
+    if data is None:
+        data = envelope.get("data", b"")
+        if type(data) is not bytes:
+            raise WireError("bad_field", "envelope: 'data' must be bytes")
+    cursor = Cursor(data if type(data) is memoryview else memoryview(data)) if version >= 2 else None
+    token = _DECODING.set(cursor)
+    try:
+        message = _from_wire(cls, envelope["body"], cls.__name__)
+    finally:
+        _DECODING.reset(token)
+    if cursor is not None:
+        cursor.finish()
+    return message
+
+
+def _unpack_envelope(payload: bytes | bytearray | memoryview) -> tuple[dict, memoryview | None]:
+    """The envelope's map, and its ``data`` as a view of ``payload`` when it is the last entry
+    as bin32 (as the encoder writes it: the tensors are then not copied on the way in). None:
+    ``data`` is in the map, or there is none."""
+    if type(payload) is not bytes:
+        payload = bytes(payload)
+    unpacker = msgpack.Unpacker(io.BytesIO(payload), read_size=_HEAD_READ, raw=False, strict_map_key=True,
+                                max_map_len=_MAX_CONTAINER, max_array_len=_MAX_CONTAINER)
+    entries = unpacker.read_map_header()
+    if entries > 8:
+        raise WireError("bad_field", "envelope must be a map with 'v', 'kind' and 'body'")
+    envelope, data = {}, None
+    for index in range(entries):
+        key = unpacker.unpack()
+        position = unpacker.tell()
+        if key == "data" and index == entries - 1 and payload[position:position + 1] == b"\xc6":
+            size = int.from_bytes(payload[position + 1:position + 5], "big")
+            end = position + 5 + size
+            if end != len(payload):
+                raise WireError("bad_msgpack", f"the envelope's data claims {size} bytes; {len(payload) - position - 5} follow")
+            data = memoryview(payload)[position + 5:end]
+            return envelope, data
+        if type(key) is not str:
+            raise WireError("bad_field", "envelope keys must be strings")
+        envelope[key] = unpacker.unpack()
+    if unpacker.tell() != len(payload):
+        raise WireError("bad_msgpack", f"{len(payload) - unpacker.tell()} bytes after the envelope")
+    return envelope, data
+
+
+def _version_refusal(version: Any, versions: tuple[int, ...]) -> str:
+    """Why a message of another wire version is refused, and what to upgrade."""
+    speaks = "/".join(f"v{v}" for v in versions)
+    if type(version) is int and 0 < version < min(versions):
+        return (f"wire v{version} (edgetune {RELEASE_OF.get(version, '< 0.2')}); this side speaks {speaks}: "
+                f"upgrade the sender to edgetune ≥ {RELEASE_OF[max(versions)]}")
+    if type(version) is int and version > max(versions):
+        return f"wire v{version}; this side speaks {speaks}: upgrade this side's edgetune"
+    return f"wire version {shown(version)}; this side speaks {speaks}"
+
+
+#: the buffer of the v2 message being decoded (None: a v1 message, tensors as maps)
+_DECODING: ContextVar[Cursor | None] = ContextVar("edgetune_wire_decoding", default=None)
 
 
 def _check_complete(payload: bytes | bytearray | memoryview) -> None:
@@ -86,17 +168,19 @@ def _check_complete(payload: bytes | bytearray | memoryview) -> None:
 # --- encoding -------------------------------------------------------------------------------
 
 
-def _to_wire(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return encode_tensor(value)
+def _to_wire(value: Any, blob: Blob) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _to_wire(getattr(value, f.name), blob) for f in dataclasses.fields(value)}
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
+        if value and isinstance(next(iter(value.values())), (np.ndarray, QuantizedTensor)):
+            return pack_tensors(value, blob)  # (a dict of tensors: an index into the message's data)
+        return {k: _to_wire(v, blob) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_wire(v) for v in value]
+        return [_to_wire(v, blob) for v in value]
+    if isinstance(value, np.ndarray):
+        raise TypeError("a tensor goes on the wire in a dict of tensors (packed), not on its own")
     return value
 
 
@@ -156,8 +240,6 @@ def _converter(tp: Any) -> Converter:
         return lambda v, where: None if v is None else convert_inner(v, where)
     if dataclasses.is_dataclass(tp):
         return _dataclass_converter(tp)
-    if tp is np.ndarray:
-        return decode_tensor
     if isinstance(tp, type) and issubclass(tp, Enum):
         # A lookup, not ``tp(v)``: Enum's own error repr()s the whole value, which may be
         # megabytes long or nested past the recursion limit; the type check keeps True from
@@ -182,6 +264,8 @@ def _converter(tp: Any) -> Converter:
         return scalar
     if origin is tuple:
         return _tuple_converter(typing.get_args(tp))
+    if origin is dict and typing.get_args(tp)[1] is np.ndarray:
+        return _tensors
     if origin is dict:
         key_type, value_type = typing.get_args(tp)
         convert_key, convert_value = _converter(key_type), _converter(value_type)
@@ -192,6 +276,22 @@ def _converter(tp: Any) -> Converter:
             return {convert_key(k, (where, "key")): convert_value(x, (where, k)) for k, x in v.items()}
         return mapping
     raise TypeError(f"schema type {tp!r} has no wire conversion")  # programming error
+
+
+def _tensors(v: Any, where: Any) -> dict[str, np.ndarray]:
+    """A dict of tensors: an index into the message's data (v2), or a map of tensor maps (v1)."""
+    cursor = _DECODING.get()
+    if cursor is not None:
+        return unpack_tensors(v, cursor, where)
+    if type(v) is not dict:
+        _fail(where, "a map", v)
+    return {_str_key(k, where): decode_tensor(x, (where, k)) for k, x in v.items()}
+
+
+def _str_key(k: Any, where: Any) -> str:
+    if type(k) is not str:
+        _fail((where, "key"), "a string", k)
+    return k
 
 
 _SCALARS: dict[type, tuple[typing.Callable[[Any], bool], str]] = {

@@ -34,7 +34,7 @@ from .specs import (
 
 __all__ = ["SCHEMA_VERSION", "MAX_ARTIFACT_CHUNK", "Hello", "Presence", "TrainMetrics", "Update", "ImportanceReport", "AdapterInit", "EvalMetrics", "EvalReport", "PersonalizationReport", "Progress", "ErrorReport", "TaskKind", "RoundTask", "GlobalAdapter", "ArtifactOffer", "ArtifactRequest", "ArtifactData", "Chunk", "Signed", "Receipt", "MESSAGE_KINDS", "KIND_OF"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: the most bytes one ArtifactData carries (it must fit one MQTT packet with its envelope)
 MAX_ARTIFACT_CHUNK = 1 << 19
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
