@@ -15,7 +15,7 @@ import logging
 from edgetune.logsafe import shown
 from edgetune.transport import TransportError
 from edgetune.transport.channel import Channel
-from edgetune.wire import TASK_OF_RESULT, Receipt, Signed, TaskKind, Topics, decode_message
+from edgetune.wire import FILE_VERSIONS, TASK_OF_RESULT, Receipt, Signed, TaskKind, Topics, decode_message
 from edgetune.wire.signing import unwrap
 
 from .fleet import Fleet
@@ -82,9 +82,9 @@ class ResultDesk:
 
     def replay(self, ctx: RoundContext, payload: bytes) -> None:
         """Re-accept a journaled result after a restart (checked when it first arrived)."""
-        message = decode_message(payload)
+        message = decode_message(payload, FILE_VERSIONS)  # (as received: by any version it took in)
         nonce = message.nonce if isinstance(message, Signed) else b""
-        message = unwrap(message)
+        message = unwrap(message, FILE_VERSIONS)
         handler = self.handlers[TASK_OF_RESULT[type(message)]]
         self._accept(ctx, handler, message, nonce, handler.measure(message, replayed=True)[0])
         ctx.remember(Receipt(message.device_id, message.round, nonce, True))

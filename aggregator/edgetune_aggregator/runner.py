@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from edgetune.clock import Clock
 from edgetune.transport.channel import Channel
-from edgetune.wire import TASKS, RoundTask, TaskKind, decode_message, encode_message
+from edgetune.wire import FILE_VERSIONS, TASKS, RoundTask, TaskKind, decode_message, encode_message
 
 from .config import AggregatorConfig
 from .desk import ResultDesk
@@ -73,7 +73,7 @@ class RoundRunner:
         handler.begin(ctx)
         carried = handler.carried(number)
         if journaled is not None:
-            task = decode_message(journaled.task)
+            task = decode_message(journaled.task, FILE_VERSIONS)
         else:
             # a device whose result a failed round carried over has done this round already
             task = self.tasks.make(number, kind, {device: f"its result of round {r} counts in this round"

@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 
 from edgetune.wire import (
+    FILE_VERSIONS,
     AdapterSpec,
     GlobalAdapter,
     Hello,
@@ -203,7 +204,7 @@ class StateStore:
         write_peft_adapter(self.directory / "adapter", adapter.adapter, adapter.tensors, base_model, adapter.merged)
 
     def load_global(self, version: int) -> GlobalAdapter:
-        message = decode_message(self._global_path(version).read_bytes())
+        message = decode_message(self._global_path(version).read_bytes(), FILE_VERSIONS)
         if not isinstance(message, GlobalAdapter):
             raise RuntimeError(f"{self._global_path(version)} does not hold a global adapter")
         return message
@@ -240,7 +241,7 @@ class StateStore:
         devices = {}
         for path in sorted((self.directory / "devices").glob("*.msgpack")):
             try:
-                hello = decode_message(path.read_bytes())
+                hello = decode_message(path.read_bytes(), FILE_VERSIONS)
             except Exception as exc:  # written atomically: only tampering gets here; the device says hello again
                 log.warning("ignoring %s: %s", path, exc)
                 continue

@@ -28,7 +28,7 @@ import numpy as np
 
 from .adapters.registry import adapter_kind
 from .atomic import replace_dir
-from .wire import GlobalAdapter, WireError, decode_message
+from .wire import FILE_VERSIONS, GlobalAdapter, WireError, decode_message
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +70,7 @@ def load_global(state_dir: Path, version: int | None = None) -> GlobalAdapter:
                               "pass --version N") from None
     path = state_dir / "global" / f"v{version:06d}.msgpack"
     try:
-        message = decode_message(path.read_bytes())
+        message = decode_message(path.read_bytes(), FILE_VERSIONS)
     except FileNotFoundError:
         available = sorted(p.stem for p in (state_dir / "global").glob("v*.msgpack"))
         raise ExportError(f"{path} does not exist; versions in {state_dir}: {', '.join(available) or 'none'}") from None

@@ -1,9 +1,9 @@
-"""Fuzzing the wire decoder: whatever bytes arrive, ``decode_message`` and ``decode_frame``
+"""Fuzzing the wire decoder (v2): whatever bytes arrive, ``decode_message`` and ``decode_frame``
 return a message or raise :class:`WireError`, and allocate no more than the payload justifies.
 
 Payloads come from four generators: arbitrary bytes; byte-level mutations of valid messages;
-structure-level mutations (unpack a valid message, swap values, keys, kinds and tensor claims,
-re-pack); and floods of chunks into one :class:`Reassembler`. Every generator starts from
+structure-level mutations (unpack a valid message, swap values, keys, kinds, the packed tensors'
+index and their data, re-pack); and floods of chunks into one :class:`Reassembler`. Every generator starts from
 ``SAMPLES``, valid messages of every kind. Examples are derandomized, so CI runs the same ones.
 """
 
@@ -56,7 +56,8 @@ from edgetune.wire import (
     TrainSettings,
     Update,
 )
-from edgetune.wire.tensors import DTYPES
+from edgetune.wire.packed import PACKED_DTYPES
+from edgetune.wire.quantize import QuantizedTensor, quantize_tensors
 
 _RNG = np.random.default_rng(0)
 _MANIFEST = ModelManifest("tiny", "f" * 16, {"layers.0.q_proj": (8, 4), "layers.0.v_proj": (8, 4)}, 100, 8, 1, 2, 900)
@@ -67,7 +68,7 @@ _FACTORS = {
     "layers.0.q_proj.lora_A": _RNG.standard_normal((2, 4)).astype(np.float32),
     "layers.0.q_proj.lora_B": _RNG.standard_normal((8, 2)).astype(np.float16),
     "layers.0.v_proj.lora_A": to_bfloat16(_RNG.standard_normal((2, 4)).astype(np.float32)),
-    "layers.0.v_proj.lora_B": np.zeros((8, 2), np.float64),
+    "layers.0.v_proj.lora_B": np.zeros((8, 2), np.float32),
 }
 _PROGRESS = Progress("dev-1", 3, 5, 10, 2.5)
 
@@ -78,6 +79,9 @@ SAMPLES = [
     Hello("dev-2", "0.1.0", ModelManifest("tiny", "f" * 16, {})),
     Presence("dev-1", True),
     Update("dev-1", 3, 2, 40, _FACTORS, TrainMetrics(1.5, 1024, 2.0, 4.1, 4.5, 10, 20, 6.0, None)),
+    Update("dev-1", 3, 2, 40, quantize_tensors({k: np.asarray(v, np.float32) for k, v in _FACTORS.items()
+                                                if k.endswith("lora_A") and "q_proj" in k}, "int8")
+           | {"layers.0.q_proj.lora_B": _FACTORS["layers.0.q_proj.lora_B"]}, TrainMetrics(1.5, 1, 2.0, 4.1, 4.5)),
     EvalReport("dev-1", 3, 2, 40, EvalMetrics(4.2, 1000, 5.0)),
     ImportanceReport("dev-1", 1, 40, {"layers.0.q_proj": 0.5, "layers.0.v_proj": 1e-3}, 1000, 1.5),
     AdapterInit("dev-1", 0, {"prompt_embeddings": np.ones((4, 8), np.float32)}),
@@ -199,10 +203,16 @@ def test_every_kind_has_a_sample():
     assert not missing, f"SAMPLES in {__name__} has no message of kind(s) {', '.join(missing)}: add one line each"
 
 
+def _quantized(message) -> bool:
+    return any(isinstance(t, QuantizedTensor) for value in vars(message).values() if isinstance(value, dict)
+               for t in value.values())
+
+
 @pytest.mark.parametrize("index", range(len(SAMPLES)), ids=lambda i: KIND_OF[type(SAMPLES[i])])
 def test_samples_are_valid_and_round_trip(index):
     assert check_decode(ENCODED[index]) is not None
-    assert encode_message(decode_message(ENCODED[index])) == ENCODED[index]
+    if not _quantized(SAMPLES[index]):  # (an int8 tensor decodes to float32: its re-encoding differs)
+        assert encode_message(decode_message(ENCODED[index])) == ENCODED[index]
 
 
 # --- (a) arbitrary bytes ----------------------------------------------------------------------
@@ -312,15 +322,14 @@ def _slots(tree, slots):
     return slots
 
 
-def _tensors(tree, found):
+def _indexes(tree, found):
+    """The packed tensors' indexes in a body: [names, dtypes, shapes, offsets, blocks]."""
     if type(tree) is dict:
-        if {"dtype", "shape", "data"} <= set(tree):
-            found.append(tree)
         for value in tree.values():
-            _tensors(value, found)
-    elif type(tree) is list:
-        for value in tree:
-            _tensors(value, found)
+            if type(value) is list and len(value) == 5 and all(type(c) is list for c in value) and value[0]:
+                found.append(value)
+            else:
+                _indexes(value, found)
     return found
 
 
@@ -329,7 +338,7 @@ _SHAPES = [[2**40], [2**20, 2**20], [2**31], [2**31 - 1] * 8, [0] + [2**31 - 1] 
            [1] * 9, [], [0], [True], [1.0], ["1"], None, 3, [[2]]]
 
 
-_DTYPE_NAMES = st.sampled_from([*DTYPES, "complex64", "<f4", "float32 ", "FLOAT32"]) | VALUES
+_DTYPE_NAMES = st.sampled_from([*PACKED_DTYPES, "float64", "complex64", "<f4", "float32 ", "FLOAT32"]) | VALUES
 _TENSOR_SHAPES = st.sampled_from(_SHAPES) | st.lists(st.integers(-2, 2**31 + 1), max_size=9)
 _STRUCTURE_OPS = st.sampled_from(["replace", "replace", "delete", "add", "kind", "version", "tensor"])
 _NEW_KEYS = _KEYS | st.sampled_from(["kind", "delta", "shape"])
@@ -337,17 +346,26 @@ _KINDS = st.sampled_from(sorted(MESSAGE_KINDS)) | VALUES
 _VERSIONS = st.sampled_from([SCHEMA_VERSION + 1, 0, -1, True, 1.0, "1", None]) | VALUES
 
 
-def _mutate_tensor(draw, tensor: dict) -> None:
-    what = _pick(draw, ["dtype", "shape", "data", "drop"])
+def _mutate_tensors(draw, envelope: dict, index: list) -> None:
+    """Lie in the index (a dtype, a shape, an offset, a block, a name, a column) or in the data."""
+    row = draw(_INDEX) % len(index[0])
+    what = _pick(draw, ["dtype", "shape", "offset", "block", "name", "column", "data"])
     if what == "dtype":
-        tensor["dtype"] = draw(_DTYPE_NAMES)
+        index[1][row] = draw(_DTYPE_NAMES)
     elif what == "shape":
-        tensor["shape"] = draw(_TENSOR_SHAPES)
-    elif what == "data":
-        data = tensor["data"]
-        tensor["data"] = _pick(draw, [b"", data[:-1], data + b"\0", data * 2, data.decode("latin-1")])
+        index[2][row] = draw(_TENSOR_SHAPES)
+    elif what == "offset":
+        index[3][row] = _pick(draw, [index[3][row] + 1, index[3][row] - 8, 0, -1, 2**63 - 1, 1.0, None])
+    elif what == "block":
+        index[4][row] = _pick(draw, [0, 1, -1, 2**17, 128, True, "128", 2**63 - 1])
+    elif what == "name":
+        index[0][row] = _pick(draw, [index[0][0], "", 7, None, "x" * 5000])
+    elif what == "column":
+        _pick(draw, index).pop() if draw(_INDEX) % 2 else index.pop()
     else:
-        del tensor[_pick(draw, ["dtype", "shape", "data"])]
+        data = envelope.get("data", b"")
+        envelope["data"] = _pick(draw, [b"", data[:-1], data + b"\0" * 8, data * 2, data[:len(data) // 2],
+                                        data.decode("latin-1"), None])
 
 
 @st.composite
@@ -369,9 +387,9 @@ def structure_mutations(draw) -> bytes:
         elif op == "version":
             envelope["v"] = draw(_VERSIONS)
         else:
-            tensors = _tensors(envelope, [])
-            if tensors:
-                _mutate_tensor(draw, _pick(draw, tensors))
+            indexes = _indexes(envelope.get("body"), [])
+            if indexes:
+                _mutate_tensors(draw, envelope, _pick(draw, indexes))
     return _pack(envelope)
 
 
@@ -432,9 +450,11 @@ def test_quoted_values_are_cut_short(payload):
     ([2**40], b"\0" * 8), ([2**20, 2**20], b""), ([2**31 - 1] * 8, b"\0" * 8), ([0] + [2**31 - 1] * 7, b""),
 ])
 def test_shape_claims_allocate_nothing(shape, data):
-    body = {**_body("global"), "tensors": {"t": {"dtype": "float64", "shape": shape, "data": data}}}
-    message, peak = _peak(decode_message, _envelope("global", body))
-    assert message is None and peak < 64 << 10
+    for kind, block in (("float32", 0), ("int8", 1)):
+        body = {**_body("global"), "tensors": [["t"], [kind], [shape], [0], [block]], "merged": {}}
+        payload = msgpack.packb({"v": SCHEMA_VERSION, "kind": "global", "body": body, "data": data}, use_bin_type=True)
+        message, peak = _peak(decode_message, payload)
+        assert message is None and peak < 64 << 10
 
 
 _CLAIMS = b"\xdd\x00\x01\x86\xa0" * 1000  # 1,000 nested arrays, each claiming 100,000 elements
@@ -457,11 +477,13 @@ def test_claims_in_a_payload_over_a_packet_cost_less_than_80_bytes_a_byte():
     assert message is None and peak <= 80 * len(payload)
 
 
-def test_a_large_tensor_costs_one_copy():
-    """msgpack copies the bin field into a bytes object once; the array is a view of it."""
+def test_a_large_tensor_costs_no_copy():
+    """The packed data is the envelope's last entry: the arrays are views of the payload itself
+    (the envelope's reader takes 64 KiB at a time, and stops before the data)."""
     payload = encode_message(Update("dev-1", 1, 0, 1, {"w": np.ones(1 << 20, np.float32)}, TrainMetrics(1, 1, 1, 1, 1)))
     message, peak = _peak(decode_message, payload)
-    assert message is not None and peak <= len(payload) + FIXED
+    assert message is not None and np.shares_memory(message.delta["w"], np.frombuffer(payload, np.uint8))
+    assert peak <= 2 * FIXED + (64 << 10), peak
 
 
 _MANY = 65_535

@@ -132,22 +132,34 @@ def test_messages_round_trip():
                 assert a == b, name
 
 
-def _envelope(body, kind="update", version=SCHEMA_VERSION) -> bytes:
-    return msgpack.packb({"v": version, "kind": kind, "body": body}, use_bin_type=True)
+def _envelope(body, kind="update", version=SCHEMA_VERSION, data=None) -> bytes:
+    envelope = {"v": version, "kind": kind, "body": body}
+    if data is not None:  # (the packed tensors the body's index points into)
+        envelope["data"] = data
+    return msgpack.packb(envelope, use_bin_type=True)
+
+
+def _parts(payload: bytes) -> tuple[dict, bytes]:
+    """The body of an encoded message and the data its tensor indexes point into."""
+    envelope = msgpack.unpackb(payload)
+    return envelope["body"], envelope.get("data", b"")
 
 
 def test_decode_errors_say_what_is_wrong():
-    good = msgpack.unpackb(encode_message(_update()))["body"]
+    good, data = _parts(encode_message(_update()))
     cases = [
         (b"\xc1garbage", "bad_msgpack", "msgpack"),
-        (_envelope(good, version=99), "schema_version", "99"),
-        (_envelope(good, kind="nope"), "unknown_kind", "nope"),
-        (_envelope({k: v for k, v in good.items() if k != "round"}), "bad_field", "Update.round: missing"),
-        (_envelope({**good, "round": "3"}), "bad_field", "Update.round: expected an integer"),
-        (_envelope({**good, "num_samples": 0}), "bad_field", "num_samples"),
-        (_envelope({**good, "device_id": "a/b"}), "bad_field", "device id"),
-        (_envelope({**good, "metrics": {**good["metrics"], "train_loss": None}}), "bad_field", "train_loss"),
+        (_envelope(good, version=99, data=data), "schema_version", "99"),
+        (_envelope(good, version=1, data=data), "schema_version", "upgrade the sender to edgetune ≥ 0.2"),
+        (_envelope(good, kind="nope", data=data), "unknown_kind", "nope"),
+        (_envelope({k: v for k, v in good.items() if k != "round"}, data=data), "bad_field", "Update.round: missing"),
+        (_envelope({**good, "round": "3"}, data=data), "bad_field", "Update.round: expected an integer"),
+        (_envelope({**good, "num_samples": 0}, data=data), "bad_field", "num_samples"),
+        (_envelope({**good, "device_id": "a/b"}, data=data), "bad_field", "device id"),
+        (_envelope({**good, "metrics": {**good["metrics"], "train_loss": None}}, data=data), "bad_field", "train_loss"),
         (msgpack.packb([1, 2, 3]), "bad_field", "envelope"),
+        (_envelope(good, data=data + b"\0" * 8), "bad_tensor", "no entry describes"),
+        (_envelope(good, data=data[:-1]), "bad_tensor", "needs bytes up to"),
     ]
     for payload, reason, fragment in cases:
         with pytest.raises(WireError) as info:
@@ -157,9 +169,9 @@ def test_decode_errors_say_what_is_wrong():
 
 
 def test_unknown_fields_from_newer_peers_are_ignored():
-    body = msgpack.unpackb(encode_message(_update()))["body"]
-    body["added_in_v2"] = {"x": 1}
-    assert decode_message(_envelope(body)).round == 3
+    body, data = _parts(encode_message(_update()))
+    body["added_later"] = {"x": 1}
+    assert decode_message(_envelope(body, data=data)).round == 3
 
 
 def test_adapter_specs_are_a_union_told_apart_by_kind():

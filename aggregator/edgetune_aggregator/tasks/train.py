@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from edgetune.adapters.registry import adapter_shapes
-from edgetune.wire import GlobalAdapter, TaskKind, Update, decode_message
+from edgetune.wire import FILE_VERSIONS, GlobalAdapter, TaskKind, Update, decode_message
 from edgetune.wire.signing import unwrap
 
 from ..config import AggregatorConfig
@@ -223,7 +223,7 @@ class TrainHandler(TaskHandler):
         merge = self.weighting.begin(self.fleet.strategy, start, entries, adapter_shapes(state.adapter, state.model))
         changes = []
         for index, name in enumerate(names):
-            delta = merge.add(index, unwrap(decode_message(paths[name].read_bytes())).delta)
+            delta = merge.add(index, _journaled(paths[name]).delta)
             changes.append(kind.update_change(start.tensors, delta, start.scale))
         result = merge.finish()
         rows = {(d.device_id, d.from_round): d for d in ctx.record.devices}
@@ -246,7 +246,7 @@ class TrainHandler(TaskHandler):
     def _entry(self, path: Path) -> Entry:
         """What the weighting needs of a journaled update the round did not record (its
         acceptance failed after it was journaled; the device resends it)."""
-        update = unwrap(decode_message(path.read_bytes()))
+        update = _journaled(path)
         return Entry(update.num_samples, delta_norm(update.delta), self.fleet.state.global_version - update.base_version)
 
     def _check_global(self, result: NextGlobal, typical: float) -> str | None:
@@ -256,3 +256,8 @@ class TrainHandler(TaskHandler):
                                (adapter.tensors, adapter.merged), (result.tensors, result.merged), typical,
                                self.config.max_global_change, self.config.server_optimizer)
 
+
+def _journaled(path: Path) -> Update:
+    """An update as the journal keeps it (received bytes, checked when they came: any wire
+    version this daemon ever took in)."""
+    return unwrap(decode_message(path.read_bytes(), FILE_VERSIONS), FILE_VERSIONS)

@@ -47,7 +47,7 @@ class RunData:
 
 
 def load_run(state_dir: str | Path) -> RunData:
-    from ..wire import Hello, decode_message
+    from ..wire import FILE_VERSIONS, Hello, decode_message
 
     state_dir = Path(state_dir)
     rounds_file, state_file = state_dir / "rounds.json", state_dir / "state.json"
@@ -63,7 +63,7 @@ def load_run(state_dir: str | Path) -> RunData:
     profiles, devices = {}, {}
     for path in sorted((state_dir / "devices").glob("*.msgpack")):
         try:
-            hello = decode_message(path.read_bytes())
+            hello = decode_message(path.read_bytes(), FILE_VERSIONS)
         except Exception as exc:  # (written atomically by the daemon: only tampering gets here)
             log.warning("skipping %s: %s", path, exc)
             continue

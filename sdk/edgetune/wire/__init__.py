@@ -4,7 +4,7 @@
 here: the split into modules is for readers, not for callers."""
 
 from .chunks import DEFAULT_MAX_PACKET, Reassembler, chunk_payload, decode_frame, split_payload
-from .codec import decode_message, encode_message
+from .codec import FILE_VERSIONS, PEER_VERSIONS, decode_message, encode_message
 from .errors import WireError
 from .kinds import *  # noqa: F401,F403
 from .kinds import __all__ as _kinds
@@ -20,7 +20,7 @@ from .topics import __all__ as _topics
 
 __all__ = [
     "DEFAULT_MAX_PACKET", "Reassembler", "chunk_payload", "decode_frame", "split_payload",
-    "decode_message", "encode_message", "WireError", "check_name", "check_positive",
+    "decode_message", "encode_message", "FILE_VERSIONS", "PEER_VERSIONS", "WireError", "check_name", "check_positive",
     "BFloat16Array", "decode_tensor", "encode_tensor", "to_bfloat16", "TASKS", "TASK_OF_RESULT", "TaskSpec",
     *_specs, *_messages, *_topics, *_kinds,
 ]

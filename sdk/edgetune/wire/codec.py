@@ -107,12 +107,21 @@ def _unpack_envelope(payload: bytes | bytearray | memoryview) -> tuple[dict, mem
     """The envelope's map, and its ``data`` as a view of ``payload`` when it is the last entry
     as bin32 (as the encoder writes it: the tensors are then not copied on the way in). None:
     ``data`` is in the map, or there is none."""
+    if len(payload) <= _HEAD_READ:  # (small: one copy of it costs less than a reader)
+        envelope = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_map_len=_MAX_CONTAINER,
+                                   max_array_len=_MAX_CONTAINER)
+        if not isinstance(envelope, dict):
+            raise WireError("bad_field", "envelope must be a map with 'v', 'kind' and 'body'")
+        return envelope, None
     if type(payload) is not bytes:
         payload = bytes(payload)
     unpacker = msgpack.Unpacker(io.BytesIO(payload), read_size=_HEAD_READ, raw=False, strict_map_key=True,
                                 max_map_len=_MAX_CONTAINER, max_array_len=_MAX_CONTAINER)
-    entries = unpacker.read_map_header()
-    if entries > 8:
+    try:
+        entries = unpacker.read_map_header()
+    except ValueError:  # (another type than a map; msgpack's other errors are bad_msgpack)
+        raise WireError("bad_field", "envelope must be a map with 'v', 'kind' and 'body'") from None
+    if entries > 16:
         raise WireError("bad_field", "envelope must be a map with 'v', 'kind' and 'body'")
     envelope, data = {}, None
     for index in range(entries):

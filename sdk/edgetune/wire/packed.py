@@ -159,7 +159,10 @@ def unpack_tensors(index: Any, cursor: Cursor, where: Any) -> dict[str, np.ndarr
             if block != 0 or end > limit:
                 _refuse(where, name, "only int8 entries have a block" if block != 0 else
                         f"needs bytes up to {end}, the data has {limit}")
-            array = np.ndarray(shape, dtype, data, offset)  # (a read-only view of the buffer)
+            try:
+                array = np.ndarray(shape, dtype, data, offset)  # (a read-only view of the buffer)
+            except ValueError as exc:  # numpy's own limits (a 0-sized axis next to huge ones)
+                _refuse(where, name, f"shape {shape}: {exc}")
             if kind == "bfloat16":
                 array = array.view(BFloat16Array)
             elif _BIG_ENDIAN_HOST:
@@ -175,7 +178,10 @@ def unpack_tensors(index: Any, cursor: Cursor, where: Any) -> dict[str, np.ndarr
             scales = np.frombuffer(data, _SCALE, count, scales_at)
             if count and not (np.isfinite(scales).all() and float(scales.min()) >= 0.0):
                 _refuse(where, name, "scales must be finite and ≥ 0")
-            out[name] = dequantize(np.frombuffer(data, np.int8, n, offset), scales, tuple(shape), block)
+            try:
+                out[name] = dequantize(np.frombuffer(data, np.int8, n, offset), scales, tuple(shape), block)
+            except ValueError as exc:
+                _refuse(where, name, f"shape {shape}: {exc}")
         position = end
     if len(out) != len(names):
         _refuse(where, None, "two entries of the same name")

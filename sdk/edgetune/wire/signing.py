@@ -146,12 +146,14 @@ class KeyRing:
         return None
 
 
-def unwrap(message):
+def unwrap(message, versions: tuple[int, ...] | None = None):
     """The message inside a ``Signed`` (anything else as is), **without** verifying it: for
-    bystanders (monitors, tests) that trust the broker; the aggregator verifies."""
-    from .codec import decode_message
+    bystanders (monitors, tests) that trust the broker, and for what was verified before it was
+    written down (``versions``: the wire versions to read, as ``decode_message``)."""
+    from .codec import PEER_VERSIONS, decode_message
 
-    return decode_message(message.payload) if isinstance(message, Signed) else message
+    versions = versions or PEER_VERSIONS
+    return decode_message(message.payload, versions) if isinstance(message, Signed) else message
 
 
 def write_key_file(path: str | Path, fleet: str, keys: dict[str, bytes]) -> None:

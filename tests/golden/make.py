@@ -1,0 +1,65 @@
+"""How the golden messages in this folder were made (run once, with the edgetune that speaks the
+wire version named in each file; the tests never run this, they decode the committed files).
+
+    PYTHONPATH=<a checkout of that version>/sdk python tests/golden/make.py v1|v2
+
+``v1``: with the SDK before wire v2 (commit e30c2af): what an older device sends.
+``v2``: with wire v2: every message kind whose layout matters (tensors packed, quantized, signed).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def tensors(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """The tensors the test recomputes: seeded, float32."""
+    rng = np.random.default_rng(seed)
+    return {name: (rng.standard_normal(shape) * 0.01).astype(np.float32) for name, shape in shapes.items()}
+
+
+SHAPES = {"layers.0.q_proj.lora_A": (2, 8), "layers.0.q_proj.lora_B": (8, 2), "layers.0.v_proj.lora_A": (2, 8),
+          "layers.0.v_proj.lora_B": (4, 2)}
+MANIFEST = {"layers.0.q_proj": (8, 8), "layers.0.v_proj": (4, 8)}
+
+
+def messages(version: str) -> dict[str, object]:
+    from edgetune.wire import (Capabilities, GlobalAdapter, Hello, LoraSpec, ModelManifest, RoundTask, TaskKind,
+                               TrainMetrics, Update)
+
+    model = ModelManifest("golden", "0123456789abcdef", MANIFEST, 32, 8, 1, 2, 1000)
+    delta = tensors(SHAPES, 1)
+    out = {
+        "hello": Hello("dev-1", "golden", model, Capabilities(), 10),
+        "update": Update("dev-1", 3, 2, 40, delta, TrainMetrics(1.5, 1024, 2.0, 4.1, 4.5, 10, 20), "run-golden"),
+        "task": RoundTask(3, TaskKind.TRAIN, 2, "0123456789abcdef", LoraSpec(rank=2, alpha=4.0), run_id="run-golden"),
+        "global": GlobalAdapter(2, 2, "0123456789abcdef", LoraSpec(rank=2, alpha=4.0), tensors(SHAPES, 2),
+                                {"layers.0.q_proj.merged_A": tensors({"a": (1, 8)}, 3)["a"],
+                                 "layers.0.q_proj.merged_B": tensors({"b": (8, 1)}, 4)["b"]}),
+    }
+    if version == "v2":
+        from edgetune.wire.quantize import quantize_tensors
+
+        out["update-fp16"] = Update("dev-1", 3, 2, 40, quantize_tensors(delta, "fp16"), TrainMetrics(1.5, 1024, 2.0, 4.1, 4.5),
+                                    "run-golden")
+        out["update-int8"] = Update("dev-1", 3, 2, 40, quantize_tensors(delta, "int8"), TrainMetrics(1.5, 1024, 2.0, 4.1, 4.5),
+                                    "run-golden")
+    return out
+
+
+def main() -> None:
+    from edgetune.wire import encode_message
+
+    version = sys.argv[1]
+    for name, message in messages(version).items():
+        (HERE / f"{version}-{name}.msgpack").write_bytes(encode_message(message))
+        print(f"{version}-{name}.msgpack")
+
+
+if __name__ == "__main__":
+    main()
