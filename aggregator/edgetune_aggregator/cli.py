@@ -28,7 +28,7 @@ from edgetune.config_file import FlagMap, SettingsFile, default_of, flags_given
 from edgetune.transport import TransportError, open_transport
 from edgetune.wire import ADAPTER_KINDS, ALGORITHMS, CLIENT_OPTIMIZERS, PROMPT_INITS, PromptSpec
 
-from .config import LAYOUTS, PLAN_MODES
+from .config import DELTA_PRECISION_MODES, LAYOUTS, PLAN_MODES
 from .daemon import DEFAULT_CANDIDATES, Aggregator, AggregatorConfig
 from .serve_settings import LOG_LEVELS, ServeSettings
 from .strategies import SERVER_OPTIMIZERS, STRATEGIES
@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how adapters of different ranks are merged (auto, the default: hetlora when planning, else fedit)")
     merge.add_argument("--merged-rank", type=int, help="stack/svd: components per layer of the frozen "
                        "merged delta devices download (default: --rank, so at most 2× fedit's downlink; -1: unbounded)")
+    merge.add_argument("--delta-precision", choices=DELTA_PRECISION_MODES,
+                       help="what deltas travel as, both ways: fp32, fp16, or int8 (a scale per 128 values, with error "
+                       "feedback on devices); auto: float32 down, and each planned device's update in what its uplink "
+                       f"calls for (default {_d('delta_precision')}; bounds in docs/protocol.md)")
     merge.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS,
                        help=f"how a round's merged update moves the global (default {_d('server_optimizer.name')}: "
                        "server momentum, the fleet benchmark's best; fedavg with --server-lr 1 is plain FedAvg)")
@@ -134,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     security = serve.add_argument_group("security and robustness (docs/security.md)")
     security.add_argument("--device-keys", type=Path, help="the fleet's device_keys.json (edgetune-aggregator "
                           "provision): devices must sign hellos and results with their Ed25519 keys")
+    security.add_argument("--fleet-key", type=Path, help="the fleet key (aggregator/fleet.key from edgetune-aggregator "
+                          "provision): tasks, global adapters, receipts and offers are signed with it, and devices "
+                          "holding fleet.pub refuse what it did not sign")
     security.add_argument("--tls-ca", type=Path, help="CA certificate of an mqtts:// broker")
     security.add_argument("--tls-cert", type=Path, help="this daemon's client certificate (brokers that require one)")
     security.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
@@ -214,6 +221,7 @@ FLAGS: FlagMap = (
     ("plan", "plan", None),
     ("strategy", "strategy", None),
     ("merged_rank", "merged_rank", None),
+    ("delta_precision", "delta_precision", None),
     ("server_optimizer", "server_optimizer.name", None),  # (β then defaults per optimizer)
     ("server_lr", "server_optimizer.lr", None),
     ("server_momentum", "server_optimizer.momentum", None),
@@ -228,6 +236,7 @@ FLAGS: FlagMap = (
     ("base_model", "base_model", None),
     ("ort_artifacts", "ort_artifacts", None),
     ("device_keys", "device_keys", None),
+    ("fleet_key", "fleet_key", None),
     ("admit", "admit", lambda path: _read_admit(path)),
     ("model_from_first_hello", "model_from_first_hello", None),
     ("max_update_norm", "limits.max_norm", None),

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from edgetune.planning.layout import GPT2_KINDS, LLAMA_KINDS
 from edgetune.adapters.registry import KINDS, adapter_kind
-from edgetune.wire import DEFAULT_MAX_PACKET, AdapterSpec, ImportanceSettings, LoraSpec, ModelManifest, TrainSettings
+from edgetune.wire import (DEFAULT_MAX_PACKET, DELTA_PRECISIONS, AdapterSpec, ImportanceSettings, LoraSpec, ModelManifest,
+                           TrainSettings)
 
 from .strategies import DEFAULT_SERVER_OPTIMIZER, STRATEGIES, ServerOptimizerConfig, make_strategy
 from .strategies.robust import ROBUST_METHODS
@@ -24,6 +25,7 @@ MAX_ADAPTER_PARAMETERS = 200_000_000
 DEFAULT_CANDIDATES = LLAMA_KINDS + GPT2_KINDS
 LAYOUTS = ("fixed", "importance")
 PLAN_MODES = ("auto", "weakest", "uniform")
+DELTA_PRECISION_MODES = ("auto", *DELTA_PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class AggregatorConfig:
     #: the fleet's device public keys (``device_keys.json``): with them every device message
     #: that shapes the fleet must be signed (docs/security.md); None: no signatures checked
     device_keys: Path | None = None
+    #: the fleet key (``aggregator/fleet.key`` from ``provision``): the daemon signs what it
+    #: publishes, and devices holding ``fleet.pub`` accept only that (docs/security.md); None: unsigned
+    fleet_key: Path | None = None
     #: the fleet's model, pinned (fleet_model.py); None: the default model's manifest, or the
     #: first admitted hello's when ``model_from_first_hello`` (trusted labs only)
     model: ModelManifest | None = None
@@ -114,6 +119,12 @@ class AggregatorConfig:
     #: device downloads. None: the adapter's rank, so a device downloads at most twice what
     #: fedit sends; -1: unbounded (exact, but the downlink grows every round)
     merged_rank: int | None = None
+    #: what deltas travel as: "fp32" (exact), "fp16", or "int8" (one scale per block of 128
+    #: values; devices carry what it drops into their next update), both ways; "auto": the global
+    #: adapter in float32, each planned device's update in what its uplink calls for (float32
+    #: unless quantizing buys it training steps or the fleet its uplink budget). The bounds are in
+    #: docs/protocol.md, what each costs in quality in docs/benchmarks.md
+    delta_precision: str = "auto"
 
     def merged_rank_for(self, adapter: AdapterSpec) -> int | None:
         """The cap an exact strategy gets (None: unbounded)."""
@@ -121,6 +132,16 @@ class AggregatorConfig:
         if self.merged_rank == -1 or rank is None:
             return None
         return rank if self.merged_rank is None else self.merged_rank
+
+    @property
+    def downlink_precision(self) -> str:
+        """What the global adapter travels as (every device reads it)."""
+        return "fp32" if self.delta_precision == "auto" else self.delta_precision
+
+    @property
+    def update_precisions(self) -> tuple[str, ...]:
+        """What the planner may choose among for a device's update."""
+        return DELTA_PRECISIONS if self.delta_precision == "auto" else (self.delta_precision,)
 
     @property
     def strategy_name(self) -> str:
@@ -188,5 +209,7 @@ class AggregatorConfig:
                              f"{self.max_global_change}")
         if self.model is not None and self.model_from_first_hello:
             raise ValueError("pin the fleet's model (model) or take the first hello's (model_from_first_hello), not both")
+        if self.delta_precision not in DELTA_PRECISION_MODES:
+            raise ValueError(f"delta_precision {self.delta_precision!r} is not one of {', '.join(DELTA_PRECISION_MODES)}")
         if self.quorum is not None and not 0.0 < self.quorum <= 1.0:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")

@@ -89,6 +89,10 @@ class Aggregator:
         if metrics is not None:
             self.channel.on_drop = metrics.rejected
         self.store = StateStore(config.state_dir)
+        if config.fleet_key is not None:  # everything published is signed (receipts, tasks, adapters)
+            from edgetune.wire.signing import FleetSigner
+
+            self.channel.signer = FleetSigner.load(config.fleet_key, floor=self.store.load_issued())
         self.journal = RoundJournal(config.state_dir)
         self.artifacts = None  # what devices without PyTorch can download (checked before serving)
         if config.ort_artifacts is not None:
@@ -106,7 +110,8 @@ class Aggregator:
         self.fleet = Fleet(self.store)
         self.health = Health(metrics, self.store, transport, clock)
         self.members = Membership(config, self.fleet, self.channel, self.topics, self.intake, self.health)
-        self.publisher = Publisher(transport, self.channel, self.topics, self.fleet, self.artifacts)
+        self.publisher = Publisher(transport, self.channel, self.topics, self.fleet, self.artifacts,
+                                   config.downlink_precision)
         self.tasks = TaskMaker(config, self.fleet, self.members, self.publisher, self.health)
         train = TrainHandler(config, self.fleet, self.journal, signed_fleet=self.intake.signed, metrics=metrics)
         initialize = InitializeHandler(self.fleet)
@@ -122,6 +127,8 @@ class Aggregator:
                                self.intake, self.channel, train, initialize, self._receive, self._stop)
         self.channel.admit = self.members.admit_payload
         self.members.on_join = self.runner.latecomer
+        self.members.on_refusal = self.publisher.refuse
+        self.channel.on_undecodable = self.members.on_undecodable
         self.health.on_storage_back = self.members.save_unsaved
         self.health.device_counts = lambda: (len(self.members.devices), len(self.members.online))
         # what each kind of device message goes to (results: the desk, whatever task they answer)

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from edgetune.adapters.registry import adapter_shapes
 from edgetune.logsafe import shown
 from edgetune.transport.channel import Channel
-from edgetune.wire import Hello, Presence, Topics
+from edgetune import __version__
+from edgetune.wire import PEER_VERSIONS, Hello, Presence, Refusal, Topics
 from edgetune.wire.manifest_file import mismatch
 
 from .config import MAX_ADAPTER_PARAMETERS, AggregatorConfig
@@ -25,6 +26,7 @@ from .fleet import Fleet
 from .fleet_model import pinned_model
 from .health import Health
 from .intake import Intake, hello_limit
+from .strategies import STRATEGIES, ExactStrategy
 
 log = logging.getLogger("edgetune_aggregator.daemon")
 
@@ -52,6 +54,8 @@ class Membership:
             intake.hello_limit = hello_limit(self.pinned)
         #: ``(device)`` called when a device with a profile joins a started fleet (its plan)
         self.on_join: Callable[[str], None] | None = None
+        #: ``(refusal)`` tells a device why its hello was refused (``Publisher.refuse``)
+        self.on_refusal: Callable[[Refusal], None] | None = None
         self._heard: set[str] = set()  # senders of a hello the channel passed on (network thread)
         self._manifests: dict[str, object] = {}  # fingerprint -> the first manifest (see on_hello)
         self._unsaved: set[str] = set()  # devices whose hello could not be written yet (disk full)
@@ -110,6 +114,20 @@ class Membership:
 
     # --- messages -------------------------------------------------------------------------
 
+    def on_undecodable(self, sender: str, topic: str, reason: str, detail: str) -> None:
+        """(On the network thread.) A hello in a wire version the daemon does not read gets a
+        refusal saying what to upgrade (in v2: a device that reads no v2 will not read it either,
+        but its own log names every v2 task it drops)."""
+        kind = self.topics.device_kind(topic)
+        if reason == "schema_version" and kind is not None and kind.name == "hello" and self.on_refusal is not None:
+            try:
+                refusal = Refusal(sender, reason, detail[:1024], f"edgetune on this device (the aggregator runs "
+                                                                f"{__version__})")
+            except ValueError:  # (a topic level that is no device id: nobody to answer)
+                return
+            if self.topics.device_of(topic) == sender:
+                self.on_refusal(refusal)
+
     def on_presence(self, sender: str, presence: Presence) -> None:
         if sender not in self.devices:  # (it decides quorums: only the fleet's devices count)
             return
@@ -133,24 +151,61 @@ class Membership:
             return f"the adapter would have {size:,} parameters (at most {MAX_ADAPTER_PARAMETERS:,})"
         return None
 
+    def check_wire(self, hello: Hello) -> tuple[str, str] | None:
+        """``(reason, detail)`` if this device cannot read what the fleet sends it (None if it
+        can): a wire version in common, the fleet's delta precision, and the frozen merged
+        delta of strategies that fold their aggregate into one. Serving it anyway would have it
+        drop every message, or train a model other than the fleet's without knowing."""
+        caps = hello.capabilities
+        if not set(caps.wire) & set(PEER_VERSIONS):
+            return ("schema_version", f"this device reads wire {'/'.join(f'v{v}' for v in caps.wire)}; "
+                                      f"the aggregator writes {'/'.join(f'v{v}' for v in PEER_VERSIONS)}")
+        needed = self.config.downlink_precision
+        if needed not in caps.precisions:
+            return ("unsupported_precision", f"the fleet sends deltas as {needed}; this device reads "
+                                             f"{', '.join(caps.precisions) or 'none'}")
+        if not caps.merged_delta and self._uses_merged():
+            return ("no_merged_delta", f"the fleet's strategy {self.config.strategy_name} folds its aggregate into a "
+                                       "frozen merged delta, which this device does not apply: it would train on "
+                                       "another model than the fleet's")
+        return None
+
+    def _uses_merged(self) -> bool:
+        adapter = self.fleet.global_adapter
+        if adapter is not None and adapter.merged:
+            return True
+        strategy = STRATEGIES.get(self.config.strategy_name)
+        return strategy is not None and issubclass(strategy, ExactStrategy)
+
+    def refuse(self, device: str, topic: str, reason: str, detail: str, upgrade: str = "") -> None:
+        """Drop a hello (logged with its sender and reason, counted) and tell its device why."""
+        self.channel.drop(device, topic, reason, detail + (f"; upgrade {upgrade}" if upgrade else ""))
+        if self.on_refusal is not None:
+            self.on_refusal(Refusal(device, reason[:64], detail[:1024], upgrade[:256]))
+
     def on_hello(self, topic: str, hello: Hello) -> None:
-        if self.config.admit is not None and hello.device_id not in self.config.admit:
-            self.channel.drop(hello.device_id, topic, "not_admitted", "not on the fleet's --admit list")
+        device = hello.device_id
+        if self.config.admit is not None and device not in self.config.admit:
+            self.refuse(device, topic, "not_admitted", "not on the fleet's --admit list")
+            return
+        wire = self.check_wire(hello)
+        if wire:
+            self.refuse(device, topic, *wire, upgrade=f"edgetune on this device (the aggregator runs {__version__})")
             return
         if self.pinned is not None:
             why = mismatch(self.pinned, hello.model)
             if why:
-                self.channel.drop(hello.device_id, topic, "model_mismatch", why)
+                self.refuse(device, topic, "model_mismatch", why)
                 return
             if hello.model is not self.pinned:  # the operator's sizes, not the device's claims
                 hello = dataclasses.replace(hello, model=self.pinned)
         why = self.check_model(hello)
         if why:
-            self.channel.drop(hello.device_id, topic, "bad_model", why)
+            self.refuse(device, topic, "bad_model", why)
             return
         why = self._model_mismatch(hello)
         if why:
-            self.channel.drop(hello.device_id, topic, "model_mismatch", why)
+            self.refuse(device, topic, "model_mismatch", why)
             return
         # One manifest object per model: a fleet's devices send the same one, and a copy per
         # device (hundreds of layers each) would make the daemon's memory grow with the fleet.

@@ -4,15 +4,17 @@
         [--broker-host HOST ...] [--port 8883] [--auth cert|password] [--days 825]
 
 One command writes a fleet CA, the broker's TLS certificate, Mosquitto's password file, ACL and
-configuration, the daemon's credentials, and one folder per device with its TLS credentials and
-an Ed25519 key that signs its updates (``aggregator/device_keys.json`` lists the public halves).
+configuration, the daemon's credentials and the fleet key that signs what it publishes
+(``aggregator/fleet.key``; every device folder gets its public half, ``fleet.pub``), and one
+folder per device with its TLS credentials and an Ed25519 key that signs its updates
+(``aggregator/device_keys.json`` lists the public halves).
 Nothing here needs OpenSSL or ``mosquitto_passwd``: the ``cryptography`` package does the X.509
 work and the password hashes are computed in Python.
 
 Running it again on the same ``DIR`` keeps the CA and every credential already issued and only
 adds the devices that are missing, so devices can be added to a running fleet. The files that
-describe the whole fleet (``passwd``, ``acl``, ``device_keys.json``, ``mosquitto.conf``,
-``README.txt``) are rewritten each time from the device folders present.
+describe the whole fleet (``passwd``, ``acl``, ``device_keys.json``, ``fleet.pub``,
+``mosquitto.conf``, ``README.txt``) are rewritten each time from the device folders present.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from edgetune.atomic import atomic_write_bytes
 from . import certificates
 from .certificates import CA_DAYS, Ca, ca_for_issuing, load_ca, make_ca, san_entry
 from edgetune.wire import AGGREGATOR_ID, AGGREGATOR_KINDS, DEVICE_KINDS, Topics, check_name
+from edgetune.wire.signing import FleetSigner
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +245,13 @@ broker/      Copy to the broker host. Run: mosquitto -c broker/mosquitto.conf
              After adding or removing devices, copy the new passwd and acl over and send the
              broker SIGHUP to reload them; a device missing from acl may do nothing.
 aggregator/  Copy to the machine running `edgetune-aggregator serve`. Its MQTT username is
-             '{AGGREGATOR_ID}'. device_keys.json holds every device's public signing key.
+             '{AGGREGATOR_ID}'. device_keys.json holds every device's public signing key;
+             fleet.key signs what the aggregator publishes (serve --fleet-key fleet.key):
+             never copy it anywhere else.
 devices/ID/  Copy each folder to its device, and only there. The device's MQTT username is
              its id; it authenticates with {client_auth}.
-             signing.key signs its updates; never copy it anywhere else.
+             signing.key signs its updates; never copy it anywhere else. fleet.pub checks
+             what the aggregator publishes (device run --fleet-key fleet.pub).
 
 The broker listens on port {config.port} with TLS (names in its certificate:
 {', '.join(config.broker_hosts)}). Clients verify the broker with ca.crt.
@@ -360,6 +366,8 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
     else:
         _warn_if_hosts_differ(broker / "server.crt", config.broker_hosts)
     _ensure_client(dirs["aggregator"], ca, config.fleet, AGGREGATOR_ID, config.days, ca_pem)
+    if not (dirs["aggregator"] / "fleet.key").exists():  # the downlink's signing key (kept on re-runs)
+        _write(dirs["aggregator"] / "fleet.key", certificates.key_pem(ed25519.Ed25519PrivateKey.generate()), secret=True)
 
     result = ProvisionResult(out, created_ca)
     existing = set(_existing_devices(dirs["devices"]))
@@ -389,6 +397,10 @@ def _write_fleet_files(config: ProvisionConfig, devices: list[str]) -> None:
     keys = {d: _public_key_b64(out / "devices" / d / "signing.pub") for d in devices}
     document = {"format": 1, "fleet": config.fleet, "keys": keys}
     _write(out / "aggregator" / "device_keys.json", (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    fleet_pub = FleetSigner.load(out / "aggregator" / "fleet.key").public_pem()
+    _write(out / "aggregator" / "fleet.pub", fleet_pub)
+    for device in devices:  # (every device verifies the downlink with it; folders of older runs get it too)
+        _write(out / "devices" / device / "fleet.pub", fleet_pub)
     _write(out / "README.txt", readme_text(config, devices).encode())
 
 

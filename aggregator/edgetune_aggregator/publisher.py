@@ -1,26 +1,39 @@
 """What the daemon keeps on the broker for devices: its presence (with a last will), the task
 and the global adapter (retained, so a device that connects late reads them), and the offer
 of ONNX Runtime artifacts. After a reconnection it publishes them all again: a broker restarted
-without persistence lost them, and devices need them to go on.
+without persistence lost them, and devices need them to go on. It also tells a device it will
+not serve why (``refuse``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
-from edgetune.transport import Transport, Will
+from edgetune.transport import Transport, TransportError, Will
 from edgetune.transport.channel import Channel
-from edgetune.wire import AGGREGATOR_ID, DEVICE_KINDS, Presence, RoundTask, Topics, encode_message
+from edgetune.wire import AGGREGATOR_ID, DEVICE_KINDS, GlobalAdapter, Presence, Refusal, RoundTask, Topics, encode_message
+from edgetune.wire.quantize import quantize_tensors
 
 from .fleet import Fleet
 
 log = logging.getLogger("edgetune_aggregator.daemon")
 
+#: a device is told the same refusal at most once in this many seconds (a device that keeps
+#: reconnecting, or a flood of hellos in its name, gets no more answers than that)
+REFUSAL_INTERVAL_S = 60.0
+_MAX_REFUSED = 10_000
+
 
 class Publisher:
-    def __init__(self, transport: Transport, channel: Channel, topics: Topics, fleet: Fleet, artifacts=None):
+    def __init__(self, transport: Transport, channel: Channel, topics: Topics, fleet: Fleet, artifacts=None,
+                 precision: str = "fp32"):
         self.transport = transport
+        #: what the global adapter travels as (the state dir keeps it exact: devices start from
+        #: this, the next version is computed from the exact one, so the error does not add up)
+        self.precision = precision
         self.channel = channel
         self.topics = topics
         self.fleet = fleet
@@ -30,6 +43,7 @@ class Publisher:
         self.task: RoundTask | None = None
         #: payload bytes of the published global adapter (what each device downloads)
         self.global_bytes = 0
+        self._refused: dict[tuple[str, str, str], float] = {}  # (device, reason, detail) -> when told
 
     def connect(self, receive: Callable[[str, object, bytes], None], on_reconnect: Callable[[bool], None]) -> None:
         """Subscribe ``receive`` to every device kind the aggregator reads, connect with a last
@@ -59,13 +73,14 @@ class Publisher:
         # Not flushed: waiting for the broker's acknowledgement here could wait on a network
         # thread that waits for room in the inbox (paho resends it after a reconnection).
         self.task = task
-        self.transport.publish(self.topics.task, encode_message(task), retain=True)
+        self.transport.publish(self.topics.task, self.channel.prepare(self.topics.task, task)[0], retain=True)
+        self._remember_issued()
 
     def publish_global(self) -> None:
         """Publish the current adapter (retained). The state naming it is on disk already, so
         a crash here republishes the same version on restart."""
         state = self.fleet.state
-        count = self.channel.send_retained(self.topics.global_adapter, self.fleet.global_adapter, state.global_chunks)
+        count = self.channel.send_retained(self.topics.global_adapter, self._downlink(), state.global_chunks)
         self.global_bytes = self.channel.last_retained_bytes
         if count != state.global_chunks:
             self.fleet.update(save=True, global_chunks=count)
@@ -78,12 +93,43 @@ class Publisher:
                  "session kept" if session_present else "session lost")
         self.presence(True)
         if self.task is not None:
-            self.transport.publish(self.topics.task, encode_message(self.task), retain=True)
+            self.transport.publish(self.topics.task, self.channel.prepare(self.topics.task, self.task)[0], retain=True)
         if self.fleet.global_adapter is not None and self.fleet.state is not None:
-            self.channel.send_retained(self.topics.global_adapter, self.fleet.global_adapter,
-                                       self.fleet.state.global_chunks)
+            self.channel.send_retained(self.topics.global_adapter, self._downlink(), self.fleet.state.global_chunks)
         if self.artifacts is not None:
             self.artifacts.publish(self.channel, self.topics)
+
+    def _remember_issued(self) -> None:
+        """With a fleet key: the highest number signed so far, on disk (once a round), so that a
+        restart counts on from it even on a clock that was set back."""
+        signer = self.channel.signer
+        if signer is None:
+            return
+        try:
+            self.fleet.store.save_issued(signer.last_issued)
+        except OSError as exc:  # (the wall clock still counts up; the health check reports the disk)
+            log.warning("could not record the fleet key's last issued number: %s", exc)
+
+    def _downlink(self) -> GlobalAdapter:
+        """The global adapter as it travels (``precision``)."""
+        adapter = self.fleet.global_adapter
+        if self.precision == "fp32":
+            return adapter
+        return dataclasses.replace(adapter, tensors=quantize_tensors(adapter.tensors, self.precision),
+                                   merged=quantize_tensors(adapter.merged, self.precision))
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Tell one device why it is not served (not retained: its next hello is answered again)."""
+        key, now = (refusal.device_id, refusal.reason, refusal.detail), time.monotonic()
+        if now - self._refused.get(key, -REFUSAL_INTERVAL_S) < REFUSAL_INTERVAL_S:
+            return
+        if len(self._refused) >= _MAX_REFUSED:
+            self._refused.clear()
+        self._refused[key] = now
+        try:
+            self.channel.send(self.topics.refusal(refusal.device_id), refusal)
+        except TransportError as exc:  # (it hears it on its next hello)
+            log.warning("could not tell %s why it is refused: %s", refusal.device_id, exc)
 
     def close(self) -> None:
         """Withdraw the artifact offer, say the aggregator is offline, disconnect."""

@@ -251,6 +251,19 @@ class StateStore:
 
     # --- round log --------------------------------------------------------------------------
 
+    def load_issued(self) -> int:
+        """The highest number the fleet key signed with (``downlink.json``; 0 if none)."""
+        try:
+            saved = json.loads((self.directory / "downlink.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        issued = saved.get("issued") if isinstance(saved, dict) else None
+        return issued if isinstance(issued, int) and issued > 0 else 0
+
+    def save_issued(self, issued: int) -> None:
+        """Remember the highest number signed, so a restart on a clock set back counts on from it."""
+        atomic_write_json(self.directory / "downlink.json", {"format": 1, "issued": issued})
+
     def writable(self) -> bool:
         """Whether a small file can be written here now (a full or read-only disk: False)."""
         try:

@@ -19,6 +19,7 @@ from .fleet import Fleet
 from .health import Health
 from .membership import Membership
 from .publisher import Publisher
+from .strategies import ExactStrategy
 
 log = logging.getLogger("edgetune_aggregator.daemon")
 
@@ -121,11 +122,13 @@ class TaskMaker:
             uplink_budget_bytes=self.config.uplink_budget_mb * 1e6 if self.config.uplink_budget_mb else None,
             eval_tokens=eval_tokens,
             download_bytes=float(self.publisher.global_bytes),
+            precisions=self.config.update_precisions,
         )
         narrowed = {d: for_capabilities(options, self.members.devices[d].capabilities) for d in profiles}
         device_options = {d: o for d, o in narrowed.items() if o is not options}
         if self.config.plan == "uniform":
-            config = Config(spec.rank, "float32", train.batch_size, train.seq_len, False, spec.target_modules)
+            config = Config(spec.rank, "float32", train.batch_size, train.seq_len, False, spec.target_modules,
+                            delta_precision=self.config.downlink_precision)
             plan = plan_uniform(profiles, arch, options, config, train.local_steps, self._calibration)
         elif self.config.plan == "weakest":
             plan = plan_weakest(profiles, arch, options, self._calibration, device_options)
@@ -138,9 +141,9 @@ class TaskMaker:
             c = choice.config
             self._predicted[device] = {"predicted_peak_bytes": int(choice.memory_bytes),
                                        "predicted_step_s": round(choice.step_s, 4)}
-            log.info("plan for %s: rank %d, %s base, batch %d%s, %d steps (predicted %.0f MiB, %.1f s/step)",
+            log.info("plan for %s: rank %d, %s base, batch %d%s, %d steps, %s update (predicted %.0f MiB, %.1f s/step)",
                      device, c.rank, c.quantization, c.batch_size, ", checkpointing" if c.gradient_checkpointing else "",
-                     choice.local_steps, choice.memory_bytes / 2**20, choice.step_s)
+                     choice.local_steps, c.delta_precision, choice.memory_bytes / 2**20, choice.step_s)
         return plan.plans(), excluded
 
     def make(self, round_number: int, kind: TaskKind, sit_out: dict[str, str] | None = None) -> RoundTask:
@@ -175,6 +178,8 @@ class TaskMaker:
             run_id=self.fleet.state.run_id,
             importance=self.config.importance,
             max_staleness=self.config.max_staleness,
+            delta_precision=self.config.downlink_precision,
+            error_feedback=not isinstance(self.fleet.strategy, ExactStrategy),
         )
         return task
 

@@ -85,6 +85,8 @@ def _add_device_args(run: argparse.ArgumentParser) -> None:
                      "neither rounds nor personalization train on: where α is chosen (0: none; default "
                      f"{d('validation_fraction'):g})")
     security = run.add_argument_group("security (files from 'edgetune-aggregator provision', docs/security.md)")
+    security.add_argument("--fleet-key", type=Path, help="the fleet's public key (fleet.pub from edgetune-aggregator "
+                          "provision): accept tasks and adapters only signed by the aggregator (docs/security.md)")
     security.add_argument("--signing-key", type=Path, help="this device's Ed25519 key (signing.key): everything it "
                           "sends is signed")
     security.add_argument("--ca", type=Path, help="CA certificate of an mqtts:// broker (ca.crt)")
@@ -103,7 +105,7 @@ DEVICE_FLAGS = (
     ("robustness", "robustness", None), ("connect_timeout", "connect_timeout_s", None),
     ("no_plan", "plan", lambda v: not v), ("profile", "profile", None), ("state_dir", "state_dir", None),
     ("reprofile", "reprofile", None), ("emulate", "emulate", None), ("uplink_mbps", "uplink_mbps", None),
-    ("signing_key", "signing_key", None), ("ca", "tls_ca", None), ("cert", "tls_cert", None), ("key", "tls_key", None),
+    ("signing_key", "signing_key", None), ("fleet_key", "fleet_key", None), ("ca", "tls_ca", None), ("cert", "tls_cert", None), ("key", "tls_key", None),
     ("log_level", "log_level", None), ("log_file", "log_file", None), ("stay", "stay", None),
     ("lr", "personalize.learning_rate", None), ("steps", "personalize.steps", None),
     ("epochs", "personalize.epochs", None), ("optimizer", "personalize.optimizer", None),
@@ -284,6 +286,7 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
 def _device(settings, command: str):
     """The ``Device`` that 'device run' and 'device personalize' use, connected."""
     from .device import Device, DeviceConfig, announced_profile, client_id, hash_seed
+    from .profiling.auto import default_state_dir
     from .transport import open_transport
     from .workload import Workload, choose_backend
 
@@ -291,7 +294,8 @@ def _device(settings, command: str):
     if choose_backend(s.trainer, s.artifacts) == "ort":  # fetched from the aggregator if absent
         from .ort.fetch import ensure_artifacts
 
-        ensure_artifacts(s.broker, s.fleet, s.device_id, s.artifacts, s.fetch_timeout_s, s.connect_timeout_s, **s.tls)
+        ensure_artifacts(s.broker, s.fleet, s.device_id, s.artifacts, s.fetch_timeout_s, s.connect_timeout_s,
+                         fleet_key=s.fleet_key, **s.tls)
     # (its own client id: personalizing must not disconnect a 'device run' of the same device)
     suffix = "-personalize" if command == "personalize" else ""
     # a persistent session for 'device run': the broker keeps its tasks while it is away
@@ -307,7 +311,8 @@ def _device(settings, command: str):
                                            state_dir=s.state_dir, reprofile=s.reprofile, emulate=s.emulate,
                                            threads=s.threads, uplink_mbps=s.uplink_mbps)
     config = DeviceConfig(s.fleet, s.device_id, heldout_fraction=s.heldout_fraction,
-                          exit_when_finished=not s.stay, profile=profile, signing_key=s.signing_key)
+                          exit_when_finished=not s.stay, profile=profile, signing_key=s.signing_key,
+                          fleet_key=s.fleet_key, state_dir=s.state_dir or default_state_dir(s.fleet, s.device_id))
     device = Device(config, transport, workload, clock)
     # personalizing is a second process of a device of the fleet: it must not replace the
     # hello (profile and all) and presence its 'device run' announced

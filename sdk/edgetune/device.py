@@ -88,11 +88,14 @@ class Device(DeviceProtocol):
         plan, state_dir = options.pop("plan", True), options.pop("state_dir", None)
         reprofile, emulate, threads = options.pop("reprofile", False), options.pop("emulate", None), options.pop("threads", None)
         given = options.pop("profile", None)
-        config = DeviceConfig(fleet, device_id, **options)
+        from .profiling.auto import default_state_dir
+
+        config = DeviceConfig(fleet, device_id, state_dir=Path(state_dir) if state_dir is not None
+                              else default_state_dir(fleet, device_id), **options)
         if choose_backend(trainer, artifacts) == "ort":
             from .ort.fetch import ensure_artifacts
 
-            ensure_artifacts(broker, fleet, device_id, Path(artifacts), **tls)
+            ensure_artifacts(broker, fleet, device_id, Path(artifacts), fleet_key=config.fleet_key, **tls)
         workload = Workload.load(data, model, config.heldout_fraction, seed=hash_seed(device_id), trainer=trainer,
                                  artifacts=artifacts, model_hash=model_hash, robustness=robustness, threads=threads)
         # A persistent session: the broker queues the task and global adapter for this

@@ -14,42 +14,47 @@ Network callbacks only enqueue; one thread (``run`` or a caller of ``poll``) dec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import __version__
 from .clock import DeviceClock
 from .data.split import HELDOUT_FRACTION
 from .logsafe import shown
+from .downlink import DownlinkGuard
 from .outbox import Outbox
 from .transport import Transport, TransportError, Will
 from .transport.channel import Channel
+from .work import DeadlineMissed, RoundEnv, Worker
 from .wire import (
     AGGREGATOR_ID,
     BY_NAME,
     DEFAULT_MAX_PACKET,
     TASKS,
-    Capabilities,
     DeviceProfile,
     ErrorReport,
     GlobalAdapter,
     Hello,
-    ModelManifest,
     Presence,
     Progress,
     Receipt,
+    Refusal,
     RoundTask,
     TaskKind,
     Topics,
+    Update,
     encode_message,
 )
+from .wire.quantize import ErrorFeedback
+from .wire.signing import FleetKey
 
 log = logging.getLogger("edgetune.device")
 
@@ -59,10 +64,6 @@ __all__ = ["DeadlineMissed", "DeviceConfig", "DeviceProtocol", "RoundEnv", "Work
 _RECONNECTED = "<reconnected>"
 #: how long a device waits for the final global adapter after the "finished" task
 _FINAL_ADAPTER_WAIT_S = 30.0
-
-
-class DeadlineMissed(Exception):
-    """The round's deadline passes before training could finish: the update would be refused."""
 
 
 @dataclass(frozen=True)
@@ -83,70 +84,23 @@ class DeviceConfig:
     #: resend a round result the aggregator has not acknowledged after this many seconds
     #: (doubling each time)
     resend_after_s: float = 30.0
+    #: the fleet's public key (``fleet.pub`` from ``provision``): the device accepts tasks,
+    #: global adapters, receipts and offers only signed by the aggregator (edgetune.downlink)
+    fleet_key: Path | None = None
+    #: where the device remembers the newest signed task and adapter it accepted, so a replay
+    #: of an older one is refused after a restart too (None: while it runs only)
+    state_dir: Path | None = None
 
 
-@dataclass
-class RoundEnv:
-    """What the protocol offers a worker while it acts on one task."""
+def _as_float32(adapter: GlobalAdapter) -> GlobalAdapter:
+    """A global adapter sent in float16 (``--delta-precision fp16``) as the float32 the trainers
+    start from (int8 decodes to float32 already)."""
+    def wide(tensors: dict) -> dict:
+        return {n: t.astype(np.float32) if t.dtype == np.float16 else t for n, t in tensors.items()}
 
-    device_id: str
-    #: the global adapter the task's round starts from (None before the fleet has one)
-    global_adapter: GlobalAdapter | None
-    #: the device's clock
-    clock: DeviceClock
-    #: when the task arrived on this device's clock (its deadline counts from there), or None
-    seen_at: float | None
-    #: ``(progress)``: publish a training step's progress (QoS 0: for dashboards)
-    progress: Callable[[Progress], None]
-    #: ``(code, message)``: tell the aggregator something went wrong (``oom_backoff`` goes on)
-    report_error: Callable[[str, str], None]
-    #: ``() -> (sent, received)``: payload bytes since the last call (what an update reports)
-    traffic: Callable[[], tuple[int, int]]
-
-    def check_deadline(self, task: RoundTask, next_step_s: float) -> None:
-        """Raise ``DeadlineMissed`` if another ``next_step_s`` of work would end after the
-        round's deadline: the answer would be refused, and the device has better uses for its
-        CPU. (With late updates allowed, it goes on.)"""
-        if task.max_staleness or self.seen_at is None:
-            return
-        elapsed = self.clock.now() - self.seen_at
-        if elapsed + next_step_s > task.deadline_s:
-            raise DeadlineMissed(f"{elapsed:.0f} s into a {task.deadline_s:.0f} s round, another step "
-                                 f"({next_step_s:.1f} s) would end after the deadline; stopping")
-
-
-class Worker(ABC):
-    """What a device computes for each kind of task: the answer to send (None: nothing, e.g.
-    it sits the round out). The protocol decides when, and carries the answer."""
-
-    @property
-    @abstractmethod
-    def manifest(self) -> ModelManifest:
-        """The base model this device runs (announced in its hello)."""
-
-    @property
-    @abstractmethod
-    def num_samples(self) -> int: ...
-
-    def capabilities(self, max_packet: int) -> Capabilities:
-        """What it trains with (announced in its hello)."""
-        return Capabilities(max_packet=max_packet)
-
-    def computing(self, task: RoundTask) -> AbstractContextManager:
-        """Held while the worker acts on ``task`` (a lock, a clock that counts compute)."""
-        return nullcontext()
-
-    def calibrate(self, task: RoundTask, env: RoundEnv):
-        return None
-
-    def initialize(self, task: RoundTask, env: RoundEnv):
-        return None
-
-    @abstractmethod
-    def train(self, task: RoundTask, env: RoundEnv): ...
-
-    @abstractmethod
-    def evaluate(self, task: RoundTask, env: RoundEnv): ...
+    if any(t.dtype == np.float16 for t in (*adapter.tensors.values(), *adapter.merged.values())):
+        return dataclasses.replace(adapter, tensors=wide(adapter.tensors), merged=wide(adapter.merged))
+    return adapter
 
 
 class DeviceProtocol:
@@ -169,12 +123,23 @@ class DeviceProtocol:
             signer = (Signer.load(config.device_id, config.signing_key) if config.signing_key is not None
                       else Signer.generate(config.device_id))
         self.channel = Channel(transport, self.topics.sender_of, config.max_packet, signer=signer)
+        #: what it accepts from the aggregator (verified against the fleet key, if it has one)
+        self.downlink = DownlinkGuard(self.topics, FleetKey.load(config.fleet_key) if config.fleet_key else None,
+                                      config.state_dir)
+        self.channel.opener = self.downlink.open
         self.outbox = Outbox(self.channel, config.resend_after_s, now=self.clock.now)
         self.global_adapter: GlobalAdapter | None = None
         self.task: RoundTask | None = None
         self.finished = threading.Event()
         #: train rounds this device sent an update for
         self.rounds_done: list[int] = []
+        #: the aggregator's refusals of this device, by (reason, detail), newest last: while
+        #: there are any it sits tasks out (its answers would be refused); a restart of the
+        #: aggregator clears them
+        self.refusals: dict[tuple[str, str], Refusal] = {}
+        self._aggregator_online = False
+        #: what quantizing this device's updates dropped, carried into the next one
+        self._feedback = ErrorFeedback()
         self.on_progress: Callable[[Progress], None] | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -210,6 +175,8 @@ class DeviceProtocol:
         self.channel.subscribe(self.topics.task, self._enqueue)
         self.channel.subscribe(self.topics.global_adapter + "/+", self._enqueue)
         self.channel.subscribe(self.topics.receipt(me), self._enqueue)
+        self.channel.subscribe(self.topics.refusal(me), self._enqueue)
+        self.channel.subscribe(self.topics.aggregator_status, self._enqueue)
         if announce:
             self._announce()
             log.info("%s joined fleet %s (%d training samples)", me, self.config.fleet, self.worker.num_samples)
@@ -222,7 +189,8 @@ class DeviceProtocol:
             device_id=me,
             sdk_version=__version__,
             model=self.worker.manifest,
-            capabilities=self.worker.capabilities(self.config.max_packet),
+            capabilities=dataclasses.replace(self.worker.capabilities(self.config.max_packet),
+                                             verifies_downlink=self.downlink.verifies),
             num_samples=self.worker.num_samples,
             profile=self.config.profile,
         )
@@ -312,6 +280,15 @@ class DeviceProtocol:
         if isinstance(message, Receipt):
             self.outbox.on_receipt(message)
             return False
+        if isinstance(message, Refusal):
+            self._on_refusal(message)
+            return False
+        if isinstance(message, Presence):  # the aggregator's: a restarted one reads the hello afresh
+            if message.online and not self._aggregator_online and self.refusals:
+                log.info("%s: the aggregator restarted; its refusals no longer hold", self.config.device_id)
+                self.refusals.clear()
+            self._aggregator_online = message.online
+            return False
         if isinstance(message, GlobalAdapter):
             self._on_global(message)
         elif isinstance(message, RoundTask):
@@ -328,11 +305,23 @@ class DeviceProtocol:
             return False
         return True
 
+    def _on_refusal(self, refusal: Refusal) -> None:
+        """The aggregator will not serve this device: say why (once per reason and detail),
+        and wait with the hello up: a fixed cause lets the device in without a restart."""
+        key = (refusal.reason, refusal.detail)
+        if self.refusals.get(key) is None:
+            log.error("%s: the aggregator refuses this device: %s (%s)%s", self.config.device_id, shown(refusal.reason, 64),
+                      shown(refusal.detail, 1024), f"; upgrade {shown(refusal.upgrade, 256)}" if refusal.upgrade else "")
+        self.refusals[key] = refusal
+        if len(self.refusals) > 16:
+            self.refusals.pop(next(iter(self.refusals)))
+
     def _on_global(self, adapter: GlobalAdapter) -> None:
         if adapter.model_fingerprint != self.worker.manifest.fingerprint:
             self.channel.drop(AGGREGATOR_ID, self.topics.global_adapter, "model_mismatch",
                               f"global adapter for model {adapter.model_fingerprint}")
             return
+        adapter = _as_float32(adapter)
         # The retained topic holds the aggregator's current adapter: take it even if its
         # version is lower (a rollback, or a daemon restarted from an older state dir).
         if self.global_adapter is None or adapter.version != self.global_adapter.version:
@@ -393,6 +382,10 @@ class DeviceProtocol:
         if me in task.excluded:
             log.warning("%s: sits out %s round %d: %s", me, task.kind.value, task.round, task.excluded[me])
             return
+        if self.refusals:
+            log.warning("%s: sits out %s round %d: the aggregator refuses this device (%s)", me, task.kind.value,
+                        task.round, ", ".join(shown(r.reason, 64) for r in self.refusals.values()))
+            return
         env = RoundEnv(me, self.global_adapter, self.clock, self._task_seen_at.get((task.run_id, task.round)),
                        self._progress, lambda code, message: self._report_error(task, code, message), self._traffic)
         try:
@@ -400,6 +393,8 @@ class DeviceProtocol:
                 answer = getattr(self.worker, task.kind.value)(task, env)
             if answer is None:
                 return
+            if isinstance(answer, Update):
+                answer = self._compressed(task, answer)
             size = self.outbox.send(self.topics.of(spec.topic, me), task.round, answer)
         except DeadlineMissed as exc:
             log.warning("%s: round %d: %s", me, task.round, exc)
@@ -413,6 +408,16 @@ class DeviceProtocol:
         if task.kind is TaskKind.TRAIN:
             self.rounds_done.append(task.round)
         log.info("%s: sent its %s answer for round %d (%d bytes)", me, task.kind.value, task.round, size)
+
+    def _compressed(self, task: RoundTask, update: Update) -> Update:
+        """The update at the precision the task (or this device's plan) asks for, with what
+        quantizing it dropped carried into the next one (``ErrorFeedback``) where the task
+        says that is sound."""
+        precision = task.precision_for(self.config.device_id)
+        if precision == "fp32" and not self._feedback.residual:
+            return update
+        key = (task.run_id, task.error_feedback and task.round)  # (a new key empties the memory)
+        return dataclasses.replace(update, delta=self._feedback.compress(update.delta, precision, key))
 
     def _progress(self, progress: Progress) -> None:
         self.transport.publish(self.topics.progress(progress.device_id), encode_message(progress),

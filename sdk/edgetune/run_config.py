@@ -61,6 +61,8 @@ class DeviceRunSettings:
     uplink_mbps: float | None = None
     #: this device's Ed25519 key (signing.key): everything it sends is signed
     signing_key: Path | None = None
+    #: the fleet's public key (fleet.pub): tasks and adapters are accepted only signed by the aggregator
+    fleet_key: Path | None = None
     #: CA certificate of an mqtts:// broker; this device's client certificate and its key
     tls_ca: Path | None = None
     tls_cert: Path | None = None

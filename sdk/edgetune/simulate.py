@@ -18,7 +18,8 @@ from collections.abc import Callable
 import numpy as np
 
 from .adapters.registry import adapter_shapes
-from .protocol import DeviceConfig, DeviceProtocol, RoundEnv, Worker
+from .protocol import DeviceConfig, DeviceProtocol
+from .work import RoundEnv, Worker
 from .transport import Transport
 from .wire import EvalMetrics, EvalReport, ModelManifest, RoundTask, TrainMetrics, Update
 
@@ -108,8 +109,10 @@ class LightDevice(DeviceProtocol):
     finishes until ``stop()``, which publishes its offline presence before disconnecting."""
 
     def __init__(self, transport: Transport, fleet: str, device_id: str, model: ModelManifest = TINY,
-                 signer=None, num_samples: int = 10, skip=None, resend_after_s: float = 5.0, think_s: float = 0.0):
-        config = DeviceConfig(fleet, device_id, exit_when_finished=False, resend_after_s=resend_after_s)
+                 signer=None, num_samples: int = 10, skip=None, resend_after_s: float = 5.0, think_s: float = 0.0,
+                 fleet_key=None, state_dir=None):
+        config = DeviceConfig(fleet, device_id, exit_when_finished=False, resend_after_s=resend_after_s,
+                              fleet_key=fleet_key, state_dir=state_dir)
         super().__init__(config, transport, LightWorker(device_id, model, num_samples, skip, think_s), signer=signer)
 
     def start(self) -> LightDevice:

@@ -24,7 +24,7 @@ from .adapters.lora import targets
 from .adapters.registry import adapter_kind
 from .backoff import MemoryBudgetExceeded, is_out_of_memory, next_fallback, resident_bytes
 from .clock import DeviceClock
-from .protocol import RoundEnv, Worker
+from .work import RoundEnv, Worker
 from .trainers.result import TrainResult
 from .wire import (
     AdapterInit,

@@ -146,6 +146,19 @@ def test_error_feedback_starts_afresh_for_another_run_or_layout():
     assert feedback.residual["a"].shape == (2, 4) and not feedback.residual["a"].any()
 
 
+def test_a_switch_to_float32_sends_what_is_left_over():
+    """The planner may move a device from int8 to float32 between rounds: its first float32
+    update carries the remainder, so nothing quantization dropped is lost."""
+    feedback = ErrorFeedback()
+    delta = {"a": (np.random.default_rng(5).standard_normal((8, 40)) * 1e-3).astype(np.float32)}
+    sent = feedback.compress(delta, "int8", key="run-1")["a"].to_float32()
+    left = feedback.residual["a"].copy()
+    assert np.abs(left).max() > 0
+    exact = feedback.compress(delta, "fp32", key="run-1")["a"]
+    np.testing.assert_allclose(sent + exact, 2 * delta["a"], rtol=0, atol=1e-9)
+    assert not feedback.residual
+
+
 def _index_case(mutate) -> bytes:
     envelope = msgpack.unpackb(encode_message(_update(quantize_tensors(DELTA, "int8") | {"f": DELTA["m.v.lora_A"]})))
     mutate(envelope)

@@ -161,3 +161,36 @@ def test_evaluation_and_the_download_come_out_of_a_devices_time():
     busy = plan_fleet(slow, ARCH, PlanOptions(deadline_s=120, max_local_steps=1000, eval_tokens=4096,
                                               download_bytes=2e6), CAL).chosen["d"]
     assert busy.local_steps < plain.local_steps
+
+
+def test_a_device_quantizes_its_update_only_where_its_uplink_costs_it_training():
+    """With every precision allowed, a device on a slow uplink sends int8 (its upload time is
+    training time), one on a fast link float32 (quantizing would buy nothing); a budget the
+    float32 updates overflow is met by quantizing rather than by leaving devices out."""
+    options = PlanOptions(deadline_s=60, ranks=(8,), batch_sizes=(4,), quantizations=("float32",),
+                          checkpointing=(False,), max_local_steps=50, precisions=("fp32", "fp16", "int8"))
+    slow, fast = profile("slow", 4, 10.0, uplink=0.05), profile("fast", 4, 10.0, uplink=1000.0)
+    plan = plan_fleet({"slow": slow, "fast": fast}, ARCH, options, CAL)
+    assert plan.chosen["slow"].config.delta_precision == "int8"
+    assert plan.chosen["fast"].config.delta_precision == "fp32"
+    assert plan.plans()["slow"].delta_precision == "int8"
+    only_fp32 = plan_fleet({"slow": slow}, ARCH, PlanOptions(**{**options.__dict__, "precisions": ("fp32",)}), CAL)
+    assert plan.chosen["slow"].local_steps > only_fp32.chosen["slow"].local_steps
+    assert plan.chosen["slow"].upload_bytes < 0.27 * only_fp32.chosen["slow"].upload_bytes
+
+    fp32_bytes = plan.chosen["fast"].upload_bytes
+    budget = PlanOptions(**{**options.__dict__, "uplink_budget_bytes": 1.2 * fp32_bytes})
+    twins = {"a": fast, "b": fast}
+    budgeted = plan_fleet(twins, ARCH, budget, CAL)
+    assert set(budgeted.chosen) == {"a", "b"} and sum(c.upload_bytes for c in budgeted.chosen.values()) <= 1.2 * fp32_bytes
+    assert budgeted.utility == pytest.approx(_brute_force(twins, budget), rel=1e-9)
+
+
+def test_a_device_is_planned_only_precisions_it_writes():
+    from edgetune.planning.planner import for_capabilities
+    from edgetune.wire import Capabilities
+
+    options = PlanOptions(deadline_s=60, precisions=("fp32", "fp16", "int8"))
+    assert for_capabilities(options, Capabilities(precisions=("fp32", "fp16"))).precisions == ("fp32", "fp16")
+    assert for_capabilities(options, Capabilities(precisions=())).precisions == ("fp32",)
+    assert for_capabilities(options, Capabilities()) is options

@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 
 from ..transport import Transport
+from ..downlink import DownlinkGuard
 from ..transport.channel import Channel
 from ..wire import ArtifactData, ArtifactOffer, ArtifactRequest, Topics
+from ..wire.signing import FleetKey
 from .artifacts import MANIFEST_FILE, ArtifactError, ArtifactManifest, file_digest, load_manifest
 
 #: how long a device waits for the aggregator's offer, and for each download to progress
@@ -37,10 +39,11 @@ __all__ = ["ensure_artifacts", "fetch_artifacts"]
 
 
 def ensure_artifacts(broker: str, fleet: str, device_id: str, folder: Path, timeout_s: float = FETCH_TIMEOUT_S,
-                     connect_timeout: float | None = None, **tls: str) -> None:
+                     connect_timeout: float | None = None, fleet_key: Path | None = None, **tls: str) -> None:
     """Download the artifacts into ``folder`` unless it holds some already (they are verified
     when loaded), over a connection of its own that is closed afterwards (``tls``: the
-    ``ca_certs``/``certfile``/``keyfile`` of an ``mqtts://`` broker)."""
+    ``ca_certs``/``certfile``/``keyfile`` of an ``mqtts://`` broker; ``fleet_key``: accept only
+    an offer the aggregator signed, ``edgetune.downlink``)."""
     from ..transport import open_transport
 
     if (Path(folder) / MANIFEST_FILE).is_file():
@@ -51,7 +54,7 @@ def ensure_artifacts(broker: str, fleet: str, device_id: str, folder: Path, time
                                **tls)
     transport.connect()
     try:
-        fetch_artifacts(transport, fleet, device_id, Path(folder), timeout_s=timeout_s)
+        fetch_artifacts(transport, fleet, device_id, Path(folder), timeout_s=timeout_s, fleet_key=fleet_key)
     finally:
         transport.close()
 
@@ -66,6 +69,7 @@ def fetch_artifacts(
     timeout_s: float = 600.0,
     window: int = 4,
     retry_s: float = 15.0,
+    fleet_key: Path | None = None,
 ) -> ArtifactManifest:
     """Download the offered artifacts into ``folder`` (which must not hold artifacts yet) over
     a connected ``transport``; returns the verified manifest. Raises :class:`ArtifactError`
@@ -74,6 +78,8 @@ def fetch_artifacts(
     _check_target(folder)
     topics = Topics(fleet)
     channel = Channel(transport, topics.sender_of)
+    # (the offer's manifest holds every file's SHA-256: with the fleet key, it is the aggregator's)
+    channel.opener = DownlinkGuard(topics, FleetKey.load(fleet_key) if fleet_key is not None else None).open
     inbox: queue.Queue = queue.Queue()
     channel.subscribe(topics.artifact_offer(backend) + "/+", lambda topic, message: inbox.put(message))
     channel.subscribe(topics.artifact_data(device_id), lambda topic, message: inbox.put(message))

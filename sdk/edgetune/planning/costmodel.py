@@ -125,9 +125,12 @@ class Config:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     #: the training framework: "torch", or "ort" (ONNX Runtime, float32 only)
     backend: str = "torch"
+    #: what its update travels as ("fp32", "fp16", "int8")
+    delta_precision: str = "fp32"
 
     def plan(self, local_steps: int) -> DevicePlan:
-        return DevicePlan(self.rank, self.quantization, self.batch_size, local_steps, self.gradient_checkpointing)
+        return DevicePlan(self.rank, self.quantization, self.batch_size, local_steps, self.gradient_checkpointing,
+                          self.delta_precision)
 
 
 @dataclass(frozen=True)

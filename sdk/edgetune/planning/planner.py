@@ -1,11 +1,12 @@
 """Choose each device's configuration: adapter rank, base quantization, batch size, gradient
-checkpointing and local steps, so the fleet trains as much as it can before the round's deadline
-without any device running out of memory.
+checkpointing, local steps and the precision its update travels in, so the fleet trains as much as
+it can before the round's deadline without any device running out of memory.
 
 The formulation (``docs/planner.md`` has it in full): for device d and candidate configuration
 c, the cost model predicts peak memory m(d,c) and step time t(d,c). The device can take
 s(d,c) = min(S_max, ⌊(T − up(c)/bw_d) / t(d,c)⌋) steps before the deadline T, where up(c) is the
-size of its update. The useful training is u(d,c) = s·B·L·(r/r_max)^γ: tokens trained, worth
+size of its update at the candidate's precision (float32, float16, or int8 with a scale per 128
+values: a quarter of the bytes). The useful training is u(d,c) = s·B·L·(r/r_max)^γ: tokens trained, worth
 slightly more at a higher rank (γ, default 0.1, says that data volume matters far more than
 rank). Then
 
@@ -18,6 +19,10 @@ rank). Then
 Without the uplink budget the devices are independent and the optimum is each device's best
 feasible candidate: exact enumeration. With it, the problem is a 0/1 knapsack over devices,
 solved exactly with ``scipy.optimize.milp`` (HiGHS branch and bound).
+
+Among candidates of equal utility the more precise update wins: a device quantizes its update
+only where its uplink would otherwise cost it training steps, or the fleet its uplink budget
+(what quantization costs in quality is measured in docs/benchmarks.md, and is small).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from ..wire import QUANTIZATIONS, Capabilities, DevicePlan, DeviceProfile
+from ..wire import DELTA_PRECISIONS, QUANTIZATIONS, Capabilities, DevicePlan, DeviceProfile
+from ..wire.quantize import wire_bytes
 from .costmodel import (
     Arch,
     Calibration,
@@ -67,6 +73,8 @@ class PlanOptions:
     eval_tokens: int = 0
     #: bytes of the global adapter a device downloads before it trains
     download_bytes: float = 0.0
+    #: what a device's update may travel as (the fleet's precision, or every one it reads)
+    precisions: tuple[str, ...] = ("fp32",)
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0:
@@ -76,6 +84,8 @@ class PlanOptions:
         unknown = set(self.quantizations) - set(QUANTIZATIONS)
         if unknown:
             raise ValueError(f"PlanOptions.quantizations has unknown {sorted(unknown)}")
+        if not self.precisions or set(self.precisions) - set(DELTA_PRECISIONS):
+            raise ValueError(f"PlanOptions.precisions must be among {', '.join(DELTA_PRECISIONS)}, got {self.precisions}")
         if self.backend not in ("torch", "ort"):
             raise ValueError(f"PlanOptions.backend must be 'torch' or 'ort', got {self.backend!r}")
 
@@ -128,14 +138,14 @@ def candidates(arch: Arch, profile: DeviceProfile, options: PlanOptions, calibra
     feasible: list[Candidate] = []
     smallest_memory, fastest_step = math.inf, math.inf
     r_max = options.utility_rank or max(options.ranks)
-    for rank, quantization, batch, checkpointing in itertools.product(
-        options.ranks, allowed, options.batch_sizes, options.checkpointing
+    for rank, quantization, batch, checkpointing, precision in itertools.product(
+        options.ranks, allowed, options.batch_sizes, options.checkpointing, options.precisions
     ):
         config = Config(rank, quantization, batch, options.seq_len, checkpointing, options.target_modules,
-                        options.backend)
+                        options.backend, precision)
         memory = estimate_memory(arch, config, calibration).total
         step = estimate_step_seconds(arch, config, profile, calibration)
-        upload = lora_parameters(arch, config) * 4.0
+        upload = wire_bytes(lora_parameters(arch, config), precision)
         upload_s = upload * 8 / (profile.uplink_mbps * 1e6) if profile.uplink_mbps else 0.0
         upload_s += estimate_eval_seconds(arch, config, profile, calibration, options.eval_tokens)
         smallest_memory = min(smallest_memory, memory)
@@ -203,7 +213,8 @@ def plan_uniform(
                                      f"this device may use {budget / 2**20:,.0f} MiB")
             continue
         step = estimate_step_seconds(arch, config, profile, calibration)
-        plan.chosen[device] = Candidate(config, steps, memory, step, lora_parameters(arch, config) * 4.0,
+        plan.chosen[device] = Candidate(config, steps, memory, step,
+                                        wire_bytes(lora_parameters(arch, config), config.delta_precision),
                                         steps * config.batch_size * config.seq_len)
     return plan
 
@@ -247,14 +258,19 @@ def plan_weakest(
 
 
 def describe(config: Config) -> str:
-    """``r8, float32, batch 4[, checkpointing]``."""
+    """``r8, float32, batch 4[, checkpointing][, int8 update]``."""
     ckpt = ", checkpointing" if config.gradient_checkpointing else ""
-    return f"r{config.rank}, {config.quantization}, batch {config.batch_size}{ckpt}"
+    update = f", {config.delta_precision} update" if config.delta_precision != "fp32" else ""
+    return f"r{config.rank}, {config.quantization}, batch {config.batch_size}{ckpt}{update}"
 
 
 def for_capabilities(options: PlanOptions, capabilities: Capabilities) -> PlanOptions:
-    """``options`` narrowed to what a device's backends can do: a torch-free (ONNX Runtime)
-    device trains a float32 base without checkpointing at ranks up to its artifacts'."""
+    """``options`` narrowed to what a device can do: the update precisions it writes; a
+    torch-free (ONNX Runtime) device trains a float32 base without checkpointing at ranks up to
+    its artifacts'."""
+    precisions = tuple(p for p in options.precisions if p in capabilities.precisions)
+    if precisions != options.precisions:
+        options = dataclasses.replace(options, precisions=precisions or ("fp32",))
     if not capabilities.torch_free:
         return options
     ranks = tuple(r for r in options.ranks if not capabilities.max_rank or r <= capabilities.max_rank)
@@ -275,22 +291,23 @@ def ranks_up_to(max_rank: int) -> tuple[int, ...]:
 
 
 def best(found: list[Candidate]) -> Candidate:
-    """Highest utility; ties go to the faster step (the round ends sooner), then to less
-    memory (deterministic)."""
-    return max(found, key=lambda c: (c.utility, -c.step_s, -c.memory_bytes, c.config.rank))
+    """Highest utility; ties go to the more precise update (quantize only where it buys
+    training), then to the faster step (the round ends sooner), then to less memory."""
+    return max(found, key=lambda c: (c.utility, -DELTA_PRECISIONS.index(c.config.delta_precision), -c.step_s,
+                                     -c.memory_bytes, c.config.rank))
 
 
 def _solve_with_budget(options_by_device: dict[str, list[Candidate]], budget: float):
-    """The knapsack form: one binary per (device, rank) — for a rank, upload size is fixed, so
-    only each device's best candidate at that rank can be in an optimal plan."""
+    """The knapsack form: one binary per (device, rank, precision): for those, the upload size
+    is fixed, so only each device's best candidate of the pair can be in an optimal plan."""
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     variables: list[tuple[str, Candidate]] = []
     for device, found in options_by_device.items():
-        by_rank: dict[int, list[Candidate]] = {}
+        by_rank: dict[tuple[int, str], list[Candidate]] = {}
         for c in found:
-            by_rank.setdefault(c.config.rank, []).append(c)
+            by_rank.setdefault((c.config.rank, c.config.delta_precision), []).append(c)
         variables += [(device, best(group)) for group in by_rank.values()]
     if not variables:
         return {}, {}

@@ -58,8 +58,15 @@ class Channel:
         #: or held (None: go on). The aggregator refuses senders that never said hello here, so a flood
         #: from made-up devices costs neither reassembly memory nor decoding.
         self.admit: Callable[[str, str], tuple[str, str] | None] | None = None
+        #: ``(topic, message) -> (message, reason, detail)``: what a decoded message stands for
+        #: (a device's ``DownlinkGuard``: the aggregator's signed message, verified), or None
+        #: with why it is dropped
+        self.opener: Callable[[str, Any], tuple[Any, str, str]] | None = None
         #: called with each drop's reason (the aggregator's metrics)
         self.on_drop: Callable[[str], None] | None = None
+        #: ``(sender, topic, reason, detail)`` of a payload that did not decode, after it is
+        #: dropped (the aggregator answers a hello in a wire version it does not read)
+        self.on_undecodable: Callable[[str, str, str, str], None] | None = None
         self.drops: Counter[str] = Counter()
         #: which drops reach the log (a flood of them is counted, not written out line by line)
         self.drop_log = DropLog()
@@ -89,12 +96,13 @@ class Channel:
         return sum(map(len, frames))
 
     def send_retained(self, prefix: str, message: Any, previous_count: int = 0) -> int:
-        """Publish retained as chunks on ``{prefix}/0 … {prefix}/{n-1}``; returns n.
+        """Publish retained as chunks on ``{prefix}/0 … {prefix}/{n-1}``; returns n. Signed
+        (with a signer) once, whole, for ``prefix``.
 
         Retained state is per topic, so each chunk needs its own; chunk topics left over from
         a previous, longer message are cleared so late joiners never see stale pieces.
         """
-        frames = chunk_payload(encode_message(message), self.max_packet)
+        frames = chunk_payload(self.prepare(prefix, message)[0], self.max_packet)
         self.last_retained_bytes = sum(map(len, frames))
         for index, frame in enumerate(frames):
             self.transport.publish(f"{prefix}/{index}", frame, qos=1, retain=True)
@@ -119,8 +127,15 @@ class Channel:
                 limit = self.limit_of(topic) if self.limit_of else None
                 with self._lock:
                     message, whole = decode_frame_payload(self.reassembler, sender, payload, limit)
+                if message is not None and self.opener is not None:
+                    message, reason, detail = self.opener(topic, message)
+                    if message is None:
+                        self.drop(sender, topic, reason, detail)
+                        return
             except WireError as exc:
                 self.drop(sender, topic, exc.reason, exc.detail)
+                if self.on_undecodable is not None:
+                    self.on_undecodable(sender, topic, exc.reason, exc.detail)
                 return
             except Exception as exc:  # a decoder bug must not reach the transport's thread
                 log.exception("decoding a message from %s failed unexpectedly", sender)

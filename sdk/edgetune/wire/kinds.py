@@ -29,11 +29,12 @@ from .messages import (
     Presence,
     Progress,
     Receipt,
+    Refusal,
     RoundTask,
     Update,
 )
 
-__all__ = ["Direction", "Address", "Limit", "TopicKind", "TOPIC_KINDS", "BY_NAME", "DEVICE_KINDS", "AGGREGATOR_KINDS", "DEVICE_TOPIC_KINDS", "RESULT_KINDS", "MUST_BE_SIGNED"]
+__all__ = ["Direction", "Address", "Limit", "TopicKind", "TOPIC_KINDS", "BY_NAME", "DEVICE_KINDS", "AGGREGATOR_KINDS", "DEVICE_TOPIC_KINDS", "RESULT_KINDS", "MUST_BE_SIGNED", "DOWNLINK_SIGNED"]
 
 
 class Direction(str, Enum):
@@ -75,7 +76,8 @@ class TopicKind:
     retained: bool = False
     #: payload bytes it may have (device kinds only): a number, or a limit of the fleet's
     max_bytes: int | Limit = 1 << 20
-    #: a fleet with keys accepts it only signed by its device
+    #: device kinds: a fleet with keys accepts it only signed by its device; aggregator kinds:
+    #: a device holding the fleet key accepts it only signed by the aggregator
     signed: bool = False
     #: a round result (or a report tied to the fleet's adapter): refused, before decoding, from a
     #: device that has not said hello
@@ -107,12 +109,15 @@ TOPIC_KINDS: tuple[TopicKind, ...] = (
     # quorum stop waiting for it)
     TopicKind("error", ErrorReport, _UP, Address.DEVICE, signed=True),
     TopicKind("artifact_request", ArtifactRequest, _UP, Address.DEVICE),
-    TopicKind("task", RoundTask, _DOWN, Address.FLEET, retained=True),
-    TopicKind("global", GlobalAdapter, _DOWN, Address.CHUNKS, retained=True),
+    TopicKind("task", RoundTask, _DOWN, Address.FLEET, retained=True, signed=True),
+    TopicKind("global", GlobalAdapter, _DOWN, Address.CHUNKS, retained=True, signed=True),
+    # (unsigned: its last will is written at connect time, and it changes no model)
     TopicKind("aggregator", Presence, _DOWN, Address.FLEET, retained=True),
-    TopicKind("artifacts", ArtifactOffer, _DOWN, Address.BACKEND_CHUNKS, retained=True),
+    TopicKind("artifacts", ArtifactOffer, _DOWN, Address.BACKEND_CHUNKS, retained=True, signed=True),
+    # (unsigned: every file is checked against the SHA-256 in the signed offer's manifest)
     TopicKind("artifact_data", ArtifactData, _DOWN, Address.DEVICE),
-    TopicKind("receipt", Receipt, _DOWN, Address.DEVICE),
+    TopicKind("receipt", Receipt, _DOWN, Address.DEVICE, signed=True),
+    TopicKind("refusal", Refusal, _DOWN, Address.DEVICE, signed=True),
 )
 BY_NAME: dict[str, TopicKind] = {kind.name: kind for kind in TOPIC_KINDS}
 #: the kinds devices publish, each on ``{kind}/{device_id}``
@@ -125,3 +130,5 @@ DEVICE_TOPIC_KINDS: tuple[str, ...] = tuple(k.name for k in DEVICE_KINDS)
 RESULT_KINDS: frozenset[str] = frozenset(k.name for k in DEVICE_KINDS if k.result)
 #: message classes a fleet with keys accepts only signed
 MUST_BE_SIGNED: tuple[type, ...] = tuple(k.message for k in DEVICE_KINDS if k.signed)
+#: names of the aggregator kinds a device with the fleet key accepts only signed
+DOWNLINK_SIGNED: frozenset[str] = frozenset(k.name for k in AGGREGATOR_KINDS if k.signed)

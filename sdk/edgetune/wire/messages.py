@@ -21,6 +21,7 @@ import numpy as np
 
 from .names import check_name, check_positive
 from .specs import (
+    DELTA_PRECISIONS,
     MAX_MANIFEST_MODULES,
     AdapterSpec,
     Capabilities,
@@ -32,7 +33,7 @@ from .specs import (
     TrainSettings,
 )
 
-__all__ = ["SCHEMA_VERSION", "MAX_ARTIFACT_CHUNK", "Hello", "Presence", "TrainMetrics", "Update", "ImportanceReport", "AdapterInit", "EvalMetrics", "EvalReport", "PersonalizationReport", "Progress", "ErrorReport", "TaskKind", "RoundTask", "GlobalAdapter", "ArtifactOffer", "ArtifactRequest", "ArtifactData", "Chunk", "Signed", "Receipt", "MESSAGE_KINDS", "KIND_OF"]
+__all__ = ["SCHEMA_VERSION", "MAX_ARTIFACT_CHUNK", "Hello", "Presence", "TrainMetrics", "Update", "ImportanceReport", "AdapterInit", "EvalMetrics", "EvalReport", "PersonalizationReport", "Progress", "ErrorReport", "TaskKind", "RoundTask", "GlobalAdapter", "ArtifactOffer", "ArtifactRequest", "ArtifactData", "Chunk", "Signed", "Receipt", "Refusal", "MESSAGE_KINDS", "KIND_OF"]
 
 SCHEMA_VERSION = 2
 #: the most bytes one ArtifactData carries (it must fit one MQTT packet with its envelope)
@@ -247,11 +248,25 @@ class RoundTask:
     #: the aggregator folds in updates up to this many versions late (FedBuff); 0: an update
     #: after the deadline is refused, so a device that cannot make it stops training
     max_staleness: int = 0
+    #: what a device sends its update as ("fp32", "fp16", "int8"; its plan may say otherwise)
+    delta_precision: str = "fp32"
+    #: a device carries what quantizing its update dropped into its next one. Off where the
+    #: strategy restarts the factors every round (``stack``, ``svd``): the remainder belongs to
+    #: factors the aggregator has already folded away
+    error_feedback: bool = True
 
     def __post_init__(self) -> None:
         check_positive(self.deadline_s, "RoundTask.deadline_s")
         if self.max_staleness < 0:
             raise ValueError(f"RoundTask.max_staleness must be ≥ 0, got {self.max_staleness}")
+        if self.delta_precision not in DELTA_PRECISIONS:
+            raise ValueError(f"RoundTask.delta_precision {self.delta_precision[:16]!r} is not one of "
+                             f"{', '.join(DELTA_PRECISIONS)}")
+
+    def precision_for(self, device_id: str) -> str:
+        """What ``device_id`` sends its update as: its plan's precision, else the task's."""
+        plan = self.plans.get(device_id)
+        return plan.delta_precision if plan is not None and plan.delta_precision else self.delta_precision
 
 
 @dataclass(frozen=True)
@@ -348,7 +363,8 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Signed:
-    """A device message with the device's Ed25519 signature (``edgetune.wire.signing``).
+    """A message with its sender's Ed25519 signature (``edgetune.wire.signing``): a device's,
+    or the aggregator's with the fleet key (``issued`` then orders what it signed).
 
     ``payload`` is the inner message, encoded; the signature covers the topic, the nonce and
     the payload's SHA-256, so a signed message cannot be replayed on another topic or another
@@ -363,11 +379,17 @@ class Signed:
     nonce: bytes
     payload: bytes
     signature: bytes
+    #: the aggregator's messages (``device_id`` "aggregator", signed with the fleet key): larger
+    #: than the number of anything it signed before, and covered by the signature, so a device
+    #: refuses an older message replayed on the topic. 0 on device messages.
+    issued: int = 0
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")
         if len(self.nonce) != 16 or len(self.signature) != 64 or len(self.key_id) != 16:
             raise ValueError("Signed needs a 16-byte nonce, a 64-byte signature and a 16-digit key id")
+        if not 0 <= self.issued < 1 << 63:
+            raise ValueError("Signed.issued must be in 0..2^63-1")
 
 
 @dataclass(frozen=True)
@@ -389,6 +411,26 @@ class Receipt:
             raise ValueError("Receipt reason is limited to 64 characters and its nonce to 16 bytes")
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """The aggregator's answer to a device it will not serve: its hello was refused (not
+    admitted, another model, an adapter it cannot train, a wire it cannot read). Sent to that
+    device alone and not retained; the device logs and counts it and keeps its hello up, so a
+    fixed cause (an admission list, an upgrade of the aggregator) lets it in without a restart.
+    ``upgrade`` says what to upgrade, when an upgrade is what it takes ("" otherwise)."""
+
+    device_id: str
+    #: the counted reason (as the aggregator's log and metrics name it)
+    reason: str
+    detail: str
+    upgrade: str = ""
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        if len(self.reason) > 64 or len(self.detail) > 1024 or len(self.upgrade) > 256:
+            raise ValueError("Refusal: reason ≤ 64, detail ≤ 1024 and upgrade ≤ 256 characters")
+
+
 #: kind name on the wire -> message class
 MESSAGE_KINDS: dict[str, type] = {
     "hello": Hello,
@@ -405,6 +447,7 @@ MESSAGE_KINDS: dict[str, type] = {
     "chunk": Chunk,
     "signed": Signed,
     "receipt": Receipt,
+    "refusal": Refusal,
     "artifact_offer": ArtifactOffer,
     "artifact_request": ArtifactRequest,
     "artifact_data": ArtifactData,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["BLOCK", "PRECISIONS", "ErrorFeedback", "QuantizedTensor", "dequantize", "error_bound", "quantize",
-           "quantize_int8", "quantize_tensors"]
+           "quantize_int8", "quantize_tensors", "wire_bytes"]
 
 #: what a delta may travel as: float32 (exact), float16, or int8 with per-block scales
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -92,6 +92,17 @@ def quantize(array: np.ndarray, precision: str):
     raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
+def wire_bytes(values: int, precision: str) -> float:
+    """Bytes ``values`` adapter values take on the wire at ``precision`` (tensor data only)."""
+    if precision == "fp32":
+        return 4.0 * values
+    if precision == "fp16":
+        return 2.0 * values
+    if precision == "int8":
+        return values + 4.0 * -(-values // BLOCK)
+    raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
 def quantize_tensors(tensors: Mapping[str, np.ndarray], precision: str) -> dict:
     return {name: quantize(t, precision) for name, t in tensors.items()}
 
@@ -134,9 +145,11 @@ class ErrorFeedback:
         shapes = {name: tuple(np.shape(t)) for name, t in delta.items()}
         if key != self._key or {n: r.shape for n, r in self.residual.items()} != shapes:
             self.residual, self._key = {}, key
-        if precision == "fp32":
+        if precision == "fp32":  # (exact: what is left of earlier rounds goes with it)
+            sent = {name: np.asarray(t, dtype=np.float32) + self.residual.get(name, np.float32(0.0))
+                    for name, t in delta.items()}
             self.residual = {}
-            return {name: np.ascontiguousarray(t, dtype=np.float32) for name, t in delta.items()}
+            return sent
         sent = {}
         for name, t in delta.items():
             y = np.asarray(t, dtype=np.float32) + self.residual.get(name, 0.0)

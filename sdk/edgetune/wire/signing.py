@@ -1,4 +1,5 @@
-"""Ed25519 signatures on device messages: who sent an update, and that nobody changed it.
+"""Ed25519 signatures, both ways: who sent an update, or a task or global adapter, and that
+nobody changed it on the way.
 
 The broker's ACL stops a device from publishing on another device's topics, but the broker,
 a bridge, or a stolen broker password sit between device and aggregator. A signature made
@@ -10,9 +11,19 @@ message distinct (replays within a round are refused, and a device resending an
 unacknowledged update resends the same bytes, so the aggregator can count it once). Hashing
 the payload first keeps signing cost flat in its size.
 
+The downlink is signed the same way with the fleet key, which only the aggregator holds
+(``FleetSigner``): ``DOWNLINK_DOMAIN ‖ topic ‖ 0 ‖ issued ‖ nonce ‖ SHA-256(payload)``, with
+``issued`` (8 bytes, big-endian) a number larger than that of anything the aggregator signed
+before. A device holding the fleet's public key (``FleetKey``) accepts a task, global adapter,
+receipt, refusal or artifact offer only signed by it, and only newer than what it holds for that
+topic (``edgetune.downlink``): a forged, altered or replayed one is refused. A retained message
+in chunks is signed once, whole, for the topic without the chunk index.
+
 Key files (``edgetune-aggregator provision`` writes them): a device's private key is PEM
 PKCS#8 (``signing.key``); the aggregator's ``device_keys.json`` is
-``{"format": 1, "fleet": NAME, "keys": {device_id: base64(raw 32-byte public key) | [...]}}``.
+``{"format": 1, "fleet": NAME, "keys": {device_id: base64(raw 32-byte public key) | [...]}}``;
+the fleet key is PEM PKCS#8 (``aggregator/fleet.key``), its public half PEM
+SubjectPublicKeyInfo (``fleet.pub``, in every device's folder).
 ``cryptography`` is imported only when keys are used.
 """
 
@@ -22,13 +33,19 @@ import base64
 import hashlib
 import json
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .messages import Signed
 from .names import check_name
+from .topics import AGGREGATOR_ID
 
 DOMAIN = b"edgetune-signed-v1\x00"
+#: what the aggregator's signatures cover starts with this: never valid as a device's
+DOWNLINK_DOMAIN = b"edgetune-downlink-v1\x00"
 KEYS_FORMAT = 1
 NONCE_BYTES = 16
 
@@ -36,6 +53,12 @@ NONCE_BYTES = 16
 def signed_bytes(topic: str, nonce: bytes, payload: bytes) -> bytes:
     """The bytes a signature covers."""
     return DOMAIN + topic.encode() + b"\x00" + nonce + hashlib.sha256(payload).digest()
+
+
+def downlink_bytes(topic: str, issued: int, nonce: bytes, payload: bytes) -> bytes:
+    """The bytes the aggregator's signature covers."""
+    return (DOWNLINK_DOMAIN + topic.encode() + b"\x00" + issued.to_bytes(8, "big") + nonce
+            + hashlib.sha256(payload).digest())
 
 
 def key_id(raw_public_key: bytes) -> str:
@@ -69,18 +92,7 @@ class Signer:
     @classmethod
     def load(cls, device_id: str, path: str | Path) -> Signer:
         """Read a PEM (PKCS#8) Ed25519 private key; errors say which file and what is wrong."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        try:
-            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-        except OSError as exc:
-            raise ValueError(f"cannot read the signing key {path}: {exc.strerror}") from None
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path} is not an unencrypted PEM private key ({exc})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
-        return cls(device_id, key)
+        return cls(device_id, _load_private(path, "signing key"))
 
     def sign(self, topic: str, payload: bytes, nonce: bytes | None = None) -> Signed:
         nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
@@ -141,6 +153,119 @@ class KeyRing:
             return "unknown_key"
         try:
             key.verify(signed.signature, signed_bytes(topic, signed.nonce, signed.payload))
+        except InvalidSignature:
+            return "bad_signature"
+        return None
+
+
+def _load_private(path: str | Path, what: str):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+    return key
+
+
+def _raw_public(private_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+class FleetSigner:
+    """The fleet key, as the aggregator holds it: signs what it publishes, each message with
+    an ``issued`` number above every earlier one: the wall clock in microseconds, or one more
+    than the last if that is not larger, and never below ``floor`` (the highest number the
+    state dir says was used, so a restart on a clock that went back still counts up)."""
+
+    def __init__(self, private_key, floor: int = 0, now: Callable[[], int] = time.time_ns):
+        self._key = private_key
+        self.public_key = _raw_public(private_key)
+        self.key_id = key_id(self.public_key)
+        self.device_id = AGGREGATOR_ID
+        self._now = now
+        self._last = floor
+        self._lock = threading.Lock()  # (receipts are signed on the round loop, tasks too: one counter)
+
+    @classmethod
+    def generate(cls, floor: int = 0) -> FleetSigner:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return cls(Ed25519PrivateKey.generate(), floor)
+
+    @classmethod
+    def load(cls, path: str | Path, floor: int = 0) -> FleetSigner:
+        """Read the fleet's PEM (PKCS#8) Ed25519 private key; errors say which file and why."""
+        return cls(_load_private(path, "fleet key"), floor)
+
+    @property
+    def last_issued(self) -> int:
+        return self._last
+
+    def private_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+
+    def public_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self._key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def sign(self, topic: str, payload: bytes, nonce: bytes | None = None) -> Signed:
+        nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
+        with self._lock:
+            self._last = issued = max(self._last + 1, self._now() // 1000)
+        signature = self._key.sign(downlink_bytes(topic, issued, nonce, payload))
+        return Signed(AGGREGATOR_ID, self.key_id, nonce, bytes(payload), signature, issued)
+
+
+class FleetKey:
+    """The fleet's public key, as devices hold it (``fleet.pub``): checks the aggregator's
+    signatures."""
+
+    def __init__(self, raw_public_key: bytes):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        self._key = Ed25519PublicKey.from_public_bytes(raw_public_key)
+        self.key_id = key_id(raw_public_key)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FleetKey:
+        """Read a PEM public key (``fleet.pub``); errors say which file and what is wrong."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            key = serialization.load_pem_public_key(Path(path).read_bytes())
+        except OSError as exc:
+            raise ValueError(f"cannot read the fleet key {path}: {exc.strerror}") from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path} is not a PEM public key ({exc})") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 public key")
+        return cls(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+    def verify(self, topic: str, signed: Signed) -> str | None:
+        """Why ``signed`` is not the aggregator's message for ``topic`` (None if it is): the
+        counted reasons ``sender_mismatch``, ``unknown_key`` and ``bad_signature``."""
+        from cryptography.exceptions import InvalidSignature
+
+        if signed.device_id != AGGREGATOR_ID:
+            return "sender_mismatch"
+        if signed.key_id != self.key_id:
+            return "unknown_key"
+        try:
+            self._key.verify(signed.signature, downlink_bytes(topic, signed.issued, signed.nonce, signed.payload))
         except InvalidSignature:
             return "bad_signature"
         return None

@@ -12,7 +12,7 @@ from ..adapters.prompt.spec import PROMPT_INITS, PromptSpec
 from ..adapters.registry import KINDS, spec_union
 from .names import check_positive
 
-__all__ = ["DEFAULT_MAX_PACKET", "MAX_MANIFEST_MODULES", "MAX_LAYER_DIM", "LoraSpec", "PROMPT_INITS", "PromptSpec", "AdapterSpec", "ADAPTER_KINDS", "CLIENT_OPTIMIZERS", "ALGORITHMS", "TrainSettings", "ImportanceSettings", "ModelManifest", "DeviceProfile", "Capabilities", "QUANTIZATIONS", "DevicePlan"]
+__all__ = ["DEFAULT_MAX_PACKET", "MAX_MANIFEST_MODULES", "MAX_LAYER_DIM", "LoraSpec", "PROMPT_INITS", "PromptSpec", "AdapterSpec", "ADAPTER_KINDS", "CLIENT_OPTIMIZERS", "ALGORITHMS", "TrainSettings", "ImportanceSettings", "ModelManifest", "DeviceProfile", "Capabilities", "WIRE_VERSIONS", "DELTA_PRECISIONS", "QUANTIZATIONS", "DevicePlan"]
 
 #: EMQX's default maximum packet: payloads above it travel as chunks
 DEFAULT_MAX_PACKET = 1 << 20
@@ -158,21 +158,45 @@ class DeviceProfile:
             raise ValueError(f"DeviceProfile.quantization has unknown {sorted(unknown)}; allowed: bfloat16, int8, nf4")
 
 
+#: the wire versions this SDK reads from peers (``codec.PEER_VERSIONS``; a test keeps them equal)
+WIRE_VERSIONS = (2,)
+#: what a delta may travel as (``quantize.PRECISIONS``; a test keeps them equal)
+DELTA_PRECISIONS = ("fp32", "fp16", "int8")
+
+
 @dataclass(frozen=True)
 class Capabilities:
-    """What a device can train with. ``backends``: "torch" (PyTorch: any rank, quantized
-    bases, gradient checkpointing, importance scoring) and/or "ort" (ONNX Runtime artifacts:
-    float32 base, fixed modules, rank up to ``max_rank``; 0 means no limit)."""
+    """What a device can train with, and what of the wire it speaks: the aggregator serves a
+    device only what it can read (and refuses, saying what to upgrade, what it cannot).
+
+    ``backends``: "torch" (PyTorch: any rank, quantized bases, gradient checkpointing,
+    importance scoring) and/or "ort" (ONNX Runtime artifacts: float32 base, fixed modules, rank
+    up to ``max_rank``; 0 means no limit)."""
 
     backends: tuple[str, ...] = ("torch",)
     #: adapter kinds it trains ("lora", "prompt"); ONNX Runtime artifacts train the one built
     adapters: tuple[str, ...] = ("lora",)
     max_packet: int = DEFAULT_MAX_PACKET
     max_rank: int = 0
+    #: wire versions it reads (a later aggregator picks the newest both speak); a hello's own
+    #: envelope says which version it was written in
+    wire: tuple[int, ...] = WIRE_VERSIONS
+    #: delta precisions it reads and writes ("fp32", "fp16", "int8"); tensors are packed
+    #: (one buffer and an index) in every v2 message
+    precisions: tuple[str, ...] = DELTA_PRECISIONS
+    #: applies a global adapter's frozen ``merged`` delta (strategies that fold their aggregate
+    #: into one, ``stack``); a device that cannot would train on the wrong model
+    merged_delta: bool = True
+    #: verifies the aggregator's signature on what it publishes (it holds the fleet's key)
+    verifies_downlink: bool = False
 
     def __post_init__(self) -> None:
         if self.max_rank < 0:
             raise ValueError(f"Capabilities.max_rank must be ≥ 0, got {self.max_rank}")
+        if not self.wire or any(not isinstance(v, int) or v < 1 for v in self.wire):
+            raise ValueError(f"Capabilities.wire must list wire versions (integers ≥ 1), got {self.wire!r}")
+        if len(self.precisions) > 16 or any(not isinstance(p, str) or len(p) > 16 for p in self.precisions):
+            raise ValueError("Capabilities.precisions must be at most 16 names of at most 16 characters")
 
     @property
     def torch_free(self) -> bool:
@@ -192,8 +216,14 @@ class DevicePlan:
     batch_size: int = 4
     local_steps: int = 10
     gradient_checkpointing: bool = False
+    #: what this device sends its update as ("": the task's ``delta_precision``): the planner
+    #: quantizes where the device's uplink would otherwise cost it training steps
+    delta_precision: str = ""
 
     def __post_init__(self) -> None:
+        if self.delta_precision and self.delta_precision not in DELTA_PRECISIONS:
+            raise ValueError(f"DevicePlan.delta_precision {self.delta_precision[:16]!r} not one of "
+                             f"{', '.join(DELTA_PRECISIONS)}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"DevicePlan.quantization {self.quantization!r} not one of {', '.join(QUANTIZATIONS)}")
         for name in ("rank", "batch_size", "local_steps"):

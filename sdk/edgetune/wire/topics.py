@@ -94,6 +94,10 @@ class Topics:
         """The aggregator's receipts for one device's results (only that device reads them)."""
         return f"{self.base}/receipt/{device_id}"
 
+    def refusal(self, device_id: str) -> str:
+        """Why the aggregator will not serve one device (only that device reads it)."""
+        return f"{self.base}/refusal/{device_id}"
+
     def of(self, kind: str, device_id: str) -> str:
         """The topic of one device's messages of ``kind`` (a name in ``kinds.py``)."""
         return BY_NAME[kind].pattern(self.base, device_id)
@@ -113,6 +117,17 @@ class Topics:
         if kind is None or len(parts) != _LEVELS[kind.address] or not all(parts):
             return None
         return kind, parts
+
+    def message_topic(self, topic: str) -> str | None:
+        """The topic a message on ``topic`` is signed for: the topic itself, or for a retained
+        message in chunks the topic without the chunk index (it is signed once, whole); None
+        if ``topic`` is not one of the fleet's."""
+        found = self.kind_of(topic)
+        if found is None:
+            return None
+        if found[0].address in (Address.CHUNKS, Address.BACKEND_CHUNKS):
+            return topic.rpartition("/")[0]
+        return topic
 
     def device_kind(self, topic: str) -> TopicKind | None:
         """The kind of a device topic (``update`` of ``…/update/{device}``), None if not one."""
