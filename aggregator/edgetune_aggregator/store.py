@@ -36,6 +36,7 @@ from edgetune.wire import (
     GlobalAdapter,
     Hello,
     ModelManifest,
+    WireError,
     decode_message,
     decode_tensor,
     encode_message,
@@ -241,8 +242,16 @@ class StateStore:
         devices = {}
         for path in sorted((self.directory / "devices").glob("*.msgpack")):
             try:
-                hello = decode_message(path.read_bytes(), FILE_VERSIONS)
-            except Exception as exc:  # written atomically: only tampering gets here; the device says hello again
+                # (a hello kept from wire v1 is not read: its device must say hello again in v2,
+                # with the capabilities a v1 hello does not carry)
+                hello = decode_message(path.read_bytes())
+            except WireError as exc:
+                if exc.reason == "schema_version":
+                    log.info("%s was written by an older edgetune; its device joins again when it says hello", path)
+                else:  # written atomically: only tampering gets here; the device says hello again
+                    log.warning("ignoring %s: %s", path, exc)
+                continue
+            except Exception as exc:
                 log.warning("ignoring %s: %s", path, exc)
                 continue
             if isinstance(hello, Hello) and hello.device_id == path.stem:

@@ -43,13 +43,35 @@ def messages(version: str) -> dict[str, object]:
                                  "layers.0.q_proj.merged_B": tensors({"b": (8, 1)}, 4)["b"]}),
     }
     if version == "v2":
+        from edgetune.wire import Refusal, encode_message
         from edgetune.wire.quantize import quantize_tensors
 
         out["update-fp16"] = Update("dev-1", 3, 2, 40, quantize_tensors(delta, "fp16"), TrainMetrics(1.5, 1024, 2.0, 4.1, 4.5),
                                     "run-golden")
         out["update-int8"] = Update("dev-1", 3, 2, 40, quantize_tensors(delta, "int8"), TrainMetrics(1.5, 1024, 2.0, 4.1, 4.5),
                                     "run-golden")
+        out["task"] = RoundTask(3, TaskKind.TRAIN, 2, "0123456789abcdef", LoraSpec(rank=2, alpha=4.0), run_id="run-golden",
+                                delta_precision="int8")
+        out["refusal"] = Refusal("dev-1", "unsupported_precision", "the fleet sends deltas as int8; this device reads fp32",
+                                 "edgetune on this device (the aggregator runs 0.2.0)")
+        # the global adapter as a fleet with a fleet key publishes it: signed, whole, for the topic
+        # without the chunk index (Ed25519 signatures are deterministic: same key, same bytes)
+        out["global-signed"] = fleet_signer().sign(SIGNED_TOPIC, encode_message(out["global"]), nonce=bytes(range(16)))
     return out
+
+
+#: the topic the signed golden is signed for, and the fleet key's seed (a test key, public here)
+SIGNED_TOPIC = "edgetune/v1/golden/global"
+FLEET_SEED = bytes(range(32))
+#: its ``issued`` number
+ISSUED = 1_765_000_000_000_000
+
+
+def fleet_signer():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from edgetune.wire.signing import FleetSigner
+
+    return FleetSigner(Ed25519PrivateKey.from_private_bytes(FLEET_SEED), floor=ISSUED - 1, now=lambda: 0)
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ the bytes: ``n`` int8 values and ``⌈n / BLOCK⌉`` float32 scales (0.258 of fl
 - ``fp32``: exact.
 - ``fp16``: ``|x − x̂| ≤ |x| · 2⁻¹¹`` for ``|x| ≥ 2⁻¹⁴`` (round to nearest), ``≤ 2⁻²⁵`` below.
   A tensor with a value beyond float16's range (65504) travels as float32 instead.
-- ``int8``: ``|x − x̂| ≤ s / 2`` with ``s = max|x| over the block / 127``, i.e. ``≤ max|x| / 254``.
+- ``int8``: ``|x − x̂| ≤ s / 2 + 2⁻²² · max|x|`` with ``s = max|x| over the block / 127``, i.e.
+  ``≤ max|x| / 254`` and float32's rounding of ``x / s`` and ``q · s``.
 
 What is dropped is not lost when a device sends with error feedback (``ErrorFeedback``): the
 residual of this round's quantization is added to the next round's delta before quantizing, so
@@ -126,7 +127,7 @@ def error_bound(array: np.ndarray, precision: str) -> np.ndarray:
         return np.where(a >= 2.0 ** -14, a * 2.0 ** -11, 2.0 ** -25).astype(np.float32)
     if precision == "int8":
         q = quantize_int8(x)
-        per_block = q.scales / 2.0
+        per_block = q.scales / 2.0 + q.scales * 127.0 * 2.0 ** -22  # (float32 rounds x / s and q · s)
         return np.repeat(per_block, q.block)[: x.size].reshape(x.shape).astype(np.float32)
     raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
