@@ -278,12 +278,23 @@ def PausableSpeed(threads, pause_file=None):  # noqa: N802 (a class made lazily:
 
 
 def _small_trace(trace: dict) -> dict:
-    """What the report needs of the simulation trace: per device, class and compute per block."""
+    """What the report needs of the simulation trace: per device, class and compute per block,
+    and the bytes of the updates it sent (signed, as they crossed its link)."""
     return {"machine_gflops": trace.get("machine_gflops"),
             "devices": {d: {"class": v["class"], "slowdown_float32": v["slowdown_float32"],
                             "upload_s": v["upload_s"], "download_s": v["download_s"],
-                            "compute_s": round(sum(b["seconds"] for b in v["compute"]), 2)}
+                            "compute_s": round(sum(b["seconds"] for b in v["compute"]), 2),
+                            "update_bytes": _per_round(s for s in v.get("sent", []) if s["topic"] == "update"),
+                            "received_bytes": v.get("received_bytes", 0)}
                         for d, v in trace.get("devices", {}).items()}}
+
+
+def _per_round(sent) -> dict[str, int]:
+    """Bytes sent per round (an update over one packet goes as several chunks; a resend counts)."""
+    out: dict[str, int] = {}
+    for s in sent:
+        out[str(s["round"])] = out.get(str(s["round"]), 0) + s["bytes"]
+    return out
 
 
 # --- stages ---------------------------------------------------------------------------------
