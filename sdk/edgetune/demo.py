@@ -106,6 +106,17 @@ def run_demo(args: argparse.Namespace) -> int:
         url = broker.url
         print(f"embedded MQTT broker at {url}")
 
+    # The downlink signed, as a provisioned fleet's is: a fleet key made for this demo; every
+    # device verifies tasks and adapters with its public half (docs/security.md)
+    from .atomic import atomic_write_bytes
+    from .wire.signing import FleetSigner
+
+    fleet_key = FleetSigner.generate()
+    (out / "keys").mkdir(exist_ok=True)
+    atomic_write_bytes(out / "keys" / "fleet.key", fleet_key.private_pem())  # (0600 from the start)
+    atomic_write_bytes(out / "keys" / "fleet.pub", fleet_key.public_pem())
+    print(f"tasks and adapters signed with a fleet key made for this demo; devices verify them ({out / 'keys'})")
+
     plan = not getattr(args, "no_plan", False)
     classes = device_classes(sorted(files), getattr(args, "classes", None)) if plan else {}
     if classes:
@@ -127,6 +138,7 @@ def run_demo(args: argparse.Namespace) -> int:
         base_model=model_name,
         model=fleet_manifest(args.model, model_dir),
         admit=frozenset(files),  # the demo's own devices: nobody else holds a round open
+        fleet_key=out / "keys" / "fleet.key",
         ort_artifacts=artifacts,
         linger_s=None if getattr(args, "personalize", False) else 0.0,  # stopped once all have personalized
     )
@@ -184,7 +196,7 @@ def run_demo(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "edgetune", "device", command, "--broker", url, "--fleet", FLEET,
                "--device-id", device_id, "--data", str(path), "--model", str(model_dir),
                "--threads", str(threads), "--log-file", str(out / "logs" / log_name),
-               "--robustness", str(robustness[device_id])]
+               "--robustness", str(robustness[device_id]), "--fleet-key", str(out / "keys" / "fleet.pub")]
         if command == "run":  # its measured profile is kept in its own state dir
             cmd += ["--state-dir", str(out / "devices" / device_id)]
             cmd += ["--emulate", str(classes[device_id])] if device_id in classes else ["--no-plan"]

@@ -294,6 +294,8 @@ def test_rerunning_adds_missing_devices_and_keeps_every_credential(tmp_path):
     assert run_provision(parse(["--fleet", FLEET, "--device-ids", "device-000,sensor-7", "--out", str(out)])) == 0
     assert all(path.read_bytes() == data for path, data in kept.items())
     assert sorted(p.name for p in (out / "devices").iterdir()) == ["device-000", "sensor-7"]
+    # one fleet key for the whole fleet, kept on reruns; the new device gets its public half too
+    assert (out / "devices" / "sensor-7" / "fleet.pub").read_bytes() == (out / "aggregator" / "fleet.pub").read_bytes()
     keys = json.loads((out / "aggregator" / "device_keys.json").read_text())
     assert keys["fleet"] == FLEET and keys["format"] == 1 and sorted(keys["keys"]) == ["device-000", "sensor-7"]
     users = [line.split(":")[0] for line in (out / "broker" / "passwd").read_text().splitlines()]
@@ -341,6 +343,14 @@ def test_certificates_keys_and_modes(tmp_path):
                "devices/device-000/client.key", "devices/device-000/password", "devices/device-000/signing.key"]
     assert all((out / s).stat().st_mode & 0o777 == 0o600 for s in secrets)
     assert not list(out.rglob("*.tmp"))
+
+    # the fleet key signs the downlink; its public half is in the aggregator's and every device's folder
+    from edgetune.wire.signing import FleetKey, FleetSigner
+
+    assert (out / "aggregator/fleet.key").stat().st_mode & 0o777 == 0o600
+    signer = FleetSigner.load(out / "aggregator/fleet.key")
+    for holder in ("aggregator", "devices/device-000"):
+        assert FleetKey.load(out / holder / "fleet.pub").key_id == signer.key_id
 
     # device_keys.json holds the raw public half of each device's signing key
     signing = serialization.load_pem_private_key((out / "devices/device-000/signing.key").read_bytes(), None)

@@ -31,7 +31,7 @@ def test_a_signed_fleet_trains_over_tls_through_the_provisioned_broker(tmp_path)
         agg_dir = out / "aggregator"
         config = AggregatorConfig(model_from_first_hello=True, fleet=fleet, state_dir=tmp_path / "state", rounds=2, min_devices=2,
                                   round_timeout_s=120, join_timeout_s=60, adapter=SPEC, train=TRAIN,
-                                  device_keys=agg_dir / "device_keys.json")
+                                  device_keys=agg_dir / "device_keys.json", fleet_key=agg_dir / "fleet.key")
         transport = open_transport(url, client_id=f"edgetune-aggregator-{fleet}", connect_timeout=10,
                                    clean_session=False, ca_certs=str(agg_dir / "ca.crt"),
                                    certfile=str(agg_dir / "client.crt"), keyfile=str(agg_dir / "client.key"))
@@ -44,8 +44,8 @@ def test_a_signed_fleet_trains_over_tls_through_the_provisioned_broker(tmp_path)
             tls = dict(ca_certs=str(d / "ca.crt"), certfile=str(d / "client.crt"), keyfile=str(d / "client.key"))
             device_transport = open_transport(url, client_id=f"edgetune-{fleet}-dev-{index}", connect_timeout=10,
                                               clean_session=False, **tls)
-            device = Device(DeviceConfig(fleet, f"dev-{index}", signing_key=d / "signing.key"), device_transport,
-                            workload(index))
+            device = Device(DeviceConfig(fleet, f"dev-{index}", signing_key=d / "signing.key", fleet_key=d / "fleet.pub",
+                                         state_dir=tmp_path / f"dev-{index}"), device_transport, workload(index))
             device.connect()
             devices.append(device.start())
         thread.join(timeout=240)
@@ -55,6 +55,9 @@ def test_a_signed_fleet_trains_over_tls_through_the_provisioned_broker(tmp_path)
         assert all(sorted(d["device_id"] for d in r["devices"]) == ["dev-0", "dev-1"] for r in rounds)
         assert not aggregator.drops  # every message was signed, in size and on the device's own topics
         assert all(device.outbox.pending() == [] for device in devices)  # every result acknowledged
+        # the downlink was signed with the provisioned fleet key, and verified: nothing refused
+        assert all(device.downlink.verifies and not device.channel.drops for device in devices)
+        assert all(aggregator.members.devices[f"dev-{i}"].capabilities.verifies_downlink for i in range(2))
         for device in devices:
             device.stop()
         # without a certificate of the fleet's CA nobody gets in

@@ -45,6 +45,14 @@ def test_demo_end_to_end_writes_a_peft_adapter(tmp_path):
     rounds = json.loads((out / "state" / "rounds.json").read_text())
     assert [r["status"] for r in rounds] == ["aggregated", "aggregated", "evaluated"]
     assert all(d["bytes_sent"] > 0 and d["bytes_received"] > 0 for d in rounds[0]["devices"])
+    # the downlink was signed with the demo's fleet key and verified by both devices (the ONNX
+    # Runtime one's artifact offer too): nothing from the aggregator was refused
+    from edgetune.wire import decode_message
+
+    for device in ("line-1", "line-2"):
+        hello = decode_message((out / "state" / "devices" / f"{device}.msgpack").read_bytes())
+        assert hello.capabilities.verifies_downlink
+        assert "dropped message from aggregator" not in (out / "logs" / f"{device}.log").read_text()
 
     # the adapter loads with PEFT on a fresh base and changes the model's output
     from peft import PeftModel
