@@ -191,15 +191,9 @@ def markdown(result: dict) -> str:
 
 
 def write_docs(section: str) -> None:
-    text = DOCS.read_text()
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        head, rest = text.split("## Codec: encode + decode of a LoRA delta", 1)
-        nxt = rest.index("\n## ")
-        text = head + section + rest[nxt:]
-    DOCS.write_text(text)
+    from edgetune.bench.sections import replace_section
+
+    replace_section(DOCS, section, BEGIN, END)
 
 
 def main() -> None:

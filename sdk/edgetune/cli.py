@@ -291,6 +291,10 @@ def _device(settings, command: str):
     from .workload import Workload, choose_backend
 
     s = settings
+    if s.fleet_key is not None:  # (a wrong path is said now, not after loading the model and profiling)
+        from .wire.signing import FleetKey
+
+        FleetKey.load(s.fleet_key)
     if choose_backend(s.trainer, s.artifacts) == "ort":  # fetched from the aggregator if absent
         from .ort.fetch import ensure_artifacts
 

@@ -99,6 +99,7 @@ def test_demo_refuses_to_overwrite_an_earlier_run(tmp_path):
         (["--broker", "mqtt://127.0.0.1:1", "--connect-timeout", "2"], "unreachable"),
         (["--broker", "mqtt://127.0.0.1:1", "--model", "/nonexistent/model.gguf"], "not found"),
         (["--broker", "mqtt://127.0.0.1:1", "--data", "/nonexistent.txt"], "file not found"),
+        (["--fleet-key", "/nonexistent/fleet.pub"], "cannot read the fleet key"),
     ],
 )
 def test_device_cli_errors_are_one_line(tmp_path, args, message):
@@ -122,6 +123,9 @@ def test_aggregator_cli_errors_are_one_line(tmp_path):
     result = run_python("-m", "edgetune_aggregator", "serve", "--broker", "mqtt://h", "--fleet", "bad/name",
                         "--state-dir", str(tmp_path), timeout=60)
     assert result.returncode == 2 and "fleet name" in result.stderr
+    result = run_python("-m", "edgetune_aggregator", "serve", "--broker", "memory://f", "--fleet", "f",
+                        "--state-dir", str(tmp_path), "--fleet-key", str(tmp_path / "none.key"), timeout=60)
+    assert result.returncode == 2 and "cannot read the fleet key" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_minimal_app_joins_a_fleet_over_mosquitto(mosquitto_url, tmp_path):

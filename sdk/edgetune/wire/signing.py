@@ -92,7 +92,7 @@ class Signer:
     @classmethod
     def load(cls, device_id: str, path: str | Path) -> Signer:
         """Read a PEM (PKCS#8) Ed25519 private key; errors say which file and what is wrong."""
-        return cls(device_id, _load_private(path, "signing key"))
+        return cls(device_id, _load_key(path, "signing key"))
 
     def sign(self, topic: str, payload: bytes, nonce: bytes | None = None) -> Signed:
         nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
@@ -158,18 +158,23 @@ class KeyRing:
         return None
 
 
-def _load_private(path: str | Path, what: str):
+def _load_key(path: str | Path, what: str, public: bool = False):
+    """An Ed25519 key from a PEM file (PKCS#8 private, or SubjectPublicKeyInfo public); errors
+    say which file and what is wrong."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+    kind = "a PEM public key" if public else "an unencrypted PEM private key"
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        data = Path(path).read_bytes()
+        key = (serialization.load_pem_public_key(data) if public
+               else serialization.load_pem_private_key(data, password=None))
     except OSError as exc:
         raise ValueError(f"cannot read the {what} {path}: {exc.strerror}") from None
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path} is not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+        raise ValueError(f"{path} is not {kind} ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey if public else Ed25519PrivateKey):
+        raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 {'public ' if public else ''}key")
     return key
 
 
@@ -203,7 +208,7 @@ class FleetSigner:
     @classmethod
     def load(cls, path: str | Path, floor: int = 0) -> FleetSigner:
         """Read the fleet's PEM (PKCS#8) Ed25519 private key; errors say which file and why."""
-        return cls(_load_private(path, "fleet key"), floor)
+        return cls(_load_key(path, "fleet key"), floor)
 
     @property
     def last_issued(self) -> int:
@@ -243,16 +248,8 @@ class FleetKey:
     def load(cls, path: str | Path) -> FleetKey:
         """Read a PEM public key (``fleet.pub``); errors say which file and what is wrong."""
         from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-        try:
-            key = serialization.load_pem_public_key(Path(path).read_bytes())
-        except OSError as exc:
-            raise ValueError(f"cannot read the fleet key {path}: {exc.strerror}") from None
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path} is not a PEM public key ({exc})") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 public key")
+        key = _load_key(path, "fleet key", public=True)
         return cls(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
     def verify(self, topic: str, signed: Signed) -> str | None:
