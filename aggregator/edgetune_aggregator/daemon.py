@@ -92,7 +92,8 @@ class Aggregator:
         if config.fleet_key is not None:  # everything published is signed (receipts, tasks, adapters)
             from edgetune.wire.signing import FleetSigner
 
-            self.channel.signer = FleetSigner.load(config.fleet_key, floor=self.store.load_issued())
+            self.channel.signer = FleetSigner.load(config.fleet_key, floor=self.store.load_issued(),
+                                                   reserve=self._reserve_issued)
         self.journal = RoundJournal(config.state_dir)
         self.artifacts = None  # what devices without PyTorch can download (checked before serving)
         if config.ort_artifacts is not None:
@@ -128,18 +129,35 @@ class Aggregator:
         self.channel.admit = self.members.admit_payload
         self.members.on_join = self.runner.latecomer
         self.members.on_refusal = self.publisher.refuse
+        self.members.on_issued = self._device_holds
         self.channel.on_undecodable = self.members.on_undecodable
         self.health.on_storage_back = self.members.save_unsaved
         self.health.device_counts = lambda: (len(self.members.devices), len(self.members.online))
         # what each kind of device message goes to (results: the desk, whatever task they answer)
         self._routes: dict[type, Callable[[str, object, RoundContext | None], None]] = {
-            Hello: lambda topic, opened, ctx: self.members.on_hello(topic, opened.message),
+            Hello: lambda topic, opened, ctx: self.members.on_hello(topic, opened.message, opened.payload),
             Presence: lambda topic, opened, ctx: self.members.on_presence(opened.message.device_id, opened.message),
             ErrorReport: self.desk.on_error,
             ArtifactRequest: lambda topic, opened, ctx: self._on_artifact_request(topic, opened.message),
             PersonalizationReport: lambda topic, opened, ctx: self.personalization.record(topic, opened.message),
             **{cls: self.desk.on_result for cls in TASK_OF_RESULT},
         }
+
+    def _reserve_issued(self, issued: int) -> None:
+        try:
+            self.store.save_issued(issued)
+        except OSError as exc:  # (the clock still counts up; only a restart on a clock set back is exposed)
+            log.warning("could not record the fleet key's issued numbers: %s", exc)
+
+    def _device_holds(self, issued: int) -> None:
+        """A device holds a signed message numbered ``issued``: count on from it, and publish the
+        task and adapter again if it would have refused them (this daemon's numbers were behind:
+        a new host, a clock set back)."""
+        signer = self.channel.signer
+        if signer is not None and signer.raise_floor(issued):
+            log.warning("a device holds messages signed up to %d, beyond this daemon's count: counting on from "
+                        "there (a new host, or a clock set back?)", issued)
+            self.publisher.publish_again()
 
     # --- public -----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ network thread refuses a result from anyone else before decoding it (``admit_pay
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -56,6 +57,8 @@ class Membership:
         self.on_join: Callable[[str], None] | None = None
         #: ``(refusal)`` tells a device why its hello was refused (``Publisher.refuse``)
         self.on_refusal: Callable[[Refusal], None] | None = None
+        #: ``(issued)``: the newest signed number an accepted device holds (the fleet key's count)
+        self.on_issued: Callable[[int], None] | None = None
         self._heard: set[str] = set()  # senders of a hello the channel passed on (network thread)
         self._manifests: dict[str, object] = {}  # fingerprint -> the first manifest (see on_hello)
         self._unsaved: set[str] = set()  # devices whose hello could not be written yet (disk full)
@@ -114,19 +117,21 @@ class Membership:
 
     # --- messages -------------------------------------------------------------------------
 
-    def on_undecodable(self, sender: str, topic: str, reason: str, detail: str) -> None:
+    def on_undecodable(self, sender: str, topic: str, reason: str, detail: str, payload: bytes) -> None:
         """(On the network thread.) A hello in a wire version the daemon does not read gets a
-        refusal saying what to upgrade (in v2: a device that reads no v2 will not read it either,
-        but its own log names every v2 task it drops)."""
+        refusal saying what to upgrade (a device on v1 reads no v2 at all, but its own log names
+        every v2 task it drops). Not in a fleet with device keys: nothing tells who sent it."""
         kind = self.topics.device_kind(topic)
-        if reason == "schema_version" and kind is not None and kind.name == "hello" and self.on_refusal is not None:
-            try:
-                refusal = Refusal(sender, reason, detail[:1024], f"edgetune on this device (the aggregator runs "
-                                                                f"{__version__})")
-            except ValueError:  # (a topic level that is no device id: nobody to answer)
-                return
-            if self.topics.device_of(topic) == sender:
-                self.on_refusal(refusal)
+        if (reason != "schema_version" or kind is None or kind.name != "hello" or self.on_refusal is None
+                or self.intake.signed or self.topics.device_of(topic) != sender):
+            return
+        upgrade = ("edgetune on the aggregator" if "upgrade this side" in detail
+                   else f"edgetune on this device (the aggregator runs {__version__})")
+        try:
+            refusal = Refusal(sender, reason, detail[:1024], upgrade, hashlib.sha256(payload).hexdigest())
+        except ValueError:  # (a topic level that is no device id: nobody to answer)
+            return
+        self.on_refusal(refusal)
 
     def on_presence(self, sender: str, presence: Presence) -> None:
         if sender not in self.devices:  # (it decides quorums: only the fleet's devices count)
@@ -151,23 +156,24 @@ class Membership:
             return f"the adapter would have {size:,} parameters (at most {MAX_ADAPTER_PARAMETERS:,})"
         return None
 
-    def check_wire(self, hello: Hello) -> tuple[str, str] | None:
-        """``(reason, detail)`` if this device cannot read what the fleet sends it (None if it
+    def check_wire(self, hello: Hello) -> tuple[str, str, str] | None:
+        """``(reason, detail, upgrade)`` if this device cannot read what the fleet sends it (None if it
         can): a wire version in common, the fleet's delta precision, and the frozen merged
         delta of strategies that fold their aggregate into one. Serving it anyway would have it
         drop every message, or train a model other than the fleet's without knowing."""
         caps = hello.capabilities
         if not set(caps.wire) & set(PEER_VERSIONS):
             return ("schema_version", f"this device reads wire {'/'.join(f'v{v}' for v in caps.wire)}; "
-                                      f"the aggregator writes {'/'.join(f'v{v}' for v in PEER_VERSIONS)}")
+                                      f"the aggregator writes {'/'.join(f'v{v}' for v in PEER_VERSIONS)}",
+                    "edgetune on the aggregator" if min(caps.wire) > max(PEER_VERSIONS) else "")
         needed = self.config.downlink_precision
         if needed not in caps.precisions:
             return ("unsupported_precision", f"the fleet sends deltas as {needed}; this device reads "
-                                             f"{', '.join(caps.precisions) or 'none'}")
+                                             f"{', '.join(caps.precisions) or 'none'}", "")
         if not caps.merged_delta and self._uses_merged():
             return ("no_merged_delta", f"the fleet's strategy {self.config.strategy_name} folds its aggregate into a "
                                        "frozen merged delta, which this device does not apply: it would train on "
-                                       "another model than the fleet's")
+                                       "another model than the fleet's", "")
         return None
 
     def _uses_merged(self) -> bool:
@@ -177,35 +183,43 @@ class Membership:
         strategy = STRATEGIES.get(self.config.strategy_name)
         return strategy is not None and issubclass(strategy, ExactStrategy)
 
-    def refuse(self, device: str, topic: str, reason: str, detail: str, upgrade: str = "") -> None:
-        """Drop a hello (logged with its sender and reason, counted) and tell its device why."""
+    def refuse(self, device: str, topic: str, reason: str, detail: str, upgrade: str = "", payload: bytes = b"") -> None:
+        """Drop a hello (logged with its sender and reason, counted) and tell its device why;
+        ``payload``: the hello as received, which the refusal names."""
         self.channel.drop(device, topic, reason, detail + (f"; upgrade {upgrade}" if upgrade else ""))
         if self.on_refusal is not None:
-            self.on_refusal(Refusal(device, reason[:64], detail[:1024], upgrade[:256]))
+            self.on_refusal(Refusal(device, reason[:64], detail[:1024], upgrade[:256],
+                                    hashlib.sha256(payload).hexdigest()))
 
-    def on_hello(self, topic: str, hello: Hello) -> None:
+    def on_hello(self, topic: str, hello: Hello, payload: bytes = b"") -> None:
+        """``payload``: the hello as received (a refusal names it)."""
         device = hello.device_id
+
+        def refuse(reason: str, detail: str, upgrade: str = "") -> None:
+            self.refuse(device, topic, reason, detail, upgrade, payload)
+
         if self.config.admit is not None and device not in self.config.admit:
-            self.refuse(device, topic, "not_admitted", "not on the fleet's --admit list")
+            refuse("not_admitted", "not on the fleet's --admit list")
             return
         wire = self.check_wire(hello)
         if wire:
-            self.refuse(device, topic, *wire, upgrade=f"edgetune on this device (the aggregator runs {__version__})")
+            reason, detail, upgrade = wire
+            refuse(reason, detail, upgrade or f"edgetune on this device (the aggregator runs {__version__})")
             return
         if self.pinned is not None:
             why = mismatch(self.pinned, hello.model)
             if why:
-                self.refuse(device, topic, "model_mismatch", why)
+                refuse("model_mismatch", why)
                 return
             if hello.model is not self.pinned:  # the operator's sizes, not the device's claims
                 hello = dataclasses.replace(hello, model=self.pinned)
         why = self.check_model(hello)
         if why:
-            self.refuse(device, topic, "bad_model", why)
+            refuse("bad_model", why)
             return
         why = self._model_mismatch(hello)
         if why:
-            self.refuse(device, topic, "model_mismatch", why)
+            refuse("model_mismatch", why)
             return
         # One manifest object per model: a fleet's devices send the same one, and a copy per
         # device (hundreds of layers each) would make the daemon's memory grow with the fleet.
@@ -220,6 +234,8 @@ class Membership:
             self._save(hello)
         self.devices[hello.device_id] = hello
         self.online.add(hello.device_id)
+        if hello.downlink_issued and self.on_issued is not None:
+            self.on_issued(hello.downlink_issued)
         if new and hello.profile is not None and self.fleet.state is not None and self.on_join is not None:
             self.on_join(hello.device_id)
 

@@ -21,9 +21,9 @@ from .fleet import Fleet
 
 log = logging.getLogger("edgetune_aggregator.daemon")
 
-#: a device is told the same refusal at most once in this many seconds (a device that keeps
-#: reconnecting, or a flood of hellos in its name, gets no more answers than that)
-REFUSAL_INTERVAL_S = 60.0
+#: a device is told a refusal of one reason at most once in this many seconds (a device that
+#: keeps reconnecting, or a flood of hellos in its name, gets no more answers than that)
+REFUSAL_INTERVAL_S = 10.0
 _MAX_REFUSED = 10_000
 
 
@@ -43,7 +43,7 @@ class Publisher:
         self.task: RoundTask | None = None
         #: payload bytes of the published global adapter (what each device downloads)
         self.global_bytes = 0
-        self._refused: dict[tuple[str, str, str], float] = {}  # (device, reason, detail) -> when told
+        self._refused: dict[tuple[str, str], float] = {}  # (device, reason) -> when told
 
     def connect(self, receive: Callable[[str, object, bytes], None], on_reconnect: Callable[[bool], None]) -> None:
         """Subscribe ``receive`` to every device kind the aggregator reads, connect with a last
@@ -74,7 +74,6 @@ class Publisher:
         # thread that waits for room in the inbox (paho resends it after a reconnection).
         self.task = task
         self.transport.publish(self.topics.task, self.channel.prepare(self.topics.task, task)[0], retain=True)
-        self._remember_issued()
 
     def publish_global(self) -> None:
         """Publish the current adapter (retained). The state naming it is on disk already, so
@@ -92,23 +91,16 @@ class Publisher:
         log.info("reconnected to the broker (%s); republishing the task and global adapter",
                  "session kept" if session_present else "session lost")
         self.presence(True)
+        self.publish_again()
+
+    def publish_again(self) -> None:
+        """The task, the global adapter and the artifact offer again (signed afresh, with a fleet key)."""
         if self.task is not None:
             self.transport.publish(self.topics.task, self.channel.prepare(self.topics.task, self.task)[0], retain=True)
         if self.fleet.global_adapter is not None and self.fleet.state is not None:
             self.channel.send_retained(self.topics.global_adapter, self._downlink(), self.fleet.state.global_chunks)
         if self.artifacts is not None:
             self.artifacts.publish(self.channel, self.topics)
-
-    def _remember_issued(self) -> None:
-        """With a fleet key: the highest number signed so far, on disk (once a round), so that a
-        restart counts on from it even on a clock that was set back."""
-        signer = self.channel.signer
-        if signer is None:
-            return
-        try:
-            self.fleet.store.save_issued(signer.last_issued)
-        except OSError as exc:  # (the wall clock still counts up; the health check reports the disk)
-            log.warning("could not record the fleet key's last issued number: %s", exc)
 
     def _downlink(self) -> GlobalAdapter:
         """The global adapter as it travels (``precision``)."""
@@ -120,7 +112,7 @@ class Publisher:
 
     def refuse(self, refusal: Refusal) -> None:
         """Tell one device why it is not served (not retained: its next hello is answered again)."""
-        key, now = (refusal.device_id, refusal.reason, refusal.detail), time.monotonic()
+        key, now = (refusal.device_id, refusal.reason), time.monotonic()  # (not the detail: the sender writes it)
         if now - self._refused.get(key, -REFUSAL_INTERVAL_S) < REFUSAL_INTERVAL_S:
             return
         if len(self._refused) >= _MAX_REFUSED:

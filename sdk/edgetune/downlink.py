@@ -49,6 +49,9 @@ class DownlinkGuard:
         self.topics = topics
         self.key = key
         self._file = Path(state_dir) / STATE_FILE if state_dir is not None and key is not None else None
+        #: write what it accepted to the state dir (off for a second process of the device,
+        #: ``device personalize``: the running one's record is the one that counts)
+        self.remember = True
         #: topic -> (issued, SHA-256 of the signed payload) of the newest message accepted
         self._newest: dict[str, tuple[int, bytes]] = self._load()
         self._lock = threading.Lock()  # (the transport may deliver on more than one thread)
@@ -57,6 +60,12 @@ class DownlinkGuard:
     @property
     def verifies(self) -> bool:
         return self.key is not None
+
+    def newest_issued(self) -> int:
+        """The newest number of the aggregator's it holds (its hello says so: a daemon whose
+        count is behind counts on from it)."""
+        with self._lock:
+            return max((issued for issued, _ in self._newest.values()), default=0)
 
     def open(self, topic: str, message: Any) -> tuple[Any, str, str]:
         """``(message, "", "")`` to act on, or ``(None, reason, detail)``."""
@@ -117,8 +126,10 @@ class DownlinkGuard:
         except (OSError, ValueError) as exc:  # (written atomically: only tampering or a bad disk)
             log.warning("cannot read %s (%s): replays are refused from the next message on", self._file, exc)
             return {}
+        if not isinstance(saved, dict) or saved.get("fleet") != self.topics.fleet or saved.get("key") != self.key.key_id:
+            return {}  # (another fleet's, or another fleet key's numbers: they say nothing of this one)
         newest = {}
-        for topic, entry in (saved.get("newest") or {}).items() if isinstance(saved, dict) else ():
+        for topic, entry in (saved.get("newest") or {}).items():
             if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str):
                 try:
                     newest[topic] = (entry[0], bytes.fromhex(entry[1]))
@@ -127,7 +138,7 @@ class DownlinkGuard:
         return newest
 
     def _save(self) -> None:
-        if self._file is None:
+        if self._file is None or not self.remember:
             return
         with self._lock:
             retained = {t: [i, d.hex()] for t, (i, d) in self._newest.items() if self._retained(t)}
@@ -135,7 +146,8 @@ class DownlinkGuard:
                 self._newest = {t: v for t, v in self._newest.items() if self._retained(t)}
         try:
             self._file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self._file, {"format": 1, "fleet": self.topics.fleet, "newest": retained})
+            atomic_write_json(self._file, {"format": 1, "fleet": self.topics.fleet, "key": self.key.key_id,
+                                           "newest": retained})
         except OSError as exc:  # (the device trains on; a replay after a restart is then not caught)
             log.warning("cannot write %s: %s", self._file, exc)
 

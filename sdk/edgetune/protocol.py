@@ -15,6 +15,7 @@ Network callbacks only enqueue; one thread (``run`` or a caller of ``poll``) dec
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import queue
 import threading
@@ -138,6 +139,7 @@ class DeviceProtocol:
         #: aggregator clears them
         self.refusals: dict[tuple[str, str], Refusal] = {}
         self._aggregator_online = False
+        self._hello_digest = ""  # SHA-256 of the hello last published (what a refusal must name)
         #: what quantizing this device's updates dropped, carried into the next one
         self._feedback = ErrorFeedback()
         self.on_progress: Callable[[Progress], None] | None = None
@@ -172,6 +174,7 @@ class DeviceProtocol:
         self.transport.on_reconnect(lambda session_present: self._inbox.put((_RECONNECTED, session_present, 0.0)))
         self.transport.connect(will=will)
         self._announced = announce
+        self.downlink.remember = announce  # (a second process of the device leaves the record to the first)
         self.channel.subscribe(self.topics.task, self._enqueue)
         self.channel.subscribe(self.topics.global_adapter + "/+", self._enqueue)
         self.channel.subscribe(self.topics.receipt(me), self._enqueue)
@@ -193,8 +196,13 @@ class DeviceProtocol:
                                              verifies_downlink=self.downlink.verifies),
             num_samples=self.worker.num_samples,
             profile=self.config.profile,
+            downlink_issued=self.downlink.newest_issued(),
         )
-        self.transport.publish(self.topics.hello(me), self.channel.prepare(self.topics.hello(me), hello)[0], retain=True)
+        payload = self.channel.prepare(self.topics.hello(me), hello)[0]
+        # a new hello, a new verdict: only a refusal of this one counts (it names its digest)
+        self._hello_digest = hashlib.sha256(payload).hexdigest()
+        self.refusals.clear()
+        self.transport.publish(self.topics.hello(me), payload, retain=True)
 
     def run(self) -> None:
         """Follow the fleet's tasks until it finishes (or ``stop()``)."""
@@ -308,6 +316,10 @@ class DeviceProtocol:
     def _on_refusal(self, refusal: Refusal) -> None:
         """The aggregator will not serve this device: say why (once per reason and detail),
         and wait with the hello up: a fixed cause lets the device in without a restart."""
+        if refusal.hello != self._hello_digest:  # (provoked by a hello forged in its name, or replayed)
+            log.info("%s: ignoring a refusal of a hello this device did not send last (%s)", self.config.device_id,
+                     shown(refusal.reason, 64))
+            return
         key = (refusal.reason, refusal.detail)
         if self.refusals.get(key) is None:
             log.error("%s: the aggregator refuses this device: %s (%s)%s", self.config.device_id, shown(refusal.reason, 64),
@@ -416,7 +428,8 @@ class DeviceProtocol:
         precision = task.precision_for(self.config.device_id)
         if precision == "fp32" and not self._feedback.residual:
             return update
-        key = (task.run_id, task.error_feedback and task.round)  # (a new key empties the memory)
+        # (a new key empties the memory: the run's, or each round's where feedback is off)
+        key = (task.run_id, None if task.error_feedback else task.round)
         return dataclasses.replace(update, delta=self._feedback.compress(update.delta, precision, key))
 
     def _progress(self, progress: Progress) -> None:

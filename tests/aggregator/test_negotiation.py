@@ -158,3 +158,83 @@ def test_a_refused_device_joins_once_the_aggregator_restarts_with_the_cause_fixe
         assert aggregator.finished.is_set() and device.rounds_done == [1] and not device.refusals
     finally:
         device.stop()
+
+
+def test_a_refusal_provoked_by_a_hello_forged_in_a_devices_name_is_ignored(tmp_path):
+    """Anyone who can publish on an open fleet's broker can send a hello in a device's name; the
+    refusal it provokes names that hello's digest, not the device's own, so the device goes on
+    (and a refusal replayed from an earlier hello is ignored the same way)."""
+    # (the fleet starts once a second device joins: the forged hello comes before it)
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "negotiate-forged", start_devices=2, join_timeout_s=30)
+    device = _device(url, fleet, "dev-1")
+    second = None
+    forger = open_transport(url, client_id=f"{fleet}-forger", connect_timeout=10)
+    forger.connect()
+    topics = Topics(fleet)
+    seen: list[Refusal] = []
+    forger.subscribe(topics.refusal("dev-1"), lambda topic, payload: seen.append(decode_message(payload)))
+    try:
+        assert wait_for(lambda: "dev-1" in aggregator.members.devices, 20)
+        forger.publish(topics.hello("dev-1"), (GOLDEN / "v1-hello.msgpack").read_bytes())  # (not retained)
+        assert wait_for(lambda: seen, 20)
+        assert seen[0].reason == "schema_version" and seen[0].hello
+        assert wait_for(lambda: device.has_messages is False, 5) and not device.refusals
+        second = _device(url, fleet, "dev-2")
+        thread.join(60)
+        assert aggregator.finished.is_set() and device.rounds_done == [1] and not device.refusals
+    finally:
+        device.stop()
+        if second is not None:
+            second.stop()
+        forger.close()
+
+
+def test_a_flood_of_refusable_hellos_gets_one_answer_per_reason_and_interval(tmp_path):
+    """The detail of a refusal is the sender's text (its model, its versions): the daemon answers
+    a device once per reason in ``REFUSAL_INTERVAL_S``, whatever the details, and counts every
+    hello it drops."""
+    from edgetune.simulate import TINY
+    from edgetune.wire import Hello, ModelManifest, encode_message
+
+    url, fleet, aggregator, thread = memory_fleet(tmp_path, "negotiate-flood", admit=frozenset({"other"}),
+                                                  join_timeout_s=5)
+    topics = Topics(fleet)
+    client = open_transport(url, client_id=f"{fleet}-flood", connect_timeout=10)
+    client.connect()
+    answers: list[Refusal] = []
+    client.subscribe(topics.refusal("dev-9"), lambda topic, payload: answers.append(decode_message(payload)))
+    try:
+        for i in range(30):
+            model = ModelManifest(f"model-{i}", TINY.fingerprint, TINY.modules, TINY.vocab_size, TINY.hidden_size,
+                                  TINY.num_layers, TINY.num_heads, TINY.num_parameters)
+            client.publish(topics.hello("dev-9"), encode_message(Hello("dev-9", "flood", model)))
+        assert wait_for(lambda: aggregator.channel.drops["not_admitted"] >= 30, 20)
+        assert len(answers) == 1 and answers[0].reason == "not_admitted"
+    finally:
+        client.close()
+        aggregator.stop()
+        thread.join(30)
+
+
+def test_in_a_fleet_with_device_keys_an_undecodable_hello_gets_no_answer(tmp_path):
+    """Nothing tells who sent a hello that does not decode: a fleet with device keys answers
+    only verified hellos, so a forger cannot make the daemon sign refusals for its devices."""
+    from edgetune.wire.signing import Signer, write_key_file
+
+    keys = tmp_path / "device_keys.json"
+    fleet = f"negotiate-keys-{uuid.uuid4().hex[:6]}"
+    write_key_file(keys, fleet, {"dev-1": Signer.generate("dev-1").public_key})
+    aggregator, thread = start_aggregator(f"memory://{fleet}", AggregatorConfig(
+        fleet=fleet, state_dir=tmp_path / "state", rounds=1, min_devices=1, round_timeout_s=30, join_timeout_s=5,
+        adapter=SPEC, planning=False, evaluate_final=False, model_from_first_hello=True, device_keys=keys))
+    client = open_transport(f"memory://{fleet}", client_id=f"{fleet}-old", connect_timeout=10)
+    client.connect()
+    topics, answers = Topics(fleet), []
+    client.subscribe(topics.refusal("dev-1"), lambda topic, payload: answers.append(payload))
+    try:
+        client.publish(topics.hello("dev-1"), (GOLDEN / "v1-hello.msgpack").read_bytes())
+        assert wait_for(lambda: aggregator.channel.drops["schema_version"] == 1, 20)
+        thread.join(30)
+        assert answers == []
+    finally:
+        client.close()

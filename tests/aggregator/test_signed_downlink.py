@@ -191,3 +191,59 @@ def _task(round_number: int):
     from edgetune.wire import RoundTask, TaskKind
 
     return RoundTask(round_number, TaskKind.TRAIN, 0, "0123456789abcdef", run_id="run")
+
+
+def test_a_daemon_whose_count_is_behind_counts_on_from_what_its_devices_hold(tmp_path):
+    """A new state dir on a host whose clock is behind the old one's: the devices hold messages
+    numbered beyond this daemon's count, say so in their hello, and the daemon counts on from
+    there and publishes its task and adapter again, so the fleet trains instead of every device
+    refusing it as a replay. The devices' record is bound to the fleet key: another key's
+    numbers say nothing."""
+    import json
+    import time
+
+    fleet = f"behind-{uuid.uuid4().hex[:6]}"
+    signer = FleetSigner.generate()
+    key_file, pub_file = tmp_path / "fleet.key", tmp_path / "fleet.pub"
+    key_file.write_bytes(signer.private_pem())
+    pub_file.write_bytes(signer.public_pem())
+    ahead = time.time_ns() // 1000 + 3_600_000_000  # an hour ahead of this clock
+    topics = Topics(fleet)
+    for name in ("dev-0", "dev-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_FILE).write_text(json.dumps({
+            "format": 1, "fleet": fleet, "key": FleetKey.load(pub_file).key_id,
+            "newest": {topics.task: [ahead, "00" * 32], topics.global_adapter: [ahead, "00" * 32]}}))
+    devices = [_device(f"memory://{fleet}", fleet, name, pub_file, tmp_path / name) for name in ("dev-0", "dev-1")]
+    try:
+        assert all(d.downlink.newest_issued() == ahead for d in devices)
+        aggregator, thread = _aggregator(f"memory://{fleet}", fleet, tmp_path / "state", key_file, rounds=2)
+        thread.join(60)
+        assert aggregator.finished.is_set()
+        assert all(d.rounds_done == [1, 2] for d in devices)
+        assert aggregator.channel.signer.last_issued > ahead
+        assert aggregator.store.load_issued() > ahead  # (on record before use: a restart counts on too)
+    finally:
+        for device in devices:
+            device.stop()
+    other = DownlinkGuard(topics, FleetKey(FleetSigner.generate().public_key), tmp_path / "dev-0")
+    assert other.newest_issued() == 0
+
+
+def test_the_chunked_adapters_record_survives_a_restart(tmp_path):
+    """The global adapter arrives on ``global/{i}`` but is signed (and recorded) for ``global``:
+    after a restart, an older genuine adapter is still refused."""
+    signer = FleetSigner.generate()
+    (tmp_path / "fleet.pub").write_bytes(signer.public_pem())
+    key, topics = FleetKey.load(tmp_path / "fleet.pub"), Topics("f")
+
+    def adapter(version):
+        return signer.sign(topics.global_adapter, encode_message(GlobalAdapter(
+            version, version, "0123456789abcdef", SPEC, {"a": np.full((2, 2), version, np.float32)})))
+
+    older, newer = adapter(1), adapter(2)
+    first = DownlinkGuard(topics, key, tmp_path)
+    assert first.open(topics.global_adapter + "/0", newer)[0].version == 2
+    restarted = DownlinkGuard(topics, key, tmp_path)
+    assert restarted.open(topics.global_adapter + "/1", older)[1] == "replayed"
+    assert restarted.open(topics.global_adapter + "/0", newer)[0].version == 2  # (a redelivery of the same)

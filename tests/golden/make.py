@@ -53,7 +53,7 @@ def messages(version: str) -> dict[str, object]:
         out["task"] = RoundTask(3, TaskKind.TRAIN, 2, "0123456789abcdef", LoraSpec(rank=2, alpha=4.0), run_id="run-golden",
                                 delta_precision="int8")
         out["refusal"] = Refusal("dev-1", "unsupported_precision", "the fleet sends deltas as int8; this device reads fp32",
-                                 "edgetune on this device (the aggregator runs 0.2.0)")
+                                 "edgetune on this device (the aggregator runs 0.2.0)", "ab" * 32)
         # the global adapter as a fleet with a fleet key publishes it: signed, whole, for the topic
         # without the chunk index (Ed25519 signatures are deterministic: same key, same bytes)
         out["global-signed"] = fleet_signer().sign(SIGNED_TOPIC, encode_message(out["global"]), nonce=bytes(range(16)))

@@ -208,3 +208,14 @@ def test_a_global_adapter_packs_tensors_and_merged_in_one_buffer():
         np.testing.assert_array_equal(decoded.merged[name], merged[name])
     envelope = msgpack.unpackb(payload)
     assert envelope["body"]["merged"][3][0] > envelope["body"]["tensors"][3][-1]  # one buffer, in field order
+
+
+def test_a_bfloat16_delta_is_quantized_from_its_values_not_its_bits():
+    from edgetune.wire import to_bfloat16
+
+    x = (np.random.default_rng(9).standard_normal((6, 50)) * 1e-2).astype(np.float32)
+    bf16 = to_bfloat16(x)
+    for precision in ("fp16", "int8"):
+        sent = ErrorFeedback().compress({"x": bf16}, precision)["x"]
+        got = sent.to_float32() if isinstance(sent, QuantizedTensor) else np.asarray(sent, np.float32)
+        assert np.abs(got - bf16.to_float32()).max() <= float(error_bound(bf16.to_float32(), precision).max())

@@ -75,3 +75,45 @@ def test_the_worker_lock_is_released_when_its_compute_block_cannot_start():
         with worker.computing(task):
             pass
     assert not worker.lock.locked()  # personalization, or the next round, can have the trainer
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+def test_what_quantizing_dropped_goes_into_the_next_update_only_where_the_task_says(feedback):
+    """Through the protocol, as a device sends: with the task's ``error_feedback`` on (fedit,
+    hetlora), round 2's int8 update carries round 1's remainder; off (stack, svd: the factors
+    restart every round), round 2 starts from nothing. A new run starts afresh either way."""
+    import dataclasses
+
+    import numpy as np
+
+    from edgetune.wire import TrainMetrics, Update
+    from edgetune.wire.quantize import quantize_tensors
+
+    fleet = f"feedback-{uuid.uuid4().hex[:6]}"
+    device = LightDevice(open_transport(f"memory://{fleet}", client_id="d", connect_timeout=5), fleet, "dev-1")
+    rng = np.random.default_rng(1)
+
+    def update(round_number):
+        return Update("dev-1", round_number, round_number - 1, 10,
+                      {"m.lora_A": (rng.standard_normal((4, 64)) * 1e-3).astype(np.float32)},
+                      TrainMetrics(1.0, 1, 1.0, 1.0, 1.0), "run")
+
+    def task(round_number, run="run"):
+        return RoundTask(round_number, TaskKind.TRAIN, round_number - 1, TINY.fingerprint, SPEC, run_id=run,
+                         delta_precision="int8", error_feedback=feedback)
+
+    first = update(1)
+    device._compressed(task(1), first)
+    left = dict(device._feedback.residual)
+    assert np.abs(left["m.lora_A"]).max() > 0
+    second = update(2)
+    sent = device._compressed(task(2), second).delta["m.lora_A"].to_float32()
+    carried = second.delta["m.lora_A"] + (left["m.lora_A"] if feedback else 0.0)
+    np.testing.assert_array_equal(sent, quantize_tensors({"m.lora_A": carried}, "int8")["m.lora_A"].to_float32())
+    third = update(3)
+    fresh = device._compressed(task(3, run="another run"), third).delta["m.lora_A"].to_float32()
+    np.testing.assert_array_equal(fresh, quantize_tensors(third.delta, "int8")["m.lora_A"].to_float32())
+    # a float32 task with nothing left over sends the update as it is
+    device._feedback.residual.clear()
+    plain = update(4)
+    assert device._compressed(dataclasses.replace(task(4), delta_precision="fp32"), plain) is plain

@@ -64,9 +64,9 @@ class Channel:
         self.opener: Callable[[str, Any], tuple[Any, str, str]] | None = None
         #: called with each drop's reason (the aggregator's metrics)
         self.on_drop: Callable[[str], None] | None = None
-        #: ``(sender, topic, reason, detail)`` of a payload that did not decode, after it is
-        #: dropped (the aggregator answers a hello in a wire version it does not read)
-        self.on_undecodable: Callable[[str, str, str, str], None] | None = None
+        #: ``(sender, topic, reason, detail, payload)`` of a payload that did not decode, after it
+        #: is dropped (the aggregator answers a hello in a wire version it does not read)
+        self.on_undecodable: Callable[[str, str, str, str, bytes], None] | None = None
         self.drops: Counter[str] = Counter()
         #: which drops reach the log (a flood of them is counted, not written out line by line)
         self.drop_log = DropLog()
@@ -135,7 +135,7 @@ class Channel:
             except WireError as exc:
                 self.drop(sender, topic, exc.reason, exc.detail)
                 if self.on_undecodable is not None:
-                    self.on_undecodable(sender, topic, exc.reason, exc.detail)
+                    self.on_undecodable(sender, topic, exc.reason, exc.detail, payload)
                 return
             except Exception as exc:  # a decoder bug must not reach the transport's thread
                 log.exception("decoding a message from %s failed unexpectedly", sender)

@@ -114,7 +114,8 @@ TOPIC_KINDS: tuple[TopicKind, ...] = (
     # (unsigned: its last will is written at connect time, and it changes no model)
     TopicKind("aggregator", Presence, _DOWN, Address.FLEET, retained=True),
     TopicKind("artifacts", ArtifactOffer, _DOWN, Address.BACKEND_CHUNKS, retained=True, signed=True),
-    # (unsigned: every file is checked against the SHA-256 in the signed offer's manifest)
+    # (signed like all the daemon sends with a fleet key, but not required: a device checks every
+    # file against the SHA-256 in the signed offer's manifest)
     TopicKind("artifact_data", ArtifactData, _DOWN, Address.DEVICE),
     TopicKind("receipt", Receipt, _DOWN, Address.DEVICE, signed=True),
     TopicKind("refusal", Refusal, _DOWN, Address.DEVICE, signed=True),

@@ -8,7 +8,8 @@ topic carries which message, with what QoS, and whether it must be signed: ``kin
 
 Rules that keep old and new peers talking: a new field gets a default (older senders omit it),
 unknown fields are ignored on receipt, and anything that changes the meaning of an existing
-field bumps ``SCHEMA_VERSION``.
+field bumps ``SCHEMA_VERSION``, as does a new field of tensors (its bytes would sit in the
+message's buffer where an older peer's check finds no index naming them).
 """
 
 from __future__ import annotations
@@ -51,9 +52,15 @@ class Hello:
     capabilities: Capabilities = field(default_factory=Capabilities)
     num_samples: int = 0
     profile: DeviceProfile | None = None
+    #: the newest ``issued`` of the aggregator's signed messages this device holds: a daemon
+    #: whose count is behind (a new host, a clock set back) counts on from it, or the device
+    #: would refuse its tasks as replays
+    downlink_issued: int = 0
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")
+        if not 0 <= self.downlink_issued < 1 << 63:
+            raise ValueError("Hello.downlink_issued must be in 0..2^63-1")
 
 
 @dataclass(frozen=True)
@@ -424,11 +431,15 @@ class Refusal:
     reason: str
     detail: str
     upgrade: str = ""
+    #: SHA-256 (hex) of the hello payload it answers, as received: a device acts only on the
+    #: refusal of the hello it sent last (not on one provoked by a hello forged in its name, nor
+    #: on an old one replayed)
+    hello: str = ""
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")
-        if len(self.reason) > 64 or len(self.detail) > 1024 or len(self.upgrade) > 256:
-            raise ValueError("Refusal: reason ≤ 64, detail ≤ 1024 and upgrade ≤ 256 characters")
+        if len(self.reason) > 64 or len(self.detail) > 1024 or len(self.upgrade) > 256 or len(self.hello) > 64:
+            raise ValueError("Refusal: reason ≤ 64, detail ≤ 1024, upgrade ≤ 256 and hello ≤ 64 characters")
 
 
 #: kind name on the wire -> message class

@@ -79,12 +79,20 @@ def dequantize(values: np.ndarray, scales: np.ndarray, shape: tuple[int, ...], b
     return out.reshape(shape)
 
 
+def _float32(tensor) -> np.ndarray:
+    """Its values as float32 (a ``BFloat16Array`` holds bits, which ``asarray`` would misread)."""
+    if hasattr(tensor, "to_float32"):
+        return tensor.to_float32()
+    return np.asarray(tensor, dtype=np.float32)
+
+
 def quantize(array: np.ndarray, precision: str):
     """The tensor as it travels at ``precision`` (``PRECISIONS``)."""
+    array = _float32(array)
     if precision == "fp32":
-        return np.ascontiguousarray(array, dtype=np.float32)
+        return np.ascontiguousarray(array)
     if precision == "fp16":
-        x = np.asarray(array, dtype=np.float32)
+        x = array
         if x.size and float(np.abs(x).max()) > _FP16_MAX:  # (beyond float16's range: kept exact)
             return np.ascontiguousarray(x)
         return x.astype(np.float16)
@@ -147,13 +155,12 @@ class ErrorFeedback:
         if key != self._key or {n: r.shape for n, r in self.residual.items()} != shapes:
             self.residual, self._key = {}, key
         if precision == "fp32":  # (exact: what is left of earlier rounds goes with it)
-            sent = {name: np.asarray(t, dtype=np.float32) + self.residual.get(name, np.float32(0.0))
-                    for name, t in delta.items()}
+            sent = {name: _float32(t) + self.residual.get(name, np.float32(0.0)) for name, t in delta.items()}
             self.residual = {}
             return sent
         sent = {}
         for name, t in delta.items():
-            y = np.asarray(t, dtype=np.float32) + self.residual.get(name, 0.0)
+            y = _float32(t) + self.residual.get(name, np.float32(0.0))
             q = quantize(y, precision)
             self.residual[name] = (y - decoded(q).astype(np.float32)).astype(np.float32)
             sent[name] = q

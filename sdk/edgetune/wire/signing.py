@@ -184,19 +184,31 @@ def _raw_public(private_key) -> bytes:
     return private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+#: numbers put on record ahead of use: a restart counts on from the record, whatever the clock
+RESERVE_US = 600_000_000
+#: how far ahead of its clock a number a device holds may move the aggregator's (one day)
+MAX_AHEAD_US = 86_400_000_000
+
+
 class FleetSigner:
     """The fleet key, as the aggregator holds it: signs what it publishes, each message with
     an ``issued`` number above every earlier one: the wall clock in microseconds, or one more
-    than the last if that is not larger, and never below ``floor`` (the highest number the
-    state dir says was used, so a restart on a clock that went back still counts up)."""
+    than the last if that is not larger, and never below ``floor``.
 
-    def __init__(self, private_key, floor: int = 0, now: Callable[[], int] = time.time_ns):
+    ``reserve(n)`` (the state dir's ``downlink.json``) records a number before any above the
+    last record is used, ten minutes of clock ahead, so a restart on a clock that went back
+    still counts up; ``raise_floor`` counts on from what a device holds (a daemon on a new host
+    whose clock is behind the old one's)."""
+
+    def __init__(self, private_key, floor: int = 0, now: Callable[[], int] = time.time_ns,
+                 reserve: Callable[[int], None] | None = None):
         self._key = private_key
         self.public_key = _raw_public(private_key)
         self.key_id = key_id(self.public_key)
         self.device_id = AGGREGATOR_ID
         self._now = now
-        self._last = floor
+        self._last = self._reserved = floor
+        self._reserve = reserve
         self._lock = threading.Lock()  # (receipts are signed on the round loop, tasks too: one counter)
 
     @classmethod
@@ -206,13 +218,22 @@ class FleetSigner:
         return cls(Ed25519PrivateKey.generate(), floor)
 
     @classmethod
-    def load(cls, path: str | Path, floor: int = 0) -> FleetSigner:
+    def load(cls, path: str | Path, floor: int = 0, reserve: Callable[[int], None] | None = None) -> FleetSigner:
         """Read the fleet's PEM (PKCS#8) Ed25519 private key; errors say which file and why."""
-        return cls(_load_key(path, "fleet key"), floor)
+        return cls(_load_key(path, "fleet key"), floor, reserve=reserve)
 
     @property
     def last_issued(self) -> int:
         return self._last
+
+    def raise_floor(self, issued: int) -> bool:
+        """Count on from ``issued`` (a number a device holds) if it is above the last one used
+        and at most a day ahead of the clock; True if it moved the count."""
+        with self._lock:
+            if not self._last < issued <= self._now() // 1000 + MAX_AHEAD_US:
+                return False
+            self._last = issued
+            return True
 
     def private_pem(self) -> bytes:
         from cryptography.hazmat.primitives import serialization
@@ -229,7 +250,11 @@ class FleetSigner:
     def sign(self, topic: str, payload: bytes, nonce: bytes | None = None) -> Signed:
         nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
         with self._lock:
-            self._last = issued = max(self._last + 1, self._now() // 1000)
+            issued = max(self._last + 1, self._now() // 1000)
+            if self._reserve is not None and issued > self._reserved:
+                self._reserved = issued + RESERVE_US
+                self._reserve(self._reserved)  # (on record before it is used)
+            self._last = issued
         signature = self._key.sign(downlink_bytes(topic, issued, nonce, payload))
         return Signed(AGGREGATOR_ID, self.key_id, nonce, bytes(payload), signature, issued)
 
