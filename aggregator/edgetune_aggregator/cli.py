@@ -7,6 +7,7 @@
         [--algorithm fedavg|fedsgd] [--client-optimizer adamw|sgd] [--local-epochs E]
 
     edgetune-aggregator provision --fleet NAME --devices N --out DIR   (CA, certificates, ACL, keys)
+    edgetune-aggregator versions|promote VERSION|rollback VERSION --state-dir DIR   (operate.py)
 
 Restarting with the same ``--state-dir`` resumes the round that was open (docs/reliability.md).
 Every setting can come from a TOML file instead (``--config``, docs/configuration.md); flags
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(FedBuff-style; fedit/dense; default {_d('max_staleness')}: refuse late updates)")
     security.add_argument("--staleness-exponent", type=float, help="a late update's weight is multiplied by "
                           f"(1 + lag)^-exponent (default {_d('staleness_exponent'):g})")
+    security.add_argument("--promote", choices=("auto", "manual"), help="auto: serve each new global version "
+                          "once stored; manual: only `edgetune-aggregator promote` changes what devices serve "
+                          f"(default {_d('promote')}; docs/operations.md)")
     security.add_argument("--metrics-port", type=int, help="serve /metrics (Prometheus) and /healthz "
                           "on this port (0: any free port)")
     security.add_argument("--metrics-host", help="address for --metrics-port "
@@ -184,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .provision import add_provision_parser
 
     add_provision_parser(commands)
+    from .operate import add_parsers
+
+    add_parsers(commands)
     return parser
 
 
@@ -251,6 +258,7 @@ FLAGS: FlagMap = (
     ("quorum", "quorum", None),
     ("max_staleness", "max_staleness", None),
     ("staleness_exponent", "staleness_exponent", None),
+    ("promote", "promote", None),
 )
 #: flags of one adapter kind: given for the other kind they are ignored (as they always were)
 ADAPTER_FLAGS: dict[str, FlagMap] = {
@@ -332,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
             from .provision import run_provision
 
             return run_provision(args)
+        if args.command in ("versions", "promote", "rollback"):
+            from .operate import run
+
+            return run(args)
         config, settings = settings_from_args(args)
         logging.getLogger().setLevel(settings.log_level)
         # a persistent session: the broker keeps device updates while the daemon reconnects

@@ -26,6 +26,9 @@ DEFAULT_CANDIDATES = LLAMA_KINDS + GPT2_KINDS
 LAYOUTS = ("fixed", "importance")
 PLAN_MODES = ("auto", "weakest", "uniform")
 DELTA_PRECISION_MODES = ("auto", *DELTA_PRECISIONS)
+#: "auto": each new global version is served as soon as it is stored (and passes the gate);
+#: "manual": only ``edgetune-aggregator promote`` changes what the fleet serves
+PROMOTE_MODES = ("auto", "manual")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class AggregatorConfig:
     #: unless quantizing buys it training steps or the fleet its uplink budget). The bounds are in
     #: docs/protocol.md, what each costs in quality in docs/benchmarks.md
     delta_precision: str = "auto"
+    #: how new versions reach what devices serve (``PROMOTE_MODES``, docs/operations.md)
+    promote: str = "auto"
 
     def merged_rank_for(self, adapter: AdapterSpec) -> int | None:
         """The cap an exact strategy gets (None: unbounded)."""
@@ -154,6 +159,8 @@ class AggregatorConfig:
         return self.strategy
 
     def __post_init__(self) -> None:
+        if self.promote not in PROMOTE_MODES:
+            raise ValueError(f"promote {self.promote!r} is not one of {', '.join(PROMOTE_MODES)}")
         if self.strategy != "auto" and self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
         strategy = make_strategy(self.strategy_name, self.server_optimizer)  # raises for an incompatible optimizer

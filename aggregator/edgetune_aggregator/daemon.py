@@ -38,6 +38,7 @@ from edgetune.wire import (
     PersonalizationReport,
     Presence,
     RoundTask,
+    ServingReport,
     TaskKind,
     Topics,
 )
@@ -53,6 +54,7 @@ from .membership import Membership
 from .personal import PersonalizationLog
 from .publisher import Publisher
 from .runner import RoundRunner
+from .serving import Rollout
 from .startup import Startup
 from .store import FleetState, RoundRecord, StateStore
 from .strategies import Strategy
@@ -124,6 +126,9 @@ class Aggregator:
         self.runner = RoundRunner(config, clock, self.fleet, self.members, self.tasks, self.publisher, self.desk,
                                   self.journal, self.channel, handlers, self._receive, self._stop, metrics)
         self.runner.on_round, self.runner.on_task = on_round, on_task
+        self.rollout = Rollout(config, self.fleet, self.publisher, clock, metrics)
+        self.runner.on_version = self.rollout.stored
+        self._train = train
         self.startup = Startup(config, clock, self.fleet, self.members, self.runner, self.publisher, self.journal,
                                self.intake, self.channel, train, initialize, self._receive, self._stop)
         self.channel.admit = self.members.admit_payload
@@ -140,6 +145,7 @@ class Aggregator:
             ErrorReport: self.desk.on_error,
             ArtifactRequest: lambda topic, opened, ctx: self._on_artifact_request(topic, opened.message),
             PersonalizationReport: lambda topic, opened, ctx: self.personalization.record(topic, opened.message),
+            ServingReport: lambda topic, opened, ctx: self.rollout.on_report(opened.message),
             **{cls: self.desk.on_result for cls in TASK_OF_RESULT},
         }
 
@@ -172,10 +178,14 @@ class Aggregator:
         try:
             if resumed:
                 self.publisher.publish_global()
+                self.rollout.publish()
             elif not self.startup.start():
                 return
+            else:
+                self.rollout.stored(0)
             self._run_rounds()
         finally:
+            self.rollout.close()
             self._inbox.close()  # before closing the connection: see Inbox.close
             self.publisher.close()
 
@@ -242,8 +252,8 @@ class Aggregator:
             state = self.fleet.state
             if self.config.rounds is not None and state.round + 1 - state.first_train_round >= self.config.rounds:
                 break
-            next_round = state.round + 1
-            self.runner.run(next_round, TaskKind.TRAIN)
+            self.rollout.reset_training(self._train.forget_lineage)
+            self.runner.run(self.fleet.state.round + 1, TaskKind.TRAIN)
         if self._stop.is_set():
             return
         state = self.fleet.state
@@ -281,6 +291,7 @@ class Aggregator:
     def _receive(self, ctx: RoundContext | None, timeout: float) -> None:
         """Take one message from the inbox (waiting up to ``timeout`` s) and act on it."""
         self.health.tick()
+        self.rollout.tick()
         try:
             topic, message, payload = self._inbox.get(timeout=timeout)
         except queue.Empty:

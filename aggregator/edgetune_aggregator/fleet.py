@@ -9,13 +9,17 @@ these methods, so what must survive a restart is saved where it changes (``State
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Iterable
 
+from edgetune.adapters.digest import adapter_digest
 from edgetune.adapters.kind import AdapterKind
 from edgetune.adapters.registry import adapter_kind
 from edgetune.wire import GlobalAdapter
 
 from .store import FleetState, StateStore
 from .strategies import Strategy
+from .versions import VersionLog, VersionRecord
 
 
 class Fleet:
@@ -27,6 +31,8 @@ class Fleet:
         self.global_adapter: GlobalAdapter | None = None
         #: made once the fleet's state is known (its strategy is fixed for a state dir)
         self.strategy: Strategy | None = None
+        #: every global adapter version's record (``versions.py``)
+        self.versions = VersionLog(store.directory)
 
     @property
     def kind(self) -> AdapterKind:
@@ -42,3 +48,33 @@ class Fleet:
 
     def save(self) -> None:
         self.store.save_state(self.state)
+
+    def new_version(self, adapter: GlobalAdapter, parent: int | None, strategy: str, contributors: Iterable[str] = (),
+                    metrics: dict[str, float] | None = None, note: str = "", request: str = "") -> VersionRecord:
+        """Store ``adapter`` as a version (its tensors, the PEFT export, its record) and make it
+        the one rounds train on; the caller saves the state that names it."""
+        self.store.save_global(adapter, self.state.base_model)
+        record = VersionRecord(adapter.version, parent, adapter.round, strategy,
+                               adapter_digest(adapter.tensors, adapter.merged), time.time(), sorted(set(contributors)),
+                               dict(metrics or {}), note, request)
+        self.versions.add(record)
+        self.global_adapter = adapter
+        return record
+
+    def backfill_versions(self) -> None:
+        """Records for the versions a state dir from before ``versions.json`` holds (their
+        lineage and contributors from ``rounds.json``)."""
+        missing = [v for v in self.store.global_versions() if self.versions.get(v) is None]
+        if not missing:
+            return
+        built = {r["new_version"]: r for r in self.store.rounds() if r.get("new_version") is not None}
+        for version in missing:
+            adapter = self.store.load_global(version)
+            round_ = built.get(version)
+            self.versions.add(VersionRecord(
+                version, round_["base_version"] if round_ else (version - 1 if version else None), adapter.round,
+                self.state.strategy if version else "initial", adapter_digest(adapter.tensors, adapter.merged),
+                self.store.global_path(version).stat().st_mtime,
+                sorted({d["device_id"] for d in round_["devices"]}) if round_ else [], note="recorded afterwards"),
+                save=False)
+        self.versions.save()

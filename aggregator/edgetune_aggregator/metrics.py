@@ -102,6 +102,10 @@ class AggregatorMetrics:
         self._round = Gauge("edgetune_round", "Number of the current (or last) round", registry=r)
         self._round_open = Gauge("edgetune_round_open", "1 while a round collects updates, else 0", registry=r)
         self._global_version = Gauge("edgetune_global_version", "Version of the published global adapter", registry=r)
+        self._serving_version = Gauge("edgetune_serving_version", "Version of the global adapter devices serve "
+                                      "(docs/operations.md)", registry=r)
+        self._serving_reports = Counter("edgetune_serving_reports", "Devices' reports on a version they were told "
+                                        "to serve, by whether they switched to it", ["switched"], registry=r)
         self._accepted = Counter("edgetune_updates_accepted", "Device messages accepted, by kind",
                                  ["kind"], registry=r)
         self._rejected = Counter("edgetune_updates_rejected", "Device messages dropped, by reason",
@@ -148,6 +152,12 @@ class AggregatorMetrics:
     def global_version(self, version: int) -> None:
         self.version = version
         self._global_version.set(version)
+
+    def serving_version(self, version: int) -> None:
+        self._serving_version.set(version)
+
+    def serving_report(self, switched: bool) -> None:
+        self._serving_reports.labels(switched="true" if switched else "false").inc()
 
     def accepted(self, kind: str) -> None:
         self._accepted.labels(kind=self._accepted_kind(kind)).inc()

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from edgetune.transport import Transport, TransportError, Will
 from edgetune.transport.channel import Channel
-from edgetune.wire import AGGREGATOR_ID, DEVICE_KINDS, GlobalAdapter, Presence, Refusal, RoundTask, Topics, encode_message
+from edgetune.wire import (AGGREGATOR_ID, DEVICE_KINDS, GlobalAdapter, Presence, Refusal, RoundTask, Serving, Topics,
+                           encode_message)
 from edgetune.wire.quantize import quantize_tensors
 
 from .fleet import Fleet
@@ -43,6 +44,8 @@ class Publisher:
         self.task: RoundTask | None = None
         #: payload bytes of the published global adapter (what each device downloads)
         self.global_bytes = 0
+        #: what the fleet serves: the notice and the versions it names (``serving.py``)
+        self.serving: tuple[Serving | None, dict[int, GlobalAdapter]] = (None, {})
         self._refused: dict[tuple[str, str], float] = {}  # (device, reason) -> when told
 
     def connect(self, receive: Callable[[str, object, bytes], None], on_reconnect: Callable[[bool], None]) -> None:
@@ -59,6 +62,8 @@ class Publisher:
         # A retained task left by an earlier run (e.g. "finished") must not steer devices
         # that connect before this run publishes its own.
         self.transport.publish(self.topics.task, b"", retain=True)
+        # (likewise what an earlier run served: this run's state says what it serves, if anything)
+        self.transport.publish(self.topics.serving, b"", retain=True)
         if self.artifacts is not None:
             self.artifacts.publish(self.channel, self.topics)
         else:  # an offer retained by an earlier run must not send devices to a daemon without one
@@ -101,6 +106,27 @@ class Publisher:
             self.channel.send_retained(self.topics.global_adapter, self._downlink(), self.fleet.state.global_chunks)
         if self.artifacts is not None:
             self.artifacts.publish(self.channel, self.topics)
+        if self.serving[0] is not None:
+            self.publish_serving(*self.serving)
+
+    def publish_serving(self, notice: Serving | None, adapters: dict[int, GlobalAdapter]) -> None:
+        """The versions devices serve, whole and in float32 (``served/{version}``: a device
+        checks their digest), then the notice naming them; the chunk topics of versions no
+        longer named are cleared. Retained, so a device that connects later serves the same."""
+        self.serving = (notice, adapters)
+        state = self.fleet.state
+        chunks = dict(state.served_chunks)
+        for version, adapter in sorted(adapters.items()):
+            chunks[str(version)] = self.channel.send_retained(self.topics.served(version), adapter,
+                                                              chunks.get(str(version), 0))
+        for key in [k for k in chunks if int(k) not in adapters]:
+            for index in range(chunks.pop(key)):
+                self.transport.publish(f"{self.topics.served(int(key))}/{index}", b"", retain=True)
+        if chunks != state.served_chunks:
+            self.fleet.update(save=True, served_chunks=chunks)
+        if notice is not None:
+            self.transport.publish(self.topics.serving, self.channel.prepare(self.topics.serving, notice)[0],
+                                   retain=True)
 
     def _downlink(self) -> GlobalAdapter:
         """The global adapter as it travels (``precision``)."""

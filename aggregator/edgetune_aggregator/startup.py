@@ -83,6 +83,7 @@ class Startup:
                         config.strategy_name)
         self.fleet.strategy = make_strategy(state.strategy, config.server_optimizer, config.merged_rank_for(state.adapter))
         self.fleet.strategy.optimizer.load_state_dict(store.load_server_state(state.global_version))
+        self.fleet.backfill_versions()
         log.info("resuming fleet %s after round %d (global v%d)", state.fleet, state.round, state.global_version)
         self.set_limits()
         records = store.rounds()
@@ -139,8 +140,7 @@ class Startup:
             tensors = self._initialize()
             if tensors is None:
                 return False
-        self.fleet.global_adapter = GlobalAdapter(0, 0, model.fingerprint, spec, tensors)
-        self.fleet.store.save_global(self.fleet.global_adapter, config.base_model)
+        self.fleet.new_version(GlobalAdapter(0, 0, model.fingerprint, spec, tensors), None, "initial")
         self.fleet.save()
         self.publisher.publish_global()
         n = sum(t.size for t in tensors.values())

@@ -156,6 +156,17 @@ class FleetState:
     first_train_round: int = 1
     #: devices left out of the fleet, and why (their starting adapter showed another base)
     left_out: dict[str, str] = field(default_factory=dict)
+    #: the version devices serve (None: none promoted yet); rounds train on ``global_version``
+    serving_version: int | None = None
+    #: a staged rollout's candidate (served by ``canaries`` only until their reports pass)
+    candidate_version: int | None = None
+    canaries: list[str] = field(default_factory=list)
+    #: retained chunk topics in use per served version ("7" -> 3), to clear them when unnamed
+    served_chunks: dict[str, int] = field(default_factory=dict)
+    #: a rollback's training part, done before the next round opens: the version to restart
+    #: from, and the operator request that asked for it
+    reset_to: int | None = None
+    reset_request: str = ""
 
 
 class StateStore:
@@ -189,6 +200,12 @@ class StateStore:
             layout=raw.get("layout", "fixed"),
             first_train_round=raw.get("first_train_round", 1),
             left_out=dict(raw.get("left_out", {})),
+            serving_version=raw.get("serving_version"),
+            candidate_version=raw.get("candidate_version"),
+            canaries=list(raw.get("canaries", [])),
+            served_chunks={str(k): int(v) for k, v in raw.get("served_chunks", {}).items()},
+            reset_to=raw.get("reset_to"),
+            reset_request=raw.get("reset_request", ""),
         )
 
     def save_state(self, state: FleetState) -> None:
@@ -196,18 +213,28 @@ class StateStore:
 
     # --- global adapters --------------------------------------------------------------------
 
-    def _global_path(self, version: int) -> Path:
+    def global_path(self, version: int) -> Path:
         return self.directory / "global" / f"v{version:06d}.msgpack"
 
     def save_global(self, adapter: GlobalAdapter, base_model: str = "") -> None:
         """Keep every version (rollback, audit) and refresh the PEFT export of the latest."""
-        atomic_write_bytes(self._global_path(adapter.version), encode_message(adapter))
+        atomic_write_bytes(self.global_path(adapter.version), encode_message(adapter))
         write_peft_adapter(self.directory / "adapter", adapter.adapter, adapter.tensors, base_model, adapter.merged)
 
+    def global_versions(self) -> list[int]:
+        """The versions stored, oldest first."""
+        found = []
+        for path in (self.directory / "global").glob("v*.msgpack"):
+            try:
+                found.append(int(path.stem[1:]))
+            except ValueError:
+                continue
+        return sorted(found)
+
     def load_global(self, version: int) -> GlobalAdapter:
-        message = decode_message(self._global_path(version).read_bytes(), FILE_VERSIONS)
+        message = decode_message(self.global_path(version).read_bytes(), FILE_VERSIONS)
         if not isinstance(message, GlobalAdapter):
-            raise RuntimeError(f"{self._global_path(version)} does not hold a global adapter")
+            raise RuntimeError(f"{self.global_path(version)} does not hold a global adapter")
         return message
 
     # --- server optimizer state --------------------------------------------------------------

@@ -148,17 +148,19 @@ class Device(DeviceProtocol):
         self.serving = "personal"
 
     def rollback(self) -> None:
-        """Serve the global adapter again; the personal one is kept (``use_personal``)."""
+        """Serve the fleet's global version again; the personal one is kept (``use_personal``)."""
         self.serving = "global"
 
     def serving_adapter(self) -> tuple[object, dict, dict]:
-        """``(spec, tensors, merged)`` of the adapter this device serves now."""
+        """``(spec, tensors, merged)`` of the adapter this device serves now: its personal
+        adapter where it serves that, else the global version the fleet promoted for it
+        (``promoted.py``), else (no version promoted yet) the newest global adapter."""
         if self.serving == "personal" and self.personal_adapter is not None:
             p = self.personal_adapter
             return p.spec, p.tensors, p.merged
-        if self.global_adapter is None:
+        g = self.promoted.adapter or self.global_adapter
+        if g is None:
             raise RuntimeError("no adapter yet")
-        g = self.global_adapter
         return g.adapter, g.tensors, g.merged
 
     def save_adapter(self, directory: Path, base_model: str = "") -> Path:

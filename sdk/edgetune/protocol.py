@@ -32,6 +32,7 @@ from .data.split import HELDOUT_FRACTION
 from .logsafe import shown
 from .downlink import DownlinkGuard
 from .outbox import Outbox
+from .promoted import PromotedAdapter
 from .transport import Transport, TransportError, Will
 from .transport.channel import Channel
 from .work import DeadlineMissed, RoundEnv, Worker
@@ -49,6 +50,7 @@ from .wire import (
     Receipt,
     Refusal,
     RoundTask,
+    Serving,
     TaskKind,
     Topics,
     Update,
@@ -130,6 +132,9 @@ class DeviceProtocol:
         self.channel.opener = self.downlink.open
         self.outbox = Outbox(self.channel, config.resend_after_s, now=self.clock.now)
         self.global_adapter: GlobalAdapter | None = None
+        #: the version the fleet serves on this device (``promoted.py``), apart from the one it trains on
+        self.promoted = PromotedAdapter(config.device_id, config.state_dir, worker.manifest.fingerprint)
+        self.promoted.attach(self.channel, self.topics, self._enqueue)
         self.task: RoundTask | None = None
         self.finished = threading.Event()
         #: train rounds this device sent an update for
@@ -180,7 +185,8 @@ class DeviceProtocol:
         self.channel.subscribe(self.topics.receipt(me), self._enqueue)
         self.channel.subscribe(self.topics.refusal(me), self._enqueue)
         self.channel.subscribe(self.topics.aggregator_status, self._enqueue)
-        if announce:
+        if announce:  # (a second process of the device serves nothing: the first does)
+            self.channel.subscribe(self.topics.serving, self._enqueue)
             self._announce()
             log.info("%s joined fleet %s (%d training samples)", me, self.config.fleet, self.worker.num_samples)
 
@@ -297,6 +303,12 @@ class DeviceProtocol:
                 self.refusals.clear()
             self._aggregator_online = message.online
             return False
+        if isinstance(message, Serving):
+            self.promoted.on_notice(message, self.global_adapter)
+            return False
+        if isinstance(message, GlobalAdapter) and topic.startswith(self.topics.base + "/served/"):
+            self.promoted.on_served(_as_float32(message))
+            return False
         if isinstance(message, GlobalAdapter):
             self._on_global(message)
         elif isinstance(message, RoundTask):
@@ -339,6 +351,7 @@ class DeviceProtocol:
         if self.global_adapter is None or adapter.version != self.global_adapter.version:
             self.global_adapter = adapter
             log.info("%s: global adapter v%d", self.config.device_id, adapter.version)
+            self.promoted.on_global(adapter)
         self._global_arrived.set()
 
     # --- tasks ------------------------------------------------------------------------------

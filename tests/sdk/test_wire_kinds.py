@@ -25,13 +25,14 @@ from edgetune.wire import (
 PROTOCOL = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 TOPICS = Topics("plant-7")
 #: what follows ``…/{kind}`` in docs/protocol.md's topic column
-_SHOWN = {Address.DEVICE: "/{device}", Address.FLEET: "", Address.CHUNKS: "/{i}", Address.BACKEND_CHUNKS: "/{backend}/{i}"}
+_SHOWN = {Address.DEVICE: "/{device}", Address.FLEET: "", Address.CHUNKS: "/{i}", Address.BACKEND_CHUNKS: "/{backend}/{i}",
+          Address.VERSION_CHUNKS: "/{version}/{i}"}
 
 
 def example(kind, device: str = "line-1") -> str:
     """One concrete topic of ``kind`` in fleet plant-7."""
     tail = {Address.DEVICE: f"/{device}", Address.FLEET: "", Address.CHUNKS: "/0",
-            Address.BACKEND_CHUNKS: "/ort/0"}[kind.address]
+            Address.BACKEND_CHUNKS: "/ort/0", Address.VERSION_CHUNKS: "/7/0"}[kind.address]
     return f"{TOPICS.base}/{kind.name}{tail}"
 
 
@@ -41,13 +42,13 @@ def test_every_kind_carries_a_wire_message_and_names_are_unique():
     assert all(kind.address is Address.DEVICE for kind in DEVICE_KINDS)  # (a device's ACL pins it to its own)
     assert set(DEVICE_KINDS) | set(AGGREGATOR_KINDS) == set(TOPIC_KINDS)
     assert DEVICE_TOPIC_KINDS == tuple(k.name for k in DEVICE_KINDS)
-    assert RESULT_KINDS == {"update", "eval", "importance", "init", "personal"}
+    assert RESULT_KINDS == {"update", "eval", "importance", "init", "personal", "serving_report"}
     assert all(kind.qos in (0, 1) for kind in TOPIC_KINDS)
 
 
 def test_only_the_kinds_that_shape_the_fleet_must_be_signed():
     signed = {k.name for k in DEVICE_KINDS if k.signed}
-    assert signed == {"hello", "update", "eval", "importance", "init", "personal", "error"}
+    assert signed == {"hello", "update", "eval", "importance", "init", "personal", "error", "serving_report"}
     assert set(MUST_BE_SIGNED) == {BY_NAME[name].message for name in signed}
     assert all(BY_NAME[name].signed for name in RESULT_KINDS)  # a result is never unsigned in a keyed fleet
 
@@ -76,6 +77,9 @@ def test_patterns_are_what_the_topic_helpers_build():
     assert BY_NAME["aggregator"].pattern(TOPICS.base) == TOPICS.aggregator_status
     assert BY_NAME["global"].pattern(TOPICS.base) == TOPICS.global_adapter + "/#"
     assert BY_NAME["artifacts"].pattern(TOPICS.base) == TOPICS.artifact_offer("#")
+    assert BY_NAME["serving"].pattern(TOPICS.base) == TOPICS.serving
+    assert BY_NAME["served"].pattern(TOPICS.base) == f"{TOPICS.base}/served/#"
+    assert TOPICS.message_topic(TOPICS.served(7) + "/0") == TOPICS.served(7)
     assert BY_NAME["receipt"].pattern(TOPICS.base, "line-1") == TOPICS.receipt("line-1")
     assert BY_NAME["artifact_data"].pattern(TOPICS.base, "line-1") == TOPICS.artifact_data("line-1")
 

@@ -71,6 +71,11 @@ class TrainHandler(TaskHandler):
         self.round_bases[ctx.number] = self.fleet.state.global_version
         self._entries = {}
 
+    def forget_lineage(self) -> None:
+        """Training restarts from an older version (a rollback): no late update trained on a
+        version after it may join, and nothing counted toward them matters any more."""
+        self.round_bases, self.counted = {}, set()
+
     def forget_old_rounds(self) -> None:
         """Keep only the rounds whose global is young enough for a late update to join."""
         oldest = self.fleet.state.global_version - self.config.max_staleness
@@ -181,10 +186,12 @@ class TrainHandler(TaskHandler):
                      ctx.number, result.truncation_error)
         problem = self._check_global(result, typical)
         if problem is None:
-            fleet.global_adapter = GlobalAdapter(version, ctx.number, fleet.state.model.fingerprint,
-                                                 fleet.state.adapter, result.tensors, result.merged)
-            fleet.store.save_global(fleet.global_adapter, fleet.state.base_model)
+            losses = [d.train_loss for d in record.devices if d.train_loss is not None]
             fleet.store.save_server_state(version, fleet.strategy.optimizer.state_dict())
+            fleet.new_version(GlobalAdapter(version, ctx.number, fleet.state.model.fingerprint, fleet.state.adapter,
+                                            result.tensors, result.merged),
+                              fleet.state.global_version, fleet.state.strategy, (d.device_id for d in record.devices),
+                              {"train_loss": sum(losses) / len(losses)} if losses else {})
             fleet.update(global_version=version)  # (saved with the round's close)
             record.new_version, record.status = version, RoundStatus.AGGREGATED
             return

@@ -103,6 +103,10 @@ class Network:
         with self._lock:
             self._filters.append((id(owner), topic_filter))
 
+    def unsubscribed(self, owner: object, topic_filter: str) -> None:
+        with self._lock:
+            self._filters = [(o, f) for o, f in self._filters if (o, f) != (id(owner), topic_filter)]
+
     def left(self, owner: object) -> None:
         """``owner`` disconnected: nothing is delivered to it any more."""
         with self._lock:
@@ -152,6 +156,10 @@ class _Wrapped(Transport):
 
     def flush(self, timeout: float = 30.0) -> None:
         self.inner.flush(timeout)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.network.unsubscribed(self, topic_filter)
+        self.inner.unsubscribe(topic_filter)
 
     def close(self) -> None:
         self.network.left(self)

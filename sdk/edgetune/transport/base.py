@@ -104,6 +104,11 @@ class Transport(ABC):
         """Call ``handler(topic, payload)`` for each message matching the filter (also for
         retained ones), surviving reconnects."""
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop the handler of ``topic_filter`` (a device that no longer needs a version's
+        retained chunks). Transports that cannot leave the subscription in place."""
+        raise NotImplementedError(f"{type(self).__name__} cannot unsubscribe")
+
     @abstractmethod
     def flush(self, timeout: float = 30.0) -> None:
         """Block until what was published at QoS ≥ 1 has left (or raise on timeout)."""

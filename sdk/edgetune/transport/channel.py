@@ -149,6 +149,14 @@ class Channel:
 
         self.transport.subscribe(topic_filter, on_frame, qos=qos)
 
+    def unsubscribe(self, topic_filter: str) -> bool:
+        """Stop delivering ``topic_filter``; False where the transport cannot (it stays)."""
+        try:
+            self.transport.unsubscribe(topic_filter)
+        except NotImplementedError:
+            return False
+        return True
+
     def drop(self, sender: str, topic: str, reason: str, detail: str) -> None:
         """Log and count a message we refuse; used for wire errors and for semantic checks."""
         with self._lock:

@@ -47,6 +47,10 @@ class MemoryBroker:
         for topic, payload in retained:
             handler(topic, payload)
 
+    def unsubscribe(self, client_id: str, topic_filter: str) -> None:
+        with self._lock:
+            self._subs = [s for s in self._subs if s[:2] != (client_id, topic_filter)]
+
     def attach(self, client_id: str, will: Will | None) -> None:
         with self._lock:
             if will is not None:
@@ -87,6 +91,9 @@ class MemoryTransport(Transport):
             handler(topic, payload)
 
         self.broker.subscribe(self.client_id, topic_filter, counted)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.broker.unsubscribe(self.client_id, topic_filter)
 
     def flush(self, timeout: float = 30.0) -> None:
         return None  # delivery is synchronous

@@ -240,6 +240,15 @@ class MqttTransport(Transport):
             except Exception:
                 log.exception("handler for %s failed", item[0])
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            known = self._subs.pop(topic_filter, None)
+        if known is None:
+            return
+        self._client.message_callback_remove(topic_filter)
+        if self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
     def flush(self, timeout: float = 30.0) -> None:
         # Acknowledgements are tracked through on_publish: paho's own wait_for_publish() and
         # is_published() raise for a message published while disconnected, which it still

@@ -31,6 +31,8 @@ from .messages import (
     Receipt,
     Refusal,
     RoundTask,
+    Serving,
+    ServingReport,
     Update,
 )
 
@@ -53,6 +55,8 @@ class Address(str, Enum):
     CHUNKS = "chunks"
     #: ``{kind}/{backend}/{index}``: one retained message in chunks per backend
     BACKEND_CHUNKS = "backend chunks"
+    #: ``{kind}/{version}/{index}``: one retained message in chunks per version
+    VERSION_CHUNKS = "version chunks"
 
 
 class Limit(str, Enum):
@@ -109,9 +113,13 @@ TOPIC_KINDS: tuple[TopicKind, ...] = (
     # quorum stop waiting for it)
     TopicKind("error", ErrorReport, _UP, Address.DEVICE, signed=True),
     TopicKind("artifact_request", ArtifactRequest, _UP, Address.DEVICE),
+    TopicKind("serving_report", ServingReport, _UP, Address.DEVICE, signed=True, result=True),
     TopicKind("task", RoundTask, _DOWN, Address.FLEET, retained=True, signed=True),
     TopicKind("global", GlobalAdapter, _DOWN, Address.CHUNKS, retained=True, signed=True),
     # (unsigned: its last will is written at connect time, and it changes no model)
+    # what the fleet serves, and the versions it names (docs/operations.md)
+    TopicKind("serving", Serving, _DOWN, Address.FLEET, retained=True, signed=True),
+    TopicKind("served", GlobalAdapter, _DOWN, Address.VERSION_CHUNKS, retained=True, signed=True),
     TopicKind("aggregator", Presence, _DOWN, Address.FLEET, retained=True),
     TopicKind("artifacts", ArtifactOffer, _DOWN, Address.BACKEND_CHUNKS, retained=True, signed=True),
     # (signed like all the daemon sends with a fleet key, but not required: a device checks every

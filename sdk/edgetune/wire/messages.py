@@ -21,6 +21,7 @@ from enum import Enum
 import numpy as np
 
 from .names import check_name, check_positive
+from .served import Serving, ServingReport
 from .specs import (
     DELTA_PRECISIONS,
     MAX_MANIFEST_MODULES,
@@ -34,7 +35,7 @@ from .specs import (
     TrainSettings,
 )
 
-__all__ = ["SCHEMA_VERSION", "MAX_ARTIFACT_CHUNK", "Hello", "Presence", "TrainMetrics", "Update", "ImportanceReport", "AdapterInit", "EvalMetrics", "EvalReport", "PersonalizationReport", "Progress", "ErrorReport", "TaskKind", "RoundTask", "GlobalAdapter", "ArtifactOffer", "ArtifactRequest", "ArtifactData", "Chunk", "Signed", "Receipt", "Refusal", "MESSAGE_KINDS", "KIND_OF"]
+__all__ = ["SCHEMA_VERSION", "MAX_ARTIFACT_CHUNK", "Hello", "Presence", "TrainMetrics", "Update", "ImportanceReport", "AdapterInit", "EvalMetrics", "EvalReport", "PersonalizationReport", "Progress", "ErrorReport", "TaskKind", "RoundTask", "GlobalAdapter", "ArtifactOffer", "ArtifactRequest", "ArtifactData", "Chunk", "Signed", "Receipt", "Refusal", "Serving", "ServingReport", "MESSAGE_KINDS", "KIND_OF"]
 
 SCHEMA_VERSION = 2
 #: the most bytes one ArtifactData carries (it must fit one MQTT packet with its envelope)
@@ -459,6 +460,8 @@ MESSAGE_KINDS: dict[str, type] = {
     "signed": Signed,
     "receipt": Receipt,
     "refusal": Refusal,
+    "serving": Serving,
+    "serving_report": ServingReport,
     "artifact_offer": ArtifactOffer,
     "artifact_request": ArtifactRequest,
     "artifact_data": ArtifactData,

@@ -47,6 +47,15 @@ class Topics:
         return f"{self.global_adapter}/{index}"
 
     @property
+    def serving(self) -> str:
+        """The retained ``Serving`` notice: which version the fleet serves."""
+        return f"{self.base}/serving"
+
+    def served(self, version: int) -> str:
+        """Prefix of the retained chunks ``served/{version}/{index}`` of one served version."""
+        return f"{self.base}/served/{version}"
+
+    @property
     def aggregator_status(self) -> str:
         return f"{self.base}/aggregator"
 
@@ -125,7 +134,7 @@ class Topics:
         found = self.kind_of(topic)
         if found is None:
             return None
-        if found[0].address in (Address.CHUNKS, Address.BACKEND_CHUNKS):
+        if found[0].address in (Address.CHUNKS, Address.BACKEND_CHUNKS, Address.VERSION_CHUNKS):
             return topic.rpartition("/")[0]
         return topic
 
@@ -150,4 +159,4 @@ class Topics:
 
 
 #: topic levels after the fleet's, per address shape
-_LEVELS = {Address.FLEET: 1, Address.DEVICE: 2, Address.CHUNKS: 2, Address.BACKEND_CHUNKS: 3}
+_LEVELS = {Address.FLEET: 1, Address.DEVICE: 2, Address.CHUNKS: 2, Address.BACKEND_CHUNKS: 3, Address.VERSION_CHUNKS: 3}

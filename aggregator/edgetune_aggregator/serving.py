@@ -1,0 +1,214 @@
+"""What the fleet serves: promotion, rollback, the retained ``serving`` notice, and what devices
+report they serve (docs/operations.md).
+
+Rounds build versions (``versions.py``); devices serve the one promoted. With ``promote =
+"auto"`` each version is promoted once stored; with ``"manual"`` only the operator's
+``edgetune-aggregator promote`` / ``rollback`` (``control.py``) move it. A rollback serves the
+older version at once, and before the next round opens restarts training from a copy of it
+(a new version number whose parent is the old version, with the server optimizer's state of
+then), so the rounds that built on the bad version leave no trace in what follows.
+
+Devices check each served version's digest and say what they serve (``ServingReport``); the
+daemon keeps the latest word of each device in ``serving.json`` (written at most once a second:
+a promotion in a fleet of thousands is thousands of reports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+from edgetune.atomic import atomic_write_json
+from edgetune.clock import Clock
+from edgetune.wire import GlobalAdapter, Serving, ServingReport
+
+from . import control
+from .config import AggregatorConfig
+from .fleet import Fleet
+from .publisher import Publisher
+
+log = logging.getLogger("edgetune_aggregator.daemon")
+
+_POLL_S = 0.5
+_SAVE_S = 1.0
+
+
+class Rollout:
+    def __init__(self, config: AggregatorConfig, fleet: Fleet, publisher: Publisher, clock: Clock, metrics=None):
+        self.config = config
+        self.fleet = fleet
+        self.publisher = publisher
+        self.clock = clock
+        self.metrics = metrics
+        #: device -> its latest ServingReport, as a dict with when it came
+        self.reports: dict[str, dict] = {}
+        self._dirty = False
+        self._polled = self._saved = float("-inf")
+        self._load_reports()
+
+    # --- what is served ---------------------------------------------------------------------
+
+    def notice(self) -> Serving | None:
+        state = self.fleet.state
+        if state is None or state.serving_version is None:
+            return None
+        versions = self.fleet.versions
+        serving = versions.get(state.serving_version)
+        candidate = versions.get(state.candidate_version) if state.candidate_version is not None else None
+        if serving is None:  # (its record is written before the state names it)
+            return None
+        return Serving(serving.version, serving.digest, candidate.version if candidate else None,
+                       candidate.digest if candidate else "", tuple(state.canaries) if candidate else ())
+
+    def publish(self) -> None:
+        """The served versions (whole, float32) and the notice naming them, retained."""
+        notice = self.notice()
+        adapters: dict[int, GlobalAdapter] = {}
+        if notice is not None:
+            for version in {notice.version, *(() if notice.candidate is None else (notice.candidate,))}:
+                adapters[version] = self._adapter(version)
+        self.publisher.publish_serving(notice, adapters)
+        if self.metrics is not None and notice is not None:
+            self.metrics.serving_version(notice.version)
+
+    def _adapter(self, version: int) -> GlobalAdapter:
+        adapter = self.fleet.global_adapter
+        if adapter is not None and adapter.version == version:
+            return adapter
+        return self.fleet.store.load_global(version)
+
+    # --- changes ----------------------------------------------------------------------------
+
+    def stored(self, version: int) -> None:
+        """A round stored a new version: serve it, where promotion is automatic."""
+        if self.config.promote == "auto":
+            self.promote(version, "automatic")
+
+    def promote(self, version: int, why: str) -> str | None:
+        """Serve ``version`` on every device; why not (None: done)."""
+        state = self.fleet.state
+        if state is None:
+            return "the fleet has not started"
+        if self.fleet.versions.get(version) is None:
+            known = [r.version for r in self.fleet.versions.all()]
+            return f"no version {version} (the fleet has {_ranges(known)})"
+        if state.serving_version == version and state.candidate_version is None:
+            return None
+        previous = state.serving_version
+        self.fleet.update(save=True, serving_version=version, candidate_version=None, canaries=[])
+        self.fleet.versions.noted(version, f"served from {_now()} ({why})")
+        log.info("the fleet serves v%d now (%s)%s", version, why, "" if previous is None else f"; it served v{previous}")
+        self.publish()
+        return None
+
+    def rollback(self, version: int, request: str = "", why: str = "rollback") -> str | None:
+        """Serve ``version`` at once, and train from it again before the next round opens."""
+        problem = self.promote(version, why)
+        if problem is None:
+            self.fleet.update(save=True, reset_to=version, reset_request=request)
+        return problem
+
+    def reset_training(self, on_reset) -> None:
+        """A rollback's training part, between rounds: the next version is a copy of the old
+        one (parent: the old one) with its server optimizer state, and what was counted toward
+        the versions after it is forgotten (``on_reset``)."""
+        state, fleet = self.fleet.state, self.fleet
+        if state.reset_to is None:
+            return
+        target, request = state.reset_to, state.reset_request
+        made = fleet.versions.by_request(request)
+        if made is None:  # (a daemon killed after the copy was stored finds it made)
+            old = fleet.store.load_global(target)
+            version = state.global_version + 1
+            adapter = dataclasses.replace(old, version=version, round=state.round)
+            fleet.store.save_server_state(version, fleet.store.load_server_state(target))
+            fleet.new_version(adapter, target, "rollback", note=f"rollback to v{target}", request=request)
+            made = fleet.versions.get(version)
+        else:
+            fleet.global_adapter = fleet.store.load_global(made.version)
+        fleet.strategy.optimizer.load_state_dict(fleet.store.load_server_state(made.version))
+        fleet.update(save=True, global_version=made.version, reset_to=None, reset_request="")
+        on_reset()
+        log.info("training restarts from v%d as v%d (rollback)", target, made.version)
+        self.publisher.publish_global()
+
+    # --- the operator's requests and the devices' reports -----------------------------------------
+
+    def tick(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._polled >= _POLL_S:
+            self._polled = now
+            self.apply_requests()
+        if self._dirty and now - self._saved >= _SAVE_S:
+            self._saved = now
+            self._save_reports()
+
+    def apply_requests(self) -> None:
+        if self.fleet.state is None:  # (applied once the fleet has started)
+            return
+        for path, request in control.pending(self.config.state_dir):
+            if isinstance(request, str):
+                log.error("ignoring operator request %s: %s", path.name, request)
+            else:
+                act = self.promote if request.action == "promote" else self.rollback
+                args = (request.version, request.id) if request.action == "rollback" else (request.version,)
+                why = f"{request.action} by the operator" + (f": {request.reason}" if request.reason else "")
+                problem = act(*args, why=why)
+                if problem:
+                    log.error("operator request to %s v%d refused: %s", request.action, request.version, problem)
+            control.done(path)
+
+    def on_report(self, report: ServingReport) -> None:
+        self.reports[report.device_id] = {**dataclasses.asdict(report), "at": self.clock.time()}
+        self._dirty = True
+        if report.switched:
+            log.info("%s serves v%d", report.device_id, report.version)
+        else:
+            log.warning("%s does not serve v%d: %s", report.device_id, report.version, report.reason)
+        if self.metrics is not None:
+            self.metrics.serving_report(report.switched)
+
+    def serving_counts(self) -> dict[int, int]:
+        """version -> devices that said they serve it (their latest word)."""
+        counts: dict[int, int] = {}
+        for entry in self.reports.values():
+            if entry.get("switched"):
+                counts[entry["version"]] = counts.get(entry["version"], 0) + 1
+        return counts
+
+    def _path(self):
+        return self.config.state_dir / "serving.json"
+
+    def _save_reports(self) -> None:
+        try:
+            atomic_write_json(self._path(), {"format": 1, "devices": self.reports})
+            self._dirty = False
+        except OSError as exc:  # (kept in memory; tried again in a second)
+            log.warning("could not record what devices serve: %s", exc)
+
+    def _load_reports(self) -> None:
+        try:
+            saved = json.loads(self._path().read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:  # (written atomically: tampering or a bad disk)
+            log.warning("ignoring %s: %s", self._path(), exc)
+            return
+        if isinstance(saved, dict) and isinstance(saved.get("devices"), dict):
+            self.reports = {d: e for d, e in saved["devices"].items() if isinstance(e, dict)}
+
+    def close(self) -> None:
+        if self._dirty:
+            self._save_reports()
+
+
+def _ranges(versions: list[int]) -> str:
+    if not versions:
+        return "none"
+    return f"v{versions[0]}–v{versions[-1]}" if len(versions) > 1 else f"v{versions[0]}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
