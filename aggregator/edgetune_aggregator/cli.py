@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--promote", choices=("auto", "manual"), help="auto: serve each new global version "
                           "once stored; manual: only `edgetune-aggregator promote` changes what devices serve "
                           f"(default {_d('promote')}; docs/operations.md)")
+    security.add_argument("--max-regression", type=float, help="the validation gate: the most the fleet's held-out "
+                          "perplexity may rise over the serving version's before a new version is refused "
+                          f"(default {_d('gate.max_regression')}; negative: no overall check)")
+    security.add_argument("--max-device-regression", type=float, help="the validation gate: the most any one "
+                          "device's may rise (default: not checked per device)")
     security.add_argument("--metrics-port", type=int, help="serve /metrics (Prometheus) and /healthz "
                           "on this port (0: any free port)")
     security.add_argument("--metrics-host", help="address for --metrics-port "
@@ -259,6 +264,8 @@ FLAGS: FlagMap = (
     ("max_staleness", "max_staleness", None),
     ("staleness_exponent", "staleness_exponent", None),
     ("promote", "promote", None),
+    ("max_regression", "gate.max_regression", lambda v: None if v < 0 else v),
+    ("max_device_regression", "gate.max_device_regression", None),
 )
 #: flags of one adapter kind: given for the other kind they are ignored (as they always were)
 ADAPTER_FLAGS: dict[str, FlagMap] = {

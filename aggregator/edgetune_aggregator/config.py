@@ -15,6 +15,7 @@ from edgetune.wire import (DEFAULT_MAX_PACKET, DELTA_PRECISIONS, AdapterSpec, Im
 
 from .strategies import DEFAULT_SERVER_OPTIMIZER, STRATEGIES, ServerOptimizerConfig, make_strategy
 from .strategies.robust import ROBUST_METHODS
+from .gate import GateSettings
 from .guard import DEFAULT_CHANGE_RATIO
 from .influence import InfluenceBounds
 from .validation import UpdateLimits
@@ -130,6 +131,8 @@ class AggregatorConfig:
     delta_precision: str = "auto"
     #: how new versions reach what devices serve (``PROMOTE_MODES``, docs/operations.md)
     promote: str = "auto"
+    #: the validation gate a version passes before it is served (``gate.py``)
+    gate: GateSettings = field(default_factory=GateSettings)
 
     def merged_rank_for(self, adapter: AdapterSpec) -> int | None:
         """The cap an exact strategy gets (None: unbounded)."""

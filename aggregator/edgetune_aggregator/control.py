@@ -33,6 +33,8 @@ class Request:
     id: str
     requested: float
     reason: str = ""
+    #: promote a version the validation gate refused
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -45,9 +47,9 @@ def _directory(state_dir: Path) -> Path:
     return Path(state_dir) / "control"
 
 
-def submit(state_dir: Path, action: str, version: int, reason: str = "") -> Request:
+def submit(state_dir: Path, action: str, version: int, reason: str = "", force: bool = False) -> Request:
     """Ask the fleet's daemon to ``action`` ``version``; the request as written."""
-    request = Request(action, version, uuid.uuid4().hex[:12], time.time(), reason[:200])
+    request = Request(action, version, uuid.uuid4().hex[:12], time.time(), reason[:200], force)
     directory = _directory(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / f"{time.time_ns():020d}-{request.id}.json", asdict(request))

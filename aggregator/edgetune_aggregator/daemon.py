@@ -128,6 +128,7 @@ class Aggregator:
         self.runner.on_round, self.runner.on_task = on_round, on_task
         self.rollout = Rollout(config, self.fleet, self.publisher, clock, metrics)
         self.runner.on_version = self.rollout.stored
+        self.runner.on_closing = self.rollout.judge
         self._train = train
         self.startup = Startup(config, clock, self.fleet, self.members, self.runner, self.publisher, self.journal,
                                self.intake, self.channel, train, initialize, self._receive, self._stop)

@@ -106,6 +106,8 @@ class AggregatorMetrics:
                                       "(docs/operations.md)", registry=r)
         self._serving_reports = Counter("edgetune_serving_reports", "Devices' reports on a version they were told "
                                         "to serve, by whether they switched to it", ["switched"], registry=r)
+        self._gate = Counter("edgetune_gate_verdicts", "The validation gate's verdicts on new global versions "
+                             "(refused: a regression kept it from being served)", ["verdict"], registry=r)
         self._accepted = Counter("edgetune_updates_accepted", "Device messages accepted, by kind",
                                  ["kind"], registry=r)
         self._rejected = Counter("edgetune_updates_rejected", "Device messages dropped, by reason",
@@ -155,6 +157,9 @@ class AggregatorMetrics:
 
     def serving_version(self, version: int) -> None:
         self._serving_version.set(version)
+
+    def gate_verdict(self, passed: bool | None) -> None:
+        self._gate.labels(verdict={True: "passed", False: "refused", None: "not_judged"}[passed]).inc()
 
     def serving_report(self, switched: bool) -> None:
         self._serving_reports.labels(switched="true" if switched else "false").inc()

@@ -31,6 +31,9 @@ def add_parsers(commands) -> None:
         parser.add_argument("version", help="a version number (v7 or 7)")
         parser.add_argument("--state-dir", type=Path, required=True, help="the daemon's state dir")
         parser.add_argument("--reason", default="", help="why, for the round log and versions.json")
+        if action == "promote":
+            parser.add_argument("--force", action="store_true", help="serve it even if the validation gate "
+                                "refused it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(f'v{v}' for v in known[-10:]) or 'none'}; see `edgetune-aggregator versions`)",
               file=sys.stderr)
         return 2
-    request = control.submit(state_dir, args.command, version, args.reason)
+    gate = log.get(version).gate
+    if args.command == "promote" and gate and gate.get("passed") is False and not args.force:
+        print(f"edgetune-aggregator: error: the validation gate refused v{version}: {gate.get('reason')} "
+              "(--force serves it anyway)", file=sys.stderr)
+        return 2
+    request = control.submit(state_dir, args.command, version, args.reason, getattr(args, "force", False))
     print(f"asked the daemon to {args.command} v{version} (request {request.id}); it applies it within a second "
           "if it runs, else when it starts. `edgetune-aggregator versions` shows what the fleet serves.")
     return 0

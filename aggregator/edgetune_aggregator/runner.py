@@ -58,6 +58,8 @@ class RoundRunner:
         self.on_round: Callable[[RoundRecord], None] | None = None
         #: called when a round stored a new global version, with its number (``serving.py``)
         self.on_version: Callable[[int], None] | None = None
+        #: called with a closing round's record before it is written (the validation gate's verdict)
+        self.on_closing: Callable[[RoundRecord], None] | None = None
         self._open: RoundRecord | None = None  # the open round's record (latecomers join it)
 
     def run(self, number: int, kind: TaskKind) -> RoundRecord:
@@ -174,6 +176,8 @@ class RoundRunner:
             log.warning("round %d failed: %s; the global adapter stays at v%d",
                         ctx.number, record.note, self.fleet.state.global_version)
         self.fleet.update(round=ctx.number)
+        if self.on_closing is not None:
+            self.on_closing(record)
         # Disk before network: the global file, the round log, then the state that names
         # them; only then is the new version published.
         self.fleet.store.append_round(record)

@@ -27,7 +27,9 @@ from edgetune.wire import GlobalAdapter, Serving, ServingReport
 from . import control
 from .config import AggregatorConfig
 from .fleet import Fleet
+from .gate import Score, judge
 from .publisher import Publisher
+from .store import RoundRecord, RoundStatus
 
 log = logging.getLogger("edgetune_aggregator.daemon")
 
@@ -82,18 +84,57 @@ class Rollout:
     # --- changes ----------------------------------------------------------------------------
 
     def stored(self, version: int) -> None:
-        """A round stored a new version: serve it, where promotion is automatic."""
-        if self.config.promote == "auto":
+        """A round stored a new version: the gate judges it in the round that trains on it;
+        with automatic promotion it is served then (at once without a gate, or while nothing
+        is served yet: there is nothing to compare it with)."""
+        state = self.fleet.state
+        if self.config.gate.enabled and state.serving_version is not None:
+            self.fleet.update(save=True, awaiting=version)
+        elif self.config.promote == "auto":
             self.promote(version, "automatic")
 
-    def promote(self, version: int, why: str) -> str | None:
-        """Serve ``version`` on every device; why not (None: done)."""
+    def judge(self, record: RoundRecord) -> None:
+        """At a round's close, before its record is written: if it started from the version the
+        gate awaits, decide on it from the devices' paired scores (``gate.py``). A refused version
+        is never served, and training restarts from the serving version, as after a rollback."""
+        state = self.fleet.state
+        candidate, serving = state.awaiting, state.serving_version
+        if candidate is None or record.base_version != candidate or serving is None:
+            return
+        if record.status is RoundStatus.FAILED:  # (too few to decide on: the next round tries again)
+            return
+        scores = [Score(d.device_id, d.num_samples, d.global_ppl, d.serving_ppl) for d in record.devices
+                  if d.from_round is None and d.serving_version == serving]
+        verdict = judge(candidate, serving, scores, self.config.gate)
+        record.gate = verdict.as_dict()
+        self.fleet.versions.judged(candidate, record.gate)
+        self.fleet.update(save=True, awaiting=None)
+        if self.metrics is not None:
+            self.metrics.gate_verdict(verdict.passed)
+        if verdict.passed is False:
+            log.error("the validation gate refuses v%d: %s; the fleet keeps serving v%d and trains from it again",
+                      candidate, verdict.reason, serving)
+            self.fleet.versions.noted(candidate, f"refused by the gate: {verdict.reason}")
+            record.note = "; ".join(filter(None, (record.note, f"gate refused v{candidate}: {verdict.reason}")))
+            self.fleet.update(save=True, reset_to=serving, reset_request=f"gate-{state.run_id}-v{candidate}")
+            return
+        log.info("the validation gate %s v%d: %s", "passes" if verdict.passed else "could not judge", candidate,
+                 verdict.reason)
+        if self.config.promote == "auto":
+            self.promote(candidate, "automatic, " + ("gate passed" if verdict.passed else "not judged"))
+
+    def promote(self, version: int, why: str, force: bool = True) -> str | None:
+        """Serve ``version`` on every device; why not (None: done). ``force``: even if the
+        validation gate refused it."""
         state = self.fleet.state
         if state is None:
             return "the fleet has not started"
-        if self.fleet.versions.get(version) is None:
+        record = self.fleet.versions.get(version)
+        if record is None:
             known = [r.version for r in self.fleet.versions.all()]
             return f"no version {version} (the fleet has {_ranges(known)})"
+        if not force and record.gate and record.gate.get("passed") is False:
+            return f"the validation gate refused v{version}: {record.gate.get('reason')} (promote --force serves it)"
         if state.serving_version == version and state.candidate_version is None:
             return None
         previous = state.serving_version
@@ -129,7 +170,7 @@ class Rollout:
         else:
             fleet.global_adapter = fleet.store.load_global(made.version)
         fleet.strategy.optimizer.load_state_dict(fleet.store.load_server_state(made.version))
-        fleet.update(save=True, global_version=made.version, reset_to=None, reset_request="")
+        fleet.update(save=True, global_version=made.version, reset_to=None, reset_request="", awaiting=None)
         on_reset()
         log.info("training restarts from v%d as v%d (rollback)", target, made.version)
         self.publisher.publish_global()
@@ -152,10 +193,11 @@ class Rollout:
             if isinstance(request, str):
                 log.error("ignoring operator request %s: %s", path.name, request)
             else:
-                act = self.promote if request.action == "promote" else self.rollback
-                args = (request.version, request.id) if request.action == "rollback" else (request.version,)
                 why = f"{request.action} by the operator" + (f": {request.reason}" if request.reason else "")
-                problem = act(*args, why=why)
+                if request.action == "promote":
+                    problem = self.promote(request.version, why, force=request.force)
+                else:
+                    problem = self.rollback(request.version, request.id, why)
                 if problem:
                     log.error("operator request to %s v%d refused: %s", request.action, request.version, problem)
             control.done(path)

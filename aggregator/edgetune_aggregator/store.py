@@ -74,6 +74,10 @@ class DeviceRecord:
     norm_scale: float | None = None
     #: its share of the round's merge weight (samples counted × staleness, normalised)
     weight: float | None = None
+    #: the version it serves, where not the round's, and that version's perplexity on the same
+    #: held-out blocks as ``global_ppl`` (the validation gate)
+    serving_version: int | None = None
+    serving_ppl: float | None = None
 
 
 class RoundStatus(str, Enum):
@@ -116,6 +120,8 @@ class RoundRecord:
     declined: dict[str, str] = field(default_factory=dict)
     #: bytes a device downloads for the round: the global adapter it trains on, and the task
     downlink_bytes: int = 0
+    #: the validation gate's verdict on the version the round started from (gate.Verdict), if it judged one
+    gate: dict | None = None
     #: exact strategies with a bounded downlink: the relative Frobenius error of truncating the
     #: merged update (‖ΔW − ΔW_kept‖ / ‖ΔW‖, largest over layers; 0 when nothing was cut)
     truncation_error: float | None = None
@@ -167,6 +173,8 @@ class FleetState:
     #: from, and the operator request that asked for it
     reset_to: int | None = None
     reset_request: str = ""
+    #: the newest stored version the validation gate has yet to judge (None: none waits)
+    awaiting: int | None = None
 
 
 class StateStore:
@@ -206,6 +214,7 @@ class StateStore:
             served_chunks={str(k): int(v) for k, v in raw.get("served_chunks", {}).items()},
             reset_to=raw.get("reset_to"),
             reset_request=raw.get("reset_request", ""),
+            awaiting=raw.get("awaiting"),
         )
 
     def save_state(self, state: FleetState) -> None:

@@ -46,6 +46,8 @@ class VersionRecord:
     note: str = ""
     #: the operator request that made it (a rollback), so a request applied twice makes it once
     request: str = ""
+    #: the validation gate's verdict on it (``gate.Verdict.as_dict``; None: not judged)
+    gate: dict | None = None
 
 
 class VersionLog:
@@ -93,6 +95,12 @@ class VersionLog:
             return
         record.metrics.update(values)
         self.save()
+
+    def judged(self, version: int, verdict: dict) -> None:
+        record = self._records.get(version)
+        if record is not None:
+            record.gate = verdict
+            self.save()
 
     def noted(self, version: int, note: str) -> None:
         record = self._records.get(version)

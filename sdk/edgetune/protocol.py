@@ -412,7 +412,8 @@ class DeviceProtocol:
                         task.round, ", ".join(shown(r.reason, 64) for r in self.refusals.values()))
             return
         env = RoundEnv(me, self.global_adapter, self.clock, self._task_seen_at.get((task.run_id, task.round)),
-                       self._progress, lambda code, message: self._report_error(task, code, message), self._traffic)
+                       self._progress, lambda code, message: self._report_error(task, code, message), self._traffic,
+                       self.promoted.adapter)
         try:
             with self.worker.computing(task):
                 answer = getattr(self.worker, task.kind.value)(task, env)

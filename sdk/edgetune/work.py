@@ -37,6 +37,9 @@ class RoundEnv:
     report_error: Callable[[str, str], None]
     #: ``() -> (sent, received)``: payload bytes since the last call (what an update reports)
     traffic: Callable[[], tuple[int, int]]
+    #: the global version this device serves (``promoted.py``; None: none promoted): scored
+    #: next to the round's global for the validation gate
+    serving: GlobalAdapter | None = None
 
     def check_deadline(self, task: RoundTask, next_step_s: float) -> None:
         """Raise ``DeadlineMissed`` if another ``next_step_s`` of work would end after the

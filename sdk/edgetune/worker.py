@@ -206,6 +206,7 @@ class WorkloadWorker(Worker):
         global_ppl = score(heldout)
         global_robust = score(robust)
         local_robust = global_robust
+        serving = self._serving_score(trainer, task, env, adapter, plan.rank, heldout, start)
         budget = self.profile.memory_bytes if self.profile else None
 
         self.clock.checkpoint()  # (loading the model and evaluating the global adapter)
@@ -251,7 +252,7 @@ class WorkloadWorker(Worker):
         self.clock.checkpoint()
         sent, received = env.traffic()
         metrics = TrainMetrics(result.mean_loss, result.tokens, result.seconds, local_ppl, global_ppl, sent, received,
-                               global_robust, local_robust)
+                               global_robust, local_robust, *serving)
         scores = f", held-out ppl {global_ppl:.2f} -> {local_ppl:.2f}" if global_ppl is not None else ""
         log.info("%s: round %d (rank %d, %s, batch %d, %d steps) loss %.3f%s", me, task.round,
                  plan.rank, plan.quantization, plan.batch_size, result.steps, result.mean_loss, scores)
@@ -269,10 +270,30 @@ class WorkloadWorker(Worker):
         robust = self.workload.robustness_blocks(task.train.seq_len, blocks)
         ppl = trainer.perplexity(heldout)
         robust_ppl = trainer.perplexity(robust) if len(robust) else None
+        serving = self._serving_score(trainer, task, env, adapter, rank, heldout, None)
         self.clock.checkpoint()
         log.info("%s: global adapter v%d held-out ppl %.2f", me, adapter.version, ppl)
         return EvalReport(me, task.round, adapter.version, self.workload.num_samples,
-                          EvalMetrics(ppl, int(heldout.size), robust_ppl))
+                          EvalMetrics(ppl, int(heldout.size), robust_ppl, *serving))
+
+    def _serving_score(self, trainer, task: RoundTask, env: RoundEnv, adapter: GlobalAdapter, rank: int, heldout,
+                       restore) -> tuple[int | None, float | None]:
+        """``(version, perplexity)`` of the version this device serves on the same held-out
+        blocks as the round's global (the validation gate compares the two, device by device),
+        or ``(None, None)`` where it serves that global, none, or another layout. The trainer
+        is left holding ``restore`` (the round's start) again, if given."""
+        served = env.serving
+        if served is None or served.version == adapter.version or served.adapter != task.adapter or not len(heldout):
+            return None, None
+        begin = adapter_kind(task.adapter).training_start(task.adapter, served.tensors, served.merged, rank)
+        trainer.set_adapter(begin.tensors)
+        trainer.set_merged(begin.merged)
+        ppl = trainer.perplexity(heldout)
+        if restore is not None:
+            start = adapter_kind(task.adapter).training_start(task.adapter, adapter.tensors, adapter.merged, rank)
+            trainer.set_adapter(restore)
+            trainer.set_merged(start.merged)
+        return served.version, ppl
 
 
 def hash_seed(text: str) -> int:

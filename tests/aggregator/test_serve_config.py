@@ -20,6 +20,7 @@ import pytest
 from edgetune.wire import LoraSpec, PromptSpec, TrainSettings
 from edgetune_aggregator.cli import build_parser, settings_from_args
 from edgetune_aggregator.config import AggregatorConfig
+from edgetune_aggregator.gate import GateSettings
 from edgetune_aggregator.influence import InfluenceBounds
 from edgetune_aggregator.serve_settings import ServeSettings
 from edgetune_aggregator.strategies import DEFAULT_SERVER_OPTIMIZER, ServerOptimizerConfig
@@ -268,6 +269,7 @@ def test_the_configuration_doc_lists_every_key_with_its_default():
     owners = {AggregatorConfig: None, LoraSpec: defaults.adapter, PromptSpec: PromptSpec(), TrainSettings: defaults.train,
               ServerOptimizerConfig: defaults.server_optimizer, ImportanceSettings: defaults.importance,
               UpdateLimits: defaults.limits, InfluenceBounds: defaults.influence, ServeSettings: None,
+              GateSettings: defaults.gate,
               DeviceRunSettings: None, PersonalizeSettings: PersonalizeSettings()}
     tables = _doc_tables()
     checked = 0

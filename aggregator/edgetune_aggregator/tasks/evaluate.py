@@ -17,7 +17,9 @@ class EvaluateHandler(TaskHandler):
         ctx.seen.add(sender)
         ctx.record.devices.append(DeviceRecord(sender, report.num_samples,
                                                global_ppl=score(report.metrics.global_ppl, sender),
-                                               global_robust_ppl=score(report.metrics.robust_ppl, sender)))
+                                               global_robust_ppl=score(report.metrics.robust_ppl, sender),
+                                               serving_version=report.metrics.serving_version,
+                                               serving_ppl=score(report.metrics.serving_ppl, sender)))
 
     def close(self, ctx: RoundContext, enough: bool) -> None:
         if ctx.record.devices:

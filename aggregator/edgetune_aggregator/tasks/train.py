@@ -164,7 +164,8 @@ class TrainHandler(TaskHandler):
         ctx.record.devices.append(DeviceRecord(
             sender, update.num_samples, m.train_loss, score(m.local_ppl, sender), score(m.global_ppl, sender),
             m.train_tokens, m.train_seconds, m.bytes_sent, m.bytes_received, score(m.global_robust_ppl, sender),
-            score(m.local_robust_ppl, sender), norm=norm,
+            score(m.local_robust_ppl, sender), norm=norm, serving_version=m.serving_version,
+            serving_ppl=score(m.serving_ppl, sender),
         ))
         log.info("round %d: update from %s (%d samples, loss %.3f)", ctx.number, sender, update.num_samples,
                  m.train_loss)

@@ -92,6 +92,10 @@ class TrainMetrics:
     #: text the operator gave this device (None: it has none)
     global_robust_ppl: float | None = None
     local_robust_ppl: float | None = None
+    #: the validation gate (docs/operations.md): the version this device serves, where it is
+    #: not the one it started from, and its perplexity on the same held-out blocks
+    serving_version: int | None = None
+    serving_ppl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,10 @@ class EvalMetrics:
     eval_tokens: int
     #: perplexity on the other sites' held-out text (None: this device has none)
     robust_ppl: float | None = None
+    #: the version this device serves, where it is not the one evaluated, and its perplexity
+    #: on the same blocks (the validation gate, docs/operations.md)
+    serving_version: int | None = None
+    serving_ppl: float | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,124 @@
+"""The validation gate (docs/operations.md): a version is served only if the devices' paired
+scores show no regression past the thresholds. The verdicts are computed here independently;
+then a fleet of real tiny Llama devices over Mosquitto has a round poisoned (two of its three
+devices train adversarially that round, to raise the loss on their text, within every bound on
+updates: one such device alone is held back by the influence bounds), and the gate keeps that
+round's version from ever being served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import pytest
+
+from edgetune.clock import DeviceClock
+from edgetune.protocol import DeviceConfig, DeviceProtocol
+from edgetune.transport import open_transport
+from edgetune.worker import WorkloadWorker
+from edgetune_aggregator.gate import GateSettings, Score, judge
+
+from helpers.fleet import fleet_config, start_aggregator, workload
+from helpers.waiting import wait_for
+
+# --- the verdicts ------------------------------------------------------------------------------
+
+
+def test_the_fleet_regression_is_sample_weighted_and_paired():
+    scores = [Score("a", 30, candidate=11.0, serving=10.0), Score("b", 10, candidate=19.0, serving=20.0)]
+    # (30·11 + 10·19) / (30·10 + 10·20) = 520 / 500: +4 %
+    verdict = judge(5, 4, scores, GateSettings(max_regression=0.05))
+    assert verdict.passed is True and verdict.candidate_ppl == pytest.approx(13.0)
+    assert verdict.devices == pytest.approx({"a": 0.1, "b": -0.05})
+    refused = judge(5, 4, scores, GateSettings(max_regression=0.03))
+    assert refused.passed is False and "+4.0%" in refused.reason
+
+
+def test_a_device_beyond_its_own_threshold_refuses_the_version():
+    scores = [Score("a", 10, 10.5, 10.0), Score("b", 10, 9.0, 10.0)]  # fleet: -2.5 %; a: +5 %
+    assert judge(2, 1, scores, GateSettings(max_device_regression=0.1)).passed is True
+    verdict = judge(2, 1, scores, GateSettings(max_device_regression=0.04))
+    assert verdict.passed is False and verdict.reason.startswith("a's rose +5.0%")
+    # its own threshold, over the fleet's per-device one
+    assert judge(2, 1, scores, GateSettings(max_device_regression=0.04, device_thresholds={"a": 0.06})).passed
+
+
+def test_without_enough_paired_scores_there_is_no_verdict():
+    scores = [Score("a", 10, float("nan"), 10.0), Score("b", 0, 9.0, 10.0), Score("c", 10, 9.0, 10.0)]
+    assert judge(2, 1, scores, GateSettings(min_reports=2)).passed is None
+    assert judge(2, 1, [], GateSettings()).passed is None
+    assert judge(2, 1, scores, GateSettings(min_reports=1)).reports == 1
+    with pytest.raises(ValueError, match="max_regression"):
+        GateSettings(max_regression=-0.1)
+    assert not GateSettings(max_regression=None).enabled
+
+
+# --- a poisoned round over Mosquitto ------------------------------------------------------------
+
+POISONED_ROUND = 2
+#: a site whose two devices were fed bad text that round: more than the influence bounds can tell apart
+POISONERS = (1, 2)
+
+
+class AscendingWorker(WorkloadWorker):
+    """An honest device, except in one round: there it trains to *raise* the loss on its text
+    (gradient ascent: the step it computes, reversed) with five times the step size. The update
+    has the fleet's layout and finite values; its norm is the most the fleet's influence bound
+    lets through (5× the round's median) and its samples are the honest ones."""
+
+    def train(self, task, env):
+        update = super().train(task, env)
+        if task.round != POISONED_ROUND or update is None:
+            return update
+        # (B·A: reversing both factors' steps would leave their product's second-order term as it
+        # was, so the step on B alone is reversed, which reverses the change to B·A to first order)
+        return dataclasses.replace(update, delta={name: -5.0 * d if name.endswith("lora_B") else d
+                                                  for name, d in update.delta.items()})
+
+
+def test_the_gate_stops_a_poisoned_round_over_mosquitto(mosquitto_url, tmp_path):
+    fleet = f"gate-{uuid.uuid4().hex[:6]}"
+    # (the operator's threshold: 2 %; honest rounds here move the fleet's perplexity between −9 % and
+    # +0.1 %, the poisoned one by about +6 %)
+    config = fleet_config(tmp_path, fleet, rounds=5, planning=False, gate=GateSettings(max_regression=0.02))
+    aggregator, thread = start_aggregator(mosquitto_url, config)
+    devices = []
+    for index in range(3):
+        clock = DeviceClock()
+        worker_class = AscendingWorker if index in POISONERS else WorkloadWorker
+        worker = worker_class(workload(index), f"dev-{index}", clock)
+        transport = open_transport(mosquitto_url, client_id=f"{fleet}-{index}", connect_timeout=10)
+        device = DeviceProtocol(DeviceConfig(fleet, f"dev-{index}", exit_when_finished=False), transport, worker, clock)
+        device.connect()
+        devices.append(device.start())
+    served = set()
+    try:
+        while not aggregator.finished.wait(0.2):  # (what the fleet served, as it went)
+            if aggregator.state is not None and aggregator.state.serving_version is not None:
+                served.add(aggregator.state.serving_version)
+        assert wait_for(lambda: all(d.promoted.version == aggregator.state.serving_version for d in devices), 30)
+    finally:
+        for device in devices:
+            device.stop()
+        aggregator.stop()
+        thread.join(30)
+    versions = {r.version: r for r in aggregator.fleet.versions.all()}
+    poisoned = versions[POISONED_ROUND]  # (round r builds version r until the gate steps in)
+    assert poisoned.gate["passed"] is False, poisoned.gate
+    assert "perplexity rose" in poisoned.gate["reason"]
+    rounds = {r["round"]: r for r in aggregator.store.rounds() if r["kind"] == "train"}
+    assert rounds[POISONED_ROUND + 1]["gate"]["candidate"] == POISONED_ROUND
+    assert "gate refused" in rounds[POISONED_ROUND + 1]["note"]
+    # honest versions before it passed; it and what was built on it were never served
+    assert versions[1].gate["passed"] is True
+    assert POISONED_ROUND not in served and POISONED_ROUND + 1 not in served and 1 in served
+    # training restarted from the serving version: a copy of v1, and the versions after it from that
+    copy = next(r for r in versions.values() if r.strategy == "rollback")
+    assert (copy.parent, copy.digest) == (1, versions[1].digest)
+    later = [r for r in versions.values() if r.version > copy.version]
+    assert later and later[0].parent == copy.version
+    assert all(r.gate is None or r.gate["passed"] is not False for r in later)
+    # every device serves what the fleet serves, the version on disk
+    final = versions[aggregator.state.serving_version]
+    assert final.version > copy.version and all(d.promoted.digest == final.digest for d in devices)
