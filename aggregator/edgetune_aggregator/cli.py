@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {_d('gate.max_regression')}; negative: no overall check)")
     security.add_argument("--max-device-regression", type=float, help="the validation gate: the most any one "
                           "device's may rise (default: not checked per device)")
+    security.add_argument("--canary-fraction", type=float, help="staged rollout: the share of devices that serve a "
+                          "promoted version first; the rest follow once their reports pass (default: all at once)")
+    security.add_argument("--max-canary-regression", type=float, help="staged rollout: the most a canary's held-out "
+                          f"perplexity may rise before the canaries go back (default {_d('rollout.max_canary_regression')})")
     security.add_argument("--metrics-port", type=int, help="serve /metrics (Prometheus) and /healthz "
                           "on this port (0: any free port)")
     security.add_argument("--metrics-host", help="address for --metrics-port "
@@ -266,6 +270,8 @@ FLAGS: FlagMap = (
     ("promote", "promote", None),
     ("max_regression", "gate.max_regression", lambda v: None if v < 0 else v),
     ("max_device_regression", "gate.max_device_regression", None),
+    ("canary_fraction", "rollout.canary_fraction", None),
+    ("max_canary_regression", "rollout.max_canary_regression", None),
 )
 #: flags of one adapter kind: given for the other kind they are ignored (as they always were)
 ADAPTER_FLAGS: dict[str, FlagMap] = {

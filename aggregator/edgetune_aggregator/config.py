@@ -15,6 +15,7 @@ from edgetune.wire import (DEFAULT_MAX_PACKET, DELTA_PRECISIONS, AdapterSpec, Im
 
 from .strategies import DEFAULT_SERVER_OPTIMIZER, STRATEGIES, ServerOptimizerConfig, make_strategy
 from .strategies.robust import ROBUST_METHODS
+from .canary import RolloutSettings
 from .gate import GateSettings
 from .guard import DEFAULT_CHANGE_RATIO
 from .influence import InfluenceBounds
@@ -133,6 +134,8 @@ class AggregatorConfig:
     promote: str = "auto"
     #: the validation gate a version passes before it is served (``gate.py``)
     gate: GateSettings = field(default_factory=GateSettings)
+    #: staged rollout: who serves a promoted version first (``canary.py``)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
 
     def merged_rank_for(self, adapter: AdapterSpec) -> int | None:
         """The cap an exact strategy gets (None: unbounded)."""

@@ -126,7 +126,7 @@ class Aggregator:
         self.runner = RoundRunner(config, clock, self.fleet, self.members, self.tasks, self.publisher, self.desk,
                                   self.journal, self.channel, handlers, self._receive, self._stop, metrics)
         self.runner.on_round, self.runner.on_task = on_round, on_task
-        self.rollout = Rollout(config, self.fleet, self.publisher, clock, metrics)
+        self.rollout = Rollout(config, self.fleet, self.publisher, clock, metrics, lambda: self.members.devices)
         self.runner.on_version = self.rollout.stored
         self.runner.on_closing = self.rollout.judge
         self._train = train

@@ -108,6 +108,8 @@ class AggregatorMetrics:
                                         "to serve, by whether they switched to it", ["switched"], registry=r)
         self._gate = Counter("edgetune_gate_verdicts", "The validation gate's verdicts on new global versions "
                              "(refused: a regression kept it from being served)", ["verdict"], registry=r)
+        self._canary = Counter("edgetune_canary_verdicts", "Staged rollouts decided by their canaries' reports "
+                               "(rolled_back: the canaries went back to the serving version)", ["verdict"], registry=r)
         self._accepted = Counter("edgetune_updates_accepted", "Device messages accepted, by kind",
                                  ["kind"], registry=r)
         self._rejected = Counter("edgetune_updates_rejected", "Device messages dropped, by reason",
@@ -160,6 +162,9 @@ class AggregatorMetrics:
 
     def gate_verdict(self, passed: bool | None) -> None:
         self._gate.labels(verdict={True: "passed", False: "refused", None: "not_judged"}[passed]).inc()
+
+    def canary_verdict(self, passed: bool) -> None:
+        self._canary.labels(verdict="passed" if passed else "rolled_back").inc()
 
     def serving_report(self, switched: bool) -> None:
         self._serving_reports.labels(switched="true" if switched else "false").inc()

@@ -27,6 +27,7 @@ from edgetune.wire import GlobalAdapter, Serving, ServingReport
 from . import control
 from .config import AggregatorConfig
 from .fleet import Fleet
+from .canary import canary_verdict, choose_canaries
 from .gate import Score, judge
 from .publisher import Publisher
 from .store import RoundRecord, RoundStatus
@@ -38,8 +39,13 @@ _SAVE_S = 1.0
 
 
 class Rollout:
-    def __init__(self, config: AggregatorConfig, fleet: Fleet, publisher: Publisher, clock: Clock, metrics=None):
+    def __init__(self, config: AggregatorConfig, fleet: Fleet, publisher: Publisher, clock: Clock, metrics=None,
+                 devices=lambda: {}):
         self.config = config
+        #: ``() -> {device: Hello}``: the fleet's devices (a staged rollout's canaries are chosen among them)
+        self.devices = devices
+        #: steps taken since the last round closed (promotions, canaries, rollbacks): the round log's
+        self.steps: list[dict] = []
         self.fleet = fleet
         self.publisher = publisher
         self.clock = clock
@@ -97,6 +103,12 @@ class Rollout:
         """At a round's close, before its record is written: if it started from the version the
         gate awaits, decide on it from the devices' paired scores (``gate.py``). A refused version
         is never served, and training restarts from the serving version, as after a rollback."""
+        try:
+            self._judge(record)
+        finally:  # (what happened to what the fleet serves while the round was open, in its log)
+            record.rollout, self.steps = record.rollout + self.steps, []
+
+    def _judge(self, record: RoundRecord) -> None:
         state = self.fleet.state
         candidate, serving = state.awaiting, state.serving_version
         if candidate is None or record.base_version != candidate or serving is None:
@@ -117,15 +129,17 @@ class Rollout:
             self.fleet.versions.noted(candidate, f"refused by the gate: {verdict.reason}")
             record.note = "; ".join(filter(None, (record.note, f"gate refused v{candidate}: {verdict.reason}")))
             self.fleet.update(save=True, reset_to=serving, reset_request=f"gate-{state.run_id}-v{candidate}")
+            self._step("refused", candidate, verdict.reason, serving=serving)
             return
         log.info("the validation gate %s v%d: %s", "passes" if verdict.passed else "could not judge", candidate,
                  verdict.reason)
         if self.config.promote == "auto":
             self.promote(candidate, "automatic, " + ("gate passed" if verdict.passed else "not judged"))
 
-    def promote(self, version: int, why: str, force: bool = True) -> str | None:
-        """Serve ``version`` on every device; why not (None: done). ``force``: even if the
-        validation gate refused it."""
+    def promote(self, version: int, why: str, force: bool = True, canary: bool = True) -> str | None:
+        """Serve ``version`` on every device, through the canaries first where the fleet has a
+        staged rollout (``canary``); why not (None: done). ``force``: even if the validation gate
+        refused it."""
         state = self.fleet.state
         if state is None:
             return "the fleet has not started"
@@ -137,16 +151,71 @@ class Rollout:
             return f"the validation gate refused v{version}: {record.gate.get('reason')} (promote --force serves it)"
         if state.serving_version == version and state.candidate_version is None:
             return None
-        previous = state.serving_version
-        self.fleet.update(save=True, serving_version=version, candidate_version=None, canaries=[])
+        if canary and state.candidate_version is not None:  # (one staged rollout at a time)
+            if version != state.candidate_version:
+                self.fleet.update(save=True, queued=version)
+                log.info("v%d waits for the canaries of v%d (%s)", version, state.candidate_version, why)
+            return None
+        if canary and state.serving_version is not None and state.serving_version != version:
+            canaries = choose_canaries({d: h.labels for d, h in self.devices().items()}, self.config.rollout,
+                                       state.run_id, version)
+            if canaries:
+                return self._start_canaries(version, canaries, why)
+        return self._serve_all(version, why)
+
+    def _serve_all(self, version: int, why: str, step: str = "promoted") -> None:
+        previous = self.fleet.state.serving_version
+        self.fleet.update(save=True, serving_version=version, candidate_version=None, canaries=[], queued=None)
         self.fleet.versions.noted(version, f"served from {_now()} ({why})")
+        self._step(step, version, why)
         log.info("the fleet serves v%d now (%s)%s", version, why, "" if previous is None else f"; it served v{previous}")
         self.publish()
         return None
 
+    def _start_canaries(self, version: int, canaries: list[str], why: str) -> None:
+        state = self.fleet.state
+        self.fleet.update(save=True, candidate_version=version, canaries=canaries, canary_started=self.clock.time())
+        self._step("canary", version, why, canaries=canaries)
+        log.info("staged rollout of v%d (%s): %d canar%s serve it first (%s); the rest keep v%d", version, why,
+                 len(canaries), "y" if len(canaries) == 1 else "ies", ", ".join(canaries[:8]), state.serving_version)
+        self.publish()
+        return None
+
+    def _judge_canaries(self) -> None:
+        """Once every canary reported (or the time is up): serve the candidate to all, or send
+        the canaries back to the version they served."""
+        state = self.fleet.state
+        if state is None or state.candidate_version is None:
+            return
+        timed_out = self.clock.time() - state.canary_started > self.config.rollout.canary_timeout_s
+        samples = {d: h.num_samples for d, h in self.devices().items()}
+        verdict = canary_verdict(state.candidate_version, state.serving_version, state.canaries, self.reports,
+                                 samples, self.config.rollout, timed_out)
+        if verdict is None:
+            return
+        candidate, serving = state.candidate_version, state.serving_version
+        self.fleet.versions.measured(candidate, **({"canary_ppl": verdict.candidate_ppl} if verdict.candidate_ppl else {}))
+        if self.metrics is not None:
+            self.metrics.canary_verdict(verdict.passed)
+        queued = state.queued
+        if verdict.passed:
+            log.info("the canaries pass v%d: %s", candidate, verdict.reason)
+            self._serve_all(candidate, f"canaries passed: {verdict.reason}")
+        else:
+            log.error("the canaries fail v%d: %s; they go back to v%d", candidate, verdict.reason, serving)
+            self.fleet.versions.noted(candidate, f"canaries failed: {verdict.reason}")
+            self.fleet.update(save=True, candidate_version=None, canaries=[], queued=None)
+            self._step("rolled_back", candidate, verdict.reason, canaries=list(state.canaries), serving=serving)
+            self.publish()
+        if queued is not None and queued > candidate:
+            self.promote(queued, "automatic, after the canaries of v%d" % candidate)
+
+    def _step(self, step: str, version: int, why: str, **more) -> None:
+        self.steps.append({"step": step, "version": version, "why": why, "at": self.clock.time(), **more})
+
     def rollback(self, version: int, request: str = "", why: str = "rollback") -> str | None:
         """Serve ``version`` at once, and train from it again before the next round opens."""
-        problem = self.promote(version, why)
+        problem = self.promote(version, why, canary=False)  # (back to a version served before: no canaries)
         if problem is None:
             self.fleet.update(save=True, reset_to=version, reset_request=request)
         return problem
@@ -182,6 +251,7 @@ class Rollout:
         if now - self._polled >= _POLL_S:
             self._polled = now
             self.apply_requests()
+            self._judge_canaries()
         if self._dirty and now - self._saved >= _SAVE_S:
             self._saved = now
             self._save_reports()
@@ -211,6 +281,9 @@ class Rollout:
             log.warning("%s does not serve v%d: %s", report.device_id, report.version, report.reason)
         if self.metrics is not None:
             self.metrics.serving_report(report.switched)
+        state = self.fleet.state
+        if state is not None and report.device_id in state.canaries and report.version == state.candidate_version:
+            self._judge_canaries()
 
     def serving_counts(self) -> dict[int, int]:
         """version -> devices that said they serve it (their latest word)."""

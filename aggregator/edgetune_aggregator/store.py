@@ -122,6 +122,9 @@ class RoundRecord:
     downlink_bytes: int = 0
     #: the validation gate's verdict on the version the round started from (gate.Verdict), if it judged one
     gate: dict | None = None
+    #: what happened to what the fleet serves while the round was open: staged rollout steps,
+    #: promotions, rollbacks (``serving.py``), in order
+    rollout: list[dict] = field(default_factory=list)
     #: exact strategies with a bounded downlink: the relative Frobenius error of truncating the
     #: merged update (‖ΔW − ΔW_kept‖ / ‖ΔW‖, largest over layers; 0 when nothing was cut)
     truncation_error: float | None = None
@@ -167,6 +170,10 @@ class FleetState:
     #: a staged rollout's candidate (served by ``canaries`` only until their reports pass)
     candidate_version: int | None = None
     canaries: list[str] = field(default_factory=list)
+    #: when the canaries were told (wall-clock seconds): their reports are due within the timeout
+    canary_started: float = 0.0
+    #: a version promoted while the canaries tried another: staged once they are decided
+    queued: int | None = None
     #: retained chunk topics in use per served version ("7" -> 3), to clear them when unnamed
     served_chunks: dict[str, int] = field(default_factory=dict)
     #: a rollback's training part, done before the next round opens: the version to restart
@@ -211,6 +218,8 @@ class StateStore:
             serving_version=raw.get("serving_version"),
             candidate_version=raw.get("candidate_version"),
             canaries=list(raw.get("canaries", [])),
+            canary_started=raw.get("canary_started", 0.0),
+            queued=raw.get("queued"),
             served_chunks={str(k): int(v) for k, v in raw.get("served_chunks", {}).items()},
             reset_to=raw.get("reset_to"),
             reset_request=raw.get("reset_request", ""),

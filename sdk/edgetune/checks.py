@@ -23,6 +23,19 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+#: the most labels a device may carry (each key and value is a name: ``check_name``)
+MAX_LABELS = 16
+
+
+def check_labels(labels: dict[str, str]) -> None:
+    """A device's labels (``site = "plant-3"``): at most ``MAX_LABELS``, keys and values names."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels.items():
+        check_name(key, "label")
+        check_name(value, f"label {key}'s value")
+
+
 def check_positive(value: float, what: str, allow_zero: bool = False) -> None:
     """``value`` > 0 (or ≥ 0), finite: written so that NaN fails, every comparison with it being False."""
     if not math.isfinite(value) or not (value > 0 or (allow_zero and value == 0)):

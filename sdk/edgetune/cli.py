@@ -84,6 +84,8 @@ def _add_device_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--validation", type=float, help="fraction of the training records (with at least 10) that "
                      "neither rounds nor personalization train on: where α is chosen (0: none; default "
                      f"{d('validation_fraction'):g})")
+    run.add_argument("--label", action="append", metavar="KEY=VALUE", help="what the operator says of this device "
+                     "(site=plant-3; repeatable): a staged rollout may choose its canaries by it")
     security = run.add_argument_group("security (files from 'edgetune-aggregator provision', docs/security.md)")
     security.add_argument("--fleet-key", type=Path, help="the fleet's public key (fleet.pub from edgetune-aggregator "
                           "provision): accept tasks and adapters only signed by the aggregator (docs/security.md)")
@@ -94,6 +96,17 @@ def _add_device_args(run: argparse.ArgumentParser) -> None:
     security.add_argument("--key", type=Path, help="the private key of --cert (client.key)")
     run.add_argument("--log-level", choices=LOG_LEVELS, help=f"default {d('log_level')}")
     run.add_argument("--log-file", type=Path, help="log here instead of stderr")
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    """``--label site=plant-3 --label class=pi4`` as a dict (a malformed one: a one-line error)."""
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"edgetune: error: --label {pair!r}: expected KEY=VALUE")
+        labels[key.strip()] = value.strip()
+    return labels
 
 
 #: the flags of 'device run' and 'device personalize' that set a DeviceRunSettings field
@@ -107,6 +120,7 @@ DEVICE_FLAGS = (
     ("reprofile", "reprofile", None), ("emulate", "emulate", None), ("uplink_mbps", "uplink_mbps", None),
     ("signing_key", "signing_key", None), ("fleet_key", "fleet_key", None), ("ca", "tls_ca", None), ("cert", "tls_cert", None), ("key", "tls_key", None),
     ("log_level", "log_level", None), ("log_file", "log_file", None), ("stay", "stay", None),
+    ("label", "labels", lambda pairs: _labels(pairs)),
     ("lr", "personalize.learning_rate", None), ("steps", "personalize.steps", None),
     ("epochs", "personalize.epochs", None), ("optimizer", "personalize.optimizer", None),
     ("l2_to_global", "personalize.l2_to_global", None), ("alpha", "personalize.alpha", None),
@@ -316,7 +330,8 @@ def _device(settings, command: str):
                                            threads=s.threads, uplink_mbps=s.uplink_mbps)
     config = DeviceConfig(s.fleet, s.device_id, heldout_fraction=s.heldout_fraction,
                           exit_when_finished=not s.stay, profile=profile, signing_key=s.signing_key,
-                          fleet_key=s.fleet_key, state_dir=s.state_dir or default_state_dir(s.fleet, s.device_id))
+                          fleet_key=s.fleet_key, state_dir=s.state_dir or default_state_dir(s.fleet, s.device_id),
+                          labels=dict(s.labels))
     device = Device(config, transport, workload, clock)
     # personalizing is a second process of a device of the fleet: it must not replace the
     # hello (profile and all) and presence its 'device run' announced

@@ -42,12 +42,18 @@ class PromotedAdapter:
         self.topics: Topics | None = None
         self._enqueue = None
         self._served_filter: str | None = None  # the served/{version} topics it listens to
+        #: ``(adapters) -> perplexities`` on this device's held-out text (the worker's ``score``)
+        self.score = lambda adapters: [None] * len(adapters)
+        self._canary = False  # the wanted version is a staged rollout's candidate, this device a canary
         self._load()
 
-    def attach(self, channel, topics: Topics, enqueue) -> None:
-        """The device's channel (to fetch a version and report), its topics, and its inbox's
-        ``enqueue`` (what arrives is handled on the device's one thread, like the rest)."""
+    def attach(self, channel, topics: Topics, enqueue, score=None) -> None:
+        """The device's channel (to fetch a version and report), its topics, its inbox's
+        ``enqueue`` (what arrives is handled on the device's one thread, like the rest), and how
+        it scores adapters (a canary reports both versions' perplexity)."""
         self.channel, self.topics, self._enqueue = channel, topics, enqueue
+        if score is not None:
+            self.score = score
 
     @property
     def version(self) -> int | None:
@@ -57,6 +63,7 @@ class PromotedAdapter:
         """The fleet says what it serves: the ``(version, digest)`` this device must fetch, or
         None if it serves that already."""
         version, digest = serving.version_for(self.device_id)
+        self._canary = serving.candidate is not None and version == serving.candidate
         if self.adapter is not None and (self.adapter.version, self.digest) == (version, digest):
             self.wanted = None
             return None
@@ -116,7 +123,7 @@ class PromotedAdapter:
         """Switch to ``adapter`` if it is the wanted version, digest and all, and tell the fleet.
         A training global that differs (quantized on the way down) is no failure: the device
         fetches the version whole. A downloaded one that differs is refused, logged, counted."""
-        me, wanted, previous = self.device_id, self.wanted, self.version
+        me, wanted, previous, before, canary = self.device_id, self.wanted, self.version, self.adapter, self._canary
         switched, why = self.offer(adapter)
         if not switched and not downloaded:
             return False
@@ -125,8 +132,18 @@ class PromotedAdapter:
             self._listen_served(None)
         else:
             self.channel.drop(AGGREGATOR_ID, self.topics.served(adapter.version), why.split(":")[0], why)
+        ppl = previous_ppl = None
+        if switched and canary:  # (a canary's word decides whether everyone gets this version)
+            try:
+                scores = self.score([adapter, before] if before is not None else [adapter])
+                ppl, previous_ppl = scores[0], (scores[1] if len(scores) > 1 else None)
+            except Exception as exc:  # (the report goes without scores: the rollout does not pass on it)
+                log.warning("%s: could not score v%d for the staged rollout: %s", me, adapter.version, exc)
+            else:
+                log.info("%s: canary for v%d: held-out ppl %s (v%s: %s)", me, adapter.version, _shown(ppl), previous,
+                         _shown(previous_ppl))
         report = ServingReport(me, adapter.version, self.digest if switched else wanted[1], switched,
-                               "" if switched else why[:256], previous)
+                               "" if switched else why[:256], previous, ppl, previous_ppl)
         try:
             self.channel.send(self.topics.of("serving_report", me), report)
         except TransportError as exc:  # (the fleet hears what it serves at its next switch)
@@ -161,3 +178,7 @@ class PromotedAdapter:
             log.warning("%s: ignoring %s: not an adapter for this model", self.device_id, path)
             return
         self.adapter, self.digest = adapter, adapter_digest(adapter.tensors, adapter.merged)
+
+
+def _shown(ppl: float | None) -> str:
+    return "-" if ppl is None else f"{ppl:.2f}"

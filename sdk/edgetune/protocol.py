@@ -93,6 +93,8 @@ class DeviceConfig:
     #: where the device remembers the newest signed task and adapter it accepted, so a replay
     #: of an older one is refused after a restart too (None: while it runs only)
     state_dir: Path | None = None
+    #: what the operator says of this device (``{"site": "plant-3"}``), announced in the hello
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _as_float32(adapter: GlobalAdapter) -> GlobalAdapter:
@@ -134,7 +136,7 @@ class DeviceProtocol:
         self.global_adapter: GlobalAdapter | None = None
         #: the version the fleet serves on this device (``promoted.py``), apart from the one it trains on
         self.promoted = PromotedAdapter(config.device_id, config.state_dir, worker.manifest.fingerprint)
-        self.promoted.attach(self.channel, self.topics, self._enqueue)
+        self.promoted.attach(self.channel, self.topics, self._enqueue, worker.score)
         self.task: RoundTask | None = None
         self.finished = threading.Event()
         #: train rounds this device sent an update for
@@ -203,6 +205,7 @@ class DeviceProtocol:
             num_samples=self.worker.num_samples,
             profile=self.config.profile,
             downlink_issued=self.downlink.newest_issued(),
+            labels=dict(self.config.labels),
         )
         payload = self.channel.prepare(self.topics.hello(me), hello)[0]
         # a new hello, a new verdict: only a refusal of this one counts (it names its digest)

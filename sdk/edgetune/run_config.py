@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checks import check_labels
 from .data.split import HELDOUT_FRACTION, VALIDATION_FRACTION
 from .ort.fetch import FETCH_TIMEOUT_S
 from .personalize import PersonalizeSettings
@@ -63,6 +64,9 @@ class DeviceRunSettings:
     signing_key: Path | None = None
     #: the fleet's public key (fleet.pub): tasks and adapters are accepted only signed by the aggregator
     fleet_key: Path | None = None
+    #: what the operator says of this device (``{ site = "plant-3" }``): a staged rollout may
+    #: choose its canaries by them (docs/operations.md)
+    labels: dict[str, str] = field(default_factory=dict)
     #: CA certificate of an mqtts:// broker; this device's client certificate and its key
     tls_ca: Path | None = None
     tls_cert: Path | None = None
@@ -85,6 +89,7 @@ class DeviceRunSettings:
             raise ValueError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.uplink_mbps is not None and not self.uplink_mbps > 0:
             raise ValueError(f"uplink_mbps must be > 0, got {self.uplink_mbps}")
+        check_labels(self.labels)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be ≥ 1 (None: all cores), got {self.threads}")
 

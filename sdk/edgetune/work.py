@@ -85,3 +85,8 @@ class Worker(ABC):
 
     @abstractmethod
     def evaluate(self, task: RoundTask, env: RoundEnv): ...
+
+    def score(self, adapters: list[GlobalAdapter]) -> list[float | None]:
+        """Each adapter's perplexity on this device's held-out text, for a staged rollout's
+        canary report (docs/operations.md); None where it cannot tell."""
+        return [None] * len(adapters)

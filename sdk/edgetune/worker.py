@@ -67,6 +67,7 @@ class WorkloadWorker(Worker):
         #: the plan this device last trained with (after any back-off): personalization's too
         self.last_plan: DevicePlan | None = None
         self._plan_logged: tuple | None = None
+        self._last_task: RoundTask | None = None  # (the settings a score outside a round uses)
 
     @property
     def manifest(self) -> ModelManifest:
@@ -83,6 +84,7 @@ class WorkloadWorker(Worker):
     @contextmanager
     def computing(self, task: RoundTask) -> Iterator[None]:
         with self.lock, self.clock.computing(self._compute_dtype(task)):
+            self._last_task = task
             yield
 
     def _compute_dtype(self, task: RoundTask) -> str:
@@ -275,6 +277,27 @@ class WorkloadWorker(Worker):
         log.info("%s: global adapter v%d held-out ppl %.2f", me, adapter.version, ppl)
         return EvalReport(me, task.round, adapter.version, self.workload.num_samples,
                           EvalMetrics(ppl, int(heldout.size), robust_ppl, *serving))
+
+    def score(self, adapters: list[GlobalAdapter]) -> list[float | None]:
+        """Each adapter's perplexity on the held-out blocks an evaluation round scores, at full
+        rank on the base precision this device trains with (a canary's report)."""
+        task = self._last_task
+        if task is None:
+            return [None] * len(adapters)
+        scores: list[float | None] = []
+        with self.lock:
+            heldout = self.workload.heldout_blocks(task.train.seq_len)[:max(1, self.max_eval_blocks)]
+            plan = self.last_plan or self.plan(task)
+            rank = adapter_kind(task.adapter).rank(task.adapter) or plan.rank
+            if self.workload.max_rank:
+                rank = min(rank, self.workload.max_rank)
+            for adapter in adapters:
+                if adapter.adapter != task.adapter or not len(heldout):
+                    scores.append(None)
+                    continue
+                trainer, _ = self._start_model(task, adapter, rank, plan.quantization, plan.gradient_checkpointing)
+                scores.append(trainer.perplexity(heldout))
+        return scores
 
     def _serving_score(self, trainer, task: RoundTask, env: RoundEnv, adapter: GlobalAdapter, rank: int, heldout,
                        restore) -> tuple[int | None, float | None]:

@@ -8,7 +8,6 @@ round's version from ever being served.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 
 import pytest
@@ -20,6 +19,7 @@ from edgetune.worker import WorkloadWorker
 from edgetune_aggregator.gate import GateSettings, Score, judge
 
 from helpers.fleet import fleet_config, start_aggregator, workload
+from helpers.poison import AscendingWorker
 from helpers.waiting import wait_for
 
 # --- the verdicts ------------------------------------------------------------------------------
@@ -56,25 +56,9 @@ def test_without_enough_paired_scores_there_is_no_verdict():
 
 # --- a poisoned round over Mosquitto ------------------------------------------------------------
 
-POISONED_ROUND = 2
+POISONED_ROUND = AscendingWorker.poisoned_round
 #: a site whose two devices were fed bad text that round: more than the influence bounds can tell apart
 POISONERS = (1, 2)
-
-
-class AscendingWorker(WorkloadWorker):
-    """An honest device, except in one round: there it trains to *raise* the loss on its text
-    (gradient ascent: the step it computes, reversed) with five times the step size. The update
-    has the fleet's layout and finite values; its norm is the most the fleet's influence bound
-    lets through (5× the round's median) and its samples are the honest ones."""
-
-    def train(self, task, env):
-        update = super().train(task, env)
-        if task.round != POISONED_ROUND or update is None:
-            return update
-        # (B·A: reversing both factors' steps would leave their product's second-order term as it
-        # was, so the step on B alone is reversed, which reverses the change to B·A to first order)
-        return dataclasses.replace(update, delta={name: -5.0 * d if name.endswith("lora_B") else d
-                                                  for name, d in update.delta.items()})
 
 
 def test_the_gate_stops_a_poisoned_round_over_mosquitto(mosquitto_url, tmp_path):

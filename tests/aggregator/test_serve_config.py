@@ -20,6 +20,7 @@ import pytest
 from edgetune.wire import LoraSpec, PromptSpec, TrainSettings
 from edgetune_aggregator.cli import build_parser, settings_from_args
 from edgetune_aggregator.config import AggregatorConfig
+from edgetune_aggregator.canary import RolloutSettings
 from edgetune_aggregator.gate import GateSettings
 from edgetune_aggregator.influence import InfluenceBounds
 from edgetune_aggregator.serve_settings import ServeSettings
@@ -269,7 +270,7 @@ def test_the_configuration_doc_lists_every_key_with_its_default():
     owners = {AggregatorConfig: None, LoraSpec: defaults.adapter, PromptSpec: PromptSpec(), TrainSettings: defaults.train,
               ServerOptimizerConfig: defaults.server_optimizer, ImportanceSettings: defaults.importance,
               UpdateLimits: defaults.limits, InfluenceBounds: defaults.influence, ServeSettings: None,
-              GateSettings: defaults.gate,
+              GateSettings: defaults.gate, RolloutSettings: defaults.rollout,
               DeviceRunSettings: None, PersonalizeSettings: PersonalizeSettings()}
     tables = _doc_tables()
     checked = 0

@@ -69,6 +69,10 @@ def render(run: RunData, figures: list[tuple[str, str]]) -> str:
         if name == "refusals.png":
             parts.append(_refusals(run))
     parts.append("<h2>Rounds</h2>" + _rounds(run))
+    served = _serving(run)
+    if served:
+        parts.append("<h2>What the fleet served</h2><p class=\"muted\">the validation gate's verdicts and the "
+                     "staged rollout's steps (docs/operations.md)</p>" + served)
     body = "\n".join(parts)
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edgetune report: "
             f"{_e(run.fleet)}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
@@ -140,6 +144,20 @@ def _rounds(run: RunData) -> str:
                      f"{r['truncation_error']:.3g}" if r.get("truncation_error") else "", r.get("note", "")])
     return _table(["round", "kind", "status", "new version", "duration", "results", "up (all)", "down (each)",
                    "ppl of its base", "truncation", "note"], rows, {0, 3, 4, 5, 6, 7, 8, 9})
+
+
+def _serving(run: RunData) -> str:
+    """The gate's verdicts and the rollout's steps, round by round ("" if there were none)."""
+    rows = []
+    for r in run.rounds:
+        gate = r.get("gate")
+        if gate:
+            verdict = {True: "passed", False: "refused", None: "not judged"}[gate.get("passed")]
+            rows.append([r["round"], f"gate: {verdict}", f"v{gate.get('candidate')}", gate.get("reason", "")])
+        for step in r.get("rollout", []):
+            who = f" (canaries: {', '.join(step['canaries'])})" if step.get("canaries") else ""
+            rows.append([r["round"], step.get("step", ""), f"v{step.get('version')}", f"{step.get('why', '')}{who}"])
+    return _table(["round", "step", "version", "why"], rows, {0}) if rows else ""
 
 
 __all__ = ["render", "write_report"]

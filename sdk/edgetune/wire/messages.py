@@ -20,7 +20,7 @@ from enum import Enum
 
 import numpy as np
 
-from .names import check_name, check_positive
+from .names import check_labels, check_name, check_positive
 from .served import Serving, ServingReport
 from .specs import (
     DELTA_PRECISIONS,
@@ -57,11 +57,15 @@ class Hello:
     #: whose count is behind (a new host, a clock set back) counts on from it, or the device
     #: would refuse its tasks as replays
     downlink_issued: int = 0
+    #: what the operator says of the device (``site = "plant-3"``, ``class = "pi4"``): a staged
+    #: rollout may choose its canaries by them (docs/operations.md)
+    labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")
         if not 0 <= self.downlink_issued < 1 << 63:
             raise ValueError("Hello.downlink_issued must be in 0..2^63-1")
+        check_labels(self.labels)
 
 
 @dataclass(frozen=True)

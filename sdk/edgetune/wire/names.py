@@ -3,6 +3,6 @@ adapter kinds' specs use too without importing the wire)."""
 
 from __future__ import annotations
 
-from ..checks import check_name, check_positive
+from ..checks import check_labels, check_name, check_positive
 
-__all__ = ["check_name", "check_positive"]
+__all__ = ["check_labels", "check_name", "check_positive"]
