@@ -44,7 +44,8 @@ class RolloutSettings:
 
 def choose_canaries(devices: Mapping[str, Mapping[str, str]], settings: RolloutSettings, run_id: str,
                     version: int) -> list[str]:
-    """The canaries for ``version`` among ``devices`` (id -> labels), sorted; [] for none."""
+    """The canaries for ``version`` among ``devices`` (id -> labels: those that serve versions
+    and report on them), sorted; [] for none."""
     if settings.canary_fraction <= 0:
         return []
     eligible = [d for d, labels in devices.items()

@@ -157,8 +157,8 @@ class Rollout:
                 log.info("v%d waits for the canaries of v%d (%s)", version, state.candidate_version, why)
             return None
         if canary and state.serving_version is not None and state.serving_version != version:
-            canaries = choose_canaries({d: h.labels for d, h in self.devices().items()}, self.config.rollout,
-                                       state.run_id, version)
+            canaries = choose_canaries({d: h.labels for d, h in self.devices().items()
+                                        if h.capabilities.serves_versions}, self.config.rollout, state.run_id, version)
             if canaries:
                 return self._start_canaries(version, canaries, why)
         return self._serve_all(version, why)

@@ -5,6 +5,6 @@ and the embedded broker are imported when used, so a device without PyTorch (or 
 tool) can still speak the protocol.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["__version__"]

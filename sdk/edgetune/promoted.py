@@ -36,6 +36,8 @@ class PromotedAdapter:
         #: the version served now (None: none promoted yet), and its digest
         self.adapter: GlobalAdapter | None = None
         self.digest = ""
+        #: the version it served before (a staged rollout's canaries go back to it: no download)
+        self.previous: GlobalAdapter | None = None
         #: ``(version, digest)`` the fleet's notice names for this device and it does not serve yet
         self.wanted: tuple[int, str] | None = None
         self.channel = None  # (attach: how it fetches versions and reports)
@@ -81,7 +83,7 @@ class PromotedAdapter:
         if digest != self.wanted[1]:
             return False, f"digest_mismatch: v{adapter.version} digests to {digest[:16]}…, the notice names " \
                           f"{self.wanted[1][:16]}…"
-        self.adapter, self.digest, self.wanted = adapter, digest, None
+        self.previous, self.adapter, self.digest, self.wanted = self.adapter, adapter, digest, None
         self._save()
         return True, ""
 
@@ -93,8 +95,9 @@ class PromotedAdapter:
         wanted = self.notice(notice)
         if wanted is None:
             return self._listen_served(None)
-        if held is not None and held.version == wanted[0] and self._serve(held, downloaded=False):
-            return None
+        for have in (held, self.previous):  # (the training global, or what it served before: no download)
+            if have is not None and have.version == wanted[0] and self._serve(have, downloaded=False):
+                return None
         log.info("%s: the fleet serves v%d here: fetching it", self.device_id, wanted[0])
         return self._listen_served(wanted[0])
 

@@ -57,6 +57,11 @@ def messages(version: str) -> dict[str, object]:
         # the global adapter as a fleet with a fleet key publishes it: signed, whole, for the topic
         # without the chunk index (Ed25519 signatures are deterministic: same key, same bytes)
         out["global-signed"] = fleet_signer().sign(SIGNED_TOPIC, encode_message(out["global"]), nonce=bytes(range(16)))
+        # (edgetune 0.3: versions and staged rollout; optional fields, so still wire v2)
+        from edgetune.wire import Serving, ServingReport
+
+        out["serving"] = Serving(7, "cd" * 32, 9, "ef" * 32, ("dev-1", "dev-4"))
+        out["serving-report"] = ServingReport("dev-1", 9, "ef" * 32, True, "", 7, 12.5, 12.75)
     return out
 
 

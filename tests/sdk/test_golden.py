@@ -35,6 +35,17 @@ def test_v2_golden_messages_encode_to_the_same_bytes(name):
     assert encode_message(messages("v2")[name]) == _golden("v2", name)
 
 
+@pytest.mark.parametrize("name", ["hello", "update", "update-fp16", "update-int8"])
+def test_what_edgetune_0_2_wrote_reads_as_the_same_message(name):
+    """0.3 added optional fields (a hello's labels, a device's scores of the version it serves):
+    bytes an 0.2 peer wrote (``v2.0-*``) decode to the message the 0.3 golden decodes to."""
+    old, new = decode_message(_golden("v2.0", name)), decode_message(_golden("v2", name))
+    if name != "update-int8":  # (an int8 tensor decodes to float32: its re-encoding differs)
+        assert encode_message(old) == encode_message(new)
+    else:
+        assert old.metrics == new.metrics and all(np.array_equal(old.delta[n], new.delta[n]) for n in new.delta)
+
+
 def test_v2_golden_messages_decode_to_what_they_were_made_of():
     delta = tensors(SHAPES, 1)
     update = decode_message(_golden("v2", "update"))

@@ -189,6 +189,9 @@ class Capabilities:
     merged_delta: bool = True
     #: verifies the aggregator's signature on what it publishes (it holds the fleet's key)
     verifies_downlink: bool = False
+    #: serves the version the fleet promotes and reports on it (edgetune ≥ 0.3): only such a
+    #: device can be a staged rollout's canary (docs/operations.md)
+    serves_versions: bool = False
 
     def __post_init__(self) -> None:
         if self.max_rank < 0:
