@@ -111,14 +111,18 @@ class Device(DeviceProtocol):
     # --- personalization (docs/personalization.md) ------------------------------------------
 
     def personalize(self, settings=None, report: bool = True):
-        """Fine-tune the current global adapter on this device's data and keep the result as
-        its personal adapter, which it then serves (``serving == "personal"``); returns the
+        """Fine-tune the global version this device serves (the fleet's promoted one; the
+        newest global before any is promoted) on its data and keep the result as its personal
+        adapter. It serves it (``serving == "personal"``) only if, on its own validation split,
+        it does no worse than that global version; else it keeps serving the global one (the
+        personal adapter is kept: ``use_personal``). Returns the
         :class:`~edgetune.wire.PersonalizationReport` (also sent to the aggregator unless
         ``report`` is False). Safe to call between rounds while ``run()`` goes on."""
         from .personalize import PersonalizeSettings, personalize
 
         settings = settings or PersonalizeSettings()
-        if self.global_adapter is None:
+        base = self.promoted.adapter or self.global_adapter
+        if base is None:
             raise RuntimeError("no global adapter yet: join a fleet and wait for one (wait_for_global)")
         if report and self._closed:
             raise RuntimeError("this device left the fleet (run() returns when the fleet finishes and disconnects): "
@@ -126,12 +130,19 @@ class Device(DeviceProtocol):
                                "or pass report=False")
         plan = self.last_plan  # what its memory affords, as the planner (and any back-off) found
         with self.worker.lock:
-            personal, result = personalize(self.workload, self.global_adapter, settings, self.config.device_id,
+            personal, result = personalize(self.workload, base, settings, self.config.device_id,
                                            max_eval_blocks=self.config.max_eval_blocks,
                                            quantization=plan.quantization if plan else "float32",
                                            rank=plan.rank if plan else None,
                                            checkpointing=plan.gradient_checkpointing if plan else False)
-        self.personal_adapter, self.serving = personal, "personal"
+        self.personal_adapter = personal
+        if personal.better_than_global:
+            self.serving = "personal"
+        else:
+            self.serving = "global"
+            log.warning("%s: the personal adapter does worse than global v%d on this device's validation split "
+                        "(ppl %.3f vs %.3f): serving the global version (use_personal() serves it anyway)",
+                        self.config.device_id, base.version, personal.validation_ppl, personal.global_validation_ppl)
         if report:
             with self._send_lock:  # run() may have left the fleet while this trained
                 if self._closed:
@@ -148,7 +159,8 @@ class Device(DeviceProtocol):
         self.serving = "personal"
 
     def rollback(self) -> None:
-        """Serve the fleet's global version again; the personal one is kept (``use_personal``)."""
+        """Serve the fleet's global version again (the promoted one, which the fleet may move on,
+        ``promoted.py``); the personal one is kept (``use_personal``)."""
         self.serving = "global"
 
     def serving_adapter(self) -> tuple[object, dict, dict]:

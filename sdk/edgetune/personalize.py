@@ -89,6 +89,18 @@ class PersonalAdapter:
     merged: dict[str, np.ndarray] = field(default_factory=dict)
     #: validation perplexity at each α tried (empty when α was given)
     validation: dict[float, float] = field(default_factory=dict)
+    #: perplexity on the device's validation split of the global version it started from, and
+    #: of this adapter: it is served only if it does no worse (None: no validation split)
+    global_validation_ppl: float | None = None
+    validation_ppl: float | None = None
+
+    @property
+    def better_than_global(self) -> bool:
+        """Whether it may be served: no worse than the global version on the validation split
+        (without one, on the held-out text its report scores)."""
+        if self.global_validation_ppl is None or self.validation_ppl is None:
+            return True
+        return self.validation_ppl <= self.global_validation_ppl
 
 
 def interpolate(spec: AdapterSpec, global_tensors: Mapping[str, np.ndarray], global_merged: Mapping[str, np.ndarray],
@@ -151,6 +163,7 @@ def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str
 
     load(0.0, None)
     global_ppl, global_robust = scores()
+    global_val = trainer.perplexity(val_blocks) if len(val_blocks) else None
     steps = settings.steps
     if settings.epochs:
         steps = settings.epochs * -(-len(train_blocks) // settings.batch_size)
@@ -173,7 +186,10 @@ def personalize(workload, adapter, settings: PersonalizeSettings, device_id: str
     trainer.set_adapter(tensors)
     trainer.set_merged(merged)
     personal_ppl, personal_robust = scores()
-    personal = PersonalAdapter(adapter.version, spec, alpha, tensors, merged, validation)
+    personal_val = (validation.get(alpha) or trainer.perplexity(val_blocks)) if len(val_blocks) else None
+    if global_val is None:  # (no validation split: the held-out text is what there is to compare on)
+        global_val, personal_val = global_ppl, personal_ppl
+    personal = PersonalAdapter(adapter.version, spec, alpha, tensors, merged, validation, global_val, personal_val)
     report = PersonalizationReport(
         device_id, adapter.version, alpha, global_ppl, local_ppl, personal_ppl, global_robust, local_robust,
         personal_robust, {f"{a:g}": v for a, v in validation.items()},

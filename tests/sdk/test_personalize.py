@@ -167,6 +167,51 @@ def test_personalize_picks_the_alpha_that_is_best_on_the_validation_split(spec):
     assert report.personal_ppl == pytest.approx(report.global_ppl, rel=1e-5)
 
 
+def test_a_personal_adapter_serves_only_if_no_worse_than_the_served_global_version(tmp_path):
+    """The personal adapter is checked against the version the device serves, on its own
+    validation split: one fine-tuned on a corrupted copy of the device's text (every block one
+    token repeated) and served whole (α = 1) is kept but not served; a sound one is served;
+    rollback() returns to the fleet's promoted version."""
+    from edgetune.adapters.digest import adapter_digest
+    from edgetune.wire import Serving
+
+    texts = generate_device_texts(0, 60)
+    train, heldout = split_heldout(texts, 0.2, seed=0)
+    workload = Workload(load_model("tiny-llama"), train, heldout)
+    transport = open_transport("memory://personal-check", client_id="dev-0")
+    device = Device(DeviceConfig("personal-check", "dev-0", state_dir=tmp_path), transport, workload)
+    served = GlobalAdapter(3, 3, workload.manifest.fingerprint, LORA, lora_start())
+    newer = GlobalAdapter(4, 4, workload.manifest.fingerprint, LORA, lora_start(seed=2))
+    device.global_adapter = newer  # (rounds train on v4 while the fleet serves v3)
+    device.promoted.notice(Serving(3, adapter_digest(served.tensors)))
+    assert device.promoted.offer(served) == (True, "")
+
+    honest = workload.batches_from
+
+    def corrupted(blocks, batch_size, seed):
+        for batch in honest(blocks, batch_size, seed):
+            yield np.full_like(batch, batch[0, 0])
+
+    workload.batches_from = corrupted
+    wild = PersonalizeSettings(learning_rate=1e-1, steps=20, batch_size=2, seq_len=32, alpha=1.0)
+    report = device.personalize(wild, report=False)
+    workload.batches_from = honest
+    assert report.global_version == 3  # (started from the served version, not the newest)
+    personal = device.personal_adapter
+    assert personal.validation_ppl > personal.global_validation_ppl and not personal.better_than_global
+    assert device.serving == "global"
+    spec, tensors, _ = device.serving_adapter()
+    assert all(np.array_equal(tensors[n], served.tensors[n]) for n in served.tensors)
+
+    sound = PersonalizeSettings(learning_rate=2e-2, steps=6, batch_size=2, seq_len=32)  # (α chosen: never worse)
+    device.personalize(sound, report=False)
+    assert device.personal_adapter.better_than_global and device.serving == "personal"
+    assert device.serving_adapter()[1] is device.personal_adapter.tensors
+    device.rollback()
+    assert device.serving == "global"
+    assert all(np.array_equal(device.serving_adapter()[1][n], served.tensors[n]) for n in served.tensors)
+
+
 # --- FedSGD -----------------------------------------------------------------------------------
 
 
