@@ -28,7 +28,9 @@ from .validation import Refusal
 log = logging.getLogger("edgetune_aggregator.daemon")
 
 #: error codes of a device that goes on with its round (the rest mean it gave the round up)
-CONTINUING_ERRORS = ("oom_backoff",)
+CONTINUING_ERRORS = ("oom_backoff", "busy", "resumed")
+#: a device's training policy paused it (edgetune.policy), and it went on: busy, not gone
+POLICY_CODES = ("busy", "resumed")
 
 
 class ResultDesk:
@@ -73,6 +75,13 @@ class ResultDesk:
         deadline, ran out of memory, failed) will not answer: the quorum stops waiting for it.
         Backing off is no giving up; in a fleet with keys only a signed report counts."""
         report, sender = opened.message, opened.message.device_id
+        if report.code in POLICY_CODES:
+            log.info("device %s is %s in round %d: %s", shown(sender, 64), report.code, report.round,
+                     shown(report.message, 300))
+            if ctx is not None and report.round == ctx.number and sender in self.members.devices:
+                ctx.busy[sender] = (f"busy: {shown(report.message, 200)}" if report.code == "busy"
+                                    else f"{ctx.busy.get(sender, 'busy')}; resumed {shown(report.message, 60)}")
+            return
         log.warning("device %s reports %s in round %d: %s", shown(sender, 64), shown(report.code, 32), report.round,
                     shown(report.message, 300))
         if (ctx is not None and report.round == ctx.number and report.code not in CONTINUING_ERRORS

@@ -126,6 +126,7 @@ class RoundRunner:
             return record  # left open: a resumed daemon continues it, as after a crash
         record.dropped = dict(Counter(self.channel.drops) - drops_before)
         record.declined = dict(ctx.declined)
+        record.busy = dict(ctx.busy)
         # What each device sent in this round, as measured here (its own report can only
         # count what it sent before the update that carries the report).
         sent = Counter(self.channel.bytes_from) - bytes_before

@@ -118,6 +118,8 @@ class RoundRecord:
     plans: dict[str, dict] = field(default_factory=dict)
     #: asked devices that gave the round up, and why (their error report: deadline, memory, …)
     declined: dict[str, str] = field(default_factory=dict)
+    #: devices their training policy paused during the round (busy, not gone), and what they said
+    busy: dict[str, str] = field(default_factory=dict)
     #: bytes a device downloads for the round: the global adapter it trains on, and the task
     downlink_bytes: int = 0
     #: the validation gate's verdict on the version the round started from (gate.Verdict), if it judged one

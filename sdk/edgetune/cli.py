@@ -84,6 +84,13 @@ def _add_device_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--validation", type=float, help="fraction of the training records (with at least 10) that "
                      "neither rounds nor personalization train on: where α is chosen (0: none; default "
                      f"{d('validation_fraction'):g})")
+    policy = run.add_argument_group("training policy (when this machine's own job allows: docs/operations.md)")
+    policy.add_argument("--idle-cpu", type=float, help="train only while the rest of the machine uses at most this "
+                        "share of its CPUs (0.5: half)")
+    policy.add_argument("--train-window", metavar="HH:MM-HH:MM", help="train only inside this local-time window "
+                        "(22:00-06:00 wraps midnight)")
+    policy.add_argument("--mains-only", action="store_true", default=None, help="train only on mains power (where the "
+                        "OS tells)")
     run.add_argument("--label", action="append", metavar="KEY=VALUE", help="what the operator says of this device "
                      "(site=plant-3; repeatable): a staged rollout may choose its canaries by it")
     security = run.add_argument_group("security (files from 'edgetune-aggregator provision', docs/security.md)")
@@ -121,6 +128,7 @@ DEVICE_FLAGS = (
     ("signing_key", "signing_key", None), ("fleet_key", "fleet_key", None), ("ca", "tls_ca", None), ("cert", "tls_cert", None), ("key", "tls_key", None),
     ("log_level", "log_level", None), ("log_file", "log_file", None), ("stay", "stay", None),
     ("label", "labels", lambda pairs: _labels(pairs)),
+    ("idle_cpu", "policy.idle_cpu", None), ("train_window", "policy.window", None), ("mains_only", "policy.mains_only", None),
     ("lr", "personalize.learning_rate", None), ("steps", "personalize.steps", None),
     ("epochs", "personalize.epochs", None), ("optimizer", "personalize.optimizer", None),
     ("l2_to_global", "personalize.l2_to_global", None), ("alpha", "personalize.alpha", None),
@@ -328,10 +336,12 @@ def _device(settings, command: str):
         profile, clock = announced_profile(s.fleet, s.device_id, plan=s.plan, profile=s.profile,
                                            state_dir=s.state_dir, reprofile=s.reprofile, emulate=s.emulate,
                                            threads=s.threads, uplink_mbps=s.uplink_mbps)
+    from .policy import policy_from_settings
+
     config = DeviceConfig(s.fleet, s.device_id, heldout_fraction=s.heldout_fraction,
                           exit_when_finished=not s.stay, profile=profile, signing_key=s.signing_key,
                           fleet_key=s.fleet_key, state_dir=s.state_dir or default_state_dir(s.fleet, s.device_id),
-                          labels=dict(s.labels))
+                          labels=dict(s.labels), policy=policy_from_settings(s.policy), policy_check_s=s.policy.check_s)
     device = Device(config, transport, workload, clock)
     # personalizing is a second process of a device of the fleet: it must not replace the
     # hello (profile and all) and presence its 'device run' announced

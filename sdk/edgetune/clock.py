@@ -90,6 +90,12 @@ class DeviceClock:
         self._mark, self._cpu = time.perf_counter(), time.process_time()  # (after any sleep: not compute)
         return device
 
+    def rest(self) -> None:
+        """The time since the last checkpoint was no compute (training paused by a policy):
+        it is not accounted."""
+        if self._mark is not None:
+            self._mark, self._cpu = time.perf_counter(), time.process_time()
+
     def _device_seconds(self, real_s: float, cpu_s: float) -> float:
         """What ``real_s`` of compute here (``cpu_s`` of CPU time) stands for on the device."""
         return real_s * self.factor()

@@ -95,6 +95,10 @@ class DeviceConfig:
     state_dir: Path | None = None
     #: what the operator says of this device (``{"site": "plant-3"}``), announced in the hello
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: when it may train (``edgetune.policy``; None: any time), asked before every step, and
+    #: how often it is asked again while it says no
+    policy: Callable[[], tuple[bool, str]] | None = None
+    policy_check_s: float = 5.0
 
 
 def _as_float32(adapter: GlobalAdapter) -> GlobalAdapter:
@@ -417,7 +421,7 @@ class DeviceProtocol:
             return
         env = RoundEnv(me, self.global_adapter, self.clock, self._task_seen_at.get((task.run_id, task.round)),
                        self._progress, lambda code, message: self._report_error(task, code, message), self._traffic,
-                       self.promoted.adapter)
+                       self.promoted.adapter, lambda: self._hold(task))
         try:
             with self.worker.computing(task):
                 answer = getattr(self.worker, task.kind.value)(task, env)
@@ -438,6 +442,17 @@ class DeviceProtocol:
         if task.kind is TaskKind.TRAIN:
             self.rounds_done.append(task.round)
         log.info("%s: sent its %s answer for round %d (%d bytes)", me, task.kind.value, task.round, size)
+
+    def _hold(self, task: RoundTask) -> None:
+        """Wait while the training policy says not now (``edgetune.policy``): the round's work
+        so far stays where it is, the aggregator hears the device is busy (not gone), and the
+        paused time is not counted as compute."""
+        if self.config.policy is not None:
+            from .policy import hold
+
+            if hold(self.config.policy, self.config.policy_check_s, self._stop, f"{self.config.device_id} (round "
+                    f"{task.round})", lambda code, message: self._report_error(task, code, message)):
+                self.clock.rest()
 
     def _compressed(self, task: RoundTask, update: Update) -> Update:
         """The update at the precision the task (or this device's plan) asks for, with what

@@ -15,6 +15,7 @@ from .checks import check_labels
 from .data.split import HELDOUT_FRACTION, VALIDATION_FRACTION
 from .ort.fetch import FETCH_TIMEOUT_S
 from .personalize import PersonalizeSettings
+from .policy import PolicySettings
 
 TRAINERS = ("torch", "ort", "auto")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -67,6 +68,8 @@ class DeviceRunSettings:
     #: what the operator says of this device (``{ site = "plant-3" }``): a staged rollout may
     #: choose its canaries by them (docs/operations.md)
     labels: dict[str, str] = field(default_factory=dict)
+    #: when the device may train (``[policy]``: idle CPU, a time window, mains power)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     #: CA certificate of an mqtts:// broker; this device's client certificate and its key
     tls_ca: Path | None = None
     tls_cert: Path | None = None

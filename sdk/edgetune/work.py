@@ -40,6 +40,9 @@ class RoundEnv:
     #: the global version this device serves (``promoted.py``; None: none promoted): scored
     #: next to the round's global for the validation gate
     serving: GlobalAdapter | None = None
+    #: ``()``: wait while the device's training policy says not now (``policy.py``); the
+    #: worker calls it before every training step
+    hold: Callable[[], None] = lambda: None
 
     def check_deadline(self, task: RoundTask, next_step_s: float) -> None:
         """Raise ``DeadlineMissed`` if another ``next_step_s`` of work would end after the

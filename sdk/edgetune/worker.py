@@ -212,6 +212,7 @@ class WorkloadWorker(Worker):
         budget = self.profile.memory_bytes if self.profile else None
 
         self.clock.checkpoint()  # (loading the model and evaluating the global adapter)
+        env.hold()  # (the machine's own job first: policy.py)
         env.check_deadline(task, 0.0)  # (a task that waited while the device was busy may be over)
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -221,6 +222,7 @@ class WorkloadWorker(Worker):
                                            f"the device's budget of {budget / 2**20:,.0f} MiB")
             step_s = self.clock.checkpoint()
             if step < total:
+                env.hold()
                 env.check_deadline(task, step_s)
             env.progress(Progress(me, task.round, step, total, float(loss)))
 

@@ -262,6 +262,7 @@ def test_the_configuration_doc_lists_every_key_with_its_default():
     import tomllib
 
     from edgetune.personalize import PersonalizeSettings
+    from edgetune.policy import PolicySettings
     from edgetune.run_config import DeviceRunSettings
     from edgetune.wire import ImportanceSettings
     from edgetune_aggregator.strategies import ServerOptimizerConfig
@@ -270,7 +271,7 @@ def test_the_configuration_doc_lists_every_key_with_its_default():
     owners = {AggregatorConfig: None, LoraSpec: defaults.adapter, PromptSpec: PromptSpec(), TrainSettings: defaults.train,
               ServerOptimizerConfig: defaults.server_optimizer, ImportanceSettings: defaults.importance,
               UpdateLimits: defaults.limits, InfluenceBounds: defaults.influence, ServeSettings: None,
-              GateSettings: defaults.gate, RolloutSettings: defaults.rollout,
+              GateSettings: defaults.gate, RolloutSettings: defaults.rollout, PolicySettings: PolicySettings(),
               DeviceRunSettings: None, PersonalizeSettings: PersonalizeSettings()}
     tables = _doc_tables()
     checked = 0

@@ -37,6 +37,8 @@ class RoundContext:
     refusals: dict[str, Receipt] = field(default_factory=dict)
     #: devices that reported giving this round up (an error report), and why: not waited for
     declined: dict[str, str] = field(default_factory=dict)
+    #: devices their training policy paused in this round (edgetune.policy): busy, still waited for
+    busy: dict[str, str] = field(default_factory=dict)
 
     def remember(self, receipt: Receipt) -> None:
         if receipt.accepted:

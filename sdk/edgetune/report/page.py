@@ -122,7 +122,10 @@ def _participation(run: RunData) -> str:
         missed = sorted(set(r.get("asked", [])) - answered - set(declined))
         reasons = [f"{d}: {why}" for d, why in sorted(r.get("excluded", {}).items())]
         reasons += [f"{d} gave up: {why}" for d, why in sorted(declined.items())]
-        reasons += [f"{d} missed the deadline" for d in missed]
+        busy = r.get("busy", {})
+        reasons += [f"{d} {why}" for d, why in sorted(busy.items())]
+        reasons += [f"{d} missed the deadline" + (" (paused by its training policy)" if d in busy else "")
+                    for d in missed]
         rows.append([r["round"], r["kind"], r["status"], len(answered), len(r.get("asked", [])), "; ".join(reasons) or "—"])
     return _table(["round", "kind", "status", "answered", "asked", "left out, gave up, missed (why)"], rows, {0, 3, 4})
 
