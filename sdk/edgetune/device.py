@@ -175,6 +175,25 @@ class Device(DeviceProtocol):
             raise RuntimeError("no adapter yet")
         return g.adapter, g.tensors, g.merged
 
+    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        """Greedy text from the base with the adapter this device serves (``serving_adapter``):
+        inference on the device, between rounds (it waits for a round's training to finish).
+        PyTorch devices; an ONNX Runtime device exports instead (docs/ort.md)."""
+        import torch
+
+        spec, tensors, merged = self.serving_adapter()
+        with self.worker.lock:
+            trainer = self.workload.trainer(spec)
+            trainer.set_adapter(tensors)
+            trainer.set_merged(merged)
+            tokenizer = self.workload.loaded.tokenizer
+            ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+            with torch.no_grad():
+                out = trainer.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                             max_new_tokens=max_new_tokens,
+                                             pad_token_id=getattr(tokenizer, "eos_token_id", None))
+        return tokenizer.decode(out[0, ids.shape[1]:].tolist())
+
     def save_adapter(self, directory: Path, base_model: str = "") -> Path:
         """Write the adapter served now in PEFT format (``PeftModel.from_pretrained`` loads it)."""
         from .adapters.peft_format import write_peft_adapter
