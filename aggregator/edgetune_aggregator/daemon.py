@@ -184,6 +184,7 @@ class Aggregator:
                 return
             else:
                 self.rollout.stored(0)
+            self.rollout.check_model()
             self._run_rounds()
         finally:
             self.rollout.close()

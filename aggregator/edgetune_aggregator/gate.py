@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,14 @@ class GateSettings:
     device_thresholds: dict[str, float] = field(default_factory=dict)
     #: devices that must have reported both scores for a verdict
     min_reports: int = 1
+    #: text the aggregator itself scores each new version on (.txt or .jsonl; None: devices only),
+    #: with the fleet's base model loaded here (needs PyTorch: ``validation_text.py``)
+    validation_text: Path | None = None
+    #: that model (a GGUF file, a model folder, tiny-llama; None: the default SmolLM2 GGUF)
+    validation_model: str | None = None
+    #: blocks of ``validation_seq_len`` tokens of the text scored
+    validation_blocks: int = 32
+    validation_seq_len: int = 128
 
     def __post_init__(self) -> None:
         for name, value in (("max_regression", self.max_regression),
@@ -38,6 +47,8 @@ class GateSettings:
                 raise ValueError(f"gate {name} must be a fraction ≥ 0 (0.05: 5 %) or none, got {value!r}")
         if not isinstance(self.min_reports, int) or self.min_reports < 1:
             raise ValueError(f"gate min_reports must be an integer ≥ 1, got {self.min_reports!r}")
+        if self.validation_blocks < 1 or self.validation_seq_len < 2:
+            raise ValueError("gate validation_blocks must be ≥ 1 and validation_seq_len ≥ 2")
 
     @property
     def enabled(self) -> bool:
@@ -68,16 +79,32 @@ class Verdict:
     reports: int = 0
     #: each device's relative change (+0.1: 10 % worse)
     devices: dict[str, float] = field(default_factory=dict)
+    #: the aggregator's own scores on its validation text: (candidate, serving) perplexity
+    server: tuple[float, float] | None = None
 
     def as_dict(self) -> dict:
         return {"candidate": self.candidate, "serving": self.serving, "passed": self.passed, "reason": self.reason,
                 "candidate_ppl": self.candidate_ppl, "serving_ppl": self.serving_ppl, "reports": self.reports,
-                "devices": dict(self.devices)}
+                "devices": dict(self.devices), "server": list(self.server) if self.server else None}
 
 
-def judge(candidate: int, serving: int, scores: Iterable[Score], settings: GateSettings) -> Verdict:
-    """Whether ``candidate`` may replace ``serving``, from the devices' paired ``scores``."""
+def judge(candidate: int, serving: int, scores: Iterable[Score], settings: GateSettings,
+          server: tuple[float, float] | None = None) -> Verdict:
+    """Whether ``candidate`` may replace ``serving``, from the devices' paired ``scores`` and
+    the aggregator's own ``server`` scores on its validation text (candidate, serving), if any:
+    each must stay within ``max_regression``."""
     rows = [s for s in scores if s.samples > 0 and _finite(s.candidate) and _finite(s.serving) and s.serving > 0]
+    server = server if server is not None and all(_finite(v) and v > 0 for v in server) else None
+    if server is not None:
+        change = server[0] / server[1] - 1.0
+        if settings.max_regression is not None and change > settings.max_regression:
+            return Verdict(candidate, serving, False, f"on the aggregator's validation text the perplexity rose "
+                           f"{change:+.1%} ({server[1]:.3f} → {server[0]:.3f}), more than {settings.max_regression:.1%}",
+                           reports=len(rows), server=server)
+        if len(rows) < settings.min_reports:
+            return Verdict(candidate, serving, True, f"on the aggregator's validation text {change:+.1%} "
+                           f"({server[1]:.3f} → {server[0]:.3f}); {len(rows)} device(s) scored both", reports=len(rows),
+                           server=server)
     if len(rows) < settings.min_reports:
         return Verdict(candidate, serving, None, f"{len(rows)} device(s) scored both versions, the gate needs "
                        f"{settings.min_reports}", reports=len(rows))
@@ -97,7 +124,7 @@ def judge(candidate: int, serving: int, scores: Iterable[Score], settings: GateS
     reason = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
     return Verdict(candidate, serving, not problems,
                    reason or f"the fleet's perplexity {overall:+.1%} ({fleet_serving:.3f} → {fleet_candidate:.3f})",
-                   fleet_candidate, fleet_serving, len(rows), changes)
+                   fleet_candidate, fleet_serving, len(rows), changes, server)
 
 
 def _limit(device: str, thresholds: Mapping[str, float], default: float | None) -> float | None:

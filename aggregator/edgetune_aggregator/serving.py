@@ -46,6 +46,14 @@ class Rollout:
         self.devices = devices
         #: steps taken since the last round closed (promotions, canaries, rollbacks): the round log's
         self.steps: list[dict] = []
+        #: the gate's server-side scorer (``[gate] validation_text``), loaded with the model
+        self.validation = None
+        gate = config.gate
+        if gate.validation_text is not None:
+            from .validation_text import ValidationText
+
+            self.validation = ValidationText(gate.validation_text, gate.validation_model, gate.validation_blocks,
+                                             gate.validation_seq_len)
         self.fleet = fleet
         self.publisher = publisher
         self.clock = clock
@@ -117,7 +125,10 @@ class Rollout:
             return
         scores = [Score(d.device_id, d.num_samples, d.global_ppl, d.serving_ppl) for d in record.devices
                   if d.from_round is None and d.serving_version == serving]
-        verdict = judge(candidate, serving, scores, self.config.gate)
+        server = None
+        if self.validation is not None:  # (the aggregator's own text: validation_text.py)
+            server = (self.validation.perplexity(self._adapter(candidate)), self.validation.perplexity(self._adapter(serving)))
+        verdict = judge(candidate, serving, scores, self.config.gate, server)
         record.gate = verdict.as_dict()
         self.fleet.versions.judged(candidate, record.gate)
         self.fleet.update(save=True, awaiting=None)
@@ -245,6 +256,11 @@ class Rollout:
         self.publisher.publish_global()
 
     # --- the operator's requests and the devices' reports -----------------------------------------
+
+    def check_model(self) -> None:
+        """The gate's validation model must be the fleet's (raises ``ValueError`` saying so)."""
+        if self.validation is not None and self.fleet.state is not None:
+            self.validation.check_model(self.fleet.state.model)
 
     def tick(self) -> None:
         now = self.clock.monotonic()

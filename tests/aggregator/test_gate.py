@@ -106,3 +106,41 @@ def test_the_gate_stops_a_poisoned_round_over_mosquitto(mosquitto_url, tmp_path)
     # every device serves what the fleet serves, the version on disk
     final = versions[aggregator.state.serving_version]
     assert final.version > copy.version and all(d.promoted.digest == final.digest for d in devices)
+
+
+def test_the_aggregator_own_validation_text_stops_it_when_devices_do_not_score(mosquitto_url, tmp_path):
+    """The same poisoned round with devices scoring nothing (``eval_blocks = 0``): the gate
+    judges on the text the operator gave the aggregator, with the fleet's model loaded there."""
+    from edgetune.data import generate_device_texts
+    from edgetune.wire import TrainSettings
+
+    from helpers.fleet import TRAIN
+
+    fleet = f"gate-text-{uuid.uuid4().hex[:6]}"
+    text = tmp_path / "validation.txt"
+    text.write_text("\n".join(generate_device_texts(9, 40)) + "\n")  # (another site's text, as an operator's sample)
+    gate = GateSettings(max_regression=0.02, validation_text=text, validation_model="tiny-llama", validation_blocks=16,
+                        validation_seq_len=32)
+    config = fleet_config(tmp_path, fleet, rounds=4, planning=False, gate=gate,
+                          train=TrainSettings(**{**TRAIN.__dict__, "eval_blocks": 0}))
+    aggregator, thread = start_aggregator(mosquitto_url, config)
+    devices = []
+    for index in range(3):
+        clock = DeviceClock()
+        worker = (AscendingWorker if index in POISONERS else WorkloadWorker)(workload(index), f"dev-{index}", clock)
+        transport = open_transport(mosquitto_url, client_id=f"{fleet}-{index}", connect_timeout=10)
+        device = DeviceProtocol(DeviceConfig(fleet, f"dev-{index}", exit_when_finished=False), transport, worker, clock)
+        device.connect()
+        devices.append(device.start())
+    try:
+        assert aggregator.finished.wait(180)
+    finally:
+        for device in devices:
+            device.stop()
+        aggregator.stop()
+        thread.join(30)
+    versions = {r.version: r for r in aggregator.fleet.versions.all()}
+    assert versions[1].gate["passed"] is True and versions[1].gate["reports"] == 0 and versions[1].gate["server"]
+    poisoned = versions[POISONED_ROUND].gate
+    assert poisoned["passed"] is False and "aggregator's validation text" in poisoned["reason"], poisoned
+    assert any(r.strategy == "rollback" and r.parent == 1 for r in versions.values())
