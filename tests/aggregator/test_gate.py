@@ -12,13 +12,9 @@ import uuid
 
 import pytest
 
-from edgetune.clock import DeviceClock
-from edgetune.protocol import DeviceConfig, DeviceProtocol
-from edgetune.transport import open_transport
-from edgetune.worker import WorkloadWorker
 from edgetune_aggregator.gate import GateSettings, Score, judge
 
-from helpers.fleet import fleet_config, start_aggregator, workload
+from helpers.fleet import fleet_config, start_aggregator, start_device, stop_fleet
 from helpers.poison import AscendingWorker
 from helpers.waiting import wait_for
 
@@ -67,15 +63,8 @@ def test_the_gate_stops_a_poisoned_round_over_mosquitto(mosquitto_url, tmp_path)
     # +0.1 %, the poisoned one by about +6 %)
     config = fleet_config(tmp_path, fleet, rounds=5, planning=False, gate=GateSettings(max_regression=0.02))
     aggregator, thread = start_aggregator(mosquitto_url, config)
-    devices = []
-    for index in range(3):
-        clock = DeviceClock()
-        worker_class = AscendingWorker if index in POISONERS else WorkloadWorker
-        worker = worker_class(workload(index), f"dev-{index}", clock)
-        transport = open_transport(mosquitto_url, client_id=f"{fleet}-{index}", connect_timeout=10)
-        device = DeviceProtocol(DeviceConfig(fleet, f"dev-{index}", exit_when_finished=False), transport, worker, clock)
-        device.connect()
-        devices.append(device.start())
+    devices = [start_device(mosquitto_url, fleet, i, AscendingWorker if i in POISONERS else None, exit_when_finished=False)
+               for i in range(3)]
     served = set()
     try:
         while not aggregator.finished.wait(0.2):  # (what the fleet served, as it went)
@@ -83,10 +72,7 @@ def test_the_gate_stops_a_poisoned_round_over_mosquitto(mosquitto_url, tmp_path)
                 served.add(aggregator.state.serving_version)
         assert wait_for(lambda: all(d.promoted.version == aggregator.state.serving_version for d in devices), 30)
     finally:
-        for device in devices:
-            device.stop()
-        aggregator.stop()
-        thread.join(30)
+        stop_fleet(aggregator, thread, devices)
     versions = {r.version: r for r in aggregator.fleet.versions.all()}
     poisoned = versions[POISONED_ROUND]  # (round r builds version r until the gate steps in)
     assert poisoned.gate["passed"] is False, poisoned.gate
@@ -124,21 +110,12 @@ def test_the_aggregator_own_validation_text_stops_it_when_devices_do_not_score(m
     config = fleet_config(tmp_path, fleet, rounds=4, planning=False, gate=gate,
                           train=TrainSettings(**{**TRAIN.__dict__, "eval_blocks": 0}))
     aggregator, thread = start_aggregator(mosquitto_url, config)
-    devices = []
-    for index in range(3):
-        clock = DeviceClock()
-        worker = (AscendingWorker if index in POISONERS else WorkloadWorker)(workload(index), f"dev-{index}", clock)
-        transport = open_transport(mosquitto_url, client_id=f"{fleet}-{index}", connect_timeout=10)
-        device = DeviceProtocol(DeviceConfig(fleet, f"dev-{index}", exit_when_finished=False), transport, worker, clock)
-        device.connect()
-        devices.append(device.start())
+    devices = [start_device(mosquitto_url, fleet, i, AscendingWorker if i in POISONERS else None, exit_when_finished=False)
+               for i in range(3)]
     try:
         assert aggregator.finished.wait(180)
     finally:
-        for device in devices:
-            device.stop()
-        aggregator.stop()
-        thread.join(30)
+        stop_fleet(aggregator, thread, devices)
     versions = {r.version: r for r in aggregator.fleet.versions.all()}
     assert versions[1].gate["passed"] is True and versions[1].gate["reports"] == 0 and versions[1].gate["server"]
     poisoned = versions[POISONED_ROUND].gate

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import uuid
 
-from edgetune.clock import DeviceClock
-from edgetune.protocol import DeviceConfig, DeviceProtocol
 from edgetune.simulate import LightDevice
 from edgetune.transport import open_transport
-from edgetune.worker import WorkloadWorker
 from edgetune_aggregator.canary import RolloutSettings, canary_verdict, choose_canaries
 from edgetune_aggregator.cli import main
 from edgetune_aggregator.gate import GateSettings
 
-from helpers.fleet import fleet_config, start_aggregator, workload
+from helpers.fleet import fleet_config, start_aggregator, start_device, stop_fleet
 from helpers.poison import AscendingWorker
 from helpers.waiting import wait_for
 
@@ -70,14 +67,8 @@ def test_a_failed_canary_rolls_back_only_the_canaries_over_mosquitto(mosquitto_u
     aggregator, thread = start_aggregator(mosquitto_url, config)
     devices, seen = [], {f"dev-{i}": set() for i in range(4)}
     for index in range(4):
-        clock = DeviceClock()
-        worker = (AscendingWorker if index >= 2 else WorkloadWorker)(workload(index), f"dev-{index}", clock)
-        transport = open_transport(mosquitto_url, client_id=f"{fleet}-{index}", connect_timeout=10)
-        labels = {"site": "a" if index < 2 else "b"}
-        device = DeviceProtocol(DeviceConfig(fleet, f"dev-{index}", exit_when_finished=False, labels=labels),
-                                transport, worker, clock)
-        device.connect()
-        devices.append(device.start())
+        devices.append(start_device(mosquitto_url, fleet, index, AscendingWorker if index >= 2 else None,
+                                    exit_when_finished=False, labels={"site": "a" if index < 2 else "b"}))
 
     def serve(version: int, timeout: float = 90) -> bool:
         def served() -> bool:
@@ -112,10 +103,7 @@ def test_a_failed_canary_rolls_back_only_the_canaries_over_mosquitto(mosquitto_u
         assert aggregator.state.serving_version == 1
         assert "canaries failed" in aggregator.fleet.versions.get(2).note
     finally:
-        for device in devices:
-            device.stop()
-        aggregator.stop()
-        thread.join(30)
+        stop_fleet(aggregator, thread, devices)
     # every step is in the round log (those since the last round closed: with the next one)
     logged = [s["step"] for r in aggregator.store.rounds() for s in r.get("rollout", [])]
     logged += [s["step"] for s in aggregator.rollout.steps]
@@ -146,7 +134,4 @@ def test_automatic_promotion_goes_through_canaries_one_stage_at_a_time(tmp_path)
         # (each staged version went to all after its canary, or a newer one took its place)
         assert aggregator.state.serving_version == max(s["version"] for s in staged)
     finally:
-        for device in devices:
-            device.stop()
-        aggregator.stop()
-        thread.join(30)
+        stop_fleet(aggregator, thread, devices)

@@ -25,7 +25,7 @@ from edgetune_aggregator.daemon import AggregatorConfig
 from edgetune_aggregator.store import StateStore
 from edgetune_aggregator.versions import VersionLog
 
-from helpers.fleet import SPEC, start_aggregator
+from helpers.fleet import SPEC, start_aggregator, stop_fleet
 from helpers.waiting import wait_for
 
 
@@ -129,10 +129,7 @@ def test_manual_promotion_and_rollback_over_mosquitto(mosquitto_url, tmp_path, c
         assert rounds[copy.version + 1]["base_version"] == copy.version
         assert wait_for(lambda: aggregator.rollout.serving_counts() == {1: 3}, 30)
     finally:
-        for device in devices:
-            device.stop()
-        aggregator.stop()
-        thread.join(30)
+        stop_fleet(aggregator, thread, devices)
     assert control.pending(state_dir) == []
 
     # what the operator sees
@@ -170,10 +167,7 @@ def test_automatic_promotion_serves_each_new_version(tmp_path):
         # automatic promotion serves each version as it would without a gate)
         assert all(r.gate["passed"] is None and "scored both" in r.gate["reason"] for r in versions[1:])
     finally:
-        for device in devices:
-            device.stop()
-        aggregator.stop()
-        thread.join(30)
+        stop_fleet(aggregator, thread, devices)
 
 
 def test_a_device_serves_nothing_whose_digest_differs(tmp_path, caplog):

@@ -99,3 +99,27 @@ def join_device(url: str, fleet: str, index: int, start: bool = True) -> Device:
     device = Device(DeviceConfig(fleet, device_id), transport, workload(index))
     device.connect()
     return device.start() if start else device
+
+
+def start_device(url: str, fleet: str, index: int, worker_class=None, **config):
+    """Device ``dev-{index}`` running the device protocol with a real tiny Llama worker of
+    ``worker_class`` (default ``WorkloadWorker``; a test's own subclass poisons or scores),
+    connected and started; ``config``: more ``DeviceConfig`` fields."""
+    from edgetune.clock import DeviceClock
+    from edgetune.protocol import DeviceProtocol
+    from edgetune.worker import WorkloadWorker
+
+    clock = DeviceClock()
+    worker = (worker_class or WorkloadWorker)(workload(index), f"dev-{index}", clock)
+    transport = open_transport(url, client_id=f"{fleet}-{index}-{uuid.uuid4().hex[:4]}", connect_timeout=10)
+    device = DeviceProtocol(DeviceConfig(fleet, f"dev-{index}", **config), transport, worker, clock)
+    device.connect()
+    return device.start()
+
+
+def stop_fleet(aggregator, thread: threading.Thread, devices) -> None:
+    """Stop the devices, then the daemon, and wait for its thread."""
+    for device in devices:
+        device.stop()
+    aggregator.stop()
+    thread.join(30)

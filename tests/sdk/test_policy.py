@@ -11,13 +11,9 @@ import uuid
 
 import pytest
 
-from edgetune.clock import DeviceClock
 from edgetune.policy import IdleCpu, MainsPower, PolicySettings, TimeWindow, all_of, policy_from_settings
-from edgetune.protocol import DeviceConfig, DeviceProtocol
-from edgetune.transport import open_transport
-from edgetune.worker import WorkloadWorker
 
-from helpers.fleet import fleet_config, start_aggregator, workload
+from helpers.fleet import fleet_config, start_aggregator, start_device, stop_fleet
 
 
 def at(hour: int, minute: int = 0):
@@ -90,15 +86,8 @@ def test_a_paused_device_resumes_and_its_update_counts_once_over_mosquitto(mosqu
         asked.append(allowed.is_set())
         return allowed.is_set(), "the line is running a batch"
 
-    devices = []
-    for index in range(3):
-        clock = DeviceClock()
-        worker = WorkloadWorker(workload(index), f"dev-{index}", clock)
-        transport = open_transport(mosquitto_url, client_id=f"{fleet}-{index}", connect_timeout=10)
-        policy = dict(policy=lunch_break, policy_check_s=0.2) if index == 2 else {}
-        device = DeviceProtocol(DeviceConfig(fleet, f"dev-{index}", **policy), transport, worker, clock)
-        device.connect()
-        devices.append(device.start())
+    devices = [start_device(mosquitto_url, fleet, i, **(dict(policy=lunch_break, policy_check_s=0.2) if i == 2 else {}))
+               for i in range(3)]
     try:
         # paused: asked again and again, while the other two have sent their round-1 updates
         assert wait(lambda: len(asked) >= 5 and all(1 in d.rounds_done for d in devices[:2]), 60)
@@ -106,10 +95,7 @@ def test_a_paused_device_resumes_and_its_update_counts_once_over_mosquitto(mosqu
         allowed.set()
         assert aggregator.finished.wait(120)
     finally:
-        for device in devices:
-            device.stop()
-        aggregator.stop()
-        thread.join(30)
+        stop_fleet(aggregator, thread, devices)
     first = next(r for r in aggregator.store.rounds() if r["round"] == 1)
     assert "busy: the line is running a batch" in first["busy"]["dev-2"] and "resumed" in first["busy"]["dev-2"]
     assert "dev-2" not in first.get("declined", {})
