@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from .gate import GateSettings, Score, Verdict, judge
 
 
+#: the most canaries one stage names (the retained notice lists them and must fit one packet)
+MAX_CANARIES = 10_000
+
+
 @dataclass(frozen=True)
 class RolloutSettings:
     #: the share of devices that serve a new version first (0: every device at once)
@@ -52,7 +56,7 @@ def choose_canaries(devices: Mapping[str, Mapping[str, str]], settings: RolloutS
                 if all(labels.get(k) == v for k, v in settings.canary_labels.items())]
     if len(eligible) < 2 and not settings.canary_labels:
         return []  # (a fleet of one has no one to spare the first try)
-    count = min(len(eligible), max(1, math.ceil(settings.canary_fraction * len(devices))))
+    count = min(len(eligible), max(1, math.ceil(settings.canary_fraction * len(devices))), MAX_CANARIES)
     ranked = sorted(eligible, key=lambda d: hashlib.sha256(f"{run_id}/{version}/{d}".encode()).hexdigest())
     return sorted(ranked[:count])
 
@@ -70,6 +74,8 @@ def canary_verdict(candidate: int, serving: int, canaries: list[str], reports: M
         what = [f"{', '.join(missing)} did not report in {settings.canary_timeout_s:.0f} s"] if missing else []
         what += [f"{d} did not switch ({reason})" for d, reason in sorted(refused.items())]
         return Verdict(candidate, serving, False, "; ".join(what)[:1000], reports=len(mine))
+    # (a canary that scored nothing, such as a light simulated device or one whose scoring failed
+    # (its reason says so), counts as switched, not as measured; if none measured, switching decides)
     scores = [Score(d, max(1, samples.get(d, 1)), r.get("ppl"), r.get("previous_ppl")) for d, r in mine.items()
               if r.get("previous") == serving]
     verdict = judge(candidate, serving, scores,

@@ -126,9 +126,9 @@ class Aggregator:
         self.runner = RoundRunner(config, clock, self.fleet, self.members, self.tasks, self.publisher, self.desk,
                                   self.journal, self.channel, handlers, self._receive, self._stop, metrics)
         self.runner.on_round, self.runner.on_task = on_round, on_task
-        self.rollout = Rollout(config, self.fleet, self.publisher, clock, metrics, lambda: self.members.devices)
-        self.runner.on_version = self.rollout.stored
+        self.rollout = Rollout(config, self.fleet, self.publisher, clock, metrics, self._devices)
         self.runner.on_closing = self.rollout.judge
+        self.runner.on_closed = self.rollout.closed
         self._train = train
         self.startup = Startup(config, clock, self.fleet, self.members, self.runner, self.publisher, self.journal,
                                self.intake, self.channel, train, initialize, self._receive, self._stop)
@@ -149,6 +149,13 @@ class Aggregator:
             ServingReport: lambda topic, opened, ctx: self.rollout.on_report(opened.message),
             **{cls: self.desk.on_result for cls in TASK_OF_RESULT},
         }
+
+    def _devices(self, reachable: bool = True) -> dict[str, Hello]:
+        """The fleet's devices (their hellos), or those reachable now."""
+        if not reachable:
+            return self.members.devices
+        now = self.members.reachable()
+        return {d: h for d, h in self.members.devices.items() if d in now}
 
     def _reserve_issued(self, issued: int) -> None:
         try:
@@ -180,6 +187,7 @@ class Aggregator:
             if resumed:
                 self.publisher.publish_global()
                 self.rollout.publish()
+                self.rollout.resumed()
             elif not self.startup.start():
                 return
             else:
@@ -262,7 +270,8 @@ class Aggregator:
         # (a daemon restarted after the evaluation round closed must not evaluate again)
         evaluation_round = state.first_train_round + (self.config.rounds or 0)
         if self.config.evaluate_final and state.round < evaluation_round:
-            self.runner.run(state.round + 1, TaskKind.EVALUATE)
+            self.rollout.reset_training(self._train.forget_lineage)  # (a rollback's: evaluate what follows it)
+            self.runner.run(self.fleet.state.round + 1, TaskKind.EVALUATE)
             if self._stop.is_set():  # (left open: a restarted daemon continues it)
                 return
         self.tasks.publish(self.fleet.state.round + 1, TaskKind.FINISHED)

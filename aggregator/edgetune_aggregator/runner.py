@@ -56,10 +56,11 @@ class RoundRunner:
         self.on_task: Callable[[RoundTask, RoundRecord], None] | None = None
         #: called when a round closes, with its record
         self.on_round: Callable[[RoundRecord], None] | None = None
-        #: called when a round stored a new global version, with its number (``serving.py``)
-        self.on_version: Callable[[int], None] | None = None
-        #: called with a closing round's record before it is written (the validation gate's verdict)
+        #: called with a closing round's record before it and the state are written (the
+        #: validation gate's verdict: in-memory changes, saved with the round)
         self.on_closing: Callable[[RoundRecord], None] | None = None
+        #: called once a fleet round's close is on disk, before its global is published (``serving.py``)
+        self.on_closed: Callable[[RoundRecord], None] | None = None
         self._open: RoundRecord | None = None  # the open round's record (latecomers join it)
 
     def run(self, number: int, kind: TaskKind) -> RoundRecord:
@@ -187,14 +188,14 @@ class RoundRunner:
             # the round is closed: its results live in the global adapter, or go on into the next round
             self.journal.discard(keep=ctx.number if handler.keeps_journal(ctx) else None)
             handler.closed(ctx)
+            if self.on_closed is not None:  # (what the fleet serves, before the new global goes out:
+                self.on_closed(record)  # a device then still holds the version it is told to serve)
         rated = [d for d in record.devices if d.global_ppl is not None]
         if rated:  # what the devices measured of the version the round started from
             self.fleet.versions.measured(record.base_version, ppl=record.global_ppl,
                                          robust_ppl=record.global_robust_ppl, evaluated_by=len(rated))
         if record.status is RoundStatus.AGGREGATED:
             self.publisher.publish_global()
-            if self.on_version is not None:
-                self.on_version(record.new_version)
         self._log_close(ctx)
         if self.metrics is not None:
             self.metrics.round_closed(ctx.kind.value, record.status.value, record.duration_s)

@@ -22,6 +22,7 @@ import time
 
 from edgetune.atomic import atomic_write_json
 from edgetune.clock import Clock
+from edgetune.logsafe import shown
 from edgetune.wire import GlobalAdapter, Serving, ServingReport
 
 from . import control
@@ -40,9 +41,10 @@ _SAVE_S = 1.0
 
 class Rollout:
     def __init__(self, config: AggregatorConfig, fleet: Fleet, publisher: Publisher, clock: Clock, metrics=None,
-                 devices=lambda: {}):
+                 devices=lambda reachable=True: {}):
         self.config = config
-        #: ``() -> {device: Hello}``: the fleet's devices (a staged rollout's canaries are chosen among them)
+        #: ``(reachable) -> {device: Hello}``: the fleet's devices, or those reachable now (a staged
+        #: rollout's canaries are chosen among them)
         self.devices = devices
         #: steps taken since the last round closed (promotions, canaries, rollbacks): the round log's
         self.steps: list[dict] = []
@@ -100,26 +102,56 @@ class Rollout:
     def stored(self, version: int) -> None:
         """A round stored a new version: the gate judges it in the round that trains on it;
         with automatic promotion it is served then (at once without a gate, or while nothing
-        is served yet: there is nothing to compare it with)."""
+        is served yet: there is nothing to compare it with). A version built while a rollback
+        waits to reset training belongs to the abandoned lineage: never served."""
         state = self.fleet.state
+        if state.reset_to is not None:
+            self.fleet.versions.noted(version, f"built on a lineage rolled back to v{state.reset_to}: not served")
+            return
         if self.config.gate.enabled and state.serving_version is not None:
             self.fleet.update(save=True, awaiting=version)
         elif self.config.promote == "auto":
             self.promote(version, "automatic")
 
+    def resumed(self) -> None:
+        """After a restart: what a crash between a round's close and its aftermath left undone
+        (a judged version to serve, a stored one the gate has yet to await)."""
+        state = self.fleet.state
+        if state.promote_next is not None:
+            self.closed(None)
+        record = self.fleet.versions.get(state.global_version)
+        if (record is not None and record.gate is None and state.awaiting is None and state.reset_to is None
+                and state.serving_version is not None and state.global_version > state.serving_version
+                and record.strategy != "rollback" and "not served" not in record.note):
+            self.stored(state.global_version)
+
     def judge(self, record: RoundRecord) -> None:
-        """At a round's close, before its record is written: if it started from the version the
-        gate awaits, decide on it from the devices' paired scores (``gate.py``). A refused version
-        is never served, and training restarts from the serving version, as after a rollback."""
+        """At a round's close, before its record and the state are written (the runner writes
+        both; nothing here is saved): if it started from the version the gate awaits, decide on
+        it from the devices' paired scores (``gate.py``). A refused version is never served, and
+        training restarts from the serving version, as after a rollback. A version it passes is
+        served once the close is on disk (``closed``)."""
         try:
             self._judge(record)
         finally:  # (what happened to what the fleet serves while the round was open, in its log)
             record.rollout, self.steps = record.rollout + self.steps, []
 
+    def closed(self, record: RoundRecord | None) -> None:
+        """The round's close is on disk: serve what the gate passed, take in what it stored."""
+        state = self.fleet.state
+        version = state.promote_next
+        self.fleet.update(promote_next=None)  # (saved below, with what it led to)
+        if version is not None and state.reset_to is None:
+            self.promote(version, "automatic, gate " + ("passed" if self.fleet.versions.get(version).gate.get("passed")
+                                                       else "could not judge"))
+        if record is not None and record.status is RoundStatus.AGGREGATED and record.new_version is not None:
+            self.stored(record.new_version)
+        self.fleet.save()
+
     def _judge(self, record: RoundRecord) -> None:
         state = self.fleet.state
         candidate, serving = state.awaiting, state.serving_version
-        if candidate is None or record.base_version != candidate or serving is None:
+        if candidate is None or record.base_version != candidate or serving is None or state.reset_to is not None:
             return
         if record.status is RoundStatus.FAILED:  # (too few to decide on: the next round tries again)
             return
@@ -127,11 +159,15 @@ class Rollout:
                   if d.from_round is None and d.serving_version == serving]
         server = None
         if self.validation is not None:  # (the aggregator's own text: validation_text.py)
-            server = (self.validation.perplexity(self._adapter(candidate)), self.validation.perplexity(self._adapter(serving)))
+            try:
+                server = (self.validation.perplexity(self._adapter(candidate)),
+                          self.validation.perplexity(self._adapter(serving)))
+            except Exception:  # (a scorer that fails must not stop the fleet: the devices' word stands)
+                log.exception("the validation gate could not score v%d on its validation text", candidate)
         verdict = judge(candidate, serving, scores, self.config.gate, server)
         record.gate = verdict.as_dict()
         self.fleet.versions.judged(candidate, record.gate)
-        self.fleet.update(save=True, awaiting=None)
+        self.fleet.update(awaiting=None)  # (in memory: the runner saves the state with the round)
         if self.metrics is not None:
             self.metrics.gate_verdict(verdict.passed)
         if verdict.passed is False:
@@ -139,13 +175,13 @@ class Rollout:
                       candidate, verdict.reason, serving)
             self.fleet.versions.noted(candidate, f"refused by the gate: {verdict.reason}")
             record.note = "; ".join(filter(None, (record.note, f"gate refused v{candidate}: {verdict.reason}")))
-            self.fleet.update(save=True, reset_to=serving, reset_request=f"gate-{state.run_id}-v{candidate}")
+            self.fleet.update(reset_to=serving, reset_request=f"gate-{state.run_id}-v{candidate}")
             self._step("refused", candidate, verdict.reason, serving=serving)
             return
         log.info("the validation gate %s v%d: %s", "passes" if verdict.passed else "could not judge", candidate,
                  verdict.reason)
         if self.config.promote == "auto":
-            self.promote(candidate, "automatic, " + ("gate passed" if verdict.passed else "not judged"))
+            self.fleet.update(promote_next=candidate)
 
     def promote(self, version: int, why: str, force: bool = True, canary: bool = True) -> str | None:
         """Serve ``version`` on every device, through the canaries first where the fleet has a
@@ -163,20 +199,29 @@ class Rollout:
         if state.serving_version == version and state.candidate_version is None:
             return None
         if canary and state.candidate_version is not None:  # (one staged rollout at a time)
+            if version == state.serving_version:  # (the operator keeps what is served: the stage stops)
+                self._step("rolled_back", state.candidate_version, why, canaries=list(state.canaries),
+                           serving=version)
+                self.fleet.versions.noted(state.candidate_version, f"staged rollout stopped ({why})")
+                return self._serve_all(version, why, step="kept")
             if version != state.candidate_version:
+                if state.queued is not None and state.queued > version:
+                    return f"v{state.queued} already waits for the canaries of v{state.candidate_version}"
                 self.fleet.update(save=True, queued=version)
                 log.info("v%d waits for the canaries of v%d (%s)", version, state.candidate_version, why)
             return None
         if canary and state.serving_version is not None and state.serving_version != version:
-            canaries = choose_canaries({d: h.labels for d, h in self.devices().items()
+            canaries = choose_canaries({d: h.labels for d, h in self.devices(True).items()
                                         if h.capabilities.serves_versions}, self.config.rollout, state.run_id, version)
             if canaries:
                 return self._start_canaries(version, canaries, why)
         return self._serve_all(version, why)
 
-    def _serve_all(self, version: int, why: str, step: str = "promoted") -> None:
-        previous = self.fleet.state.serving_version
-        self.fleet.update(save=True, serving_version=version, candidate_version=None, canaries=[], queued=None)
+    def _serve_all(self, version: int, why: str, step: str = "promoted", keep_queued: bool = False) -> None:
+        state = self.fleet.state
+        previous = state.serving_version
+        self.fleet.update(save=True, serving_version=version, candidate_version=None, canaries=[],
+                          queued=state.queued if keep_queued else None)
         self.fleet.versions.noted(version, f"served from {_now()} ({why})")
         self._step(step, version, why)
         log.info("the fleet serves v%d now (%s)%s", version, why, "" if previous is None else f"; it served v{previous}")
@@ -199,8 +244,9 @@ class Rollout:
         if state is None or state.candidate_version is None:
             return
         timed_out = self.clock.time() - state.canary_started > self.config.rollout.canary_timeout_s
-        samples = {d: h.num_samples for d, h in self.devices().items()}
-        verdict = canary_verdict(state.candidate_version, state.serving_version, state.canaries, self.reports,
+        samples = {d: h.num_samples for d, h in self.devices(False).items()}
+        fresh = {d: r for d, r in self.reports.items() if r.get("at", 0.0) >= state.canary_started}
+        verdict = canary_verdict(state.candidate_version, state.serving_version, state.canaries, fresh,
                                  samples, self.config.rollout, timed_out)
         if verdict is None:
             return
@@ -211,15 +257,18 @@ class Rollout:
         queued = state.queued
         if verdict.passed:
             log.info("the canaries pass v%d: %s", candidate, verdict.reason)
-            self._serve_all(candidate, f"canaries passed: {verdict.reason}")
+            self._serve_all(candidate, f"canaries passed: {verdict.reason}", keep_queued=True)
         else:
             log.error("the canaries fail v%d: %s; they go back to v%d", candidate, verdict.reason, serving)
             self.fleet.versions.noted(candidate, f"canaries failed: {verdict.reason}")
-            self.fleet.update(save=True, candidate_version=None, canaries=[], queued=None)
+            self.fleet.update(save=True, candidate_version=None, canaries=[])
             self._step("rolled_back", candidate, verdict.reason, canaries=list(state.canaries), serving=serving)
             self.publish()
-        if queued is not None and queued > candidate:
-            self.promote(queued, "automatic, after the canaries of v%d" % candidate)
+        if queued is not None:  # (staged now; a promote's own checks apply)
+            self.fleet.update(save=True, queued=None)
+            problem = self.promote(queued, f"queued behind the canaries of v{candidate}")
+            if problem:
+                log.warning("v%d, queued, is not staged: %s", queued, problem)
 
     def _step(self, step: str, version: int, why: str, **more) -> None:
         self.steps.append({"step": step, "version": version, "why": why, "at": self.clock.time(), **more})
@@ -250,7 +299,8 @@ class Rollout:
         else:
             fleet.global_adapter = fleet.store.load_global(made.version)
         fleet.strategy.optimizer.load_state_dict(fleet.store.load_server_state(made.version))
-        fleet.update(save=True, global_version=made.version, reset_to=None, reset_request="", awaiting=None)
+        fleet.update(save=True, global_version=made.version, reset_to=None, reset_request="", awaiting=None,
+                     lineage_round=state.round + 1)
         on_reset()
         log.info("training restarts from v%d as v%d (rollback)", target, made.version)
         self.publisher.publish_global()
@@ -280,8 +330,11 @@ class Rollout:
                 log.error("ignoring operator request %s: %s", path.name, request)
             else:
                 why = f"{request.action} by the operator" + (f": {request.reason}" if request.reason else "")
+                state = self.fleet.state
                 if request.action == "promote":
                     problem = self.promote(request.version, why, force=request.force)
+                elif self.fleet.versions.by_request(request.id) or state.reset_request == request.id:
+                    problem = None  # (applied before a restart; its copy is made or waits for the next round)
                 else:
                     problem = self.rollback(request.version, request.id, why)
                 if problem:
@@ -289,16 +342,19 @@ class Rollout:
             control.done(path)
 
     def on_report(self, report: ServingReport) -> None:
+        if report.device_id not in self.devices(False):  # (a member's word only: the file follows the fleet)
+            return
         self.reports[report.device_id] = {**dataclasses.asdict(report), "at": self.clock.time()}
         self._dirty = True
         if report.switched:
             log.info("%s serves v%d", report.device_id, report.version)
         else:
-            log.warning("%s does not serve v%d: %s", report.device_id, report.version, report.reason)
+            log.warning("%s does not serve v%d: %s", report.device_id, report.version, shown(report.reason, 256))
         if self.metrics is not None:
             self.metrics.serving_report(report.switched)
         state = self.fleet.state
         if state is not None and report.device_id in state.canaries and report.version == state.candidate_version:
+            self._save_reports()  # (a canary's word decides: on disk before it counts)
             self._judge_canaries()
 
     def serving_counts(self) -> dict[int, int]:

@@ -184,6 +184,11 @@ class FleetState:
     reset_request: str = ""
     #: the newest stored version the validation gate has yet to judge (None: none waits)
     awaiting: int | None = None
+    #: a version the gate passed, to serve once its round's close is on disk (``serving.py``)
+    promote_next: int | None = None
+    #: the first round of the lineage training follows now (after a rollback: the rounds
+    #: before it built versions no late update may still join)
+    lineage_round: int = 0
 
 
 class StateStore:
@@ -226,6 +231,8 @@ class StateStore:
             reset_to=raw.get("reset_to"),
             reset_request=raw.get("reset_request", ""),
             awaiting=raw.get("awaiting"),
+            promote_next=raw.get("promote_next"),
+            lineage_round=raw.get("lineage_round", 0),
         )
 
     def save_state(self, state: FleetState) -> None:

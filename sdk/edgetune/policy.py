@@ -173,18 +173,24 @@ def verdict(policy: Policy, who: str = "") -> tuple[bool, str]:
         return True, ""
 
 
-def hold(policy: Policy, check_s: float, stop: threading.Event, who: str, report: Callable[[str, str], None]) -> bool:
-    """Block while ``policy`` says not now, asking again every ``check_s`` (or until ``stop``);
-    ``report(code, message)`` tells the aggregator ``busy`` and then ``resumed``. Whether it
-    paused at all (the caller then leaves the paused time out of its compute)."""
+def hold(policy: Policy, check_s: float, stop: threading.Event, who: str, report: Callable[[str, str], None],
+         time_left: Callable[[], float] | None = None) -> bool:
+    """Block while ``policy`` says not now, asking again every ``check_s`` (or until ``stop``,
+    or until ``time_left()``, the round's, runs out: the caller's deadline check then ends the
+    round for this device); ``report(code, message)`` tells the aggregator ``busy`` and then
+    ``resumed``. Whether it paused at all (the caller then leaves the paused time out of its
+    compute)."""
     allowed, why = verdict(policy, who)
     if allowed:
         return False
     began = time.monotonic()
     log.info("%s: training paused: %s", who, why)
     report("busy", why)
-    while not stop.wait(check_s):
+    while not stop.wait(check_s if time_left is None else max(0.01, min(check_s, time_left()))):
         if verdict(policy, who)[0]:
+            break
+        if time_left is not None and time_left() <= 0:
+            log.info("%s: the round's deadline passed while training was paused", who)
             break
     paused = time.monotonic() - began
     log.info("%s: training resumed after %.0f s", who, paused)

@@ -5,8 +5,10 @@ The aggregator's retained ``serving`` notice names a version and its digest for 
 (``Serving.version_for``). The device takes that version's weights from the training global
 adapter it holds when that is the same version with the same digest (nothing to download),
 else from the version's own retained topic ``served/{version}``, and switches only when the
-digest of what it received equals the notice's: a broker, a stale retained message or a bug
-cannot make it serve other weights than the promoted ones. It keeps what it serves in its
+digest of what it received equals the notice's: a stale retained message, a mixed-up topic or
+a bug cannot make it serve other weights than the notice names. (Against a hostile broker that
+holds only with the fleet key, docs/security.md: the notice is then signed by the aggregator.
+Without it, the notice is as trusted as the broker that carried it.) It keeps what it serves in its
 state dir, so after a restart it serves the same weights before it hears from the fleet.
 """
 
@@ -94,6 +96,8 @@ class PromotedAdapter:
         ``held`` where that is it, else fetched from ``served/{version}``."""
         wanted = self.notice(notice)
         if wanted is None:
+            if self._canary and self.adapter is not None:  # (a canary's report may not have reached the fleet:
+                self._report(self.adapter, self.previous, True, "", True, self.digest)  # say it again)
             return self._listen_served(None)
         for have in (held, self.previous):  # (the training global, or what it served before: no download)
             if have is not None and have.version == wanted[0] and self._serve(have, downloaded=False):
@@ -135,23 +139,30 @@ class PromotedAdapter:
             self._listen_served(None)
         else:
             self.channel.drop(AGGREGATOR_ID, self.topics.served(adapter.version), why.split(":")[0], why)
+        self._report(adapter, before, switched, why, canary, self.digest if switched else wanted[1])
+        return switched
+
+    def _report(self, adapter: GlobalAdapter, before: GlobalAdapter | None, switched: bool, why: str, canary: bool,
+                digest: str) -> None:
+        """Tell the fleet what it serves; a canary scores both versions on its held-out text."""
+        me, previous = self.device_id, before.version if before is not None else None
         ppl = previous_ppl = None
         if switched and canary:  # (a canary's word decides whether everyone gets this version)
             try:
                 scores = self.score([adapter, before] if before is not None else [adapter])
                 ppl, previous_ppl = scores[0], (scores[1] if len(scores) > 1 else None)
-            except Exception as exc:  # (the report goes without scores: the rollout does not pass on it)
+            except Exception as exc:  # (reported unscored: it counts as switched, not as measured)
                 log.warning("%s: could not score v%d for the staged rollout: %s", me, adapter.version, exc)
+                why = f"not scored: {type(exc).__name__}: {exc}"
             else:
                 log.info("%s: canary for v%d: held-out ppl %s (v%s: %s)", me, adapter.version, _shown(ppl), previous,
                          _shown(previous_ppl))
-        report = ServingReport(me, adapter.version, self.digest if switched else wanted[1], switched,
-                               "" if switched else why[:256], previous, ppl, previous_ppl)
+        report = ServingReport(me, adapter.version, digest, switched, "" if switched and not why else why[:256],
+                               previous, ppl, previous_ppl)
         try:
             self.channel.send(self.topics.of("serving_report", me), report)
         except TransportError as exc:  # (the fleet hears what it serves at its next switch)
             log.warning("%s: could not report the version it serves: %s", me, exc)
-        return switched
 
     # --- the state dir ------------------------------------------------------------------------
 

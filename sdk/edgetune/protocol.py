@@ -132,6 +132,7 @@ class DeviceProtocol:
             signer = (Signer.load(config.device_id, config.signing_key) if config.signing_key is not None
                       else Signer.generate(config.device_id))
         self.channel = Channel(transport, self.topics.sender_of, config.max_packet, signer=signer)
+        self.channel.stream_of = self.topics.message_topic
         #: what it accepts from the aggregator (verified against the fleet key, if it has one)
         self.downlink = DownlinkGuard(self.topics, FleetKey.load(config.fleet_key) if config.fleet_key else None,
                                       config.state_dir)
@@ -450,8 +451,10 @@ class DeviceProtocol:
         if self.config.policy is not None:
             from .policy import hold
 
+            seen = self._task_seen_at.get((task.run_id, task.round))
+            left = None if task.max_staleness or seen is None else (lambda: seen + task.deadline_s - self.clock.now())
             if hold(self.config.policy, self.config.policy_check_s, self._stop, f"{self.config.device_id} (round "
-                    f"{task.round})", lambda code, message: self._report_error(task, code, message)):
+                    f"{task.round})", lambda code, message: self._report_error(task, code, message), left):
                 self.clock.rest()
 
     def _compressed(self, task: RoundTask, update: Update) -> Update:

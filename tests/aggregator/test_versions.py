@@ -209,3 +209,35 @@ def unwrap_report(message) -> ServingReport:
     report = unwrap(message)
     assert isinstance(report, ServingReport)
     return report
+
+
+def test_what_a_rollback_abandons_is_never_served(tmp_path):
+    """Automatic promotion and a rollback that arrives while a round is open: the version that
+    round builds (on the rolled-back lineage) is recorded and never served; what is served
+    afterwards descends from the copy of the older version."""
+    fleet = f"abandon-{uuid.uuid4().hex[:6]}"
+    url = f"memory://{fleet}"
+    from edgetune_aggregator.gate import GateSettings
+
+    aggregator, thread = start_aggregator(url, config(tmp_path, fleet, gate=GateSettings(max_regression=None)))
+    devices = [light(url, fleet, i, tmp_path, think_s=0.2).start() for i in range(3)]
+    try:
+        assert wait_for(lambda: aggregator.state is not None and aggregator.state.global_version >= 3, 60)
+        assert wait_for(lambda: aggregator.task is not None and aggregator.task.round > aggregator.state.round, 30)
+        control.submit(tmp_path / "state", "rollback", 1)  # (while a round is open)
+        assert wait_for(lambda: any(r.strategy == "rollback" for r in aggregator.fleet.versions.all()), 60)
+        copy = next(r for r in aggregator.fleet.versions.all() if r.strategy == "rollback")
+        assert wait_for(lambda: aggregator.state.serving_version > copy.version, 60)
+    finally:
+        stop_fleet(aggregator, thread, devices)
+    versions = {r.version: r for r in aggregator.fleet.versions.all()}
+    abandoned = [r for r in versions.values() if "rolled back to v1" in r.note]
+    assert abandoned and all("served from" not in r.note for r in abandoned)
+
+    def descends_from_copy(version: int) -> bool:
+        while version is not None and version != copy.version:
+            version = versions[version].parent
+        return version == copy.version
+
+    later = [r for r in versions.values() if r.version > copy.version and "served from" in r.note]
+    assert later and all(descends_from_copy(r.version) for r in later)

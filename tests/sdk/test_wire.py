@@ -210,6 +210,23 @@ def test_chunks_reassemble_in_any_order_with_duplicates():
     assert reassembler.pending_bytes == 0
 
 
+def test_the_same_bytes_on_two_streams_are_two_messages():
+    """A served version and the training global can be the same bytes, retained on two topics:
+    each is delivered, while a redelivery on one stream still is not."""
+    from edgetune.wire.chunks import decode_frame_payload
+
+    payload = encode_message(_update(delta={"m.lora_A": np.ones(50_000, np.float32)}))
+    frames = split_payload(payload, max_packet=32 * 1024)
+    reassembler = Reassembler()
+
+    def deliver(stream: str) -> int:
+        return sum(decode_frame_payload(reassembler, "aggregator", f, None, stream)[0] is not None for f in frames)
+
+    assert deliver("…/served/7") == 1 and deliver("…/global") == 1
+    assert deliver("…/global") == 0  # (redelivered at once: taken once)
+    assert reassembler.pending_bytes == 0
+
+
 def test_small_payload_is_not_chunked():
     payload = encode_message(_update())
     assert split_payload(payload) == [payload]

@@ -60,8 +60,9 @@ class TrainHandler(TaskHandler):
 
     def resume(self, records: list[dict]) -> None:
         """The rounds of ``rounds.json`` (a resumed daemon): their bases, what they counted."""
+        lineage = self.fleet.state.lineage_round  # (rounds of a lineage a rollback left: none may count)
         for record in records:
-            if record["kind"] == TaskKind.TRAIN.value:
+            if record["kind"] == TaskKind.TRAIN.value and record["round"] >= lineage:
                 self.round_bases[record["round"]] = record["base_version"]
                 self.counted |= {(d["device_id"], record["round"] if d.get("from_round") is None else d["from_round"])
                                  for d in record["devices"]}

@@ -74,6 +74,10 @@ class Channel:
         self.bytes_from: Counter[str] = Counter()
         #: holds unfinished chunked transfers (bounded in bytes, per sender and in age)
         self.reassembler = Reassembler()
+        #: ``topic -> stream``: the message a chunk on ``topic`` belongs to (a retained message's
+        #: chunk topics without their index: ``Topics.message_topic``); the same bytes on two
+        #: streams are two messages. None: one stream per sender.
+        self.stream_of: Callable[[str], str | None] | None = None
         #: payload bytes of the last ``send_retained`` (what each subscriber downloads)
         self.last_retained_bytes = 0
         self._lock = threading.Lock()  # the reassembler is fed from the network thread(s)
@@ -126,7 +130,8 @@ class Channel:
             try:
                 limit = self.limit_of(topic) if self.limit_of else None
                 with self._lock:
-                    message, whole = decode_frame_payload(self.reassembler, sender, payload, limit)
+                    stream = (self.stream_of(topic) or topic) if self.stream_of else ""
+                    message, whole = decode_frame_payload(self.reassembler, sender, payload, limit, stream)
                 if message is not None and self.opener is not None:
                     message, reason, detail = self.opener(topic, message)
                     if message is None:

@@ -79,21 +79,23 @@ class Reassembler:
         self.max_transfer_bytes = max_transfer_bytes
         self.max_pending_per_sender = max_pending_per_sender
         self.ttl_s = ttl_s
-        self._pending: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
-        self._per_sender: dict[str, OrderedDict[str, None]] = {}  # sender -> its unfinished transfers, oldest first
-        self._done: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> when it finished
+        self._pending: OrderedDict[tuple[str, str, str], _Pending] = OrderedDict()
+        self._per_sender: dict[str, OrderedDict[tuple[str, str], None]] = {}  # sender -> its unfinished (stream, transfer)s, oldest first
+        self._done: OrderedDict[tuple[str, str, str], float] = OrderedDict()  # -> when it finished
         self._remember = remember
         self.remember_s = remember_s
         self.pending_bytes = 0  # running total: summing on every chunk would be quadratic
         self.evicted = 0
 
-    def feed(self, sender: str, chunk: Chunk, max_size: int | None = None) -> bytes | None:
+    def feed(self, sender: str, chunk: Chunk, max_size: int | None = None, stream: str = "") -> bytes | None:
         """Add one chunk; returns the whole payload when this chunk completes it.
 
         ``max_size``: the most bytes a payload on this chunk's topic may have (the receiver
         knows it, e.g. from the round's adapter layout); a transfer claiming more is refused
-        before anything is held for it."""
-        key = (sender, chunk.transfer)
+        before anything is held for it. ``stream``: the topic the message is on (without a
+        chunk index): the same payload on two topics is two messages (a served version and the
+        training global can be the same bytes), never one's redelivery."""
+        key = (sender, stream, chunk.transfer)
         finished = self._done.get(key)
         if finished is not None:
             if time.monotonic() - finished < self.remember_s:
@@ -114,7 +116,7 @@ class Reassembler:
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = _Pending(chunk.count, chunk.size)
-            self._per_sender.setdefault(sender, OrderedDict())[chunk.transfer] = None
+            self._per_sender.setdefault(sender, OrderedDict())[(stream, chunk.transfer)] = None
         elif (pending.count, pending.size) != (chunk.count, chunk.size):
             self._discard(key)
             raise WireError("bad_chunk", "chunks of one transfer disagree on count or size")
@@ -140,18 +142,18 @@ class Reassembler:
             self._done.popitem(last=False)
         return payload
 
-    def _discard(self, key: tuple[str, str]) -> None:
+    def _discard(self, key: tuple[str, str, str]) -> None:
         pending = self._pending.pop(key)
         self.pending_bytes -= pending.received
         mine = self._per_sender[key[0]]
-        del mine[key[1]]
+        del mine[key[1:]]
         if not mine:
             del self._per_sender[key[0]]
 
     def _evict(self, sender: str) -> None:
         mine = self._per_sender.get(sender)
         if mine is not None and len(mine) > self.max_pending_per_sender:
-            self._discard((sender, next(iter(mine))))
+            self._discard((sender, *next(iter(mine))))
             self.evicted += 1
         now = time.monotonic()
         while self._pending:
@@ -170,7 +172,7 @@ def decode_frame(reassembler: Reassembler, sender: str, frame: bytes, max_size: 
 
 
 def decode_frame_payload(reassembler: Reassembler, sender: str, frame: bytes,
-                         max_size: int | None = None) -> tuple[object | None, bytes]:
+                         max_size: int | None = None, stream: str = "") -> tuple[object | None, bytes]:
     """``decode_frame`` and the whole payload the message was decoded from, as received (the
     frame, or the reassembled chunks): what a receiver that keeps the message writes down
     instead of encoding it again (the aggregator's journal)."""
@@ -179,7 +181,7 @@ def decode_frame_payload(reassembler: Reassembler, sender: str, frame: bytes,
     message = decode_message(frame)
     if not isinstance(message, Chunk):
         return message, bytes(frame)
-    payload = reassembler.feed(sender, message, max_size)
+    payload = reassembler.feed(sender, message, max_size, stream)
     if payload is None:
         return None, b""
     inner = decode_message(payload)

@@ -37,8 +37,8 @@ class Serving:
             raise ValueError("Serving digests are 64 lowercase hex digits")
         if self.candidate is None and self.canaries:
             raise ValueError("Serving names canaries without a candidate")
-        if len(self.canaries) > 100_000:
-            raise ValueError("Serving names at most 100,000 canaries")
+        if len(self.canaries) > 10_000:
+            raise ValueError("Serving names at most 10,000 canaries")
         for device in self.canaries:
             check_name(device, "device id")
 
