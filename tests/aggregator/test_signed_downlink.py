@@ -48,14 +48,15 @@ class Recorder:
 
     def global_frames(self, version: int) -> list[tuple[str, bytes]]:
         """The chunks of the signed global adapter ``version`` as published (topic, payload)."""
-        by_transfer: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
+        by_transfer: dict[str, dict[int, tuple[str, bytes]]] = defaultdict(dict)
         with self._lock:
             for topic, payloads in self.payloads.items():
                 if topic.startswith(self.topics.global_adapter + "/"):
-                    for payload in payloads:
-                        by_transfer[decode_message(payload).transfer].append((topic, payload))
-        for frames in by_transfer.values():
-            frames.sort(key=lambda f: decode_message(f[1]).index)
+                    for payload in payloads:  # (a chunk seen twice, replayed or redelivered, counts once)
+                        chunk = decode_message(payload)
+                        by_transfer[chunk.transfer][chunk.index] = (topic, payload)
+        for indexed in by_transfer.values():
+            frames = [indexed[i] for i in sorted(indexed)]
             whole = b"".join(decode_message(p).data for _, p in frames)
             if decode_message(decode_message(whole).payload).version == version:
                 return frames

@@ -86,6 +86,10 @@ def check_rounds(store: StateStore, observer: Observer, rounds: int, devices: in
     assert optimizer.name in ("fedavg", "fedavgm") and optimizer.lr == 1.0, "recomputed here for those only"
     beta = optimizer.momentum if optimizer.name == "fedavgm" else 0.0
     strategy = strategy or store.load_state().strategy
+    from helpers.waiting import wait_for
+
+    # (the daemon has finished: what it published is on the broker, on its way to the observer)
+    assert wait_for(lambda: all(r in observer.globals for r in range(rounds + 1)), 30), sorted(observer.globals)
     for r in range(1, rounds + 1):
         seen = observer.updates[r]
         assert len(seen) == devices, f"round {r}: saw {len(seen)} updates"
