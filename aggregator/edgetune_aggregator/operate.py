@@ -72,11 +72,9 @@ def run(args: argparse.Namespace) -> int:
 def _list(log, state: dict, state_dir: Path, as_json: bool) -> int:
     serving, training = state.get("serving_version"), state.get("global_version")
     candidate = state.get("candidate_version")
-    reports = _reports(state_dir)
-    counts: dict[int, int] = {}
-    for entry in reports.values():
-        if entry.get("switched"):
-            counts[entry["version"]] = counts.get(entry["version"], 0) + 1
+    from .serving import read_reports, serving_counts
+
+    counts = serving_counts(read_reports(state_dir))
     pending = [r for _, r in control.pending(state_dir) if not isinstance(r, str)]
     if as_json:
         print(json.dumps({"serving": serving, "training": training, "candidate": candidate,
@@ -99,11 +97,3 @@ def _list(log, state: dict, state_dir: Path, as_json: bool) -> int:
     for r in pending:
         print(f"pending: {r.action} v{r.version} (request {r.id})")
     return 0
-
-
-def _reports(state_dir: Path) -> dict:
-    try:
-        saved = json.loads((state_dir / "serving.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return saved.get("devices", {}) if isinstance(saved, dict) else {}

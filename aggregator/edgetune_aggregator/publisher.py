@@ -46,6 +46,7 @@ class Publisher:
         self.global_bytes = 0
         #: what the fleet serves: the notice and the versions it names (``serving.py``)
         self.serving: tuple[Serving | None, dict[int, GlobalAdapter]] = (None, {})
+        self._served_here: dict[int, bool] = {}  # versions this process put on the broker
         self._refused: dict[tuple[str, str], float] = {}  # (device, reason) -> when told
 
     def connect(self, receive: Callable[[str, object, bytes], None], on_reconnect: Callable[[bool], None]) -> None:
@@ -107,19 +108,25 @@ class Publisher:
         if self.artifacts is not None:
             self.artifacts.publish(self.channel, self.topics)
         if self.serving[0] is not None:
-            self.publish_serving(*self.serving)
+            self.publish_serving(*self.serving, again=True)
 
-    def publish_serving(self, notice: Serving | None, adapters: dict[int, GlobalAdapter]) -> None:
+    def publish_serving(self, notice: Serving | None, adapters: dict[int, GlobalAdapter], again: bool = False) -> None:
         """The versions devices serve, whole and in float32 (``served/{version}``: a device
         checks their digest), then the notice naming them; the chunk topics of versions no
-        longer named are cleared. Retained, so a device that connects later serves the same."""
+        longer named are cleared. Retained, so a device that connects later serves the same.
+        A version's bytes never change: one on the broker already is sent again only ``again``
+        (after a reconnection, or on a new host: the broker may have lost it)."""
         self.serving = (notice, adapters)
         state = self.fleet.state
         chunks = dict(state.served_chunks)
         for version, adapter in sorted(adapters.items()):
+            if str(version) in chunks and not again and self._served_here.get(version):
+                continue
             chunks[str(version)] = self.channel.send_retained(self.topics.served(version), adapter,
                                                               chunks.get(str(version), 0))
+            self._served_here[version] = True
         for key in [k for k in chunks if int(k) not in adapters]:
+            self._served_here.pop(int(key), None)
             for index in range(chunks.pop(key)):
                 self.transport.publish(f"{self.topics.served(int(key))}/{index}", b"", retain=True)
         if chunks != state.served_chunks:

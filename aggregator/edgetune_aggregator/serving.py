@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import time
+from pathlib import Path
 
 from edgetune.atomic import atomic_write_json
 from edgetune.clock import Clock
@@ -359,14 +360,10 @@ class Rollout:
 
     def serving_counts(self) -> dict[int, int]:
         """version -> devices that said they serve it (their latest word)."""
-        counts: dict[int, int] = {}
-        for entry in self.reports.values():
-            if entry.get("switched"):
-                counts[entry["version"]] = counts.get(entry["version"], 0) + 1
-        return counts
+        return serving_counts(self.reports)
 
     def _path(self):
-        return self.config.state_dir / "serving.json"
+        return reports_path(self.config.state_dir)
 
     def _save_reports(self) -> None:
         try:
@@ -376,19 +373,40 @@ class Rollout:
             log.warning("could not record what devices serve: %s", exc)
 
     def _load_reports(self) -> None:
-        try:
-            saved = json.loads(self._path().read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:  # (written atomically: tampering or a bad disk)
-            log.warning("ignoring %s: %s", self._path(), exc)
-            return
-        if isinstance(saved, dict) and isinstance(saved.get("devices"), dict):
-            self.reports = {d: e for d, e in saved["devices"].items() if isinstance(e, dict)}
+        self.reports = read_reports(self.config.state_dir)
 
     def close(self) -> None:
         if self._dirty:
             self._save_reports()
+
+
+def reports_path(state_dir) -> Path:
+    """``serving.json``: each device's latest ``ServingReport`` (as a dict, with when it came)."""
+    return Path(state_dir) / "serving.json"
+
+
+def read_reports(state_dir) -> dict[str, dict]:
+    """What ``serving.json`` holds ({} if nothing, or nothing readable: it is rewritten)."""
+    path = reports_path(state_dir)
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # (written atomically: tampering or a bad disk)
+        log.warning("ignoring %s: %s", path, exc)
+        return {}
+    if not (isinstance(saved, dict) and isinstance(saved.get("devices"), dict)):
+        return {}
+    return {d: e for d, e in saved["devices"].items() if isinstance(e, dict)}
+
+
+def serving_counts(reports: dict[str, dict]) -> dict[int, int]:
+    """version -> devices whose latest report says they serve it."""
+    counts: dict[int, int] = {}
+    for entry in reports.values():
+        if entry.get("switched"):
+            counts[entry["version"]] = counts.get(entry["version"], 0) + 1
+    return counts
 
 
 def _ranges(versions: list[int]) -> str:

@@ -265,9 +265,7 @@ class WorkloadWorker(Worker):
     def evaluate(self, task: RoundTask, env: RoundEnv) -> EvalReport:
         me, adapter = self.device_id, env.global_adapter
         plan = self.plan(task)  # evaluate at full rank, on the base precision this device can afford
-        rank = adapter_kind(task.adapter).rank(task.adapter) or plan.rank
-        if self.workload.max_rank:  # ONNX Runtime artifacts hold their own rank; the rest rides frozen
-            rank = min(rank, self.workload.max_rank)
+        rank = self._full_rank(task, plan)
         trainer, _ = self._start_model(task, adapter, rank, plan.quantization, plan.gradient_checkpointing)
         blocks = self._eval_blocks(task)
         heldout = self.workload.heldout_blocks(task.train.seq_len)[:blocks]
@@ -280,6 +278,12 @@ class WorkloadWorker(Worker):
         return EvalReport(me, task.round, adapter.version, self.workload.num_samples,
                           EvalMetrics(ppl, int(heldout.size), robust_ppl, *serving))
 
+    def _full_rank(self, task: RoundTask, plan: DevicePlan) -> int:
+        """The rank a global adapter is scored at: the fleet's (ONNX Runtime artifacts hold their
+        own, the rest rides frozen)."""
+        rank = adapter_kind(task.adapter).rank(task.adapter) or plan.rank
+        return min(rank, self.workload.max_rank) if self.workload.max_rank else rank
+
     def score(self, adapters: list[GlobalAdapter]) -> list[float | None]:
         """Each adapter's perplexity on the held-out blocks an evaluation round scores, at full
         rank on the base precision this device trains with (a canary's report)."""
@@ -290,9 +294,7 @@ class WorkloadWorker(Worker):
         with self.lock:
             heldout = self.workload.heldout_blocks(task.train.seq_len)[:max(1, self.max_eval_blocks)]
             plan = self.last_plan or self.plan(task)
-            rank = adapter_kind(task.adapter).rank(task.adapter) or plan.rank
-            if self.workload.max_rank:
-                rank = min(rank, self.workload.max_rank)
+            rank = self._full_rank(task, plan)
             for adapter in adapters:
                 if adapter.adapter != task.adapter or not len(heldout):
                     scores.append(None)
