@@ -70,6 +70,8 @@ BROKER_CONFIG = ("allow_anonymous true", "persistence false", "max_queued_messag
 #: the roadmap's target, and the thresholds the verdicts apply to it
 TARGET = "the aggregator ingests updates as fast as the broker delivers them, memory independent of fleet size"
 RATE_RATIO_MET = 0.9
+#: one process against the ceiling at the largest N (issue 19): fedit/hetlora, and the exact strategies
+SINGLE_TARGETS = {"linear": 0.6, "exact": 0.3}
 RSS_GROWTH_MET = 1.25
 
 log = logging.getLogger("aggregator-bench")
@@ -445,10 +447,10 @@ def measure_ceiling(port: int, updates: dict[str, list[bytes]], connections: int
 # --- the aggregator -----------------------------------------------------------------------------
 
 
-def daemon_argv(port: int, n: int, state: Path, keys: Path | None, timeout: float) -> list[str]:
+def daemon_argv(port: int, n: int, state: Path, keys: Path | None, timeout: float, strategy: str = "fedit") -> list[str]:
     argv = ["serve", "--broker", f"mqtt://{HOST}:{port}", "--fleet", FLEET, "--state-dir", str(state),
             "--min-devices", str(n), "--rounds", "1", "--no-planning", "--round-timeout", str(timeout),
-            "--join-timeout", str(timeout), "--connect-timeout", "30"]
+            "--join-timeout", str(timeout), "--connect-timeout", "30", "--strategy", strategy]
     return argv + (["--device-keys", str(keys)] if keys else [])
 
 
@@ -487,7 +489,7 @@ def _eval_reports(fleet: Fleet, task) -> list[tuple[str, list[bytes]]]:
 
 
 def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path, timeout: float,
-                       profile_to: Path | None = None) -> dict:
+                       profile_to: Path | None = None, strategy: str = "fedit") -> dict:
     """One fleet, one train round, through the daemon; see the module docstring for what is timed."""
     n, topics = len(fleet.devices), _topics()
     state = workdir / "state"
@@ -495,7 +497,7 @@ def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path,
     listener = Listener(port)
     _announce(port, fleet, connections)
     publishers = Publishers(port, connections, "bench-devices")
-    argv = daemon_argv(port, n, state, keys, timeout)
+    argv = daemon_argv(port, n, state, keys, timeout, strategy)
     if profile_to is None:
         command = [sys.executable, "-m", "edgetune_aggregator", *argv]
     else:
@@ -541,7 +543,11 @@ def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path,
     seconds = last - started
     at_open = sampler.at(opened)
     return {
+        "strategy": strategy,
         "updates_per_s": n / seconds,
+        # through the merge: the next task goes out once the round's global is stored and published
+        "round_updates_per_s": n / (evaluating - started),
+        "round_s": evaluating - started,
         "mb_per_s": n * update_bytes / seconds / 1e6,
         "update_bytes": update_bytes,
         "seconds": seconds,
@@ -572,12 +578,14 @@ def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path,
 
 class StageTimes:
     """Wall time spent in wrapped functions, per label, while ``active``: a few timers around
-    the daemon's steps cost far less than a tracing profiler, which doubled the round loop's time."""
+    the daemon's steps cost far less than a tracing profiler, which doubled the round loop's time.
+    Steps on several threads (the intake's) add up their threads' times."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.active = False
+        self._lock = threading.Lock()
 
     def wrap(self, label: str, function):
         def timed(*args, **kwargs):
@@ -587,8 +595,10 @@ class StageTimes:
             try:
                 return function(*args, **kwargs)
             finally:
-                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - started
-                self.calls[label] = self.calls.get(label, 0) + 1
+                spent = time.perf_counter() - started
+                with self._lock:
+                    self.seconds[label] = self.seconds.get(label, 0.0) + spent
+                    self.calls[label] = self.calls.get(label, 0) + 1
         return timed
 
 
@@ -597,6 +607,8 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
     timers on the steps each update goes through, from the train round's start to its close
     (the merge is not included: ``rounds.json`` has it). Writes the times as JSON to ``out``."""
     import edgetune.transport.channel
+    import edgetune_aggregator.intake
+    import edgetune_aggregator.receiver
     import edgetune_aggregator.tasks.train
     from edgetune.transport import open_transport
     from edgetune.wire import TaskKind
@@ -605,18 +617,23 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
 
     times = StageTimes()
     # module globals the daemon and the channel look up at call time
-    for module, name in ((edgetune.transport.channel, "decode_frame_payload"),
+    for module, name in ((edgetune.transport.channel, "envelope_kind"), (edgetune.transport.channel, "decode_message"),
+                         (edgetune_aggregator.intake, "digest_matches"), (edgetune_aggregator.intake, "decode_message"),
                          (edgetune_aggregator.tasks.train, "check_layout"),
                          (edgetune_aggregator.tasks.train, "delta_norm"), (os, "fsync")):
         setattr(module, name, times.wrap(name, getattr(module, name)))
+    received = edgetune_aggregator.receiver.Received
+    received.result = times.wrap("intake_wait", received.result)
 
     class Timed(Aggregator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.inbox.get = times.wrap("inbox_wait", self.inbox.get)
-            self.intake.open = times.wrap("open", self.intake.open)
+            self.intake.open_payload = times.wrap("open_payload", self.intake.open_payload)
             self.intake.keyring.verify = times.wrap("verify", self.intake.keyring.verify)
-            self.journal.record = times.wrap("journal", self.journal.record)
+            self.channel.reassembler.feed = times.wrap("reassemble", self.channel.reassembler.feed)
+            self.journal.stage = times.wrap("journal_stage", self.journal.stage)
+            self.journal.commit = times.wrap("journal_commit", self.journal.commit)
             self._receive = times.wrap("_receive", self._receive)
             self.runner.receive = self.startup.receive = self._receive
             self.desk._receipt = times.wrap("_receipt", self.desk._receipt)
@@ -630,7 +647,8 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
             def timed_close(ctx, enough):  # (the merge is not timed: rounds.json has it)
                 if times.active:
                     times.active = False
-                    out.write_text(json.dumps({"seconds": times.seconds, "calls": times.calls}))
+                    out.write_text(json.dumps({"seconds": times.seconds, "calls": times.calls,
+                                               "commits": self.journal.commits}))
                 return close(ctx, enough)
 
             self.runner.run, train.close = timed_run, timed_close
@@ -647,25 +665,32 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
 
 
 def summarize_profile(path: Path, n: int) -> dict:
-    """Milliseconds per update of each step (the round loop's steps add up to its total)."""
+    """Milliseconds per update of each step, by the thread it runs on (the round loop's steps
+    add up to its total; the intake's run on its own threads, beside it)."""
     measured = json.loads(path.read_text())
     s = measured["seconds"]
-    loop = s["_receive"] - s.get("inbox_wait", 0.0)
+    loop = s["_receive"] - s.get("inbox_wait", 0.0) - s.get("intake_wait", 0.0)
     steps = [
-        ("verify the signature (SHA-256 + Ed25519)", s["verify"]),
-        ("decode the signed payload into an Update", s["open"] - s["verify"]),
         ("check layout, dtypes, finite values", s["check_layout"]),
         ("compute the update's norm (once, at intake)", s.get("delta_norm", 0.0)),
-        ("journal: write the payload as received, fsync file and folder", s["journal"]),
+        ("journal: stage the payload as received", s["journal_stage"]),
+        ("journal: commit (one segment, fsync file and folder, per batch)", s["journal_commit"]),
         ("send the receipt", s["_receipt"]),
     ]
-    steps.append(("the rest (logging, bookkeeping)", loop - sum(seconds for _, seconds in steps)))
-    steps.insert(5, ("… of which os.fsync", s["fsync"]))
+    steps.append(("the rest (routing, round checks, logging, bookkeeping)", loop - sum(seconds for _, seconds in steps)))
+    steps.insert(4, ("… of which os.fsync", s["fsync"]))
+    commits = measured.get("commits") or 1
     rows = [{"what": "round loop: one update's work (waits excluded)", "ms_per_update": loop / n * 1e3}]
     rows += [{"what": f"… {what}", "ms_per_update": seconds / n * 1e3} for what, seconds in steps]
-    rows.append({"what": "paho's network thread: decode the chunks, reassemble, SHA-256",
-                 "ms_per_update": s["decode_frame_payload"] / n * 1e3})
-    return {"n": n, "rows": rows, "measured": measured}
+    rows.append({"what": "round loop: waiting for the intake threads", "ms_per_update": s.get("intake_wait", 0.0) / n * 1e3})
+    opened = s["open_payload"]
+    rows.append({"what": "intake threads: verify and decode (on 2 threads)", "ms_per_update": opened / n * 1e3})
+    rows.append({"what": "… SHA-256 of the reassembled transfer", "ms_per_update": s.get("digest_matches", 0.0) / n * 1e3})
+    rows.append({"what": "… verify the signature (SHA-256 + Ed25519)", "ms_per_update": s["verify"] / n * 1e3})
+    rows.append({"what": "… decode the signed payload into an Update", "ms_per_update": s.get("decode_message", 0.0) / n * 1e3})
+    rows.append({"what": "paho's network thread: read the chunk envelopes, reassemble",
+                 "ms_per_update": (s.get("reassemble", 0.0) + s.get("envelope_kind", 0.0)) / n * 1e3})
+    return {"n": n, "rows": rows, "measured": measured, "updates_per_commit": n / commits}
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -678,7 +703,8 @@ def _growth_kib(run: dict) -> float:
 
 def verdicts(runs: list[dict], update_bytes: int) -> list[str]:
     """One line per half of the target, computed from the numbers, and what explains them."""
-    signed = sorted((r for r in runs if r["signed"]), key=lambda r: r["n"])
+    reference = runs[0].get("strategy", "fedit")
+    signed = sorted((r for r in runs if r["signed"] and r.get("strategy", "fedit") == reference), key=lambda r: r["n"])
     low, high = min(r["ratio"] for r in signed), max(r["ratio"] for r in signed)
     per_n = ", ".join(f"N = {r['n']}: {r['ratio']:.0%}" for r in signed)
     first, last = signed[0], signed[-1]
@@ -710,6 +736,17 @@ def verdicts(runs: list[dict], update_bytes: int) -> list[str]:
          f"half of the updates at {first_half:,.0f}/s, while they were still streaming in, and the second half at "
          f"{second_half:,.0f}/s."),
     ]
+    largest = max(r["n"] for r in runs)
+    for strategies, target in ((("fedit", "hetlora"), SINGLE_TARGETS["linear"]), (("svd", "stack"), SINGLE_TARGETS["exact"])):
+        at = [r for r in runs if r["signed"] and r["n"] == largest and r.get("strategy", "fedit") in strategies]
+        if not at:
+            continue
+        parts = [f"{r['strategy']} {r['ratio']:.2f}× ingesting, {r['round_ratio']:.2f}× through the merge" for r in at]
+        met_ingest = all(r["ratio"] >= target for r in at)
+        met_round = all(r["round_ratio"] >= target for r in at)
+        lines.append(f"- **{' and '.join(strategies)} at ≥ {target}× the ceiling at N = {largest:,}** (issue 19): "
+                     f"ingest **{'met' if met_ingest else 'not met'}**, through the merge "
+                     f"**{'met' if met_round else 'not met'}** ({'; '.join(parts)}).")
     return lines
 
 
@@ -722,24 +759,30 @@ def markdown(result: dict) -> str:
         (f"N simulated devices (no model) send random SmolLM2-135M LoRA r=8 q,v deltas ({s['parameters']:,} float32 "
          f"values: {s['update_bytes'] / 1e6:.2f} MB and {s['frames_per_update']} chunks per signed update) through "
          f"Mosquitto {m['mosquitto']} ({', '.join(BROKER_CONFIG[1:])}; loopback, no TLS or ACL) to "
-         "`edgetune-aggregator serve` (fedit, one train round, Ed25519 device keys, each update journaled with "
-         f"fsync before its receipt). {s['connections']} paho connections play the devices: signed hellos "
+         f"`edgetune-aggregator serve` ({', '.join(s.get('strategies', ['fedit']))}; one train round, Ed25519 device "
+         "keys; the updates that arrive together are journaled with one fsync before any of their receipts). {s['connections']} paho connections play the devices: signed hellos "
          "(retained) first, then every update at once when the train task appears. **Aggregator**: N ÷ (first "
          "update published → N-th accepted receipt received). **Ceiling**: the same updates (with a placeholder "
          "run id), chunked the same way, from the same connections through the same broker to a bare paho "
          "subscriber process, N ÷ (first publish → last whole "
-         f"update received), median of {s['ceiling_repeats']} runs. Peak RSS is the daemon's `VmHWM` (the "
+         f"update received), median of {s['ceiling_repeats']} runs. **Through the merge**: N ÷ (first update "
+         "published → the next task, which goes out once the merged global is stored and published). Peak RSS is the daemon's `VmHWM` (the "
          "kernel's high-water mark); growth per device is (peak − RSS when the round opened) ÷ N. Aggregation "
          "is the merge at the round's close (`rounds.json`)."), "",
         (f"Latest run ({result['date']}; {m['cores']} cores, Python {m['python']}, paho-mqtt {m['paho']}, "
          f"load average {m['load_average_at_start'][0]:.2f} at the start):"), "",
-        ("| N | aggregator updates/s | ceiling updates/s (raw paho) | aggregator ÷ ceiling | aggregator peak RSS "
-         "| growth per device | aggregation | MB ingested |"),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("| N | strategy | aggregator updates/s | ceiling updates/s (raw paho) | aggregator ÷ ceiling "
+         "| through the merge, updates/s | ÷ ceiling | aggregator peak RSS | growth per device | aggregation "
+         "| MB ingested |"),
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
         label = f"{r['n']:,}" + ("" if r["signed"] else " (unsigned)")
-        lines.append(f"| {label} | {r['updates_per_s']:,.1f} | {r['ceiling_updates_per_s']:,.1f} | {r['ratio']:.2f} "
+        round_rate, round_ratio = r.get("round_updates_per_s"), r.get("round_ratio")
+        lines.append(f"| {label} | {r.get('strategy', 'fedit')} | {r['updates_per_s']:,.1f} "
+                     f"| {r['ceiling_updates_per_s']:,.1f} | {r['ratio']:.2f} "
+                     f"| {'' if round_rate is None else f'{round_rate:,.1f}'} "
+                     f"| {'' if round_ratio is None else f'{round_ratio:.2f}'} "
                      f"| {r['peak_rss_mib']:,.0f} MiB | {_growth_kib(r):,.0f} KiB | {r['aggregation_s']:.1f} s "
                      f"| {r['n'] * s['update_bytes'] / 1e6:,.0f} |")
     lines += ["", f"Against the roadmap's target, \"{TARGET}\":", "", *verdicts(result["runs"], s["update_bytes"])]
@@ -789,20 +832,23 @@ def run_size(n: int, fleet: Fleet, ceiling_updates: dict, args, workdir: Path) -
             ceilings.append(measure_ceiling(broker.port, ceiling_updates, args.connections, args.timeout))
             log.info("N=%d ceiling %d: %.1f updates/s", n, repeat + 1, ceilings[-1]["updates_per_s"])
         ceiling = statistics.median(c["updates_per_s"] for c in ceilings)
-        for config, devices in (("signed", fleet), ("unsigned", fleet.without_keys() if args.unsigned else None)):
-            if devices is None:
-                continue
-            directory = workdir / f"{config}-{n}"
+        arms = [("signed", fleet, strategy) for strategy in args.strategies]
+        arms += [("unsigned", fleet.without_keys(), args.strategies[0])] if args.unsigned else []
+        for config, devices, strategy in arms:
+            directory = workdir / f"{config}-{strategy}-{n}"
             directory.mkdir()
-            result = measure_aggregator(broker.port, devices, args.connections, directory, args.timeout)
+            result = measure_aggregator(broker.port, devices, args.connections, directory, args.timeout,
+                                        strategy=strategy)
             ceiling_s = n / ceiling
             result |= {"n": n, "signed": config == "signed", "ceiling_updates_per_s": ceiling, "ceiling_s": ceiling_s,
-                       "ratio": result["updates_per_s"] / ceiling, "ceiling_runs": ceilings,
+                       "ratio": result["updates_per_s"] / ceiling, "round_ratio": result["round_updates_per_s"] / ceiling,
+                       "ceiling_runs": ceilings,
                        "acknowledged_at_ceiling": sum(t <= ceiling_s for t in result["receipt_times"]),
                        "broker_dropped": broker.dropped_lines()}
-            log.info("N=%d %s: %.1f updates/s (%.0f%% of the ceiling), peak RSS %.0f MiB, aggregation %.1f s",
-                     n, config, result["updates_per_s"], 100 * result["ratio"], result["peak_rss_mib"],
-                     result["aggregation_s"])
+            log.info("N=%d %s %s: %.1f updates/s (%.0f%% of the ceiling), %.1f through the merge (%.0f%%), "
+                     "peak RSS %.0f MiB, aggregation %.1f s", n, config, strategy, result["updates_per_s"],
+                     100 * result["ratio"], result["round_updates_per_s"], 100 * result["round_ratio"],
+                     result["peak_rss_mib"], result["aggregation_s"])
             out.append(result)
     finally:
         broker.stop()
@@ -830,7 +876,9 @@ def main() -> None:
     parser.add_argument("--devices", default="10,100,500", help="fleet sizes N, comma-separated")
     parser.add_argument("--connections", type=int, default=4, help="paho connections that play the devices")
     parser.add_argument("--ceiling-repeats", type=int, default=3)
-    parser.add_argument("--unsigned", action="store_true", help="also run each N without device keys")
+    parser.add_argument("--unsigned", action="store_true", help="also run each N without device keys (first strategy)")
+    parser.add_argument("--strategies", type=lambda v: [x for x in v.split(",") if x], default=["fedit"],
+                        help="merge strategies to run at each N, comma-separated (the first is the reference)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also time the daemon's steps per update (in-process, timers) with N devices")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds any phase may take")
@@ -862,6 +910,7 @@ def main() -> None:
                            "parameters": sum(a.size for a in fleet.deltas[fleet.devices[0]].values()),
                            "update_bytes": update_bytes, "frames_per_update": len(frames),
                            "broker_config": list(BROKER_CONFIG), "daemon_env": {"OPENBLAS_NUM_THREADS": "1"},
+                           "strategies": args.strategies,
                            "target": TARGET, "rate_ratio_met": RATE_RATIO_MET, "rss_growth_met": RSS_GROWTH_MET},
               "runs": []}
     root = Path(tempfile.mkdtemp(prefix="edgetune-aggbench-"))

@@ -120,6 +120,12 @@ class AggregatorConfig:
     #: unfinished chunked payloads held, in bytes (at least 4 results' worth); with the inbox,
     #: what bounds the daemon's memory under a flood (docs/security.md)
     reassembly_bytes: int = 32 << 20
+    #: threads that verify and decode payloads between the network thread and the round loop
+    #: (receiver.py); 0: on the network thread
+    intake_threads: int = 2
+    #: most messages the round loop takes from its inbox at once: their results are journaled
+    #: with one fsync (group commit) before any of them is acknowledged
+    commit_batch: int = 64
     #: exact strategies (stack, svd): the most components per layer of the frozen delta a
     #: device downloads. None: the adapter's rank, so a device downloads at most twice what
     #: fedit sends; -1: unbounded (exact, but the downlink grows every round)

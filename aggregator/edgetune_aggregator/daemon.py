@@ -47,12 +47,13 @@ from .config import DEFAULT_CANDIDATES, LAYOUTS, MAX_ADAPTER_PARAMETERS, Aggrega
 from .desk import ResultDesk
 from .fleet import Fleet
 from .health import Health
-from .inbox import Inbox, message_bytes
+from .inbox import Inbox
 from .intake import Intake
 from .journal import RoundJournal
 from .membership import Membership
 from .personal import PersonalizationLog
 from .publisher import Publisher
+from .receiver import Received, Receiver
 from .runner import RoundRunner
 from .serving import Rollout
 from .startup import Startup
@@ -103,6 +104,7 @@ class Aggregator:
 
             self.artifacts = ArtifactServer(config.ort_artifacts, ArtifactServer.chunk_for(config.max_packet))
         self._inbox = Inbox(config.inbox_bytes, clock)
+        self.receiver = Receiver(self.intake, self._inbox, config.intake_threads)
         self._stop = threading.Event()
         #: set once the fleet's last round closed and ``finished`` was published
         self.finished = threading.Event()
@@ -136,7 +138,7 @@ class Aggregator:
         self.members.on_join = self.runner.latecomer
         self.members.on_refusal = self.publisher.refuse
         self.members.on_issued = self._device_holds
-        self.channel.on_undecodable = self.members.on_undecodable
+        self.intake.on_undecodable = self.members.on_undecodable
         self.health.on_storage_back = self.members.save_unsaved
         self.health.device_counts = lambda: (len(self.members.devices), len(self.members.online))
         # what each kind of device message goes to (results: the desk, whatever task they answer)
@@ -181,7 +183,7 @@ class Aggregator:
         # updates queued while the daemon was away as soon as it connects.
         self._inbox.reader = threading.get_ident()
         resumed = self.startup.resume()
-        self.publisher.connect(self._enqueue, self._reconnected)
+        self.publisher.connect(self.receiver.enqueue, self._reconnected)
         self.ready.set()
         try:
             if resumed:
@@ -197,6 +199,7 @@ class Aggregator:
         finally:
             self.rollout.close()
             self._inbox.close()  # before closing the connection: see Inbox.close
+            self.receiver.close()
             self.publisher.close()
 
     def stop(self) -> None:
@@ -292,37 +295,47 @@ class Aggregator:
 
     # --- the inbox --------------------------------------------------------------------------
 
-    def _enqueue(self, topic: str, message: object, payload: bytes) -> None:
-        # what holding it costs: the payload as received (the journal keeps it) and what it decoded to
-        self._inbox.put((topic, message, payload), len(payload) + message_bytes(message))  # blocks while full: inbox.py
-
     def _reconnected(self, session_present: bool) -> None:
-        self._inbox.put((_RECONNECTED, session_present, b""))
+        self._inbox.put(Received(_RECONNECTED, value=session_present))
 
     def _receive(self, ctx: RoundContext | None, timeout: float) -> None:
-        """Take one message from the inbox (waiting up to ``timeout`` s) and act on it."""
+        """Take the messages in the inbox (waiting up to ``timeout`` s for the first) and act on
+        them; the results among them are journaled together, then acknowledged (desk.commit).
+        Without an open round, one message: what it changes (a hello completing the fleet) may
+        open a round that the next ones answer."""
         self.health.tick()
         self.rollout.tick()
         try:
-            topic, message, payload = self._inbox.get(timeout=timeout)
+            item = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return
-        if topic is _RECONNECTED:
-            return self.publisher.republish(message)
+        batch = self.config.commit_batch if ctx is not None else 1
         try:
-            return self._dispatch(topic, message, payload, ctx)
+            for taken in range(1, batch + 1):
+                self._take(item, ctx)
+                if taken == batch or self._inbox.empty:
+                    break
+                item = self._inbox.get(timeout=0)
+        finally:
+            self.desk.commit()
+
+    def _take(self, item: Received, ctx: RoundContext | None) -> None:
+        topic, opened = item.topic, item.result()
+        if topic is _RECONNECTED:
+            return self.publisher.republish(opened)
+        sender = self.topics.device_of(topic) or topic
+        if isinstance(opened, Refusal):
+            return self.channel.drop(sender, topic, opened.reason, opened.detail)
+        try:
+            return self._dispatch(topic, opened, ctx)
         except Exception as exc:  # a bug or a full disk must not stop the fleet; no receipt: it is resent
             log.exception("handling a message on %s failed", shown(topic, 200))
             if isinstance(exc, OSError):
                 self.health.storage_failed(exc)
-            return self.channel.drop(self.topics.device_of(topic) or topic, topic, "internal_error",
-                                     f"{type(exc).__name__}: {str(exc)[:200]}")
+            return self.channel.drop(sender, topic, "internal_error", f"{type(exc).__name__}: {str(exc)[:200]}")
 
-    def _dispatch(self, topic: str, message: object, payload: bytes, ctx: RoundContext | None) -> None:
+    def _dispatch(self, topic: str, opened, ctx: RoundContext | None) -> None:
         sender = self.topics.device_of(topic) or topic
-        opened = self.intake.open(topic, message, payload)
-        if isinstance(opened, Refusal):
-            return self.channel.drop(sender, topic, opened.reason, opened.detail)
         message = opened.message
         if getattr(message, "device_id", sender) != sender:
             return self.channel.drop(sender, topic, "sender_mismatch", f"message names device {message.device_id!r}")

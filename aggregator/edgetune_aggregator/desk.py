@@ -2,6 +2,10 @@
 first time, its content fitting the fleet), written to the journal as received, recorded, and
 acknowledged with a receipt; a refused one gets a refusal receipt with its reason.
 
+Group commit: the round loop hands the desk every message it drained from its inbox at once; a
+result that passes its checks is staged in the journal and waits (``_waiting``), and only after
+``commit`` made the batch durable with one fsync is it accepted into the round and acknowledged.
+
 What a result must contain and how it is recorded is its task kind's handler's business
 (``tasks/``); the desk keeps the rules every result shares. Every refusal is a counted reason
 (docs/security.md). A device resends an unanswered result with the same nonce: the desk
@@ -11,6 +15,7 @@ answers it with the receipt it got the first time and counts it once.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from edgetune.logsafe import shown
 from edgetune.transport import TransportError
@@ -33,6 +38,18 @@ CONTINUING_ERRORS = ("oom_backoff", "busy", "resumed")
 POLICY_CODES = ("busy", "resumed")
 
 
+@dataclass(frozen=True)
+class _Waiting:
+    """A result staged in the journal, accepted and acknowledged once the commit is done."""
+
+    ctx: RoundContext
+    handler: TaskHandler
+    message: object
+    nonce: bytes
+    norm: float | None
+    topic: str
+
+
 class ResultDesk:
     def __init__(self, fleet: Fleet, members: Membership, handlers: dict[TaskKind, TaskHandler], journal: RoundJournal,
                  channel: Channel, topics: Topics, health: Health, signed_fleet: bool, metrics=None):
@@ -46,6 +63,8 @@ class ResultDesk:
         self.topics = topics
         self.health = health
         self.metrics = metrics
+        #: results staged in the journal, in the order they came: acknowledged by ``commit``
+        self._waiting: dict[tuple[str, int], _Waiting] = {}
 
     def on_result(self, topic: str, opened, ctx: RoundContext | None) -> None:
         """A device's answer to a round: checked, written to the journal, then acknowledged
@@ -62,11 +81,33 @@ class ResultDesk:
             if refusal.reason not in ("unknown_device", "replayed"):
                 self._receipt(message, opened.nonce, refusal.reason, ctx)
             return
-        if ctx.journal:  # on disk, as received, before anyone hears of it: a crash after this keeps it
-            self.journal.record(ctx.number, sender, opened.payload, message.round if message.round < ctx.number else None)
-            self.health.wrote()
-        self._accept(ctx, handler, message, opened.nonce, norm)
-        self._receipt(message, opened.nonce, "", ctx)
+        if ctx.journal:  # on disk, as received, before anyone hears of it: a crash after the commit keeps it
+            self.journal.stage(ctx.number, sender, opened.payload, message.round if message.round < ctx.number else None)
+            self._waiting[(sender, message.round)] = _Waiting(ctx, handler, message, opened.nonce, norm, topic)
+            return
+        self._accepted(ctx, handler, message, opened.nonce, norm)
+
+    def commit(self) -> None:
+        """Make the staged results durable (one fsync for all), then accept and acknowledge
+        them. If the disk fails, none is acknowledged: each device resends its result."""
+        waiting, self._waiting = self._waiting, {}
+        if not waiting:
+            return
+        try:
+            self.journal.commit()
+        except OSError as exc:
+            log.error("could not journal %d result(s): %s; their devices will resend them", len(waiting), exc)
+            self.health.storage_failed(exc)
+            for w in waiting.values():
+                self.channel.drop(w.message.device_id, w.topic, "internal_error", f"{type(exc).__name__}: {exc}"[:200])
+            return
+        self.health.wrote()
+        for w in waiting.values():
+            self._accepted(w.ctx, w.handler, w.message, w.nonce, w.norm)
+
+    def _accepted(self, ctx: RoundContext, handler: TaskHandler, message, nonce: bytes, norm: float | None) -> None:
+        self._accept(ctx, handler, message, nonce, norm)
+        self._receipt(message, nonce, "", ctx)
         if self.metrics is not None:
             self.metrics.accepted(ctx.kind.value)
 
@@ -113,6 +154,11 @@ class ResultDesk:
             return Refusal("init_mismatch", f"left out of this fleet: its starting adapter differed "
                            f"({state.left_out[sender]})")
         current = ctx.number if ctx else (state.round if state else 0) + 1
+        staged = self._waiting.get((sender, message.round))
+        if staged is not None:  # (in this very batch: acknowledged once it is durable)
+            if staged.nonce == nonce and nonce:
+                return Refusal("replayed", f"nonce {nonce.hex()[:8]}… is being journaled already")
+            return Refusal("duplicate", f"second result for round {message.round}")
         if message.round < current or (ctx is None and state and message.round <= state.round):
             if ctx is None or ctx.kind is not handler.kind or not handler.accepts_late:
                 return Refusal("stale_round", f"{type(message).__name__} for round {message.round}, which is closed")

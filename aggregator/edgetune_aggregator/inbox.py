@@ -1,7 +1,8 @@
-"""The daemon's inbox: decoded messages waiting for the round loop, bounded in bytes.
+"""The daemon's inbox: received messages waiting for the round loop, bounded in bytes.
 
-The network thread decodes and enqueues; the round loop verifies, checks, journals and
-acknowledges, which is slower than a broker can deliver. Unbounded, a burst of a large fleet's
+The network thread reassembles and enqueues (the receiver's threads verify and decode them
+meanwhile, receiver.py); the round loop checks, journals and acknowledges, which can be slower
+than a broker delivers. Unbounded, a burst of a large fleet's
 updates would sit in memory all at once (the benchmark measured ~1.1 MiB per SmolLM2 update
 of backlog). Bounded, ``put`` blocks the network thread, which stops reading the socket, and
 the broker holds the rest in its queue for this client's session: the daemon's memory
@@ -14,23 +15,11 @@ import queue
 import threading
 from collections import deque
 
-import numpy as np
 
 from edgetune.clock import WALL, Clock
-from edgetune.wire import Signed
 
 #: what a small message is charged (its fields, the queue entry)
 _SMALL = 1024
-
-
-def message_bytes(message: object) -> int:
-    """Roughly what a decoded message holds in memory: its tensors or signed payload."""
-    if isinstance(message, Signed):
-        return len(message.payload) + _SMALL
-    tensors = getattr(message, "delta", None) or getattr(message, "tensors", None)
-    if isinstance(tensors, dict):
-        return sum(t.nbytes for t in tensors.values() if isinstance(t, np.ndarray)) + _SMALL
-    return _SMALL
 
 
 class Inbox:
@@ -96,6 +85,9 @@ class Inbox:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     @property
     def empty(self) -> bool:

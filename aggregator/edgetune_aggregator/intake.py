@@ -1,5 +1,6 @@
 """Who may speak, and how much: signatures and payload sizes of device messages, checked
-before the round logic sees them.
+before the round logic sees them. The intake's verify and decode stage (``open_payload``) runs
+on the receiver's threads (``receiver.py``), off the network thread and the round loop.
 
 With the fleet's keys (``device_keys.json``) every message that shapes the fleet (hello,
 results, personalization reports, error reports) must arrive signed by its device; presence
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgetune.wire import MUST_BE_SIGNED, Chunk, Limit, ModelManifest, Signed, Topics, WireError, decode_message
+from edgetune.wire.chunks import digest_matches
 
 from .validation import Refusal
 
@@ -52,6 +54,8 @@ class Intake:
         self.result_limit: int = _UNKNOWN_LAYOUT
         #: the most bytes a hello may have (tightened once the fleet's model is pinned)
         self.hello_limit: int = _UNPINNED_HELLO
+        #: ``(sender, topic, reason, detail, payload)`` of a payload that did not decode
+        self.on_undecodable = None
 
     @property
     def signed(self) -> bool:
@@ -70,6 +74,24 @@ class Intake:
         if limit is Limit.HELLO:
             return self.hello_limit
         return limit
+
+    def open_payload(self, topic: str, payload: bytes | bytearray, transfer: str | None = None) -> Opened | Refusal:
+        """A whole payload as received (``transfer``: the SHA-256 its chunks named, None if it
+        came in one piece), checked, decoded and verified: the message to act on, or why not.
+        ``on_undecodable`` hears of a payload that does not decode (a hello in another wire version)."""
+        if transfer is not None and not digest_matches(payload, transfer):
+            return Refusal("digest_mismatch", "reassembled payload does not match its SHA-256")
+        try:
+            message = decode_message(payload)
+        except WireError as exc:
+            if self.on_undecodable is not None:
+                sender = self.topics.device_of(topic) or topic
+                self.on_undecodable(sender, topic, exc.reason, exc.detail, payload)
+            return Refusal(exc.reason, exc.detail)
+        if isinstance(message, Chunk):
+            return Refusal("bad_chunk", "a chunked payload may not itself be a chunk" if transfer else
+                           "a chunk where a whole message was expected")
+        return self.open(topic, message, payload)
 
     def open(self, topic: str, message: object, payload: bytes) -> Opened | Refusal:
         """The message to act on (unwrapped and verified if signed), or why it is refused;

@@ -49,7 +49,7 @@ class Publisher:
         self._served_here: dict[int, bool] = {}  # versions this process put on the broker
         self._refused: dict[tuple[str, str], float] = {}  # (device, reason) -> when told
 
-    def connect(self, receive: Callable[[str, object, bytes], None], on_reconnect: Callable[[bool], None]) -> None:
+    def connect(self, receive: Callable[[str, bytes, str | None], None], on_reconnect: Callable[[bool], None]) -> None:
         """Subscribe ``receive`` to every device kind the aggregator reads, connect with a last
         will, clear what an earlier run left retained, and say the aggregator is online."""
         will = Will(self.topics.aggregator_status, encode_message(Presence(AGGREGATOR_ID, False)))
@@ -58,7 +58,7 @@ class Publisher:
         # was away arrives right after it, and goes through the bounded inbox like the rest.
         for kind in DEVICE_KINDS:
             if kind.aggregator_reads:
-                self.channel.subscribe(kind.pattern(self.topics.base), receive, qos=kind.qos, raw=True)
+                self.channel.subscribe_whole(kind.pattern(self.topics.base), receive, qos=kind.qos)
         self.transport.connect(will=will)
         # A retained task left by an earlier run (e.g. "finished") must not steer devices
         # that connect before this run publishes its own.

@@ -18,6 +18,7 @@ from edgetune_aggregator.daemon import AggregatorConfig
 from edgetune_aggregator.influence import InfluenceBounds
 from edgetune_aggregator.metrics import AggregatorMetrics
 
+from helpers.journal import has
 from helpers.fleet import SPEC, Observer, fleet_config, join_device, start_aggregator, workload
 from helpers.manual import SHAPES, Manual, memory_fleet
 from helpers.waiting import wait_for
@@ -157,7 +158,7 @@ def test_a_signed_result_on_another_topic_and_an_unsigned_error_report_are_refus
     liar.transport.flush()
     assert wait_for(lambda: aggregator.drops["unexpected_kind"] >= 1 and aggregator.drops["unsigned"] >= 1, 30), \
         dict(aggregator.drops)
-    assert not (tmp_path / "state" / "journal" / "r000001" / "dev-2.msgpack").exists()
+    assert not has(tmp_path / "state", 1, "dev-2")
     liar.send(liar.update(1))  # the real result still counts: min_devices is 3
     _stop(thread, devices, liar)
     (record,) = aggregator.store.rounds()

@@ -18,6 +18,7 @@ from edgetune.device import Device
 from edgetune.transport import open_transport
 from edgetune.wire import SCHEMA_VERSION, RoundTask, TaskKind, Topics, TrainMetrics, Update, encode_message
 
+from helpers.journal import has
 from helpers.fleet import Observer, fleet_config, join_device, start_aggregator
 from helpers.merges import check_rounds
 from helpers.waiting import wait_for
@@ -224,7 +225,7 @@ def test_a_round_left_open_by_a_stopped_daemon_continues_on_resume(tmp_path, jou
     idle = join_device(url, fleet, 1, start=False)  # says hello, never trains
     # round 1 opens but cannot close (one update of two); dev-0 trains it
     assert wait_for(lambda: device.rounds_done == [1], 30)
-    assert wait_for(lambda: len(list((tmp_path / "state" / "journal").glob("r000001/dev-0.msgpack"))) == 1, 30)
+    assert wait_for(lambda: has(tmp_path / "state", 1, "dev-0"), 30)
     aggregator.stop()
     thread.join(timeout=30)
     if not journal:  # a state dir from before round journals: the round's number is skipped

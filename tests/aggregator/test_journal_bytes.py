@@ -12,6 +12,7 @@ import pytest
 from edgetune.wire import DEFAULT_MAX_PACKET, Update, decode_message, encode_message
 from edgetune.wire.signing import unwrap
 
+from helpers.journal import journaled as journal_of
 from helpers.manual import SHAPES, manuals, memory_fleet
 from helpers.waiting import wait_for
 
@@ -34,7 +35,7 @@ def test_the_journal_holds_the_payload_exactly_as_the_device_published_it(tmp_pa
         assert payload != encode_message(update)
         device.channel.send_payload(device.topics.update(device.id), payload)
         assert wait_for(lambda: any(r.accepted for r in device.receipts), 30)
-        journaled = (tmp_path / "state" / "journal" / "r000001" / "dev-0.msgpack").read_bytes()
+        journaled = journal_of(tmp_path / "state", 1, "dev-0")
         assert journaled == payload  # as received, not re-encoded (which would drop the unknown field)
         again = unwrap(decode_message(journaled))
         assert isinstance(again, Update) and again.device_id == "dev-0"

@@ -97,8 +97,15 @@ def test_a_failed_canary_rolls_back_only_the_canaries_over_mosquitto(mosquitto_u
         assert serve(1)  # the canaries went back; the others never left v1
         assert 2 in seen["dev-2"] or 2 in seen["dev-3"]
         assert 2 not in seen["dev-0"] and 2 not in seen["dev-1"]
-        rolled = next(s for s in aggregator.rollout.steps + [s for r in aggregator.store.rounds()
-                                                             for s in r.get("rollout", [])] if s["step"] == "rolled_back")
+        found: list[dict] = []
+
+        def rolled_back() -> bool:  # (the daemon moves its steps into the round's record as it closes: look again)
+            found[:] = [s for s in aggregator.rollout.steps + [s for r in aggregator.store.rounds()
+                                                                for s in r.get("rollout", [])] if s["step"] == "rolled_back"]
+            return bool(found)
+
+        assert wait_for(rolled_back, 10)
+        rolled = found[0]
         assert rolled["canaries"] == ["dev-2", "dev-3"] and "rose" in rolled["why"]
         assert aggregator.state.serving_version == 1
         assert "canaries failed" in aggregator.fleet.versions.get(2).note

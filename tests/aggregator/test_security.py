@@ -22,6 +22,7 @@ from edgetune_aggregator.strategies import RoundStart, make_strategy
 from edgetune_aggregator.validation import UpdateLimits, check_norm, delta_norm
 from edgetune_aggregator.weighting import Entry, Weighting
 
+from helpers.journal import has
 from helpers.fleet import SPEC, Observer, start_aggregator
 from helpers.manual import SHAPES, Manual, manuals, memory_fleet
 from helpers.waiting import wait_for
@@ -45,8 +46,7 @@ def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_hone
     honest = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-{d}", connect_timeout=10), fleet, d, TINY,
                           signer=signers[d]).start() for d in ("dev-0", "dev-1")]
     manual = Manual(mosquitto_url, fleet, signers["dev-2"])
-    journal = tmp_path / "state" / "journal" / "r000001"
-    assert wait_for(lambda: (journal / "dev-0.msgpack").exists() and (journal / "dev-1.msgpack").exists())
+    assert wait_for(lambda: has(tmp_path / "state", 1, "dev-0", "dev-1"))
     assert raw["dev-0"]
     manual.run_id = aggregator.state.run_id
 
@@ -82,7 +82,7 @@ def test_hostile_updates_are_refused_by_reason_and_rounds_complete_with_the_hone
                 "replayed": len(raw["dev-0"]) and 1, "not_finite": 1, "wrong_shape": 1, "norm_exceeded": 1,
                 "stale_round": 1, "oversize": 1, "other_run": 1}
     assert wait_for(lambda: all(aggregator.drops[k] >= v for k, v in expected.items()), 30), dict(aggregator.drops)
-    assert not (journal / "dev-2.msgpack").exists()  # nothing of that got in
+    assert not has(tmp_path / "state", 1, "dev-2")  # nothing of that got in
     told = {"not_finite", "wrong_shape", "norm_exceeded", "stale_round", "other_run"}  # (signed by dev-2)
     assert wait_for(lambda: told <= {r.reason for r in manual.receipts if not r.accepted}, 30), manual.receipts
 

@@ -609,7 +609,7 @@ def test_evicting_one_senders_oldest_transfer_does_not_scan_every_sender():
     reassembler = Reassembler()
     for s in range(2000):
         for j in range(5):  # the fifth evicts the sender's oldest
-            reassembler.feed(f"s{s}", Chunk(f"{s:032x}{j:032x}", 0, 2, 2000, b"x"))
+            reassembler.feed(f"s{s}", Chunk(f"{s:032x}{j:032x}", 0, 2, 2000, b"x" * 1000))
     assert len(reassembler._pending) == 2000 * 4 and reassembler.evicted == 2000
 
 

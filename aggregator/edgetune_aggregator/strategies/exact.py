@@ -15,38 +15,63 @@ import numpy as np
 from edgetune.adapters.tensors import as_float32
 
 from .base import RoundMerge, RoundStart, Strategy, Tensors
-from .lowrank import LowRank, LowRankSum, Spectrum
+from .lowrank import LowRank, LowRankSum, Spectrum, spectrum
 
 
 class ExactSum(RoundMerge):
+    """``Σ wₖ·Uₖ`` per layer, split by what each part costs. With ΔAₖ, ΔBₖ padded to the round's
+    rank R (the components a device did not train are zero),
+
+        Σ wₖ·Uₖ = s·B₀·(Σ wₖ·ΔAₖ) + s·(Σ wₖ·ΔBₖ)·A₀ + s·Σ wₖ·ΔBₖ·ΔAₖ:
+
+    the first two are rank R whatever the fleet (two running sums the size of the adapter),
+    and only the products of the deltas, rank rₖ each, go to a :class:`LowRankSum` (half
+    the columns of stacking ``[B₀ | ΔBₖ]·[ΔAₖ; Aₖ]``, and folded into its dense sum in batches)."""
+
     def __init__(self, start: RoundStart):
         super().__init__(start)
         self.sums: dict[str, LowRankSum] = {}
+        #: module -> (Σ wₖ·ΔBₖ (out, R), Σ wₖ·ΔAₖ (R, in)), float64
+        self.linear: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._start: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for module in start.modules:
             B0, A0 = start.factors(module)
+            self._start[module] = (B0, A0)
+            self.linear[module] = (np.zeros_like(B0), np.zeros_like(A0))
             self.sums[module] = LowRankSum(B0.shape[0], A0.shape[1])
 
     def _add(self, delta: Tensors, weight: float) -> None:
         s = self.start.scale
         for module in self.start.modules:
-            B, A, r = self.start.trained(module, delta)
-            B0, _ = self.start.factors(module, r)
-            dB = B - B0
             dA = np.asarray(as_float32(delta[f"{module}.lora_A"]), np.float64)
-            self.sums[module].add(np.hstack([B0, dB]) * s, np.vstack([dA, A]), weight)
+            dB = np.asarray(as_float32(delta[f"{module}.lora_B"]), np.float64)
+            r = dA.shape[0]
+            sum_B, sum_A = self.linear[module]
+            sum_A[:r] += weight * dA
+            sum_B[:, :r] += weight * dB
+            self.sums[module].add(dB * s, dA, weight)
+
+    def total(self, module: str) -> LowRank | np.ndarray:
+        """``Σ wₖ·Uₖ`` of a layer (unnormalised): factors, or dense once the products went dense."""
+        s = self.start.scale
+        B0, A0 = self._start[module]
+        sum_B, sum_A = self.linear[module]
+        products = self.sums[module].result()
+        if isinstance(products, np.ndarray):
+            return products + (B0 * s) @ sum_A + (sum_B * s) @ A0
+        return LowRank(B0 * s, sum_A) + LowRank(sum_B * s, A0) + products
 
     def average(self) -> dict[str, LowRank]:
         """``Σ pₖ·Uₖ`` per layer (pₖ = weight / total weight)."""
         if not self.count:
             raise ValueError("no updates to aggregate")
-        out = {}
-        for module, acc in self.sums.items():
-            # compact factors either way (a dense sum is factored by its SVD)
-            out[module] = acc.spectrum().factors().scaled(1.0 / self.total_weight)
-        return out
+        # compact factors either way (a dense sum is factored by its SVD)
+        return {module: spectrum(self.total(module)).factors().scaled(1.0 / self.total_weight)
+                for module in self.sums}
 
     def nbytes(self) -> int:
-        return sum(acc.nbytes() for acc in self.sums.values())
+        linear = sum(b.nbytes + a.nbytes for b, a in self.linear.values())
+        return sum(acc.nbytes() for acc in self.sums.values()) + linear
 
 
 def current_delta(start: RoundStart, module: str) -> LowRank:

@@ -108,6 +108,11 @@ class LowRankSum:
     Products are stacked while the stacked factors are smaller than ``out × in``; when they would
     not be, the sum is compressed to its numerical rank (exact), and if that is still too large
     the accumulator turns dense. Either way the result is the exact sum.
+
+    Once dense, products are buffered and folded in with one matmul per ``limit / 4`` columns:
+    adding a rank-8 product alone is a pass over the whole dense matrix for little arithmetic,
+    and BLAS does a few wide products many times faster than many thin ones (docs/benchmarks.md,
+    strategies). The buffer costs at most a quarter of the dense matrix's memory.
     """
 
     def __init__(self, out_features: int, in_features: int):
@@ -116,12 +121,18 @@ class LowRankSum:
         self._dense: np.ndarray | None = None
         # stacked columns beyond which factors cost more than the dense matrix
         self._limit = max(1, (out_features * in_features) // (out_features + in_features))
+        #: products waiting to be folded into the dense sum, and their columns
+        self._waiting: list[tuple[np.ndarray, np.ndarray]] = []
+        self._waiting_columns = 0
 
     def add(self, B: np.ndarray, A: np.ndarray, weight: float = 1.0) -> None:
         B = np.asarray(B, np.float64) * weight
         A = np.asarray(A, np.float64)
         if self._dense is not None:
-            self._dense += B @ A
+            self._waiting.append((B, A))
+            self._waiting_columns += A.shape[0]
+            if self._waiting_columns >= max(1, self._limit // 4):
+                self._fold()
             return
         stacked = self._factors + LowRank(B, A)
         if stacked.rank > self._limit:
@@ -132,6 +143,13 @@ class LowRankSum:
                 return
         self._factors = stacked
 
+    def _fold(self) -> None:
+        if self._waiting:
+            B = np.hstack([b for b, _ in self._waiting])
+            A = np.vstack([a for _, a in self._waiting])
+            self._dense += B @ A
+            self._waiting, self._waiting_columns = [], 0
+
     def add_lowrank(self, matrix: LowRank, weight: float = 1.0) -> None:
         self.add(matrix.B, matrix.A, weight)
 
@@ -141,12 +159,15 @@ class LowRankSum:
 
     def nbytes(self) -> int:
         if self._dense is not None:
-            return self._dense.nbytes
+            return self._dense.nbytes + sum(b.nbytes + a.nbytes for b, a in self._waiting)
         return self._factors.B.nbytes + self._factors.A.nbytes
 
     def result(self) -> LowRank | np.ndarray:
         """The sum: factors, or the dense matrix once it went dense."""
-        return self._dense if self._dense is not None else self._factors
+        if self._dense is not None:
+            self._fold()
+            return self._dense
+        return self._factors
 
     def spectrum(self) -> Spectrum:
         return spectrum(self.result())

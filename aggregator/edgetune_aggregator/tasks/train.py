@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from edgetune.adapters.registry import adapter_shapes
 from edgetune.wire import FILE_VERSIONS, GlobalAdapter, TaskKind, Update, decode_message
@@ -23,7 +22,7 @@ from ..config import AggregatorConfig
 from ..fleet import Fleet
 from ..guard import check_candidate
 from ..influence import lower_median
-from ..journal import RoundJournal, parse_name, result_name
+from ..journal import JournalRecord, RoundJournal, parse_name, result_name
 from ..store import DeviceRecord, RoundStatus
 from ..strategies import NextGlobal, RoundStart
 from ..validation import Refusal, check_layout, check_norm, check_samples, delta_norm
@@ -83,7 +82,7 @@ class TrainHandler(TaskHandler):
         self.round_bases = {r: base for r, base in self.round_bases.items() if base >= oldest}
         self.counted = {(d, r) for d, r in self.counted if r in self.round_bases}
 
-    def carried(self, number: int) -> dict[str, tuple[Path, tuple[str, int]]]:
+    def carried(self, number: int) -> dict[str, tuple[JournalRecord, tuple[str, int]]]:
         """The accepted results of failed train rounds before ``number``, still journaled:
         result name in this round -> (file, (device, round it was trained for)). A failed
         round merged nothing and left the global version as it was, so they belong here."""
@@ -252,7 +251,7 @@ class TrainHandler(TaskHandler):
                      self.config.influence.norm_ratio)
         return result, lower_median(changes) if changes else 0.0
 
-    def _entry(self, path: Path) -> Entry:
+    def _entry(self, path: JournalRecord) -> Entry:
         """What the weighting needs of a journaled update the round did not record (its
         acceptance failed after it was journaled; the device resends it)."""
         update = _journaled(path)
@@ -266,7 +265,7 @@ class TrainHandler(TaskHandler):
                                self.config.max_global_change, self.config.server_optimizer)
 
 
-def _journaled(path: Path) -> Update:
+def _journaled(path: JournalRecord) -> Update:
     """An update as the journal keeps it (received bytes, checked when they came: any wire
     version this daemon ever took in)."""
     return unwrap(decode_message(path.read_bytes(), FILE_VERSIONS), FILE_VERSIONS)

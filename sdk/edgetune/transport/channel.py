@@ -15,7 +15,8 @@ from typing import Any
 
 from ..logsafe import DropLog, shown
 from ..wire import DEFAULT_MAX_PACKET, Reassembler, WireError, chunk_payload
-from ..wire.chunks import decode_frame_payload
+from ..wire.chunks import CHUNK_OVERHEAD, decode_frame_payload
+from ..wire.codec import decode_message, envelope_kind
 from ..wire import encode_message, split_payload
 from .base import Transport
 
@@ -151,6 +152,46 @@ class Channel:
                     handler(topic, message, whole)
                 else:
                     handler(topic, message)
+
+        self.transport.subscribe(topic_filter, on_frame, qos=qos)
+
+    def subscribe_whole(self, topic_filter: str, handler: Callable[[str, bytes | bytearray, str | None], None],
+                        qos: int = 1) -> None:
+        """``handler(topic, payload, transfer)`` for each whole payload on the filter, not decoded:
+        chunks are put together here (on the transport's thread) and nothing else is done, so
+        the receiver decodes and verifies elsewhere (the aggregator's intake stages). ``transfer``
+        is the SHA-256 the chunks named, for the receiver to check (None: it came in one piece)."""
+
+        def on_frame(topic: str, frame: bytes) -> None:
+            if not frame:
+                return  # a cleared retained topic
+            sender = self.sender_of(topic) or topic
+            refused = self.admit(sender, topic) if self.admit is not None else None
+            if refused is not None:
+                self.drop(sender, topic, *refused)
+                return
+            self.bytes_from[sender] += len(frame)
+            limit = self.limit_of(topic) if self.limit_of else None
+            if limit is not None and len(frame) > limit + CHUNK_OVERHEAD:
+                self.drop(sender, topic, "oversize", f"a payload of {len(frame)} bytes where at most {limit} fit")
+                return
+            if envelope_kind(frame) != "chunk":  # (whatever else it is, the receiver's decoder says)
+                handler(topic, frame, None)
+                return
+            try:
+                chunk = decode_message(frame)
+                with self._lock:
+                    stream = (self.stream_of(topic) or topic) if self.stream_of else ""
+                    payload = self.reassembler.feed(sender, chunk, limit, stream, check_digest=False)
+            except WireError as exc:
+                self.drop(sender, topic, exc.reason, exc.detail)
+                return
+            except Exception as exc:  # a decoder bug must not reach the transport's thread
+                log.exception("reassembling a message from %s failed unexpectedly", sender)
+                self.drop(sender, topic, "bad_payload", f"{type(exc).__name__}: {exc}")
+                return
+            if payload is not None:
+                handler(topic, payload, chunk.transfer)
 
         self.transport.subscribe(topic_filter, on_frame, qos=qos)
 

@@ -48,10 +48,39 @@ def chunk_payload(payload: bytes, max_packet: int = DEFAULT_MAX_PACKET) -> list[
 class _Pending:
     count: int
     size: int
-    parts: dict[int, bytes] = field(default_factory=dict)
+    #: indices of the chunks written into ``buffer``
+    parts: set[int] = field(default_factory=set)
     received: int = 0  # what is charged against the bound: data + CHUNK_OVERHEAD per chunk
     data_bytes: int = 0  # the chunks' data: never more than the size the transfer claims
     started: float = field(default_factory=time.monotonic)
+    #: the whole payload, each chunk copied into its place as it comes (no join at the end);
+    #: allocated with the first chunk and charged whole against the reassembler's bound then
+    buffer: bytearray = field(default_factory=bytearray)
+    #: the data of every chunk but the last (chunk_payload's step), once one of them came
+    step: int | None = None
+    #: the last chunk's length, if it came before the step was known
+    last: int | None = None
+
+    def place(self, index: int, data: bytes) -> None:
+        """Copy a chunk into its place; raises ``WireError`` if it cannot be part of the whole."""
+        if index < self.count - 1:
+            if self.step is None:
+                self.step = len(data)
+                # every chunk but the last carries ``step`` bytes, the last the rest (1..step)
+                if not 0 < self.size - (self.count - 1) * self.step <= self.step or (
+                        self.last is not None and self.last != self.size - (self.count - 1) * self.step):
+                    raise WireError("bad_chunk", f"chunks of {self.step} bytes cannot make {self.size} in {self.count}")
+            elif len(data) != self.step:
+                raise WireError("bad_chunk", "chunks of one transfer differ in length")
+            offset = index * self.step
+        else:
+            if self.step is not None and len(data) != self.size - (self.count - 1) * self.step:
+                raise WireError("bad_chunk", "the last chunk does not end the transfer")
+            self.last = len(data)
+            offset = self.size - len(data)
+        if not self.buffer:
+            self.buffer = bytearray(self.size)
+        self.buffer[offset:offset + len(data)] = data
 
 
 class Reassembler:
@@ -87,8 +116,11 @@ class Reassembler:
         self.pending_bytes = 0  # running total: summing on every chunk would be quadratic
         self.evicted = 0
 
-    def feed(self, sender: str, chunk: Chunk, max_size: int | None = None, stream: str = "") -> bytes | None:
+    def feed(self, sender: str, chunk: Chunk, max_size: int | None = None, stream: str = "",
+             check_digest: bool = True) -> bytes | bytearray | None:
         """Add one chunk; returns the whole payload when this chunk completes it.
+        ``check_digest=False``: the caller checks the whole's SHA-256 (``chunk.transfer``)
+        itself, off this thread (the aggregator's network thread only puts pieces together).
 
         ``max_size``: the most bytes a payload on this chunk's topic may have (the receiver
         knows it, e.g. from the round's adapter layout); a transfer claiming more is refused
@@ -125,17 +157,22 @@ class Reassembler:
         if pending.data_bytes + len(chunk.data) > pending.size:
             self._discard(key)
             raise WireError("bad_chunk", f"chunks carry more than the {pending.size} bytes their transfer claims")
+        try:
+            pending.place(chunk.index, chunk.data)
+        except WireError:
+            self._discard(key)
+            raise
         pending.data_bytes += len(chunk.data)
-        pending.parts[chunk.index] = chunk.data
-        charge = len(chunk.data) + CHUNK_OVERHEAD
+        charge = CHUNK_OVERHEAD + (pending.size if not pending.parts else 0)  # (the buffer, whole, with the first)
+        pending.parts.add(chunk.index)
         pending.received += charge
         self.pending_bytes += charge
         if len(pending.parts) < pending.count:
             self._evict(sender)
             return None
         self._discard(key)
-        payload = b"".join(pending.parts[i] for i in range(pending.count))
-        if len(payload) != pending.size or hashlib.sha256(payload).hexdigest() != chunk.transfer:
+        payload = pending.buffer
+        if pending.data_bytes != pending.size or (check_digest and not digest_matches(payload, chunk.transfer)):
             raise WireError("digest_mismatch", "reassembled payload does not match its SHA-256")
         self._done[key] = time.monotonic()
         while len(self._done) > self._remember:
@@ -163,6 +200,11 @@ class Reassembler:
                 self.evicted += 1
             else:
                 break
+
+
+def digest_matches(payload: bytes | bytearray, transfer: str) -> bool:
+    """Whether a reassembled payload is the one its chunks named (their transfer id)."""
+    return hashlib.sha256(payload).hexdigest() == transfer
 
 
 def decode_frame(reassembler: Reassembler, sender: str, frame: bytes, max_size: int | None = None):

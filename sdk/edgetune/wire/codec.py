@@ -113,10 +113,25 @@ def _unpack_envelope(payload: bytes | bytearray | memoryview) -> tuple[dict, mem
         if not isinstance(envelope, dict):
             raise WireError("bad_field", "envelope must be a map with 'v', 'kind' and 'body'")
         return envelope, None
-    if type(payload) is not bytes:
-        payload = bytes(payload)
-    unpacker = msgpack.Unpacker(io.BytesIO(payload), read_size=_HEAD_READ, raw=False, strict_map_key=True,
-                                max_map_len=_MAX_CONTAINER, max_array_len=_MAX_CONTAINER)
+    view = memoryview(payload)
+    if type(payload) is not bytes:  # (the head alone first: a reassembled bytearray is then not copied whole)
+        try:
+            return _envelope_in(view, view[:_HEAD_READ])
+        except msgpack.OutOfData:
+            pass
+    return _envelope_in(view, view)
+
+
+def _envelope_in(view: memoryview, fed: memoryview) -> tuple[dict, memoryview | None]:
+    """``_unpack_envelope`` on ``fed``, the start of ``view`` (raises ``msgpack.OutOfData``
+    if the envelope's fields other than ``data`` run past it)."""
+    if fed is view and type(view.obj) is bytes:  # (a reader of bytes shares them: no copy)
+        unpacker = msgpack.Unpacker(io.BytesIO(view.obj), read_size=_HEAD_READ, raw=False, strict_map_key=True,
+                                    max_map_len=_MAX_CONTAINER, max_array_len=_MAX_CONTAINER)
+    else:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_map_len=_MAX_CONTAINER,
+                                    max_array_len=_MAX_CONTAINER, max_buffer_size=max(len(fed), 1))
+        unpacker.feed(fed)
     try:
         entries = unpacker.read_map_header()
     except ValueError:  # (another type than a map; msgpack's other errors are bad_msgpack)
@@ -127,19 +142,32 @@ def _unpack_envelope(payload: bytes | bytearray | memoryview) -> tuple[dict, mem
     for index in range(entries):
         key = unpacker.unpack()
         position = unpacker.tell()
-        if key == "data" and index == entries - 1 and payload[position:position + 1] == b"\xc6":
-            size = int.from_bytes(payload[position + 1:position + 5], "big")
+        if key == "data" and index == entries - 1 and view[position:position + 1] == b"\xc6":
+            size = int.from_bytes(view[position + 1:position + 5], "big")
             end = position + 5 + size
-            if end != len(payload):
-                raise WireError("bad_msgpack", f"the envelope's data claims {size} bytes; {len(payload) - position - 5} follow")
-            data = memoryview(payload)[position + 5:end]
+            if end != len(view):
+                raise WireError("bad_msgpack", f"the envelope's data claims {size} bytes; {len(view) - position - 5} follow")
+            data = view[position + 5:end]
             return envelope, data
         if type(key) is not str:
             raise WireError("bad_field", "envelope keys must be strings")
         envelope[key] = unpacker.unpack()
-    if unpacker.tell() != len(payload):
-        raise WireError("bad_msgpack", f"{len(payload) - unpacker.tell()} bytes after the envelope")
+    if unpacker.tell() != len(view):
+        if len(fed) < len(view):
+            raise msgpack.OutOfData  # (what is after the head is still to be read)
+        raise WireError("bad_msgpack", f"{len(view) - unpacker.tell()} bytes after the envelope")
     return envelope, data
+
+
+def envelope_kind(payload: bytes | bytearray | memoryview) -> str | None:
+    """The message kind an encoded payload says it is (reading its head only), or None if that
+    cannot be read: what the network thread needs to tell a chunk from a whole message."""
+    try:
+        envelope, _ = _unpack_envelope(payload)
+    except Exception:  # (whoever decodes it says what is wrong)
+        return None
+    kind = envelope.get("kind")
+    return kind if isinstance(kind, str) else None
 
 
 def _version_refusal(version: Any, versions: tuple[int, ...]) -> str:
