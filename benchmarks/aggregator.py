@@ -760,7 +760,7 @@ def markdown(result: dict) -> str:
          f"values: {s['update_bytes'] / 1e6:.2f} MB and {s['frames_per_update']} chunks per signed update) through "
          f"Mosquitto {m['mosquitto']} ({', '.join(BROKER_CONFIG[1:])}; loopback, no TLS or ACL) to "
          f"`edgetune-aggregator serve` ({', '.join(s.get('strategies', ['fedit']))}; one train round, Ed25519 device "
-         "keys; the updates that arrive together are journaled with one fsync before any of their receipts). {s['connections']} paho connections play the devices: signed hellos "
+         f"keys; the updates that arrive together are journaled with one fsync before any of their receipts). {s['connections']} paho connections play the devices: signed hellos "
          "(retained) first, then every update at once when the train task appears. **Aggregator**: N ÷ (first "
          "update published → N-th accepted receipt received). **Ceiling**: the same updates (with a placeholder "
          "run id), chunked the same way, from the same connections through the same broker to a bare paho "

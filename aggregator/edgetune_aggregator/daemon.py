@@ -313,7 +313,8 @@ class Aggregator:
         try:
             for taken in range(1, batch + 1):
                 self._take(item, ctx)
-                if taken == batch or self._inbox.empty:
+                # (what waits for the commit is held in memory: as much as the inbox holds, at most)
+                if taken == batch or self._inbox.empty or self.journal.staged_bytes >= self.config.inbox_bytes:
                     break
                 item = self._inbox.get(timeout=0)
         finally:

@@ -128,6 +128,11 @@ class RoundJournal:
         """Results staged and not yet committed."""
         return sum(map(len, self._staged.results.values()))
 
+    @property
+    def staged_bytes(self) -> int:
+        """Payload bytes staged and not yet committed (held in memory until the commit)."""
+        return sum(len(payload) for results in self._staged.results.values() for _, payload in results)
+
     def commit(self) -> int:
         """Write what was staged, one segment per round, each fsynced with its folder before this
         returns; the number of results made durable. On an error nothing staged is kept (a

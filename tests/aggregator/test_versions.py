@@ -125,6 +125,8 @@ def test_manual_promotion_and_rollback_over_mosquitto(mosquitto_url, tmp_path, c
         # the next version is built on the copy, from updates against it
         assert wait_for(lambda: aggregator.fleet.versions.get(copy.version + 1) is not None, 60)
         assert aggregator.fleet.versions.get(copy.version + 1).parent == copy.version
+        # (the version is recorded as the round closes, the round's record just after: wait for both)
+        assert wait_for(lambda: any(r.get("new_version") == copy.version + 1 for r in store.rounds()), 30)
         rounds = {r["new_version"]: r for r in store.rounds() if r.get("new_version") is not None}
         assert rounds[copy.version + 1]["base_version"] == copy.version
         assert wait_for(lambda: aggregator.rollout.serving_counts() == {1: 3}, 30)
