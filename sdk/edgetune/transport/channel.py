@@ -120,14 +120,9 @@ class Channel:
         ``handler(topic, message, payload)``, with the payload it was decoded from, as received."""
 
         def on_frame(topic: str, payload: bytes) -> None:
-            if not payload:
-                return  # a cleared retained topic
-            sender = self.sender_of(topic) or topic
-            refused = self.admit(sender, topic) if self.admit is not None else None
-            if refused is not None:
-                self.drop(sender, topic, *refused)
+            sender = self._admitted(topic, payload)
+            if sender is None:
                 return
-            self.bytes_from[sender] += len(payload)
             try:
                 limit = self.limit_of(topic) if self.limit_of else None
                 with self._lock:
@@ -163,14 +158,9 @@ class Channel:
         is the SHA-256 the chunks named, for the receiver to check (None: it came in one piece)."""
 
         def on_frame(topic: str, frame: bytes) -> None:
-            if not frame:
-                return  # a cleared retained topic
-            sender = self.sender_of(topic) or topic
-            refused = self.admit(sender, topic) if self.admit is not None else None
-            if refused is not None:
-                self.drop(sender, topic, *refused)
+            sender = self._admitted(topic, frame)
+            if sender is None:
                 return
-            self.bytes_from[sender] += len(frame)
             limit = self.limit_of(topic) if self.limit_of else None
             if limit is not None and len(frame) > limit + CHUNK_OVERHEAD:
                 self.drop(sender, topic, "oversize", f"a payload of {len(frame)} bytes where at most {limit} fit")
@@ -194,6 +184,19 @@ class Channel:
                 handler(topic, payload, chunk.transfer)
 
         self.transport.subscribe(topic_filter, on_frame, qos=qos)
+
+    def _admitted(self, topic: str, frame: bytes) -> str | None:
+        """The sender of a frame to go on with (counted), or None: a cleared retained topic, or
+        a sender ``admit`` refuses (dropped)."""
+        if not frame:
+            return None  # a cleared retained topic
+        sender = self.sender_of(topic) or topic
+        refused = self.admit(sender, topic) if self.admit is not None else None
+        if refused is not None:
+            self.drop(sender, topic, *refused)
+            return None
+        self.bytes_from[sender] += len(frame)
+        return sender
 
     def unsubscribe(self, topic_filter: str) -> bool:
         """Stop delivering ``topic_filter``; False where the transport cannot (it stays)."""
