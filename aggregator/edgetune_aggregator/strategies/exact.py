@@ -62,16 +62,35 @@ class ExactSum(RoundMerge):
         return LowRank(B0 * s, sum_A) + LowRank(sum_B * s, A0) + products
 
     def average(self) -> dict[str, LowRank]:
-        """``Σ pₖ·Uₖ`` per layer (pₖ = weight / total weight)."""
+        """``Σ pₖ·Uₖ`` per layer (pₖ = weight / total weight), as compact factors."""
+        return {module: _factored(self.average_layer(module)) for module in self.sums}
+
+    def average_layer(self, module: str) -> LowRank | np.ndarray:
+        """``Σ pₖ·Uₖ`` of one layer: compact factors, or the dense matrix once the sum went dense
+        (factoring it would cost an SVD that the strategy's own, of the new ΔW, makes needless)."""
         if not self.count:
             raise ValueError("no updates to aggregate")
-        # compact factors either way (a dense sum is factored by its SVD)
-        return {module: spectrum(self.total(module)).factors().scaled(1.0 / self.total_weight)
-                for module in self.sums}
+        total = self.total(module)
+        if isinstance(total, np.ndarray):
+            return total / self.total_weight
+        return spectrum(total).factors().scaled(1.0 / self.total_weight)
 
     def nbytes(self) -> int:
         linear = sum(b.nbytes + a.nbytes for b, a in self.linear.values())
         return sum(acc.nbytes() for acc in self.sums.values()) + linear
+
+
+def _factored(matrix: LowRank | np.ndarray) -> LowRank:
+    return spectrum(matrix).factors() if isinstance(matrix, np.ndarray) else matrix
+
+
+def new_delta(start: RoundStart, module: str, step: LowRank | np.ndarray) -> Spectrum:
+    """The spectrum of a layer's next ``ΔW``: the global's (``current_delta``) plus the step,
+    dense if the step is (one SVD of an out × in matrix), else from the stacked factors."""
+    current = current_delta(start, module)
+    if isinstance(step, np.ndarray):
+        return spectrum(step + current.dense())
+    return spectrum(current + step)
 
 
 def current_delta(start: RoundStart, module: str) -> LowRank:
@@ -123,7 +142,10 @@ class ExactStrategy(Strategy):
     def begin(self, start: RoundStart) -> RoundMerge:
         return ExactSum(start)
 
-    def step(self, merge: RoundMerge) -> dict[str, LowRank]:
-        """The low-rank step each layer's ΔW takes this round."""
+    def layers(self, merge: RoundMerge):
+        """``(module, spectrum of its next ΔW)`` one layer at a time, so that only one layer's
+        temporaries (dense average, SVD) are in memory at once."""
         assert isinstance(merge, ExactSum)
-        return self.optimizer.step_lowrank(merge.average())
+        for module in merge.start.modules:
+            step = self.optimizer.step_layer(module, merge.average_layer(module))
+            yield module, new_delta(merge.start, module, step)

@@ -113,18 +113,23 @@ class ServerOptimizer:
 
     def step_lowrank(self, update: Mapping[str, LowRank]) -> dict[str, LowRank]:
         """The step to add to ``ΔW`` for each layer, as a low-rank product (linear optimizers only)."""
+        return {name: self.step_layer(name, g) for name, g in update.items()}
+
+    def step_layer(self, name: str, g: LowRank | np.ndarray) -> LowRank | np.ndarray:
+        """One layer's step (linear optimizers only): a product for a product; a dense average
+        stays dense under plain FedAvg (its SVD is taken once, with the new ΔW), and is
+        factored for FedAvgM, whose momentum is kept as a product."""
         c = self.config
         if c.name not in LINEAR_OPTIMIZERS:
             raise ValueError(f"server optimizer {c.name} is element-wise and would make the exact "
                              f"strategies' low-rank update dense; use one of {', '.join(LINEAR_OPTIMIZERS)}")
-        steps = {}
-        for name, g in update.items():
-            if c.name == "fedavgm":
-                previous = self._m_lowrank.get(name)
-                g = compress(g if previous is None else previous.scaled(c.momentum) + g)
-                self._m_lowrank[name] = g
-            steps[name] = g.scaled(c.lr)
-        return steps
+        if c.name == "fedavgm":
+            if isinstance(g, np.ndarray):
+                g = compress(LowRank(g, np.eye(g.shape[1])))
+            previous = self._m_lowrank.get(name)
+            g = compress(g if previous is None else previous.scaled(c.momentum) + g)
+            self._m_lowrank[name] = g
+        return g * c.lr if isinstance(g, np.ndarray) else g.scaled(c.lr)
 
     # --- persistence ------------------------------------------------------------------------
 

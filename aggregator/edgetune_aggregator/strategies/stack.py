@@ -24,8 +24,8 @@ from edgetune.adapters.lora import init_lora
 from edgetune.wire import LoraSpec
 
 from .base import NextGlobal, RoundMerge, RoundStart, check_weights
-from .exact import ExactStrategy, as_merged, current_delta, truncation_error
-from .lowrank import LowRank, compress, spectrum
+from .exact import ExactStrategy, as_merged, truncation_error
+from .lowrank import LowRank
 
 
 def stack(adapters: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -51,17 +51,14 @@ class Stack(ExactStrategy):
 
     def finish(self, merge: RoundMerge) -> NextGlobal:
         start = merge.start
-        steps = self.step(merge)
         merged: dict[str, LowRank] = {}
         worst = None
-        for module in start.modules:
-            # the whole ΔW so far (merged + s·B₀A₀; B₀ = 0 unless the fleet switched strategy)
-            total = current_delta(start, module) + steps[module]
+        for module, spec in self.layers(merge):
+            # the whole ΔW so far (merged + s·B₀A₀; B₀ = 0 unless the fleet switched strategy), plus the step
             if self.merged_rank is None:
-                merged[module] = compress(total)
+                merged[module] = spec.factors()
                 continue
-            spec = spectrum(total)  # bounded downlink: the best rank-merged_rank approximation
-            error = truncation_error(spec, self.merged_rank)
+            error = truncation_error(spec, self.merged_rank)  # bounded downlink: the best rank-merged_rank approximation
             worst = error if worst is None else max(worst, error)
             merged[module] = spec.factors(0, self.merged_rank)
         return NextGlobal(fresh_factors(start, start.seed), as_merged(merged), worst)

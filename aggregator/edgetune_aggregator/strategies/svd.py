@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .base import NextGlobal, RoundMerge
-from .exact import ExactStrategy, as_merged, current_delta, truncation_error
+from .exact import ExactStrategy, as_merged, truncation_error
 from .lowrank import LowRank, Spectrum, spectrum
 from .stack import fresh_factors, stack
 
@@ -53,12 +53,10 @@ class SVD(ExactStrategy):
     def finish(self, merge: RoundMerge) -> NextGlobal:
         start = merge.start
         R, root_s = start.rank, np.sqrt(start.scale)
-        steps = self.step(merge)
         fresh = None
         tensors, tails, worst = {}, {}, None
         keep = None if self.merged_rank is None else R + self.merged_rank
-        for module in start.modules:
-            spec = spectrum(current_delta(start, module) + steps[module])
+        for module, spec in self.layers(merge):
             if keep is not None:
                 error = truncation_error(spec, keep)
                 worst = error if worst is None else max(worst, error)
