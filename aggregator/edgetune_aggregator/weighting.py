@@ -95,6 +95,13 @@ class WeightedRound:
             self.merge.add(delta, w.weight)
         return delta
 
+    def partial(self) -> dict[str, np.ndarray]:
+        """The strategy's running sums of this share of the round (``RoundMerge.partial``)."""
+        if self.rules.robust:
+            raise ValueError(f"a {self.rules.robust} combination needs every delta at once: it cannot be merged "
+                             "in shares (aggregator workers); use the weighted mean, or one aggregator process")
+        return self.merge.partial()
+
     def finish(self) -> NextGlobal:
         if self._held:
             self.merge.add(robust_combine(self._held, self._shapes, self.rules.robust, self.rules.trim), 1.0)

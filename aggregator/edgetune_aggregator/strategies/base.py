@@ -94,6 +94,30 @@ class RoundMerge(ABC):
         """Memory held by the running sums (for tests and benchmarks)."""
         return 0
 
+    # --- partial sums: a share of the round's updates merged elsewhere (aggregator workers) ---
+
+    def partial(self) -> dict[str, np.ndarray]:
+        """This merge's running sums as named arrays: what a worker that merged a share of the
+        round's updates hands the coordinator, which ``absorb``s every share into one merge."""
+        state = self._partial()
+        state["_count"] = np.array(self.count, np.float64)
+        state["_weight"] = np.array(self.total_weight, np.float64)
+        return state
+
+    def absorb(self, partial: Mapping[str, np.ndarray]) -> None:
+        """Add another merge's ``partial`` (same round start, other updates): the result is the
+        merge of both shares, equal to one merge of all of them up to float64 rounding (the sums
+        are added in another order)."""
+        self._absorb(partial)
+        self.count += int(partial["_count"])
+        self.total_weight += float(partial["_weight"])
+
+    def _partial(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged in shares")
+
+    def _absorb(self, partial: Mapping[str, np.ndarray]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged in shares")
+
 
 class Strategy(ABC):
     name: ClassVar[str]

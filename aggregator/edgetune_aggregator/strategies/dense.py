@@ -26,6 +26,12 @@ class _Mean(RoundMerge):
     def nbytes(self) -> int:
         return self.sums.nbytes()
 
+    def _partial(self) -> dict[str, np.ndarray]:
+        return self.sums.partial()
+
+    def _absorb(self, partial) -> None:
+        self.sums.absorb(partial)
+
 
 class Dense(Strategy):
     name = "dense"

@@ -79,6 +79,26 @@ class ExactSum(RoundMerge):
         linear = sum(b.nbytes + a.nbytes for b, a in self.linear.values())
         return sum(acc.nbytes() for acc in self.sums.values()) + linear
 
+    def _partial(self) -> dict[str, np.ndarray]:
+        state = {}
+        for module, (sum_B, sum_A) in self.linear.items():
+            state[f"linB:{module}"], state[f"linA:{module}"] = sum_B, sum_A
+            products = self.sums[module].result()
+            if isinstance(products, np.ndarray):
+                state[f"dense:{module}"] = products
+            else:
+                state[f"B:{module}"], state[f"A:{module}"] = products.B, products.A
+        return state
+
+    def _absorb(self, partial) -> None:
+        for module, (sum_B, sum_A) in self.linear.items():
+            sum_B += np.asarray(partial[f"linB:{module}"], np.float64)
+            sum_A += np.asarray(partial[f"linA:{module}"], np.float64)
+            if f"dense:{module}" in partial:
+                self.sums[module].add_dense(np.asarray(partial[f"dense:{module}"], np.float64))
+            else:
+                self.sums[module].add(partial[f"B:{module}"], partial[f"A:{module}"])
+
 
 def _factored(matrix: LowRank | np.ndarray) -> LowRank:
     return spectrum(matrix).factors() if isinstance(matrix, np.ndarray) else matrix

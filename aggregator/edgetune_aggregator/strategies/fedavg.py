@@ -66,6 +66,19 @@ class FedAvg:
         """Memory held by the running sums."""
         return sum(acc.nbytes for acc in self._sums.values())
 
+    def partial(self, prefix: str = "sum:") -> dict[str, np.ndarray]:
+        """The running sums, and the weight and count behind them (see ``RoundMerge.partial``)."""
+        state = {f"{prefix}{name}": acc for name, acc in self._sums.items()}
+        state[f"{prefix}_weight"] = np.array(self.total_weight, np.float64)
+        state[f"{prefix}_count"] = np.array(self.count, np.float64)
+        return state
+
+    def absorb(self, partial: Mapping[str, np.ndarray], prefix: str = "sum:") -> None:
+        for name, acc in self._sums.items():
+            acc += np.asarray(partial[f"{prefix}{name}"], np.float64)
+        self.total_weight += float(partial[f"{prefix}_weight"])
+        self.count += int(partial[f"{prefix}_count"])
+
     def result(self) -> dict[str, np.ndarray]:
         if not self.count:
             raise ValueError("no updates to aggregate")

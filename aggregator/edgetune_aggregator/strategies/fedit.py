@@ -48,6 +48,12 @@ class _FactorAverage(RoundMerge):
     def nbytes(self) -> int:
         return self.sums.nbytes()
 
+    def _partial(self) -> dict[str, np.ndarray]:
+        return self.sums.partial()
+
+    def _absorb(self, partial) -> None:
+        self.sums.absorb(partial)
+
 
 class FedIT(Strategy):
     name = "fedit"

@@ -73,6 +73,17 @@ class _NormWeighted(RoundMerge):
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.sums.values()) + sum(a.nbytes for a in self.plain.values())
 
+    def _partial(self) -> dict[str, np.ndarray]:
+        state = {f"sum:{k}": v for k, v in self.sums.items()} | {f"plain:{k}": v for k, v in self.plain.items()}
+        return state | {f"norm:{m}": np.array(w, np.float64) for m, w in self.norm_weight.items()}
+
+    def _absorb(self, partial) -> None:
+        for name in self.sums:
+            self.sums[name] += np.asarray(partial[f"sum:{name}"], np.float64)
+            self.plain[name] += np.asarray(partial[f"plain:{name}"], np.float64)
+        for module in self.norm_weight:
+            self.norm_weight[module] += float(partial[f"norm:{module}"])
+
 
 class HetLoRA(Strategy):
     name = "hetlora"

@@ -150,6 +150,14 @@ class LowRankSum:
             self._dense += B @ A
             self._waiting, self._waiting_columns = [], 0
 
+    def add_dense(self, matrix: np.ndarray) -> None:
+        """Add a dense matrix (another accumulator's dense sum): this one turns dense too."""
+        if self._dense is None:
+            self._dense = self._factors.dense()
+            self._factors = LowRank.zeros(*self.shape)
+        self._fold()
+        self._dense += matrix
+
     def add_lowrank(self, matrix: LowRank, weight: float = 1.0) -> None:
         self.add(matrix.B, matrix.A, weight)
 
