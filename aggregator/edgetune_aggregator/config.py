@@ -120,6 +120,13 @@ class AggregatorConfig:
     #: unfinished chunked payloads held, in bytes (at least 4 results' worth); with the inbox,
     #: what bounds the daemon's memory under a flood (docs/security.md)
     reassembly_bytes: int = 32 << 20
+    #: updates come from aggregator workers (``worker.py``: a shared subscription, each worker
+    #: journaling and merging its share), not straight from the devices
+    workers: bool = False
+    #: how long the close of a round waits for every worker holding its updates to send its
+    #: share of the merge (a killed worker is restarted by then); past it the round fails and its
+    #: results go on into the next round
+    merge_timeout_s: float = 300.0
     #: threads that verify and decode payloads between the network thread and the round loop
     #: (receiver.py); 0: on the network thread
     intake_threads: int = 2
@@ -204,6 +211,9 @@ class AggregatorConfig:
             raise ValueError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.linger_s is not None and self.linger_s < 0:
             raise ValueError(f"linger_s must be ≥ 0 (None: until stopped), got {self.linger_s}")
+        if self.workers and self.robust is not None:
+            raise ValueError(f"robust aggregation ({self.robust}) needs every delta at once, so it cannot be merged "
+                             "in shares by workers: run one aggregator process, or the weighted mean")
         if self.robust is not None:
             if self.robust not in ROBUST_METHODS:
                 raise ValueError(f"robust {self.robust!r} is not one of {', '.join(ROBUST_METHODS)}")

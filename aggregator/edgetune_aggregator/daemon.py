@@ -62,6 +62,7 @@ from .strategies import Strategy
 from .taskmaker import TaskMaker
 from .tasks import CalibrateHandler, EvaluateHandler, InitializeHandler, RoundContext, TrainHandler
 from .validation import Refusal
+from .intake import Opened
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,46 @@ class Aggregator:
             ServingReport: lambda topic, opened, ctx: self.rollout.on_report(opened.message),
             **{cls: self.desk.on_result for cls in TASK_OF_RESULT},
         }
+        if config.workers:
+            self._use_workers(train)
+
+    # --- workers (worker.py) ------------------------------------------------------------------
+
+    def _use_workers(self, train: TrainHandler) -> None:
+        """Devices' updates come from the workers' reports; the close asks them for their shares."""
+        from edgetune.wire.workers import PartialMerge, WorkerReport
+
+        self.publisher.taken_elsewhere = frozenset({"update"})
+        self._partials: dict[tuple[int, str], object] = {}
+        self._routes[WorkerReport] = self.desk.on_worker_report
+        self._routes[PartialMerge] = lambda topic, opened, ctx: self._partials.__setitem__(
+            (opened.message.round, opened.message.worker), opened.message)
+        train.announce, train.collect = self._announce, self._collect
+
+    def _worker_message(self, topic: str, message: object, payload: bytes) -> None:
+        """(On the network thread.) A worker's report or share, into the inbox like the rest."""
+        self._inbox.put(Received(topic, value=Opened(message, payload=payload)), len(payload) + 1024)
+
+    def _announce(self, number: int, bases: dict[int, int]) -> None:
+        from edgetune.wire.workers import WorkerRound
+
+        state, limits = self.fleet.state, self.config.limits
+        announced = WorkerRound(number, state.run_id, {str(r): v for r, v in bases.items()}, state.model, state.adapter,
+                                limits.min_samples, limits.max_samples, limits.max_norm, limits.norm_action)
+        self.transport.publish(self.topics.workers_round, self.channel.prepare(self.topics.workers_round, announced)[0],
+                               retain=True)
+
+    def _collect(self, request, workers: set[str]) -> list:
+        """Send the close's plan (retained: a worker that restarts gets it) and wait for every
+        holder's share, taking other messages meanwhile (results then go to the next round)."""
+        payload = self.channel.prepare(self.topics.workers_merge, request)[0]
+        self.transport.publish(self.topics.workers_merge, payload, retain=True)
+        deadline = self.clock.monotonic() + self.config.merge_timeout_s
+        while not all((request.round, w) in self._partials for w in workers) and not self._stop.is_set():
+            if self.clock.monotonic() > deadline:
+                break
+            self._receive(None, 0.5)
+        return [self._partials.pop((request.round, w)) for w in sorted(workers) if (request.round, w) in self._partials]
 
     def _devices(self, reachable: bool = True) -> dict[str, Hello]:
         """The fleet's devices (their hellos), or those reachable now."""
@@ -183,6 +224,9 @@ class Aggregator:
         # updates queued while the daemon was away as soon as it connects.
         self._inbox.reader = threading.get_ident()
         resumed = self.startup.resume()
+        if self.config.workers:
+            for what in ("report", "partial"):
+                self.channel.subscribe(f"{self.topics.base}/workers/+/{what}", self._worker_message, raw=True)
         self.publisher.connect(self.receiver.enqueue, self._reconnected)
         self.ready.set()
         try:

@@ -22,6 +22,7 @@ from edgetune.transport import TransportError
 from edgetune.transport.channel import Channel
 from edgetune.wire import FILE_VERSIONS, TASK_OF_RESULT, Receipt, Signed, TaskKind, Topics, decode_message
 from edgetune.wire.signing import unwrap
+from edgetune.wire.workers import WorkerReport
 
 from .fleet import Fleet
 from .health import Health
@@ -69,23 +70,43 @@ class ResultDesk:
     def on_result(self, topic: str, opened, ctx: RoundContext | None) -> None:
         """A device's answer to a round: checked, written to the journal, then acknowledged
         with a ``Receipt`` (a device resends an unanswered result with the same nonce)."""
-        message, sender = opened.message, opened.message.device_id
+        message = opened.message
         handler = self.handlers[TASK_OF_RESULT[type(message)]]
         refusal = self._check_round(handler, message, opened.nonce, ctx) or handler.check(message, ctx)
         norm = None
         if refusal is None:  # (measured once, on content whose layout passed)
             norm, refusal = handler.measure(message)
+        self._take(topic, opened, ctx, handler, message, norm, refusal)
+
+    def on_worker_report(self, topic: str, opened, ctx: RoundContext | None) -> None:
+        """A worker took a device's update in (its content checked, journaled there) or refused
+        it: the desk decides for the round as for an update of its own, journals the report (a
+        small record naming the worker that holds the update), and answers the device."""
+        report: WorkerReport = opened.message
+        message, handler = report.update, self.handlers[TaskKind.TRAIN]
+        if not report.journaled:
+            refusal = Refusal(report.reason or "refused", report.detail)
+        else:
+            refusal = self._check_round(handler, message, report.nonce, ctx) or handler.check(message, ctx, content=False)
+        self._take(topic, opened, ctx, handler, message, report.norm, refusal, report.nonce, report.worker)
+
+    def _take(self, topic: str, opened, ctx, handler: TaskHandler, message, norm, refusal: Refusal | None,
+              nonce: bytes | None = None, holder: str | None = None) -> None:
+        sender = message.device_id
+        nonce = opened.nonce if nonce is None else nonce
         if refusal is not None:
             self.channel.drop(sender, topic, refusal.reason, refusal.detail)
             # an unknown sender gets no answer; a replay got its first answer again
             if refusal.reason not in ("unknown_device", "replayed"):
-                self._receipt(message, opened.nonce, refusal.reason, ctx)
+                self._receipt(message, nonce, refusal.reason, ctx)
             return
+        if holder is not None:
+            handler.held(message, ctx, holder)
         if ctx.journal:  # on disk, as received, before anyone hears of it: a crash after the commit keeps it
             self.journal.stage(ctx.number, sender, opened.payload, message.round if message.round < ctx.number else None)
-            self._waiting[(sender, message.round)] = _Waiting(ctx, handler, message, opened.nonce, norm, topic)
+            self._waiting[(sender, message.round)] = _Waiting(ctx, handler, message, nonce, norm, topic)
             return
-        self._accepted(ctx, handler, message, opened.nonce, norm)
+        self._accepted(ctx, handler, message, nonce, norm)
 
     def commit(self) -> None:
         """Make the staged results durable (one fsync for all), then accept and acknowledge
@@ -133,6 +154,13 @@ class ResultDesk:
     def replay(self, ctx: RoundContext, payload: bytes) -> None:
         """Re-accept a journaled result after a restart (checked when it first arrived)."""
         message = decode_message(payload, FILE_VERSIONS)  # (as received: by any version it took in)
+        if isinstance(message, WorkerReport):  # (a worker holds the update itself)
+            report, handler = message, self.handlers[TaskKind.TRAIN]
+            message, nonce = report.update, report.nonce
+            handler.held(message, ctx, report.worker)
+            self._accept(ctx, handler, message, nonce, report.norm)
+            ctx.remember(Receipt(message.device_id, message.round, nonce, True))
+            return
         nonce = message.nonce if isinstance(message, Signed) else b""
         message = unwrap(message, FILE_VERSIONS)
         handler = self.handlers[TASK_OF_RESULT[type(message)]]

@@ -186,6 +186,12 @@ class RoundJournal:
             results.update(_index(segment))
         return OpenRound(number, kind, opened_at, task, results)
 
+    def discard_before(self, number: int) -> None:
+        """Remove the journals of rounds before ``number`` (a worker's: closed for good)."""
+        for directory in self.root.glob("r*"):
+            if directory.name[1:].isdigit() and int(directory.name[1:]) < number:
+                shutil.rmtree(directory, ignore_errors=True)
+
     def discard(self, keep: int | None = None) -> None:
         """Remove the journals of closed rounds (``keep``: a round number to leave)."""
         for directory in self.root.glob("r*"):

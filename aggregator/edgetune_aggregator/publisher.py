@@ -49,6 +49,9 @@ class Publisher:
         self._served_here: dict[int, bool] = {}  # versions this process put on the broker
         self._refused: dict[tuple[str, str], float] = {}  # (device, reason) -> when told
 
+    #: device kinds other processes take in (``{"update"}`` with workers: worker.py)
+    taken_elsewhere: frozenset[str] = frozenset()
+
     def connect(self, receive: Callable[[str, bytes, str | None], None], on_reconnect: Callable[[bool], None]) -> None:
         """Subscribe ``receive`` to every device kind the aggregator reads, connect with a last
         will, clear what an earlier run left retained, and say the aggregator is online."""
@@ -57,7 +60,7 @@ class Publisher:
         # Handlers before the connection: what the persistent session queued while the daemon
         # was away arrives right after it, and goes through the bounded inbox like the rest.
         for kind in DEVICE_KINDS:
-            if kind.aggregator_reads:
+            if kind.aggregator_reads and kind.name not in self.taken_elsewhere:
                 self.channel.subscribe_whole(kind.pattern(self.topics.base), receive, qos=kind.qos)
         self.transport.connect(will=will)
         # A retained task left by an earlier run (e.g. "finished") must not steer devices

@@ -64,9 +64,14 @@ class TaskHandler:
     def begin(self, ctx: RoundContext) -> None:
         """A round of this kind opens (or resumes): forget the last one's results."""
 
-    def check(self, message, ctx: RoundContext | None) -> Refusal | None:
-        """Whether the result's content fits the fleet (layout, values, configured bounds)."""
+    def check(self, message, ctx: RoundContext | None, content: bool = True) -> Refusal | None:
+        """Whether the result fits the fleet (layout, values, configured bounds; ``content``
+        False: what a worker checked already, the layout and values, is left out)."""
         return None
+
+    def held(self, message, ctx: RoundContext, worker: str) -> None:
+        """A worker holds this result (it journaled it): the round's close asks it for its share."""
+        raise NotImplementedError(f"{self.kind.value} results are not taken in by workers")
 
     def measure(self, message, replayed: bool = False) -> tuple[float | None, Refusal | None]:
         """``(norm, refusal)``: the result's size where the kind bounds it (train: the delta's L2

@@ -54,6 +54,12 @@ class TrainHandler(TaskHandler):
         #: the open round's accepted updates: (device, round it trained for if late) -> what
         #: the weighting needs, recorded on arrival
         self._entries: dict[tuple[str, int | None], Entry] = {}
+        #: with workers (``config.workers``): result name -> the worker holding the update
+        self.holders: dict[str, str] = {}
+        #: with workers: ``announce(round, bases)`` says what the open round takes;
+        #: ``collect(request)`` sends the close's plan and returns every holder's share
+        self.announce = None
+        self.collect = None
 
     # --- bookkeeping across rounds ---------------------------------------------------------
 
@@ -70,6 +76,13 @@ class TrainHandler(TaskHandler):
     def begin(self, ctx: RoundContext) -> None:
         self.round_bases[ctx.number] = self.fleet.state.global_version
         self._entries = {}
+        self.holders = {}
+        if self.announce is not None:
+            self.announce(ctx.number, dict(self.round_bases))
+
+    def held(self, update: Update, ctx: RoundContext, worker: str) -> None:
+        late = update.round if update.round < ctx.number else None
+        self.holders[result_name(update.device_id, late)] = worker
 
     def forget_lineage(self) -> None:
         """Training restarts from an older version (a rollback): no late update trained on a
@@ -101,7 +114,7 @@ class TrainHandler(TaskHandler):
 
     # --- one update ------------------------------------------------------------------------
 
-    def check(self, update: Update, ctx: RoundContext | None) -> Refusal | None:
+    def check(self, update: Update, ctx: RoundContext | None, content: bool = True) -> Refusal | None:
         state, late = self.fleet.state, ctx is not None and update.round < ctx.number
         if update.run_id != state.run_id and (update.run_id or self.signed_fleet):
             # (an unsigned fleet accepts older SDKs, which send no run id)
@@ -113,7 +126,7 @@ class TrainHandler(TaskHandler):
         if not late and lag != 0:
             return Refusal("stale_base", f"delta against v{update.base_version}, global is v{state.global_version}")
         refusal = check_samples(update.num_samples, self.config.limits)
-        if refusal:
+        if refusal or not content:
             return refusal
         try:  # (a low-rank kind: devices planned at a lower rank send the leading components)
             shapes = self.fleet.kind.update_shapes(state.adapter, state.model, update.delta)
@@ -179,7 +192,12 @@ class TrainHandler(TaskHandler):
         version = fleet.state.global_version + 1
         started = time.perf_counter()
         optimizer_state = fleet.strategy.optimizer.state_dict()  # (kept if the candidate is refused)
-        result, typical = self._merge(ctx)
+        try:
+            result, typical = self._merge(ctx) if self.collect is None else self._merge_in_shares(ctx)
+        except SharesMissing as exc:  # (nothing merged: its results go on into the next round)
+            record.status, record.note = RoundStatus.FAILED, str(exc)
+            log.error("round %d: %s; the global adapter stays at v%d", ctx.number, exc, fleet.state.global_version)
+            return
         record.aggregation_s = time.perf_counter() - started
         record.truncation_error = result.truncation_error
         if result.truncation_error:
@@ -251,6 +269,52 @@ class TrainHandler(TaskHandler):
                      self.config.influence.norm_ratio)
         return result, lower_median(changes) if changes else 0.0
 
+    def _merge_in_shares(self, ctx: RoundContext) -> tuple[NextGlobal, float]:
+        """``_merge`` with workers: the plan of weights is made here from what each update's
+        report said (samples, norm, lag); every worker merges the updates it holds, and the
+        shares are added up here (``RoundMerge.absorb``): one merge of every update, to float64
+        rounding (the sums are added in another order, so not bit for bit)."""
+        from edgetune.wire.workers import MergeRequest
+
+        from ..worker import join64
+
+        start = self.round_start(ctx.number)
+        journaled = self.journal.load(ctx.number)
+        names = sorted(journaled.results if journaled is not None else {})
+        keys = [parse_name(name) for name in names]
+        entries = [self._entries.get(key) or self._reported(journaled.results[name]) for key, name in zip(keys, names)]
+        weights = self.weighting.plan(entries)
+        plan = {name: (w.scale, w.weight) for name, w in zip(names, weights)}
+        holders = {name: self.holders[name] for name in names}
+        request = MergeRequest(ctx.number, self.fleet.strategy.name, holders, plan, start.tensors, start.merged,
+                               start.scale, start.seed)
+        partials = self.collect(request, set(holders.values()))
+        missing = sorted(name for p in partials for name in p.missing)
+        if missing or len(partials) < len(set(holders.values())):
+            raise SharesMissing(f"the workers holding {', '.join(sorted(set(holders.values())))} did not all send their "
+                                f"share of the merge" + (f" (missing: {', '.join(missing[:5])})" if missing else ""))
+        merge = self.fleet.strategy.begin(start)
+        changes = []
+        for partial in partials:
+            if partial.scalars:
+                merge.absorb(join64(partial.sums, partial.scalars))
+            changes += list(partial.changes.values())
+        result = self.fleet.strategy.finish(merge)
+        total = sum(w.weight for w in weights)
+        rows = {(d.device_id, d.from_round): d for d in ctx.record.devices}
+        for key, entry, weight in zip(keys, entries, weights):
+            row = rows.get(key)
+            if row is not None:
+                row.counted_samples = weight.samples if weight.samples < entry.samples else None
+                row.norm_scale = weight.scale if weight.scale < 1.0 else None
+                row.weight = weight.weight / total if total > 0 else None
+        return result, lower_median(changes) if changes else 0.0
+
+    def _reported(self, record: JournalRecord) -> Entry:
+        report = decode_message(record.read_bytes(), FILE_VERSIONS)
+        update = report.update
+        return Entry(update.num_samples, report.norm, self.fleet.state.global_version - update.base_version)
+
     def _entry(self, path: JournalRecord) -> Entry:
         """What the weighting needs of a journaled update the round did not record (its
         acceptance failed after it was journaled; the device resends it)."""
@@ -263,6 +327,10 @@ class TrainHandler(TaskHandler):
         return check_candidate(self.fleet.kind, state.adapter, adapter_shapes(state.adapter, state.model),
                                (adapter.tensors, adapter.merged), (result.tensors, result.merged), typical,
                                self.config.max_global_change, self.config.server_optimizer)
+
+
+class SharesMissing(RuntimeError):
+    """Not every worker holding the round's updates sent its share of the merge in time."""
 
 
 def _journaled(path: JournalRecord) -> Update:

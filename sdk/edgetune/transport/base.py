@@ -136,8 +136,19 @@ class Transport(ABC):
         self.close()
 
 
+def shared(topic_filter: str) -> tuple[str | None, str]:
+    """``(group, filter)`` of an MQTT 5 shared subscription ``$share/{group}/{filter}`` (the
+    broker hands each message to one member of the group); ``(None, topic_filter)`` otherwise."""
+    if topic_filter.startswith("$share/"):
+        _, group, rest = topic_filter.split("/", 2)
+        return group, rest
+    return None, topic_filter
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching with ``+`` (one level) and ``#`` (the rest)."""
+    """MQTT filter matching with ``+`` (one level) and ``#`` (the rest); a shared subscription
+    matches what its filter matches."""
+    topic_filter = shared(topic_filter)[1]
     filter_parts = topic_filter.split("/")
     topic_parts = topic.split("/")
     for i, part in enumerate(filter_parts):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .base import Handler, Transport, TransportError, TransportStats, Will, topic_matches
+from .base import Handler, Transport, TransportError, TransportStats, Will, shared, topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ class MemoryBroker:
         self._retained: dict[str, bytes] = {}
         self._subs: list[tuple[str, str, Handler]] = []  # (client id, filter, handler)
         self._wills: dict[str, Will] = {}
+        self._turns: dict[tuple[str, str], int] = {}  # shared subscription -> deliveries so far
 
     @classmethod
     def named(cls, name: str) -> MemoryBroker:
@@ -36,14 +37,26 @@ class MemoryBroker:
                     self._retained[topic] = payload
                 else:
                     self._retained.pop(topic, None)  # MQTT: empty retained payload clears
-            targets = [h for _, f, h in self._subs if topic_matches(f, topic)]
+            targets, groups = [], {}
+            for _, f, h in self._subs:
+                if topic_matches(f, topic):
+                    group, plain = shared(f)
+                    if group is None:
+                        targets.append(h)
+                    else:
+                        groups.setdefault((group, plain), []).append(h)
+            for key, members in groups.items():  # one member of each group, in turn
+                turn = self._turns.get(key, 0)
+                self._turns[key] = turn + 1
+                targets.append(members[turn % len(members)])
         for handler in targets:
             handler(topic, payload)
 
     def subscribe(self, client_id: str, topic_filter: str, handler: Handler) -> None:
         with self._lock:
             self._subs.append((client_id, topic_filter, handler))
-            retained = [(t, p) for t, p in self._retained.items() if topic_matches(topic_filter, t)]
+            retained = [(t, p) for t, p in self._retained.items()
+                        if topic_matches(topic_filter, t) and shared(topic_filter)[0] is None]
         for topic, payload in retained:
             handler(topic, payload)
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 
-from .base import BrokerUrl, Handler, Transport, TransportError, TransportStats, Will, topic_matches
+from .base import BrokerUrl, Handler, Transport, TransportError, TransportStats, Will, shared, topic_matches
 
 log = logging.getLogger(__name__)
 #: payload bytes kept until a handler for them is registered (see ``_on_unmatched``)
@@ -224,7 +224,8 @@ class MqttTransport(Transport):
 
         with self._lock:
             self._subs[topic_filter] = (qos, handler)
-        self._client.message_callback_add(topic_filter, on_message)
+        # (paho matches messages against the filter without its "$share/{group}/")
+        self._client.message_callback_add(shared(topic_filter)[1], on_message)
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
         # what the session delivered before this handler existed
@@ -245,7 +246,7 @@ class MqttTransport(Transport):
             known = self._subs.pop(topic_filter, None)
         if known is None:
             return
-        self._client.message_callback_remove(topic_filter)
+        self._client.message_callback_remove(shared(topic_filter)[1])
         if self._connected.is_set():
             self._client.unsubscribe(topic_filter)
 

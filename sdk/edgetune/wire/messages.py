@@ -478,4 +478,15 @@ MESSAGE_KINDS: dict[str, type] = {
     "artifact_request": ArtifactRequest,
     "artifact_data": ArtifactData,
 }
+
+
+def _register_workers() -> None:
+    """The aggregator's messages to and from its workers (``workers.py``, which needs ``Update``)."""
+    from .workers import MergeRequest, PartialMerge, WorkerReport, WorkerRound
+
+    MESSAGE_KINDS.update({"worker_round": WorkerRound, "worker_report": WorkerReport, "merge_request": MergeRequest,
+                          "partial_merge": PartialMerge})
+
+
+_register_workers()
 KIND_OF: dict[type, str] = {cls: kind for kind, cls in MESSAGE_KINDS.items()}

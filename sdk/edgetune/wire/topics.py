@@ -66,6 +66,22 @@ class Topics:
     def presence(self, device_id: str) -> str:
         return f"{self.base}/presence/{device_id}"
 
+    # --- the aggregator and its workers (edgetune.wire.workers) ---
+
+    @property
+    def workers_round(self) -> str:
+        return f"{self.base}/workers/round"
+
+    @property
+    def workers_merge(self) -> str:
+        return f"{self.base}/workers/merge"
+
+    def worker_report(self, worker: str) -> str:
+        return f"{self.base}/workers/{worker}/report"
+
+    def worker_partial(self, worker: str) -> str:
+        return f"{self.base}/workers/{worker}/partial"
+
     def update(self, device_id: str) -> str:
         return f"{self.base}/update/{device_id}"
 
