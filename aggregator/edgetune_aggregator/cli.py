@@ -194,6 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--metrics-host", help="address for --metrics-port "
                           f"(default {default_of(ServeSettings, 'metrics_host')})")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help=f"default {default_of(ServeSettings, 'log_level')}")
+    scale = serve.add_argument_group("workers (docs/deploy.md)")
+    scale.add_argument("--workers", type=int, default=0, metavar="K",
+                       help="start K worker processes beside the daemon (restarted if they die): they take the "
+                            "devices' updates in through an MQTT 5 shared subscription and merge their shares")
+    scale.add_argument("--workers-elsewhere", action="store_true",
+                       help="updates come from `edgetune-aggregator worker` processes run elsewhere")
+    worker = commands.add_parser("worker", help="take a share of a fleet's updates in (beside `serve --workers`)")
+    worker.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT (MQTT 5)")
+    worker.add_argument("--fleet", required=True)
+    worker.add_argument("--id", required=True, help="this worker's name (its reports and state carry it)")
+    worker.add_argument("--state-dir", type=Path, required=True, help="this worker's journal")
+    worker.add_argument("--group", default="edgetune-workers", help="the shared subscription's group")
+    worker.add_argument("--device-keys", type=Path, help="the fleet's device_keys.json")
+    worker.add_argument("--tls-ca", type=Path)
+    worker.add_argument("--tls-cert", type=Path)
+    worker.add_argument("--tls-key", type=Path)
+    worker.add_argument("--connect-timeout", type=float, default=30.0)
+    worker.add_argument("--log-level", choices=LOG_LEVELS, default="INFO")
     from .provision import add_provision_parser
 
     add_provision_parser(commands)
@@ -357,7 +375,24 @@ def main(argv: list[str] | None = None) -> int:
             from .operate import run
 
             return run(args)
+        if args.command == "worker":
+            return run_worker(args)
         config, settings = settings_from_args(args)
+        pool = None
+        if args.workers or args.workers_elsewhere:
+            import dataclasses
+
+            config = dataclasses.replace(config, workers=True)
+        if args.workers:
+            from .pool import WorkerPool
+
+            common = ["--broker", settings.broker, "--fleet", config.fleet, "--group", f"edgetune-{config.fleet}",
+                      "--log-level", settings.log_level]
+            common += ["--device-keys", str(config.device_keys)] if config.device_keys else []
+            for flag, value in (("--tls-ca", settings.tls_ca), ("--tls-cert", settings.tls_cert),
+                                ("--tls-key", settings.tls_key)):
+                common += [flag, str(value)] if value else []
+            pool = WorkerPool(args.workers, common, config.state_dir)
         logging.getLogger().setLevel(settings.log_level)
         # a persistent session: the broker keeps device updates while the daemon reconnects
         transport = open_transport(settings.broker, client_id=client_id(config.state_dir, config.fleet),
@@ -371,9 +406,13 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
         aggregator = Aggregator(config, transport, metrics=metrics)
         signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
+        if pool is not None:
+            pool.start()
         try:
             aggregator.serve()
         finally:
+            if pool is not None:
+                pool.stop()
             if server is not None:
                 server.close()
     except KeyboardInterrupt:
@@ -381,6 +420,21 @@ def main(argv: list[str] | None = None) -> int:
     except (TransportError, ValueError, RuntimeError, OSError) as exc:
         print(f"edgetune-aggregator: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run_worker(args) -> int:
+    """``edgetune-aggregator worker``: one worker, until SIGTERM."""
+    from .worker import Worker, WorkerConfig
+
+    logging.getLogger().setLevel(args.log_level)
+    tls = {k: str(v) for k, v in (("ca_certs", args.tls_ca), ("certfile", args.tls_cert), ("keyfile", args.tls_key)) if v}
+    # (a persistent session: updates the broker dealt this worker while it restarts wait for it)
+    transport = open_transport(args.broker, client_id=f"edgetune-worker-{args.fleet}-{args.id}",
+                               connect_timeout=args.connect_timeout, clean_session=False, protocol="5", **tls)
+    worker = Worker(WorkerConfig(args.fleet, args.id, args.state_dir, args.group, args.device_keys), transport)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    worker.serve()
     return 0
 
 

@@ -5,8 +5,15 @@ SIGKILLed after it journaled its share loses nothing and counts nothing twice.""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +23,12 @@ from edgetune_aggregator.daemon import AggregatorConfig
 from edgetune_aggregator.worker import Worker, WorkerConfig
 
 from helpers.fleet import SPEC, start_aggregator
-from helpers.manual import manuals
+from helpers.journal import has
+from helpers.manual import SHAPES, manuals
 from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.slow
+_REPO = Path(__file__).resolve().parents[2]
 DEVICES = [f"dev-{i}" for i in range(6)]
 ROUNDS = 2
 
@@ -74,3 +83,57 @@ def test_two_workers_give_the_global_of_one_aggregator(mosquitto_url, tmp_path, 
     assert one.keys() == two.keys()
     for name, value in one.items():
         np.testing.assert_allclose(two[name], value, rtol=1e-6, atol=1e-6 * float(np.abs(value).max()), err_msg=name)
+
+
+def _worker_process(url: str, fleet: str, name: str, state_dir) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO / "sdk"), str(_REPO / "aggregator")])}
+    return subprocess.Popen([sys.executable, "-m", "edgetune_aggregator.cli", "worker", "--broker", url, "--fleet", fleet,
+                             "--id", name, "--state-dir", str(state_dir), "--group", f"g-{fleet}"],
+                            env=env, stdin=subprocess.DEVNULL)
+
+
+def test_a_worker_killed_mid_round_loses_nothing_and_counts_nothing_twice(mosquitto_url, tmp_path):
+    fleet = f"kill-{uuid.uuid4().hex[:6]}"
+    config = dataclasses.replace(_config(tmp_path, fleet, "fedit", True), rounds=1)
+    aggregator, thread = start_aggregator(mosquitto_url, config)
+    workers = {name: _worker_process(mosquitto_url, fleet, name, tmp_path / name) for name in ("w0", "w1")}
+    devices = manuals(mosquitto_url, fleet, aggregator, *DEVICES)
+    try:
+        time.sleep(2.0)  # (the workers subscribed: a shared subscription deals only to present members)
+        for device in devices:
+            device.send(device.update(1))
+        # SIGKILL w0 as soon as it journaled an update: before, after or while it reports it
+        assert wait_for(lambda: any(has(tmp_path / "w0", 1, d) for d in DEVICES), 30)
+        workers["w0"].send_signal(signal.SIGKILL)
+        workers["w0"].wait(timeout=10)
+        held = [d for d in DEVICES if has(tmp_path / "w0", 1, d)]
+        time.sleep(1.0)
+        workers["w0"] = _worker_process(mosquitto_url, fleet, "w0", tmp_path / "w0")  # back on its journal
+        # What the broker had handed w0 but it had not journaled died with it (as a daemon's inbox
+        # would): the devices resend what no receipt answered, as a device's outbox does.
+        deadline = time.monotonic() + 120
+        while thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(2.0)
+            for device in devices:
+                if not device.receipts and thread.is_alive():
+                    device.send(device.update(1))
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        record = aggregator.store.rounds()[0]
+        assert record["status"] == "aggregated", record.get("note")
+        assert sorted(d["device_id"] for d in record["devices"]) == sorted(DEVICES)  # each once
+        assert held  # (what the killed worker held was merged: the global has every device's delta)
+        v0, v1 = aggregator.store.load_global(0), aggregator.store.load_global(1)
+        for name in SHAPES:  # fedit, equal samples: the plain mean of the six deltas
+            expected = np.mean([device.update(1).delta[name] for device in devices], axis=0)
+            np.testing.assert_allclose(v1.tensors[name], v0.tensors[name] + expected, rtol=1e-5, atol=1e-6)
+        for device in devices:  # one update accepted (its receipt may come again: the restarted worker reports
+            # it again); a resend of what was accepted meanwhile is refused (a duplicate, or the round closed)
+            assert len({r.nonce for r in device.receipts if r.accepted}) == 1, (device.id, device.receipts)
+    finally:
+        aggregator.stop()
+        for process in workers.values():
+            process.kill()
+            process.wait(timeout=10)
+        for device in devices:
+            device.close()
