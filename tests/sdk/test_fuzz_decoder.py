@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from edgetune.wire.workers import MergeRequest, PartialMerge, WorkerReport, WorkerRound
 from edgetune.wire import (
     Reassembler, WireError, chunk_payload, decode_frame, decode_message, encode_message, to_bfloat16,
 )
@@ -102,6 +103,11 @@ SAMPLES = [
     Refusal("dev-1", "unsupported_precision", "the fleet sends deltas as int8; this device reads fp32", "edgetune"),
     Serving(7, "a" * 64, 9, "b" * 64, ("dev-1", "dev-2")),
     ServingReport("dev-1", 9, "b" * 64, True, previous=7, ppl=12.5, previous_ppl=12.9),
+    WorkerRound(3, "run-1", {"3": 2, "2": 1}, _MANIFEST, _LORA, 1, 1000, 5.0, "clip"),
+    WorkerReport("w0", Update("dev-1", 3, 2, 40, {}, TrainMetrics(1.5, 1, 2.0, 4.1, 4.5)), b"n" * 16, True, 1.25),
+    MergeRequest(3, "svd", {"dev-1": "w0"}, {"dev-1": (1.0, 40.0)}, _FACTORS, {}, 2.0, 7),
+    PartialMerge("w0", 3, {"s": np.ones(4, np.float32), "s~lo": np.zeros(4, np.float32)}, {"dev-1": 0.5}, (),
+                 {"_count": 1.0}),
     Signed("aggregator", "0123456789abcdef", b"n" * 16, encode_message(_PROGRESS), b"s" * 64, 1 << 50),
     ArtifactOffer("ort", b'{"files": {"checkpoint": "ab"}}', {"checkpoint": 1000, "model.onnx": 5000}, 1 << 16),
     ArtifactRequest("dev-1", "ort", "checkpoint", 0, 1000),
