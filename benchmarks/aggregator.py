@@ -60,6 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "aggregator.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- aggregator:begin -->", "<!-- aggregator:end -->"
+#: the section a run with workers writes (``--workers``): the single-process one stays
+WORKERS_BEGIN, WORKERS_END = "<!-- aggregator-workers:begin -->", "<!-- aggregator-workers:end -->"
 MOSQUITTO = "/usr/sbin/mosquitto"
 HOST = "127.0.0.1"
 FLEET = "bench"
@@ -146,9 +148,11 @@ class Fleet:
     def without_keys(self) -> Fleet:
         return Fleet(self.devices, {}, {d: _hello(d, None) for d in self.devices}, self.deltas)
 
-    def updates(self, round_number: int = 1, base_version: int = 0, run_id: str = "0" * 12) -> dict[str, list[bytes]]:
-        """Each device's update as the MQTT payloads it publishes (chunks of ≤ 1 MiB); the
-        defaults make updates of the real size for the ceiling (run ids have 12 characters)."""
+    def updates(self, round_number: int = 1, base_version: int = 0, run_id: str = "0" * 12,
+                max_packet: int | None = None) -> dict[str, list[bytes]]:
+        """Each device's update as the MQTT payloads it publishes (chunks of ≤ ``max_packet``,
+        1 MiB by default); the defaults make updates of the real size for the ceiling (run ids
+        have 12 characters)."""
         from edgetune.wire import (
             DEFAULT_MAX_PACKET,
             TrainMetrics,
@@ -159,7 +163,7 @@ class Fleet:
         topics, metrics = _topics(), TrainMetrics(1.0, 0, 0.0, 1.0, 1.0)
         return {d: split_payload(_seal(self.signers.get(d), topics.update(d),
                                        Update(d, round_number, base_version, 10, self.deltas[d], metrics, run_id)),
-                                 DEFAULT_MAX_PACKET)
+                                 max_packet or DEFAULT_MAX_PACKET)
                 for d in self.devices}
 
 
@@ -447,10 +451,12 @@ def measure_ceiling(port: int, updates: dict[str, list[bytes]], connections: int
 # --- the aggregator -----------------------------------------------------------------------------
 
 
-def daemon_argv(port: int, n: int, state: Path, keys: Path | None, timeout: float, strategy: str = "fedit") -> list[str]:
+def daemon_argv(port: int, n: int, state: Path, keys: Path | None, timeout: float, strategy: str = "fedit",
+                workers: int = 0) -> list[str]:
     argv = ["serve", "--broker", f"mqtt://{HOST}:{port}", "--fleet", FLEET, "--state-dir", str(state),
             "--min-devices", str(n), "--rounds", "1", "--no-planning", "--round-timeout", str(timeout),
             "--join-timeout", str(timeout), "--connect-timeout", "30", "--strategy", strategy]
+    argv += ["--workers", str(workers)] if workers else []
     return argv + (["--device-keys", str(keys)] if keys else [])
 
 
@@ -489,7 +495,8 @@ def _eval_reports(fleet: Fleet, task) -> list[tuple[str, list[bytes]]]:
 
 
 def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path, timeout: float,
-                       profile_to: Path | None = None, strategy: str = "fedit") -> dict:
+                       profile_to: Path | None = None, strategy: str = "fedit", workers: int = 0,
+                       max_packet: int | None = None) -> dict:
     """One fleet, one train round, through the daemon; see the module docstring for what is timed."""
     n, topics = len(fleet.devices), _topics()
     state = workdir / "state"
@@ -497,7 +504,7 @@ def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path,
     listener = Listener(port)
     _announce(port, fleet, connections)
     publishers = Publishers(port, connections, "bench-devices")
-    argv = daemon_argv(port, n, state, keys, timeout, strategy)
+    argv = daemon_argv(port, n, state, keys, timeout, strategy, workers)
     if profile_to is None:
         command = [sys.executable, "-m", "edgetune_aggregator", *argv]
     else:
@@ -511,7 +518,9 @@ def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path,
     sampler.start()
     try:
         opened, task = listener.next_task("train", timeout, lambda: daemon.poll() is None)
-        updates = fleet.updates(task.round, task.global_version, task.run_id)
+        if workers:  # (the workers' shared subscription is subscribed by now: the task goes out after it)
+            time.sleep(2.0)
+        updates = fleet.updates(task.round, task.global_version, task.run_id, max_packet)
         update_bytes = sum(map(len, next(iter(updates.values()))))
         started = publishers.publish([(topics.update(d), frames) for d, frames in updates.items()])
         del updates  # (paho holds the frames until the broker acknowledges them)
@@ -544,6 +553,7 @@ def measure_aggregator(port: int, fleet: Fleet, connections: int, workdir: Path,
     at_open = sampler.at(opened)
     return {
         "strategy": strategy,
+        "workers": workers,
         "updates_per_s": n / seconds,
         # through the merge: the next task goes out once the round's global is stored and published
         "round_updates_per_s": n / (evaluating - started),
@@ -704,7 +714,8 @@ def _growth_kib(run: dict) -> float:
 def verdicts(runs: list[dict], update_bytes: int) -> list[str]:
     """One line per half of the target, computed from the numbers, and what explains them."""
     reference = runs[0].get("strategy", "fedit")
-    signed = sorted((r for r in runs if r["signed"] and r.get("strategy", "fedit") == reference), key=lambda r: r["n"])
+    signed = sorted((r for r in runs if r["signed"] and r.get("strategy", "fedit") == reference and not r.get("workers")),
+                    key=lambda r: r["n"])
     low, high = min(r["ratio"] for r in signed), max(r["ratio"] for r in signed)
     per_n = ", ".join(f"N = {r['n']}: {r['ratio']:.0%}" for r in signed)
     first, last = signed[0], signed[-1]
@@ -738,7 +749,8 @@ def verdicts(runs: list[dict], update_bytes: int) -> list[str]:
     ]
     largest = max(r["n"] for r in runs)
     for strategies, target in ((("fedit", "hetlora"), SINGLE_TARGETS["linear"]), (("svd", "stack"), SINGLE_TARGETS["exact"])):
-        at = [r for r in runs if r["signed"] and r["n"] == largest and r.get("strategy", "fedit") in strategies]
+        at = [r for r in runs if r["signed"] and r["n"] == largest and r.get("strategy", "fedit") in strategies
+              and not r.get("workers")]
         if not at:
             continue
         parts = [f"{r['strategy']} {r['ratio']:.2f}× ingesting, {r['round_ratio']:.2f}× through the merge" for r in at]
@@ -747,13 +759,23 @@ def verdicts(runs: list[dict], update_bytes: int) -> list[str]:
         lines.append(f"- **{' and '.join(strategies)} at ≥ {target}× the ceiling at N = {largest:,}** (issue 19): "
                      f"ingest **{'met' if met_ingest else 'not met'}**, through the merge "
                      f"**{'met' if met_round else 'not met'}** ({'; '.join(parts)}).")
+    for r in sorted((r for r in runs if r.get("workers")), key=lambda r: (r["n"], r["strategy"], r["workers"])):
+        alone = next((a for a in runs if a["n"] == r["n"] and a.get("strategy") == r["strategy"] and a["signed"]
+                      and not a.get("workers")), None)
+        if alone is not None:
+            lines.append(f"- **{r['workers']} workers, {r['strategy']}, N = {r['n']:,}**: {r['ratio']:.2f}× the ceiling "
+                         f"ingesting ({r['updates_per_s'] / alone['updates_per_s']:.2f}× the daemon alone), "
+                         f"{r['round_ratio']:.2f}× through the merge "
+                         f"({r['round_updates_per_s'] / alone['round_updates_per_s']:.2f}× the daemon alone).")
     return lines
 
 
 def markdown(result: dict) -> str:
     s, m = result["settings"], result["machine"]
+    workers = any(r.get("workers") for r in result["runs"])
+    begin, end = (WORKERS_BEGIN, WORKERS_END) if workers else (BEGIN, END)
     lines = [
-        BEGIN, "## Aggregator ingest over Mosquitto", "",
+        begin, "## Aggregator workers over Mosquitto" if workers else "## Aggregator ingest over Mosquitto", "",
         (f"`python benchmarks/aggregator.py {' '.join(result['argv'])}` (results in "
          f"`benchmarks/results/aggregator.json`; {result['wall_s']:.0f} s wall, making the devices included)."), "",
         (f"N simulated devices (no model) send random SmolLM2-135M LoRA r=8 q,v deltas ({s['parameters']:,} float32 "
@@ -769,6 +791,10 @@ def markdown(result: dict) -> str:
          "published → the next task, which goes out once the merged global is stored and published). Peak RSS is the daemon's `VmHWM` (the "
          "kernel's high-water mark); growth per device is (peak − RSS when the round opened) ÷ N. Aggregation "
          "is the merge at the round's close (`rounds.json`)."), "",
+        *([("With workers, `serve --workers K` starts K worker processes beside the daemon, on the same 2 cores as "
+            "the broker and the publishers; every update travels in one piece (`--max-packet`), as Mosquitto's "
+            "shared subscription needs (docs/deploy.md), the ceiling's too; peak RSS is the daemon's alone."), ""]
+          if workers else []),
         (f"Latest run ({result['date']}; {m['cores']} cores, Python {m['python']}, paho-mqtt {m['paho']}, "
          f"load average {m['load_average_at_start'][0]:.2f} at the start):"), "",
         ("| N | strategy | aggregator updates/s | ceiling updates/s (raw paho) | aggregator ÷ ceiling "
@@ -779,7 +805,8 @@ def markdown(result: dict) -> str:
     for r in result["runs"]:
         label = f"{r['n']:,}" + ("" if r["signed"] else " (unsigned)")
         round_rate, round_ratio = r.get("round_updates_per_s"), r.get("round_ratio")
-        lines.append(f"| {label} | {r.get('strategy', 'fedit')} | {r['updates_per_s']:,.1f} "
+        strategy = r.get("strategy", "fedit") + (f", {r['workers']} workers" if r.get("workers") else "")
+        lines.append(f"| {label} | {strategy} | {r['updates_per_s']:,.1f} "
                      f"| {r['ceiling_updates_per_s']:,.1f} | {r['ratio']:.2f} "
                      f"| {'' if round_rate is None else f'{round_rate:,.1f}'} "
                      f"| {'' if round_ratio is None else f'{round_ratio:.2f}'} "
@@ -796,7 +823,8 @@ def markdown(result: dict) -> str:
         lines += [f"| {row['what']} | {row['ms_per_update']:.1f} |" for row in p["rows"]]
         lines += ["", (f"One thread does the round loop's work, {loop:.1f} ms per update here: on its own it caps "
                        f"the daemon at about {1e3 / loop:,.0f} updates/s on this machine.")]
-    lines += ["", "Raw numbers, RSS timelines and the machine: `benchmarks/results/aggregator.json`.", END]
+    lines += ["", f"Raw numbers, RSS timelines and the machine: `{result.get('out', 'benchmarks/results/aggregator.json')}`.",
+              end]
     return "\n".join(lines) + "\n"
 
 
@@ -804,7 +832,8 @@ def write_docs(section: str, docs: Path) -> None:
     """Replace this benchmark's marked section of ``docs`` (append it if absent), atomically."""
     from edgetune.bench.sections import replace_section
 
-    replace_section(docs, section, BEGIN, END)
+    workers = section.startswith(WORKERS_BEGIN)
+    replace_section(docs, section, *((WORKERS_BEGIN, WORKERS_END) if workers else (BEGIN, END)))
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -832,21 +861,21 @@ def run_size(n: int, fleet: Fleet, ceiling_updates: dict, args, workdir: Path) -
             ceilings.append(measure_ceiling(broker.port, ceiling_updates, args.connections, args.timeout))
             log.info("N=%d ceiling %d: %.1f updates/s", n, repeat + 1, ceilings[-1]["updates_per_s"])
         ceiling = statistics.median(c["updates_per_s"] for c in ceilings)
-        arms = [("signed", fleet, strategy) for strategy in args.strategies]
-        arms += [("unsigned", fleet.without_keys(), args.strategies[0])] if args.unsigned else []
-        for config, devices, strategy in arms:
-            directory = workdir / f"{config}-{strategy}-{n}"
+        arms = [("signed", fleet, strategy, k) for strategy in args.strategies for k in args.workers]
+        arms += [("unsigned", fleet.without_keys(), args.strategies[0], 0)] if args.unsigned else []
+        for config, devices, strategy, k in arms:
+            directory = workdir / f"{config}-{strategy}-{k}-{n}"
             directory.mkdir()
             result = measure_aggregator(broker.port, devices, args.connections, directory, args.timeout,
-                                        strategy=strategy)
+                                        strategy=strategy, workers=k, max_packet=args.max_packet)
             ceiling_s = n / ceiling
             result |= {"n": n, "signed": config == "signed", "ceiling_updates_per_s": ceiling, "ceiling_s": ceiling_s,
                        "ratio": result["updates_per_s"] / ceiling, "round_ratio": result["round_updates_per_s"] / ceiling,
                        "ceiling_runs": ceilings,
                        "acknowledged_at_ceiling": sum(t <= ceiling_s for t in result["receipt_times"]),
                        "broker_dropped": broker.dropped_lines()}
-            log.info("N=%d %s %s: %.1f updates/s (%.0f%% of the ceiling), %.1f through the merge (%.0f%%), "
-                     "peak RSS %.0f MiB, aggregation %.1f s", n, config, strategy, result["updates_per_s"],
+            log.info("N=%d %s %s, %d workers: %.1f updates/s (%.0f%% of the ceiling), %.1f through the merge (%.0f%%), "
+                     "peak RSS %.0f MiB, aggregation %.1f s", n, config, strategy, k, result["updates_per_s"],
                      100 * result["ratio"], result["round_updates_per_s"], 100 * result["round_ratio"],
                      result["peak_rss_mib"], result["aggregation_s"])
             out.append(result)
@@ -879,6 +908,12 @@ def main() -> None:
     parser.add_argument("--unsigned", action="store_true", help="also run each N without device keys (first strategy)")
     parser.add_argument("--strategies", type=lambda v: [x for x in v.split(",") if x], default=["fedit"],
                         help="merge strategies to run at each N, comma-separated (the first is the reference)")
+    parser.add_argument("--workers", type=lambda v: [int(x) for x in v.split(",") if x], default=[0],
+                        help="worker processes beside the daemon (serve --workers K) to run at each N, comma-separated "
+                             "(0: the daemon alone)")
+    parser.add_argument("--max-packet", type=int, default=None,
+                        help="the devices' packet limit (default 1 MiB: two chunks per update). Mosquitto deals a "
+                             "shared subscription's messages one by one, so runs with workers need updates in one piece")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also time the daemon's steps per update (in-process, timers) with N devices")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds any phase may take")
@@ -901,16 +936,20 @@ def main() -> None:
     largest = max(sizes + [args.profile])
     log.info("making %d devices: keys, hellos, deltas; their updates for the ceiling", largest)
     fleet = make_fleet(largest)
-    ceiling_updates = fleet.first(max(sizes)).updates()
+    if any(args.workers) and (args.max_packet or 0) < 4 << 20:
+        parser.error("--workers needs --max-packet 4194304 or more: Mosquitto deals a shared subscription's messages "
+                     "one by one, so the chunks of one update would reach different workers (docs/deploy.md)")
+    ceiling_updates = fleet.first(max(sizes)).updates(max_packet=args.max_packet)
     frames = next(iter(ceiling_updates.values()))
     update_bytes = sum(map(len, frames))
     log.info("ready in %.0f s: %d bytes in %d frames per update", time.monotonic() - wall, update_bytes, len(frames))
     result = {"date": date.today().isoformat(), "argv": sys.argv[1:], "machine": machine(),
+              "out": str(args.out.resolve().relative_to(ROOT)) if args.out.resolve().is_relative_to(ROOT) else str(args.out),
               "settings": {"devices": sizes, "connections": args.connections, "ceiling_repeats": args.ceiling_repeats,
                            "parameters": sum(a.size for a in fleet.deltas[fleet.devices[0]].values()),
                            "update_bytes": update_bytes, "frames_per_update": len(frames),
                            "broker_config": list(BROKER_CONFIG), "daemon_env": {"OPENBLAS_NUM_THREADS": "1"},
-                           "strategies": args.strategies,
+                           "strategies": args.strategies, "workers": args.workers, "max_packet": args.max_packet,
                            "target": TARGET, "rate_ratio_met": RATE_RATIO_MET, "rss_growth_met": RSS_GROWTH_MET},
               "runs": []}
     root = Path(tempfile.mkdtemp(prefix="edgetune-aggbench-"))

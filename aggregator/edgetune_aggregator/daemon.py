@@ -66,6 +66,9 @@ from .intake import Opened
 
 log = logging.getLogger(__name__)
 
+#: the most bytes of the workers' shares being put together at once (a dense float64 sum per
+#: adapted layer: 106 MB for SmolLM2-135M r=8 on q, v)
+_WORKER_REASSEMBLY_BYTES = 2 << 30
 #: what the inbox holds after the broker connection came back (see ``Publisher.republish``)
 _RECONNECTED = "<reconnected>"
 
@@ -225,8 +228,15 @@ class Aggregator:
         self._inbox.reader = threading.get_ident()
         resumed = self.startup.resume()
         if self.config.workers:
+            # (a channel of their own: a share of an exact strategy's merge is its dense sums, far
+            # bigger than what the devices' reassembly bound is sized for; only the aggregator's
+            # processes may publish here: the broker's ACL, docs/deploy.md)
+            workers = Channel(self.transport, lambda topic: None, self.config.max_packet)
+            workers.reassembler.max_pending_bytes = _WORKER_REASSEMBLY_BYTES
+            workers.reassembler.max_transfer_bytes = _WORKER_REASSEMBLY_BYTES
+            workers.on_drop = self.channel.on_drop
             for what in ("report", "partial"):
-                self.channel.subscribe(f"{self.topics.base}/workers/+/{what}", self._worker_message, raw=True)
+                workers.subscribe(f"{self.topics.base}/workers/+/{what}", self._worker_message, raw=True)
         self.publisher.connect(self.receiver.enqueue, self._reconnected)
         self.ready.set()
         try:

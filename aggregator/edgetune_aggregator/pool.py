@@ -42,7 +42,8 @@ class WorkerPool:
     def _watch(self) -> None:
         while not self._stop.wait(self._every):
             for index, process in enumerate(self.processes):
-                if process is not None and process.poll() is not None and not self._stop.is_set():
+                # (exit status 0: stopped on purpose; anything else, a signal included: a crash)
+                if process is not None and process.poll() not in (None, 0) and not self._stop.is_set():
                     log.warning("aggregator worker w%d exited with %s: starting it again on its journal", index,
                                 process.returncode)
                     self.restarts += 1

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.adapters.registry import adapter_kind
+from edgetune.adapters.registry import adapter_kind, adapter_shapes
 from edgetune.adapters.tensors import as_float32
 from edgetune.transport import Transport
 from edgetune.transport.channel import Channel
@@ -41,9 +41,13 @@ from .intake import Intake, Opened
 from .journal import RoundJournal
 from .receiver import Received, Receiver
 from .strategies import RoundStart, make_strategy
-from .validation import Refusal, UpdateLimits, check_layout, check_norm, check_samples, delta_norm
+from .validation import (Refusal, UpdateLimits, check_layout, check_norm, check_samples, delta_norm,
+                         max_result_bytes)
 
 log = logging.getLogger(__name__)
+
+#: the most bytes an update may have before the round's layout is announced
+_UNANNOUNCED_LIMIT = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class Worker:
         self.transport = transport
         self.topics = Topics(config.fleet)
         self.intake = Intake(self.topics, config.device_keys)
+        # (an update may come before the round's announcement, which says how big it can be)
+        self.intake.result_limit = _UNANNOUNCED_LIMIT
         self.channel = Channel(transport, self.topics.sender_of, config.max_packet, limit_of=self.intake.limit_of)
         self.inbox = Inbox(config.inbox_bytes)
         self.receiver = Receiver(self.intake, self.inbox, config.intake_threads)
@@ -163,6 +169,8 @@ class Worker:
     def _new_round(self, announced: WorkerRound) -> None:
         first = self.round is None
         self.round = announced
+        self.intake.result_limit = max_result_bytes(adapter_shapes(announced.adapter, announced.model))
+        self.channel.reassembler.max_pending_bytes = max(32 << 20, 4 * self.intake.result_limit)
         if self.journal.load(announced.round) is None:
             self.journal.open(announced.round, "train", b"", time.time())
         oldest = min(map(int, announced.bases), default=announced.round)
