@@ -66,8 +66,11 @@ class Publisher:
         # A retained task left by an earlier run (e.g. "finished") must not steer devices
         # that connect before this run publishes its own.
         self.transport.publish(self.topics.task, b"", retain=True)
-        # (likewise what an earlier run served: this run's state says what it serves, if anything)
+        # (likewise what an earlier run served: this run's state says what it serves, if anything;
+        # and what it told its workers: they must not take a round or a merge of another run)
         self.transport.publish(self.topics.serving, b"", retain=True)
+        for topic in (self.topics.workers_round, self.topics.workers_merge):
+            self.transport.publish(topic, b"", retain=True)
         if self.artifacts is not None:
             self.artifacts.publish(self.channel, self.topics)
         else:  # an offer retained by an earlier run must not send devices to a daemon without one

@@ -171,8 +171,12 @@ class Worker:
         self.round = announced
         self.intake.result_limit = max_result_bytes(adapter_shapes(announced.adapter, announced.model))
         self.channel.reassembler.max_pending_bytes = max(32 << 20, 4 * self.intake.result_limit)
-        if self.journal.load(announced.round) is None:
-            self.journal.open(announced.round, "train", b"", time.time())
+        journaled = self.journal.load(announced.round)
+        if journaled is not None and journaled.task != announced.run_id.encode():  # (another run's round)
+            self.journal.discard_before(announced.round + 1)
+            journaled = None
+        if journaled is None:  # (the run is what the journal's task field keeps)
+            self.journal.open(announced.round, "train", announced.run_id.encode(), time.time())
         oldest = min(map(int, announced.bases), default=announced.round)
         self.journal.discard_before(oldest)
         if first:  # (a restarted worker: what it journaled before goes to the coordinator again)
@@ -183,7 +187,10 @@ class Worker:
 
     def _report_journaled(self) -> None:
         for number in self.journal.numbers():
-            for name, record in sorted(self.journal.load(number).results.items()):
+            journaled = self.journal.load(number)
+            if journaled.task != self.round.run_id.encode():
+                continue  # (another run's)
+            for name, record in sorted(journaled.results.items()):
                 update, nonce = _read(record.read_bytes())
                 self._send(WorkerReport(self.config.worker_id, _without_delta(update), nonce, True,
                                         delta_norm(update.delta)))
@@ -252,8 +259,8 @@ class Worker:
 
     def _merge(self, request: MergeRequest) -> None:
         mine = sorted(name for name, worker in request.holders.items() if worker == self.config.worker_id)
-        if not mine:
-            return
+        if not mine or self.round is None or request.run_id != self.round.run_id:
+            return  # (not ours, or a close of another run's round)
         records = {}
         for number in self.journal.numbers():  # (a result carried from a failed round is in that round's journal)
             records.update({name: record for name, record in self.journal.load(number).results.items()

@@ -287,7 +287,7 @@ class TrainHandler(TaskHandler):
         plan = {name: (w.scale, w.weight) for name, w in zip(names, weights)}
         holders = {name: self.holders[name] for name in names}
         request = MergeRequest(ctx.number, self.fleet.strategy.name, holders, plan, start.tensors, start.merged,
-                               start.scale, start.seed)
+                               start.scale, start.seed, run_id=self.fleet.state.run_id)
         partials = self.collect(request, set(holders.values()))
         missing = sorted(name for p in partials for name in p.missing)
         if missing or len(partials) < len(set(holders.values())):

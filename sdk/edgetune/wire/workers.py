@@ -79,6 +79,8 @@ class MergeRequest:
     seed: int = 0
     #: the exact strategies' frozen-delta bound (-1: unbounded)
     merged_rank: int = -1
+    #: the fleet run (``WorkerRound.run_id``): a worker ignores the close of another run's round
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
