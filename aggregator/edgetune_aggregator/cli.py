@@ -429,9 +429,11 @@ def run_worker(args) -> int:
 
     logging.getLogger().setLevel(args.log_level)
     tls = {k: str(v) for k, v in (("ca_certs", args.tls_ca), ("certfile", args.tls_cert), ("keyfile", args.tls_key)) if v}
-    # (a persistent session: updates the broker dealt this worker while it restarts wait for it)
+    # A clean session: a broker keeps dealing a shared subscription's messages to a member whose
+    # persistent session outlives it (a worker stopped for good, or fewer started next time),
+    # where nobody takes them. What was dealt to a worker that dies is resent by the devices.
     transport = open_transport(args.broker, client_id=f"edgetune-worker-{args.fleet}-{args.id}",
-                               connect_timeout=args.connect_timeout, clean_session=False, protocol="5", **tls)
+                               connect_timeout=args.connect_timeout, clean_session=True, protocol="5", **tls)
     worker = Worker(WorkerConfig(args.fleet, args.id, args.state_dir, args.group, args.device_keys), transport)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     worker.serve()
