@@ -763,7 +763,7 @@ def verdicts(runs: list[dict], update_bytes: int) -> list[str]:
         alone = next((a for a in runs if a["n"] == r["n"] and a.get("strategy") == r["strategy"] and a["signed"]
                       and not a.get("workers")), None)
         if alone is not None:
-            lines.append(f"- **{r['workers']} workers, {r['strategy']}, N = {r['n']:,}**: {r['ratio']:.2f}× the ceiling "
+            lines.append(f"- **{r['workers']} worker(s), {r['strategy']}, N = {r['n']:,}**: {r['ratio']:.2f}× the ceiling "
                          f"ingesting ({r['updates_per_s'] / alone['updates_per_s']:.2f}× the daemon alone), "
                          f"{r['round_ratio']:.2f}× through the merge "
                          f"({r['round_updates_per_s'] / alone['round_updates_per_s']:.2f}× the daemon alone).")
@@ -777,9 +777,10 @@ def markdown(result: dict) -> str:
     lines = [
         begin, "## Aggregator workers over Mosquitto" if workers else "## Aggregator ingest over Mosquitto", "",
         (f"`python benchmarks/aggregator.py {' '.join(result['argv'])}` (results in "
-         f"`benchmarks/results/aggregator.json`; {result['wall_s']:.0f} s wall, making the devices included)."), "",
+         f"`{result.get('out', 'benchmarks/results/aggregator.json')}`; {result['wall_s']:.0f} s wall, making the devices "
+         "included)."), "",
         (f"N simulated devices (no model) send random SmolLM2-135M LoRA r=8 q,v deltas ({s['parameters']:,} float32 "
-         f"values: {s['update_bytes'] / 1e6:.2f} MB and {s['frames_per_update']} chunks per signed update) through "
+         f"values: {s['update_bytes'] / 1e6:.2f} MB and {s['frames_per_update']} MQTT message(s) per signed update) through "
          f"Mosquitto {m['mosquitto']} ({', '.join(BROKER_CONFIG[1:])}; loopback, no TLS or ACL) to "
          f"`edgetune-aggregator serve` ({', '.join(s.get('strategies', ['fedit']))}; one train round, Ed25519 device "
          f"keys; the updates that arrive together are journaled with one fsync before any of their receipts). {s['connections']} paho connections play the devices: signed hellos "
@@ -805,7 +806,7 @@ def markdown(result: dict) -> str:
     for r in result["runs"]:
         label = f"{r['n']:,}" + ("" if r["signed"] else " (unsigned)")
         round_rate, round_ratio = r.get("round_updates_per_s"), r.get("round_ratio")
-        strategy = r.get("strategy", "fedit") + (f", {r['workers']} workers" if r.get("workers") else "")
+        strategy = r.get("strategy", "fedit") + (f", {r['workers']} worker(s)" if r.get("workers") else "")
         lines.append(f"| {label} | {strategy} | {r['updates_per_s']:,.1f} "
                      f"| {r['ceiling_updates_per_s']:,.1f} | {r['ratio']:.2f} "
                      f"| {'' if round_rate is None else f'{round_rate:,.1f}'} "
