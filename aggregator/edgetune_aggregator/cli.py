@@ -195,10 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {default_of(ServeSettings, 'metrics_host')})")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help=f"default {default_of(ServeSettings, 'log_level')}")
     scale = serve.add_argument_group("workers (docs/deploy.md)")
-    scale.add_argument("--workers", type=int, default=0, metavar="K",
+    scale.add_argument("--workers", type=int, metavar="K",
                        help="start K worker processes beside the daemon (restarted if they die): they take the "
                             "devices' updates in through an MQTT 5 shared subscription and merge their shares")
-    scale.add_argument("--workers-elsewhere", action="store_true",
+    scale.add_argument("--workers-elsewhere", action="store_true", default=None,
                        help="updates come from `edgetune-aggregator worker` processes run elsewhere")
     worker = commands.add_parser("worker", help="take a share of a fleet's updates in (beside `serve --workers`)")
     worker.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT (MQTT 5)")

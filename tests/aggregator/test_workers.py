@@ -6,6 +6,7 @@ SIGKILLed after it journaled its share loses nothing and counts nothing twice.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -137,3 +138,37 @@ def test_a_worker_killed_mid_round_loses_nothing_and_counts_nothing_twice(mosqui
             process.wait(timeout=10)
         for device in devices:
             device.close()
+
+
+def test_serve_with_workers_runs_a_fleet_end_to_end(mosquitto_url, tmp_path):
+    """The user's path: ``edgetune-aggregator serve --workers 2`` starts its two workers, and a
+    fleet of light devices trains through them to the end (rounds, the final evaluation)."""
+    from edgetune.simulate import TINY, LightDevice
+    from edgetune.wire.manifest_file import write_manifest
+
+    fleet = f"cli-{uuid.uuid4().hex[:6]}"
+    manifest = tmp_path / "tiny-manifest.json"
+    write_manifest(manifest, TINY)
+    state = tmp_path / "state"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO / "sdk"), str(_REPO / "aggregator")])}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "edgetune_aggregator.cli", "serve", "--broker", mosquitto_url, "--fleet", fleet,
+         "--state-dir", str(state), "--rounds", "2", "--min-devices", "4", "--no-planning", "--round-timeout", "120",
+         "--join-timeout", "120", "--rank", "4", "--alpha", "8", "--connect-timeout", "30",
+         "--model-manifest", str(manifest), "--workers", "2"], env=env, stdin=subprocess.DEVNULL)
+    devices = []
+    try:
+        time.sleep(3.0)  # (the workers subscribed: a shared subscription deals only to present members)
+        devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-d{i}", connect_timeout=10), fleet,
+                               f"dev-{i}", TINY, resend_after_s=2.0).start() for i in range(4)]
+        assert daemon.wait(timeout=180) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        for device in devices:
+            device.stop()
+    rounds = [r for r in json.loads((state / "rounds.json").read_text()) if r["kind"] == "train"]
+    assert [r["status"] for r in rounds] == ["aggregated", "aggregated"]
+    for record in rounds:
+        assert sorted(d["device_id"] for d in record["devices"]) == [f"dev-{i}" for i in range(4)]
+    assert sorted(p.name for p in (state / "workers").iterdir()) == ["w0", "w1"]  # (their journals)
