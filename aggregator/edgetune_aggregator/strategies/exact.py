@@ -108,6 +108,9 @@ def new_delta(start: RoundStart, module: str, step: LowRank | np.ndarray) -> Spe
     """The spectrum of a layer's next ``ΔW``: the global's (``current_delta``) plus the step,
     dense if the step is (one SVD of an out × in matrix), else from the stacked factors."""
     current = current_delta(start, module)
+    out_features, in_features = current.shape
+    if isinstance(step, LowRank) and step.rank * (out_features + in_features) > out_features * in_features:
+        step = step.dense()  # (factors larger than the matrix: one SVD of it costs less than two QRs)
     if isinstance(step, np.ndarray):
         return spectrum(step + current.dense())
     return spectrum(current + step)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lowrank import LowRank, compress
+from .lowrank import LowRank, compress, spectrum
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 LINEAR_OPTIMIZERS = ("fedavg", "fedavgm")
@@ -124,10 +124,11 @@ class ServerOptimizer:
             raise ValueError(f"server optimizer {c.name} is element-wise and would make the exact "
                              f"strategies' low-rank update dense; use one of {', '.join(LINEAR_OPTIMIZERS)}")
         if c.name == "fedavgm":
-            if isinstance(g, np.ndarray):
-                g = compress(LowRank(g, np.eye(g.shape[1])))
             previous = self._m_lowrank.get(name)
-            g = compress(g if previous is None else previous.scaled(c.momentum) + g)
+            if isinstance(g, np.ndarray):  # (dense: the momentum's factors from one SVD of the dense sum)
+                g = spectrum(g if previous is None else g + c.momentum * previous.dense()).factors()
+            else:
+                g = compress(g if previous is None else previous.scaled(c.momentum) + g)
             self._m_lowrank[name] = g
         return g * c.lr if isinstance(g, np.ndarray) else g.scaled(c.lr)
 
