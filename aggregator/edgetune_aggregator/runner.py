@@ -91,9 +91,11 @@ class RoundRunner:
                 self.journal.open(number, kind.value, encode_message(task), opened_at)
             self.fleet.update(save=journal, opened=number)
         if journal:
-            for name, (path, (device, trained_for)) in carried.items():  # (after a restart: what is there is skipped)
-                if not self.journal.has(number, name):
-                    self.journal.record(number, device, path.read_bytes(), late_from=trained_for)
+            present = self.journal.load(number).results  # (after a restart: what is there is skipped)
+            for name, (path, (device, trained_for)) in carried.items():
+                if name not in present:
+                    self.journal.stage(number, device, path.read_bytes(), late_from=trained_for)
+            self.journal.commit()  # (one segment for all of them)
             self.journal.discard(keep=number)
             for _, path in sorted(self.journal.load(number).results.items()):
                 self.desk.replay(ctx, path.read_bytes())
