@@ -20,7 +20,6 @@ The parts (docs/architecture.md), each with the others it needs given explicitly
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from .config import DEFAULT_CANDIDATES, LAYOUTS, MAX_ADAPTER_PARAMETERS, Aggrega
 from .desk import ResultDesk
 from .fleet import Fleet
 from .health import Health
-from .inbox import Inbox
+from .inbox import Inbox, drain
 from .intake import Intake
 from .journal import RoundJournal
 from .membership import Membership
@@ -359,18 +358,10 @@ class Aggregator:
         open a round that the next ones answer."""
         self.health.tick()
         self.rollout.tick()
-        try:
-            item = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            return
-        batch = self.config.commit_batch if ctx is not None else 1
-        try:
-            for taken in range(1, batch + 1):
-                self._take(item, ctx)
-                # (what waits for the commit is held in memory: as much as the inbox holds, at most)
-                if taken == batch or self._inbox.empty or self.journal.staged_bytes >= self.config.inbox_bytes:
-                    break
-                item = self._inbox.get(timeout=0)
+        try:  # (what waits for the commit is held in memory: as much as the inbox holds, at most)
+            drain(self._inbox, lambda item: self._take(item, ctx), timeout,
+                  self.config.commit_batch if ctx is not None else 1,
+                  lambda: self.journal.staged_bytes >= self.config.inbox_bytes)
         finally:
             self.desk.commit()
 

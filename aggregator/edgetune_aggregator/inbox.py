@@ -92,3 +92,18 @@ class Inbox:
     @property
     def empty(self) -> bool:
         return not self._items
+
+
+def drain(inbox: Inbox, take, timeout: float, most: int, full) -> None:
+    """A batch: the first item (waiting up to ``timeout``), then what the inbox holds right now,
+    each handed to ``take``, until ``most`` items or ``full()`` (what the batch holds in memory
+    waiting for its commit is enough). The round loop's and a worker's group commits."""
+    try:
+        item = inbox.get(timeout=timeout)
+    except queue.Empty:
+        return
+    for taken in range(1, most + 1):
+        take(item)
+        if taken == most or inbox.empty or full():
+            return
+        item = inbox.get(timeout=0)

@@ -19,7 +19,6 @@ float32 at most, and hi + lo keeps 48 bits of mantissa.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Mapping
@@ -36,7 +35,7 @@ from edgetune.wire import DEFAULT_MAX_PACKET, FILE_VERSIONS, Topics, Update, dec
 from edgetune.wire.signing import unwrap
 from edgetune.wire.workers import MergeRequest, PartialMerge, WorkerReport, WorkerRound
 
-from .inbox import Inbox
+from .inbox import Inbox, drain
 from .intake import Intake, Opened
 from .journal import RoundJournal
 from .receiver import Received, Receiver
@@ -137,16 +136,8 @@ class Worker:
 
     def _receive(self, timeout: float) -> None:
         try:
-            item = self.inbox.get(timeout)
-        except queue.Empty:
-            return
-        try:
-            for taken in range(1, self.config.commit_batch + 1):
-                self._take(item)
-                if (taken == self.config.commit_batch or self.inbox.empty
-                        or self.journal.staged_bytes >= self.config.inbox_bytes):
-                    break
-                item = self.inbox.get(0)
+            drain(self.inbox, self._take, timeout, self.config.commit_batch,
+                  lambda: self.journal.staged_bytes >= self.config.inbox_bytes)
         finally:
             self._commit()
 
