@@ -160,11 +160,6 @@ class RoundJournal:
             count += len(results)
         return count
 
-    def has(self, number: int, name: str) -> bool:
-        """Whether round ``number`` holds the result called ``name`` (see ``result_name``)."""
-        journaled = self.load(number)
-        return journaled is not None and name in journaled.results
-
     def numbers(self) -> list[int]:
         """The rounds that have a journal (with its metadata), oldest first."""
         return sorted(int(p.name[1:]) for p in self.root.glob("r*") if (p / _META).exists())
