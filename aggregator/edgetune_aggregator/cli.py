@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="a TOML file of these settings (docs/configuration.md); "
                        "flags given as well override it")
     serve.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (required, here or in the file)")
+    serve.add_argument("--cluster-node", action="append", metavar="URL",
+                       help="another node of a clustered broker that keeps retained messages per node "
+                       "(ejabberd); repeat for each (docs/deploy.md)")
     serve.add_argument("--fleet", help="the fleet's name (required, here or in the file)")
     serve.add_argument("--state-dir", type=Path, help="where rounds and adapters are kept (required, here or in the file)")
     serve.add_argument("--min-devices", type=int, help=f"updates needed to close a round (default {_d('min_devices')})")
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: the flags that set a field, with the conversions that are not one to one
 FLAGS: FlagMap = (
     ("broker", "serve.broker", None),
+    ("cluster_node", "serve.cluster_nodes", tuple),
     ("connect_timeout", "serve.connect_timeout_s", None),
     ("tls_ca", "serve.tls_ca", None),
     ("tls_cert", "serve.tls_cert", None),
@@ -396,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(settings.log_level)
         # a persistent session: the broker keeps device updates while the daemon reconnects
         transport = open_transport(settings.broker, client_id=client_id(config.state_dir, config.fleet),
-                                   connect_timeout=settings.connect_timeout_s, clean_session=False, **settings.tls)
+                                   cluster_nodes=settings.cluster_nodes, connect_timeout=settings.connect_timeout_s,
+                                   clean_session=False, **settings.tls)
         metrics = server = None
         if settings.metrics_port is not None:
             from .metrics import AggregatorMetrics, HealthServer

@@ -14,6 +14,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 class ServeSettings:
     #: mqtt://HOST:PORT or mqtts://HOST:PORT
     broker: str
+    #: the other nodes of a clustered broker whose nodes each index their own retained messages
+    #: (ejabberd): the daemon publishes and reads its retained messages through each of them too
+    #: (docs/deploy.md). Not needed with a broker that shares them (EMQX) or a single one.
+    cluster_nodes: tuple[str, ...] = ()
     #: give up on the broker after this many seconds (None: retry forever)
     connect_timeout_s: float | None = None
     #: CA certificate of an mqtts:// broker; this daemon's client certificate and its key

@@ -105,6 +105,7 @@ norm_ratio = 2.0
 
 [serve]
 broker = "mqtt://broker:1883"
+cluster_nodes = ["mqtt://node-2:1883", "mqtt://node-3:1883"]
 connect_timeout_s = 30
 metrics_port = 0
 log_level = "DEBUG"
@@ -118,6 +119,7 @@ FLAGS = ["--broker", "mqtt://broker:1883", "--fleet", "plant-7", "--state-dir", 
          "--client-optimizer", "sgd", "--eval-blocks", "2", "--server-optimizer", "fedadam", "--server-lr", "0.01",
          "--calibration-batches", "3", "--max-update-norm", "4", "--norm-action", "reject",
          "--max-sample-ratio", "0", "--max-norm-ratio", "2", "--connect-timeout", "30", "--metrics-port", "0",
+         "--cluster-node", "mqtt://node-2:1883", "--cluster-node", "mqtt://node-3:1883",
          "--log-level", "DEBUG"]
 
 
@@ -133,7 +135,7 @@ def test_a_file_gives_the_same_settings_as_the_equivalent_flags(tmp_path):
     assert (config.seed, config.train.seed) == (5, 5)
     assert config.limits == UpdateLimits(max_norm=4.0, norm_action="reject")
     assert process == ServeSettings(broker="mqtt://broker:1883", connect_timeout_s=30.0, metrics_port=0,
-                                    log_level="DEBUG")
+                                    log_level="DEBUG", cluster_nodes=("mqtt://node-2:1883", "mqtt://node-3:1883"))
 
 
 def test_a_soft_prompt_from_the_file_or_the_flags(tmp_path):

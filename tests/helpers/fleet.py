@@ -82,10 +82,13 @@ def fleet_config(tmp_path, fleet: str, **overrides) -> AggregatorConfig:
     return AggregatorConfig(**fields)
 
 
-def start_aggregator(url: str, config: AggregatorConfig, **kwargs) -> tuple[Aggregator, threading.Thread]:
+def start_aggregator(url: str, config: AggregatorConfig, cluster_nodes: tuple[str, ...] = (),
+                     **kwargs) -> tuple[Aggregator, threading.Thread]:
     """The daemon serving on a thread of the test, returned once it has subscribed, so that what
-    the test publishes afterwards is seen; the thread ends when the fleet's rounds are done."""
-    aggregator = Aggregator(config, open_transport(url, client_id=f"agg-{config.fleet}", connect_timeout=10), **kwargs)
+    the test publishes afterwards is seen; the thread ends when the fleet's rounds are done.
+    ``cluster_nodes``: the other nodes of a clustered broker (``open_transport``)."""
+    transport = open_transport(url, client_id=f"agg-{config.fleet}", connect_timeout=10, cluster_nodes=cluster_nodes)
+    aggregator = Aggregator(config, transport, **kwargs)
     thread = threading.Thread(target=aggregator.serve, daemon=True)
     thread.start()
     assert aggregator.ready.wait(30)  # subscribed: what tests publish from here on is seen

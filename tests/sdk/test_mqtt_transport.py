@@ -80,3 +80,19 @@ def test_many_qos1_publishes_neither_deadlock_nor_lose_acknowledgements(mosquitt
     threading.Thread(target=burst, daemon=True).start()
     assert done.wait(90), "publishing stalled"
     transport.close()
+
+
+def test_broker_url_credentials_are_percent_decoded_and_cluster_nodes_checked():
+    from edgetune.transport import BrokerUrl
+    from edgetune.transport.mirrored import MirroredTransport
+
+    url = BrokerUrl.parse("mqtt://dev-1%40plant:p%3Ass@node-a:1884")
+    assert (url.username, url.password, url.host, url.port) == ("dev-1@plant", "p:ss", "node-a", 1884)
+    mirrored = open_transport("mqtt://node-a:1883", "agg", cluster_nodes=("mqtt://node-b:1883",))
+    assert isinstance(mirrored, MirroredTransport)
+    (mirror,) = mirrored.mirrors
+    assert (mirror.client_id, mirror.retained_only, mirrored.primary.retained_only) == ("agg-node2", True, False)
+    with pytest.raises(TransportError, match="memory"):
+        open_transport("memory://x", "agg", cluster_nodes=("mqtt://node-b:1883",))
+    with pytest.raises(TransportError, match="not mqtt://node-a:1883 itself"):
+        open_transport("mqtt://node-a:1883", "agg", cluster_nodes=("mqtt://node-a:1883",))

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 Handler = Callable[[str, bytes], None]
 
@@ -54,7 +54,9 @@ class BrokerUrl:
         if parts.path not in {"", "/"} or parts.query or parts.fragment:
             raise TransportError(f"broker URL {url!r} has a path or query; {hint}")
         default = {"mqtt": 1883, "mqtts": 8883, "memory": 0}[parts.scheme]
-        return cls(parts.scheme, parts.hostname, port or default, parts.username, parts.password)
+        # (percent-escapes decoded: ejabberd's MQTT users are user@host, written user%40host)
+        username, password = (unquote(v) if v is not None else None for v in (parts.username, parts.password))
+        return cls(parts.scheme, parts.hostname, port or default, username, password)
 
     def __str__(self) -> str:
         if self.scheme == "memory":
@@ -159,13 +161,29 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(filter_parts) == len(topic_parts)
 
 
-def open_transport(url: str | BrokerUrl, client_id: str, **options) -> Transport:
-    """The transport for a broker URL (not yet connected)."""
+def open_transport(url: str | BrokerUrl, client_id: str, cluster_nodes: Sequence[str | BrokerUrl] = (),
+                   **options) -> Transport:
+    """The transport for a broker URL (not yet connected). ``cluster_nodes``: the other nodes of
+    a clustered broker whose nodes each index their own retained messages (ejabberd): retained
+    messages are published, and read, through each of them as well (``mirrored.py``)."""
     broker = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
     if broker.scheme == "memory":
+        if cluster_nodes:
+            raise TransportError("cluster nodes are MQTT brokers; memory:// has none")
         from .memory import MemoryTransport
 
         return MemoryTransport.named(broker.host, client_id)
     from .mqtt import MqttTransport
 
-    return MqttTransport(broker, client_id, **options)
+    primary = MqttTransport(broker, client_id, **options)
+    if not cluster_nodes:
+        return primary
+    from .mirrored import MirroredTransport
+
+    nodes = [node if isinstance(node, BrokerUrl) else BrokerUrl.parse(node) for node in cluster_nodes]
+    if any(node.scheme == "memory" for node in nodes) or broker in nodes:
+        raise TransportError(f"cluster nodes must be the broker's other MQTT nodes, not {broker} itself or memory://")
+    # (clean sessions: a mirror's subscriptions only ever read retained messages)
+    mirror_options = {**options, "clean_session": True, "retained_only": True}
+    return MirroredTransport(primary, [MqttTransport(node, f"{client_id}-node{i + 2}", **mirror_options)
+                                       for i, node in enumerate(nodes)])

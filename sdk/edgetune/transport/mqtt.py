@@ -36,6 +36,7 @@ class MqttTransport(Transport):
         ca_certs: str | None = None,
         certfile: str | None = None,
         keyfile: str | None = None,
+        retained_only: bool = False,
     ):
         import paho.mqtt.client as paho
 
@@ -44,6 +45,9 @@ class MqttTransport(Transport):
         self.client_id = client_id
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
+        # A mirror on another node of a cluster (``mirrored.py``) reads what that node keeps
+        # retained and nothing else: live messages reach the primary connection already.
+        self.retained_only = retained_only
         self.stats = TransportStats()
         self._subs: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()
@@ -182,6 +186,8 @@ class MqttTransport(Transport):
                 self._early.add(mid)  # publish() has not recorded it yet
 
     def _on_unmatched(self, client, userdata, message) -> None:
+        if self.retained_only and not message.retain:
+            return
         log.debug("message on %s matched no handler (yet)", message.topic)
         with self._lock:
             # (subscribe() may have registered one since paho looked: then it is not early)
@@ -216,6 +222,8 @@ class MqttTransport(Transport):
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         def on_message(client, userdata, message) -> None:
+            if self.retained_only and not message.retain:
+                return
             self.stats.received(len(message.payload))
             try:
                 handler(message.topic, message.payload)
