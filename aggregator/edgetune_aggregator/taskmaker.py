@@ -180,6 +180,7 @@ class TaskMaker:
             max_staleness=self.config.max_staleness,
             delta_precision=self.config.downlink_precision,
             error_feedback=not isinstance(self.fleet.strategy, ExactStrategy),
+            whole_updates=self.config.workers,
         )
         return task
 

@@ -28,6 +28,7 @@ class _Sent:
     payload: bytes
     nonce: bytes
     sent_at: float
+    whole: bool = False
     attempts: int = 1
 
 
@@ -44,12 +45,13 @@ class Outbox:
         #: the receipts that arrived, newest last (what the application may inspect)
         self.receipts: list[Receipt] = []
 
-    def send(self, topic: str, round_number: int, message) -> int:
-        """Publish a round result and keep it until it is acknowledged; returns the bytes sent."""
+    def send(self, topic: str, round_number: int, message, whole: bool = False) -> int:
+        """Publish a round result and keep it until it is acknowledged; returns the bytes sent.
+        ``whole``: in one message, not in chunks (``RoundTask.whole_updates``), resends too."""
         payload, nonce = self.channel.prepare(topic, message)
         with self._lock:
-            self._sent[round_number] = _Sent(topic, payload, nonce, self.now())
-        return self.channel.send_payload(topic, payload)
+            self._sent[round_number] = _Sent(topic, payload, nonce, self.now(), whole)
+        return self.channel.send_payload(topic, payload, whole=whole)
 
     def on_receipt(self, receipt: Receipt) -> None:
         with self._lock:
@@ -86,5 +88,5 @@ class Outbox:
         for round_number, sent in due:
             log.info("resending the round %d result on %s (attempt %d): no receipt yet", round_number, sent.topic,
                      sent.attempts)
-            self.channel.send_payload(sent.topic, sent.payload)
+            self.channel.send_payload(sent.topic, sent.payload, whole=sent.whole)
         return len(due)

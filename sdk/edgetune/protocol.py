@@ -430,7 +430,7 @@ class DeviceProtocol:
                 return
             if isinstance(answer, Update):
                 answer = self._compressed(task, answer)
-            size = self.outbox.send(self.topics.of(spec.topic, me), task.round, answer)
+            size = self.outbox.send(self.topics.of(spec.topic, me), task.round, answer, whole=task.whole_updates)
         except DeadlineMissed as exc:
             log.warning("%s: round %d: %s", me, task.round, exc)
             self._report_error(task, "deadline_missed", str(exc))

@@ -21,7 +21,7 @@ from .adapters.registry import adapter_shapes
 from .protocol import DeviceConfig, DeviceProtocol
 from .work import RoundEnv, Worker
 from .transport import Transport
-from .wire import EvalMetrics, EvalReport, ModelManifest, RoundTask, TrainMetrics, Update
+from .wire import DEFAULT_MAX_PACKET, EvalMetrics, EvalReport, ModelManifest, RoundTask, TrainMetrics, Update
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,9 @@ class LightDevice(DeviceProtocol):
 
     def __init__(self, transport: Transport, fleet: str, device_id: str, model: ModelManifest = TINY,
                  signer=None, num_samples: int = 10, skip=None, resend_after_s: float = 5.0, think_s: float = 0.0,
-                 fleet_key=None, state_dir=None):
+                 fleet_key=None, state_dir=None, max_packet: int = DEFAULT_MAX_PACKET):
         config = DeviceConfig(fleet, device_id, exit_when_finished=False, resend_after_s=resend_after_s,
-                              fleet_key=fleet_key, state_dir=state_dir)
+                              fleet_key=fleet_key, state_dir=state_dir, max_packet=max_packet)
         super().__init__(config, transport, LightWorker(device_id, model, num_samples, skip, think_s), signer=signer)
 
     def start(self) -> LightDevice:

@@ -142,7 +142,8 @@ def test_a_worker_killed_mid_round_loses_nothing_and_counts_nothing_twice(mosqui
 
 def test_serve_with_workers_runs_a_fleet_end_to_end(mosquitto_url, tmp_path):
     """The user's path: ``edgetune-aggregator serve --workers 2`` starts its two workers, and a
-    fleet of light devices trains through them to the end (rounds, the final evaluation)."""
+    fleet of light devices trains through them to the end (rounds, the final evaluation); their
+    updates, over their packet limit, go whole (``RoundTask.whole_updates``), not in chunks."""
     from edgetune.simulate import TINY, LightDevice
     from edgetune.wire.manifest_file import write_manifest
 
@@ -159,8 +160,10 @@ def test_serve_with_workers_runs_a_fleet_end_to_end(mosquitto_url, tmp_path):
     devices = []
     try:
         time.sleep(3.0)  # (the workers subscribed: a shared subscription deals only to present members)
+        # (a packet limit that would chunk their updates: the task tells them to send them whole,
+        # since Mosquitto deals a shared subscription's messages one by one, chunks to both workers)
         devices = [LightDevice(open_transport(mosquitto_url, client_id=f"{fleet}-d{i}", connect_timeout=10), fleet,
-                               f"dev-{i}", TINY, resend_after_s=2.0).start() for i in range(4)]
+                               f"dev-{i}", TINY, resend_after_s=30.0, max_packet=2100).start() for i in range(4)]
         assert daemon.wait(timeout=180) == 0
     finally:
         if daemon.poll() is None:
@@ -172,3 +175,34 @@ def test_serve_with_workers_runs_a_fleet_end_to_end(mosquitto_url, tmp_path):
     for record in rounds:
         assert sorted(d["device_id"] for d in record["devices"]) == [f"dev-{i}" for i in range(4)]
     assert sorted(p.name for p in (state / "workers").iterdir()) == ["w0", "w1"]  # (their journals)
+
+
+def test_the_pool_starts_a_crashed_worker_again_and_not_a_stopped_one(mosquitto_url, tmp_path, monkeypatch):
+    """``serve --workers``' supervisor: a worker SIGKILLed is started again on its state dir
+    (and connects to the broker again); one that exits 0 stays stopped; ``stop()`` ends all."""
+    from edgetune_aggregator.pool import WorkerPool
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(_REPO / "sdk"), str(_REPO / "aggregator")]))
+    fleet = f"pool-{uuid.uuid4().hex[:6]}"
+    pool = WorkerPool(2, ["--broker", mosquitto_url, "--fleet", fleet, "--group", f"g-{fleet}"], tmp_path / "state",
+                      check_every_s=0.2)
+    log = tmp_path / "mosquitto.log"  # (the fixture's broker logs each client that connects)
+
+    def connections(name: str) -> int:
+        return log.read_text(errors="replace").count(f"edgetune-worker-{fleet}-{name}")
+
+    pool.start()
+    try:
+        assert wait_for(lambda: connections("w0") >= 1 and connections("w1") >= 1, 60)
+        first = pool.processes[0]
+        first.send_signal(signal.SIGKILL)
+        assert wait_for(lambda: pool.restarts == 1 and pool.processes[0] is not first, 10)
+        assert wait_for(lambda: connections("w0") >= 2, 60)  # the new one reached the broker
+        assert pool.processes[0].poll() is None and (tmp_path / "state" / "workers" / "w0").is_dir()
+        pool.processes[1].terminate()  # (a worker stopped on purpose exits 0 after SIGTERM)
+        assert pool.processes[1].wait(30) == 0
+        time.sleep(1.0)
+        assert pool.restarts == 1
+    finally:
+        pool.stop()
+    assert all(process.poll() is not None for process in pool.processes)

@@ -35,10 +35,11 @@ def test_v2_golden_messages_encode_to_the_same_bytes(name):
     assert encode_message(messages("v2")[name]) == _golden("v2", name)
 
 
-@pytest.mark.parametrize("name", ["hello", "update", "update-fp16", "update-int8"])
+@pytest.mark.parametrize("name", ["hello", "update", "update-fp16", "update-int8", "task"])
 def test_what_edgetune_0_2_wrote_reads_as_the_same_message(name):
-    """0.3 added optional fields (a hello's labels, a device's scores of the version it serves):
-    bytes an 0.2 peer wrote (``v2.0-*``) decode to the message the 0.3 golden decodes to."""
+    """0.3 added optional fields (a hello's labels, a device's scores of the version it serves, a
+    task's whole_updates): bytes an 0.2 peer wrote (``v2.0-*``) decode to the message the 0.3
+    golden decodes to."""
     old, new = decode_message(_golden("v2.0", name)), decode_message(_golden("v2", name))
     if name != "update-int8":  # (an int8 tensor decodes to float32: its re-encoding differs)
         assert encode_message(old) == encode_message(new)

@@ -93,9 +93,10 @@ class Channel:
         Returns the bytes published."""
         return self.send_payload(topic, self.prepare(topic, message)[0], qos)
 
-    def send_payload(self, topic: str, payload: bytes, qos: int = 1) -> int:
-        """Publish a prepared payload (see ``prepare``)."""
-        frames = split_payload(payload, self.max_packet)
+    def send_payload(self, topic: str, payload: bytes, qos: int = 1, whole: bool = False) -> int:
+        """Publish a prepared payload (see ``prepare``); ``whole``: as one message, however big
+        (``RoundTask.whole_updates``), up to the broker's own packet limit."""
+        frames = [payload] if whole else split_payload(payload, self.max_packet)
         for frame in frames:
             self.transport.publish(topic, frame, qos=qos)
         return sum(map(len, frames))

@@ -274,6 +274,10 @@ class RoundTask:
     #: strategy restarts the factors every round (``stack``, ``svd``): the remainder belongs to
     #: factors the aggregator has already folded away
     error_feedback: bool = True
+    #: send round results as one message whatever their size (not in chunks): the aggregator
+    #: takes them in through workers behind a shared subscription, and a broker that deals its
+    #: messages one by one (Mosquitto) would hand the chunks of one update to different workers
+    whole_updates: bool = False
 
     def __post_init__(self) -> None:
         check_positive(self.deadline_s, "RoundTask.deadline_s")
