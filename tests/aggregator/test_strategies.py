@@ -320,6 +320,26 @@ def test_momentum_on_exact_strategies_stays_exact():
         assert relative_error(step, 0.5 * wants[0][m] + wants[1][m]) < 1e-5
 
 
+def test_fedavgm_momentum_of_a_dense_average_stays_dense_and_survives_a_restart():
+    """A dense average (the products went dense) steps as β·m + Δ with m kept as the matrix (its
+    factors would be larger); a later low-rank average joins it; state_dict keeps it."""
+    rng = np.random.default_rng(11)
+    opt = ServerOptimizer(ServerOptimizerConfig("fedavgm", lr=0.5, momentum=0.9))
+    dense1 = rng.standard_normal((6, 5))
+    step1 = opt.step_layer("q", dense1)
+    assert isinstance(step1, np.ndarray) and np.allclose(step1, 0.5 * dense1)
+    copy = ServerOptimizer(opt.config)
+    copy.load_state_dict(opt.state_dict())
+    assert isinstance(copy.state_dict()["md:q"], np.ndarray)
+    low = LowRank(rng.standard_normal((6, 2)), rng.standard_normal((2, 5)))
+    for optimizer in (opt, copy):  # (the restarted one takes the same step)
+        step2 = optimizer.step_layer("q", low)
+        np.testing.assert_allclose(step2, 0.5 * (0.9 * dense1 + low.dense()), rtol=1e-12)
+    # a layer that never went dense keeps its momentum as factors
+    opt.step_layer("v", low)
+    assert {"mB:v", "mA:v"} <= set(opt.state_dict())
+
+
 def test_incompatible_choices_are_refused():
     with pytest.raises(ValueError, match="not one of"):
         make_strategy("median")

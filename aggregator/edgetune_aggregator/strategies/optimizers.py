@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lowrank import LowRank, compress, spectrum
+from .lowrank import LowRank, compress
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 LINEAR_OPTIMIZERS = ("fedavg", "fedavgm")
@@ -79,7 +79,9 @@ class ServerOptimizer:
         self.config = config or ServerOptimizerConfig()
         self._m: dict[str, np.ndarray] = {}
         self._v: dict[str, np.ndarray] = {}
-        self._m_lowrank: dict[str, LowRank] = {}
+        #: the exact strategies' momentum per layer: a product, or the dense matrix once the
+        #: round's average went dense (its factors would hold more numbers than the matrix)
+        self._m_lowrank: dict[str, LowRank | np.ndarray] = {}
 
     # --- adapter factors (element-wise) ---------------------------------------------------
 
@@ -116,19 +118,22 @@ class ServerOptimizer:
         return {name: self.step_layer(name, g) for name, g in update.items()}
 
     def step_layer(self, name: str, g: LowRank | np.ndarray) -> LowRank | np.ndarray:
-        """One layer's step (linear optimizers only): a product for a product; a dense average
-        stays dense under plain FedAvg (its SVD is taken once, with the new ΔW), and is
-        factored for FedAvgM, whose momentum is kept as a product."""
+        """One layer's step (linear optimizers only): a product for a product, dense for a
+        dense average. A dense step is factored only once, by the SVD of the new ΔW: FedAvgM
+        keeps such a momentum dense (β·m + Δ is one add), not as factors that would be larger."""
         c = self.config
         if c.name not in LINEAR_OPTIMIZERS:
             raise ValueError(f"server optimizer {c.name} is element-wise and would make the exact "
                              f"strategies' low-rank update dense; use one of {', '.join(LINEAR_OPTIMIZERS)}")
         if c.name == "fedavgm":
             previous = self._m_lowrank.get(name)
-            if isinstance(g, np.ndarray):  # (dense: the momentum's factors from one SVD of the dense sum)
-                g = spectrum(g if previous is None else g + c.momentum * previous.dense()).factors()
-            else:
-                g = compress(g if previous is None else previous.scaled(c.momentum) + g)
+            if isinstance(previous, np.ndarray) and not isinstance(g, np.ndarray):
+                g = g.dense()
+            if isinstance(g, np.ndarray):
+                if previous is not None:
+                    g = g + c.momentum * (previous if isinstance(previous, np.ndarray) else previous.dense())
+            elif previous is not None:  # (a first step is the average, compact already: ExactSum.average_layer)
+                g = compress(previous.scaled(c.momentum) + g)
             self._m_lowrank[name] = g
         return g * c.lr if isinstance(g, np.ndarray) else g.scaled(c.lr)
 
@@ -138,7 +143,10 @@ class ServerOptimizer:
         state = {f"m:{k}": v for k, v in self._m.items()}
         state.update({f"v:{k}": v for k, v in self._v.items()})
         for name, lr in self._m_lowrank.items():
-            state[f"mB:{name}"], state[f"mA:{name}"] = lr.B, lr.A
+            if isinstance(lr, np.ndarray):
+                state[f"md:{name}"] = lr
+            else:
+                state[f"mB:{name}"], state[f"mA:{name}"] = lr.B, lr.A
         return state
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
@@ -150,6 +158,8 @@ class ServerOptimizer:
                 self._m[name] = value
             elif kind == "v":
                 self._v[name] = value
+            elif kind == "md":
+                self._m_lowrank[name] = value
             elif kind == "mB":
                 self._m_lowrank[name] = LowRank(value, np.asarray(state[f"mA:{name}"], np.float64))
             elif kind != "mA":
