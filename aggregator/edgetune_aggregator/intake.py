@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgetune.wire import MUST_BE_SIGNED, Chunk, Limit, ModelManifest, Signed, Topics, WireError, decode_message
 from edgetune.wire.chunks import digest_matches
+from edgetune.wire.codec import envelope_kind
 
 from .validation import Refusal
 
@@ -79,7 +80,11 @@ class Intake:
         """A whole payload as received (``transfer``: the SHA-256 its chunks named, None if it
         came in one piece), checked, decoded and verified: the message to act on, or why not.
         ``on_undecodable`` hears of a payload that does not decode (a hello in another wire version)."""
-        if transfer is not None and not digest_matches(payload, transfer):
+        # A signed payload whose signature is checked below needs no second SHA-256 pass: pieces
+        # put together wrongly fail that check (or decoding) just as surely, and the journal keeps
+        # only what verified. Unsigned, the transfer's digest is all there is.
+        verified_later = self.keyring is not None and envelope_kind(payload) == "signed"
+        if transfer is not None and not verified_later and not digest_matches(payload, transfer):
             return Refusal("digest_mismatch", "reassembled payload does not match its SHA-256")
         try:
             message = decode_message(payload)

@@ -1,0 +1,53 @@
+"""``Intake.open_payload``: a reassembled payload is checked once. A signed one is trusted to its
+signature (no second SHA-256 pass over the transfer), an unsigned one to its transfer digest;
+either way a byte changed in transit is refused, never opened."""
+
+from __future__ import annotations
+
+import hashlib
+
+from edgetune.simulate import simulated_delta
+from edgetune.transport.channel import seal
+from edgetune.wire import Topics, TrainMetrics, Update
+from edgetune.wire.signing import Signer, write_key_file
+from edgetune_aggregator.intake import Intake, Opened
+from edgetune_aggregator.validation import Refusal
+
+from helpers.manual import SHAPES
+
+TOPICS = Topics("intake-test")
+
+
+def _payload(signer=None) -> bytes:
+    update = Update("dev-1", 1, 0, 10, simulated_delta(SHAPES, "dev-1", 1), TrainMetrics(1.0, 1, 1.0, 1.0, 1.0),
+                    "run-1")
+    return seal(TOPICS.update("dev-1"), update, signer)[0]
+
+
+def _altered(payload: bytes) -> bytes:
+    changed = bytearray(payload)
+    changed[len(changed) // 2] ^= 0x01  # (inside the delta's bytes)
+    return bytes(changed)
+
+
+def test_a_signed_payload_is_checked_by_its_signature_an_unsigned_one_by_its_transfer_digest(tmp_path):
+    signer = Signer.generate("dev-1")
+    write_key_file(tmp_path / "keys.json", TOPICS.fleet, {"dev-1": signer.public_key})
+    signed_fleet, open_fleet = Intake(TOPICS, tmp_path / "keys.json"), Intake(TOPICS)
+    topic = TOPICS.update("dev-1")
+
+    signed = _payload(signer)
+    transfer = hashlib.sha256(signed).hexdigest()
+    opened = signed_fleet.open_payload(topic, signed, transfer)
+    assert isinstance(opened, Opened) and opened.message.device_id == "dev-1"
+    refused = signed_fleet.open_payload(topic, _altered(signed), transfer)
+    assert isinstance(refused, Refusal) and refused.reason == "bad_signature", refused
+
+    plain = _payload()
+    transfer = hashlib.sha256(plain).hexdigest()
+    assert isinstance(open_fleet.open_payload(topic, plain, transfer), Opened)
+    refused = open_fleet.open_payload(topic, _altered(plain), transfer)
+    assert isinstance(refused, Refusal) and refused.reason == "digest_mismatch", refused
+    # a signed payload in a fleet without device keys is not verified: the digest still counts
+    refused = open_fleet.open_payload(topic, _altered(signed), hashlib.sha256(signed).hexdigest())
+    assert isinstance(refused, Refusal) and refused.reason == "digest_mismatch", refused
