@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--state-dir", type=Path, required=True, help="this worker's journal")
     worker.add_argument("--group", default="edgetune-workers", help="the shared subscription's group")
     worker.add_argument("--device-keys", type=Path, help="the fleet's device_keys.json")
+    worker.add_argument("--fleet-pub", type=Path, help="the fleet's public key (fleet.pub): take only the daemon's "
+                        "signed announcements (give it wherever the daemon has --fleet-key)")
     worker.add_argument("--tls-ca", type=Path)
     worker.add_argument("--tls-cert", type=Path)
     worker.add_argument("--tls-key", type=Path)
@@ -393,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
             common = ["--broker", settings.broker, "--fleet", config.fleet, "--group", f"edgetune-{config.fleet}",
                       "--log-level", settings.log_level]
             common += ["--device-keys", str(config.device_keys)] if config.device_keys else []
+            if config.fleet_key:  # (the workers check the daemon's signature with its public half)
+                from .pool import write_fleet_pub
+
+                common += ["--fleet-pub", str(write_fleet_pub(config.fleet_key, config.state_dir))]
             for flag, value in (("--tls-ca", settings.tls_ca), ("--tls-cert", settings.tls_cert),
                                 ("--tls-key", settings.tls_key)):
                 common += [flag, str(value)] if value else []
@@ -439,7 +445,8 @@ def run_worker(args) -> int:
     # where nobody takes them. What was dealt to a worker that dies is resent by the devices.
     transport = open_transport(args.broker, client_id=f"edgetune-worker-{args.fleet}-{args.id}",
                                connect_timeout=args.connect_timeout, clean_session=True, protocol="5", **tls)
-    worker = Worker(WorkerConfig(args.fleet, args.id, args.state_dir, args.group, args.device_keys), transport)
+    worker = Worker(WorkerConfig(args.fleet, args.id, args.state_dir, args.group, args.device_keys, args.fleet_pub),
+                    transport)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     worker.serve()
     return 0

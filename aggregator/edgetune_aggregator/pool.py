@@ -18,6 +18,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def write_fleet_pub(fleet_key: Path, state_dir: Path) -> Path:
+    """The public half of the daemon's fleet key, where its workers read it
+    (``{state}/workers/fleet.pub``), written atomically."""
+    from edgetune.atomic import atomic_write_bytes
+    from edgetune.wire.signing import FleetSigner
+
+    path = Path(state_dir) / "workers" / "fleet.pub"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, FleetSigner.load(fleet_key).public_pem())
+    return path
+
+
 class WorkerPool:
     def __init__(self, count: int, argv: list[str], state_dir: Path, check_every_s: float = 1.0):
         """``argv``: the ``worker`` command's common flags (broker, fleet, keys, TLS); each

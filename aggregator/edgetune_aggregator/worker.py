@@ -31,8 +31,8 @@ from edgetune.adapters.registry import adapter_kind, adapter_shapes
 from edgetune.adapters.tensors import as_float32
 from edgetune.transport import Transport
 from edgetune.transport.channel import Channel
-from edgetune.wire import DEFAULT_MAX_PACKET, FILE_VERSIONS, Topics, Update, decode_message
-from edgetune.wire.signing import unwrap
+from edgetune.wire import AGGREGATOR_ID, DEFAULT_MAX_PACKET, FILE_VERSIONS, Signed, Topics, Update, decode_message
+from edgetune.wire.signing import FleetKey, unwrap
 from edgetune.wire.workers import MergeRequest, PartialMerge, WorkerReport, WorkerRound
 
 from .inbox import Inbox, drain
@@ -57,6 +57,9 @@ class WorkerConfig:
     #: the shared subscription's group: every worker of one fleet uses the same
     group: str = "edgetune-workers"
     device_keys: Path | None = None
+    #: the fleet's public key (``fleet.pub``): the coordinator's announcements and merge
+    #: requests must carry its signature (None: the broker's ACL is their only guard)
+    fleet_key: Path | None = None
     max_packet: int = DEFAULT_MAX_PACKET
     intake_threads: int = 2
     inbox_bytes: int = 16 << 20
@@ -96,6 +99,9 @@ class Worker:
         self.inbox = Inbox(config.inbox_bytes)
         self.receiver = Receiver(self.intake, self.inbox, config.intake_threads)
         self.journal = RoundJournal(config.state_dir)
+        self.fleet_key = FleetKey.load(config.fleet_key) if config.fleet_key is not None else None
+        #: the newest ``issued`` number accepted per control topic (an older one is a replay)
+        self._issued: dict[str, int] = {}
         #: the open round as the coordinator announced it
         self.round: WorkerRound | None = None
         #: reports of what this worker journaled, waiting for the commit
@@ -110,13 +116,26 @@ class Worker:
 
     # --- running ----------------------------------------------------------------------------
 
+    def _control(self, topic: str, message: object) -> None:
+        """(On the network thread.) The coordinator's announcement or merge request, into the
+        inbox: with the fleet key only if the daemon signed it for this topic and it is not
+        older than one already taken (the same one again, retained, is taken again)."""
+        if self.fleet_key is not None:
+            why = ("unsigned", "without the aggregator's signature") if not isinstance(message, Signed) else None
+            if why is None and (reason := self.fleet_key.verify(topic, message)):
+                why = (reason, "not signed by the fleet key")
+            if why is None and message.issued < self._issued.get(topic, 0):
+                why = ("replayed", f"issued {message.issued}, after {self._issued[topic]}")
+            if why is not None:
+                self.channel.drop(AGGREGATOR_ID, topic, why[0], f"{type(unwrap(message)).__name__} {why[1]}")
+                return
+            self._issued[topic] = message.issued
+        self.inbox.put(Received(topic, value=Opened(unwrap(message))))
+
     def serve(self) -> None:
         self.inbox.reader = threading.get_ident()
-        # (the coordinator's announcements, signed with the fleet key where it has one: the
-        # broker's ACL lets only the aggregator's processes publish on these topics)
-        control = lambda topic, message: self.inbox.put(Received(topic, value=Opened(unwrap(message))))  # noqa: E731
-        self.channel.subscribe(self.topics.workers_round, control)
-        self.channel.subscribe(self.topics.workers_merge, control)
+        self.channel.subscribe(self.topics.workers_round, self._control)
+        self.channel.subscribe(self.topics.workers_merge, self._control)
         self.channel.subscribe_whole(f"$share/{self.config.group}/{self.topics.all_devices('update')}",
                                      self.receiver.enqueue)
         self.transport.connect()

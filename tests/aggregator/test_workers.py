@@ -147,16 +147,20 @@ def test_serve_with_workers_runs_a_fleet_end_to_end(mosquitto_url, tmp_path):
     from edgetune.simulate import TINY, LightDevice
     from edgetune.wire.manifest_file import write_manifest
 
+    from edgetune.wire.signing import FleetSigner
+
     fleet = f"cli-{uuid.uuid4().hex[:6]}"
     manifest = tmp_path / "tiny-manifest.json"
     write_manifest(manifest, TINY)
+    (tmp_path / "fleet.key").write_bytes(FleetSigner.generate().private_pem())  # (workers get its public half)
     state = tmp_path / "state"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO / "sdk"), str(_REPO / "aggregator")])}
     daemon = subprocess.Popen(
         [sys.executable, "-m", "edgetune_aggregator.cli", "serve", "--broker", mosquitto_url, "--fleet", fleet,
          "--state-dir", str(state), "--rounds", "2", "--min-devices", "4", "--no-planning", "--round-timeout", "120",
          "--join-timeout", "120", "--rank", "4", "--alpha", "8", "--connect-timeout", "30",
-         "--model-manifest", str(manifest), "--workers", "2"], env=env, stdin=subprocess.DEVNULL)
+         "--model-manifest", str(manifest), "--workers", "2", "--fleet-key", str(tmp_path / "fleet.key")], env=env,
+        stdin=subprocess.DEVNULL)
     devices = []
     try:
         time.sleep(3.0)  # (the workers subscribed: a shared subscription deals only to present members)
@@ -174,7 +178,7 @@ def test_serve_with_workers_runs_a_fleet_end_to_end(mosquitto_url, tmp_path):
     assert [r["status"] for r in rounds] == ["aggregated", "aggregated"]
     for record in rounds:
         assert sorted(d["device_id"] for d in record["devices"]) == [f"dev-{i}" for i in range(4)]
-    assert sorted(p.name for p in (state / "workers").iterdir()) == ["w0", "w1"]  # (their journals)
+    assert sorted(p.name for p in (state / "workers").iterdir()) == ["fleet.pub", "w0", "w1"]  # (their journals)
 
 
 def test_the_pool_starts_a_crashed_worker_again_and_not_a_stopped_one(mosquitto_url, tmp_path, monkeypatch):
@@ -206,3 +210,46 @@ def test_the_pool_starts_a_crashed_worker_again_and_not_a_stopped_one(mosquitto_
     finally:
         pool.stop()
     assert all(process.poll() is not None for process in pool.processes)
+
+
+def test_a_worker_with_the_fleet_key_takes_only_the_daemons_signed_announcements(tmp_path):
+    """Unsigned, signed by another key, or older than one taken: refused and counted; the
+    daemon's own (the same retained one again included) is taken."""
+    from edgetune.simulate import TINY
+    from edgetune.transport.channel import Channel
+    from edgetune.wire import Topics
+    from edgetune.wire.signing import FleetSigner
+    from edgetune.wire.workers import WorkerRound
+    from edgetune_aggregator.pool import write_fleet_pub
+
+    fleet = f"sig-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "fleet.key").write_bytes(FleetSigner.generate().private_pem())
+    daemon_key = FleetSigner.load(tmp_path / "fleet.key")
+    pub = write_fleet_pub(tmp_path / "fleet.key", tmp_path / "state")
+    url = f"memory://{fleet}"
+    worker = Worker(WorkerConfig(fleet, "w0", tmp_path / "w0", group=f"g-{fleet}", fleet_key=pub),
+                    open_transport(url, client_id="w0"))
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    assert worker.ready.wait(30)
+    topics = Topics(fleet)
+    sender = open_transport(url, client_id="sender")
+    sender.connect()
+
+    def announce(number: int, signer) -> bytes:
+        payload = Channel(sender, topics.sender_of, signer=signer).prepare(
+            topics.workers_round, WorkerRound(number, "run-1", {str(number): number - 1}, TINY, SPEC))[0]
+        sender.publish(topics.workers_round, payload, retain=True)
+        return payload
+
+    announce(1, None)
+    announce(1, FleetSigner.generate())
+    assert wait_for(lambda: worker.channel.drops["unsigned"] == 1 and worker.channel.drops["unknown_key"] == 1)
+    assert worker.round is None
+    old = announce(2, daemon_key)
+    announce(3, daemon_key)
+    assert wait_for(lambda: worker.round is not None and worker.round.round == 3)
+    sender.publish(topics.workers_round, old, retain=True)  # genuine, but older than round 3's
+    assert wait_for(lambda: worker.channel.drops["replayed"] == 1) and worker.round.round == 3
+    worker.stop()
+    thread.join(30)
