@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgetune.adapters.tensors import dense_norm, tensor_problem
+from edgetune.adapters.tensors import dense_norm, finite_norm, tensor_problem
 
 #: dtypes an adapter tensor may travel in (float64 would double what a round must hold)
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16")
@@ -51,10 +51,19 @@ class Refusal:
     detail: str
 
 
-def check_layout(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> Refusal | None:
-    """Same tensor names and shapes as the layout, one of ``ADAPTER_DTYPES``, finite values."""
-    problem = tensor_problem(tensors, shapes, ADAPTER_DTYPES)
+def check_layout(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
+                 values: bool = True) -> Refusal | None:
+    """Same tensor names and shapes as the layout, one of ``ADAPTER_DTYPES``, finite values
+    (``values=False``: left to ``measure_delta``, which reads the values once for the norm too)."""
+    problem = tensor_problem(tensors, shapes, ADAPTER_DTYPES, values)
     return Refusal(*problem) if problem else None
+
+
+def measure_delta(tensors: Mapping[str, np.ndarray]) -> tuple[float, Refusal | None]:
+    """``(norm, None)`` of a delta whose layout passed, or ``(norm, not_finite)``: one pass over
+    its values (an update's 460,800 of them for SmolLM2 r=8) where two would check, then measure."""
+    norm, bad = finite_norm(tensors)
+    return norm, Refusal("not_finite", f"{bad} contains NaN or infinity") if bad is not None else None
 
 
 #: the L2 norm of an update's delta, all tensors together, accumulated in float64

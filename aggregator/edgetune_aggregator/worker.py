@@ -40,7 +40,7 @@ from .intake import Intake, Opened
 from .journal import RoundJournal
 from .receiver import Received, Receiver
 from .strategies import RoundStart, make_strategy
-from .validation import (Refusal, UpdateLimits, check_layout, check_norm, check_samples, delta_norm,
+from .validation import (Refusal, UpdateLimits, check_layout, check_norm, check_samples, delta_norm, measure_delta,
                          max_result_bytes)
 
 log = logging.getLogger(__name__)
@@ -241,11 +241,11 @@ class Worker:
             shapes = adapter_kind(announced.adapter).update_shapes(announced.adapter, announced.model, update.delta)
         except ValueError as exc:
             return Refusal("wrong_shape", str(exc)), 0.0
-        refusal = check_layout(update.delta, shapes)
+        refusal = check_layout(update.delta, shapes, values=False)
         if refusal:
             return refusal, 0.0
-        norm = delta_norm(update.delta)
-        return check_norm(norm, limits), norm
+        norm, refusal = measure_delta(update.delta)  # (the finite check and the norm: one pass)
+        return refusal or check_norm(norm, limits), norm
 
     def _commit(self) -> None:
         """Journal what was staged (one fsync), then tell the coordinator: nothing it is told of

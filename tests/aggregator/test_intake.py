@@ -51,3 +51,24 @@ def test_a_signed_payload_is_checked_by_its_signature_an_unsigned_one_by_its_tra
     # a signed payload in a fleet without device keys is not verified: the digest still counts
     refused = open_fleet.open_payload(topic, _altered(signed), hashlib.sha256(signed).hexdigest())
     assert isinstance(refused, Refusal) and refused.reason == "digest_mismatch", refused
+
+
+def test_one_pass_over_an_updates_values_gives_its_norm_and_finds_nan_or_infinity():
+    import math
+
+    import numpy as np
+    from edgetune.adapters.tensors import dense_norm
+    from edgetune_aggregator.validation import check_layout, measure_delta
+
+    delta = simulated_delta(SHAPES, "dev-1", 1)
+    shapes = {name: value.shape for name, value in delta.items()}
+    assert measure_delta(delta) == (dense_norm(delta), None)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = dict(delta)
+        name = sorted(broken)[-1]
+        broken[name] = broken[name].copy()
+        broken[name].flat[3] = bad
+        assert check_layout(broken, shapes, values=False) is None  # (the values are measure's)
+        assert check_layout(broken, shapes).reason == "not_finite"
+        norm, refusal = measure_delta(broken)
+        assert not math.isfinite(norm) and refusal.reason == "not_finite" and name in refusal.detail

@@ -25,7 +25,7 @@ from ..influence import lower_median
 from ..journal import JournalRecord, RoundJournal, parse_name, result_name
 from ..store import DeviceRecord, RoundStatus
 from ..strategies import NextGlobal, RoundStart
-from ..validation import Refusal, check_layout, check_norm, check_samples, delta_norm
+from ..validation import Refusal, check_layout, check_norm, check_samples, delta_norm, measure_delta
 from ..weighting import Entry, Weighting
 from .base import RoundContext, TaskHandler, score
 
@@ -132,11 +132,14 @@ class TrainHandler(TaskHandler):
             shapes = self.fleet.kind.update_shapes(state.adapter, state.model, update.delta)
         except ValueError as exc:
             return Refusal("wrong_shape", str(exc))
-        return check_layout(update.delta, shapes)
+        return check_layout(update.delta, shapes, values=False)  # (its values: read once, by measure)
 
     def measure(self, update: Update, replayed: bool = False) -> tuple[float | None, Refusal | None]:
-        # its norm, computed once: checked here, recorded with the round, what the merge bounds it by
-        norm = delta_norm(update.delta)
+        # its norm, computed once with the finite check: checked here, recorded with the round,
+        # what the merge bounds it by
+        norm, refusal = measure_delta(update.delta)
+        if refusal is not None:
+            return None, refusal
         refusal = check_norm(norm, self.config.limits)
         if (refusal is None and not replayed and self.config.limits.max_norm is not None
                 and norm > self.config.limits.max_norm):

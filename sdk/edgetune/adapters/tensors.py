@@ -33,10 +33,13 @@ def check_tensors(tensors: Tensors, shapes: Shapes) -> str | None:
     return problem[1] if problem else None
 
 
-def tensor_problem(tensors: Tensors, shapes: Shapes, dtypes: tuple[str, ...] | None = None) -> tuple[str, str] | None:
+def tensor_problem(tensors: Tensors, shapes: Shapes, dtypes: tuple[str, ...] | None = None,
+                   values: bool = True) -> tuple[str, str] | None:
     """``(reason, detail)`` of what keeps ``tensors`` from being an adapter of ``shapes``, or
     None. Reasons: ``wrong_shape`` (names or shapes), ``bad_dtype`` (not a float, or not one
-    of ``dtypes``), ``not_finite``; the cheap checks run on every tensor before any value is read."""
+    of ``dtypes``), ``not_finite``; the cheap checks run on every tensor before any value is read.
+    ``values=False``: no pass over the values (a caller that takes the norm checks them there:
+    ``finite_norm``)."""
     missing, extra = shapes.keys() - tensors.keys(), tensors.keys() - shapes.keys()
     if missing or extra:
         parts = [f"missing {sorted(missing)[:3]}"] * bool(missing) + [f"unexpected {sorted(extra)[:3]}"] * bool(extra)
@@ -49,10 +52,20 @@ def tensor_problem(tensors: Tensors, shapes: Shapes, dtypes: tuple[str, ...] | N
             return "bad_dtype", f"{name} has dtype {dtype}, expected one of {', '.join(dtypes)}"
         if dtype != "bfloat16" and array.dtype.kind != "f":
             return "bad_dtype", f"{name} has dtype {array.dtype}, expected a float type"
-    for name, array in tensors.items():
-        if not math.isfinite(square_sum(array)):  # (NaN and ±inf make the sum so; finite squares cannot overflow it)
-            return "not_finite", f"{name} contains NaN or infinity"
+    if values:
+        for name, array in tensors.items():
+            if not math.isfinite(square_sum(array)):  # (NaN and ±inf make the sum so; finite squares cannot overflow it)
+                return "not_finite", f"{name} contains NaN or infinity"
     return None
+
+
+def finite_norm(tensors: Tensors) -> tuple[float, str | None]:
+    """``(L2 norm over all tensors, None)``, or ``(nan or inf, the name of a tensor with NaN or
+    infinity)``: one pass over the values does both (squares of float32 values cannot overflow
+    the float64 sum, so it is finite exactly when every value is)."""
+    sums = {name: square_sum(t) for name, t in tensors.items()}
+    bad = next((name for name, value in sums.items() if not math.isfinite(value)), None)
+    return math.sqrt(sum(sums.values())), bad
 
 
 def square_sum(t: np.ndarray) -> float:
