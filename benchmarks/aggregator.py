@@ -630,7 +630,7 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
     for module, name in ((edgetune.transport.channel, "envelope_kind"), (edgetune.transport.channel, "decode_message"),
                          (edgetune_aggregator.intake, "digest_matches"), (edgetune_aggregator.intake, "decode_message"),
                          (edgetune_aggregator.tasks.train, "check_layout"),
-                         (edgetune_aggregator.tasks.train, "delta_norm"), (os, "fsync")):
+                         (edgetune_aggregator.tasks.train, "measure_delta"), (os, "fsync")):
         setattr(module, name, times.wrap(name, getattr(module, name)))
     received = edgetune_aggregator.receiver.Received
     received.result = times.wrap("intake_wait", received.result)
@@ -681,8 +681,8 @@ def summarize_profile(path: Path, n: int) -> dict:
     s = measured["seconds"]
     loop = s["_receive"] - s.get("inbox_wait", 0.0) - s.get("intake_wait", 0.0)
     steps = [
-        ("check layout, dtypes, finite values", s["check_layout"]),
-        ("compute the update's norm (once, at intake)", s.get("delta_norm", 0.0)),
+        ("check the layout (names, shapes, dtypes)", s["check_layout"]),
+        ("finite values and the norm: one pass over the values", s.get("measure_delta", 0.0)),
         ("journal: stage the payload as received", s["journal_stage"]),
         ("journal: commit (one segment, fsync file and folder, per batch)", s["journal_commit"]),
         ("send the receipt", s["_receipt"]),
