@@ -8,7 +8,6 @@ and a late device on the other node reading the retained task and global adapter
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 import pytest
@@ -17,6 +16,7 @@ from edgetune.transport import open_transport
 from helpers.ejabberd import start_ejabberd_cluster
 from helpers.fleet import Observer, fleet_config, join_device, start_aggregator
 from helpers.merges import check_rounds
+from helpers.scenarios import late_joiner
 from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -112,30 +112,7 @@ def test_a_device_joining_the_other_node_late_reads_the_retained_task_and_global
     """dev-1 leaves after round 1; dev-2 connects to node b only then, and round 2 cannot close
     without it: it must read global v1 and the round-2 task, published through node a, on b."""
     node_a, node_b = cluster.urls
-    fleet = f"clulate-{uuid.uuid4().hex[:8]}"
-    late, devices = [], []
-    joined = threading.Event()
-
-    def after_round(record) -> None:
-        if record.round == 1:
-            devices[1].stop()
-            late.append(join_device(node_b, fleet, 2))
-            joined.set()
-
-    observer = Observer(node_a, fleet)
-    config = fleet_config(tmp_path, fleet, min_devices=2, evaluate_final=False)
-    aggregator, thread = start_aggregator(node_a, config, cluster_nodes=(node_b,), on_round=after_round)
-    devices.extend(join_device(node_a, fleet, i) for i in range(2))
-    thread.join(timeout=240)
-    assert not thread.is_alive() and joined.is_set()
-    assert late[0].rounds_done == [2]
-    assert late[0].finished.wait(60) and late[0].current_adapter.version == 2
-    round2 = {u.device_id: u for u in observer.updates[2]}
-    assert set(round2) == {"dev-0", "dev-2"} and round2["dev-2"].base_version == 1
-    check_rounds(aggregator.store, observer, rounds=2, devices=2)
-    for device in devices + late:
-        device.stop()
-    observer.close()
+    late_joiner(tmp_path, f"clulate-{uuid.uuid4().hex[:8]}", node_a, late_url=node_b, cluster_nodes=(node_b,))
 
 
 def test_serve_with_a_cluster_node_and_a_device_on_that_node(cluster, tmp_path):

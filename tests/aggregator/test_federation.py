@@ -14,13 +14,13 @@ import uuid
 import msgpack
 import numpy as np
 import pytest
-from edgetune.device import Device
 from edgetune.transport import open_transport
 from edgetune.wire import SCHEMA_VERSION, RoundTask, TaskKind, Topics, TrainMetrics, Update, encode_message
 
 from helpers.journal import has
 from helpers.fleet import Observer, fleet_config, join_device, start_aggregator
 from helpers.merges import check_rounds
+from helpers.scenarios import late_joiner
 from helpers.waiting import wait_for
 
 
@@ -63,30 +63,7 @@ def test_federation_over_real_brokers(broker_url, tmp_path):
 def test_device_joining_late_gets_the_retained_global_adapter(broker_url, tmp_path):
     """dev-1 leaves after round 1; dev-2 connects only then, and round 2 cannot close
     without it, so it must have picked up global v1 and the round-2 task from the broker."""
-    fleet = f"late-{uuid.uuid4().hex[:8]}"
-    late: list[Device] = []
-    devices: list[Device] = []
-
-    def after_round(record) -> None:
-        if record.round == 1:
-            devices[1].stop()  # its presence goes offline before round 2 opens
-            late.append(join_device(broker_url, fleet, 2))
-
-    observer = Observer(broker_url, fleet)
-    config = fleet_config(tmp_path, fleet, min_devices=2, evaluate_final=False)
-    aggregator, thread = start_aggregator(broker_url, config, on_round=after_round)
-    devices.extend(join_device(broker_url, fleet, i) for i in range(2))
-    thread.join(timeout=240)
-    assert not thread.is_alive()
-    assert late and late[0].rounds_done == [2]
-    # (the daemon is done once it has published; the device leaves once the final adapter is in)
-    assert late[0].finished.wait(60) and late[0].current_adapter.version == 2
-    round2 = {u.device_id: u for u in observer.updates[2]}
-    assert set(round2) == {"dev-0", "dev-2"} and round2["dev-2"].base_version == 1
-    check_rounds(aggregator.store, observer, rounds=2, devices=2)
-    for device in devices + late:
-        device.stop()
-    observer.close()
+    late_joiner(tmp_path, f"late-{uuid.uuid4().hex[:8]}", broker_url)
 
 
 def _bad_update(device_id: str, round_number: int, shapes: dict, **overrides) -> bytes:
