@@ -11,6 +11,7 @@ import pytest
 from edgetune.transport import TransportError, open_transport
 
 from helpers.brokers import free_port
+from helpers.waiting import wait_for
 
 
 def test_connect_retries_with_backoff_until_the_broker_appears(mosquitto_factory, caplog):
@@ -96,3 +97,32 @@ def test_broker_url_credentials_are_percent_decoded_and_cluster_nodes_checked():
         open_transport("memory://x", "agg", cluster_nodes=("mqtt://node-b:1883",))
     with pytest.raises(TransportError, match="not mqtt://node-a:1883 itself"):
         open_transport("mqtt://node-a:1883", "agg", cluster_nodes=("mqtt://node-a:1883",))
+
+
+def test_a_cluster_node_down_at_start_holds_nothing_up_and_gets_the_retained_messages_later(mosquitto_factory):
+    """The daemon's mirrored client (``cluster_nodes``): with the other node down it connects
+    through the primary alone, and what it published retained meanwhile reaches that node once
+    it is up (two plain Mosquittos stand for two nodes: what goes through each is what counts)."""
+    from edgetune.transport.mirrored import MirroredTransport
+
+    url_a, _ = mosquitto_factory()
+    port_b = free_port()
+    url_b = f"mqtt://127.0.0.1:{port_b}"
+    client = open_transport(url_a, "daemon", cluster_nodes=(url_b,), connect_timeout=2)
+    assert isinstance(client, MirroredTransport)
+    started = time.monotonic()
+    client.connect(grace_s=1.0)
+    assert time.monotonic() - started < 10 and client.connected and client.nodes_connected == [False]
+    client.publish("edgetune/v1/f/task", b"round 1", retain=True)
+    client.flush(10)  # (the primary's acknowledgement; the node that is down holds nothing up)
+    mosquitto_factory(port_b)
+    assert wait_for(lambda: client.nodes_connected == [True], 30)
+    reader = open_transport(url_b, "reader", connect_timeout=10)
+    got = []
+    reader.subscribe("edgetune/v1/f/task", lambda topic, payload: got.append(payload))
+    reader.connect()
+    assert wait_for(lambda: got == [b"round 1"], 15), got
+    reader.close()
+    started = time.monotonic()
+    client.close()
+    assert time.monotonic() - started < 15

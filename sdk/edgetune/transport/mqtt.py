@@ -53,6 +53,7 @@ class MqttTransport(Transport):
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._refused: str | None = None
+        self._closing = False  # (close() during connect(): the wait ends)
         self._attempts = 0
         self._ever_connected = False
         self._reconnect_callbacks: list = []
@@ -94,6 +95,12 @@ class MqttTransport(Transport):
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def refused(self) -> str | None:
+        """Why the broker refused this client (credentials, authorization), or None: retrying
+        will not help."""
+        return self._refused
+
     # --- lifecycle --------------------------------------------------------------------------
 
     def connect(self, will: Will | None = None) -> None:
@@ -112,6 +119,9 @@ class MqttTransport(Transport):
         self._client.loop_start()
         deadline = None if self.connect_timeout is None else time.monotonic() + self.connect_timeout
         while not self._connected.wait(0.2):
+            if self._closing:
+                self._stop()
+                raise TransportError(f"closed while connecting to {self.broker}")
             if self._refused:
                 self._stop()
                 raise TransportError(self._refused)
@@ -123,8 +133,10 @@ class MqttTransport(Transport):
                 )
 
     def close(self) -> None:
+        self._closing = True
         try:
-            self.flush(timeout=10.0)
+            if self._connected.is_set():  # (a client that never got through has nothing to wait for)
+                self.flush(timeout=10.0)
         except TransportError as exc:
             log.warning("%s: closing with unsent messages: %s", self.client_id, exc)
         self._client.disconnect()
