@@ -29,6 +29,7 @@ import numpy as np
 
 from edgetune.adapters.registry import adapter_kind, adapter_shapes
 from edgetune.adapters.tensors import as_float32
+from edgetune.downlink import DownlinkGuard
 from edgetune.transport import Transport
 from edgetune.transport.channel import Channel
 from edgetune.wire import AGGREGATOR_ID, DEFAULT_MAX_PACKET, FILE_VERSIONS, Signed, Topics, Update, decode_message
@@ -99,9 +100,8 @@ class Worker:
         self.inbox = Inbox(config.inbox_bytes)
         self.receiver = Receiver(self.intake, self.inbox, config.intake_threads)
         self.journal = RoundJournal(config.state_dir)
-        self.fleet_key = FleetKey.load(config.fleet_key) if config.fleet_key is not None else None
-        #: the newest ``issued`` number accepted per control topic (an older one is a replay)
-        self._issued: dict[str, int] = {}
+        #: checks the coordinator's signature and refuses replays, as a device's guard does
+        self.guard = DownlinkGuard(self.topics, FleetKey.load(config.fleet_key)) if config.fleet_key else None
         #: the open round as the coordinator announced it
         self.round: WorkerRound | None = None
         #: reports of what this worker journaled, waiting for the commit
@@ -120,16 +120,15 @@ class Worker:
         """(On the network thread.) The coordinator's announcement or merge request, into the
         inbox: with the fleet key only if the daemon signed it for this topic and it is not
         older than one already taken (the same one again, retained, is taken again)."""
-        if self.fleet_key is not None:
-            why = ("unsigned", "without the aggregator's signature") if not isinstance(message, Signed) else None
-            if why is None and (reason := self.fleet_key.verify(topic, message)):
-                why = (reason, "not signed by the fleet key")
-            if why is None and message.issued < self._issued.get(topic, 0):
-                why = ("replayed", f"issued {message.issued}, after {self._issued[topic]}")
-            if why is not None:
-                self.channel.drop(AGGREGATOR_ID, topic, why[0], f"{type(unwrap(message)).__name__} {why[1]}")
+        if self.guard is not None:
+            if not isinstance(message, Signed):
+                self.channel.drop(AGGREGATOR_ID, topic, "unsigned", f"a {type(message).__name__} without the "
+                                  "aggregator's signature")
                 return
-            self._issued[topic] = message.issued
+            message, reason, detail = self.guard.verify(topic, message)
+            if message is None:
+                self.channel.drop(AGGREGATOR_ID, topic, reason, detail)
+                return
         self.inbox.put(Received(topic, value=Opened(unwrap(message))))
 
     def serve(self) -> None:

@@ -83,7 +83,13 @@ class DownlinkGuard:
                 log.info("the aggregator signs what it publishes; this device does not verify it (no fleet key: "
                          "--fleet-key fleet.pub)")
             return self._inner(message)
-        signed_for = self.topics.message_topic(topic)
+        return self.verify(self.topics.message_topic(topic), message, save=kind.retained)
+
+    def verify(self, signed_for: str, message: Signed, save: bool = False) -> tuple[Any, str, str]:
+        """``open`` past the topic's kind: the aggregator's signature for ``signed_for`` and an
+        ``issued`` number not older than the newest taken there (the same message again is
+        taken again). Also for topics outside the device table (an aggregator worker's
+        announcements); ``save``: remember the number in the state dir."""
         why = self.key.verify(signed_for, message)
         if why:
             detail = {"sender_mismatch": f"signed by {shown(message.device_id, 64)}, not the aggregator",
@@ -101,7 +107,7 @@ class DownlinkGuard:
             if fresh:
                 self._newest[signed_for] = (message.issued, digest)
         inner = self._inner(message)
-        if inner[0] is not None and fresh and kind.retained:
+        if inner[0] is not None and fresh and save:
             self._save()
         return inner
 
