@@ -630,7 +630,7 @@ def profile_daemon(out: Path, argv: list[str]) -> None:
     for module, name in ((edgetune.transport.channel, "envelope_kind"), (edgetune.transport.channel, "decode_message"),
                          (edgetune_aggregator.intake, "digest_matches"), (edgetune_aggregator.intake, "decode_message"),
                          (edgetune_aggregator.tasks.train, "check_layout"),
-                         (edgetune_aggregator.tasks.train, "measure_delta"), (os, "fsync")):
+                         (edgetune_aggregator.intake, "measure_delta"), (os, "fsync")):
         setattr(module, name, times.wrap(name, getattr(module, name)))
     received = edgetune_aggregator.receiver.Received
     received.result = times.wrap("intake_wait", received.result)
@@ -682,22 +682,23 @@ def summarize_profile(path: Path, n: int) -> dict:
     loop = s["_receive"] - s.get("inbox_wait", 0.0) - s.get("intake_wait", 0.0)
     steps = [
         ("check the layout (names, shapes, dtypes)", s["check_layout"]),
-        ("finite values and the norm: one pass over the values", s.get("measure_delta", 0.0)),
         ("journal: stage the payload as received", s["journal_stage"]),
         ("journal: commit (one segment, fsync file and folder, per batch)", s["journal_commit"]),
         ("send the receipt", s["_receipt"]),
     ]
     steps.append(("the rest (routing, round checks, logging, bookkeeping)", loop - sum(seconds for _, seconds in steps)))
-    steps.insert(4, ("… of which os.fsync", s["fsync"]))
+    steps.insert(3, ("… of which os.fsync", s["fsync"]))
     commits = measured.get("commits") or 1
     rows = [{"what": "round loop: one update's work (waits excluded)", "ms_per_update": loop / n * 1e3}]
     rows += [{"what": f"… {what}", "ms_per_update": seconds / n * 1e3} for what, seconds in steps]
     rows.append({"what": "round loop: waiting for the intake threads", "ms_per_update": s.get("intake_wait", 0.0) / n * 1e3})
     opened = s["open_payload"]
-    rows.append({"what": "intake threads: verify and decode (on 2 threads)", "ms_per_update": opened / n * 1e3})
+    rows.append({"what": "intake threads: verify, decode, measure (on 2 threads)", "ms_per_update": opened / n * 1e3})
     rows.append({"what": "… SHA-256 of the reassembled transfer", "ms_per_update": s.get("digest_matches", 0.0) / n * 1e3})
     rows.append({"what": "… verify the signature (SHA-256 + Ed25519)", "ms_per_update": s["verify"] / n * 1e3})
     rows.append({"what": "… decode the signed payload into an Update", "ms_per_update": s.get("decode_message", 0.0) / n * 1e3})
+    rows.append({"what": "… finite values and the norm: one pass over the values",
+                 "ms_per_update": s.get("measure_delta", 0.0) / n * 1e3})
     rows.append({"what": "paho's network thread: read the chunk envelopes, reassemble",
                  "ms_per_update": (s.get("reassemble", 0.0) + s.get("envelope_kind", 0.0)) / n * 1e3})
     return {"n": n, "rows": rows, "measured": measured, "updates_per_commit": n / commits}

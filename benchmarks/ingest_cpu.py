@@ -11,7 +11,8 @@ and the merge at the round's close (``rounds.json``). Each run is a fresh proces
 versions alternate, ``--repeats`` times each. The baseline is checked out with ``git worktree``
 into a temporary folder and removed afterwards.
 
-    python benchmarks/ingest_cpu.py [--against e30c2af] [--devices 200] [--repeats 3] [--markdown]
+    python benchmarks/ingest_cpu.py [--against e30c2af] [--devices 200] [--repeats 3] [--strategies fedit,svd]
+                                    [--markdown]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- ingest-cpu:begin -->", "<!-- ingest-cpu:end -->"
 
 
-def child(n: int) -> None:
+def child(n: int, strategy: str = "fedit") -> None:
     """(Run in its own process, with the checkout under test on PYTHONPATH.) One measurement, as JSON."""
     import threading
     import time
@@ -81,7 +82,7 @@ def child(n: int) -> None:
     devices_side.subscribe(topics.receipt("+"), on_receipt)
     config = AggregatorConfig(fleet=fleet, state_dir=work / "state", rounds=1, min_devices=n, round_timeout_s=900,
                               join_timeout_s=120, adapter=spec, planning=False, evaluate_final=False,
-                              device_keys=work / "keys.json", strategy="fedit")
+                              device_keys=work / "keys.json", strategy=strategy)
     aggregator = Aggregator(config, open_transport(url, client_id="aggregator"))
     thread = threading.Thread(target=aggregator.serve, daemon=True)
     thread.start()
@@ -111,17 +112,17 @@ def child(n: int) -> None:
                       "aggregation_s": train["aggregation_s"], "status": train["status"]}))
 
 
-def measure(tree: Path, n: int) -> dict:
+def measure(tree: Path, n: int, strategy: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree / "sdk"), str(tree / "aggregator")]),
                OPENBLAS_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, __file__, "--child", str(n)], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, __file__, "--child", str(n), strategy], env=env, capture_output=True, text=True,
                          check=False)
     if out.returncode != 0:
         raise RuntimeError(f"the measurement of {tree} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(against: str, n: int, repeats: int) -> dict:
+def run(against: str, n: int, repeats: int, strategies: list[str]) -> dict:
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", against], capture_output=True, text=True,
                          check=True).stdout.strip()
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -129,52 +130,59 @@ def run(against: str, n: int, repeats: int) -> dict:
     baseline = Path(tempfile.mkdtemp(prefix="edgetune-baseline-")) / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(baseline), rev], check=True,
                    capture_output=True)
-    runs: dict[str, list[dict]] = {"baseline": [], "this": []}
+    runs: dict[str, dict[str, list[dict]]] = {s: {"baseline": [], "this": []} for s in strategies}
     try:
         for i in range(repeats):
-            for name, tree in (("baseline", baseline), ("this", ROOT)):
-                runs[name].append(measure(tree, n))
-                print(f"{name} run {i + 1}: {runs[name][-1]}", flush=True)
+            for strategy in strategies:
+                for name, tree in (("baseline", baseline), ("this", ROOT)):
+                    runs[strategy][name].append(measure(tree, n, strategy))
+                    print(f"{strategy} {name} run {i + 1}: {runs[strategy][name][-1]}", flush=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], check=False)
         shutil.rmtree(baseline.parent, ignore_errors=True)
-    summary = {name: {key: statistics.median(r[key] for r in rs) for key in ("cpu_ms_per_update", "wall_ms_per_update",
-                                                                            "aggregation_s")}
-               for name, rs in runs.items()}
+    summary = {strategy: {name: {key: statistics.median(r[key] for r in rs)
+                                 for key in ("cpu_ms_per_update", "wall_ms_per_update", "aggregation_s")}
+                          for name, rs in by_tree.items()}
+               for strategy, by_tree in runs.items()}
     return {"date": date.today().isoformat(), "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
             "devices": n, "repeats": repeats, "baseline": rev, "this": head, "runs": runs, "median": summary,
-            "cpu_ratio": summary["this"]["cpu_ms_per_update"] / summary["baseline"]["cpu_ms_per_update"],
-            "aggregation_ratio": summary["this"]["aggregation_s"] / summary["baseline"]["aggregation_s"]}
+            "cpu_ratio": {s: m["this"]["cpu_ms_per_update"] / m["baseline"]["cpu_ms_per_update"]
+                          for s, m in summary.items()},
+            "aggregation_ratio": {s: m["this"]["aggregation_s"] / m["baseline"]["aggregation_s"]
+                                  for s, m in summary.items()}}
 
 
 def markdown(result: dict) -> str:
-    b, t = result["median"]["baseline"], result["median"]["this"]
-    spread = {name: (min(r["cpu_ms_per_update"] for r in rs), max(r["cpu_ms_per_update"] for r in rs))
-              for name, rs in result["runs"].items()}
+    strategies = list(result["median"])
     lines = [
         BEGIN,
         "## The daemon's CPU per update, against an earlier commit",
         "",
         f"`python benchmarks/ingest_cpu.py --against {result['baseline']} --devices {result['devices']} --repeats "
-        f"{result['repeats']} --markdown` on {result['date']} ({result['machine']}; results in "
-        "`benchmarks/results/ingest_cpu.json`). The daemon in-process on the in-memory transport, "
+        f"{result['repeats']} --strategies {','.join(strategies)} --markdown` on {result['date']} ({result['machine']}; "
+        "results in `benchmarks/results/ingest_cpu.json`). The daemon in-process on the in-memory transport, "
         f"{result['devices']} signed SmolLM2-135M LoRA r=8 updates published pre-encoded and chunked as devices "
         "send them; this process's CPU time from the first publish to the last receipt (reassembly, signature, "
-        "decode, checks, norm, journal, receipt), and the merge at the close. No broker, so none of the ±25 % "
-        "run-to-run spread of the Mosquitto benchmark above. The two checkouts alternate, medians of "
-        f"{result['repeats']} fresh processes each.",
+        "decode, checks, norm, journal, receipt), and the merge at the close (`aggregation_s`: the journal read "
+        "back, weighted, merged, each update's change measured for the guard, the next global made). No broker, "
+        "so none of the ±25 % run-to-run spread of the Mosquitto benchmark above. The two checkouts alternate, "
+        f"medians of {result['repeats']} fresh processes each.",
         "",
-        f"| checkout | CPU per update (range) | wall per update | merge of {result['devices']} updates |",
-        "|---|---:|---:|---:|",
-        f"| {result['baseline']} (baseline) | {b['cpu_ms_per_update']:.1f} ms ({spread['baseline'][0]:.1f}–"
-        f"{spread['baseline'][1]:.1f}) | {b['wall_ms_per_update']:.1f} ms | {b['aggregation_s']:.2f} s |",
-        f"| {result['this']} (this) | {t['cpu_ms_per_update']:.1f} ms ({spread['this'][0]:.1f}–{spread['this'][1]:.1f}) | "
-        f"{t['wall_ms_per_update']:.1f} ms | {t['aggregation_s']:.2f} s |",
-        "",
-        f"This checkout spends {result['cpu_ratio']:.2f}× the baseline's CPU per update and {result['aggregation_ratio']:.2f}× "
-        "its merge time.",
-        END,
+        f"| strategy | checkout | CPU per update (range) | wall per update | merge of {result['devices']} updates |",
+        "|---|---|---:|---:|---:|",
     ]
+    for strategy in strategies:
+        for name in ("baseline", "this"):
+            m, rs = result["median"][strategy][name], result["runs"][strategy][name]
+            low, high = min(r["cpu_ms_per_update"] for r in rs), max(r["cpu_ms_per_update"] for r in rs)
+            label = f"{result[name]} ({'baseline' if name == 'baseline' else 'this'})"
+            lines.append(f"| {strategy} | {label} | {m['cpu_ms_per_update']:.1f} ms ({low:.1f}–{high:.1f}) | "
+                         f"{m['wall_ms_per_update']:.1f} ms | {m['aggregation_s']:.2f} s |")
+    lines.append("")
+    for strategy in strategies:
+        lines.append(f"- {strategy}: this checkout spends {result['cpu_ratio'][strategy]:.2f}× the baseline's CPU per "
+                     f"update and {result['aggregation_ratio'][strategy]:.2f}× its merge time.")
+    lines.append(END)
     return "\n".join(lines)
 
 
@@ -191,15 +199,16 @@ def write_docs(section: str) -> None:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        return child(int(sys.argv[2]))
+        return child(int(sys.argv[2]), *sys.argv[3:4])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", default="e30c2af", help="the commit to compare with (default: before issue 16)")
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--strategies", default="fedit", help="comma-separated merge strategies (default: fedit)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--markdown", action="store_true", help=f"write the section into {DOCS.relative_to(ROOT)}")
     args = parser.parse_args()
-    result = run(args.against, args.devices, args.repeats)
+    result = run(args.against, args.devices, args.repeats, args.strategies.split(","))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
     if args.markdown:

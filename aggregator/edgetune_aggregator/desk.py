@@ -74,8 +74,8 @@ class ResultDesk:
         handler = self.handlers[TASK_OF_RESULT[type(message)]]
         refusal = self._check_round(handler, message, opened.nonce, ctx) or handler.check(message, ctx)
         norm = None
-        if refusal is None:  # (measured once, on content whose layout passed)
-            norm, refusal = handler.measure(message)
+        if refusal is None:  # (measured once, on an intake thread if it could: Opened.measured)
+            norm, refusal = handler.measure(message, measured=opened.measured)
         self._take(topic, opened, ctx, handler, message, norm, refusal)
 
     def on_worker_report(self, topic: str, opened, ctx: RoundContext | None) -> None:

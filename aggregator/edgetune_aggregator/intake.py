@@ -12,14 +12,14 @@ even reach the decoder with a large payload.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from edgetune.wire import MUST_BE_SIGNED, Chunk, Limit, ModelManifest, Signed, Topics, WireError, decode_message
+from edgetune.wire import MUST_BE_SIGNED, Chunk, Limit, ModelManifest, Signed, Topics, Update, WireError, decode_message
 from edgetune.wire.chunks import digest_matches
 from edgetune.wire.codec import envelope_kind
 
-from .validation import Refusal
+from .validation import Refusal, measure_delta
 
 #: a hello's limit until the fleet's model is pinned (then ``hello_limit(model)``)
 _UNPINNED_HELLO = 8 << 20
@@ -41,6 +41,9 @@ class Opened:
     signed: Signed | None = None
     #: the payload as received (signed or not): what the round journal writes down
     payload: bytes = b""
+    #: an update's ``measure_delta`` (its norm, and a refusal if a value is not finite), done
+    #: here on an intake thread: the one pass over its values, off the round loop
+    measured: tuple[float, Refusal | None] | None = None
 
 
 class Intake:
@@ -108,6 +111,8 @@ class Intake:
         if kind is None or type(opened.message) is not kind.message:
             level = topic[len(self.topics.base) + 1:].split("/", 1)[0]
             return Refusal("unexpected_kind", f"{type(opened.message).__name__} on a {level[:32]!r} topic")
+        if isinstance(opened.message, Update):
+            return replace(opened, measured=_measured(opened.message))
         return opened
 
     def _open(self, topic: str, message: object, payload: bytes) -> Opened | Refusal:
@@ -131,3 +136,12 @@ class Intake:
         if isinstance(inner, (Signed, Chunk)):
             return Refusal("bad_payload", f"a signed {type(inner).__name__} is not a device message")
         return Opened(inner, message.nonce, message, payload)
+
+
+def _measured(update: Update) -> tuple[float, Refusal | None] | None:
+    """The update's norm and finite check, or None where its values are not plain tensors
+    (the round loop then refuses it by its layout before anything reads them)."""
+    try:
+        return measure_delta(update.delta)
+    except (TypeError, ValueError, AttributeError):
+        return None

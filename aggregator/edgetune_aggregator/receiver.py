@@ -4,8 +4,9 @@ messages out, in the order they came.
 The stages an update goes through, each in its own module::
 
     receive   transport/channel.py   chunks put together on the network thread, nothing more
-    verify    intake.py              SHA-256 of the transfer, decode, the device's signature
-    validate  desk.py, validation.py for this round, from a member, layout, finite, norm
+    verify    intake.py              SHA-256 of the transfer, decode, the device's signature,
+                                     an update's values read once (finite, norm)
+    validate  desk.py, validation.py for this round, from a member, layout, norm bound
     journal   journal.py             staged, then one fsync for what came together
     sink      desk.py                accepted into the round, then the receipt
     combine   weighting.py           at the close: streamed into the strategy

@@ -7,13 +7,16 @@ The strategy itself stays a pure average of what it is given (``strategies/``). 
 handler streams the journaled updates, one at a time in device order, into the wrapper; the
 wrapper scales and weighs each before the strategy sees it (or holds it, for a robust
 combination), so a round interrupted by restarts merges exactly what an uninterrupted one would.
+An exact strategy merges in two threads (``merge_all``): the first half of the updates and the
+second, each into its own sums, added in that order, the same split every time.
 The plan of weights is made up front from what was recorded when each update arrived (its
 sample claim, its norm, its lag), so nothing is decoded twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +27,9 @@ from .influence import InfluenceBounds, bound_influence
 from .strategies import NextGlobal, RoundMerge, RoundStart, Strategy
 from .strategies.robust import robust_combine
 from .validation import UpdateLimits, clip_scale
+
+#: the fewest updates an exact strategy merges in two shares (fewer: one thread does them all)
+SHARED_MERGE_MIN = 16
 
 
 @dataclass(frozen=True)
@@ -86,13 +92,62 @@ class WeightedRound:
 
     def add(self, index: int, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """Merge update ``index``'s delta as planned; returns the delta as merged (scaled)."""
-        w = self.weights[index]
-        if w.scale != 1.0:
-            delta = {k: as_float32(t) * np.float32(w.scale) for k, t in delta.items()}
+        delta = self._scaled(index, delta)
         if self.rules.robust:
             self._held.append(delta)
         else:
-            self.merge.add(delta, w.weight)
+            self.merge.add(delta, self.weights[index].weight)
+        return delta
+
+    def merge_all(self, read: Callable[[int], Mapping[str, np.ndarray]],
+                  meter: Callable[[], Callable[[Mapping[str, np.ndarray]], float]]) -> list[float]:
+        """``add`` every planned update, ``read(i)`` giving the i-th delta; returns each one's
+        change as merged, measured by a ``meter()`` (one per thread: a meter keeps buffers).
+
+        An exact strategy's add is mostly BLAS, which runs without the GIL: from
+        ``SHARED_MERGE_MIN`` updates on, a second thread merges the second half of them into
+        sums of its own, absorbed after the first half. The split depends only on the count, so
+        a resumed round merges bit for bit what an uninterrupted one does; against one thread
+        the sums are added in another order (equal to float64 rounding). It costs the strategy's
+        sums a second time (for SmolLM2 q,v and svd: ~106 MB of dense float64 accumulators)."""
+        count = len(self.weights)
+        changes: list[float] = [0.0] * count
+        if not self.strategy.exact or self.rules.robust or count < SHARED_MERGE_MIN:
+            change = meter()
+            for index in range(count):
+                changes[index] = change(self.add(index, read(index)))
+            return changes
+        half = (count + 1) // 2
+        second = self.strategy.begin(self.merge.start)
+        failed: list[BaseException] = []
+
+        def merge_second_half() -> None:
+            try:
+                change = meter()
+                for index in range(half, count):
+                    delta = self._scaled(index, read(index))
+                    second.add(delta, self.weights[index].weight)
+                    changes[index] = change(delta)
+            except BaseException as exc:  # (raised again by the caller's thread)
+                failed.append(exc)
+
+        thread = threading.Thread(target=merge_second_half, name="merge-second-half", daemon=True)
+        thread.start()
+        try:
+            change = meter()
+            for index in range(half):
+                changes[index] = change(self.add(index, read(index)))
+        finally:
+            thread.join()
+        if failed:
+            raise failed[0]
+        self.merge.absorb(second.partial())
+        return changes
+
+    def _scaled(self, index: int, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        w = self.weights[index]
+        if w.scale != 1.0:
+            delta = {k: as_float32(t) * np.float32(w.scale) for k, t in delta.items()}
         return delta
 
     def partial(self) -> dict[str, np.ndarray]:
@@ -114,4 +169,4 @@ class WeightedRound:
         return [w.weight / total if total > 0 else None for w in self.weights]
 
 
-__all__ = ["Entry", "Weight", "WeightedRound", "Weighting"]
+__all__ = ["SHARED_MERGE_MIN", "Entry", "Weight", "WeightedRound", "Weighting"]

@@ -212,7 +212,7 @@ class Worker:
             else:
                 self.channel.drop(update.device_id, topic, "unknown_round", "a round not announced yet; no room to hold it")
             return
-        refusal, norm = self._check(update, announced)
+        refusal, norm = self._check(update, announced, opened.measured)
         if refusal is not None:
             self.counts["refused"] += 1
             self.channel.drop(update.device_id, topic, refusal.reason, refusal.detail)
@@ -224,7 +224,8 @@ class Worker:
         self.journal.stage(announced.round, update.device_id, opened.payload, late)
         self._pending.append(WorkerReport(self.config.worker_id, _without_delta(update), opened.nonce, True, norm))
 
-    def _check(self, update: Update, announced: WorkerRound | None) -> tuple[Refusal | None, float]:
+    def _check(self, update: Update, announced: WorkerRound | None,
+               measured: tuple[float, Refusal | None] | None = None) -> tuple[Refusal | None, float]:
         if announced is None:
             return Refusal("unknown_round", "no round announced to this worker yet"), 0.0
         if update.run_id != announced.run_id and update.run_id:
@@ -243,7 +244,8 @@ class Worker:
         refusal = check_layout(update.delta, shapes, values=False)
         if refusal:
             return refusal, 0.0
-        norm, refusal = measure_delta(update.delta)  # (the finite check and the norm: one pass)
+        # (the finite check and the norm, one pass: on the intake thread, if it could)
+        norm, refusal = measure_delta(update.delta) if measured is None else measured
         return refusal or check_norm(norm, limits), norm
 
     def _commit(self) -> None:
@@ -278,6 +280,7 @@ class Worker:
         start = RoundStart(dict(request.start), dict(request.merged), request.scale, seed=request.seed)
         merge = strategy.begin(start)
         kind = adapter_kind(self.round.adapter) if self.round is not None else None
+        change = kind.change_meter(start.tensors, start.scale) if kind is not None else None
         changes, missing = {}, []
         for name in mine:
             record = records.get(name)
@@ -289,8 +292,8 @@ class Worker:
             if scale != 1.0:
                 delta = {k: as_float32(t) * np.float32(scale) for k, t in delta.items()}
             merge.add(delta, weight)
-            if kind is not None:
-                changes[name] = kind.update_change(start.tensors, delta, start.scale)
+            if change is not None:
+                changes[name] = change(delta)
         self.counts["merged"] += 1
         log.info("worker %s: round %d, merged %d update(s)%s", self.config.worker_id, request.round,
                  len(mine) - len(missing), f", {len(missing)} missing" if missing else "")

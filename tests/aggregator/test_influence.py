@@ -11,7 +11,7 @@ from edgetune.adapters.lora import init_lora
 from edgetune.adapters.registry import adapter_shapes
 from edgetune.simulate import TINY
 from edgetune.wire import LoraSpec
-from edgetune.adapters.lora import KIND, lora_change, lora_update_change
+from edgetune.adapters.lora import KIND, UpdateChange, lora_change, lora_update_change
 from edgetune_aggregator.guard import DEFAULT_CHANGE_RATIO, check_candidate
 from edgetune_aggregator.influence import InfluenceBounds, bound_influence, lower_median
 from edgetune_aggregator.strategies import RoundStart, make_strategy
@@ -160,3 +160,40 @@ def test_update_change_of_a_zero_delta_is_zero_and_grows_with_the_delta():
     large = lora_update_change(start, {n: 2 * t for n, t in delta.items()}, SCALE)
     assert 0 < small < large
     assert delta_norm(delta) > 0
+
+
+def _dense_update_change(start, delta, scale):
+    """The definition, with every layer's ΔW formed: ``s·‖(B₀+ΔB)(A₀+ΔA) − B₀A₀‖_F``."""
+    total = 0.0
+    for name in (n[: -len(".lora_A")] for n in start if n.endswith(".lora_A")):
+        dA, dB = (np.asarray(delta[f"{name}.lora_{x}"], np.float64) for x in "AB")
+        r = dA.shape[0]
+        A0 = np.asarray(start[f"{name}.lora_A"], np.float64)[:r]
+        B0 = np.asarray(start[f"{name}.lora_B"], np.float64)[:, :r]
+        total += float(np.sum((scale * ((B0 + dB) @ (A0 + dA) - B0 @ A0)) ** 2))
+    return float(np.sqrt(total))
+
+
+def test_one_meter_measures_a_rounds_deltas_of_any_rank_as_the_dense_definition_does():
+    """``UpdateChange`` keeps buffers per rank from call to call: deltas of the full rank, of a
+    lower one, of the full one again and of mixed ranks (layer by layer) all measure exactly."""
+    rng = np.random.default_rng(7)
+    start = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+
+    def delta(rank_of):
+        out = {}
+        for n, s in SHAPES.items():
+            r = rank_of(n)
+            shape = (r, s[1]) if n.endswith(".lora_A") else (s[0], r)
+            out[n] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        return out
+
+    first = sorted(SHAPES)[0].rsplit(".", 1)[0]
+    deltas = [delta(lambda n: 8), delta(lambda n: 4), delta(lambda n: 8),
+              delta(lambda n: 2 if n.startswith(first) else 6)]
+    meter = UpdateChange(start, SCALE)
+    for d in deltas:
+        expected = _dense_update_change(start, d, SCALE)
+        assert meter(d) == pytest.approx(expected, rel=1e-9)
+        assert lora_update_change(start, d, SCALE) == pytest.approx(expected, rel=1e-9)
+    assert KIND.change_meter(start, SCALE)(deltas[0]) == pytest.approx(meter(deltas[0]), rel=1e-12)

@@ -72,3 +72,42 @@ def test_one_pass_over_an_updates_values_gives_its_norm_and_finds_nan_or_infinit
         assert check_layout(broken, shapes).reason == "not_finite"
         norm, refusal = measure_delta(broken)
         assert not math.isfinite(norm) and refusal.reason == "not_finite" and name in refusal.detail
+
+
+def test_an_update_is_measured_on_the_intake_thread_and_the_round_takes_that_measure():
+    """``Opened.measured``: the norm and finite check of an update's delta, done where it was
+    decoded; the train handler uses it instead of reading the values again."""
+    import math
+
+    import numpy as np
+    from types import SimpleNamespace
+
+    from edgetune_aggregator.tasks.train import TrainHandler
+    from edgetune_aggregator.validation import UpdateLimits, measure_delta
+
+    intake, topic = Intake(TOPICS), TOPICS.update("dev-1")
+    plain = _payload()
+    opened = intake.open_payload(topic, plain, hashlib.sha256(plain).hexdigest())
+    assert opened.measured == measure_delta(opened.message.delta)
+
+    update = opened.message
+    broken = dict(update.delta)
+    name = sorted(broken)[0]
+    broken[name] = broken[name].copy()
+    broken[name].flat[0] = np.nan
+    bad = seal(topic, Update("dev-1", 1, 0, 10, broken, update.metrics, "run-1"), None)[0]
+    opened_bad = intake.open_payload(topic, bad, hashlib.sha256(bad).hexdigest())
+    norm, refusal = opened_bad.measured
+    assert not math.isfinite(norm) and refusal.reason == "not_finite" and name in refusal.detail
+
+    handler = TrainHandler.__new__(TrainHandler)  # (measure needs only the limits)
+    handler.config = SimpleNamespace(limits=UpdateLimits())
+    assert handler.measure(update, measured=(123.0, None)) == (123.0, None)  # (taken, not recomputed)
+    assert handler.measure(update)[0] == opened.measured[0]
+    assert handler.measure(opened_bad.message, measured=opened_bad.measured)[1].reason == "not_finite"
+
+    from edgetune.wire import Presence
+
+    presence = intake.open_payload(TOPICS.presence("dev-1"), seal(TOPICS.presence("dev-1"), Presence("dev-1", True),
+                                                                  None)[0])
+    assert isinstance(presence, Opened) and presence.measured is None  # (only updates carry a delta)

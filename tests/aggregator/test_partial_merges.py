@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgetune_aggregator.strategies import STRATEGIES, RoundStart, make_strategy
-from edgetune_aggregator.weighting import Entry, Weighting
+from edgetune_aggregator.weighting import SHARED_MERGE_MIN, Entry, Weighting
 from edgetune_aggregator.influence import InfluenceBounds
 from edgetune_aggregator.validation import UpdateLimits
 
@@ -102,3 +102,64 @@ def test_a_robust_combination_cannot_be_merged_in_shares():
     merge.add(0, _delta(rng, R))
     with pytest.raises(ValueError, match="every delta at once"):
         merge.partial()
+
+
+@pytest.mark.parametrize("name", ["svd", "stack", "fedit"])
+def test_the_close_merges_an_exact_strategy_in_two_threads_the_same_way_every_time(name):
+    """``WeightedRound.merge_all``: an exact strategy's updates are merged in two halves, one
+    per thread; the global equals one thread's merge to float64 rounding, a second run (a
+    resumed round) is bit for bit the first, and each update's change is measured as merged
+    (clipped updates scaled)."""
+    from edgetune.adapters.lora import lora_update_change
+
+    rng = np.random.default_rng(5)
+    start = _start(rng)
+    count = max(SHARED_MERGE_MIN, 24)
+    deltas = [_delta(rng, [2, 4, 8][k % 3]) for k in range(count)]
+    entries = [Entry(10 + k, 1.0 if k != 3 else 50.0) for k in range(count)]  # (one clipped by its norm)
+    weighting = Weighting(UpdateLimits(max_norm=5.0), InfluenceBounds())
+    shapes = {k: v.shape for k, v in start.tensors.items()}
+
+    def run(shared: bool):
+        merge = weighting.begin(make_strategy(name, merged_rank=None), start, entries, shapes)
+        if shared:
+            changes = merge.merge_all(lambda i: deltas[i], lambda: (lambda d: lora_update_change(start.tensors, d,
+                                                                                                     start.scale)))
+        else:
+            changes = [lora_update_change(start.tensors, merge.add(i, d), start.scale) for i, d in enumerate(deltas)]
+        return merge.finish(), changes
+
+    (first, changes), (again, _), (alone, alone_changes) = run(True), run(True), run(False)
+    assert first.tensors.keys() == again.tensors.keys()
+    for k, v in first.tensors.items():
+        np.testing.assert_array_equal(again.tensors[k], v)
+    for k, v in first.merged.items():
+        np.testing.assert_array_equal(again.merged[k], v)
+    np.testing.assert_allclose(changes, alone_changes, rtol=1e-12)
+    assert weighting.plan(entries)[3].scale == pytest.approx(0.1)  # (measured as merged: clipped)
+    assert changes[3] < 0.2 * lora_update_change(start.tensors, deltas[3], start.scale)
+    if STRATEGIES[name].exact:
+        wants, gots = (_delta_w(alone.tensors, alone.merged, start.scale),
+                       _delta_w(first.tensors, first.merged, start.scale))
+        for m in LAYERS:
+            np.testing.assert_allclose(gots[m], wants[m], rtol=1e-6, atol=1e-9 * np.abs(wants[m]).max())
+    else:
+        for k, v in alone.tensors.items():
+            np.testing.assert_array_equal(first.tensors[k], v)  # (one thread: the same order)
+
+
+def test_a_failure_in_the_second_half_of_the_merge_reaches_the_close():
+    rng = np.random.default_rng(6)
+    start = _start(rng)
+    count = SHARED_MERGE_MIN
+    deltas = [_delta(rng, R) for _ in range(count)]
+    merge = Weighting(UpdateLimits(), InfluenceBounds()).begin(make_strategy("svd"), start,
+                                                              [Entry(10, 1.0)] * count, {})
+
+    def read(index):
+        if index == count - 1:
+            raise OSError("journal record unreadable")
+        return deltas[index]
+
+    with pytest.raises(OSError, match="unreadable"):
+        merge.merge_all(read, lambda: (lambda d: 0.0))

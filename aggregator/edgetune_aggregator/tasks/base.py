@@ -73,10 +73,12 @@ class TaskHandler:
         """A worker holds this result (it journaled it): the round's close asks it for its share."""
         raise NotImplementedError(f"{self.kind.value} results are not taken in by workers")
 
-    def measure(self, message, replayed: bool = False) -> tuple[float | None, Refusal | None]:
+    def measure(self, message, replayed: bool = False,
+                measured: tuple[float, Refusal | None] | None = None) -> tuple[float | None, Refusal | None]:
         """``(norm, refusal)``: the result's size where the kind bounds it (train: the delta's L2
-        norm, computed once here and kept with the round), and a refusal if it is over
-        (``replayed``: a journaled result read again after a restart, measured quietly)."""
+        norm, computed once and kept with the round), and a refusal if it is over (``replayed``:
+        a journaled result read again after a restart, measured quietly; ``measured``: what the
+        intake thread's ``measure_delta`` found)."""
         return None, None
 
     @property

@@ -134,10 +134,11 @@ class TrainHandler(TaskHandler):
             return Refusal("wrong_shape", str(exc))
         return check_layout(update.delta, shapes, values=False)  # (its values: read once, by measure)
 
-    def measure(self, update: Update, replayed: bool = False) -> tuple[float | None, Refusal | None]:
-        # its norm, computed once with the finite check: checked here, recorded with the round,
-        # what the merge bounds it by
-        norm, refusal = measure_delta(update.delta)
+    def measure(self, update: Update, replayed: bool = False,
+                measured: tuple[float, Refusal | None] | None = None) -> tuple[float | None, Refusal | None]:
+        # its norm, computed once with the finite check (on the intake thread, if it could):
+        # checked here, recorded with the round, what the merge bounds it by
+        norm, refusal = measure_delta(update.delta) if measured is None else measured
         if refusal is not None:
             return None, refusal
         refusal = check_norm(norm, self.config.limits)
@@ -250,10 +251,8 @@ class TrainHandler(TaskHandler):
         keys = [parse_name(name) for name in names]
         entries = [self._entries.get(key) or self._entry(paths[name]) for key, name in zip(keys, names)]
         merge = self.weighting.begin(self.fleet.strategy, start, entries, adapter_shapes(state.adapter, state.model))
-        changes = []
-        for index, name in enumerate(names):
-            delta = merge.add(index, _journaled(paths[name]).delta)
-            changes.append(kind.update_change(start.tensors, delta, start.scale))
+        changes = merge.merge_all(lambda index: _journaled(paths[names[index]]).delta,
+                                  lambda: kind.change_meter(start.tensors, start.scale))
         result = merge.finish()
         rows = {(d.device_id, d.from_round): d for d in ctx.record.devices}
         capped = []

@@ -15,7 +15,7 @@ overrides what differs. Pure numpy, and no import of the wire: ``edgetune.wire``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -138,9 +138,10 @@ class AdapterKind(ABC):
 
     # --- measuring changes (the aggregator's guard) ----------------------------------------
 
-    def update_change(self, start: Tensors, delta: Tensors, scale: float) -> float:
-        """How far one device's delta moves the model on its own (the norm of the delta)."""
-        return dense_norm(delta)
+    def change_meter(self, start: Tensors, scale: float) -> Callable[[Tensors], float]:
+        """How far one device's delta moves the model on its own, for the deltas of a round
+        that started from ``start`` (here the norm of the delta; a kind may prepare per round)."""
+        return dense_norm
 
     def global_change(self, parent: tuple[Tensors, Tensors], candidate: tuple[Tensors, Tensors],
                       scale: float) -> float:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..kind import AdapterKind, TrainingStart
 from ..tensors import Shapes, Tensors, as_float32
-from .change import lora_change, lora_update_change
+from .change import UpdateChange, lora_change
 from .peft import write_lora_peft
 from .spec import LoraSpec
 from .tensors import (concat_merged, init_lora, lora_shapes, module_names, rank_of, split_rank, targets,
@@ -86,8 +86,8 @@ class LoraKind(AdapterKind):
                                             ).astype(np.float32)
         return tensors, concat_merged(global_merged, folded)
 
-    def update_change(self, start: Tensors, delta: Tensors, scale: float) -> float:
-        return lora_update_change(start, delta, scale)
+    def change_meter(self, start: Tensors, scale: float) -> UpdateChange:
+        return UpdateChange(start, scale)
 
     def global_change(self, parent: tuple[Tensors, Tensors], candidate: tuple[Tensors, Tensors],
                       scale: float) -> float:
