@@ -44,3 +44,42 @@ def test_the_journal_holds_the_payload_exactly_as_the_device_published_it(tmp_pa
     finally:
         aggregator.stop()
         thread.join(timeout=30)
+
+
+def test_segments_are_numbered_on_across_restarts_with_the_folder_listed_once_per_round(tmp_path, monkeypatch):
+    """A commit per batch writes a new segment; its index is counted in memory (listing a
+    round's folder at every commit grew with the round), from what is on disk when a process
+    first commits to the round: a restarted daemon numbers on, and every result loads."""
+    from pathlib import Path
+
+    from edgetune_aggregator.journal import RoundJournal
+
+    first = RoundJournal(tmp_path)
+    first.open(1, "train", b"task", 0.0)
+    for i in range(3):
+        first.record(1, f"dev-{i}", f"payload {i}".encode())
+
+    listings = []
+    glob = Path.glob
+
+    def counted(self, pattern):
+        if pattern == "s*.seg":
+            listings.append(self.name)
+        return glob(self, pattern)
+
+    monkeypatch.setattr(Path, "glob", counted)
+    restarted = RoundJournal(tmp_path)
+    for i in range(3, 8):
+        restarted.record(1, f"dev-{i}", f"payload {i}".encode())
+    assert listings == ["r000001"]  # (once, for the first commit of this process)
+    monkeypatch.setattr(Path, "glob", glob)
+
+    segments = sorted(p.name for p in (tmp_path / "journal" / "r000001").glob("s*.seg"))
+    assert segments == [f"s{i:06d}.seg" for i in range(1, 9)]
+    loaded = restarted.load(1).results
+    assert {name: record.read_bytes() for name, record in loaded.items()} == {
+        f"dev-{i}": f"payload {i}".encode() for i in range(8)}
+    restarted.discard()
+    restarted.open(1, "train", b"task again", 1.0)  # (a round number used again after a discard starts at 1)
+    restarted.record(1, "dev-0", b"again")
+    assert sorted(p.name for p in (tmp_path / "journal" / "r000001").glob("s*.seg")) == ["s000001.seg"]

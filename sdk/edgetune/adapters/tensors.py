@@ -7,6 +7,7 @@ with these, and a kind's package adds only what is its own (``lora/``, ``prompt/
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -44,13 +45,18 @@ def tensor_problem(tensors: Tensors, shapes: Shapes, dtypes: tuple[str, ...] | N
     if missing or extra:
         parts = [f"missing {sorted(missing)[:3]}"] * bool(missing) + [f"unexpected {sorted(extra)[:3]}"] * bool(extra)
         return "wrong_shape", "; ".join(parts)
+    # (dtype objects compared, not their names: ``str(dtype)`` is ~10 µs, 120 times an update)
+    allowed = None if dtypes is None else _numpy_dtypes(tuple(dtypes))
     for name, array in tensors.items():
         if tuple(array.shape) != tuple(shapes[name]):
             return "wrong_shape", f"{name} has shape {list(array.shape)}, expected {list(shapes[name])}"
-        dtype = "bfloat16" if type(array).__name__ == "BFloat16Array" else str(array.dtype)
-        if dtypes is not None and dtype not in dtypes:
-            return "bad_dtype", f"{name} has dtype {dtype}, expected one of {', '.join(dtypes)}"
-        if dtype != "bfloat16" and array.dtype.kind != "f":
+        if type(array).__name__ == "BFloat16Array":
+            if dtypes is not None and "bfloat16" not in dtypes:
+                return "bad_dtype", f"{name} has dtype bfloat16, expected one of {', '.join(dtypes)}"
+            continue
+        if allowed is not None and array.dtype not in allowed:
+            return "bad_dtype", f"{name} has dtype {array.dtype}, expected one of {', '.join(dtypes)}"
+        if array.dtype.kind != "f":
             return "bad_dtype", f"{name} has dtype {array.dtype}, expected a float type"
     if values:
         for name, array in tensors.items():
@@ -66,6 +72,12 @@ def finite_norm(tensors: Tensors) -> tuple[float, str | None]:
     sums = {name: square_sum(t) for name, t in tensors.items()}
     bad = next((name for name, value in sums.items() if not math.isfinite(value)), None)
     return math.sqrt(sum(sums.values())), bad
+
+
+@functools.lru_cache(maxsize=16)
+def _numpy_dtypes(names: tuple[str, ...]) -> frozenset:
+    """The numpy dtypes of ``names`` (bfloat16, which numpy lacks, is told by its array type)."""
+    return frozenset(np.dtype(n) for n in names if n != "bfloat16")
 
 
 def square_sum(t: np.ndarray) -> float:
