@@ -57,7 +57,7 @@ class TrainHandler(TaskHandler):
         #: with workers (``config.workers``): result name -> the worker holding the update
         self.holders: dict[str, str] = {}
         #: with workers: ``announce(round, bases)`` says what the open round takes;
-        #: ``collect(request)`` sends the close's plan and returns every holder's share
+        #: ``collect(request)`` sends the close's plan and yields every holder's share
         self.announce = None
         self.collect = None
 
@@ -290,17 +290,19 @@ class TrainHandler(TaskHandler):
         holders = {name: self.holders[name] for name in names}
         request = MergeRequest(ctx.number, self.fleet.strategy.name, holders, plan, start.tensors, start.merged,
                                start.scale, start.seed, run_id=self.fleet.state.run_id)
-        partials = self.collect(request, set(holders.values()))
-        missing = sorted(name for p in partials for name in p.missing)
-        if missing or len(partials) < len(set(holders.values())):
-            raise SharesMissing(f"the workers holding {', '.join(sorted(set(holders.values())))} did not all send their "
-                                f"share of the merge" + (f" (missing: {', '.join(missing[:5])})" if missing else ""))
         merge = self.fleet.strategy.begin(start)
-        changes = []
-        for partial in partials:
+        changes, missing, shares = [], [], 0
+        for partial in self.collect(request, set(holders.values())):  # (added up one by one, in a fixed order)
+            shares += 1
+            missing += partial.missing
             if partial.scalars:
                 merge.absorb(join64(partial.sums, partial.scalars))
             changes += list(partial.changes.values())
+            del partial  # (let go before the next share is waited for)
+        if missing or shares < len(set(holders.values())):
+            missing.sort()
+            raise SharesMissing(f"the workers holding {', '.join(sorted(set(holders.values())))} did not all send their "
+                                f"share of the merge" + (f" (missing: {', '.join(missing[:5])})" if missing else ""))
         result = self.fleet.strategy.finish(merge)
         total = sum(w.weight for w in weights)
         rows = {(d.device_id, d.from_round): d for d in ctx.record.devices}
