@@ -140,6 +140,48 @@ def test_a_worker_killed_mid_round_loses_nothing_and_counts_nothing_twice(mosqui
             device.close()
 
 
+def test_a_worker_gone_at_the_close_fails_the_round_with_the_reason_and_merges_nothing(mosquitto_url, tmp_path):
+    """The close adds the shares up one by one in worker-id order; a holder whose share does
+    not come within ``merge_timeout_s`` fails the round (nothing published, the global stays),
+    naming the workers, even after the shares before it were added."""
+    fleet = f"gone-{uuid.uuid4().hex[:6]}"
+    config = dataclasses.replace(_config(tmp_path, fleet, "svd", True), rounds=1, merge_timeout_s=3)
+    aggregator, thread = start_aggregator(mosquitto_url, config)
+    workers = {name: _worker_process(mosquitto_url, fleet, name, tmp_path / name) for name in ("w0", "w1")}
+    devices = manuals(mosquitto_url, fleet, aggregator, *DEVICES)
+    try:
+        time.sleep(2.0)  # (the workers subscribed: a shared subscription deals only to present members)
+        first, last = devices[:-1], devices[-1]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(d.receipts for d in first):
+            for device in first:  # (resent until answered: the broker may deal to a worker still joining)
+                if not device.receipts:
+                    device.send(device.update(1))
+            time.sleep(1.0)
+        held = {name: [d for d in DEVICES if has(tmp_path / name, 1, d)] for name in workers}
+        if not held["w1"]:
+            pytest.skip("the shared subscription dealt every update to one worker")
+        workers["w1"].send_signal(signal.SIGKILL)  # (the last in id order: w0's share is added first)
+        workers["w1"].wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not aggregator.store.rounds():
+            if not last.receipts:  # (resent until answered, as a device's outbox does)
+                last.send(last.update(1))
+            time.sleep(1.0)
+        record = aggregator.store.rounds()[0]
+        assert record["status"] == "failed", record
+        assert "did not all send their share" in record["note"] and "w1" in record["note"], record["note"]
+        assert aggregator.fleet.state.global_version == 0
+    finally:
+        aggregator.stop()
+        thread.join(timeout=10)
+        for process in workers.values():
+            process.kill()
+            process.wait(timeout=10)
+        for device in devices:
+            device.close()
+
+
 def test_serve_with_workers_runs_a_fleet_end_to_end(mosquitto_url, tmp_path):
     """The user's path: ``edgetune-aggregator serve --workers 2`` starts its two workers, and a
     fleet of light devices trains through them to the end (rounds, the final evaluation); their
