@@ -32,6 +32,13 @@ from .validation import UpdateLimits, clip_scale
 SHARED_MERGE_MIN = 16
 
 
+def scaled(delta: Mapping[str, np.ndarray], scale: float) -> Mapping[str, np.ndarray]:
+    """A delta as the plan merges it: times its ``Weight.scale`` (untouched at 1.0)."""
+    if scale == 1.0:
+        return delta
+    return {k: as_float32(t) * np.float32(scale) for k, t in delta.items()}
+
+
 @dataclass(frozen=True)
 class Entry:
     """One accepted update as the round recorded it when it arrived."""
@@ -145,10 +152,7 @@ class WeightedRound:
         return changes
 
     def _scaled(self, index: int, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        w = self.weights[index]
-        if w.scale != 1.0:
-            delta = {k: as_float32(t) * np.float32(w.scale) for k, t in delta.items()}
-        return delta
+        return scaled(delta, self.weights[index].scale)
 
     def partial(self) -> dict[str, np.ndarray]:
         """The strategy's running sums of this share of the round (``RoundMerge.partial``)."""
@@ -169,4 +173,4 @@ class WeightedRound:
         return [w.weight / total if total > 0 else None for w in self.weights]
 
 
-__all__ = ["SHARED_MERGE_MIN", "Entry", "Weight", "WeightedRound", "Weighting"]
+__all__ = ["SHARED_MERGE_MIN", "Entry", "Weight", "WeightedRound", "Weighting", "scaled"]

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.adapters.registry import adapter_kind, adapter_shapes
-from edgetune.adapters.tensors import as_float32
 from edgetune.downlink import DownlinkGuard
 from edgetune.transport import Transport
 from edgetune.transport.channel import Channel
@@ -43,6 +42,7 @@ from .receiver import Received, Receiver
 from .strategies import RoundStart, make_strategy
 from .validation import (Refusal, UpdateLimits, check_layout, check_norm, check_samples, delta_norm, measure_delta,
                          max_result_bytes)
+from .weighting import scaled
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +289,7 @@ class Worker:
                 continue
             delta = _read(record.read_bytes())[0].delta
             scale, weight = request.plan[name]
-            if scale != 1.0:
-                delta = {k: as_float32(t) * np.float32(scale) for k, t in delta.items()}
+            delta = scaled(delta, scale)
             merge.add(delta, weight)
             if change is not None:
                 changes[name] = change(delta)
